@@ -1,0 +1,3 @@
+from bpfilter.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The iptables dialect: iptables-save text to IR (parser) and back (save)."""

@@ -1,0 +1,564 @@
+"""Reads one rule's argument vector into typed matches and a target.
+
+This mirrors iptables' own option loop: base options (`-s -d -i -o -p -f`) are always
+known, `-m NAME` loads a match module whose options are then accepted, and a protocol given
+with `-p tcp|udp|icmp` loads that module implicitly, as iptables does. Every token keeps its
+position so an error can point at it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from bpfilter import ir
+from bpfilter.errors import InputError
+from bpfilter.frontend.iptables import names
+
+
+@dataclass(frozen=True)
+class Token:
+    value: str
+    line: int
+    column: int
+
+
+SUPPORTED_MATCHES = ("tcp", "udp", "icmp", "multiport", "iprange", "comment", "length",
+                     "ttl", "mac", "limit")
+SUPPORTED_TARGETS = "ACCEPT, DROP, RETURN, REJECT, LOG, or a user-defined chain"
+PLANNED_MATCHES = {
+    "conntrack": "connection tracking is not supported yet",
+    "state": "connection tracking is not supported yet",
+    "addrtype": "address types need the kernel's routing view, not supported yet",
+    "set": "ipsets are not supported yet",
+}
+
+
+@dataclass
+class _Module:
+    """A loaded match module collecting its options until the rule ends."""
+
+    name: str
+    token: Token
+    values: dict = field(default_factory=dict)
+
+
+class RuleReader:
+    def __init__(self, tokens: list[Token], file: str, table: str):
+        self.tokens = tokens
+        self.pos = 0
+        self.file = file
+        self.table = table
+        self.base: dict[str, ir.Match] = {}
+        self.modules: list[_Module] = []
+        self.target: Optional[ir.Target] = None
+        self.target_token: Optional[Token] = None
+        self.target_options: dict = {}
+
+    # ----------------------------------------------------------------- token helpers
+
+    def error(self, tok: Token, why: str, supported: Optional[str] = None) -> InputError:
+        return InputError(self.file, tok.line, tok.value, why, supported, tok.column)
+
+    def _next(self) -> Optional[Token]:
+        if self.pos >= len(self.tokens):
+            return None
+        tok = self.tokens[self.pos]
+        self.pos += 1
+        return tok
+
+    def argument(self, option: Token) -> Token:
+        tok = self._next()
+        if tok is None or (tok.value.startswith("-") and len(tok.value) > 1
+                           and not tok.value[1].isdigit()):
+            raise self.error(option, "option needs an argument")
+        return tok
+
+    # ----------------------------------------------------------------- main loop
+
+    def read(self) -> tuple[tuple[ir.Match, ...], Optional[ir.Target]]:
+        while (tok := self._next()) is not None:
+            negate = False
+            if tok.value == "!":
+                negate = True
+                tok = self._next()
+                if tok is None:
+                    raise self.error(self.tokens[-1], "'!' must be followed by an option")
+            self._option(tok, negate)
+        return self._matches(), self._finish_target()
+
+    def _option(self, tok: Token, negate: bool) -> None:
+        opt = tok.value
+        base = _BASE_OPTIONS.get(opt)
+        if base is not None:
+            base(self, tok, negate)
+            return
+        if opt in ("-m", "--match"):
+            self._no_negate(tok, negate)
+            self._load_module(self.argument(tok))
+            return
+        if opt in ("-j", "--jump", "-g", "--goto"):
+            self._no_negate(tok, negate)
+            self._set_target(tok, self.argument(tok), goto=opt in ("-g", "--goto"))
+            return
+        if self.target_token is not None and opt in _TARGET_OPTIONS.get(
+                self.target_token.value, {}):
+            self._no_negate(tok, negate)
+            _TARGET_OPTIONS[self.target_token.value][opt](self, tok)
+            return
+        for module in reversed(self.modules):
+            handler = _MODULE_OPTIONS[module.name].get(opt)
+            if handler is not None:
+                handler(self, module, tok, negate)
+                return
+        implicit = self._implicit_module(opt)
+        if implicit is not None:
+            _MODULE_OPTIONS[implicit.name][opt](self, implicit, tok, negate)
+            return
+        loaded = ", ".join(m.name for m in self.modules) or "none"
+        raise self.error(tok, f"unknown option (match modules loaded: {loaded})",
+                         "-s -d -i -o -p -f -m -j -g and the options of the loaded modules")
+
+    def _no_negate(self, tok: Token, negate: bool) -> None:
+        if negate:
+            raise self.error(tok, "cannot be negated with '!'")
+
+    def _implicit_module(self, opt: str) -> Optional[_Module]:
+        """`-p tcp --dport 22` loads the tcp match without `-m tcp`, as iptables does."""
+        proto = self.base.get("proto")
+        if not isinstance(proto, ir.ProtocolMatch) or proto.negate:
+            return None
+        name = names.PROTOCOL_NAMES.get(proto.protocol)
+        if name in ("tcp", "udp", "icmp") and opt in _MODULE_OPTIONS[name]:
+            tok = Token(name, 0, 0)
+            module = _Module(name, tok)
+            self.modules.append(module)
+            return module
+        return None
+
+    def _load_module(self, tok: Token) -> None:
+        name = tok.value
+        if name in PLANNED_MATCHES:
+            raise self.error(tok, f"match module '{name}': {PLANNED_MATCHES[name]}",
+                             ", ".join(SUPPORTED_MATCHES))
+        if name not in _MODULE_OPTIONS:
+            raise self.error(tok, f"unknown or unsupported match module '{name}'",
+                             ", ".join(SUPPORTED_MATCHES))
+        if name in ("tcp", "udp", "icmp"):
+            proto = self.base.get("proto")
+            if not (isinstance(proto, ir.ProtocolMatch) and not proto.negate
+                    and proto.protocol == names.PROTOCOLS[name]):
+                raise self.error(tok, f"'-m {name}' needs '-p {name}' before it "
+                                 "(the kernel refuses the rule otherwise)")
+        self.modules.append(_Module(name, tok))
+
+    # ----------------------------------------------------------------- results
+
+    def _matches(self) -> tuple[ir.Match, ...]:
+        ordered = [self.base[k] for k in ("src", "dst", "in", "out", "proto", "frag")
+                   if k in self.base]
+        for module in self.modules:
+            ordered.append(_BUILDERS[module.name](self, module))
+        return tuple(ordered)
+
+    def _set_target(self, opt: Token, tok: Token, goto: bool) -> None:
+        if self.target_token is not None:
+            raise self.error(opt, "a rule can have only one target")
+        self.target_token = tok
+        name = tok.value
+        if goto:
+            if name in _TARGET_OPTIONS or name in ("ACCEPT", "DROP", "RETURN"):
+                raise self.error(tok, "-g needs a user-defined chain")
+            self.target = ir.JumpTarget(name, goto=True)
+        elif name in ("ACCEPT", "DROP"):
+            self.target = ir.VerdictTarget(ir.Verdict(name))
+        elif name == "RETURN":
+            self.target = ir.ReturnTarget()
+        elif name in _TARGET_OPTIONS:
+            self.target = None  # built when the rule ends, from its options
+        elif name in _KNOWN_UNSUPPORTED_TARGETS:
+            raise self.error(tok, "target not supported yet", SUPPORTED_TARGETS)
+        else:
+            self.target = ir.JumpTarget(name)
+
+    def _finish_target(self) -> Optional[ir.Target]:
+        if self.target_token is None:
+            return None
+        name = self.target_token.value
+        if name == "REJECT":
+            with_ = self.target_options.get("with", ir.RejectWith.PORT_UNREACHABLE)
+            if with_ is ir.RejectWith.TCP_RESET:
+                proto = self.base.get("proto")
+                if not (isinstance(proto, ir.ProtocolMatch) and proto.protocol == 6
+                        and not proto.negate):
+                    raise self.error(self.target_token,
+                                     "--reject-with tcp-reset needs '-p tcp'")
+            return ir.RejectTarget(with_)
+        if name == "LOG":
+            return ir.LogTarget(**self.target_options)
+        return self.target
+
+
+# Any other name is taken as a user chain; the validation pass reports it if none exists.
+_KNOWN_UNSUPPORTED_TARGETS = {
+    "MASQUERADE", "SNAT", "DNAT", "REDIRECT", "MARK", "CONNMARK", "NOTRACK", "CT", "TPROXY",
+    "NFQUEUE", "QUEUE", "TCPMSS", "TOS", "DSCP", "TTL", "CLASSIFY", "NFLOG", "ULOG", "TEE",
+    "SET", "AUDIT", "CHECKSUM", "SECMARK", "CONNSECMARK", "TRACE", "IDLETIMER", "LED",
+    "HMARK", "SYNPROXY", "NETMAP", "CLUSTERIP", "ECN",
+}
+
+# --------------------------------------------------------------------------- values
+
+
+def _parse_network(reader: RuleReader, tok: Token) -> ir.IPNetwork:
+    try:
+        return ipaddress.IPv4Network(tok.value, strict=False)
+    except ValueError:
+        raise reader.error(tok, "not an IPv4 address or prefix",
+                           "a.b.c.d or a.b.c.d/len (host names are not resolved)") from None
+
+
+def _parse_address(reader: RuleReader, tok: Token, text: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(text)
+    except ValueError:
+        raise reader.error(tok, f"'{text}' is not an IPv4 address") from None
+
+
+def _parse_int(reader: RuleReader, tok: Token, text: str, low: int, high: int,
+               what: str) -> int:
+    try:
+        value = int(text, 0) if text.lower().startswith("0x") else int(text)
+    except ValueError:
+        raise reader.error(tok, f"'{text}' is not a {what}") from None
+    if not low <= value <= high:
+        raise reader.error(tok, f"{what} {value} is out of range {low}-{high}")
+    return value
+
+
+def _parse_port(reader: RuleReader, tok: Token, text: str, proto: str) -> int:
+    if text.isdigit():
+        return _parse_int(reader, tok, text, 0, 65535, "port")
+    try:
+        return socket.getservbyname(text, proto)
+    except OSError:
+        raise reader.error(tok, f"unknown service name '{text}'",
+                           "port numbers, or names in /etc/services") from None
+
+
+def _parse_port_range(reader: RuleReader, tok: Token, text: str, proto: str) -> ir.Range:
+    if ":" not in text:
+        port = _parse_port(reader, tok, text, proto)
+        return ir.Range(port, port)
+    low_text, high_text = text.split(":", 1)
+    low = _parse_port(reader, tok, low_text, proto) if low_text else 0
+    high = _parse_port(reader, tok, high_text, proto) if high_text else 65535
+    if low > high:
+        low, high = high, low  # iptables swaps an inverted range
+    return ir.Range(low, high)
+
+
+def _parse_int_range(reader: RuleReader, tok: Token, high_max: int, what: str) -> ir.Range:
+    text = tok.value
+    if ":" not in text:
+        value = _parse_int(reader, tok, text, 0, high_max, what)
+        return ir.Range(value, value)
+    low_text, high_text = text.split(":", 1)
+    low = _parse_int(reader, tok, low_text, 0, high_max, what) if low_text else 0
+    high = _parse_int(reader, tok, high_text, 0, high_max, what) if high_text else high_max
+    if low > high:
+        raise reader.error(tok, f"empty {what} range")
+    return ir.Range(low, high)
+
+
+def _parse_tcp_flag_list(reader: RuleReader, tok: Token) -> int:
+    value = 0
+    for flag in tok.value.split(","):
+        flag = flag.upper()
+        if flag == "ALL":
+            value |= names.TCP_FLAGS_ALL
+        elif flag == "NONE":
+            continue
+        elif flag in names.TCP_FLAGS:
+            value |= names.TCP_FLAGS[flag]
+        else:
+            raise reader.error(tok, f"unknown TCP flag '{flag}'",
+                               "FIN SYN RST PSH ACK URG ALL NONE")
+    return value
+
+
+# --------------------------------------------------------------------------- base options
+
+
+def _base_address(key: str):
+    def handler(reader: RuleReader, tok: Token, negate: bool) -> None:
+        arg = reader.argument(tok)
+        if "," in arg.value:
+            raise reader.error(arg, "several addresses in one rule are expanded by "
+                               "iptables into several rules; write one rule each")
+        reader.base[key] = ir.AddressMatch(key, _parse_network(reader, arg), negate)
+    return handler
+
+
+def _base_interface(key: str):
+    def handler(reader: RuleReader, tok: Token, negate: bool) -> None:
+        arg = reader.argument(tok)
+        if len(arg.value) > 15:
+            raise reader.error(arg, "interface names are at most 15 characters")
+        reader.base[key] = ir.InterfaceMatch(key, arg.value, negate)
+    return handler
+
+
+def _base_protocol(reader: RuleReader, tok: Token, negate: bool) -> None:
+    arg = reader.argument(tok)
+    text = arg.value.lower()
+    if text in names.PROTOCOL_ALIASES:
+        number = names.PROTOCOL_ALIASES[text]
+    elif text in names.PROTOCOLS:
+        number = names.PROTOCOLS[text]
+    else:
+        number = _parse_int(reader, arg, text, 0, 255, "protocol number")
+    if number == 0:
+        if negate:
+            raise reader.error(arg, "'! -p all' matches nothing; iptables refuses it")
+        reader.base.pop("proto", None)
+        return
+    reader.base["proto"] = ir.ProtocolMatch(number, negate)
+
+
+def _base_fragment(reader: RuleReader, tok: Token, negate: bool) -> None:
+    reader.base["frag"] = ir.FragmentMatch(negate)
+
+
+_BASE_OPTIONS: dict[str, Callable] = {
+    "-s": _base_address("src"), "--source": _base_address("src"),
+    "--src": _base_address("src"),
+    "-d": _base_address("dst"), "--destination": _base_address("dst"),
+    "--dst": _base_address("dst"),
+    "-i": _base_interface("in"), "--in-interface": _base_interface("in"),
+    "-o": _base_interface("out"), "--out-interface": _base_interface("out"),
+    "-p": _base_protocol, "--protocol": _base_protocol,
+    "-f": _base_fragment, "--fragment": _base_fragment,
+}
+
+# --------------------------------------------------------------------------- match modules
+
+
+def _once(reader: RuleReader, module: _Module, key: str, tok: Token, value) -> None:
+    if key in module.values:
+        raise reader.error(tok, f"given twice in one '-m {module.name}'")
+    module.values[key] = value
+
+
+def _port_option(key: str):
+    def handler(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+        arg = reader.argument(tok)
+        ports = _parse_port_range(reader, arg, arg.value, module.name)
+        _once(reader, module, key, tok, ir.PortSpec(ports, negate))
+    return handler
+
+
+def _tcp_flags(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+    mask = _parse_tcp_flag_list(reader, reader.argument(tok))
+    comp = _parse_tcp_flag_list(reader, reader.argument(tok))
+    _once(reader, module, "flags", tok, ir.TcpFlagsSpec(mask, comp, negate))
+
+
+def _tcp_syn(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+    flags = names.TCP_FLAGS
+    mask = flags["FIN"] | flags["SYN"] | flags["RST"] | flags["ACK"]
+    _once(reader, module, "flags", tok, ir.TcpFlagsSpec(mask, flags["SYN"], negate))
+
+
+def _tcp_option(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+    raise reader.error(tok, "TCP option matching is not supported yet",
+                       "--sport --dport --tcp-flags --syn")
+
+
+def _icmp_type(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+    arg = reader.argument(tok)
+    if arg.value in names.ICMP_TYPES:
+        icmp_type, low, high = names.ICMP_TYPES[arg.value]
+    else:
+        type_text, _, code_text = arg.value.partition("/")
+        icmp_type = _parse_int(reader, arg, type_text, 0, 255, "ICMP type")
+        if code_text:
+            low = high = _parse_int(reader, arg, code_text, 0, 255, "ICMP code")
+        else:
+            low, high = 0, 255
+    _once(reader, module, "type", tok, ir.IcmpMatch(icmp_type, ir.Range(low, high), negate))
+
+
+def _multiport(direction: str):
+    def handler(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+        arg = reader.argument(tok)
+        proto = reader.base.get("proto")
+        proto_name = names.PROTOCOL_NAMES.get(getattr(proto, "protocol", 0), "tcp")
+        if proto is None or proto.negate or proto.protocol not in (6, 17, 132, 136, 33):
+            raise reader.error(module.token, "multiport needs '-p tcp', '-p udp', "
+                               "'-p udplite', '-p sctp' or '-p dccp'")
+        ports = tuple(_parse_port_range(reader, arg, part, proto_name)
+                      for part in arg.value.split(","))
+        if sum(1 if p.single else 2 for p in ports) > 15:
+            raise reader.error(arg, "multiport takes at most 15 ports (a range counts 2)")
+        _once(reader, module, "ports", tok, ir.MultiportMatch(direction, ports, negate))
+    return handler
+
+
+def _iprange(key: str):
+    def handler(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+        arg = reader.argument(tok)
+        low_text, sep, high_text = arg.value.partition("-")
+        low = _parse_address(reader, arg, low_text)
+        high = _parse_address(reader, arg, high_text) if sep else low
+        _once(reader, module, key, tok, ir.AddressRangeSpec(low, high, negate))
+    return handler
+
+
+def _comment(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+    reader._no_negate(tok, negate)
+    arg = reader.argument(tok)
+    if len(arg.value) > 255:
+        raise reader.error(arg, "comments are at most 255 characters")
+    _once(reader, module, "text", tok, arg.value)
+
+
+def _length(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+    arg = reader.argument(tok)
+    _once(reader, module, "length", tok,
+          ir.LengthMatch(_parse_int_range(reader, arg, 65535, "length"), negate))
+
+
+def _ttl(op: str):
+    def handler(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+        if negate and op != "eq":
+            raise reader.error(tok, "only --ttl-eq can be negated")
+        arg = reader.argument(tok)
+        value = _parse_int(reader, arg, arg.value, 0, 255, "TTL")
+        _once(reader, module, "ttl", tok, ir.TtlMatch(op, value, negate))
+    return handler
+
+
+def _mac_source(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+    arg = reader.argument(tok)
+    parts = arg.value.split(":")
+    try:
+        address = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        address = b""
+    if len(parts) != 6 or len(address) != 6 or any(len(p) > 2 for p in parts):
+        raise reader.error(arg, "not a MAC address", "xx:xx:xx:xx:xx:xx")
+    _once(reader, module, "mac", tok, ir.MacSourceMatch(address, negate))
+
+
+def _limit(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+    reader._no_negate(tok, negate)
+    arg = reader.argument(tok)
+    count_text, _, unit_text = arg.value.partition("/")
+    count = _parse_int(reader, arg, count_text, 1, 10000, "rate")
+    unit = names.LIMIT_UNITS.get(unit_text or "sec")
+    if unit is None:
+        raise reader.error(arg, f"unknown rate unit '{unit_text}'", "/sec /min /hour /day")
+    if ir.LimitMatch.UNIT_SECONDS[unit] * 10000 // count == 0:
+        raise reader.error(arg, "rate too fast for the kernel's limit match")
+    _once(reader, module, "rate", tok, (count, unit))
+
+
+def _limit_burst(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+    reader._no_negate(tok, negate)
+    arg = reader.argument(tok)
+    _once(reader, module, "burst", tok, _parse_int(reader, arg, arg.value, 1, 10000, "burst"))
+
+
+_MODULE_OPTIONS: dict[str, dict[str, Callable]] = {
+    "tcp": {
+        "--sport": _port_option("sport"), "--source-port": _port_option("sport"),
+        "--dport": _port_option("dport"), "--destination-port": _port_option("dport"),
+        "--tcp-flags": _tcp_flags, "--syn": _tcp_syn, "--tcp-option": _tcp_option,
+    },
+    "udp": {
+        "--sport": _port_option("sport"), "--source-port": _port_option("sport"),
+        "--dport": _port_option("dport"), "--destination-port": _port_option("dport"),
+    },
+    "icmp": {"--icmp-type": _icmp_type},
+    "multiport": {
+        "--sports": _multiport("src"), "--source-ports": _multiport("src"),
+        "--dports": _multiport("dst"), "--destination-ports": _multiport("dst"),
+        "--ports": _multiport("any"),
+    },
+    "iprange": {"--src-range": _iprange("src"), "--dst-range": _iprange("dst")},
+    "comment": {"--comment": _comment},
+    "length": {"--length": _length},
+    "ttl": {"--ttl-eq": _ttl("eq"), "--ttl-lt": _ttl("lt"), "--ttl-gt": _ttl("gt")},
+    "mac": {"--mac-source": _mac_source},
+    "limit": {"--limit": _limit, "--limit-burst": _limit_burst},
+}
+
+
+def _require(reader: RuleReader, module: _Module, key: str, option: str):
+    if key not in module.values:
+        raise reader.error(module.token, f"'-m {module.name}' needs {option}")
+    return module.values[key]
+
+
+_BUILDERS: dict[str, Callable[[RuleReader, _Module], ir.Match]] = {
+    "tcp": lambda r, m: ir.TcpMatch(m.values.get("sport"), m.values.get("dport"),
+                                    m.values.get("flags")),
+    "udp": lambda r, m: ir.UdpMatch(m.values.get("sport"), m.values.get("dport")),
+    "icmp": lambda r, m: m.values.get("type") or ir.IcmpMatch(ir.IcmpMatch.ANY),
+    "multiport": lambda r, m: _require(r, m, "ports", "--sports, --dports or --ports"),
+    "iprange": lambda r, m: ir.IpRangeMatch(m.values.get("src"), m.values.get("dst"))
+    if m.values else _require(r, m, "src", "--src-range or --dst-range"),
+    "comment": lambda r, m: ir.CommentMatch(_require(r, m, "text", "--comment")),
+    "length": lambda r, m: _require(r, m, "length", "--length"),
+    "ttl": lambda r, m: _require(r, m, "ttl", "--ttl-eq, --ttl-lt or --ttl-gt"),
+    "mac": lambda r, m: _require(r, m, "mac", "--mac-source"),
+    "limit": lambda r, m: ir.LimitMatch(*m.values.get("rate", (3, "hour")),
+                                        burst=m.values.get("burst", 5)),
+}
+
+# --------------------------------------------------------------------------- target options
+
+
+def _reject_with(reader: RuleReader, tok: Token) -> None:
+    arg = reader.argument(tok)
+    value = names.REJECT_ALIASES.get(arg.value, arg.value)
+    try:
+        reader.target_options["with"] = ir.RejectWith(value)
+    except ValueError:
+        raise reader.error(arg, "unknown reject type",
+                           ", ".join(w.value for w in ir.RejectWith)) from None
+
+
+def _log_level(reader: RuleReader, tok: Token) -> None:
+    arg = reader.argument(tok)
+    level = names.LOG_LEVELS.get(arg.value.lower())
+    if level is None:
+        level = _parse_int(reader, arg, arg.value, 0, 7, "log level")
+    reader.target_options["level"] = level
+
+
+def _log_prefix(reader: RuleReader, tok: Token) -> None:
+    arg = reader.argument(tok)
+    if len(arg.value) > 29:
+        raise reader.error(arg, "log prefixes are at most 29 characters")
+    reader.target_options["prefix"] = arg.value
+
+
+def _log_flag(key: str):
+    def handler(reader: RuleReader, tok: Token) -> None:
+        reader.target_options[key] = True
+    return handler
+
+
+_TARGET_OPTIONS: dict[str, dict[str, Callable]] = {
+    "REJECT": {"--reject-with": _reject_with},
+    "LOG": {
+        "--log-level": _log_level, "--log-prefix": _log_prefix,
+        "--log-tcp-sequence": _log_flag("tcp_sequence"),
+        "--log-tcp-options": _log_flag("tcp_options"),
+        "--log-ip-options": _log_flag("ip_options"), "--log-uid": _log_flag("uid"),
+    },
+}

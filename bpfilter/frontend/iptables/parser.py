@@ -1,0 +1,155 @@
+"""iptables-save / iptables-save -c text -> IR."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import lark
+
+from bpfilter import ir
+from bpfilter.errors import InputError
+from bpfilter.frontend.iptables import names
+from bpfilter.frontend.iptables.options import RuleReader, Token
+from bpfilter.resources import resource_dir
+
+
+@functools.cache
+def _grammar() -> lark.Lark:
+    text = (resource_dir("grammar") / "iptables_save.lark").read_text()
+    return lark.Lark(text, parser="lalr", propagate_positions=True)
+
+
+def _counters(tok: lark.Token) -> ir.Counters:
+    packets, byte_count = tok.value[1:-1].split(":")
+    return ir.Counters(int(packets), int(byte_count))
+
+
+def _unquote(tok: lark.Token) -> str:
+    if tok.type != "STRING":
+        return tok.value
+    return re.sub(r"\\(.)", r"\1", tok.value[1:-1])
+
+
+def parse_iptables_save(text: str, source: str = "<stdin>") -> ir.Ruleset:
+    try:
+        tree = _grammar().parse(text if text.endswith("\n") else text + "\n")
+    except lark.exceptions.UnexpectedInput as exc:
+        raise _syntax_error(exc, text, source) from None
+    tables: list[ir.Table] = []
+    for node in tree.children:
+        table = _table(node, source)
+        if any(t.name == table.name for t in tables):
+            raise InputError(source, table.origin.line, "*" + table.name,
+                             "table appears twice in one file")
+        tables.append(table)
+    return ir.Ruleset(ir.Family.IPV4, tuple(tables), source)
+
+
+def _table(node: lark.Tree, source: str) -> ir.Table:
+    header = node.children[0]
+    name = header.value[1:]
+    origin = ir.Origin(source, header.line, header.column)
+    builtins = names.BUILTIN_CHAINS.get(name)
+    if builtins is None:
+        raise InputError(source, header.line, header.value, "unknown table",
+                         ", ".join("*" + t for t in names.BUILTIN_CHAINS), header.column)
+    declared: dict[str, ir.Chain] = {}
+    rules: dict[str, list[ir.Rule]] = {}
+    for child in node.children[1:]:
+        if isinstance(child, lark.Token):  # COMMIT
+            continue
+        if child.data == "chain":
+            chain = _chain_decl(child, source, builtins)
+            if chain.name in declared:
+                raise InputError(source, chain.origin.line, chain.name,
+                                 "chain declared twice")
+            declared[chain.name] = chain
+            rules[chain.name] = []
+        else:
+            chain_tok, rule = _rule(child, source, name)
+            if chain_tok.value not in declared:
+                raise InputError(source, chain_tok.line, chain_tok.value,
+                                 f"no chain '{chain_tok.value}' declared before this rule "
+                                 f"(add ':{chain_tok.value} - [0:0]' to the *{name} block)",
+                                 column=chain_tok.column)
+            rules[chain_tok.value].append(rule)
+    for builtin in builtins:  # iptables-restore keeps undeclared built-ins, policy ACCEPT
+        if builtin not in declared:
+            declared[builtin] = ir.Chain(builtin, (), ir.Verdict.ACCEPT)
+            rules[builtin] = []
+    chains = tuple(
+        ir.Chain(c.name, tuple(rules[c.name]), c.policy, c.counters, c.origin)
+        for c in declared.values()
+    )
+    return ir.Table(name, chains, origin)
+
+
+def _chain_decl(node: lark.Tree, source: str, builtins: tuple[str, ...]) -> ir.Chain:
+    header, policy = node.children[0], node.children[1]
+    counters = _counters(node.children[2]) if len(node.children) > 2 else None
+    name = header.value[1:]
+    origin = ir.Origin(source, header.line, header.column)
+    if name in builtins:
+        if policy.value not in ("ACCEPT", "DROP"):
+            raise InputError(source, policy.line, policy.value,
+                             f"built-in chain {name} needs a policy", "ACCEPT, DROP",
+                             policy.column)
+        return ir.Chain(name, (), ir.Verdict(policy.value), counters, origin)
+    if policy.value != "-":
+        raise InputError(source, policy.line, policy.value,
+                         f"'{name}' is not a built-in chain of this table, so it has no "
+                         "policy", "'-' for user-defined chains", policy.column)
+    if len(name) > 28:
+        raise InputError(source, header.line, name, "chain names are at most 28 characters")
+    return ir.Chain(name, (), None, counters, origin)
+
+
+def _rule(node: lark.Tree, source: str, table: str) -> tuple[lark.Token, ir.Rule]:
+    children = list(node.children)
+    counters = _counters(children.pop(0)) if children[0].type == "COUNTERS" else None
+    append, chain = children[0], children[1]
+    tokens = [Token(_unquote(t), t.line, t.column) for t in children[2:]]
+    origin = ir.Origin(source, append.line, append.column)
+    matches, target = RuleReader(tokens, source, table).read()
+    return chain, ir.Rule(matches, target, origin, counters)
+
+
+def _syntax_error(exc: lark.exceptions.UnexpectedInput, text: str, source: str) -> InputError:
+    line = getattr(exc, "line", 0) or 0
+    column = getattr(exc, "column", 0) or 0
+    token = getattr(exc, "token", None)
+    if isinstance(exc, lark.exceptions.UnexpectedEOF) or (
+            token is not None and token.type in ("$END", "TABLE_HEADER")):
+        opened = _open_table(text, line if token is not None and token.type != "$END"
+                             else None)
+        if opened is not None:
+            last = line if token is not None and token.type != "$END" \
+                else text.count("\n") + 1
+            return InputError(source, last, token.value if token is not None
+                              and token.type != "$END" else "<end of file>",
+                              f"table '{opened[1]}' opened at line {opened[0]} is not "
+                              "closed by COMMIT (file truncated?)", column=column)
+    if isinstance(exc, lark.exceptions.UnexpectedCharacters):
+        bad = text.splitlines()[line - 1][column - 1:].split()[0] if line else "?"
+        return InputError(source, line, bad, "unexpected text",
+                          "'*table', ':CHAIN POLICY [p:b]', '-A CHAIN ...', 'COMMIT', "
+                          "'# comment'", column)
+    value = token.value if token is not None else "?"
+    return InputError(source, line, value.strip() or "<newline>",
+                      "unexpected here", "'*table', ':CHAIN POLICY [p:b]', "
+                      "'-A CHAIN ...', 'COMMIT'", column)
+
+
+def _open_table(text: str, before_line) -> tuple[int, str] | None:
+    """The last `*table` line before the error that has no COMMIT after it."""
+    opened = None
+    for number, raw in enumerate(text.splitlines(), 1):
+        if before_line is not None and number >= before_line:
+            break
+        stripped = raw.strip()
+        if stripped.startswith("*"):
+            opened = (number, stripped)
+        elif stripped == "COMMIT":
+            opened = None
+    return opened

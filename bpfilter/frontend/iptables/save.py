@@ -1,0 +1,163 @@
+"""IR -> iptables-save text, spelled as iptables-save 1.8 spells it (canonical order)."""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Optional
+
+from bpfilter import ir
+from bpfilter.frontend.iptables import names
+
+_PLAIN = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def quote(value: str) -> str:
+    """iptables' xtables_save_string: bare when safe, else double-quoted with escapes."""
+    if _PLAIN.fullmatch(value):
+        return value
+    return '"' + re.sub(r'(["\\\'])', r"\\\1", value) + '"'
+
+
+def _neg(negate: bool) -> str:
+    return "! " if negate else ""
+
+
+def _range(r: ir.Range) -> str:
+    return str(r.low) if r.single else f"{r.low}:{r.high}"
+
+
+def _network(net) -> str:
+    return f"{net.network_address}/{net.prefixlen}"
+
+
+def _flags(value: int) -> str:
+    if value == 0:
+        return "NONE"
+    return ",".join(name for name, bit in names.TCP_FLAGS.items() if value & bit)
+
+
+def _ports(module: str, m) -> list[str]:
+    parts = [f"-m {module}"]
+    if m.sport is not None:
+        parts.append(f"{_neg(m.sport.negate)}--sport {_range(m.sport.ports)}")
+    if m.dport is not None:
+        parts.append(f"{_neg(m.dport.negate)}--dport {_range(m.dport.ports)}")
+    flags = getattr(m, "flags", None)
+    if flags is not None:
+        parts.append(f"{_neg(flags.negate)}--tcp-flags {_flags(flags.mask)} "
+                     f"{_flags(flags.comp)}")
+    return parts
+
+
+def _icmp(m: ir.IcmpMatch) -> list[str]:
+    if m.icmp_type == ir.IcmpMatch.ANY:
+        spec = "any"
+    elif m.codes == ir.Range(0, 255):
+        spec = str(m.icmp_type)
+    else:
+        spec = f"{m.icmp_type}/{m.codes.low}"
+    return ["-m icmp", f"{_neg(m.negate)}--icmp-type {spec}"]
+
+
+def _iprange(m: ir.IpRangeMatch) -> list[str]:
+    parts = ["-m iprange"]
+    for option, spec in (("--src-range", m.src), ("--dst-range", m.dst)):
+        if spec is not None:
+            parts.append(f"{_neg(spec.negate)}{option} {spec.low}-{spec.high}")
+    return parts
+
+
+def _limit(m: ir.LimitMatch) -> list[str]:
+    parts = ["-m limit", f"--limit {m.count}/{m.unit}"]
+    if m.burst != 5:
+        parts.append(f"--limit-burst {m.burst}")
+    return parts
+
+
+_MULTIPORT_OPTION = {"src": "--sports", "dst": "--dports", "any": "--ports"}
+
+_MATCHES: dict[type, Callable] = {
+    ir.AddressMatch: lambda m: [f"{_neg(m.negate)}-{m.direction[0]} {_network(m.network)}"],
+    ir.InterfaceMatch: lambda m: [f"{_neg(m.negate)}-{'i' if m.direction == 'in' else 'o'} "
+                                  f"{m.name}"],
+    ir.ProtocolMatch: lambda m: [f"{_neg(m.negate)}-p "
+                                 f"{names.PROTOCOL_NAMES.get(m.protocol, m.protocol)}"],
+    ir.FragmentMatch: lambda m: [f"{_neg(m.negate)}-f"],
+    ir.TcpMatch: lambda m: _ports("tcp", m),
+    ir.UdpMatch: lambda m: _ports("udp", m),
+    ir.IcmpMatch: _icmp,
+    ir.MultiportMatch: lambda m: ["-m multiport", f"{_neg(m.negate)}"
+                                  f"{_MULTIPORT_OPTION[m.direction]} "
+                                  + ",".join(_range(p) for p in m.ports)],
+    ir.IpRangeMatch: _iprange,
+    ir.CommentMatch: lambda m: ["-m comment", f"--comment {quote(m.text)}"],
+    ir.LengthMatch: lambda m: ["-m length", f"{_neg(m.negate)}--length {_range(m.length)}"],
+    ir.TtlMatch: lambda m: ["-m ttl", f"{_neg(m.negate)}--ttl-{m.op} {m.value}"],
+    ir.MacSourceMatch: lambda m: ["-m mac", f"{_neg(m.negate)}--mac-source "
+                                  + ":".join(f"{b:02x}" for b in m.address)],
+    ir.LimitMatch: _limit,
+}
+
+
+def _log(t: ir.LogTarget) -> list[str]:
+    parts = ["-j LOG"]
+    if t.prefix:
+        parts.append(f"--log-prefix {quote(t.prefix)}")
+    if t.level != 4:
+        parts.append(f"--log-level {t.level}")
+    for flag, option in ((t.tcp_sequence, "--log-tcp-sequence"),
+                         (t.tcp_options, "--log-tcp-options"),
+                         (t.ip_options, "--log-ip-options"), (t.uid, "--log-uid")):
+        if flag:
+            parts.append(option)
+    return parts
+
+
+_TARGETS: dict[type, Callable] = {
+    ir.VerdictTarget: lambda t: [f"-j {t.verdict.value}"],
+    ir.ReturnTarget: lambda t: ["-j RETURN"],
+    ir.JumpTarget: lambda t: [f"-{'g' if t.goto else 'j'} {t.chain}"],
+    ir.RejectTarget: lambda t: [f"-j REJECT --reject-with {t.with_.value}"],
+    ir.LogTarget: _log,
+}
+
+
+def rule_text(chain: str, rule: ir.Rule) -> str:
+    """One rule as `-A CHAIN ...`, without counters."""
+    parts = [f"-A {chain}"]
+    for match in rule.matches:
+        parts.extend(_MATCHES[type(match)](match))
+    if rule.target is not None:
+        parts.extend(_TARGETS[type(rule.target)](rule.target))
+    return " ".join(parts)
+
+
+def _counter_text(counters: Optional[ir.Counters]) -> str:
+    counters = counters or ir.Counters()
+    return f"[{counters.packets}:{counters.bytes}]"
+
+
+def save(ruleset: ir.Ruleset, counters: bool = False,
+         live: Optional[Callable[[str, str, int], ir.Counters]] = None) -> str:
+    """The ruleset as iptables-save prints it; `counters` adds the `-c` rule prefixes.
+
+    `live(table, chain, index)` supplies counters from a running ruleset (index -1 is the
+    chain policy); without it the counters read from the input are printed.
+    """
+    lines = []
+    for table in ruleset.tables:
+        lines.append(f"*{table.name}")
+        for chain in table.chains:
+            chain_counters = live(table.name, chain.name, -1) if live else chain.counters
+            policy = chain.policy.value if chain.policy else "-"
+            lines.append(f":{chain.name} {policy} {_counter_text(chain_counters)}")
+        for chain in table.chains:
+            for index, rule in enumerate(chain.rules):
+                text = rule_text(chain.name, rule)
+                if counters:
+                    rule_counters = live(table.name, chain.name, index) if live \
+                        else rule.counters
+                    text = f"{_counter_text(rule_counters)} {text}"
+                lines.append(text)
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n"

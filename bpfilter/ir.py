@@ -1,0 +1,363 @@
+"""The intermediate representation every front-end produces and every pass consumes.
+
+A ruleset is tables of chains of rules. A rule is an ordered tuple of typed matches and at
+most one target, exactly as the kernel evaluates it: every match must hold, in order, and
+then the target runs. Matches are grouped the way the kernel groups them (one value per
+match module), because that is the unit of evaluation: e.g. a truncated TCP header makes
+the whole `tcp` match drop the packet, whichever of its options were given.
+
+Nothing here knows any syntax; the front-ends parse into it and the emitters print it.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+
+class Family(enum.Enum):
+    IPV4 = "ipv4"
+    IPV6 = "ipv6"
+
+
+class Hook(enum.Enum):
+    """The netfilter hooks, in packet order."""
+
+    PREROUTING = "PREROUTING"
+    INPUT = "INPUT"
+    FORWARD = "FORWARD"
+    OUTPUT = "OUTPUT"
+    POSTROUTING = "POSTROUTING"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a rule or chain came from, for errors, counters and `explain`."""
+
+    file: str
+    line: int
+    column: int = 1
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True)
+class Counters:
+    packets: int = 0
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Range:
+    """An inclusive integer range: ports, lengths, ICMP codes."""
+
+    low: int
+    high: int
+
+    def __post_init__(self) -> None:
+        if self.low > self.high:
+            raise ValueError(f"empty range {self.low}:{self.high}")
+
+    @property
+    def single(self) -> bool:
+        return self.low == self.high
+
+    def __contains__(self, value: int) -> bool:
+        return self.low <= value <= self.high
+
+
+# --------------------------------------------------------------------------- matches
+
+
+@dataclass(frozen=True)
+class AddressMatch:
+    """`-s` / `-d`: the packet's source or destination lies in a prefix."""
+
+    direction: str  # "src" | "dst"
+    network: IPNetwork
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class InterfaceMatch:
+    """`-i` / `-o`. A trailing `+` makes the name a prefix, as in iptables."""
+
+    direction: str  # "in" | "out"
+    name: str
+    negate: bool = False
+
+    @property
+    def is_prefix(self) -> bool:
+        return self.name.endswith("+")
+
+    def matches(self, ifname: str) -> bool:
+        hit = ifname.startswith(self.name[:-1]) if self.is_prefix else ifname == self.name
+        return hit != self.negate
+
+
+@dataclass(frozen=True)
+class ProtocolMatch:
+    """`-p`. Protocol 0 means every protocol and is never stored as a match."""
+
+    protocol: int
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class FragmentMatch:
+    """`-f`: second and later fragments (fragment offset not zero)."""
+
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class PortSpec:
+    ports: Range
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class TcpFlagsSpec:
+    """`(flags & mask) == comp` on the TCP flags byte."""
+
+    mask: int
+    comp: int
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class TcpMatch:
+    sport: Optional[PortSpec] = None
+    dport: Optional[PortSpec] = None
+    flags: Optional[TcpFlagsSpec] = None
+
+
+@dataclass(frozen=True)
+class UdpMatch:
+    sport: Optional[PortSpec] = None
+    dport: Optional[PortSpec] = None
+
+
+@dataclass(frozen=True)
+class IcmpMatch:
+    """ICMP type and code range; type 255 ("any") matches every ICMP packet."""
+
+    icmp_type: int
+    codes: Range = Range(0, 255)
+    negate: bool = False
+
+    ANY = 255
+
+
+@dataclass(frozen=True)
+class MultiportMatch:
+    """`-m multiport`: up to 15 ports or ranges, on the source, destination or either."""
+
+    direction: str  # "src" | "dst" | "any"
+    ports: tuple[Range, ...]
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class AddressRangeSpec:
+    low: IPAddress
+    high: IPAddress
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class IpRangeMatch:
+    src: Optional[AddressRangeSpec] = None
+    dst: Optional[AddressRangeSpec] = None
+
+
+@dataclass(frozen=True)
+class CommentMatch:
+    text: str
+
+
+@dataclass(frozen=True)
+class LengthMatch:
+    """`-m length`: the IP packet's total length (IPv4 tot_len)."""
+
+    length: Range
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class TtlMatch:
+    op: str  # "eq" | "lt" | "gt"
+    value: int
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class MacSourceMatch:
+    address: bytes
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class LimitMatch:
+    """A token bucket: `burst` packets at once, refilled at `count` per `unit`."""
+
+    count: int
+    unit: str  # "sec" | "min" | "hour" | "day"
+    burst: int = 5
+
+    UNIT_SECONDS = {"sec": 1, "min": 60, "hour": 3600, "day": 86400}
+
+    @property
+    def interval_ns(self) -> int:
+        """Time to earn one token."""
+        return self.UNIT_SECONDS[self.unit] * 1_000_000_000 // self.count
+
+
+Match = Union[
+    AddressMatch,
+    InterfaceMatch,
+    ProtocolMatch,
+    FragmentMatch,
+    TcpMatch,
+    UdpMatch,
+    IcmpMatch,
+    MultiportMatch,
+    IpRangeMatch,
+    CommentMatch,
+    LengthMatch,
+    TtlMatch,
+    MacSourceMatch,
+    LimitMatch,
+]
+
+# --------------------------------------------------------------------------- targets
+
+
+class Verdict(enum.Enum):
+    ACCEPT = "ACCEPT"
+    DROP = "DROP"
+
+
+@dataclass(frozen=True)
+class VerdictTarget:
+    verdict: Verdict
+
+
+@dataclass(frozen=True)
+class ReturnTarget:
+    pass
+
+
+@dataclass(frozen=True)
+class JumpTarget:
+    """`-j CHAIN` (come back after it) or `-g CHAIN` (never come back here)."""
+
+    chain: str
+    goto: bool = False
+
+
+class RejectWith(enum.Enum):
+    """The replies REJECT can send; values are (ICMP type, code), or None for a TCP RST."""
+
+    NET_UNREACHABLE = "icmp-net-unreachable"
+    HOST_UNREACHABLE = "icmp-host-unreachable"
+    PROT_UNREACHABLE = "icmp-proto-unreachable"
+    PORT_UNREACHABLE = "icmp-port-unreachable"
+    NET_PROHIBITED = "icmp-net-prohibited"
+    HOST_PROHIBITED = "icmp-host-prohibited"
+    ADMIN_PROHIBITED = "icmp-admin-prohibited"
+    TCP_RESET = "tcp-reset"
+
+    @property
+    def icmp_code(self) -> Optional[int]:
+        return _REJECT_ICMP_CODES.get(self)
+
+
+_REJECT_ICMP_CODES = {
+    RejectWith.NET_UNREACHABLE: 0,
+    RejectWith.HOST_UNREACHABLE: 1,
+    RejectWith.PROT_UNREACHABLE: 2,
+    RejectWith.PORT_UNREACHABLE: 3,
+    RejectWith.NET_PROHIBITED: 9,
+    RejectWith.HOST_PROHIBITED: 10,
+    RejectWith.ADMIN_PROHIBITED: 13,
+}
+
+
+@dataclass(frozen=True)
+class RejectTarget:
+    with_: RejectWith = RejectWith.PORT_UNREACHABLE
+
+
+@dataclass(frozen=True)
+class LogTarget:
+    """LOG does not end the chain walk; the event carries the rule, the prefix stays here."""
+
+    prefix: str = ""
+    level: int = 4
+    tcp_sequence: bool = False
+    tcp_options: bool = False
+    ip_options: bool = False
+    uid: bool = False
+
+
+Target = Union[VerdictTarget, ReturnTarget, JumpTarget, RejectTarget, LogTarget]
+
+# --------------------------------------------------------------------------- structure
+
+
+@dataclass(frozen=True)
+class Rule:
+    matches: tuple[Match, ...]
+    target: Optional[Target]
+    origin: Origin
+    counters: Optional[Counters] = None
+
+    def find(self, kind: type) -> Optional[Match]:
+        return next((m for m in self.matches if isinstance(m, kind)), None)
+
+
+@dataclass(frozen=True)
+class Chain:
+    name: str
+    rules: tuple[Rule, ...] = ()
+    policy: Optional[Verdict] = None  # None for user-defined chains
+    counters: Optional[Counters] = None
+    origin: Optional[Origin] = None
+
+    @property
+    def builtin(self) -> bool:
+        return self.policy is not None
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    chains: tuple[Chain, ...]
+    origin: Optional[Origin] = None
+
+    def chain(self, name: str) -> Optional[Chain]:
+        return next((c for c in self.chains if c.name == name), None)
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    family: Family
+    tables: tuple[Table, ...] = field(default_factory=tuple)
+    source: str = "<input>"
+
+    def table(self, name: str) -> Optional[Table]:
+        return next((t for t in self.tables if t.name == name), None)
+
+    def rules(self):
+        """Every rule with its table and chain, in file order."""
+        for table in self.tables:
+            for chain in table.chains:
+                for rule in chain.rules:
+                    yield table, chain, rule

@@ -1,0 +1,175 @@
+"""One C generator per IR match type.
+
+Each generator returns C statements that fall through when the match holds and
+`goto <skip>` when it does not. A match the kernel cannot evaluate (a truncated header)
+drops the packet there and then, as the kernel's hotdrop does, without counting the rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from bpfilter import ir
+
+HOTDROP = "return BF_DROP; /* the kernel's hotdrop: header too short to match */"
+
+
+@dataclass
+class MatchContext:
+    """What generators share within one program: the skip label and allocated slots."""
+
+    hook: ir.Hook
+    skip: str = ""
+    if_patterns: list[ir.InterfaceMatch] = field(default_factory=list)
+    limits: list[ir.LimitMatch] = field(default_factory=list)
+
+    def require(self, expr: str, negate: bool = False) -> str:
+        return f"if ({'' if negate else '!'}({expr})) goto {self.skip};"
+
+    def if_pattern(self, match: ir.InterfaceMatch) -> int:
+        plain = ir.InterfaceMatch(match.direction, match.name)
+        if plain not in self.if_patterns:
+            if len(self.if_patterns) == 64:
+                raise ValueError("more than 64 distinct interface names in one stage")
+            self.if_patterns.append(plain)
+        return self.if_patterns.index(plain)
+
+
+def _in_range(value: str, r: ir.Range, top: int = 65535) -> str:
+    if r.single:
+        return f"{value} == {r.low}"
+    parts = []
+    if r.low > 0:
+        parts.append(f"{value} >= {r.low}")
+    if r.high < top:
+        parts.append(f"{value} <= {r.high}")
+    return " && ".join(parts) or "1"
+
+
+def _address(m: ir.AddressMatch, ctx: MatchContext) -> list[str]:
+    field_ = "p->saddr" if m.direction == "src" else "p->daddr"
+    mask = int(m.network.netmask)
+    net = int(m.network.network_address)
+    expr = "1" if mask == 0 else f"({field_} & 0x{mask:08x}) == 0x{net:08x}"
+    return [ctx.require(expr, m.negate)]
+
+
+def _interface(m: ir.InterfaceMatch, ctx: MatchContext) -> list[str]:
+    if m.direction == "out" and ctx.hook in (ir.Hook.PREROUTING, ir.Hook.INPUT):
+        # There is no output interface yet: the kernel compares against an empty name.
+        return [] if m.matches("") else [f"goto {ctx.skip}; /* -o never matches here */"]
+    bit = ctx.if_pattern(m)
+    return [ctx.require(f"(p->ifbits >> {bit}) & 1", m.negate)]
+
+
+def _protocol(m: ir.ProtocolMatch, ctx: MatchContext) -> list[str]:
+    return [ctx.require(f"p->proto == {m.protocol}", m.negate)]
+
+
+def _fragment(m: ir.FragmentMatch, ctx: MatchContext) -> list[str]:
+    return [ctx.require("p->frag_off != 0", m.negate)]
+
+
+def _header(ctx: MatchContext, need: int, evil_tcp_offset: bool = False) -> list[str]:
+    """Protocol matches see only whole first fragments with `need` header bytes."""
+    lines = []
+    if evil_tcp_offset:
+        lines.append("if (p->frag_off == 1) " + HOTDROP)
+    lines.append(f"if (p->frag_off) goto {ctx.skip};")
+    lines.append(f"if (p->l4_len < {need}) " + HOTDROP)
+    return lines
+
+
+def _port_lines(m, ctx: MatchContext) -> list[str]:
+    lines = []
+    for spec, value in ((m.sport, "p->sport"), (m.dport, "p->dport")):
+        if spec is not None:
+            lines.append(ctx.require(_in_range(value, spec.ports), spec.negate))
+    return lines
+
+
+def _tcp(m: ir.TcpMatch, ctx: MatchContext) -> list[str]:
+    lines = _header(ctx, 20, evil_tcp_offset=True) + _port_lines(m, ctx)
+    if m.flags is not None:
+        lines.append(ctx.require(f"(p->tcp_flags & 0x{m.flags.mask:02x}) == 0x{m.flags.comp:02x}",
+                                 m.flags.negate))
+    return lines
+
+
+def _udp(m: ir.UdpMatch, ctx: MatchContext) -> list[str]:
+    return _header(ctx, 8) + _port_lines(m, ctx)
+
+
+def _icmp(m: ir.IcmpMatch, ctx: MatchContext) -> list[str]:
+    if m.icmp_type == ir.IcmpMatch.ANY:
+        expr = "1"
+    else:
+        codes = "" if m.codes == ir.Range(0, 255) else \
+            " && " + _in_range("p->icmp_code", m.codes, top=255)
+        expr = f"p->icmp_type == {m.icmp_type}{codes}"
+    return _header(ctx, 8) + [ctx.require(expr, m.negate)]
+
+
+def _multiport(m: ir.MultiportMatch, ctx: MatchContext) -> list[str]:
+    values = {"src": ["p->sport"], "dst": ["p->dport"], "any": ["p->sport", "p->dport"]}
+    tests = [f"({_in_range(v, r)})" for r in m.ports for v in values[m.direction]]
+    return _header(ctx, 4) + [ctx.require(" || ".join(tests), m.negate)]
+
+
+def _iprange(m: ir.IpRangeMatch, ctx: MatchContext) -> list[str]:
+    lines = []
+    for spec, value in ((m.src, "p->saddr"), (m.dst, "p->daddr")):
+        if spec is not None:
+            lines.append(ctx.require(f"{value} >= 0x{int(spec.low):08x}u && "
+                                     f"{value} <= 0x{int(spec.high):08x}u", spec.negate))
+    return lines
+
+
+def _length(m: ir.LengthMatch, ctx: MatchContext) -> list[str]:
+    return [ctx.require(_in_range("p->len", m.length), m.negate)]
+
+
+_TTL_OPS = {"eq": "==", "lt": "<", "gt": ">"}
+
+
+def _ttl(m: ir.TtlMatch, ctx: MatchContext) -> list[str]:
+    return [ctx.require(f"p->ttl {_TTL_OPS[m.op]} {m.value}", m.negate)]
+
+
+def _mac(m: ir.MacSourceMatch, ctx: MatchContext) -> list[str]:
+    expr = " && ".join(f"p->smac[{i}] == 0x{b:02x}" for i, b in enumerate(m.address))
+    return [ctx.require(expr, m.negate)]
+
+
+def _limit(m: ir.LimitMatch, ctx: MatchContext) -> list[str]:
+    index = len(ctx.limits)
+    ctx.limits.append(m)
+    cost = m.interval_ns
+    return [ctx.require(f"bf_limit({index}, {cost}ULL, {cost * m.burst}ULL)")]
+
+
+def _comment(m: ir.CommentMatch, ctx: MatchContext) -> list[str]:
+    return []
+
+
+GENERATORS: dict[type, Callable[..., list[str]]] = {
+    ir.AddressMatch: _address,
+    ir.InterfaceMatch: _interface,
+    ir.ProtocolMatch: _protocol,
+    ir.FragmentMatch: _fragment,
+    ir.TcpMatch: _tcp,
+    ir.UdpMatch: _udp,
+    ir.IcmpMatch: _icmp,
+    ir.MultiportMatch: _multiport,
+    ir.IpRangeMatch: _iprange,
+    ir.LengthMatch: _length,
+    ir.TtlMatch: _ttl,
+    ir.MacSourceMatch: _mac,
+    ir.LimitMatch: _limit,
+    ir.CommentMatch: _comment,
+}
+
+
+def match_lines(match: ir.Match, ctx: MatchContext) -> list[str]:
+    return GENERATORS[type(match)](match, ctx)

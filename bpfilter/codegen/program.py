@@ -1,0 +1,85 @@
+"""Renders one stage plan into a C program with the stage template."""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+import jinja2
+
+from bpfilter import ir
+from bpfilter.codegen.matchers import MatchContext, match_lines
+from bpfilter.codegen.targets import target_lines
+from bpfilter.passes.stages import Stage
+from bpfilter.resources import resource_dir
+
+RUNTIME_HEADER = "bpfilter.h"
+
+
+@dataclass(frozen=True)
+class GeneratedProgram:
+    """C source plus what the loader must put in the maps before the program runs."""
+
+    hook: ir.Hook
+    name: str  # the BPF function and section name
+    source: str
+    if_patterns: tuple[ir.InterfaceMatch, ...]
+    limits: tuple[ir.LimitMatch, ...]
+    nslots: int
+
+
+@functools.cache
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(resource_dir("templates"))),
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
+
+
+def runtime_header() -> str:
+    return (resource_dir("templates") / RUNTIME_HEADER).read_text()
+
+
+def _c_comment(text: str) -> str:
+    return text.replace("*/", "* /")
+
+
+def _function_name(index: int, chain: str) -> str:
+    return f"bf_chain_{index}_" + re.sub(r"[^A-Za-z0-9_]", "_", chain)[:40]
+
+
+def generate_stage(stage: Stage, nslots: int, source: str) -> GeneratedProgram:
+    ctx = MatchContext(stage.hook)
+    functions = {ref.chain.name: _function_name(i, ref.chain.name)
+                 for i, ref in enumerate(stage.chains)}
+    chains = []
+    for ref in stage.chains:
+        chain = ref.chain
+        rules = []
+        for rule, slot in zip(chain.rules, ref.rule_slots):
+            ctx.skip = f"r{slot}"
+            lines = []
+            for match in rule.matches:
+                lines.extend(match_lines(match, ctx))
+            lines.extend(target_lines(rule.target, slot, chain.builtin, functions))
+            rules.append({"slot": slot, "origin": _c_comment(str(rule.origin)),
+                          "lines": lines, "label": ctx.skip})
+        if chain.builtin:
+            tail = ["policy:", f"bf_count({ref.policy_slot}, p);",
+                    f"return BF_{chain.policy.value};"]
+        else:
+            tail = ["return BF_CONTINUE;"]
+        chains.append({"name": _c_comment(chain.name), "function": functions[chain.name],
+                       "origin": chain.origin and _c_comment(str(chain.origin)),
+                       "rules": rules, "tail": tail})
+    name = f"bpfilter_{stage.hook.value.lower()}"
+    text = _environment().get_template("stage_xdp.c.j2").render(
+        source=_c_comment(source), hook=stage.hook.value, table=stage.table,
+        nslots=max(nslots, 1), nlimits=max(len(ctx.limits), 1),
+        nifpatterns=len(ctx.if_patterns), chains=chains,
+        entry=functions[stage.entry], program=name,
+    )
+    return GeneratedProgram(stage.hook, name, text, tuple(ctx.if_patterns),
+                            tuple(ctx.limits), nslots)

@@ -1,0 +1,200 @@
+"""BPF objects, programs and maps with explicit lifetimes (close what you open).
+
+Modelled on cilium/ebpf: an Object owns its Programs and Maps; closing the Object closes
+their file descriptors, unless something else (a pin, an attachment) holds them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from bpfilter.errors import KernelError
+from bpfilter.loader.libbpf import (ProgInfo, TestRunOpts, XdpMd, check, lib,
+                                    possible_cpus, take_messages)
+
+BPF_LOG_LEVEL1 = 1
+BPF_LOG_STATS = 4
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_PERCPU_HASH = 5
+_PERCPU = (BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_PERCPU_HASH)
+
+
+@dataclass(frozen=True)
+class TestRunResult:
+    retval: int
+    data: bytes
+    duration_ns: int
+
+
+@dataclass(frozen=True)
+class VerifierStats:
+    processed_insns: int
+    xlated_insns: int
+    jited_bytes: int
+
+
+class Map:
+    def __init__(self, handle: int, name: str):
+        self.handle = handle
+        self.name = name
+        self.fd = check(lib().bpf_map__fd(handle), f"map {name}: fd")
+        self.key_size = lib().bpf_map__key_size(handle)
+        self.value_size = lib().bpf_map__value_size(handle)
+        self.max_entries = lib().bpf_map__max_entries(handle)
+        self.percpu = lib().bpf_map__type(handle) in _PERCPU
+
+    def _value_buffer(self) -> ctypes.Array:
+        if self.percpu:
+            return ctypes.create_string_buffer(((self.value_size + 7) // 8 * 8)
+                                               * possible_cpus())
+        return ctypes.create_string_buffer(self.value_size)
+
+    def lookup(self, key: bytes) -> Optional[bytes]:
+        """The value, or for a per-CPU map every CPU's value, padded to 8 bytes each."""
+        value = self._value_buffer()
+        if lib().bpf_map_lookup_elem(self.fd, key, value) < 0:
+            return None
+        return value.raw
+
+    def lookup_percpu(self, key: bytes) -> list[bytes]:
+        raw = self.lookup(key)
+        if raw is None:
+            return []
+        stride = (self.value_size + 7) // 8 * 8
+        return [raw[i * stride: i * stride + self.value_size] for i in range(possible_cpus())]
+
+    def update(self, key: bytes, value: bytes, flags: int = 0) -> None:
+        check(lib().bpf_map_update_elem(self.fd, key, value, flags),
+              f"update map {self.name}")
+
+    def delete(self, key: bytes) -> None:
+        check(lib().bpf_map_delete_elem(self.fd, key), f"delete from map {self.name}")
+
+    def keys(self) -> Iterator[bytes]:
+        key = None
+        nxt = ctypes.create_string_buffer(self.key_size)
+        while lib().bpf_map_get_next_key(self.fd, key, nxt) == 0:
+            key = ctypes.create_string_buffer(nxt.raw, self.key_size)
+            yield nxt.raw
+
+
+class Program:
+    def __init__(self, handle: int, name: str, log: Optional[ctypes.Array]):
+        self.handle = handle
+        self.name = name
+        self.fd = check(lib().bpf_program__fd(handle), f"program {name}: fd")
+        self._log = log
+
+    def info(self) -> ProgInfo:
+        info = ProgInfo()
+        size = ctypes.c_uint32(ctypes.sizeof(info))
+        check(lib().bpf_obj_get_info_by_fd(self.fd, ctypes.byref(info), ctypes.byref(size)),
+              f"program {self.name}: info")
+        return info
+
+    def stats(self) -> VerifierStats:
+        info = self.info()
+        text = self._log.value.decode(errors="replace") if self._log is not None else ""
+        found = re.search(r"processed (\d+) insns", text)
+        return VerifierStats(int(found.group(1)) if found else 0,
+                             info.xlated_prog_len // 8, info.jited_prog_len)
+
+    def test_run(self, packet: bytes, ingress_ifindex: int = 0, repeat: int = 1,
+                 flags: int = 0, out_size: Optional[int] = None) -> TestRunResult:
+        """Run the program on one packet with BPF_PROG_TEST_RUN (XDP context)."""
+        data_in = ctypes.create_string_buffer(packet, len(packet))
+        live = flags != 0
+        data_out = None if live else ctypes.create_string_buffer(out_size or len(packet) + 1024)
+        ctx = XdpMd(0, len(packet), 0, ingress_ifindex, 0, 0)
+        opts = TestRunOpts()
+        opts.sz = ctypes.sizeof(opts)
+        opts.data_in = ctypes.cast(data_in, ctypes.c_void_p)
+        opts.data_size_in = len(packet)
+        if data_out is not None:
+            opts.data_out = ctypes.cast(data_out, ctypes.c_void_p)
+            opts.data_size_out = len(data_out)
+        opts.ctx_in = ctypes.cast(ctypes.pointer(ctx), ctypes.c_void_p)
+        opts.ctx_size_in = ctypes.sizeof(ctx)
+        opts.repeat = repeat
+        opts.flags = flags
+        check(lib().bpf_prog_test_run_opts(self.fd, ctypes.byref(opts)),
+              f"test run of {self.name}")
+        data = data_out.raw[:opts.data_size_out] if data_out is not None else b""
+        return TestRunResult(opts.retval, data, opts.duration)
+
+
+class Object:
+    """An ELF BPF object opened and loaded into the kernel. Use as a context manager."""
+
+    def __init__(self, path: Path, log_size: int = 1 << 16):
+        self.path = Path(path)
+        self._handle = None
+        self.programs: dict[str, Program] = {}
+        self.maps: dict[str, Map] = {}
+        self._load(log_size)
+
+    def _open(self) -> int:
+        handle = lib().bpf_object__open_file(str(self.path).encode(), None)
+        if not handle:
+            raise KernelError(f"cannot open BPF object {self.path}: {take_messages()}")
+        return handle
+
+    def _program_handles(self, handle: int) -> list[int]:
+        out, prog = [], None
+        while True:
+            prog = lib().bpf_object__next_program(handle, prog)
+            if not prog:
+                return out
+            out.append(prog)
+
+    def _load(self, log_size: int) -> None:
+        handle = self._open()
+        logs = {}
+        for prog in self._program_handles(handle):
+            logs[prog] = ctypes.create_string_buffer(log_size)
+            lib().bpf_program__set_log_buf(prog, logs[prog], log_size)
+            lib().bpf_program__set_log_level(prog, BPF_LOG_STATS)
+        if lib().bpf_object__load(handle) < 0:
+            lib().bpf_object__close(handle)
+            raise KernelError(f"the verifier refused {self.path}:\n{self._verifier_log()}")
+        self._handle = handle
+        for prog in self._program_handles(handle):
+            name = lib().bpf_program__name(prog).decode()
+            self.programs[name] = Program(prog, name, logs[prog])
+
+    def _verifier_log(self) -> str:
+        """Load again with the full log, only to explain a failure."""
+        take_messages()
+        handle = self._open()
+        size = 1 << 24
+        buf = ctypes.create_string_buffer(size)
+        for prog in self._program_handles(handle):
+            lib().bpf_program__set_log_buf(prog, buf, size)
+            lib().bpf_program__set_log_level(prog, BPF_LOG_LEVEL1)
+        lib().bpf_object__load(handle)
+        lib().bpf_object__close(handle)
+        lines = buf.value.decode(errors="replace").splitlines() or take_messages().splitlines()
+        return "\n".join(lines[-40:])
+
+    def map(self, name: str) -> Map:
+        if name not in self.maps:
+            handle = lib().bpf_object__find_map_by_name(self._handle, name.encode())
+            if not handle:
+                raise KernelError(f"no map {name} in {self.path}")
+            self.maps[name] = Map(handle, name)
+        return self.maps[name]
+
+    def close(self) -> None:
+        if self._handle:
+            lib().bpf_object__close(self._handle)
+            self._handle = None
+
+    def __enter__(self) -> "Object":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

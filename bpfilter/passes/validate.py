@@ -1,0 +1,103 @@
+"""Refuses what cannot run, with the line that causes it: nothing is dropped silently."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from bpfilter import ir
+from bpfilter.errors import InputError
+
+# What the compiler places today; other hooks and tables come with their issues.
+COMPILED_TABLES = ("filter",)
+COMPILED_HOOKS = (ir.Hook.INPUT,)
+
+
+def _error_at(origin: Optional[ir.Origin], token: str, why: str,
+              supported: Optional[str] = None) -> InputError:
+    origin = origin or ir.Origin("<input>", 0)
+    return InputError(origin.file, origin.line, token, why, supported, origin.column)
+
+
+def validate(ruleset: ir.Ruleset,
+             on_unsupported: Optional[Callable[[InputError], None]] = None) -> ir.Ruleset:
+    """Check the ruleset; return it with unsupported rules removed if `on_unsupported`
+    accepts them (it is told of each), otherwise raise at the first one."""
+
+    def unsupported(error: InputError) -> None:
+        if on_unsupported is None:
+            raise error
+        on_unsupported(error)
+
+    tables = []
+    for table in ruleset.tables:
+        chains = []
+        for chain in table.chains:
+            _check_jumps(table, chain)
+            keep = []
+            for rule in chain.rules:
+                problem = _unsupported_rule(table, chain, rule)
+                if problem is None:
+                    keep.append(rule)
+                else:
+                    unsupported(problem)
+            chains.append(ir.Chain(chain.name, tuple(keep), chain.policy, chain.counters,
+                                   chain.origin))
+            if table.name not in COMPILED_TABLES and chain.policy is ir.Verdict.DROP:
+                unsupported(_error_at(chain.origin, chain.name,
+                                      f"a DROP policy in table '{table.name}' is not "
+                                      "supported yet", "the filter table"))
+        tables.append(ir.Table(table.name, tuple(chains), table.origin))
+    result = ir.Ruleset(ruleset.family, tuple(tables), ruleset.source)
+    for table in result.tables:
+        _check_loops(table)
+    return result
+
+
+def _unsupported_rule(table: ir.Table, chain: ir.Chain, rule: ir.Rule) -> Optional[InputError]:
+    if table.name not in COMPILED_TABLES:
+        return _error_at(rule.origin, f"*{table.name}",
+                         f"rules in table '{table.name}' are not supported yet",
+                         "rules in the filter table")
+    if chain.builtin and ir.Hook(chain.name) not in COMPILED_HOOKS:
+        return _error_at(rule.origin, chain.name,
+                         f"the {chain.name} chain is not compiled yet (stages come with "
+                         "connection tracking)",
+                         " ".join(h.value for h in COMPILED_HOOKS))
+    return None
+
+
+def _check_jumps(table: ir.Table, chain: ir.Chain) -> None:
+    for rule in chain.rules:
+        target = rule.target
+        if isinstance(target, ir.JumpTarget):
+            callee = table.chain(target.chain)
+            if callee is None:
+                raise _error_at(rule.origin, target.chain,
+                                f"no chain '{target.chain}' in table '{table.name}', and it "
+                                "is not a supported target",
+                                "ACCEPT, DROP, RETURN, REJECT, LOG, or a declared chain")
+            if callee.builtin:
+                raise _error_at(rule.origin, target.chain,
+                                "cannot jump to a built-in chain")
+
+
+def _check_loops(table: ir.Table) -> None:
+    """iptables refuses a ruleset where user chains can reach themselves (ELOOP)."""
+    done: set[str] = set()
+
+    def visit(name: str, path: list[tuple[str, ir.Rule]]) -> None:
+        if name in done:
+            return
+        on_path = [p for p, _ in path]
+        if name in on_path:
+            cycle = on_path[on_path.index(name):] + [name]
+            rule = path[-1][1]
+            raise _error_at(rule.origin, name, "chains form a loop: " + " -> ".join(cycle))
+        chain = table.chain(name)
+        for rule in chain.rules:
+            if isinstance(rule.target, ir.JumpTarget):
+                visit(rule.target.chain, path + [(name, rule)])
+        done.add(name)
+
+    for chain in table.chains:
+        visit(chain.name, [])

@@ -1,0 +1,376 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* bpfilter runtime shared by every generated stage program.
+ *
+ * The generated program defines BF_NSLOTS, BF_NLIMITS and BF_NIFPATTERNS before including
+ * this file. Packets are parsed once into struct bf_pkt; the chain functions only read it.
+ */
+#pragma once
+
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define BF_ETH_P_IP 0x0800
+#define BF_IP_DF 0x4000
+#define BF_TTL 64 /* net.ipv4.ip_default_ttl, what the kernel's replies carry */
+#define BF_ICMP_QUOTE_MAX 548 /* 576 - IP header - ICMP header, as icmp_send() quotes */
+
+enum bf_verdict { BF_CONTINUE = 0, BF_ACCEPT = 1, BF_DROP = 2, BF_REJECT = 3 };
+#define BF_REJECT_TCP_RESET 0xff
+
+struct bf_pkt {
+	__u64 len;          /* IP total length: what iptables counts as bytes */
+	__u64 ifbits;       /* bit k set: the input interface matches interface pattern k */
+	__u32 saddr, daddr; /* host byte order */
+	__u32 ifindex;
+	__u32 l4_len;       /* bytes after the IP header, within tot_len */
+	__u32 tcp_seq, tcp_ack;
+	__u16 sport, dport;
+	__u16 frag_off;     /* in 8-byte units; 0 for whole packets and first fragments */
+	__u8 proto, ttl, tos, tcp_flags, tcp_doff, icmp_type, icmp_code;
+	__u8 reject_with;
+	__u8 smac[6], dmac[6];
+};
+
+struct bf_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+struct bf_limit {
+	struct bpf_spin_lock lock;
+	__u64 credit; /* nanoseconds of rate earned, capped at burst * interval */
+	__u64 last;   /* 0 until the first packet fills the bucket */
+};
+
+struct bf_log_event {
+	__u64 timestamp_ns;
+	__u32 slot;
+	__u32 ifindex;
+	__u32 saddr, daddr;
+	__u16 sport, dport;
+	__u16 len;
+	__u8 proto, ttl, tcp_flags, icmp_type, icmp_code, pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, BF_NSLOTS);
+	__type(key, __u32);
+	__type(value, struct bf_counter);
+} bf_counters SEC(".maps");
+
+/* ifindex -> bitmask of interface patterns it matches, filled by the loader from the
+ * interface names it sees, so `-i eth+` follows the names, not compile-time indexes. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u64);
+} bf_ifmatch SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, BF_NLIMITS);
+	__type(key, __u32);
+	__type(value, struct bf_limit);
+} bf_limits SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 18);
+} bf_log SEC(".maps");
+
+static __always_inline void bf_count(__u32 slot, const struct bf_pkt *p)
+{
+	struct bf_counter *c = bpf_map_lookup_elem(&bf_counters, &slot);
+
+	if (c) {
+		c->packets++;
+		c->bytes += p->len;
+	}
+}
+
+/* xt_limit's token bucket, in nanoseconds instead of jiffies. */
+static __always_inline int bf_limit(__u32 index, __u64 cost, __u64 cap)
+{
+	struct bf_limit *l = bpf_map_lookup_elem(&bf_limits, &index);
+	__u64 now = bpf_ktime_get_ns();
+	int hit = 0;
+
+	if (!l)
+		return 0;
+	bpf_spin_lock(&l->lock);
+	if (l->last == 0) {
+		l->credit = cap;
+	} else {
+		l->credit += now - l->last;
+		if (l->credit > cap)
+			l->credit = cap;
+	}
+	l->last = now;
+	if (l->credit >= cost) {
+		l->credit -= cost;
+		hit = 1;
+	}
+	bpf_spin_unlock(&l->lock);
+	return hit;
+}
+
+static __always_inline void bf_log_packet(__u32 slot, const struct bf_pkt *p)
+{
+	struct bf_log_event *e = bpf_ringbuf_reserve(&bf_log, sizeof(*e), 0);
+
+	if (!e)
+		return;
+	e->timestamp_ns = bpf_ktime_get_ns();
+	e->slot = slot;
+	e->ifindex = p->ifindex;
+	e->saddr = p->saddr;
+	e->daddr = p->daddr;
+	e->sport = p->sport;
+	e->dport = p->dport;
+	e->len = p->len;
+	e->proto = p->proto;
+	e->ttl = p->ttl;
+	e->tcp_flags = p->tcp_flags;
+	e->icmp_type = p->icmp_type;
+	e->icmp_code = p->icmp_code;
+	e->pad = 0;
+	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline __u16 bf_fold(__u64 sum)
+{
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)sum;
+}
+
+/* One's-complement sum of `len` bytes at `start`, at most `max_words` 16-bit words. */
+static __always_inline __u64 bf_sum(void *start, __u32 len, void *end, __u32 max_words)
+{
+	__u16 *w = start;
+	__u64 sum = 0;
+	__u32 i;
+
+	for (i = 0; i < max_words; i++) {
+		if (i * 2 + 1 >= len)
+			break;
+		if ((void *)(w + 1) > end)
+			break;
+		sum += *w;
+		w++;
+	}
+	if (len & 1) {
+		__u8 *last = (__u8 *)w;
+
+		if ((void *)(last + 1) <= end && i * 2 + 1 == len)
+			sum += *last; /* little-endian: the odd byte is the low half of a word */
+	}
+	return sum;
+}
+
+/* Parse Ethernet + IPv4 as ip_rcv() checks them; anything the kernel would drop before
+ * netfilter (or that is not IPv4) is left to the kernel: returns -1. */
+static __always_inline int bf_parse(struct xdp_md *ctx, struct bf_pkt *p)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip;
+	__u32 hlen, tot;
+
+	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(BF_ETH_P_IP))
+		return -1;
+	ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end || ip->version != 4 || ip->ihl < 5)
+		return -1;
+	hlen = ip->ihl * 4;
+	if ((void *)ip + hlen > end)
+		return -1;
+	tot = bpf_ntohs(ip->tot_len);
+	if (tot < hlen || tot > (__u32)(end - (void *)ip))
+		return -1;
+	if (bf_fold(bf_sum(ip, hlen, end, 30)) != 0xffff)
+		return -1;
+
+	__builtin_memcpy(p->smac, eth->h_source, 6);
+	__builtin_memcpy(p->dmac, eth->h_dest, 6);
+	p->ifindex = ctx->ingress_ifindex;
+	p->len = tot;
+	p->saddr = bpf_ntohl(ip->saddr);
+	p->daddr = bpf_ntohl(ip->daddr);
+	p->proto = ip->protocol;
+	p->ttl = ip->ttl;
+	p->tos = ip->tos;
+	p->frag_off = bpf_ntohs(ip->frag_off) & 0x1fff;
+	p->l4_len = tot - hlen;
+
+	if (p->frag_off == 0) {
+		__u8 *l4 = (__u8 *)ip + hlen;
+
+		/* Ports sit in the first 4 bytes for every protocol multiport accepts. */
+		if (p->l4_len >= 4 && (void *)(l4 + 4) <= end) {
+			p->sport = ((__u16)l4[0] << 8) | l4[1];
+			p->dport = ((__u16)l4[2] << 8) | l4[3];
+		}
+		if (p->proto == IPPROTO_TCP && p->l4_len >= 20 && (void *)(l4 + 20) <= end) {
+			struct tcphdr *th = (void *)l4;
+
+			p->tcp_seq = bpf_ntohl(th->seq);
+			p->tcp_ack = bpf_ntohl(th->ack_seq);
+			p->tcp_doff = l4[12] >> 4;
+			p->tcp_flags = l4[13];
+		} else if (p->proto == IPPROTO_ICMP && p->l4_len >= 2 && (void *)(l4 + 2) <= end) {
+			p->icmp_type = l4[0];
+			p->icmp_code = l4[1];
+		}
+	}
+	if (BF_NIFPATTERNS) {
+		__u32 key = p->ifindex;
+		__u64 *bits = bpf_map_lookup_elem(&bf_ifmatch, &key);
+
+		p->ifbits = bits ? *bits : 0;
+	}
+	return 0;
+}
+
+/* The barrier keeps clang from folding this into 32-bit pointer arithmetic, which the
+ * verifier refuses. */
+static __always_inline int bf_frame_len(struct xdp_md *ctx)
+{
+	long len = (void *)(long)ctx->data_end - (void *)(long)ctx->data;
+
+	asm volatile("" : "+r"(len));
+	return len;
+}
+
+static __always_inline void bf_swap_eth(struct ethhdr *eth, const struct bf_pkt *p)
+{
+	__builtin_memcpy(eth->h_dest, p->smac, 6);
+	__builtin_memcpy(eth->h_source, p->dmac, 6);
+	eth->h_proto = bpf_htons(BF_ETH_P_IP);
+}
+
+static __always_inline void bf_put_iphdr(struct iphdr *ip, const struct bf_pkt *p, __u8 tos,
+					 __u16 tot_len, __u16 frag_off, __u8 proto)
+{
+	ip->version = 4;
+	ip->ihl = 5;
+	ip->tos = tos;
+	ip->tot_len = bpf_htons(tot_len);
+	ip->id = 0;
+	ip->frag_off = bpf_htons(frag_off);
+	ip->ttl = BF_TTL;
+	ip->protocol = proto;
+	ip->check = 0;
+	ip->saddr = bpf_htonl(p->daddr);
+	ip->daddr = bpf_htonl(p->saddr);
+	ip->check = ~bf_fold(bf_sum(ip, sizeof(*ip), (void *)(ip + 1), 10));
+}
+
+/* nf_send_reset(): a bare RST from the rejected packet's destination. */
+static __always_inline int bf_reject_tcp(struct xdp_md *ctx, const struct bf_pkt *p)
+{
+	__u32 want = sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct tcphdr);
+	struct ethhdr *eth;
+	struct iphdr *ip;
+	struct tcphdr *th;
+	void *data, *end;
+	__u64 sum;
+
+	if (p->frag_off || p->l4_len < sizeof(struct tcphdr) || (p->tcp_flags & 0x04))
+		return XDP_DROP;
+	if (bpf_xdp_adjust_tail(ctx, (int)want - bf_frame_len(ctx)))
+		return XDP_DROP;
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	eth = data;
+	ip = (void *)(eth + 1);
+	th = (void *)(ip + 1);
+	if ((void *)(th + 1) > end)
+		return XDP_DROP;
+	bf_swap_eth(eth, p);
+	bf_put_iphdr(ip, p, 0, sizeof(*ip) + sizeof(*th), BF_IP_DF, IPPROTO_TCP);
+	__builtin_memset(th, 0, sizeof(*th));
+	th->source = bpf_htons(p->dport);
+	th->dest = bpf_htons(p->sport);
+	th->doff = 5;
+	th->rst = 1;
+	if (p->tcp_flags & 0x10) {
+		th->seq = bpf_htonl(p->tcp_ack);
+	} else {
+		th->ack = 1;
+		th->ack_seq = bpf_htonl(p->tcp_seq + !!(p->tcp_flags & 0x02) +
+					!!(p->tcp_flags & 0x01) + p->l4_len - p->tcp_doff * 4);
+	}
+	sum = bf_sum(th, sizeof(*th), end, 10);
+	sum += bpf_htonl(p->saddr) & 0xffff;
+	sum += bpf_htonl(p->saddr) >> 16;
+	sum += bpf_htonl(p->daddr) & 0xffff;
+	sum += bpf_htonl(p->daddr) >> 16;
+	sum += bpf_htons(IPPROTO_TCP);
+	sum += bpf_htons(sizeof(*th));
+	th->check = ~bf_fold(sum);
+	return XDP_TX;
+}
+
+static __always_inline int bf_icmp_is_error(__u8 type)
+{
+	return type > 18 || type == 3 || type == 4 || type == 5 || type == 11 || type == 12;
+}
+
+/* icmp_send(ICMP_DEST_UNREACH): the error quotes the rejected packet from its IP header. */
+static __always_inline int bf_reject_icmp(struct xdp_md *ctx, const struct bf_pkt *p, __u8 code)
+{
+	__u32 head = sizeof(struct iphdr) + sizeof(struct icmphdr);
+	__u32 quote = p->len < BF_ICMP_QUOTE_MAX ? p->len : BF_ICMP_QUOTE_MAX;
+	__u32 want = sizeof(struct ethhdr) + head + quote;
+	struct ethhdr *eth;
+	struct iphdr *ip;
+	struct icmphdr *ic;
+	void *data, *end;
+
+	if (p->frag_off)
+		return XDP_DROP;
+	if (p->proto == IPPROTO_ICMP && (p->l4_len < 1 || bf_icmp_is_error(p->icmp_type)))
+		return XDP_DROP;
+	if ((p->daddr >> 28) == 0xe || p->daddr == 0xffffffff)
+		return XDP_DROP;
+	if (bpf_xdp_adjust_head(ctx, -(int)head))
+		return XDP_DROP;
+	if (bpf_xdp_adjust_tail(ctx, (int)want - bf_frame_len(ctx)))
+		return XDP_DROP;
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	eth = data;
+	ip = (void *)(eth + 1);
+	ic = (void *)(ip + 1);
+	if ((void *)(ic + 1) > end)
+		return XDP_DROP;
+	bf_swap_eth(eth, p);
+	bf_put_iphdr(ip, p, (p->tos & 0x1e) | 0xc0, head + quote, 0, IPPROTO_ICMP);
+	ic->type = 3;
+	ic->code = code;
+	ic->checksum = 0;
+	ic->un.gateway = 0;
+	ic->checksum = ~bf_fold(bf_sum(ic, sizeof(*ic) + quote, end,
+				       (sizeof(*ic) + BF_ICMP_QUOTE_MAX) / 2));
+	return XDP_TX;
+}
+
+static __always_inline int bf_xdp_verdict(struct xdp_md *ctx, struct bf_pkt *p, int verdict)
+{
+	switch (verdict) {
+	case BF_DROP:
+		return XDP_DROP;
+	case BF_REJECT:
+		if (p->reject_with == BF_REJECT_TCP_RESET)
+			return bf_reject_tcp(ctx, p);
+		return bf_reject_icmp(ctx, p, p->reject_with);
+	default:
+		return XDP_PASS;
+	}
+}

@@ -14,6 +14,8 @@
 #define BF_IP_DF 0x4000
 #define BF_TTL 64 /* net.ipv4.ip_default_ttl, what the kernel's replies carry */
 #define BF_ICMP_QUOTE_MAX 548 /* 576 - IP header - ICMP header, as icmp_send() quotes */
+#define BF_CSUM_MAX_WORDS 1500 /* L4 checksums are verified up to 3000 bytes (the verifier
+                                * allows 8192 jumps in one path) */
 
 enum bf_verdict { BF_CONTINUE = 0, BF_ACCEPT = 1, BF_DROP = 2, BF_REJECT = 3 };
 #define BF_REJECT_TCP_RESET 0xff
@@ -27,6 +29,7 @@ struct bf_pkt {
 	__u32 tcp_seq, tcp_ack;
 	__u16 sport, dport;
 	__u16 frag_off;     /* in 8-byte units; 0 for whole packets and first fragments */
+	__u16 l4_off;       /* from the start of the frame */
 	__u8 proto, ttl, tos, tcp_flags, tcp_doff, icmp_type, icmp_code;
 	__u8 reject_with;
 	__u8 smac[6], dmac[6];
@@ -207,6 +210,7 @@ static __always_inline int bf_parse(struct xdp_md *ctx, struct bf_pkt *p)
 	p->tos = ip->tos;
 	p->frag_off = bpf_ntohs(ip->frag_off) & 0x1fff;
 	p->l4_len = tot - hlen;
+	p->l4_off = sizeof(*eth) + hlen;
 
 	if (p->frag_off == 0) {
 		__u8 *l4 = (__u8 *)ip + hlen;
@@ -322,6 +326,43 @@ static __always_inline int bf_icmp_is_error(__u8 type)
 	return type > 18 || type == 3 || type == 4 || type == 5 || type == 11 || type == 12;
 }
 
+/* nf_send_unreach() sends nothing for a packet whose checksum is wrong, except for the
+ * protocols nf_reject_verify_csum() exempts (and UDP without a checksum). */
+static __always_inline int bf_l4_checksum_ok(struct xdp_md *ctx, const struct bf_pkt *p)
+{
+	void *end = (void *)(long)ctx->data_end;
+	/* l4_off <= 14 + 60; the mask shows the verifier that bound. */
+	void *l4 = (void *)(long)ctx->data + (p->l4_off & 0xff);
+	__u64 sum;
+
+	switch (p->proto) {
+	case IPPROTO_GRE: case IPPROTO_AH: case IPPROTO_ESP: case IPPROTO_SCTP:
+	case IPPROTO_UDPLITE: case IPPROTO_DCCP:
+		return 1;
+	case IPPROTO_UDP:
+		if (p->l4_len >= 8) {
+			__u16 *check = l4 + 6;
+
+			if ((void *)(check + 1) > end)
+				return 0;
+			if (*check == 0)
+				return 1;
+		}
+	}
+	if (p->l4_len > BF_CSUM_MAX_WORDS * 2)
+		return 1; /* beyond what a bounded loop can sum: assume the NIC checked it */
+	sum = bf_sum(l4, p->l4_len, end, BF_CSUM_MAX_WORDS);
+	if (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP) {
+		sum += bpf_htonl(p->saddr) & 0xffff;
+		sum += bpf_htonl(p->saddr) >> 16;
+		sum += bpf_htonl(p->daddr) & 0xffff;
+		sum += bpf_htonl(p->daddr) >> 16;
+		sum += bpf_htons(p->proto);
+		sum += bpf_htons(p->l4_len);
+	}
+	return bf_fold(sum) == 0xffff;
+}
+
 /* icmp_send(ICMP_DEST_UNREACH): the error quotes the rejected packet from its IP header. */
 static __always_inline int bf_reject_icmp(struct xdp_md *ctx, const struct bf_pkt *p, __u8 code)
 {
@@ -338,6 +379,8 @@ static __always_inline int bf_reject_icmp(struct xdp_md *ctx, const struct bf_pk
 	if (p->proto == IPPROTO_ICMP && (p->l4_len < 1 || bf_icmp_is_error(p->icmp_type)))
 		return XDP_DROP;
 	if ((p->daddr >> 28) == 0xe || p->daddr == 0xffffffff)
+		return XDP_DROP;
+	if (!bf_l4_checksum_ok(ctx, p))
 		return XDP_DROP;
 	if (bpf_xdp_adjust_head(ctx, -(int)head))
 		return XDP_DROP;

@@ -125,11 +125,12 @@ def _syntax_error(exc: lark.exceptions.UnexpectedInput, text: str, source: str) 
                              else None)
         if opened is not None:
             last = line if token is not None and token.type != "$END" \
-                else text.count("\n") + 1
+                else max(1, len(text.rstrip("\n").splitlines()))
             return InputError(source, last, token.value if token is not None
                               and token.type != "$END" else "<end of file>",
                               f"table '{opened[1]}' opened at line {opened[0]} is not "
-                              "closed by COMMIT (file truncated?)", column=column)
+                              "closed by COMMIT (file truncated?)",
+                              column=0 if token is None or token.type == "$END" else column)
     if isinstance(exc, lark.exceptions.UnexpectedCharacters):
         bad = text.splitlines()[line - 1][column - 1:].split()[0] if line else "?"
         return InputError(source, line, bad, "unexpected text",

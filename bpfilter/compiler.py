@@ -1,0 +1,89 @@
+"""The pipeline: ruleset text -> IR -> passes -> C -> BPF objects, verified by the kernel."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from bpfilter import ir
+from bpfilter.build import build_object
+from bpfilter.codegen import GeneratedProgram, generate_stage
+from bpfilter.errors import InputError
+from bpfilter.frontend import parse_ruleset
+from bpfilter.loader.objects import Object, VerifierStats
+from bpfilter.passes import Stage, plan_stages, validate
+from bpfilter.passes.stages import counter_slots
+from bpfilter.passes.validate import COMPILED_HOOKS
+
+
+@dataclass(frozen=True)
+class CompiledStage:
+    stage: Stage
+    program: GeneratedProgram
+    object_path: Optional[Path]  # None with emit="c"
+    cached: bool = False
+    stats: Optional[VerifierStats] = None
+
+
+@dataclass
+class Compilation:
+    parsed: ir.Ruleset  # as read, for counting what was dropped
+    ruleset: ir.Ruleset  # as compiled
+    slots: dict[tuple[str, str, int], int]
+    stages: list[CompiledStage] = field(default_factory=list)
+    skipped: list[InputError] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def stage(self, hook: ir.Hook) -> CompiledStage:
+        return next(s for s in self.stages if s.stage.hook is hook)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], phase: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
+
+
+def compile_ruleset(text: str, source: str, out_dir: Path, emit: str = "obj",
+                    verify: bool = True,
+                    on_unsupported: Optional[Callable[[InputError], None]] = None,
+                    ) -> Compilation:
+    """Compile to `out_dir`. `emit="c"` stops after code generation; `verify` loads each
+    object once so the kernel's verifier has accepted it (and reports its cost)."""
+    timings: dict[str, float] = {}
+    skipped: list[InputError] = []
+
+    def skip(error: InputError) -> None:
+        skipped.append(error)
+        if on_unsupported is not None:
+            on_unsupported(error)
+
+    with _timed(timings, "parse"):
+        parsed = parse_ruleset(text, source)
+    with _timed(timings, "passes"):
+        ruleset = validate(parsed, skip if on_unsupported is not None else None)
+        slots = counter_slots(ruleset)
+        stages = plan_stages(ruleset, COMPILED_HOOKS)
+    result = Compilation(parsed, ruleset, slots, skipped=skipped, timings=timings)
+    for stage in stages:
+        with _timed(timings, "codegen"):
+            program = generate_stage(stage, len(slots), source)
+        if emit == "c":
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / f"{program.name}.c").write_text(program.source)
+            result.stages.append(CompiledStage(stage, program, None))
+            continue
+        with _timed(timings, "clang"):
+            path, cached = build_object(program, out_dir)
+        stats = None
+        if verify:
+            with _timed(timings, "load+verify"), Object(path) as obj:
+                stats = obj.programs[program.name].stats()
+        result.stages.append(CompiledStage(stage, program, path, cached, stats))
+    return result

@@ -1,0 +1,94 @@
+"""A compiled ruleset loaded into the kernel: its maps filled, its rules' counters readable.
+
+This is the glue between the IR (interface patterns, counter slots) and the loader, which
+knows only objects, maps and programs.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Optional
+
+from bpfilter import ir
+from bpfilter.compiler import Compilation, CompiledStage
+from bpfilter.loader.objects import Object, Program
+
+
+def interface_bits(patterns: tuple[ir.InterfaceMatch, ...],
+                   interfaces: Optional[list[tuple[int, str]]] = None) -> dict[int, int]:
+    """ifindex -> bitmask of the patterns its name matches, for the bf_ifmatch map."""
+    if interfaces is None:
+        interfaces = socket.if_nameindex()
+    bits = {}
+    for index, name in interfaces:
+        mask = sum(1 << k for k, p in enumerate(patterns) if p.matches(name))
+        if mask:
+            bits[index] = mask
+    return bits
+
+
+@dataclass
+class LoadedStage:
+    compiled: CompiledStage
+    obj: Object
+
+    @property
+    def program(self) -> Program:
+        return self.obj.programs[self.compiled.program.name]
+
+    def fill_interfaces(self, interfaces: Optional[list[tuple[int, str]]] = None) -> None:
+        ifmatch = self.obj.map("bf_ifmatch")
+        for key in list(ifmatch.keys()):
+            ifmatch.delete(key)
+        for index, mask in interface_bits(self.compiled.program.if_patterns,
+                                          interfaces).items():
+            ifmatch.update(struct.pack("<I", index), struct.pack("<Q", mask))
+
+    def counters(self, slot: int) -> ir.Counters:
+        packets = byte_count = 0
+        for value in self.obj.map("bf_counters").lookup_percpu(struct.pack("<I", slot)):
+            p, b = struct.unpack("<QQ", value)
+            packets += p
+            byte_count += b
+        return ir.Counters(packets, byte_count)
+
+
+class LoadedRuleset:
+    """Every stage of a compilation loaded (not attached). Close it, or use `with`."""
+
+    def __init__(self, compilation: Compilation,
+                 interfaces: Optional[list[tuple[int, str]]] = None):
+        self.compilation = compilation
+        self.stages: dict[ir.Hook, LoadedStage] = {}
+        try:
+            for compiled in compilation.stages:
+                stage = LoadedStage(compiled, Object(compiled.object_path))
+                self.stages[compiled.stage.hook] = stage
+                stage.fill_interfaces(interfaces)
+        except BaseException:
+            self.close()
+            raise
+
+    def counters(self, table: str, chain: str, index: int) -> ir.Counters:
+        """Counters of a rule (index -1: the chain policy), summed over stages and CPUs."""
+        slot = self.compilation.slots.get((table, chain, index))
+        total = ir.Counters()
+        if slot is None:
+            return total
+        for stage in self.stages.values():
+            c = stage.counters(slot)
+            total = ir.Counters(total.packets + c.packets, total.bytes + c.bytes)
+        return total
+
+    def close(self) -> None:
+        for stage in self.stages.values():
+            stage.obj.close()
+        self.stages.clear()
+
+    def __enter__(self) -> "LoadedRuleset":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

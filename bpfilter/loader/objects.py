@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from bpfilter.errors import KernelError
-from bpfilter.loader.libbpf import (ProgInfo, TestRunOpts, XdpMd, check, lib,
-                                    possible_cpus, take_messages)
+from bpfilter.loader.libbpf import (RING_SAMPLE_FN, ProgInfo, TestRunOpts, XdpMd, check,
+                                    lib, possible_cpus, take_messages)
 
 BPF_LOG_LEVEL1 = 1
 BPF_LOG_STATS = 4
@@ -73,6 +73,24 @@ class Map:
 
     def delete(self, key: bytes) -> None:
         check(lib().bpf_map_delete_elem(self.fd, key), f"delete from map {self.name}")
+
+    def drain_ring(self) -> list[bytes]:
+        """Every record waiting in a BPF_MAP_TYPE_RINGBUF map, oldest first."""
+        records: list[bytes] = []
+
+        def collect(_ctx, data, size) -> int:
+            records.append(ctypes.string_at(data, size))
+            return 0
+
+        callback = RING_SAMPLE_FN(collect)
+        ring = lib().ring_buffer__new(self.fd, callback, None, None)
+        if not ring:
+            raise KernelError(f"cannot open ring buffer {self.name}")
+        try:
+            check(lib().ring_buffer__consume(ring), f"consume ring buffer {self.name}")
+        finally:
+            lib().ring_buffer__free(ring)
+        return records
 
     def keys(self) -> Iterator[bytes]:
         key = None

@@ -1,0 +1,120 @@
+"""Parsing, the canonical round trip, and errors that name file, line and token."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from bpfilter import ir
+from bpfilter.cli import main
+from bpfilter.errors import InputError
+from bpfilter.frontend import parse_ruleset
+from bpfilter.frontend.iptables.save import save
+from bpfilter.passes import validate
+from tests.conftest import EXAMPLES
+
+
+def _words(text: str) -> list[list[str]]:
+    return [line.split() for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.v4")), ids=lambda p: p.name)
+def test_examples_round_trip(path):
+    text = path.read_text()
+    assert _words(save(parse_ruleset(text, path.name))) == _words(text)
+
+
+def test_round_trip_keeps_counters_and_spelling():
+    text = """*filter
+:INPUT DROP [12:3400]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [5:60]
+:X - [0:0]
+[3:180] -A INPUT -s 10.0.0.0/8 ! -i eth+ -p tcp -m tcp ! --sport 1:1023 --tcp-flags FIN,SYN,RST,ACK SYN -j ACCEPT
+[0:0] -A INPUT -p icmp -m icmp --icmp-type 3/4 -m limit --limit 2/min --limit-burst 9 -j LOG --log-prefix "it\\'s \\"x\\" " --log-level 7
+[0:0] -A INPUT -m iprange --src-range 1.2.3.4-1.2.3.9 ! --dst-range 5.6.7.8-5.6.7.9 -m comment --comment "a b" -g X
+[0:0] -A X -m mac --mac-source 0a:0b:0c:0d:0e:0f -m ttl ! --ttl-eq 5 -m length --length 60:1500 -j REJECT --reject-with icmp-admin-prohibited
+COMMIT
+"""
+    assert _words(save(parse_ruleset(text), counters=True)) == _words(text)
+
+
+def test_syn_and_implicit_protocol_module_are_canonicalised():
+    text = "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -p tcp --syn --dport ssh -j ACCEPT\nCOMMIT\n"
+    out = save(parse_ruleset(text))
+    assert "-A INPUT -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -j ACCEPT" in out
+
+
+def test_typed_matches():
+    rule = next(parse_ruleset(
+        "*filter\n:INPUT ACCEPT [0:0]\n"
+        "-A INPUT ! -s 10.1.0.0/16 -p udp -m multiport --dports 53,5353:5355 -j DROP\n"
+        "COMMIT\n").rules())[2]
+    assert rule.matches[0] == ir.AddressMatch("src", __import__("ipaddress").IPv4Network(
+        "10.1.0.0/16"), negate=True)
+    assert rule.find(ir.MultiportMatch).ports == (ir.Range(53, 53), ir.Range(5353, 5355))
+    assert rule.origin.line == 3
+
+
+BAD = {
+    "truncated": ("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -p tcp --dport 22 -j ACCEPT\n",
+                  3, "not closed by COMMIT"),
+    "missing COMMIT before next table": (
+        "*filter\n:INPUT ACCEPT [0:0]\n*raw\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n",
+        3, "not closed by COMMIT"),
+    "unknown match": ("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -m frobnicate -j DROP\nCOMMIT\n",
+                      3, "unknown or unsupported match module 'frobnicate'"),
+    "unsupported match": (
+        "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -m conntrack --ctstate NEW -j DROP\nCOMMIT\n",
+        3, "connection tracking is not supported yet"),
+    "unknown option": ("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -p tcp --frob 1 -j DROP\nCOMMIT\n",
+                       3, "unknown option"),
+    "unknown target": ("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j MASQUERADE\nCOMMIT\n",
+                       3, "target not supported yet"),
+    "jump to missing chain": ("*filter\n:INPUT ACCEPT [0:0]\n\n-A INPUT -j NOWHERE\nCOMMIT\n",
+                              4, "no chain 'NOWHERE'"),
+    "loop": ("*filter\n:INPUT ACCEPT [0:0]\n:A - [0:0]\n:B - [0:0]\n-A INPUT -j A\n"
+             "-A A -j B\n-A B -p tcp -j A\nCOMMIT\n", 7, "loop: A -> B -> A"),
+    "undeclared chain": ("*filter\n:INPUT ACCEPT [0:0]\n-A FOO -j DROP\nCOMMIT\n",
+                         3, "no chain 'FOO' declared"),
+    "bad address": ("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -s 10.0.0.300 -j DROP\nCOMMIT\n",
+                    3, "not an IPv4 address"),
+    "tcp-reset without -p tcp": (
+        "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j REJECT --reject-with tcp-reset\nCOMMIT\n",
+        3, "needs '-p tcp'"),
+    "stage not built yet": ("*filter\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -j DROP\nCOMMIT\n",
+                            3, "OUTPUT chain is not compiled yet"),
+    "nat table": ("*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -j RETURN\nCOMMIT\n",
+                  3, "table 'nat' are not supported yet"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_input_names_its_line(name):
+    text, line, why = BAD[name]
+    with pytest.raises(InputError) as caught:
+        validate(parse_ruleset(text, "rules.v4"))
+    assert caught.value.file == "rules.v4"
+    assert caught.value.line == line
+    assert why in str(caught.value)
+
+
+def test_cli_exits_2_with_position_and_alternatives(tmp_path):
+    rules = tmp_path / "rules.v4"
+    rules.write_text("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -p tcp -m recent --set\nCOMMIT\n")
+    result = CliRunner().invoke(main, ["compile", str(rules), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert f"{rules}:3:" in result.output
+    assert "recent" in result.output and "supported:" in result.output
+
+
+def test_ignore_unsupported_lists_each_skipped_rule(tmp_path, kernel):
+    rules = tmp_path / "rules.v4"
+    rules.write_text("*filter\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+                     "-A INPUT -j ACCEPT\n-A OUTPUT -j DROP\n-A OUTPUT -j ACCEPT\nCOMMIT\n")
+    result = CliRunner().invoke(main, ["compile", str(rules), "--ignore-unsupported",
+                                       "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("bpfilter: skipped:") == 2
+    assert "2 rule(s) skipped" in result.output

@@ -1,0 +1,78 @@
+"""Behaviour of compiled programs that the differential test cannot reach, run in the
+kernel with BPF_PROG_TEST_RUN: fragments, token buckets, LOG events, hotdrop."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
+
+from bpfilter.compiler import compile_ruleset
+from bpfilter.runner import LoadedRuleset
+
+XDP_DROP, XDP_PASS, XDP_TX = 1, 2, 3
+LO = 1
+
+
+def _load(text: str, build_root, name: str) -> LoadedRuleset:
+    rules = "*filter\n:INPUT ACCEPT [0:0]\n" + text + "COMMIT\n"
+    return LoadedRuleset(compile_ruleset(rules, name, build_root / name, verify=False))
+
+
+def _run(loaded: LoadedRuleset, frame) -> int:
+    program = next(iter(loaded.stages.values())).program
+    return program.test_run(bytes(frame), ingress_ifindex=LO).retval
+
+
+def _udp(**ip) -> Ether:
+    return Ether() / IP(src="192.0.2.1", dst="198.18.0.1", **ip) / UDP(dport=53)
+
+
+def test_later_fragments_are_left_to_the_kernel(kernel, build_root):
+    with _load("-A INPUT -j DROP\n", build_root, "frag") as loaded:
+        assert _run(loaded, _udp()) == XDP_DROP
+        later = Ether() / IP(src="192.0.2.1", dst="198.18.0.1", proto=17, frag=10) / Raw(b"x" * 8)
+        assert _run(loaded, later) == XDP_PASS
+        assert loaded.counters("filter", "INPUT", 0).packets == 1
+
+
+def test_limit_is_a_token_bucket(kernel, build_root):
+    rules = "-A INPUT -m limit --limit 1/hour --limit-burst 3 -j ACCEPT\n-A INPUT -j DROP\n"
+    with _load(rules, build_root, "limit") as loaded:
+        verdicts = [_run(loaded, _udp()) for _ in range(6)]
+    assert verdicts == [XDP_PASS] * 3 + [XDP_DROP] * 3
+
+
+def test_log_sends_an_event_and_continues(kernel, build_root):
+    rules = "-A INPUT -p udp -j LOG --log-prefix \"seen \"\n-A INPUT -j DROP\n"
+    with _load(rules, build_root, "log") as loaded:
+        stage = next(iter(loaded.stages.values()))
+        assert _run(loaded, _udp(ttl=33)) == XDP_DROP
+        events = stage.obj.map("bf_log").drain_ring()
+    assert len(events) == 1
+    _ts, slot, ifindex, saddr, daddr, sport, dport, length, proto, ttl = struct.unpack_from(
+        "<QIIIIHHHBB", events[0])
+    assert (slot, ifindex, proto, ttl, dport) == (0, LO, 17, 33, 53)
+    assert saddr == 0xC0000201 and length == 28
+
+
+@pytest.mark.parametrize("cut", [0, 7, 19])
+def test_truncated_tcp_header_is_dropped_by_a_tcp_match(kernel, build_root, cut):
+    rules = "-A INPUT -p tcp -m tcp --dport 80 -j ACCEPT\n"
+    with _load(rules, build_root, f"hotdrop{cut}") as loaded:
+        short = Ether() / IP(src="192.0.2.1", dst="198.18.0.1", proto=6) / Raw(
+            bytes(TCP(dport=80))[:cut])
+        assert _run(loaded, short) == XDP_DROP
+        assert _run(loaded, Ether() / IP(dst="198.18.0.1") / TCP(dport=80)) == XDP_PASS
+        assert loaded.counters("filter", "INPUT", 0).packets == 1
+
+
+def test_malformed_ip_is_left_to_the_kernel(kernel, build_root):
+    with _load("-A INPUT -j DROP\n", build_root, "malformed") as loaded:
+        bad = bytearray(bytes(_udp()))
+        bad[24] ^= 0xFF  # IP header checksum
+        assert _run(loaded, bytes(bad)) == XDP_PASS
+        assert loaded.counters("filter", "INPUT", 0).packets == 0

@@ -18,6 +18,9 @@
                                 * allows 8192 jumps in one path) */
 
 enum bf_verdict { BF_CONTINUE = 0, BF_ACCEPT = 1, BF_DROP = 2, BF_REJECT = 3 };
+/* Between the parts of a long chain: fall through to the next part, or apply the
+ * built-in chain's policy (its RETURN). Never leave the chain function. */
+enum bf_part_result { BF_NEXT = 4, BF_POLICY = 5 };
 #define BF_REJECT_TCP_RESET 0xff
 
 struct bf_pkt {

@@ -76,3 +76,26 @@ def test_malformed_ip_is_left_to_the_kernel(kernel, build_root):
         bad[24] ^= 0xFF  # IP header checksum
         assert _run(loaded, bytes(bad)) == XDP_PASS
         assert loaded.counters("filter", "INPUT", 0).packets == 0
+
+
+def test_long_chains_keep_return_and_goto_semantics_across_parts(kernel, build_root):
+    filler = "".join(f"-A {{chain}} -s 10.9.{i}.9/32 -j ACCEPT\n" for i in range(40))
+    rules = ("*filter\n:INPUT DROP [0:0]\n:U - [0:0]\n:G - [0:0]\n"
+             "-A INPUT -p udp -m udp --dport 1 -j U\n"
+             "-A INPUT -p udp -m udp --dport 4 -g G\n"
+             + filler.format(chain="INPUT")
+             + "-A INPUT -p udp -m udp --dport 2 -j RETURN\n-A INPUT -p udp -j ACCEPT\n"
+             + filler.format(chain="U") + "-A U -p udp -m udp --dport 1 -j RETURN\n"
+             + filler.format(chain="G") + "-A G -j RETURN\n"
+             "COMMIT\n")
+    name = "parts"
+    with LoadedRuleset(compile_ruleset(rules, name, build_root / name)) as loaded:
+        assert "_part1" in next(iter(loaded.stages.values())).compiled.program.source
+        run = lambda port: _run(loaded, Ether() / IP(dst="198.18.0.1") / UDP(dport=port))  # noqa: E731
+        assert run(1) == XDP_PASS  # U returns, INPUT goes on to its last rule
+        assert run(2) == XDP_DROP  # RETURN in a built-in chain: the policy
+        assert run(3) == XDP_PASS
+        assert run(4) == XDP_DROP  # -g from INPUT, then RETURN: INPUT's policy
+        assert loaded.counters("filter", "INPUT", -1).packets == 2
+        assert loaded.counters("filter", "U", 40).packets == 1
+        assert loaded.counters("filter", "INPUT", 43).packets == 2

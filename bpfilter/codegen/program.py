@@ -15,6 +15,9 @@ from bpfilter.passes.stages import Stage
 from bpfilter.resources import resource_dir
 
 RUNTIME_HEADER = "bpfilter.h"
+# Chains longer than this are split into functions of this many rules: clang's time grows
+# faster than linearly with the size of one function.
+PART_RULES = 32
 
 
 @dataclass(frozen=True)
@@ -57,15 +60,24 @@ def generate_stage(stage: Stage, nslots: int, source: str) -> GeneratedProgram:
     chains = []
     for ref in stage.chains:
         chain = ref.chain
+        parted = len(chain.rules) > PART_RULES
+        to_policy = "return BF_POLICY;" if parted else "goto policy;"
         rules = []
         for rule, slot in zip(chain.rules, ref.rule_slots):
             ctx.skip = f"r{slot}"
             lines = []
             for match in rule.matches:
                 lines.extend(match_lines(match, ctx))
-            lines.extend(target_lines(rule.target, slot, chain.builtin, functions))
+            lines.extend(target_lines(rule.target, slot, chain.builtin, functions, to_policy))
             rules.append({"slot": slot, "origin": _c_comment(str(rule.origin)),
                           "lines": lines, "label": ctx.skip})
+        parts = []
+        if parted:
+            for start in range(0, len(rules), PART_RULES):
+                parts.append({"function": f"{functions[chain.name]}_part{len(parts)}",
+                              "rules": rules[start:start + PART_RULES],
+                              "first": start + 1,
+                              "last": min(start + PART_RULES, len(rules))})
         if chain.builtin:
             tail = ["policy:", f"bf_count({ref.policy_slot}, p);",
                     f"return BF_{chain.policy.value};"]
@@ -73,7 +85,7 @@ def generate_stage(stage: Stage, nslots: int, source: str) -> GeneratedProgram:
             tail = ["return BF_CONTINUE;"]
         chains.append({"name": _c_comment(chain.name), "function": functions[chain.name],
                        "origin": chain.origin and _c_comment(str(chain.origin)),
-                       "rules": rules, "tail": tail})
+                       "rules": [] if parted else rules, "parts": parts, "tail": tail})
     name = f"bpfilter_{stage.hook.value.lower()}"
     text = _environment().get_template("stage_xdp.c.j2").render(
         source=_c_comment(source), hook=stage.hook.value, table=stage.table,

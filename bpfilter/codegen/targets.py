@@ -10,39 +10,43 @@ _REJECT_CODES = "BF_REJECT_TCP_RESET"
 
 
 def target_lines(target: Optional[ir.Target], slot: int, builtin: bool,
-                 functions: dict[str, str]) -> list[str]:
+                 functions: dict[str, str], to_policy: str) -> list[str]:
+    """`to_policy` leaves for the built-in chain's policy: a goto in the chain function,
+    a return code from a part of a long chain."""
     lines = [f"bf_count({slot}, p);"]
+    if isinstance(target, ir.LogTarget):
+        lines.append(f"bf_log_packet({slot}, p);")
     if target is None:
         return lines
-    return lines + _TARGETS[type(target)](target, slot, builtin, functions)
+    return lines + _TARGETS[type(target)](target, builtin, functions, to_policy)
 
 
-def _verdict(t: ir.VerdictTarget, slot: int, builtin: bool, functions) -> list[str]:
+def _verdict(t: ir.VerdictTarget, builtin: bool, functions, to_policy: str) -> list[str]:
     return [f"return BF_{t.verdict.value};"]
 
 
-def _return(t: ir.ReturnTarget, slot: int, builtin: bool, functions) -> list[str]:
+def _return(t: ir.ReturnTarget, builtin: bool, functions, to_policy: str) -> list[str]:
     # RETURN from a built-in chain applies its policy.
-    return ["goto policy;"] if builtin else ["return BF_CONTINUE;"]
+    return [to_policy] if builtin else ["return BF_CONTINUE;"]
 
 
-def _jump(t: ir.JumpTarget, slot: int, builtin: bool, functions) -> list[str]:
+def _jump(t: ir.JumpTarget, builtin: bool, functions, to_policy: str) -> list[str]:
     call = f"{functions[t.chain]}(p)"
     if t.goto and not builtin:
         return [f"return {call};"]
     # A jump comes back here; a goto from a built-in chain comes back to its policy.
-    after = ["goto policy;"] if t.goto else []
+    after = [to_policy] if t.goto else []
     return [f"{{ int v = {call}; if (v != BF_CONTINUE) return v; }}"] + after
 
 
-def _reject(t: ir.RejectTarget, slot: int, builtin: bool, functions) -> list[str]:
+def _reject(t: ir.RejectTarget, builtin: bool, functions, to_policy: str) -> list[str]:
     code = t.with_.icmp_code
     value = _REJECT_CODES if code is None else str(code)
     return [f"p->reject_with = {value};", "return BF_REJECT;"]
 
 
-def _log(t: ir.LogTarget, slot: int, builtin: bool, functions) -> list[str]:
-    return [f"bf_log_packet({slot}, p);"]
+def _log(t: ir.LogTarget, builtin: bool, functions, to_policy: str) -> list[str]:
+    return []  # the event needs the slot: see target_lines
 
 
 _TARGETS: dict[type, Callable[..., list[str]]] = {

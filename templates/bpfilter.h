@@ -178,6 +178,15 @@ static __always_inline __u64 bf_sum(void *start, __u32 len, void *end, __u32 max
 	return sum;
 }
 
+/* The TCP/UDP pseudo-header, the addresses as the packet has them (a reply swaps them,
+ * which leaves the sum unchanged). */
+static __always_inline __u64 bf_pseudo_sum(const struct bf_pkt *p, __u8 proto, __u16 len)
+{
+	return (bpf_htonl(p->saddr) & 0xffff) + (bpf_htonl(p->saddr) >> 16) +
+	       (bpf_htonl(p->daddr) & 0xffff) + (bpf_htonl(p->daddr) >> 16) +
+	       bpf_htons(proto) + bpf_htons(len);
+}
+
 /* Parse Ethernet + IPv4 as ip_rcv() checks them; anything the kernel would drop before
  * netfilter (or that is not IPv4) is left to the kernel: returns -1. */
 static __always_inline int bf_parse(struct xdp_md *ctx, struct bf_pkt *p)
@@ -261,6 +270,21 @@ static __always_inline void bf_swap_eth(struct ethhdr *eth, const struct bf_pkt 
 	eth->h_proto = bpf_htons(BF_ETH_P_IP);
 }
 
+/* Resize the frame to `want` bytes for a reply; NULL unless its first `need` bytes are
+ * there to write. */
+static __always_inline struct ethhdr *bf_reply_frame(struct xdp_md *ctx, __u32 want,
+						     __u32 need)
+{
+	void *data;
+
+	if (bpf_xdp_adjust_tail(ctx, (int)want - bf_frame_len(ctx)))
+		return NULL;
+	data = (void *)(long)ctx->data;
+	if (data + need > (void *)(long)ctx->data_end)
+		return NULL;
+	return data;
+}
+
 static __always_inline void bf_put_iphdr(struct iphdr *ip, const struct bf_pkt *p, __u8 tos,
 					 __u16 tot_len, __u16 frag_off, __u8 proto)
 {
@@ -285,20 +309,14 @@ static __always_inline int bf_reject_tcp(struct xdp_md *ctx, const struct bf_pkt
 	struct ethhdr *eth;
 	struct iphdr *ip;
 	struct tcphdr *th;
-	void *data, *end;
-	__u64 sum;
 
 	if (p->frag_off || p->l4_len < sizeof(struct tcphdr) || (p->tcp_flags & 0x04))
 		return XDP_DROP;
-	if (bpf_xdp_adjust_tail(ctx, (int)want - bf_frame_len(ctx)))
+	eth = bf_reply_frame(ctx, want, want);
+	if (!eth)
 		return XDP_DROP;
-	data = (void *)(long)ctx->data;
-	end = (void *)(long)ctx->data_end;
-	eth = data;
 	ip = (void *)(eth + 1);
 	th = (void *)(ip + 1);
-	if ((void *)(th + 1) > end)
-		return XDP_DROP;
 	bf_swap_eth(eth, p);
 	bf_put_iphdr(ip, p, 0, sizeof(*ip) + sizeof(*th), BF_IP_DF, IPPROTO_TCP);
 	__builtin_memset(th, 0, sizeof(*th));
@@ -313,14 +331,8 @@ static __always_inline int bf_reject_tcp(struct xdp_md *ctx, const struct bf_pkt
 		th->ack_seq = bpf_htonl(p->tcp_seq + !!(p->tcp_flags & 0x02) +
 					!!(p->tcp_flags & 0x01) + p->l4_len - p->tcp_doff * 4);
 	}
-	sum = bf_sum(th, sizeof(*th), end, 10);
-	sum += bpf_htonl(p->saddr) & 0xffff;
-	sum += bpf_htonl(p->saddr) >> 16;
-	sum += bpf_htonl(p->daddr) & 0xffff;
-	sum += bpf_htonl(p->daddr) >> 16;
-	sum += bpf_htons(IPPROTO_TCP);
-	sum += bpf_htons(sizeof(*th));
-	th->check = ~bf_fold(sum);
+	th->check = ~bf_fold(bf_sum(th, sizeof(*th), (void *)(th + 1), 10) +
+			     bf_pseudo_sum(p, IPPROTO_TCP, sizeof(*th)));
 	return XDP_TX;
 }
 
@@ -355,14 +367,8 @@ static __always_inline int bf_l4_checksum_ok(struct xdp_md *ctx, const struct bf
 	if (p->l4_len > BF_CSUM_MAX_WORDS * 2)
 		return 1; /* beyond what a bounded loop can sum: assume the NIC checked it */
 	sum = bf_sum(l4, p->l4_len, end, BF_CSUM_MAX_WORDS);
-	if (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP) {
-		sum += bpf_htonl(p->saddr) & 0xffff;
-		sum += bpf_htonl(p->saddr) >> 16;
-		sum += bpf_htonl(p->daddr) & 0xffff;
-		sum += bpf_htonl(p->daddr) >> 16;
-		sum += bpf_htons(p->proto);
-		sum += bpf_htons(p->l4_len);
-	}
+	if (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP)
+		sum += bf_pseudo_sum(p, p->proto, p->l4_len);
 	return bf_fold(sum) == 0xffff;
 }
 
@@ -375,7 +381,6 @@ static __always_inline int bf_reject_icmp(struct xdp_md *ctx, const struct bf_pk
 	struct ethhdr *eth;
 	struct iphdr *ip;
 	struct icmphdr *ic;
-	void *data, *end;
 
 	if (p->frag_off)
 		return XDP_DROP;
@@ -387,22 +392,18 @@ static __always_inline int bf_reject_icmp(struct xdp_md *ctx, const struct bf_pk
 		return XDP_DROP;
 	if (bpf_xdp_adjust_head(ctx, -(int)head))
 		return XDP_DROP;
-	if (bpf_xdp_adjust_tail(ctx, (int)want - bf_frame_len(ctx)))
+	eth = bf_reply_frame(ctx, want, sizeof(*eth) + head);
+	if (!eth)
 		return XDP_DROP;
-	data = (void *)(long)ctx->data;
-	end = (void *)(long)ctx->data_end;
-	eth = data;
 	ip = (void *)(eth + 1);
 	ic = (void *)(ip + 1);
-	if ((void *)(ic + 1) > end)
-		return XDP_DROP;
 	bf_swap_eth(eth, p);
 	bf_put_iphdr(ip, p, (p->tos & 0x1e) | 0xc0, head + quote, 0, IPPROTO_ICMP);
 	ic->type = 3;
 	ic->code = code;
 	ic->checksum = 0;
 	ic->un.gateway = 0;
-	ic->checksum = ~bf_fold(bf_sum(ic, sizeof(*ic) + quote, end,
+	ic->checksum = ~bf_fold(bf_sum(ic, sizeof(*ic) + quote, (void *)(long)ctx->data_end,
 				       (sizeof(*ic) + BF_ICMP_QUOTE_MAX) / 2));
 	return XDP_TX;
 }

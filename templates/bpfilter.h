@@ -342,20 +342,24 @@ static __always_inline int bf_icmp_is_error(__u8 type)
 }
 
 /* nf_send_unreach() sends nothing for a packet whose checksum is wrong, except for the
- * protocols nf_reject_verify_csum() exempts (and UDP without a checksum). */
-static __always_inline int bf_l4_checksum_ok(struct xdp_md *ctx, const struct bf_pkt *p)
+ * protocols nf_reject_verify_csum() exempts (and UDP without a checksum).
+ *
+ * A global (non-static) function: the verifier checks it once, on its own, instead of once
+ * per path that reaches a REJECT, which would multiply the cost of its loop.
+ * `shape` packs l4_off (bits 0-7), the protocol (8-15) and l4_len (16-31). */
+__attribute__((noinline)) int bf_l4_checksum_ok(struct xdp_md *ctx, __u32 shape, __u64 pseudo)
 {
 	void *end = (void *)(long)ctx->data_end;
-	/* l4_off <= 14 + 60; the mask shows the verifier that bound. */
-	void *l4 = (void *)(long)ctx->data + (p->l4_off & 0xff);
+	void *l4 = (void *)(long)ctx->data + (shape & 0xff);
+	__u32 proto = (shape >> 8) & 0xff, len = shape >> 16;
 	__u64 sum;
 
-	switch (p->proto) {
+	switch (proto) {
 	case IPPROTO_GRE: case IPPROTO_AH: case IPPROTO_ESP: case IPPROTO_SCTP:
 	case IPPROTO_UDPLITE: case IPPROTO_DCCP:
 		return 1;
 	case IPPROTO_UDP:
-		if (p->l4_len >= 8) {
+		if (len >= 8) {
 			__u16 *check = l4 + 6;
 
 			if ((void *)(check + 1) > end)
@@ -364,12 +368,21 @@ static __always_inline int bf_l4_checksum_ok(struct xdp_md *ctx, const struct bf
 				return 1;
 		}
 	}
-	if (p->l4_len > BF_CSUM_MAX_WORDS * 2)
+	if (len > BF_CSUM_MAX_WORDS * 2)
 		return 1; /* beyond what a bounded loop can sum: assume the NIC checked it */
-	sum = bf_sum(l4, p->l4_len, end, BF_CSUM_MAX_WORDS);
-	if (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP)
-		sum += bf_pseudo_sum(p, p->proto, p->l4_len);
+	sum = bf_sum(l4, len, end, BF_CSUM_MAX_WORDS);
+	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP)
+		sum += pseudo;
 	return bf_fold(sum) == 0xffff;
+}
+
+/* The ICMP checksum of a reply: `len` bytes from the ICMP header. Global, like above. */
+__attribute__((noinline)) int bf_icmp_reply_checksum(struct xdp_md *ctx, __u32 len)
+{
+	void *icmp = (void *)(long)ctx->data + sizeof(struct ethhdr) + sizeof(struct iphdr);
+
+	return (__u16)~bf_fold(bf_sum(icmp, len, (void *)(long)ctx->data_end,
+				      (sizeof(struct icmphdr) + BF_ICMP_QUOTE_MAX) / 2));
 }
 
 /* icmp_send(ICMP_DEST_UNREACH): the error quotes the rejected packet from its IP header. */
@@ -388,7 +401,8 @@ static __always_inline int bf_reject_icmp(struct xdp_md *ctx, const struct bf_pk
 		return XDP_DROP;
 	if ((p->daddr >> 28) == 0xe || p->daddr == 0xffffffff)
 		return XDP_DROP;
-	if (!bf_l4_checksum_ok(ctx, p))
+	if (!bf_l4_checksum_ok(ctx, p->l4_off | (p->proto << 8) | (p->l4_len << 16),
+			       bf_pseudo_sum(p, p->proto, p->l4_len)))
 		return XDP_DROP;
 	if (bpf_xdp_adjust_head(ctx, -(int)head))
 		return XDP_DROP;
@@ -403,8 +417,7 @@ static __always_inline int bf_reject_icmp(struct xdp_md *ctx, const struct bf_pk
 	ic->code = code;
 	ic->checksum = 0;
 	ic->un.gateway = 0;
-	ic->checksum = ~bf_fold(bf_sum(ic, sizeof(*ic) + quote, (void *)(long)ctx->data_end,
-				       (sizeof(*ic) + BF_ICMP_QUOTE_MAX) / 2));
+	ic->checksum = bf_icmp_reply_checksum(ctx, sizeof(*ic) + quote);
 	return XDP_TX;
 }
 

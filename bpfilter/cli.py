@@ -151,6 +151,161 @@ def _print_summary(result, output: Path) -> None:
                       "enforced.[/]")
 
 
+MODES = click.Choice(["native", "generic", "offload"])
+
+
+@main.command()
+@click.argument("rules", type=str)
+@click.option("-i", "--iface", required=True, help="The interface to filter arriving packets on.")
+@click.option("--mode", type=MODES, help="XDP mode. Default: native, falling back to "
+              "generic (announced) where the driver has no native XDP.")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the .c and .o files go [default: build/<iface>].")
+def apply(rules: str, iface: str, mode: Optional[str], output: Optional[Path]) -> None:
+    """Compile RULES and make them live on IFACE, replacing what runs there atomically.
+
+    The new ruleset is compiled, loaded, verified and its maps filled before one kernel
+    operation switches to it. If anything fails the running ruleset is left untouched and
+    the command exits non-zero (2 for bad input).
+    """
+    from bpfilter import deploy
+    from bpfilter.loader.xdp import XdpMode
+
+    text, source = _read_rules(rules)
+    try:
+        with console.status("applying…") as status:
+            report = deploy.apply(text, source, iface, output or Path("build") / iface,
+                                  XdpMode(mode) if mode else None,
+                                  progress=lambda msg: status.update(f"{msg}…"))
+    except InputError as exc:
+        _show_input_error(exc, text)
+        sys.exit(EXIT_INPUT)
+    except (BuildError, KernelError) as exc:
+        _fail(exc)
+    if report.fallback:
+        console.print(f"[yellow]{report.fallback}[/]")
+    d = report.deployment
+    verb = "replaced the ruleset on" if report.replaced else "attached to"
+    console.print(f"{verb} {iface} ({d.mode} XDP): {d.rules} rules from {d.source}, program "
+                  f"{d.prog_id}; switch {report.switch_ns / 1e6:.2f} ms, "
+                  f"total {report.total_s:.2f} s")
+
+
+@main.command()
+@click.option("--all-namespaces", is_flag=True, help="Also rulesets in other network namespaces.")
+def status(all_namespaces: bool) -> None:
+    """What runs where: interface, mode, program, since when, ruleset."""
+    from bpfilter import deploy, state
+
+    table = Table(title="bpfilter rulesets", title_justify="left")
+    for col in ("iface", "netns", "hook", "mode", "program", "since", "rules", "source",
+                "sha256", "state"):
+        table.add_column(col)
+    rows = 0
+    for paths, d in state.deployments(all_namespaces):
+        running = deploy.running_program_id(paths) if paths.netns == state.netns_id() \
+            else d.prog_id
+        health = "attached" if running == d.prog_id else \
+            ("[red]link gone[/]" if running is None else f"[red]runs {running}[/]")
+        table.add_row(d.iface, str(d.netns), d.hook, d.mode, str(d.prog_id), d.applied_at,
+                      str(d.rules), d.source, d.sha256[:12], health)
+        rows += 1
+    if rows:
+        console.print(table)
+    else:
+        console.print("bpfilter runs no ruleset in this network namespace")
+
+
+def _deployed(iface: Optional[str]):
+    """(paths, deployment, parsed ruleset) of every ruleset to show, or exit 1."""
+    from bpfilter import state
+    from bpfilter.frontend import parse_ruleset
+
+    found = [(p, d) for p, d in state.deployments() if iface in (None, d.iface)]
+    if not found:
+        err_console.print(f"[red]bpfilter: nothing runs on {iface or 'any interface'}[/]")
+        sys.exit(EXIT_FAILURE)
+    return [(p, d, parse_ruleset(p.ruleset_file.read_text(), d.source)) for p, d in found]
+
+
+def _human(value: int, exact: bool) -> str:
+    if exact or value < 100000:
+        return str(value)
+    for unit in ("K", "M", "G", "T"):
+        value //= 1000
+        if value < 100000:
+            return f"{value}{unit}"
+    return str(value)
+
+
+@main.command("list")
+@click.option("-i", "--iface", help="Only this interface.")
+@click.option("-v", "--verbose", is_flag=True, help="Show packet and byte counters.")
+@click.option("-n", "--numeric", is_flag=True, help="Accepted for iptables habits: "
+              "addresses and ports are always numeric.")
+@click.option("-x", "--exact", is_flag=True, help="Exact counter values, no K/M units.")
+def list_cmd(iface: Optional[str], verbose: bool, numeric: bool, exact: bool) -> None:
+    """The running rules per chain, with their counters, like `iptables -L -v`."""
+    from bpfilter.deploy import LiveCounters
+    from bpfilter.frontend.iptables.save import rule_text
+
+    for paths, d, ruleset in _deployed(iface):
+        console.print(f"[bold]{d.iface}[/] ({d.mode} XDP, {d.source})")
+        with LiveCounters(paths, d) as live:
+            for table in ruleset.tables:
+                for chain in table.chains:
+                    if not chain.rules and not chain.builtin:
+                        continue
+                    policy = live(table.name, chain.name, -1)
+                    head = f"Chain {chain.name} "
+                    head += (f"(policy {chain.policy.value}" + (
+                        f" {_human(policy.packets, exact)} packets, "
+                        f"{_human(policy.bytes, exact)} bytes)" if verbose else ")")
+                             if chain.builtin else "(user-defined)")
+                    out = Table(title=f"{table.name}: {head}", title_justify="left",
+                                box=None, pad_edge=False)
+                    out.add_column("num", justify="right")
+                    if verbose:
+                        out.add_column("pkts", justify="right")
+                        out.add_column("bytes", justify="right")
+                    out.add_column("rule")
+                    for index, rule in enumerate(chain.rules):
+                        c = live(table.name, chain.name, index)
+                        counts = [_human(c.packets, exact), _human(c.bytes, exact)] \
+                            if verbose else []
+                        out.add_row(str(index + 1), *counts,
+                                    rule_text(chain.name, rule).removeprefix(
+                                        f"-A {chain.name} "))
+                    console.print(out)
+
+
+@main.command()
+@click.option("-i", "--iface", help="Only this interface.")
+@click.option("-c", "--counters", is_flag=True, help="Include packet and byte counters.")
+def save(iface: Optional[str], counters: bool) -> None:
+    """The running ruleset as iptables-save text (with -c, its live counters)."""
+    from bpfilter.deploy import LiveCounters
+    from bpfilter.frontend.iptables.save import save as save_text
+
+    for paths, d, ruleset in _deployed(iface):
+        click.echo(f"# bpfilter ruleset on {d.iface}, applied {d.applied_at} from {d.source}")
+        with LiveCounters(paths, d) as live:
+            click.echo(save_text(ruleset, counters=counters, live=live), nl=False)
+
+
+@main.command()
+@click.option("-i", "--iface", required=True, help="The interface to stop filtering on.")
+def detach(iface: str) -> None:
+    """Take the ruleset off IFACE: back to no filtering, pins and state removed."""
+    from bpfilter import deploy
+
+    try:
+        d = deploy.detach(iface)
+    except KernelError as exc:
+        _fail(exc)
+    console.print(f"detached program {d.prog_id} from {iface}")
+
+
 @main.command()
 @click.argument("rules", required=False, type=click.Path(exists=True, dir_okay=False,
                                                          path_type=Path))

@@ -13,7 +13,20 @@ from typing import Optional
 
 from bpfilter import ir
 from bpfilter.compiler import Compilation, CompiledStage
-from bpfilter.loader.objects import Object, Program
+from bpfilter.loader.objects import Map, Object, Program
+
+# The maps a stage program owns: pinned with it, so a running ruleset can be read later.
+STAGE_MAPS = ("bf_counters", "bf_ifmatch", "bf_limits", "bf_log")
+
+
+def slot_counters(counters: Map, slot: int) -> ir.Counters:
+    """A rule's counters from a bf_counters map, summed over CPUs."""
+    packets = byte_count = 0
+    for value in counters.lookup_percpu(struct.pack("<I", slot)):
+        p, b = struct.unpack("<QQ", value)
+        packets += p
+        byte_count += b
+    return ir.Counters(packets, byte_count)
 
 
 def interface_bits(patterns: tuple[ir.InterfaceMatch, ...],
@@ -47,12 +60,7 @@ class LoadedStage:
             ifmatch.update(struct.pack("<I", index), struct.pack("<Q", mask))
 
     def counters(self, slot: int) -> ir.Counters:
-        packets = byte_count = 0
-        for value in self.obj.map("bf_counters").lookup_percpu(struct.pack("<I", slot)):
-            p, b = struct.unpack("<QQ", value)
-            packets += p
-            byte_count += b
-        return ir.Counters(packets, byte_count)
+        return slot_counters(self.obj.map("bf_counters"), slot)
 
 
 class LoadedRuleset:

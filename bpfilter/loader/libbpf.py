@@ -43,6 +43,32 @@ class ProgInfo(ctypes.Structure):
     ]
 
 
+class MapInfo(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
+                ("key_size", ctypes.c_uint32), ("value_size", ctypes.c_uint32),
+                ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
+                ("name", ctypes.c_char * 16)]
+
+
+class LinkInfo(ctypes.Structure):
+    """struct bpf_link_info, with the union read as XDP's (ifindex first)."""
+
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
+                ("prog_id", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
+                ("ifindex", ctypes.c_uint32), ("_rest", ctypes.c_uint8 * 60)]
+
+
+class LinkCreateOpts(ctypes.Structure):
+    _fields_ = [("sz", c_size_t), ("flags", ctypes.c_uint32), ("iter_info", c_void_p),
+                ("iter_info_len", ctypes.c_uint32), ("target_btf_id", ctypes.c_uint32),
+                ("_union", ctypes.c_uint8 * 32)]
+
+
+class LinkUpdateOpts(ctypes.Structure):
+    _fields_ = [("sz", c_size_t), ("flags", ctypes.c_uint32),
+                ("old_prog_fd", ctypes.c_uint32)]
+
+
 PRINT_FN = ctypes.CFUNCTYPE(c_int, c_int, c_char_p, c_void_p)
 
 _SIGNATURES = {
@@ -73,6 +99,9 @@ _SIGNATURES = {
     "bpf_xdp_detach": (c_int, [c_int, ctypes.c_uint32, c_void_p]),
     "bpf_xdp_query_id": (c_int, [c_int, c_int, ctypes.POINTER(ctypes.c_uint32)]),
     "bpf_prog_get_fd_by_id": (c_int, [ctypes.c_uint32]),
+    "bpf_link_create": (c_int, [c_int, c_int, c_int, ctypes.POINTER(LinkCreateOpts)]),
+    "bpf_link_update": (c_int, [c_int, c_int, ctypes.POINTER(LinkUpdateOpts)]),
+    "bpf_link_detach": (c_int, [c_int]),
     "libbpf_num_possible_cpus": (c_int, []),
     "libbpf_set_print": (c_void_p, [PRINT_FN]),
     "ring_buffer__new": (c_void_p, [c_int, c_void_p, c_void_p, c_void_p]),

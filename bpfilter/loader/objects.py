@@ -7,14 +7,15 @@ their file descriptors, unless something else (a pin, an attachment) holds them.
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
 from bpfilter.errors import KernelError
-from bpfilter.loader.libbpf import (RING_SAMPLE_FN, ProgInfo, TestRunOpts, XdpMd, check,
-                                    lib, possible_cpus, take_messages)
+from bpfilter.loader.libbpf import (RING_SAMPLE_FN, MapInfo, ProgInfo, TestRunOpts, XdpMd,
+                                    check, lib, possible_cpus, take_messages)
 
 BPF_LOG_LEVEL1 = 1
 BPF_LOG_STATS = 4
@@ -38,14 +39,42 @@ class VerifierStats:
 
 
 class Map:
-    def __init__(self, handle: int, name: str):
-        self.handle = handle
+    """A map by file descriptor: of a loaded Object (which owns the fd), or opened from a
+    pin (then this Map owns it: close() it)."""
+
+    def __init__(self, fd: int, name: str, key_size: int, value_size: int,
+                 max_entries: int, map_type: int, owned: bool = False):
+        self.fd = fd
         self.name = name
-        self.fd = check(lib().bpf_map__fd(handle), f"map {name}: fd")
-        self.key_size = lib().bpf_map__key_size(handle)
-        self.value_size = lib().bpf_map__value_size(handle)
-        self.max_entries = lib().bpf_map__max_entries(handle)
-        self.percpu = lib().bpf_map__type(handle) in _PERCPU
+        self.key_size = key_size
+        self.value_size = value_size
+        self.max_entries = max_entries
+        self.percpu = map_type in _PERCPU
+        self.owned = owned
+
+    @classmethod
+    def of_object(cls, handle: int, name: str) -> "Map":
+        return cls(check(lib().bpf_map__fd(handle), f"map {name}: fd"), name,
+                   lib().bpf_map__key_size(handle), lib().bpf_map__value_size(handle),
+                   lib().bpf_map__max_entries(handle), lib().bpf_map__type(handle))
+
+    @classmethod
+    def open_pinned(cls, path: str) -> "Map":
+        fd = check(lib().bpf_obj_get(path.encode()), f"open pinned map {path}")
+        info = MapInfo()
+        size = ctypes.c_uint32(ctypes.sizeof(info))
+        check(lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
+              f"map info of {path}")
+        return cls(fd, info.name.decode(), info.key_size, info.value_size, info.max_entries,
+                   info.type, owned=True)
+
+    def pin(self, path: str) -> None:
+        check(lib().bpf_obj_pin(self.fd, path.encode()), f"pin map {self.name} at {path}")
+
+    def close(self) -> None:
+        if self.owned and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def _value_buffer(self) -> ctypes.Array:
         if self.percpu:
@@ -113,6 +142,9 @@ class Program:
         check(lib().bpf_obj_get_info_by_fd(self.fd, ctypes.byref(info), ctypes.byref(size)),
               f"program {self.name}: info")
         return info
+
+    def pin(self, path: str) -> None:
+        check(lib().bpf_obj_pin(self.fd, path.encode()), f"pin program {self.name} at {path}")
 
     def stats(self) -> VerifierStats:
         info = self.info()
@@ -203,7 +235,7 @@ class Object:
             handle = lib().bpf_object__find_map_by_name(self._handle, name.encode())
             if not handle:
                 raise KernelError(f"no map {name} in {self.path}")
-            self.maps[name] = Map(handle, name)
+            self.maps[name] = Map.of_object(handle, name)
         return self.maps[name]
 
     def close(self) -> None:

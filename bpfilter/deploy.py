@@ -1,0 +1,165 @@
+"""Putting a ruleset live on an interface, replacing it atomically, and taking it off.
+
+`apply` compiles, loads and verifies the new ruleset, fills its maps and pins it, and only
+then makes it live in one kernel operation (the XDP link's program is replaced, on the
+condition that the program it replaces is still the one we think). Any failure before that
+removes what this apply created; the running ruleset is never touched.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from bpfilter import ir, state
+from bpfilter.compiler import Compilation, compile_ruleset
+from bpfilter.errors import KernelError
+from bpfilter.loader.links import XdpLink
+from bpfilter.loader.objects import Map
+from bpfilter.loader.xdp import XdpMode
+from bpfilter.runner import STAGE_MAPS, LoadedRuleset, slot_counters
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    deployment: state.Deployment
+    replaced: bool  # a running ruleset was swapped (else first attach)
+    switch_ns: int  # the one kernel operation that made it live
+    total_s: float
+    fallback: Optional[str] = None  # why the mode differs from the one asked for
+
+
+def _ifindex(iface: str) -> int:
+    try:
+        return socket.if_nametoindex(iface)
+    except OSError:
+        raise KernelError(f"no interface named {iface} in this network namespace") from None
+
+
+def apply(text: str, source: str, iface: str, build_dir: Path,
+          mode: Optional[XdpMode] = None,
+          progress: Callable[[str], None] = lambda _msg: None,
+          compilation: Optional[Compilation] = None) -> ApplyReport:
+    started = time.perf_counter()
+    ifindex = _ifindex(iface)
+    if compilation is None:
+        progress("compiling")
+        compilation = compile_ruleset(text, source, build_dir, verify=False)
+    paths = state.Paths(iface, state.netns_id())
+    previous = state.read(paths) if paths.link.exists() else None
+    if previous is not None and mode is not None and mode.value != previous.mode:
+        raise KernelError(f"{iface} runs a ruleset in {previous.mode} mode; detach it "
+                          f"before applying in {mode.value} mode")
+    progress("loading and verifying")
+    generation = f"g{time.time_ns()}"
+    gen_dir = paths.generation(generation)
+    link = None
+    fallback = None
+    with LoadedRuleset(compilation) as loaded:
+        (stage,) = loaded.stages.values()
+        program = stage.program
+        try:
+            gen_dir.mkdir(parents=True)
+            program.pin(str(gen_dir / "prog"))
+            for name in STAGE_MAPS:
+                stage.obj.map(name).pin(str(gen_dir / name))
+            progress("switching")
+            if previous is not None:
+                link = XdpLink.open_pinned(str(paths.link))
+                running = link.info().prog_id
+                t0 = time.perf_counter_ns()
+                link.replace(program.fd, running)
+                switch_ns = time.perf_counter_ns() - t0
+                used_mode = XdpMode(previous.mode)
+            else:
+                used_mode = mode or XdpMode.NATIVE
+                t0 = time.perf_counter_ns()
+                try:
+                    link = XdpLink.create(ifindex, program.fd, used_mode)
+                except KernelError as exc:
+                    if mode is not None or "Operation not supported" not in str(exc):
+                        raise
+                    fallback = f"{iface} has no native XDP; running in generic mode"
+                    used_mode = XdpMode.GENERIC
+                    link = XdpLink.create(ifindex, program.fd, used_mode)
+                switch_ns = time.perf_counter_ns() - t0
+                link.pin(str(paths.link))
+            deployment = state.Deployment(
+                iface=iface, ifindex=ifindex, netns=paths.netns, mode=used_mode.value,
+                source=source, sha256=hashlib.sha256(text.encode()).hexdigest(),
+                applied_at=datetime.datetime.now(datetime.timezone.utc).isoformat(
+                    timespec="seconds"),
+                generation=generation, program=compilation.stages[0].program.name,
+                prog_id=program.info().id, hook=stage.compiled.stage.hook.value,
+                rules=sum(len(c.rules) for t in compilation.ruleset.tables for c in t.chains),
+                slots=[[t, c, i, s] for (t, c, i), s in compilation.slots.items()])
+            state.write(paths, deployment, text)
+        except BaseException:
+            state.remove_tree(gen_dir)
+            raise
+        finally:
+            if link is not None:
+                link.close()
+    if previous is not None:
+        state.remove_tree(paths.generation(previous.generation))
+    return ApplyReport(deployment, previous is not None, switch_ns,
+                       time.perf_counter() - started, fallback)
+
+
+def detach(iface: str) -> state.Deployment:
+    paths = state.Paths(iface, state.netns_id())
+    deployment = state.read(paths)
+    if deployment is None or not paths.link.exists():
+        raise KernelError(f"bpfilter runs nothing on {iface}")
+    link = XdpLink.open_pinned(str(paths.link))
+    try:
+        link.detach()
+    finally:
+        link.close()
+    state.remove_tree(paths.pins)
+    state.remove_tree(paths.meta)
+    for parent in (paths.pins.parent, paths.meta.parent):
+        if parent.exists() and not any(parent.iterdir()):
+            parent.rmdir()
+    return deployment
+
+
+def running_program_id(paths: state.Paths) -> Optional[int]:
+    """The program the pinned link runs now, or None if it is gone."""
+    try:
+        link = XdpLink.open_pinned(str(paths.link))
+    except KernelError:
+        return None
+    try:
+        return link.info().prog_id
+    finally:
+        link.close()
+
+
+class LiveCounters:
+    """Counters of a running ruleset, by (table, chain, rule index); -1 is the policy."""
+
+    def __init__(self, paths: state.Paths, deployment: state.Deployment):
+        self.slots = {(t, c, i): s for t, c, i, s in deployment.slots}
+        self.map = Map.open_pinned(str(paths.generation(deployment.generation) / "bf_counters"))
+
+    def __call__(self, table: str, chain: str, index: int) -> ir.Counters:
+        slot = self.slots.get((table, chain, index))
+        return ir.Counters() if slot is None else slot_counters(self.map, slot)
+
+    def close(self) -> None:
+        self.map.close()
+
+    def __enter__(self) -> "LiveCounters":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+__all__ = ["apply", "detach", "ApplyReport", "LiveCounters", "running_program_id"]

@@ -1,0 +1,129 @@
+"""Where a running ruleset lives between commands: pins in a bpffs, metadata beside it.
+
+Each interface of each network namespace has a directory of pins (the XDP link, and per
+generation the program and its maps) and one of metadata (the ruleset text and what
+`list` and `save` need to name counters). The bpffs is mounted under /run, not
+/sys/fs/bpf, because `ip netns exec` remounts /sys and would hide it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+ROOT = Path(os.environ.get("BPFILTER_STATE", "/run/bpfilter"))
+
+
+def netns_id() -> int:
+    """The current thread's network namespace (its inode), which scopes interface names."""
+    return os.stat("/proc/thread-self/ns/net").st_ino
+
+
+def bpffs() -> Path:
+    """The bpffs bpfilter pins into, mounted on first use."""
+    pins = ROOT / "bpffs"
+    pins.mkdir(parents=True, exist_ok=True)
+    with open("/proc/self/mounts") as mounts:
+        mounted = any(line.split()[1] == str(pins) and line.split()[2] == "bpf"
+                      for line in mounts)
+    if not mounted:
+        subprocess.run(["mount", "-t", "bpf", "bpf", str(pins)], check=True,
+                       capture_output=True)
+    return pins
+
+
+@dataclass
+class Deployment:
+    """The metadata of one interface's running ruleset."""
+
+    iface: str
+    ifindex: int
+    netns: int
+    mode: str
+    source: str
+    sha256: str
+    applied_at: str
+    generation: str
+    program: str
+    prog_id: int
+    hook: str
+    rules: int
+    slots: list  # [table, chain, rule index (-1: policy), counter slot]
+
+
+@dataclass(frozen=True)
+class Paths:
+    iface: str
+    netns: int
+
+    @property
+    def pins(self) -> Path:
+        return bpffs() / str(self.netns) / self.iface
+
+    @property
+    def link(self) -> Path:
+        return self.pins / "link"
+
+    def generation(self, name: str) -> Path:
+        return self.pins / name
+
+    @property
+    def meta(self) -> Path:
+        return ROOT / "state" / str(self.netns) / self.iface
+
+    @property
+    def deployment_file(self) -> Path:
+        return self.meta / "deployment.json"
+
+    @property
+    def ruleset_file(self) -> Path:
+        return self.meta / "ruleset.txt"
+
+
+def read(paths: Paths) -> Optional[Deployment]:
+    try:
+        return Deployment(**json.loads(paths.deployment_file.read_text()))
+    except FileNotFoundError:
+        return None
+
+
+def write(paths: Paths, deployment: Deployment, ruleset_text: str) -> None:
+    """Replace the metadata as a whole (rename), so readers never see half of it."""
+    paths.meta.mkdir(parents=True, exist_ok=True)
+    for target, content in ((paths.ruleset_file, ruleset_text),
+                            (paths.deployment_file, json.dumps(asdict(deployment), indent=1))):
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(content)
+        tmp.replace(target)
+
+
+def remove_tree(path: Path) -> None:
+    """rm -r that also works on bpffs (unlinking a pin drops its reference)."""
+    if not path.exists():
+        return
+    for child in path.iterdir():
+        if child.is_dir():
+            remove_tree(child)
+        else:
+            child.unlink()
+    path.rmdir()
+
+
+def deployments(all_namespaces: bool = False) -> Iterator[tuple[Paths, Deployment]]:
+    base = ROOT / "state"
+    if not base.exists():
+        return
+    spaces = [p for p in base.iterdir() if p.is_dir()] if all_namespaces \
+        else [base / str(netns_id())]
+    for space in spaces:
+        if not space.is_dir():
+            continue
+        for iface_dir in sorted(space.iterdir()):
+            paths = Paths(iface_dir.name, int(space.name))
+            deployment = read(paths)
+            if deployment is not None:
+                yield paths, deployment

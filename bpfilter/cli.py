@@ -319,23 +319,23 @@ def demo(rules: Optional[Path], output: Path) -> None:
     the client sends a scripted set of frames, and the verdicts, replies and per-rule
     counters are printed. Everything is removed afterwards, also on failure.
     """
-    from bpfilter.demo import Demo, host_firewall_probes, rule_label, verdict
+    from bpfilter.demo import host_firewall_probes, rule_label, run_demo, verdict
     from bpfilter.resources import resource_dir
 
     rules = rules or resource_dir("examples") / "host-firewall.v4"
-    runner = Demo(rules, output, lambda msg: console.print(f"[dim]· {msg}[/]"))
     try:
-        compilation, observations = runner.run(host_firewall_probes())
+        result = run_demo(rules, output, host_firewall_probes(),
+                          lambda msg: console.print(f"[dim]· {msg}[/]"))
     except InputError as exc:
         _show_input_error(exc, rules.read_text())
         sys.exit(EXIT_INPUT)
     except (BuildError, KernelError, RuntimeError) as exc:
         _fail(exc)
-    ruleset = compilation.ruleset
+    ruleset = result.ruleset
     verdicts = Table(title="what each frame met", title_justify="left")
     for col in ("#", "frame", "decided by", "verdict", "came back"):
         verdicts.add_column(col)
-    for number, obs in enumerate(observations, 1):
+    for number, obs in enumerate(result.observations, 1):
         decided = rule_label(ruleset, *obs.rules[-1]) if obs.rules else \
             "no rule (left to the kernel)"
         verdicts.add_row(str(number), f"{obs.probe.what}\n[dim]{obs.probe.packet.summary()}[/]",
@@ -343,30 +343,21 @@ def demo(rules: Optional[Path], output: Path) -> None:
     console.print(verdicts)
     console.print("[dim]An ACCEPTed frame goes on to the kernel's stack, which answers it "
                   "itself (no service listens in the demo namespace).[/]")
-    _print_counters(compilation, {key: value for key, value in
-                                  _final_counters(observations).items()})
+    _print_counters(ruleset, result.counters)
 
 
-def _final_counters(observations) -> dict[tuple[str, int], int]:
-    totals: dict[tuple[str, int], int] = {}
-    for obs in observations:
-        for key in obs.rules:
-            totals[key] = totals.get(key, 0) + 1
-    return totals
-
-
-def _print_counters(compilation, packets: dict[tuple[str, int], int]) -> None:
+def _print_counters(ruleset, counters) -> None:
     from bpfilter.demo import rule_label
 
     table = Table(title="counters (like iptables -L -v)", title_justify="left")
-    for col in ("chain", "#", "pkts", "rule"):
-        table.add_column(col, justify="right" if col in ("#", "pkts") else "left")
-    for (tname, chain, index) in compilation.slots:
-        if tname != "filter" or (chain, index) not in packets and index < 0:
+    for col in ("chain", "#", "pkts", "bytes", "rule"):
+        table.add_column(col, justify="right" if col in ("#", "pkts", "bytes") else "left")
+    for (chain, index), c in counters.items():
+        if index < 0 and c.packets == 0:
             continue
-        label = rule_label(compilation.ruleset, chain, index)
-        table.add_row(chain, "policy" if index < 0 else str(index + 1),
-                      str(packets.get((chain, index), 0)), label.removeprefix(f"-A {chain} "))
+        label = rule_label(ruleset, chain, index)
+        table.add_row(chain, "policy" if index < 0 else str(index + 1), str(c.packets),
+                      str(c.bytes), label.removeprefix(f"-A {chain} "))
     console.print(table)
 
 

@@ -1,18 +1,19 @@
-"""End to end with real packets: the demo's veth pair, XDP attached in native mode."""
+"""End to end with real packets: the demo's veth pair, the ruleset applied in native XDP."""
 
 from __future__ import annotations
 
 from bpfilter import netns
-from bpfilter.demo import Demo, host_firewall_probes, verdict
+from bpfilter.demo import host_firewall_probes, run_demo, verdict
 from tests.conftest import EXAMPLES
 
 
 def test_host_firewall_on_a_real_veth_pair(kernel, build_root):
     before = set(netns.run("ip", "netns", "list").stdout.split())
-    demo = Demo(EXAMPLES / "host-firewall.v4", build_root / "demo", lambda _msg: None)
-    compilation, seen = demo.run(host_firewall_probes())
-    outcome = {obs.probe.what: (verdict(compilation.ruleset, obs.rules), obs.reply)
-               for obs in seen}
+    result = run_demo(EXAMPLES / "host-firewall.v4", build_root / "demo",
+                      host_firewall_probes(), lambda _msg: None)
+    outcome = {obs.probe.what: (verdict(result.ruleset, obs.rules), obs.reply)
+               for obs in result.observations}
+    assert result.report.deployment.mode == "native"
     assert outcome["SSH from the admin network"][0] == "ACCEPT"
     assert outcome["SSH from elsewhere"] == ("REJECT (tcp-reset)", "TCP RST")
     assert outcome["UDP to a closed port"] == ("REJECT (icmp-port-unreachable)",
@@ -21,5 +22,5 @@ def test_host_firewall_on_a_real_veth_pair(kernel, build_root):
     assert outcome["ping"] == ("ACCEPT", "echo reply")
     for dropped in ("a NULL scan", "from the blocked range", "TTL 1", "oversized datagram"):
         assert outcome[dropped] == ("DROP", "nothing"), dropped
-    # Namespaces are gone again.
+    assert sum(c.packets for c in result.counters.values()) >= len(host_firewall_probes())
     assert set(netns.run("ip", "netns", "list").stdout.split()) <= before

@@ -1,0 +1,130 @@
+"""A client and a server namespace joined by a veth pair, for the demo and the tests.
+
+The server owns 198.18.0.0/15 (a local route, so any address in it is local) and routes
+everything else back through the client. The client runs a pass-through XDP program
+(veth hands XDP_TX frames, i.e. bpfilter's REJECT replies, only to a peer that runs XDP) and
+sends frames from a raw socket. After each frame it sends an ARP request: the server
+handles it after the frame, so its answer says the frame has been dealt with, without
+waiting out a timeout.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+from pathlib import Path
+from typing import Optional
+
+from scapy.layers.inet import IP
+from scapy.layers.l2 import ARP, Ether
+from scapy.packet import Packet
+
+from bpfilter import netns
+from bpfilter.compiler import compile_ruleset
+from bpfilter.loader.links import XdpLink
+from bpfilter.loader.xdp import XdpMode
+from bpfilter.runner import LoadedRuleset
+
+SERVER_ADDR, CLIENT_ADDR = "198.18.0.1", "198.18.0.2"
+SERVER_NET = "198.18.0.0/15"
+PASS_ALL = "*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n"
+# XDP_TX frames are flushed at the end of the server's NAPI poll, possibly after the ARP
+# answer that was handled in the same poll.
+_TX_GRACE = 0.005
+
+
+class VethBed:
+    def __init__(self, build_dir: Path, prefix: str = "bpfd"):
+        self.namespaces: list[str] = []
+        self._passthrough: Optional[LoadedRuleset] = None
+        self._client_link: Optional[XdpLink] = None
+        self.sock: Optional[socket.socket] = None
+        try:
+            self._setup(build_dir, prefix)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, build_dir: Path, prefix: str) -> None:
+        self.server = self._namespace(f"{prefix}-server")
+        self.client = self._namespace(f"{prefix}-client")
+        netns.veth("eth0", self.server, "eth0", self.client)
+        srv = lambda *a: netns.run(*a, netns=self.server)  # noqa: E731
+        srv("ip", "addr", "add", f"{SERVER_ADDR}/32", "dev", "eth0")
+        srv("ip", "route", "add", "local", SERVER_NET, "dev", "lo")
+        netns.run("ip", "addr", "add", f"{CLIENT_ADDR}/15", "dev", "eth0", netns=self.client)
+        srv("ip", "route", "add", CLIENT_ADDR, "dev", "eth0")
+        srv("ip", "route", "add", "default", "via", CLIENT_ADDR)
+        for key in ("all", "default", "eth0"):
+            netns.sysctl(self.server, f"net.ipv4.conf.{key}.rp_filter", "0")
+        # Deterministic replies: no per-destination ICMP rate limit on the server.
+        netns.sysctl(self.server, "net.ipv4.icmp_ratelimit", "0")
+        self.server_index, self.server_mac = netns.link_info(self.server, "eth0")
+        client_index, self.client_mac = netns.link_info(self.client, "eth0")
+        self._passthrough = LoadedRuleset(compile_ruleset(
+            PASS_ALL, "<pass-through>", build_dir / "pass-through", verify=False))
+        program = next(iter(self._passthrough.stages.values())).program
+        with netns.entered(self.client):
+            self._client_link = XdpLink.create(client_index, program.fd, XdpMode.NATIVE)
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+            self.sock.bind(("eth0", 0))
+        self._arp = bytes(Ether(src=self.client_mac, dst="ff:ff:ff:ff:ff:ff") / ARP(
+            op=1, hwsrc=self.client_mac, psrc=CLIENT_ADDR, pdst=SERVER_ADDR))
+
+    def _namespace(self, prefix: str) -> str:
+        name = netns.create(netns.unique_name(prefix))
+        self.namespaces.append(name)
+        return name
+
+    def frame(self, packet: Packet) -> bytes:
+        return bytes(Ether(src=self.client_mac, dst=self.server_mac) / packet)
+
+    def send(self, frame: bytes) -> list[IP]:
+        """Send one frame; the IPv4 packets that came back to its source address."""
+        while select.select([self.sock], [], [], 0)[0]:
+            self.sock.recv(65535)
+        self.sock.send(frame)
+        self.sock.send(self._arp)
+        source = Ether(frame)[IP].src if IP in Ether(frame) else None
+        replies: list[IP] = []
+        deadline = time.monotonic() + 1.0
+        grace_end = None
+        while True:
+            now = time.monotonic()
+            end = grace_end if grace_end is not None else deadline
+            if now >= end:
+                return replies
+            if not select.select([self.sock], [], [], end - now)[0]:
+                continue
+            data, addr = self.sock.recvfrom(65535)
+            if addr[2] == socket.PACKET_OUTGOING:
+                continue
+            packet = Ether(data)
+            if ARP in packet and packet[ARP].op == 2 and grace_end is None:
+                grace_end = time.monotonic() + _TX_GRACE
+            elif IP in packet and packet[IP].dst == source:
+                replies.append(packet[IP])
+
+    def delivered(self) -> int:
+        """IPv4 packets the server's stack delivered locally (IpInDelivers)."""
+        with netns.entered(self.server), open("/proc/thread-self/net/snmp") as snmp:
+            header, values = [line.split() for line in snmp if line.startswith("Ip:")][:2]
+        return int(values[header.index("InDelivers")])
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        if self._client_link is not None:
+            self._client_link.close()
+        if self._passthrough is not None:
+            self._passthrough.close()
+        for name in self.namespaces:
+            netns.delete(name)
+        self.namespaces.clear()
+
+    def __enter__(self) -> "VethBed":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -262,8 +262,9 @@ def list_cmd(iface: Optional[str], verbose: bool, numeric: bool, exact: bool) ->
                         f" {_human(policy.packets, exact)} packets, "
                         f"{_human(policy.bytes, exact)} bytes)" if verbose else ")")
                              if chain.builtin else "(user-defined)")
-                    out = Table(title=f"{table.name}: {head}", title_justify="left",
-                                box=None, pad_edge=False)
+                    console.print(f"[bold]{head}[/]" + (
+                        "" if table.name == "filter" else f" [dim]({table.name})[/]"))
+                    out = Table(box=None, pad_edge=False)
                     out.add_column("num", justify="right")
                     if verbose:
                         out.add_column("pkts", justify="right")
@@ -276,7 +277,7 @@ def list_cmd(iface: Optional[str], verbose: bool, numeric: bool, exact: bool) ->
                         out.add_row(str(index + 1), *counts,
                                     rule_text(chain.name, rule).removeprefix(
                                         f"-A {chain.name} "))
-                    console.print(out)
+                    console.print(out if chain.rules else "")
 
 
 @main.command()

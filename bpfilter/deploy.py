@@ -51,7 +51,7 @@ def apply(text: str, source: str, iface: str, build_dir: Path,
         progress("compiling")
         compilation = compile_ruleset(text, source, build_dir, verify=False)
     paths = state.Paths(iface, state.netns_id())
-    previous = state.read(paths) if paths.link.exists() else None
+    previous = _live_deployment(paths, ifindex)
     if previous is not None and mode is not None and mode.value != previous.mode:
         raise KernelError(f"{iface} runs a ruleset in {previous.mode} mode; detach it "
                           f"before applying in {mode.value} mode")
@@ -109,6 +109,28 @@ def apply(text: str, source: str, iface: str, build_dir: Path,
         state.remove_tree(paths.generation(previous.generation))
     return ApplyReport(deployment, previous is not None, switch_ns,
                        time.perf_counter() - started, fallback)
+
+
+def _live_deployment(paths: state.Paths, ifindex: int) -> Optional[state.Deployment]:
+    """What runs on the interface now. State whose link is gone (the device or namespace
+    was deleted, and its inode reused) is stale: it is removed, and None returned."""
+    deployment = state.read(paths)
+    if deployment is None and not paths.pins.exists():
+        return None
+    if deployment is not None and paths.link.exists():
+        try:
+            link = XdpLink.open_pinned(str(paths.link))
+        except KernelError:
+            link = None
+        if link is not None:
+            try:
+                if link.info().ifindex == ifindex == deployment.ifindex:
+                    return deployment
+            finally:
+                link.close()
+    state.remove_tree(paths.pins)
+    state.remove_tree(paths.meta)
+    return None
 
 
 def detach(iface: str) -> state.Deployment:

@@ -68,16 +68,21 @@ def _clang_version() -> bytes:
 
 def build_object(program: GeneratedProgram, out_dir: Path) -> tuple[Path, bool]:
     """Write `<name>.c` and `<name>.o` into out_dir; returns (object, came from cache)."""
+    return build_source(program.name, program.source, out_dir)
+
+
+def build_source(name: str, source: str, out_dir: Path) -> tuple[Path, bool]:
+    """Build C source that may include the runtime header and vmlinux.h."""
     out_dir.mkdir(parents=True, exist_ok=True)
     header = runtime_header()
     vmlinux = vmlinux_header()
-    source_path = out_dir / f"{program.name}.c"
-    source_path.write_text(program.source)
+    source_path = out_dir / f"{name}.c"
+    source_path.write_text(source)
     (out_dir / RUNTIME_HEADER).write_text(header)
-    key = _digest(program.source.encode(), header.encode(), vmlinux.parent.name.encode(),
+    key = _digest(source.encode(), header.encode(), vmlinux.parent.name.encode(),
                   _clang_version(), " ".join(CLANG_FLAGS).encode())
     cached = cache_dir() / "objects" / f"{key}.o"
-    target = out_dir / f"{program.name}.o"
+    target = out_dir / f"{name}.o"
     if cached.exists():
         shutil.copyfile(cached, target)
         return target, True

@@ -106,11 +106,19 @@ class VethBed:
             elif IP in packet and packet[IP].dst == source:
                 replies.append(packet[IP])
 
+    def snmp(self) -> dict[str, int]:
+        """The server's /proc/net/snmp, as {"Ip:InDelivers": n, "Udp:NoPorts": n, ...}."""
+        with netns.entered(self.server), open("/proc/thread-self/net/snmp") as snmp:
+            lines = [line.split() for line in snmp]
+        counters = {}
+        for header, values in zip(lines[::2], lines[1::2]):
+            for name, value in zip(header[1:], values[1:]):
+                counters[header[0] + name] = int(value)
+        return counters
+
     def delivered(self) -> int:
         """IPv4 packets the server's stack delivered locally (IpInDelivers)."""
-        with netns.entered(self.server), open("/proc/thread-self/net/snmp") as snmp:
-            header, values = [line.split() for line in snmp if line.startswith("Ip:")][:2]
-        return int(values[header.index("InDelivers")])
+        return self.snmp()["Ip:InDelivers"]
 
     def close(self) -> None:
         if self.sock is not None:

@@ -1,0 +1,90 @@
+"""Mirror namespaces: the kernel's iptables-legacy on one server, bpfilter on the other,
+the same frames sent to both over real veths.
+
+What is compared is what an outside observer sees: whether the server's stack delivered
+the frame (Ip:InDelivers) and which replies came back (bpfilter's REJECT replies, or the
+stack's own answers to accepted frames)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from scapy.layers.inet import ICMP, IP, TCP
+from scapy.layers.l2 import Ether
+
+from bpfilter import deploy, netns
+from bpfilter.testbed import VethBed
+
+
+@dataclass(frozen=True)
+class Outcome:
+    delivered: bool
+    replies: tuple[str, ...]
+
+
+def _kind(reply: IP) -> str:
+    if TCP in reply:
+        return f"TCP {reply[TCP].flags}"
+    if ICMP in reply:
+        return f"ICMP {reply[ICMP].type}/{reply[ICMP].code}"
+    return f"IP proto {reply.proto}"
+
+
+def observe(bed: VethBed, frame: Ether) -> Outcome:
+    frame = frame.copy()
+    frame.dst = bed.server_mac
+    before = bed.delivered()
+    replies = bed.send(bytes(frame))
+    return Outcome(bed.delivered() > before, tuple(sorted(_kind(r) for r in replies)))
+
+
+class MirrorPair:
+    def __init__(self, build_dir: Path):
+        self.build_dir = build_dir
+        self.kernel = VethBed(build_dir / "kernel-bed", prefix="bpfc")
+        try:
+            self.bpf = VethBed(build_dir / "bpf-bed", prefix="bpfc")
+        except BaseException:
+            self.kernel.close()
+            raise
+        self.loads = 0
+        self.agreement: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+
+    def load(self, text: str) -> None:
+        netns.run("iptables-legacy-restore", netns=self.kernel.server, input=text)
+        with netns.entered(self.bpf.server):
+            deploy.apply(text, "<conformance>", "eth0", self.build_dir / "rules")
+        self.loads += 1
+
+    def compare(self, frame: Ether, kinds: set[str]) -> tuple[Outcome, Outcome]:
+        kernel, ours = observe(self.kernel, frame), observe(self.bpf, frame)
+        for kind in kinds | {"all cases"}:
+            self.agreement[kind][0] += 1
+            self.agreement[kind][1] += kernel == ours
+        return kernel, ours
+
+    def table(self) -> Table:
+        table = Table(title=f"conformance with iptables-legacy ({self.loads} rulesets)",
+                      title_justify="left")
+        for col in ("rules using", "cases", "agree", "%"):
+            table.add_column(col, justify="left" if col == "rules using" else "right")
+        for kind, (cases, agreed) in sorted(self.agreement.items(),
+                                            key=lambda kv: (kv[0] != "all cases", kv[0])):
+            table.add_row(kind, str(cases), str(agreed), f"{100 * agreed / cases:.1f}")
+        return table
+
+    def print_table(self) -> None:
+        Console(width=100).print(self.table())
+
+    def close(self) -> None:
+        with netns.entered(self.bpf.server):
+            try:
+                deploy.detach("eth0")
+            except Exception:  # nothing was applied
+                pass
+        self.kernel.close()
+        self.bpf.close()

@@ -1,0 +1,162 @@
+"""Hypothesis strategies for whole rulesets both iptables-legacy-restore and bpfilter
+accept, built as IR and printed with the canonical printer, so both load the same text.
+
+Rates are per hour: a token bucket that refilled during a test would make the two sides
+disagree by timing alone (each has its own bucket), not by semantics.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from hypothesis import strategies as st
+
+from bpfilter import ir
+
+NETS = ["192.0.2.0/24", "192.0.2.53/32", "198.51.100.0/24", "10.0.0.0/8", "0.0.0.0/1",
+        "203.0.113.0/25"]
+DST_NETS = ["198.18.0.0/16", "198.18.0.1/32", "198.19.0.0/16"]
+PORTS = [0, 1, 22, 53, 80, 443, 1024, 8080, 65535]
+MACS = [b"\x02\x00\x00\x00\x00\x66", b"\x02\x00\x00\x00\x00\x01"]
+IFACES = ["eth0", "eth+", "lan0", "wan+", "+"]
+TCP, UDP, ICMP = 6, 17, 1
+
+
+def _range(draw, values: list[int], top: int) -> ir.Range:
+    a, b = sorted((draw(st.sampled_from(values)), draw(st.sampled_from(values))))
+    return ir.Range(min(a, top), min(b, top))
+
+
+@st.composite
+def _ports(draw):
+    return ir.PortSpec(_range(draw, PORTS, 65535), draw(st.booleans()))
+
+
+@st.composite
+def _matches(draw) -> tuple[ir.Match, ...]:
+    found: list[ir.Match] = []
+    proto = draw(st.sampled_from([None, TCP, TCP, UDP, UDP, ICMP, 47]))
+    proto_negated = proto is not None and draw(st.integers(0, 5)) == 0
+    if draw(st.booleans()):
+        found.append(ir.AddressMatch("src", ipaddress.IPv4Network(draw(st.sampled_from(NETS))),
+                                     draw(st.booleans())))
+    if draw(st.integers(0, 3)) == 0:
+        found.append(ir.AddressMatch("dst", ipaddress.IPv4Network(
+            draw(st.sampled_from(DST_NETS))), draw(st.booleans())))
+    if draw(st.integers(0, 3)) == 0:
+        found.append(ir.InterfaceMatch("in", draw(st.sampled_from(IFACES)),
+                                       draw(st.booleans())))
+    if proto is not None:
+        found.append(ir.ProtocolMatch(proto, proto_negated))
+    if proto in (TCP, UDP) and not proto_negated:
+        kind = draw(st.sampled_from(["ports", "multiport", "none"]))
+        if kind == "ports":
+            sport = draw(st.none() | _ports())
+            dport = draw(st.none() | _ports())
+            if proto == TCP:
+                flags = None
+                if draw(st.booleans()):
+                    mask = draw(st.integers(1, 0x3F))
+                    flags = ir.TcpFlagsSpec(mask, draw(st.integers(0, 0x3F)) & mask,
+                                            draw(st.booleans()))
+                found.append(ir.TcpMatch(sport, dport, flags))
+            else:
+                found.append(ir.UdpMatch(sport, dport))
+        elif kind == "multiport":
+            ports = draw(st.lists(st.sampled_from(PORTS), min_size=1, max_size=4, unique=True))
+            found.append(ir.MultiportMatch(draw(st.sampled_from(["src", "dst", "any"])),
+                                           tuple(ir.Range(p, p) for p in ports),
+                                           draw(st.booleans())))
+    if proto == ICMP and not proto_negated and draw(st.booleans()):
+        icmp_type, low, high = draw(st.sampled_from(
+            [(8, 0, 255), (0, 0, 255), (3, 3, 3), (3, 0, 255), (255, 0, 255), (11, 0, 255)]))
+        found.append(ir.IcmpMatch(icmp_type, ir.Range(low, high), draw(st.booleans())))
+    extras = draw(st.lists(st.sampled_from(["iprange", "length", "ttl", "mac", "comment",
+                                            "limit"]), max_size=2, unique=True))
+    for extra in extras:
+        negate = draw(st.booleans())
+        if extra == "iprange":
+            low = ipaddress.IPv4Address(draw(st.sampled_from(["192.0.2.10", "192.0.2.53",
+                                                              "198.51.100.1"])))
+            found.append(ir.IpRangeMatch(src=ir.AddressRangeSpec(
+                low, low + draw(st.sampled_from([0, 5, 100])), negate)))
+        elif extra == "length":
+            found.append(ir.LengthMatch(_range(draw, [20, 28, 40, 60, 100, 1000, 1500], 65535),
+                                        negate))
+        elif extra == "ttl":
+            op = draw(st.sampled_from(["eq", "lt", "gt"]))
+            found.append(ir.TtlMatch(op, draw(st.sampled_from([1, 2, 64, 128])),
+                                     negate and op == "eq"))
+        elif extra == "mac":
+            found.append(ir.MacSourceMatch(draw(st.sampled_from(MACS)), negate))
+        elif extra == "comment":
+            found.append(ir.CommentMatch("generated rule"))
+        else:
+            found.append(ir.LimitMatch(draw(st.integers(1, 3)), "hour",
+                                       burst=draw(st.integers(1, 3))))
+    return tuple(found)
+
+
+@st.composite
+def _target(draw, matches, callees: list[str], builtin: bool):
+    proto = next((m for m in matches if isinstance(m, ir.ProtocolMatch)), None)
+    choices = ["ACCEPT", "DROP", "REJECT", "LOG", "none", "RETURN"]
+    if callees:
+        choices += ["jump", "goto"]
+    kind = draw(st.sampled_from(choices))
+    if kind in ("ACCEPT", "DROP"):
+        return ir.VerdictTarget(ir.Verdict(kind))
+    if kind == "REJECT":
+        options = list(ir.RejectWith)
+        if proto is None or proto.protocol != TCP or proto.negate:
+            options.remove(ir.RejectWith.TCP_RESET)
+        return ir.RejectTarget(draw(st.sampled_from(options)))
+    if kind == "LOG":
+        return ir.LogTarget(prefix="conformance ")
+    if kind == "RETURN":
+        return ir.ReturnTarget()
+    if kind in ("jump", "goto"):
+        return ir.JumpTarget(draw(st.sampled_from(callees)), goto=kind == "goto")
+    return None
+
+
+@st.composite
+def rulesets(draw) -> ir.Ruleset:
+    origin = ir.Origin("<generated>", 0)
+    names = [f"U{i}" for i in range(draw(st.integers(0, 2)))]
+    chains = []
+    for position, name in enumerate(names):  # U0 may call U1, never the reverse: no loops
+        rules = []
+        for _ in range(draw(st.integers(1, 5))):
+            matches = draw(_matches())
+            rules.append(ir.Rule(matches, draw(_target(matches, names[position + 1:], False)),
+                                 origin))
+        chains.append(ir.Chain(name, tuple(rules)))
+    rules = []
+    for _ in range(draw(st.integers(1, 10))):
+        matches = draw(_matches())
+        rules.append(ir.Rule(matches, draw(_target(matches, names, True)), origin))
+    builtins = [ir.Chain("INPUT", tuple(rules), draw(st.sampled_from(list(ir.Verdict)))),
+                ir.Chain("FORWARD", (), ir.Verdict.ACCEPT),
+                ir.Chain("OUTPUT", (), ir.Verdict.ACCEPT)]
+    return ir.Ruleset(ir.Family.IPV4, (ir.Table("filter", tuple(builtins + chains)),))
+
+
+def kinds(ruleset: ir.Ruleset) -> set[str]:
+    """The match and target kinds a ruleset uses, for the agreement table."""
+    names = {ir.AddressMatch: "-s/-d", ir.InterfaceMatch: "-i", ir.ProtocolMatch: "-p",
+             ir.FragmentMatch: "-f",
+             ir.TcpMatch: "tcp", ir.UdpMatch: "udp", ir.IcmpMatch: "icmp",
+             ir.MultiportMatch: "multiport", ir.IpRangeMatch: "iprange",
+             ir.LengthMatch: "length", ir.TtlMatch: "ttl", ir.MacSourceMatch: "mac",
+             ir.CommentMatch: "comment", ir.LimitMatch: "limit",
+             ir.VerdictTarget: "ACCEPT/DROP", ir.RejectTarget: "REJECT",
+             ir.LogTarget: "LOG", ir.ReturnTarget: "RETURN"}
+    found = set()
+    for _t, _c, rule in ruleset.rules():
+        found |= {names[type(m)] for m in rule.matches}
+        if isinstance(rule.target, ir.JumpTarget):
+            found.add("-g" if rule.target.goto else "-j chain")
+        elif rule.target is not None:
+            found.add(names[type(rule.target)])
+    return found

@@ -16,7 +16,7 @@ from bpfilter.compiler import Compilation, CompiledStage
 from bpfilter.loader.objects import Map, Object, Program
 
 # The maps a stage program owns: pinned with it, so a running ruleset can be read later.
-STAGE_MAPS = ("bf_counters", "bf_ifmatch", "bf_limits", "bf_log")
+STAGE_MAPS = ("bf_counters", "bf_ifmatch", "bf_limits", "bf_log", "bf_prefixes")
 
 
 def slot_counters(counters: Map, slot: int) -> ir.Counters:
@@ -59,6 +59,13 @@ class LoadedStage:
                                           interfaces).items():
             ifmatch.update(struct.pack("<I", index), struct.pack("<Q", mask))
 
+    def fill_prefixes(self) -> None:
+        prefixes = self.obj.map("bf_prefixes")
+        for run, network, slot in self.compiled.program.prefixes:
+            key = (struct.pack("<I", 16 + network.prefixlen) + struct.pack(">H", run)
+                   + network.network_address.packed)
+            prefixes.update(key, struct.pack("<I", slot))
+
     def counters(self, slot: int) -> ir.Counters:
         return slot_counters(self.obj.map("bf_counters"), slot)
 
@@ -75,6 +82,7 @@ class LoadedRuleset:
                 stage = LoadedStage(compiled, Object(compiled.object_path))
                 self.stages[compiled.stage.hook] = stage
                 stage.fill_interfaces(interfaces)
+                stage.fill_prefixes()
         except BaseException:
             self.close()
             raise

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /* bpfilter runtime shared by every generated stage program.
  *
- * The generated program defines BF_NSLOTS, BF_NLIMITS and BF_NIFPATTERNS before including
+ * The generated program defines BF_NSLOTS, BF_NLIMITS, BF_NIFPATTERNS and BF_NPREFIXES before including
  * this file. Packets are parsed once into struct bf_pkt; the chain functions only read it.
  */
 #pragma once
@@ -74,6 +74,31 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } bf_ifmatch SEC(".maps");
+
+/* Folded rule runs (passes/fold.py): (run, address prefix) -> the counter slot of the one
+ * rule of the run whose prefix holds the address. */
+struct bf_prefix_key {
+	__u32 prefixlen; /* 16 bits of run number + the prefix length */
+	__be16 run;
+	__be32 addr;
+} __attribute__((packed));
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, BF_NPREFIXES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct bf_prefix_key);
+	__type(value, __u32);
+} bf_prefixes SEC(".maps");
+
+static __always_inline __u32 *bf_prefix_lookup(__u16 run, __u32 addr)
+{
+	struct bf_prefix_key key = {
+		.prefixlen = 16 + 32, .run = bpf_htons(run), .addr = bpf_htonl(addr),
+	};
+
+	return bpf_map_lookup_elem(&bf_prefixes, &key);
+}
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

@@ -79,7 +79,8 @@ def test_malformed_ip_is_left_to_the_kernel(kernel, build_root):
 
 
 def test_long_chains_keep_return_and_goto_semantics_across_parts(kernel, build_root):
-    filler = "".join(f"-A {{chain}} -s 10.9.{i}.9/32 -j ACCEPT\n" for i in range(40))
+    # Not foldable (no leading address): these stay straight-line code, split in parts.
+    filler = "".join(f"-A {{chain}} -p tcp -m tcp --sport {i + 1} -j ACCEPT\n" for i in range(40))
     rules = ("*filter\n:INPUT DROP [0:0]\n:U - [0:0]\n:G - [0:0]\n"
              "-A INPUT -p udp -m udp --dport 1 -j U\n"
              "-A INPUT -p udp -m udp --dport 4 -g G\n"
@@ -99,3 +100,23 @@ def test_long_chains_keep_return_and_goto_semantics_across_parts(kernel, build_r
         assert loaded.counters("filter", "INPUT", -1).packets == 2
         assert loaded.counters("filter", "U", 40).packets == 1
         assert loaded.counters("filter", "INPUT", 43).packets == 2
+
+
+def test_folded_runs_keep_first_match_and_per_rule_counters(kernel, build_root):
+    """A run of -s rules becomes one lookup, cut where prefixes overlap, so the rule that
+    matches first is still the one that decides and counts."""
+    hosts = "".join(f"-A INPUT -s 10.1.0.{i}/32 -p udp -j DROP\n" for i in range(1, 11))
+    rules = (hosts + "-A INPUT -s 10.1.0.0/24 -p udp -j DROP\n"  # overlaps: a new run
+             + "".join(f"-A INPUT -s 10.2.{i}.0/24 -p udp -j DROP\n" for i in range(9))
+             + "-A INPUT -p udp -j ACCEPT\n")
+    with _load(rules, build_root, "fold") as loaded:
+        source = next(iter(loaded.stages.values())).compiled.program.source
+        assert source.count("prefixes in one lookup") == 2
+        send = lambda src: _run(loaded, Ether() / IP(src=src, dst="198.18.0.1") / UDP())  # noqa: E731
+        assert send("10.1.0.7") == XDP_DROP
+        assert send("10.1.0.99") == XDP_DROP
+        assert send("10.2.8.1") == XDP_DROP
+        assert send("10.3.0.1") == XDP_PASS
+        counts = [loaded.counters("filter", "INPUT", i).packets for i in range(21)]
+    assert counts[6] == 1 and counts[10] == 1 and counts[19] == 1 and counts[20] == 1
+    assert sum(counts) == 4

@@ -11,6 +11,7 @@ import jinja2
 from bpfilter import ir
 from bpfilter.codegen.matchers import MatchContext, match_lines
 from bpfilter.codegen.targets import target_lines
+from bpfilter.passes.fold import PrefixRun, RuleItem
 from bpfilter.passes.stages import Stage
 from bpfilter.resources import resource_dir
 
@@ -30,6 +31,7 @@ class GeneratedProgram:
     if_patterns: tuple[ir.InterfaceMatch, ...]
     limits: tuple[ir.LimitMatch, ...]
     nslots: int
+    prefixes: tuple[tuple[int, ir.IPNetwork, int], ...] = ()  # (run, prefix, slot)
 
 
 @functools.cache
@@ -55,21 +57,30 @@ def _function_name(index: int, chain: str) -> str:
 
 def generate_stage(stage: Stage, nslots: int, source: str) -> GeneratedProgram:
     ctx = MatchContext(stage.hook)
+    runs: list[PrefixRun] = []
     functions = {ref.chain.name: _function_name(i, ref.chain.name)
                  for i, ref in enumerate(stage.chains)}
     chains = []
     for ref in stage.chains:
         chain = ref.chain
-        parted = len(chain.rules) > PART_RULES
+        parted = len(ref.items) > PART_RULES
         to_policy = "return BF_POLICY;" if parted else "goto policy;"
         rules = []
-        for rule, slot in zip(chain.rules, ref.rule_slots):
-            ctx.skip = f"r{slot}"
-            lines = []
-            for match in rule.matches:
-                lines.extend(match_lines(match, ctx))
-            lines.extend(target_lines(rule.target, slot, chain.builtin, functions, to_policy))
-            rules.append({"slot": slot, "origin": _c_comment(str(rule.origin)),
+        for item in ref.items:
+            if isinstance(item, RuleItem):
+                ctx.skip = f"r{item.slot}"
+                lines = _rule_lines(item.rule.matches, item.rule.target, str(item.slot),
+                                    chain.builtin, functions, to_policy, ctx)
+                title, origin = f"rule {item.slot}", item.rule.origin
+            else:
+                ctx.skip = f"r{item.slots[0]}"
+                lines = _run_lines(item, len(runs), chain.builtin, functions, to_policy,
+                                   ctx)
+                runs.append(item)
+                title = (f"rules {item.slots[0]}-{item.slots[-1]}: {len(item.prefixes)} "
+                         f"prefixes in one lookup")
+                origin = item.rules[0].origin
+            rules.append({"title": title, "origin": _c_comment(str(origin)),
                           "lines": lines, "label": ctx.skip})
         parts = []
         if parted:
@@ -91,7 +102,28 @@ def generate_stage(stage: Stage, nslots: int, source: str) -> GeneratedProgram:
         source=_c_comment(source), hook=stage.hook.value, table=stage.table,
         nslots=max(nslots, 1), nlimits=max(len(ctx.limits), 1),
         nifpatterns=len(ctx.if_patterns), chains=chains,
+        nprefixes=max(1, sum(len(run.prefixes) for run in runs)),
         entry=functions[stage.entry], program=name,
     )
+    prefixes = tuple((number, net, slot) for number, run in enumerate(runs)
+                     for net, slot in run.prefixes)
     return GeneratedProgram(stage.hook, name, text, tuple(ctx.if_patterns),
-                            tuple(ctx.limits), nslots)
+                            tuple(ctx.limits), nslots, prefixes)
+
+
+def _rule_lines(matches, target, slot: str, builtin: bool, functions, to_policy: str,
+                ctx: MatchContext) -> list[str]:
+    lines = []
+    for match in matches:
+        lines.extend(match_lines(match, ctx))
+    return lines + target_lines(target, slot, builtin, functions, to_policy)
+
+
+def _run_lines(run: PrefixRun, number: int, builtin: bool, functions, to_policy: str,
+               ctx: MatchContext) -> list[str]:
+    """The lookup finds the one rule of the run that can match; the rest is that rule."""
+    field = "p->saddr" if run.direction == "src" else "p->daddr"
+    body = _rule_lines(run.rest, run.target, "slot", builtin, functions, to_policy, ctx)
+    return (["{", f"\t__u32 *hit = bf_prefix_lookup({number}, {field}), slot;",
+             f"\tif (!hit) goto {ctx.skip};", "\tslot = *hit;"]
+            + ["\t" + line for line in body] + ["}"])

@@ -9,7 +9,7 @@ from bpfilter import ir
 _REJECT_CODES = "BF_REJECT_TCP_RESET"
 
 
-def target_lines(target: Optional[ir.Target], slot: int, builtin: bool,
+def target_lines(target: Optional[ir.Target], slot: str, builtin: bool,
                  functions: dict[str, str], to_policy: str) -> list[str]:
     """`to_policy` leaves for the built-in chain's policy: a goto in the chain function,
     a return code from a part of a long chain."""

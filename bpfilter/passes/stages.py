@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bpfilter import ir
+from bpfilter.passes.fold import Item, fold_rules
 
 
 @dataclass(frozen=True)
@@ -14,6 +15,7 @@ class ChainRef:
     chain: ir.Chain
     rule_slots: tuple[int, ...]
     policy_slot: int  # -1 for user-defined chains
+    items: tuple[Item, ...] = ()  # the rules as code generation takes them (folded runs)
 
 
 @dataclass(frozen=True)
@@ -69,10 +71,8 @@ def plan_stages(ruleset: ir.Ruleset, hooks: tuple[ir.Hook, ...],
         refs = []
         for name in _reachable(table, hook.value):
             chain = table.chain(name)
-            refs.append(ChainRef(
-                chain,
-                tuple(slots[(table.name, name, i)] for i in range(len(chain.rules))),
-                slots.get((table.name, name, -1), -1),
-            ))
+            rule_slots = tuple(slots[(table.name, name, i)] for i in range(len(chain.rules)))
+            refs.append(ChainRef(chain, rule_slots, slots.get((table.name, name, -1), -1),
+                                 fold_rules(chain.rules, rule_slots)))
         stages.append(Stage(hook, table.name, hook.value, tuple(refs)))
     return tuple(stages)

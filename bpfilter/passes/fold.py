@@ -1,0 +1,122 @@
+"""Folds runs of rules that differ only in one address prefix into one map lookup.
+
+iptables walks such a run rule by rule; bpfilter looks the packet's address up once in an
+LPM trie whose value is the matching rule's counter slot. That is exact, not an
+approximation, when:
+- every rule of the run starts with a non-negated `-s` (or every one with `-d`), and is
+  otherwise identical (same further matches, same target): the lookup then finds the
+  rule that would have matched first, because
+- no two prefixes of the run overlap, so at most one rule of the run can match at all;
+- no rule carries state of its own (a `limit` bucket), which folding would merge.
+Rules keep their counter slots, so per-rule counters stay exact.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Union
+
+from bpfilter import ir
+
+# Shorter runs cost less as straight-line C than as a map lookup.
+FOLD_MIN = 8
+
+
+@dataclass(frozen=True)
+class RuleItem:
+    rule: ir.Rule
+    slot: int
+
+
+@dataclass(frozen=True)
+class PrefixRun:
+    """Rules [first, first + len(prefixes)) of a chain, as one lookup."""
+
+    direction: str  # "src" | "dst"
+    prefixes: tuple[tuple[ir.IPNetwork, int], ...]  # (prefix, counter slot), in rule order
+    rest: tuple[ir.Match, ...]  # the matches after the address, common to every rule
+    target: ir.Target | None
+    rules: tuple[ir.Rule, ...]
+
+    @property
+    def slots(self) -> tuple[int, ...]:
+        return tuple(slot for _net, slot in self.prefixes)
+
+
+Item = Union[RuleItem, PrefixRun]
+
+
+def _key(rule: ir.Rule):
+    """What must be equal for two rules to fold: all but the leading prefix."""
+    first = rule.matches[0] if rule.matches else None
+    if not isinstance(first, ir.AddressMatch) or first.negate:
+        return None
+    if any(isinstance(m, ir.LimitMatch) for m in rule.matches):
+        return None
+    return (first.direction, rule.matches[1:], rule.target)
+
+
+class _Disjoint:
+    """Prefixes of one run, pairwise disjoint; tells whether another would overlap one."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.prefixes: set[tuple[int, int]] = set()
+
+    def overlaps(self, net: ir.IPNetwork) -> bool:
+        start, end = int(net.network_address), int(net.broadcast_address)
+        i = bisect.bisect_left(self.starts, start)
+        if i < len(self.starts) and self.starts[i] <= end:
+            return True  # one of ours starts inside the new prefix
+        bits = net.max_prefixlen
+        return any((start & ~((1 << (bits - length)) - 1), length) in self.prefixes
+                   for length in range(net.prefixlen))  # one of ours contains it
+
+    def add(self, net: ir.IPNetwork) -> None:
+        bisect.insort(self.starts, int(net.network_address))
+        self.prefixes.add((int(net.network_address), net.prefixlen))
+
+
+def _split_disjoint(rules: list[tuple[ir.Rule, int]]) -> list[list[tuple[ir.Rule, int]]]:
+    """Cut the run before any prefix that overlaps one already in it."""
+    runs: list[list[tuple[ir.Rule, int]]] = [[]]
+    seen = _Disjoint()
+    for rule, slot in rules:
+        net = rule.matches[0].network
+        if seen.overlaps(net):
+            runs.append([])
+            seen = _Disjoint()
+        runs[-1].append((rule, slot))
+        seen.add(net)
+    return runs
+
+
+def fold_rules(rules: tuple[ir.Rule, ...], slots: tuple[int, ...]) -> tuple[Item, ...]:
+    items: list[Item] = []
+    pending: list[tuple[ir.Rule, int]] = []
+    pending_key = None
+
+    def flush() -> None:
+        for run in _split_disjoint(pending) if pending else []:
+            if len(run) >= FOLD_MIN:
+                first = run[0][0]
+                items.append(PrefixRun(
+                    first.matches[0].direction,
+                    tuple((r.matches[0].network, s) for r, s in run),
+                    first.matches[1:], first.target, tuple(r for r, _s in run)))
+            else:
+                items.extend(RuleItem(r, s) for r, s in run)
+        pending.clear()
+
+    for rule, slot in zip(rules, slots):
+        key = _key(rule)
+        if key is None or key != pending_key:
+            flush()
+            pending_key = key
+        if key is None:
+            items.append(RuleItem(rule, slot))
+        else:
+            pending.append((rule, slot))
+    flush()
+    return tuple(items)

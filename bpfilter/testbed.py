@@ -35,18 +35,20 @@ _TX_GRACE = 0.005
 
 
 class VethBed:
-    def __init__(self, build_dir: Path, prefix: str = "bpfd"):
+    def __init__(self, build_dir: Path, prefix: str = "bpfd", server_xdp: bool = False):
+        """`server_xdp`: give the server the pass-through program too, for frames sent
+        with XDP_TX from the client (veth hands those only to a peer running XDP)."""
         self.namespaces: list[str] = []
         self._passthrough: Optional[LoadedRuleset] = None
-        self._client_link: Optional[XdpLink] = None
+        self._links: list[XdpLink] = []
         self.sock: Optional[socket.socket] = None
         try:
-            self._setup(build_dir, prefix)
+            self._setup(build_dir, prefix, server_xdp)
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, build_dir: Path, prefix: str) -> None:
+    def _setup(self, build_dir: Path, prefix: str, server_xdp: bool) -> None:
         self.server = self._namespace(f"{prefix}-server")
         self.client = self._namespace(f"{prefix}-client")
         netns.veth("eth0", self.server, "eth0", self.client)
@@ -65,8 +67,13 @@ class VethBed:
         self._passthrough = LoadedRuleset(compile_ruleset(
             PASS_ALL, "<pass-through>", build_dir / "pass-through", verify=False))
         program = next(iter(self._passthrough.stages.values())).program
+        if server_xdp:
+            with netns.entered(self.server):
+                self._links.append(XdpLink.create(self.server_index, program.fd,
+                                                  XdpMode.NATIVE))
         with netns.entered(self.client):
-            self._client_link = XdpLink.create(client_index, program.fd, XdpMode.NATIVE)
+            self.client_index = client_index
+            self._links.append(XdpLink.create(client_index, program.fd, XdpMode.NATIVE))
             self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
             self.sock.bind(("eth0", 0))
         self._arp = bytes(Ether(src=self.client_mac, dst="ff:ff:ff:ff:ff:ff") / ARP(
@@ -123,8 +130,8 @@ class VethBed:
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close()
-        if self._client_link is not None:
-            self._client_link.close()
+        for link in self._links:
+            link.close()
         if self._passthrough is not None:
             self._passthrough.close()
         for name in self.namespaces:

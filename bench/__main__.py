@@ -1,0 +1,177 @@
+"""python -m bench: packets per second through each filter as the ruleset grows.
+
+For every N and every contender a fresh pair of namespaces is made, the N-rule ACL is
+loaded, and the in-kernel generator (bpfilter/traffic.py) sends the packet that matches
+the last rule from the client. The receive path runs in the sender's context, so packets
+per second of the generator call is the throughput of the whole receive path.
+Results: a table, JSON, and a PNG plot (when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+from scapy.layers.inet import IP, UDP
+
+from bench.contenders import CONTENDERS, NOT_BUILT, Setup
+from bpfilter import netns
+from bpfilter.compiler import compile_ruleset
+from bpfilter.runner import LoadedRuleset
+from bpfilter.testbed import SERVER_ADDR
+from bpfilter.traffic import Generator
+from examples.make_acl import acl
+
+console = Console()
+PACKET = IP(src="192.0.2.1", dst=SERVER_ADDR) / UDP(sport=1234, dport=9)  # 64-byte frame
+
+
+def _mpps(setup: Setup, build: Path, seconds: float) -> float:
+    bed = setup.bed
+    frame = bed.frame(PACKET)
+    with netns.entered(bed.client), Generator(build / "generator") as gen:
+        gen.send(frame, bed.client_index, 1000)  # warm-up
+        count, burst = 2000, gen.send(frame, bed.client_index, 2000)
+        while burst.seconds < seconds / 8 and count < 1 << 26:
+            count *= 4
+            burst = gen.send(frame, bed.client_index, count)
+        count = max(1000, int(count * (seconds / 3) / burst.seconds))
+        return statistics.median(gen.send(frame, bed.client_index, count).mpps
+                                 for _ in range(3))
+
+
+def _ns_per_packet(n: int, build: Path) -> float:
+    """bpfilter's program alone, under BPF_PROG_TEST_RUN (no stack, no veth)."""
+    frame = bytes(IP(src="192.0.2.1", dst=SERVER_ADDR) / UDP(sport=1234, dport=9))
+    frame = b"\x00" * 12 + b"\x08\x00" + frame
+    compilation = compile_ruleset(acl(n), f"acl-{n}", build / f"tr-{n}", verify=False)
+    with LoadedRuleset(compilation) as loaded:
+        program = next(iter(loaded.stages.values())).program
+        return program.test_run(frame, ingress_ifindex=1, repeat=200_000).duration_ns
+
+
+def _map_bytes(setup: Setup) -> int:
+    """Memory of the bpfilter program's maps, as the kernel accounts it."""
+    prog_id = setup.extra.get("prog_id")
+    if prog_id is None:
+        return 0
+    show = subprocess.run(["bpftool", "-j", "prog", "show", "id", str(int(prog_id))],
+                          capture_output=True, text=True, check=True)
+    total = 0
+    for map_id in json.loads(show.stdout).get("map_ids", []):
+        info = subprocess.run(["bpftool", "-j", "map", "show", "id", str(map_id)],
+                              capture_output=True, text=True, check=True)
+        total += int(json.loads(info.stdout).get("bytes_memlock", 0))
+    return total
+
+
+def _plot(results: dict, sizes: list[int], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, row in results.items():
+        points = [(n, row[str(n)]["mpps"]) for n in sizes if str(n) in row]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("rules before the matching one (N)")
+    ax.set_ylabel("Mpps, 64-byte UDP, one flow")
+    ax.set_title("bpfilter against the kernel's filters (veth, in-kernel generator)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--sizes", default="1,100,1000,10000", show_default=True,
+              help="Comma-separated rule counts N.")
+@click.option("--seconds", default=0.6, show_default=True,
+              help="Time spent sending per measurement (3 runs, median).")
+@click.option("--only", multiple=True, type=click.Choice(sorted(CONTENDERS)),
+              help="Measure only these contenders (repeatable).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("bench/results"), show_default=True)
+def main(sizes: str, seconds: float, only: tuple[str, ...], out: Path) -> None:
+    """Throughput of bpfilter against iptables-legacy, iptables-nft and nftables."""
+    ns = [int(s) for s in sizes.split(",")]
+    names = [n for n in CONTENDERS if not only or n in only]
+    out.mkdir(parents=True, exist_ok=True)
+    # A fresh object cache, so that bpfilter's load time includes compiling.
+    os.environ["BPFILTER_CACHE"] = tempfile.mkdtemp(prefix="bpfilter-bench-cache-")
+    build = Path(tempfile.mkdtemp(prefix="bpfilter-bench-"))
+    results: dict[str, dict[str, dict]] = {name: {} for name in names}
+    with console.status("measuring…") as status:
+        for n in ns:
+            for name in names:
+                status.update(f"N={n}: {name}")
+                with CONTENDERS[name](build / f"{name.split()[0]}-{n}", n) as setup:
+                    row = {"mpps": _mpps(setup, build, seconds), **setup.extra}
+                    if name == "bpfilter XDP":
+                        row["map_bytes"] = _map_bytes(setup)
+                results[name][str(n)] = row
+                console.print(f"[dim]N={n:>6} {name:<20} {row['mpps']:.3f} Mpps[/]")
+            if "bpfilter XDP" in names:
+                results["bpfilter XDP"][str(n)]["ns_per_packet"] = _ns_per_packet(n, build)
+
+    table = Table(title="Mpps, 64-byte UDP, single flow, matching the last of N+1 rules",
+                  title_justify="left")
+    table.add_column("N", justify="right")
+    for name in names:
+        table.add_column(name, justify="right")
+    if {"bpfilter XDP", "XDP drop-all"} <= set(names):
+        table.add_column("bpfilter / drop-all", justify="right")
+    if {"bpfilter XDP", "nft (one set)"} <= set(names):
+        table.add_column("bpfilter / nft set", justify="right")
+    for n in ns:
+        cells = [f"{results[name][str(n)]['mpps']:.3f}" for name in names]
+        bpf = results.get("bpfilter XDP", {}).get(str(n), {}).get("mpps")
+        if bpf and "XDP drop-all" in names:
+            cells.append(f"{100 * bpf / results['XDP drop-all'][str(n)]['mpps']:.0f}%")
+        if bpf and "nft (one set)" in names:
+            cells.append(f"{bpf / results['nft (one set)'][str(n)]['mpps']:.1f}x")
+        table.add_row(f"{n:,}", *cells)
+    console.print(table)
+    if "bpfilter XDP" in names:
+        detail = Table(title="bpfilter per N", title_justify="left")
+        for col in ("N", "compile+load+attach", "ns/packet (test_run)", "map memory"):
+            detail.add_column(col, justify="right")
+        for n in ns:
+            row = results["bpfilter XDP"][str(n)]
+            detail.add_row(f"{n:,}", f"{row['load_s']:.2f} s",
+                           f"{row.get('ns_per_packet', 0):.0f}",
+                           f"{row.get('map_bytes', 0) / 1024:.0f} KiB")
+        console.print(detail)
+    for name, why in NOT_BUILT.items():
+        console.print(f"[yellow]{name}: not measured, {why}[/]")
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    report = {"when": stamp, "kernel": platform.release(), "sizes": ns,
+              "seconds": seconds, "results": results, "not_measured": NOT_BUILT}
+    json_path = out / f"throughput-{stamp}.json"
+    json_path.write_text(json.dumps(report, indent=1))
+    console.print(f"JSON: {json_path}")
+    png = out / f"throughput-{stamp}.png"
+    if _plot(results, ns, png):
+        console.print(f"plot: {png}")
+    else:
+        console.print("[dim]no plot: pip install matplotlib[/]")
+
+
+if __name__ == "__main__":
+    main()

@@ -16,7 +16,7 @@ from bpfilter.compiler import Compilation, CompiledStage
 from bpfilter.loader.objects import Map, Object, Program
 
 # The maps a stage program owns: pinned with it, so a running ruleset can be read later.
-STAGE_MAPS = ("bf_counters", "bf_ifmatch", "bf_limits", "bf_log", "bf_prefixes")
+STAGE_MAPS = ("bf_counters", "bf_ifmatch", "bf_limits", "bf_log", "bf_prefixes", "bf_exact")
 
 
 def slot_counters(counters: Map, slot: int) -> ir.Counters:
@@ -65,6 +65,9 @@ class LoadedStage:
             key = (struct.pack("<I", 16 + network.prefixlen) + struct.pack(">H", run)
                    + network.network_address.packed)
             prefixes.update(key, struct.pack("<I", slot))
+        exact = self.obj.map("bf_exact")
+        for run, address, slot in self.compiled.program.exact:
+            exact.update(struct.pack("<II", run, address), struct.pack("<I", slot))
 
     def counters(self, slot: int) -> ir.Counters:
         return slot_counters(self.obj.map("bf_counters"), slot)

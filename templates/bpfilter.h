@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /* bpfilter runtime shared by every generated stage program.
  *
- * The generated program defines BF_NSLOTS, BF_NLIMITS, BF_NIFPATTERNS and BF_NPREFIXES before including
+ * The generated program defines BF_NSLOTS, BF_NLIMITS, BF_NIFPATTERNS, BF_NPREFIXES and BF_NEXACT before including
  * this file. Packets are parsed once into struct bf_pkt; the chain functions only read it.
  */
 #pragma once
@@ -90,6 +90,28 @@ struct {
 	__type(key, struct bf_prefix_key);
 	__type(value, __u32);
 } bf_prefixes SEC(".maps");
+
+/* Folded runs whose prefixes all have one length: (run, masked address) -> slot, one hash
+ * lookup instead of a walk down the trie. */
+struct bf_exact_key {
+	__u32 run;
+	__u32 addr; /* host order, masked to the run's prefix length */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, BF_NEXACT);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct bf_exact_key);
+	__type(value, __u32);
+} bf_exact SEC(".maps");
+
+static __always_inline __u32 *bf_exact_lookup(__u32 run, __u32 addr)
+{
+	struct bf_exact_key key = { .run = run, .addr = addr };
+
+	return bpf_map_lookup_elem(&bf_exact, &key);
+}
 
 static __always_inline __u32 *bf_prefix_lookup(__u16 run, __u32 addr)
 {

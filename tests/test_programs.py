@@ -107,7 +107,8 @@ def test_folded_runs_keep_first_match_and_per_rule_counters(kernel, build_root):
     matches first is still the one that decides and counts."""
     hosts = "".join(f"-A INPUT -s 10.1.0.{i}/32 -p udp -j DROP\n" for i in range(1, 11))
     rules = (hosts + "-A INPUT -s 10.1.0.0/24 -p udp -j DROP\n"  # overlaps: a new run
-             + "".join(f"-A INPUT -s 10.2.{i}.0/24 -p udp -j DROP\n" for i in range(9))
+             + "".join(f"-A INPUT -s 10.2.{i}.0/24 -p udp -j DROP\n" for i in range(8))
+             + "-A INPUT -s 10.2.8.1/32 -p udp -j DROP\n"  # mixed lengths: the LPM trie
              + "-A INPUT -p udp -j ACCEPT\n")
     with _load(rules, build_root, "fold") as loaded:
         source = next(iter(loaded.stages.values())).compiled.program.source
@@ -115,8 +116,10 @@ def test_folded_runs_keep_first_match_and_per_rule_counters(kernel, build_root):
         send = lambda src: _run(loaded, Ether() / IP(src=src, dst="198.18.0.1") / UDP())  # noqa: E731
         assert send("10.1.0.7") == XDP_DROP
         assert send("10.1.0.99") == XDP_DROP
+        assert "bf_exact_lookup" in source and "bf_prefix_lookup" in source
         assert send("10.2.8.1") == XDP_DROP
+        assert send("10.2.8.2") == XDP_PASS
         assert send("10.3.0.1") == XDP_PASS
         counts = [loaded.counters("filter", "INPUT", i).packets for i in range(21)]
-    assert counts[6] == 1 and counts[10] == 1 and counts[19] == 1 and counts[20] == 1
-    assert sum(counts) == 4
+    assert counts[6] == 1 and counts[10] == 1 and counts[19] == 1 and counts[20] == 2
+    assert sum(counts) == 5

@@ -31,7 +31,10 @@ class GeneratedProgram:
     if_patterns: tuple[ir.InterfaceMatch, ...]
     limits: tuple[ir.LimitMatch, ...]
     nslots: int
-    prefixes: tuple[tuple[int, ir.IPNetwork, int], ...] = ()  # (run, prefix, slot)
+    # Folded runs: (run, prefix, slot) for the LPM trie, (run, address, slot) for the hash
+    # of runs whose prefixes share one length.
+    prefixes: tuple[tuple[int, ir.IPNetwork, int], ...] = ()
+    exact: tuple[tuple[int, int, int], ...] = ()
 
 
 @functools.cache
@@ -102,13 +105,16 @@ def generate_stage(stage: Stage, nslots: int, source: str) -> GeneratedProgram:
         source=_c_comment(source), hook=stage.hook.value, table=stage.table,
         nslots=max(nslots, 1), nlimits=max(len(ctx.limits), 1),
         nifpatterns=len(ctx.if_patterns), chains=chains,
-        nprefixes=max(1, sum(len(run.prefixes) for run in runs)),
+        nprefixes=max(1, sum(len(r.prefixes) for r in runs if r.uniform_length is None)),
+        nexact=max(1, sum(len(r.prefixes) for r in runs if r.uniform_length is not None)),
         entry=functions[stage.entry], program=name,
     )
     prefixes = tuple((number, net, slot) for number, run in enumerate(runs)
-                     for net, slot in run.prefixes)
+                     if run.uniform_length is None for net, slot in run.prefixes)
+    exact = tuple((number, int(net.network_address), slot) for number, run in enumerate(runs)
+                  if run.uniform_length is not None for net, slot in run.prefixes)
     return GeneratedProgram(stage.hook, name, text, tuple(ctx.if_patterns),
-                            tuple(ctx.limits), nslots, prefixes)
+                            tuple(ctx.limits), nslots, prefixes, exact)
 
 
 def _rule_lines(matches, target, slot: str, builtin: bool, functions, to_policy: str,
@@ -123,7 +129,13 @@ def _run_lines(run: PrefixRun, number: int, builtin: bool, functions, to_policy:
                ctx: MatchContext) -> list[str]:
     """The lookup finds the one rule of the run that can match; the rest is that rule."""
     field = "p->saddr" if run.direction == "src" else "p->daddr"
+    length = run.uniform_length
+    if length is None:
+        lookup = f"bf_prefix_lookup({number}, {field})"
+    else:
+        mask = (0xFFFFFFFF << (32 - length)) & 0xFFFFFFFF
+        lookup = f"bf_exact_lookup({number}, {field} & 0x{mask:08x})"
     body = _rule_lines(run.rest, run.target, "slot", builtin, functions, to_policy, ctx)
-    return (["{", f"\t__u32 *hit = bf_prefix_lookup({number}, {field}), slot;",
+    return (["{", f"\t__u32 *hit = {lookup}, slot;",
              f"\tif (!hit) goto {ctx.skip};", "\tslot = *hit;"]
             + ["\t" + line for line in body] + ["}"])

@@ -43,6 +43,12 @@ class PrefixRun:
     def slots(self) -> tuple[int, ...]:
         return tuple(slot for _net, slot in self.prefixes)
 
+    @property
+    def uniform_length(self) -> int | None:
+        """The prefix length all prefixes share (then a hash lookup will do), or None."""
+        lengths = {net.prefixlen for net, _slot in self.prefixes}
+        return lengths.pop() if len(lengths) == 1 else None
+
 
 Item = Union[RuleItem, PrefixRun]
 

@@ -25,10 +25,25 @@ def _counters(tok: lark.Token) -> ir.Counters:
     return ir.Counters(int(packets), int(byte_count))
 
 
-def _unquote(tok: lark.Token) -> str:
-    if tok.type != "STRING":
-        return tok.value
-    return re.sub(r"\\(.)", r"\1", tok.value[1:-1])
+# The words of a rule's ARGS token: a "quoted string" (backslash escapes), '!', or a run
+# of anything else but blanks, quotes and '!'. A lone quote is an unterminated string.
+ARGUMENT = re.compile(r'(?P<string>"(?:\\.|[^"\\])*")|(?P<word>!|[^\s"!]+)|(?P<bad>")')
+
+
+def _arguments(args: lark.Token | None, source: str) -> list[Token]:
+    if args is None:
+        return []
+    tokens = []
+    for found in ARGUMENT.finditer(args.value):
+        column = args.column + found.start()
+        if found.lastgroup == "bad":
+            raise InputError(source, args.line, args.value[found.start():].split()[0],
+                             "unterminated quoted string", column=column)
+        text = found.group()
+        if found.lastgroup == "string":
+            text = re.sub(r"\\(.)", r"\1", text[1:-1])
+        tokens.append(Token(text, args.line, column))
+    return tokens
 
 
 def parse_iptables_save(text: str, source: str = "<stdin>") -> ir.Ruleset:
@@ -109,7 +124,7 @@ def _rule(node: lark.Tree, source: str, table: str) -> tuple[lark.Token, ir.Rule
     children = list(node.children)
     counters = _counters(children.pop(0)) if children[0].type == "COUNTERS" else None
     append, chain = children[0], children[1]
-    tokens = [Token(_unquote(t), t.line, t.column) for t in children[2:]]
+    tokens = _arguments(children[2] if len(children) > 2 else None, source)
     origin = ir.Origin(source, append.line, append.column)
     matches, target = RuleReader(tokens, source, table).read()
     return chain, ir.Rule(matches, target, origin, counters)

@@ -6,6 +6,7 @@ knows only objects, maps and programs.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
@@ -16,7 +17,26 @@ from bpfilter.compiler import Compilation, CompiledStage
 from bpfilter.loader.objects import Map, Object, Program
 
 # The maps a stage program owns: pinned with it, so a running ruleset can be read later.
-STAGE_MAPS = ("bf_counters", "bf_ifmatch", "bf_limits", "bf_log", "bf_prefixes", "bf_exact")
+STAGE_MAPS = ("bf_counters", "bf_ifmatch", "bf_limits", "bf_log", "bf_prefixes", "bf_exact",
+              "bf_local")
+RT_TABLE_LOCAL, RTN_LOCAL, RTN_BROADCAST = 255, 2, 3
+
+
+def local_destinations() -> list[tuple[int, int]]:
+    """(address, prefix length) of the local and broadcast routes of the current network
+    namespace's `local` table: where the kernel delivers packets to INPUT."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        routes = ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_LOCAL)
+    found = []
+    for route in routes:
+        if route["type"] in (RTN_LOCAL, RTN_BROADCAST):
+            dst = route.get_attr("RTA_DST")
+            if dst is not None:
+                found.append((int(ipaddress.IPv4Address(dst)), route["dst_len"]))
+    return found
+
 
 
 def slot_counters(counters: Map, slot: int) -> ir.Counters:
@@ -59,6 +79,11 @@ class LoadedStage:
                                           interfaces).items():
             ifmatch.update(struct.pack("<I", index), struct.pack("<Q", mask))
 
+    def fill_local(self) -> None:
+        local = self.obj.map("bf_local")
+        for address, length in local_destinations():
+            local.update(struct.pack("<I", length) + struct.pack(">I", address), b"\x01")
+
     def fill_prefixes(self) -> None:
         prefixes = self.obj.map("bf_prefixes")
         for run, network, slot in self.compiled.program.prefixes:
@@ -86,6 +111,7 @@ class LoadedRuleset:
                 self.stages[compiled.stage.hook] = stage
                 stage.fill_interfaces(interfaces)
                 stage.fill_prefixes()
+                stage.fill_local()
         except BaseException:
             self.close()
             raise

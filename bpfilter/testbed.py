@@ -1,7 +1,7 @@
 """A client and a server namespace joined by a veth pair, for the demo and the tests.
 
 The server owns 198.18.0.0/15 (a local route, so any address in it is local) and routes
-everything else back through the client. The client runs a pass-through XDP program
+everything else back through the client (100.64.0.2). The client runs a pass-through XDP program
 (veth hands XDP_TX frames, i.e. bpfilter's REJECT replies, only to a peer that runs XDP) and
 sends frames from a raw socket. After each frame it sends an ARP request: the server
 handles it after the frame, so its answer says the frame has been dealt with, without
@@ -26,7 +26,8 @@ from bpfilter.loader.links import XdpLink
 from bpfilter.loader.xdp import XdpMode
 from bpfilter.runner import LoadedRuleset
 
-SERVER_ADDR, CLIENT_ADDR = "198.18.0.1", "198.18.0.2"
+# The client must not be inside the server's local range: it is the server's gateway.
+SERVER_ADDR, CLIENT_ADDR = "198.18.0.1", "100.64.0.2"
 SERVER_NET = "198.18.0.0/15"
 PASS_ALL = "*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n"
 # XDP_TX frames are flushed at the end of the server's NAPI poll, possibly after the ARP
@@ -55,7 +56,7 @@ class VethBed:
         srv = lambda *a: netns.run(*a, netns=self.server)  # noqa: E731
         srv("ip", "addr", "add", f"{SERVER_ADDR}/32", "dev", "eth0")
         srv("ip", "route", "add", "local", SERVER_NET, "dev", "lo")
-        netns.run("ip", "addr", "add", f"{CLIENT_ADDR}/15", "dev", "eth0", netns=self.client)
+        netns.run("ip", "addr", "add", f"{CLIENT_ADDR}/24", "dev", "eth0", netns=self.client)
         srv("ip", "route", "add", CLIENT_ADDR, "dev", "eth0")
         srv("ip", "route", "add", "default", "via", CLIENT_ADDR)
         for key in ("all", "default", "eth0"):

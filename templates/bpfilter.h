@@ -91,6 +91,31 @@ struct {
 	__type(value, __u32);
 } bf_prefixes SEC(".maps");
 
+/* The destinations the kernel delivers locally (its `local` table: local and broadcast
+ * routes), filled by the loader: INPUT sees only packets for these. */
+struct bf_local_key {
+	__u32 prefixlen;
+	__be32 addr;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct bf_local_key);
+	__type(value, __u8);
+} bf_local SEC(".maps");
+
+static __always_inline int bf_local_destination(const struct bf_pkt *p)
+{
+	struct bf_local_key key = { .prefixlen = 32, .addr = bpf_htonl(p->daddr) };
+
+	/* Multicast and limited broadcast are delivered locally when anyone listens. */
+	if ((p->daddr >> 28) == 0xe || p->daddr == 0xffffffff)
+		return 1;
+	return bpf_map_lookup_elem(&bf_local, &key) != 0;
+}
+
 /* Folded runs whose prefixes all have one length: (run, masked address) -> slot, one hash
  * lookup instead of a walk down the trie. */
 struct bf_exact_key {

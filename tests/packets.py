@@ -83,7 +83,11 @@ def frames(draw, values: Interesting, interfaces: tuple[str, ...]):
     random_source = st.ip_addresses(v=4).map(str).filter(_usable_source)
     src = draw(st.one_of(st.sampled_from(sources), random_source) if sources
                else random_source)
-    dst = str(LOCAL.network_address + draw(st.integers(1, LOCAL.num_addresses - 2)))
+    random_local = st.integers(1, LOCAL.num_addresses - 2).map(
+        lambda i: str(LOCAL.network_address + i))
+    local = sorted(a for a in values.addresses
+                   if ipaddress.IPv4Address(a) in LOCAL and a != str(LOCAL.network_address))
+    dst = draw(st.one_of(st.sampled_from(local), random_local) if local else random_local)
     ttl = draw(st.sampled_from(sorted(values.ttls)))
     smac = draw(st.sampled_from(sorted(values.macs | {"02:00:00:00:00:01"})))
     ports = st.one_of(st.sampled_from(sorted(values.ports)), st.integers(0, 65535))

@@ -53,7 +53,8 @@ class Differential:
         self.oracle = KernelOracle(make_namespace)
         self.oracle.load(text)
         compilation = compile_ruleset(text, name, build_root / name, verify=False)
-        self.loaded = LoadedRuleset(compilation, netns.interfaces(self.oracle.k))
+        with netns.entered(self.oracle.k):  # its interfaces and local routes
+            self.loaded = LoadedRuleset(compilation)
         self.mismatches: list[str] = []
 
     def check(self, iface: str, frame: Ether) -> None:

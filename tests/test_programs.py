@@ -10,11 +10,22 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
+from bpfilter import netns
 from bpfilter.compiler import compile_ruleset
 from bpfilter.runner import LoadedRuleset
 
 XDP_DROP, XDP_PASS, XDP_TX = 1, 2, 3
 LO = 1
+
+
+@pytest.fixture(autouse=True)
+def host(namespace):
+    """Each test runs in a namespace that owns 198.18.0.0/15, as a server would: INPUT
+    sees only packets for local destinations."""
+    name = namespace("bpft-prog")
+    netns.run("ip", "route", "add", "local", "198.18.0.0/15", "dev", "lo", netns=name)
+    with netns.entered(name):
+        yield name
 
 
 def _load(text: str, build_root, name: str) -> LoadedRuleset:
@@ -34,6 +45,8 @@ def _udp(**ip) -> Ether:
 def test_later_fragments_are_left_to_the_kernel(kernel, build_root):
     with _load("-A INPUT -j DROP\n", build_root, "frag") as loaded:
         assert _run(loaded, _udp()) == XDP_DROP
+        elsewhere = Ether() / IP(src="192.0.2.1", dst="203.0.113.9") / UDP(dport=53)
+        assert _run(loaded, elsewhere) == XDP_PASS  # not local: never INPUT
         later = Ether() / IP(src="192.0.2.1", dst="198.18.0.1", proto=17, frag=10) / Raw(b"x" * 8)
         assert _run(loaded, later) == XDP_PASS
         assert loaded.counters("filter", "INPUT", 0).packets == 1

@@ -160,3 +160,32 @@ def kinds(ruleset: ir.Ruleset) -> set[str]:
         elif rule.target is not None:
             found.add(names[type(rule.target)])
     return found
+
+
+@st.composite
+def large_acls(draw) -> ir.Ruleset:
+    """Long -s lists as real ACLs are: mostly hosts, some networks, some overlapping, in
+    blocks with different targets and extra matches, so folding, and cutting runs where
+    prefixes overlap, are exercised against the kernel."""
+    origin = ir.Origin("<generated>", 0)
+    rules = []
+    for _block in range(draw(st.integers(1, 4))):
+        target = draw(st.sampled_from([ir.VerdictTarget(ir.Verdict.DROP),
+                                       ir.VerdictTarget(ir.Verdict.ACCEPT),
+                                       ir.RejectTarget(ir.RejectWith.HOST_PROHIBITED)]))
+        rest = draw(st.sampled_from([(), (ir.ProtocolMatch(TCP),),
+                                     (ir.ProtocolMatch(UDP), ir.UdpMatch(
+                                         dport=ir.PortSpec(ir.Range(53, 53))))]))
+        direction = draw(st.sampled_from(["src", "src", "dst"]))
+        base = "192.0.2.0" if direction == "src" else "198.18.0.0"
+        for _ in range(draw(st.integers(8, 300))):
+            length = draw(st.sampled_from([32, 32, 32, 30, 28, 24]))
+            offset = draw(st.integers(0, 255)) if direction == "src" else \
+                draw(st.integers(0, 1023))
+            net = ipaddress.IPv4Network(
+                (int(ipaddress.IPv4Address(base)) + offset, length), strict=False)
+            rules.append(ir.Rule((ir.AddressMatch(direction, net),) + rest, target, origin))
+    policy = draw(st.sampled_from(list(ir.Verdict)))
+    chains = (ir.Chain("INPUT", tuple(rules), policy), ir.Chain("FORWARD", (), ir.Verdict.ACCEPT),
+              ir.Chain("OUTPUT", (), ir.Verdict.ACCEPT))
+    return ir.Ruleset(ir.Family.IPV4, (ir.Table("filter", chains),))

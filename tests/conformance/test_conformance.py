@@ -11,7 +11,7 @@ from bpfilter.frontend import parse_ruleset
 from bpfilter.frontend.iptables.save import save
 from tests.conftest import EXAMPLES
 from tests.conformance.harness import MirrorPair
-from tests.conformance.rulesets import kinds, rulesets
+from tests.conformance.rulesets import kinds, large_acls, rulesets
 from tests.packets import frames, interesting
 
 # No shrinking: every case reloads rulesets and sends real frames, so shrinking takes
@@ -19,6 +19,7 @@ from tests.packets import frames, interesting
 SETTINGS = dict(deadline=None, derandomize=True, phases=(Phase.explicit, Phase.generate),
                 suppress_health_check=list(HealthCheck))
 GENERATED_RULESETS = 100
+LARGE_ACLS = 15
 FRAMES_PER_RULESET = 20
 FRAMES_PER_EXAMPLE = 60
 
@@ -61,6 +62,19 @@ def test_examples_conform(mirror, name):
 @given(data=st.data())
 def test_generated_rulesets_conform(mirror, data):
     ruleset = data.draw(rulesets(), label="ruleset")
+    text = save(ruleset)
+    mirror.load(text)
+    case_frames = data.draw(st.lists(frames(interesting(ruleset), ("eth0",)),
+                                     min_size=FRAMES_PER_RULESET,
+                                     max_size=FRAMES_PER_RULESET), label="frames")
+    _check(mirror, text, ruleset, case_frames)
+
+
+@settings(max_examples=LARGE_ACLS, **SETTINGS)
+@given(data=st.data())
+def test_large_generated_acls_conform(mirror, data):
+    """Long address lists, which bpfilter folds into map lookups."""
+    ruleset = data.draw(large_acls(), label="ruleset")
     text = save(ruleset)
     mirror.load(text)
     case_frames = data.draw(st.lists(frames(interesting(ruleset), ("eth0",)),

@@ -6,6 +6,7 @@ unchanged ruleset costs a file copy.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -13,7 +14,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from bpfilter.codegen.program import RUNTIME_HEADER, GeneratedProgram, runtime_header
+from bpfilter.codegen.program import (RUNTIME_HEADER, GeneratedProgram, code_digest,
+                                      runtime_header)
 from bpfilter.errors import BuildError
 
 KERNEL_BTF = Path("/sys/kernel/btf/vmlinux")
@@ -44,6 +46,7 @@ def _digest(*parts: bytes) -> str:
     return h.hexdigest()[:24]
 
 
+@functools.cache
 def vmlinux_header() -> Path:
     """vmlinux.h for the running kernel, generated once per distinct kernel BTF."""
     btf = KERNEL_BTF.read_bytes()
@@ -61,6 +64,7 @@ def vmlinux_header() -> Path:
     return target
 
 
+@functools.cache
 def _clang_version() -> bytes:
     return subprocess.run([_tool("clang"), "--version"], capture_output=True,
                           check=True).stdout
@@ -79,7 +83,8 @@ def build_source(name: str, source: str, out_dir: Path) -> tuple[Path, bool]:
     source_path = out_dir / f"{name}.c"
     source_path.write_text(source)
     (out_dir / RUNTIME_HEADER).write_text(header)
-    key = _digest(source.encode(), header.encode(), vmlinux.parent.name.encode(),
+    # Comments do not count: a ruleset that differs only in map contents reuses the object.
+    key = _digest(code_digest(source).encode(), header.encode(), vmlinux.parent.name.encode(),
                   _clang_version(), " ".join(CLANG_FLAGS).encode())
     cached = cache_dir() / "objects" / f"{key}.o"
     target = out_dir / f"{name}.o"

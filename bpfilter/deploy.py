@@ -8,9 +8,11 @@ removes what this apply created; the running ruleset is never touched.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import socket
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +22,11 @@ from bpfilter import ir, state
 from bpfilter.compiler import Compilation, compile_ruleset
 from bpfilter.errors import KernelError
 from bpfilter.loader.links import XdpLink
+from bpfilter.codegen.program import code_digest
 from bpfilter.loader.objects import Map
 from bpfilter.loader.xdp import XdpMode
-from bpfilter.runner import STAGE_MAPS, LoadedRuleset, slot_counters
+from bpfilter.runner import (GENERATION_MAPS, STAGE_MAPS, LoadedRuleset, clear_generation,
+                             fill_folded, interface_bits, slot_counters)
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class ApplyReport:
     switch_ns: int  # the one kernel operation that made it live
     total_s: float
     fallback: Optional[str] = None  # why the mode differs from the one asked for
+    map_only: bool = False  # same program: only its maps were rewritten
 
 
 def _ifindex(iface: str) -> int:
@@ -55,6 +60,10 @@ def apply(text: str, source: str, iface: str, build_dir: Path,
     if previous is not None and mode is not None and mode.value != previous.mode:
         raise KernelError(f"{iface} runs a ruleset in {previous.mode} mode; detach it "
                           f"before applying in {mode.value} mode")
+    digest = code_digest(compilation.stages[0].program.source)
+    if previous is not None and previous.code_digest == digest:
+        progress("same program: rewriting its maps")
+        return _update_maps(text, source, paths, previous, compilation, started)
     progress("loading and verifying")
     generation = f"g{time.time_ns()}"
     gen_dir = paths.generation(generation)
@@ -92,12 +101,12 @@ def apply(text: str, source: str, iface: str, build_dir: Path,
             deployment = state.Deployment(
                 iface=iface, ifindex=ifindex, netns=paths.netns, mode=used_mode.value,
                 source=source, sha256=hashlib.sha256(text.encode()).hexdigest(),
-                applied_at=datetime.datetime.now(datetime.timezone.utc).isoformat(
-                    timespec="seconds"),
+                applied_at=_now(),
                 generation=generation, program=compilation.stages[0].program.name,
                 prog_id=program.info().id, hook=stage.compiled.stage.hook.value,
-                rules=sum(len(c.rules) for t in compilation.ruleset.tables for c in t.chains),
-                slots=[[t, c, i, s] for (t, c, i), s in compilation.slots.items()])
+                rules=_rule_count(compilation),
+                slots=[[t, c, i, s] for (t, c, i), s in compilation.slots.items()],
+                code_digest=digest)
             state.write(paths, deployment, text)
         except BaseException:
             state.remove_tree(gen_dir)
@@ -109,6 +118,44 @@ def apply(text: str, source: str, iface: str, build_dir: Path,
         state.remove_tree(paths.generation(previous.generation))
     return ApplyReport(deployment, previous is not None, switch_ns,
                        time.perf_counter() - started, fallback)
+
+
+def _update_maps(text: str, source: str, paths: state.Paths, previous: state.Deployment,
+                 compilation: Compilation, started: float) -> ApplyReport:
+    """The running program stays; the other generation of its maps is written, then made
+    live by one update of bf_gen, then the old generation is cleared for the next time."""
+    program = compilation.stages[0].program
+    gen_dir = paths.generation(previous.generation)
+    maps = {name: Map.open_pinned(str(gen_dir / name))
+            for name in (*GENERATION_MAPS, "bf_gen", "bf_ifmatch")}
+    try:
+        live = previous.live_gen
+        new = 1 - live
+        fill_folded(program, maps["bf_prefixes"], maps["bf_exact"], new)
+        for index, mask in interface_bits(program.if_patterns).items():
+            maps["bf_ifmatch"].update(struct.pack("<I", index), struct.pack("<Q", mask))
+        t0 = time.perf_counter_ns()
+        maps["bf_gen"].update(struct.pack("<I", 0), struct.pack("<I", new))
+        switch_ns = time.perf_counter_ns() - t0
+        deployment = dataclasses.replace(
+            previous, source=source, sha256=hashlib.sha256(text.encode()).hexdigest(),
+            applied_at=_now(), rules=_rule_count(compilation), live_gen=new,
+            slots=[[t, c, i, s] for (t, c, i), s in compilation.slots.items()])
+        state.write(paths, deployment, text)
+        live_s = time.perf_counter() - started
+        clear_generation(maps, live)
+    finally:
+        for table in maps.values():
+            table.close()
+    return ApplyReport(deployment, True, switch_ns, live_s, map_only=True)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _rule_count(compilation: Compilation) -> int:
+    return sum(len(c.rules) for t in compilation.ruleset.tables for c in t.chains)
 
 
 def _live_deployment(paths: state.Paths, ifindex: int) -> Optional[state.Deployment]:
@@ -169,10 +216,11 @@ class LiveCounters:
     def __init__(self, paths: state.Paths, deployment: state.Deployment):
         self.slots = {(t, c, i): s for t, c, i, s in deployment.slots}
         self.map = Map.open_pinned(str(paths.generation(deployment.generation) / "bf_counters"))
+        self.gen = deployment.live_gen
 
     def __call__(self, table: str, chain: str, index: int) -> ir.Counters:
         slot = self.slots.get((table, chain, index))
-        return ir.Counters() if slot is None else slot_counters(self.map, slot)
+        return ir.Counters() if slot is None else slot_counters(self.map, slot, self.gen)
 
     def close(self) -> None:
         self.map.close()

@@ -18,7 +18,9 @@ from bpfilter.loader.objects import Map, Object, Program
 
 # The maps a stage program owns: pinned with it, so a running ruleset can be read later.
 STAGE_MAPS = ("bf_counters", "bf_ifmatch", "bf_limits", "bf_log", "bf_prefixes", "bf_exact",
-              "bf_local")
+              "bf_local", "bf_gen")
+# The maps that hold two generations (see templates/bpfilter.h).
+GENERATION_MAPS = ("bf_counters", "bf_limits", "bf_prefixes", "bf_exact")
 RT_TABLE_LOCAL, RTN_LOCAL, RTN_BROADCAST = 255, 2, 3
 
 
@@ -39,10 +41,11 @@ def local_destinations() -> list[tuple[int, int]]:
 
 
 
-def slot_counters(counters: Map, slot: int) -> ir.Counters:
+def slot_counters(counters: Map, slot: int, gen: int = 0) -> ir.Counters:
     """A rule's counters from a bf_counters map, summed over CPUs."""
     packets = byte_count = 0
-    for value in counters.lookup_percpu(struct.pack("<I", slot)):
+    index = slot + gen * (counters.max_entries // 2)
+    for value in counters.lookup_percpu(struct.pack("<I", index)):
         p, b = struct.unpack("<QQ", value)
         packets += p
         byte_count += b
@@ -60,6 +63,33 @@ def interface_bits(patterns: tuple[ir.InterfaceMatch, ...],
         if mask:
             bits[index] = mask
     return bits
+
+
+def _prefix_key(run: int, network: ir.IPNetwork, gen: int) -> bytes:
+    return (struct.pack("<I", 16 + network.prefixlen) + struct.pack(">H", run | gen << 15)
+            + network.network_address.packed)
+
+
+def fill_folded(program, prefixes: Map, exact: Map, gen: int) -> None:
+    """Write the folded runs' entries of one generation."""
+    for run, network, slot in program.prefixes:
+        prefixes.update(_prefix_key(run, network, gen), struct.pack("<I", slot))
+    for run, address, slot in program.exact:
+        exact.update(struct.pack("<II", run | gen << 16, address), struct.pack("<I", slot))
+
+
+def clear_generation(maps: dict[str, Map], gen: int) -> None:
+    """Empty one generation: its folded-run entries go, its counters and buckets zeroed."""
+    for name, gen_of in (("bf_prefixes", lambda k: (struct.unpack(">H", k[4:6])[0] >> 15)),
+                         ("bf_exact", lambda k: struct.unpack("<I", k[:4])[0] >> 16)):
+        for key in [k for k in maps[name].keys() if gen_of(k) == gen]:
+            maps[name].delete(key)
+    for name in ("bf_counters", "bf_limits"):
+        table = maps[name]
+        half = table.max_entries // 2
+        zero = bytes(len(table.lookup(struct.pack("<I", 0)) or b""))
+        for index in range(gen * half, (gen + 1) * half):
+            table.update(struct.pack("<I", index), zero)
 
 
 @dataclass
@@ -85,14 +115,8 @@ class LoadedStage:
             local.update(struct.pack("<I", length) + struct.pack(">I", address), b"\x01")
 
     def fill_prefixes(self) -> None:
-        prefixes = self.obj.map("bf_prefixes")
-        for run, network, slot in self.compiled.program.prefixes:
-            key = (struct.pack("<I", 16 + network.prefixlen) + struct.pack(">H", run)
-                   + network.network_address.packed)
-            prefixes.update(key, struct.pack("<I", slot))
-        exact = self.obj.map("bf_exact")
-        for run, address, slot in self.compiled.program.exact:
-            exact.update(struct.pack("<II", run, address), struct.pack("<I", slot))
+        fill_folded(self.compiled.program, self.obj.map("bf_prefixes"),
+                    self.obj.map("bf_exact"), gen=0)
 
     def counters(self, slot: int) -> ir.Counters:
         return slot_counters(self.obj.map("bf_counters"), slot)

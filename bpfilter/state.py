@@ -53,6 +53,8 @@ class Deployment:
     hook: str
     rules: int
     slots: list  # [table, chain, rule index (-1: policy), counter slot]
+    code_digest: str = ""  # the program's identity (codegen.program.code_digest)
+    live_gen: int = 0  # which generation of the maps is live
 
 
 @dataclass(frozen=True)

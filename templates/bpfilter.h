@@ -2,7 +2,13 @@
 /* bpfilter runtime shared by every generated stage program.
  *
  * The generated program defines BF_NSLOTS, BF_NLIMITS, BF_NIFPATTERNS, BF_NPREFIXES and BF_NEXACT before including
- * this file. Packets are parsed once into struct bf_pkt; the chain functions only read it.
+ * this file: capacities, rounded up so that a ruleset that differs only in the contents of
+ * its maps compiles to the same program.
+ *
+ * Every map that depends on the ruleset's contents (counters, token buckets, folded runs)
+ * holds two generations, and bf_gen says which one is live: `apply` of a ruleset that
+ * compiles to the running program writes the other generation, then flips bf_gen, one
+ * atomic map update, so no packet sees half of an update. Packets are parsed once into struct bf_pkt; the chain functions only read it.
  */
 #pragma once
 
@@ -35,6 +41,7 @@ struct bf_pkt {
 	__u16 l4_off;       /* from the start of the frame */
 	__u8 proto, ttl, tos, tcp_flags, tcp_doff, icmp_type, icmp_code;
 	__u8 reject_with;
+	__u32 gen;          /* the live generation of the maps (0 or 1) */
 	__u8 smac[6], dmac[6];
 };
 
@@ -60,8 +67,15 @@ struct bf_log_event {
 };
 
 struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} bf_gen SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, BF_NSLOTS);
+	__uint(max_entries, 2 * BF_NSLOTS);
 	__type(key, __u32);
 	__type(value, struct bf_counter);
 } bf_counters SEC(".maps");
@@ -79,13 +93,13 @@ struct {
  * rule of the run whose prefix holds the address. */
 struct bf_prefix_key {
 	__u32 prefixlen; /* 16 bits of run number + the prefix length */
-	__be16 run;
+	__be16 run;      /* generation << 15 | run */
 	__be32 addr;
 } __attribute__((packed));
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, BF_NPREFIXES);
+	__uint(max_entries, 2 * BF_NPREFIXES);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct bf_prefix_key);
 	__type(value, __u32);
@@ -119,29 +133,30 @@ static __always_inline int bf_local_destination(const struct bf_pkt *p)
 /* Folded runs whose prefixes all have one length: (run, masked address) -> slot, one hash
  * lookup instead of a walk down the trie. */
 struct bf_exact_key {
-	__u32 run;
+	__u32 run;  /* generation << 16 | run */
 	__u32 addr; /* host order, masked to the run's prefix length */
 };
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, BF_NEXACT);
+	__uint(max_entries, 2 * BF_NEXACT);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct bf_exact_key);
 	__type(value, __u32);
 } bf_exact SEC(".maps");
 
-static __always_inline __u32 *bf_exact_lookup(__u32 run, __u32 addr)
+static __always_inline __u32 *bf_exact_lookup(const struct bf_pkt *p, __u32 run, __u32 addr)
 {
-	struct bf_exact_key key = { .run = run, .addr = addr };
+	struct bf_exact_key key = { .run = run | (p->gen << 16), .addr = addr };
 
 	return bpf_map_lookup_elem(&bf_exact, &key);
 }
 
-static __always_inline __u32 *bf_prefix_lookup(__u16 run, __u32 addr)
+static __always_inline __u32 *bf_prefix_lookup(const struct bf_pkt *p, __u16 run, __u32 addr)
 {
 	struct bf_prefix_key key = {
-		.prefixlen = 16 + 32, .run = bpf_htons(run), .addr = bpf_htonl(addr),
+		.prefixlen = 16 + 32, .run = bpf_htons(run | (p->gen << 15)),
+		.addr = bpf_htonl(addr),
 	};
 
 	return bpf_map_lookup_elem(&bf_prefixes, &key);
@@ -149,7 +164,7 @@ static __always_inline __u32 *bf_prefix_lookup(__u16 run, __u32 addr)
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, BF_NLIMITS);
+	__uint(max_entries, 2 * BF_NLIMITS);
 	__type(key, __u32);
 	__type(value, struct bf_limit);
 } bf_limits SEC(".maps");
@@ -161,7 +176,8 @@ struct {
 
 static __always_inline void bf_count(__u32 slot, const struct bf_pkt *p)
 {
-	struct bf_counter *c = bpf_map_lookup_elem(&bf_counters, &slot);
+	__u32 index = slot + p->gen * BF_NSLOTS;
+	struct bf_counter *c = bpf_map_lookup_elem(&bf_counters, &index);
 
 	if (c) {
 		c->packets++;
@@ -170,9 +186,10 @@ static __always_inline void bf_count(__u32 slot, const struct bf_pkt *p)
 }
 
 /* xt_limit's token bucket, in nanoseconds instead of jiffies. */
-static __always_inline int bf_limit(__u32 index, __u64 cost, __u64 cap)
+static __always_inline int bf_limit(const struct bf_pkt *p, __u32 index, __u64 cost, __u64 cap)
 {
-	struct bf_limit *l = bpf_map_lookup_elem(&bf_limits, &index);
+	__u32 key = index + p->gen * BF_NLIMITS;
+	struct bf_limit *l = bpf_map_lookup_elem(&bf_limits, &key);
 	__u64 now = bpf_ktime_get_ns();
 	int hit = 0;
 
@@ -315,6 +332,12 @@ static __always_inline int bf_parse(struct xdp_md *ctx, struct bf_pkt *p)
 			p->icmp_type = l4[0];
 			p->icmp_code = l4[1];
 		}
+	}
+	{
+		__u32 zero = 0;
+		__u32 *gen = bpf_map_lookup_elem(&bf_gen, &zero);
+
+		p->gen = gen ? (*gen & 1) : 0;
 	}
 	if (BF_NIFPATTERNS) {
 		__u32 key = p->ifindex;

@@ -146,7 +146,7 @@ def _limit(m: ir.LimitMatch, ctx: MatchContext) -> list[str]:
     index = len(ctx.limits)
     ctx.limits.append(m)
     cost = m.interval_ns
-    return [ctx.require(f"bf_limit({index}, {cost}ULL, {cost * m.burst}ULL)")]
+    return [ctx.require(f"bf_limit(p, {index}, {cost}ULL, {cost * m.burst}ULL)")]
 
 
 def _comment(m: ir.CommentMatch, ctx: MatchContext) -> list[str]:

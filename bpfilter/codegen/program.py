@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -50,6 +51,17 @@ def runtime_header() -> str:
     return (resource_dir("templates") / RUNTIME_HEADER).read_text()
 
 
+def code_digest(source: str) -> str:
+    """The program's identity: its C without comments (which name lines and counts)."""
+    return hashlib.sha256(re.sub(r"/\*.*?\*/", "", source, flags=re.S).encode()).hexdigest()
+
+
+def capacity(count: int) -> int:
+    """Room for `count` entries, rounded up (at least 64, then powers of two with half
+    to spare) so that adding or removing an entry rarely changes the program."""
+    return max(64, 1 << (2 * count - 1).bit_length())
+
+
 def _c_comment(text: str) -> str:
     return text.replace("*/", "* /")
 
@@ -60,7 +72,7 @@ def _function_name(index: int, chain: str) -> str:
 
 def generate_stage(stage: Stage, nslots: int, source: str) -> GeneratedProgram:
     ctx = MatchContext(stage.hook)
-    runs: list[PrefixRun] = []
+    runs: list[tuple[PrefixRun, tuple[int, ...]]] = []  # with their chain's rule slots
     functions = {ref.chain.name: _function_name(i, ref.chain.name)
                  for i, ref in enumerate(stage.chains)}
     chains = []
@@ -71,17 +83,17 @@ def generate_stage(stage: Stage, nslots: int, source: str) -> GeneratedProgram:
         rules = []
         for item in ref.items:
             if isinstance(item, RuleItem):
-                ctx.skip = f"r{item.slot}"
-                lines = _rule_lines(item.rule.matches, item.rule.target, str(item.slot),
+                slot = ref.rule_slots[item.index]
+                ctx.skip = f"r{slot}"
+                lines = _rule_lines(item.rule.matches, item.rule.target, str(slot),
                                     chain.builtin, functions, to_policy, ctx)
-                title, origin = f"rule {item.slot}", item.rule.origin
+                title, origin = f"rule {slot}", item.rule.origin
             else:
-                ctx.skip = f"r{item.slots[0]}"
+                ctx.skip = f"run{len(runs)}"
                 lines = _run_lines(item, len(runs), chain.builtin, functions, to_policy,
                                    ctx)
-                runs.append(item)
-                title = (f"rules {item.slots[0]}-{item.slots[-1]}: {len(item.prefixes)} "
-                         f"prefixes in one lookup")
+                runs.append((item, ref.rule_slots))
+                title = f"run {len(runs) - 1}: {len(item.prefixes)} prefixes in one lookup"
                 origin = item.rules[0].origin
             rules.append({"title": title, "origin": _c_comment(str(origin)),
                           "lines": lines, "label": ctx.skip})
@@ -103,16 +115,17 @@ def generate_stage(stage: Stage, nslots: int, source: str) -> GeneratedProgram:
     name = f"bpfilter_{stage.hook.value.lower()}"
     text = _environment().get_template("stage_xdp.c.j2").render(
         source=_c_comment(source), hook=stage.hook.value, table=stage.table,
-        nslots=max(nslots, 1), nlimits=max(len(ctx.limits), 1),
+        nslots=capacity(nslots), nlimits=capacity(len(ctx.limits)),
         nifpatterns=len(ctx.if_patterns), chains=chains,
-        nprefixes=max(1, sum(len(r.prefixes) for r in runs if r.uniform_length is None)),
-        nexact=max(1, sum(len(r.prefixes) for r in runs if r.uniform_length is not None)),
+        nprefixes=capacity(sum(len(r.prefixes) for r, _ in runs if r.uniform_length is None)),
+        nexact=capacity(sum(len(r.prefixes) for r, _ in runs if r.uniform_length is not None)),
         entry=functions[stage.entry], program=name,
     )
-    prefixes = tuple((number, net, slot) for number, run in enumerate(runs)
-                     if run.uniform_length is None for net, slot in run.prefixes)
-    exact = tuple((number, int(net.network_address), slot) for number, run in enumerate(runs)
-                  if run.uniform_length is not None for net, slot in run.prefixes)
+    prefixes = tuple((number, net, slots[index]) for number, (run, slots) in enumerate(runs)
+                     if run.uniform_length is None for net, index in run.prefixes)
+    exact = tuple((number, int(net.network_address), slots[index])
+                  for number, (run, slots) in enumerate(runs)
+                  if run.uniform_length is not None for net, index in run.prefixes)
     return GeneratedProgram(stage.hook, name, text, tuple(ctx.if_patterns),
                             tuple(ctx.limits), nslots, prefixes, exact)
 
@@ -131,10 +144,10 @@ def _run_lines(run: PrefixRun, number: int, builtin: bool, functions, to_policy:
     field = "p->saddr" if run.direction == "src" else "p->daddr"
     length = run.uniform_length
     if length is None:
-        lookup = f"bf_prefix_lookup({number}, {field})"
+        lookup = f"bf_prefix_lookup(p, {number}, {field})"
     else:
         mask = (0xFFFFFFFF << (32 - length)) & 0xFFFFFFFF
-        lookup = f"bf_exact_lookup({number}, {field} & 0x{mask:08x})"
+        lookup = f"bf_exact_lookup(p, {number}, {field} & 0x{mask:08x})"
     body = _rule_lines(run.rest, run.target, "slot", builtin, functions, to_policy, ctx)
     return (["{", f"\t__u32 *hit = {lookup}, slot;",
              f"\tif (!hit) goto {ctx.skip};", "\tslot = *hit;"]

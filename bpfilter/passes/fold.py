@@ -8,7 +8,8 @@ approximation, when:
   rule that would have matched first, because
 - no two prefixes of the run overlap, so at most one rule of the run can match at all;
 - no rule carries state of its own (a `limit` bucket), which folding would merge.
-Rules keep their counter slots, so per-rule counters stay exact.
+Rules keep their own counters (the map's value is the rule's counter slot), so per-rule
+counters stay exact. Items name rules by their index in the chain.
 """
 
 from __future__ import annotations
@@ -26,22 +27,22 @@ FOLD_MIN = 8
 @dataclass(frozen=True)
 class RuleItem:
     rule: ir.Rule
-    slot: int
+    index: int
 
 
 @dataclass(frozen=True)
 class PrefixRun:
-    """Rules [first, first + len(prefixes)) of a chain, as one lookup."""
+    """Consecutive rules of a chain, as one lookup."""
 
     direction: str  # "src" | "dst"
-    prefixes: tuple[tuple[ir.IPNetwork, int], ...]  # (prefix, counter slot), in rule order
+    prefixes: tuple[tuple[ir.IPNetwork, int], ...]  # (prefix, rule index), in rule order
     rest: tuple[ir.Match, ...]  # the matches after the address, common to every rule
     target: ir.Target | None
     rules: tuple[ir.Rule, ...]
 
     @property
-    def slots(self) -> tuple[int, ...]:
-        return tuple(slot for _net, slot in self.prefixes)
+    def indexes(self) -> tuple[int, ...]:
+        return tuple(index for _net, index in self.prefixes)
 
     @property
     def uniform_length(self) -> int | None:
@@ -69,6 +70,7 @@ class _Disjoint:
     def __init__(self) -> None:
         self.starts: list[int] = []
         self.prefixes: set[tuple[int, int]] = set()
+        self.lengths: set[int] = set()
 
     def overlaps(self, net: ir.IPNetwork) -> bool:
         start, end = int(net.network_address), int(net.broadcast_address)
@@ -77,11 +79,12 @@ class _Disjoint:
             return True  # one of ours starts inside the new prefix
         bits = net.max_prefixlen
         return any((start & ~((1 << (bits - length)) - 1), length) in self.prefixes
-                   for length in range(net.prefixlen))  # one of ours contains it
+                   for length in self.lengths if length < net.prefixlen)  # one contains it
 
     def add(self, net: ir.IPNetwork) -> None:
         bisect.insort(self.starts, int(net.network_address))
         self.prefixes.add((int(net.network_address), net.prefixlen))
+        self.lengths.add(net.prefixlen)
 
 
 def _split_disjoint(rules: list[tuple[ir.Rule, int]]) -> list[list[tuple[ir.Rule, int]]]:
@@ -98,7 +101,7 @@ def _split_disjoint(rules: list[tuple[ir.Rule, int]]) -> list[list[tuple[ir.Rule
     return runs
 
 
-def fold_rules(rules: tuple[ir.Rule, ...], slots: tuple[int, ...]) -> tuple[Item, ...]:
+def fold_rules(rules: tuple[ir.Rule, ...]) -> tuple[Item, ...]:
     items: list[Item] = []
     pending: list[tuple[ir.Rule, int]] = []
     pending_key = None
@@ -115,7 +118,7 @@ def fold_rules(rules: tuple[ir.Rule, ...], slots: tuple[int, ...]) -> tuple[Item
                 items.extend(RuleItem(r, s) for r, s in run)
         pending.clear()
 
-    for rule, slot in zip(rules, slots):
+    for slot, rule in enumerate(rules):
         key = _key(rule)
         if key is None or key != pending_key:
             flush()
@@ -126,3 +129,8 @@ def fold_rules(rules: tuple[ir.Rule, ...], slots: tuple[int, ...]) -> tuple[Item
             pending.append((rule, slot))
     flush()
     return tuple(items)
+
+
+def fold_chains(ruleset: ir.Ruleset) -> dict[tuple[str, str], tuple[Item, ...]]:
+    """fold_rules for every chain, by (table, chain)."""
+    return {(t.name, c.name): fold_rules(c.rules) for t in ruleset.tables for c in t.chains}

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bpfilter import ir
-from bpfilter.passes.fold import Item, fold_rules
+from bpfilter.passes.fold import Item, PrefixRun, fold_chains
+
+Folds = dict[tuple[str, str], tuple[Item, ...]]
 
 
 @dataclass(frozen=True)
@@ -28,17 +30,29 @@ class Stage:
     chains: tuple[ChainRef, ...]
 
 
-def counter_slots(ruleset: ir.Ruleset) -> dict[tuple[str, str, int], int]:
-    """A slot per rule, then one per built-in chain policy (rule index -1), in file order."""
+def counter_slots(ruleset: ir.Ruleset,
+                  folds: Folds | None = None) -> dict[tuple[str, str, int], int]:
+    """A counter slot per rule and per built-in chain policy (rule index -1).
+
+    Rules that stay code come first, then the policies, then the rules folded into map
+    lookups: the code's slot numbers then do not move when addresses are added to or
+    removed from a folded run, so such a change compiles to the same program."""
+    folds = fold_chains(ruleset) if folds is None else folds
     slots: dict[tuple[str, str, int], int] = {}
+    folded: list[tuple[str, str, int]] = []
     for table in ruleset.tables:
         for chain in table.chains:
-            for index in range(len(chain.rules)):
-                slots[(table.name, chain.name, index)] = len(slots)
+            for item in folds[(table.name, chain.name)]:
+                if isinstance(item, PrefixRun):
+                    folded.extend((table.name, chain.name, i) for i in item.indexes)
+                else:
+                    slots[(table.name, chain.name, item.index)] = len(slots)
     for table in ruleset.tables:
         for chain in table.chains:
             if chain.builtin:
                 slots[(table.name, chain.name, -1)] = len(slots)
+    for key in folded:
+        slots[key] = len(slots)
     return slots
 
 
@@ -58,9 +72,11 @@ def _reachable(table: ir.Table, entry: str) -> list[str]:
     return order
 
 
-def plan_stages(ruleset: ir.Ruleset, hooks: tuple[ir.Hook, ...],
-                table_name: str = "filter") -> tuple[Stage, ...]:
-    slots = counter_slots(ruleset)
+def plan_stages(ruleset: ir.Ruleset, hooks: tuple[ir.Hook, ...], table_name: str = "filter",
+                folds: Folds | None = None,
+                slots: dict[tuple[str, str, int], int] | None = None) -> tuple[Stage, ...]:
+    folds = fold_chains(ruleset) if folds is None else folds
+    slots = counter_slots(ruleset, folds) if slots is None else slots
     table = ruleset.table(table_name)
     if table is None:
         table = ir.Table(table_name, ())
@@ -73,6 +89,6 @@ def plan_stages(ruleset: ir.Ruleset, hooks: tuple[ir.Hook, ...],
             chain = table.chain(name)
             rule_slots = tuple(slots[(table.name, name, i)] for i in range(len(chain.rules)))
             refs.append(ChainRef(chain, rule_slots, slots.get((table.name, name, -1), -1),
-                                 fold_rules(chain.rules, rule_slots)))
+                                 folds[(table.name, name)]))
         stages.append(Stage(hook, table.name, hook.value, tuple(refs)))
     return tuple(stages)

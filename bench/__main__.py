@@ -23,13 +23,12 @@ from rich.console import Console
 from rich.table import Table
 from scapy.layers.inet import IP, UDP
 
-from bench.contenders import CONTENDERS, NOT_BUILT, Setup
+from bench.contenders import CONTENDERS, NOT_BUILT, RULESETS, Setup, contenders
 from bpfilter import netns
 from bpfilter.compiler import compile_ruleset
 from bpfilter.runner import LoadedRuleset
 from bpfilter.testbed import SERVER_ADDR
 from bpfilter.traffic import Generator
-from examples.make_acl import acl
 
 console = Console()
 PACKET = IP(src="192.0.2.1", dst=SERVER_ADDR) / UDP(sport=1234, dport=9)  # 64-byte frame
@@ -49,11 +48,11 @@ def _mpps(setup: Setup, build: Path, seconds: float) -> float:
                                  for _ in range(3))
 
 
-def _ns_per_packet(n: int, build: Path) -> float:
+def _ns_per_packet(text: str, build: Path) -> float:
     """bpfilter's program alone, under BPF_PROG_TEST_RUN (no stack, no veth)."""
     frame = bytes(IP(src="192.0.2.1", dst=SERVER_ADDR) / UDP(sport=1234, dport=9))
     frame = b"\x00" * 12 + b"\x08\x00" + frame
-    compilation = compile_ruleset(acl(n), f"acl-{n}", build / f"tr-{n}", verify=False)
+    compilation = compile_ruleset(text, "bench", build / "test-run", verify=False)
     with LoadedRuleset(compilation) as loaded:
         program = next(iter(loaded.stages.values())).program
         return program.test_run(frame, ingress_ifindex=1, repeat=200_000).duration_ns
@@ -74,7 +73,7 @@ def _map_bytes(setup: Setup) -> int:
     return total
 
 
-def _plot(results: dict, sizes: list[int], path: Path) -> bool:
+def _plot(results: dict, sizes: list[int], path: Path, ruleset: str) -> bool:
     try:
         import matplotlib
 
@@ -90,7 +89,8 @@ def _plot(results: dict, sizes: list[int], path: Path) -> bool:
     ax.set_yscale("log")
     ax.set_xlabel("rules before the matching one (N)")
     ax.set_ylabel("Mpps, 64-byte UDP, one flow")
-    ax.set_title("bpfilter against the kernel's filters (veth, in-kernel generator)")
+    ax.set_title(f"bpfilter against the kernel's filters: {ruleset} ruleset "
+                 "(veth, in-kernel generator)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -98,57 +98,50 @@ def _plot(results: dict, sizes: list[int], path: Path) -> bool:
     return True
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--sizes", default="1,100,1000,10000", show_default=True,
-              help="Comma-separated rule counts N.")
-@click.option("--seconds", default=0.6, show_default=True,
-              help="Time spent sending per measurement (3 runs, median).")
-@click.option("--only", multiple=True, type=click.Choice(sorted(CONTENDERS)),
-              help="Measure only these contenders (repeatable).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("bench/results"), show_default=True)
-def main(sizes: str, seconds: float, only: tuple[str, ...], out: Path) -> None:
-    """Throughput of bpfilter against iptables-legacy, iptables-nft and nftables."""
-    ns = [int(s) for s in sizes.split(",")]
-    names = [n for n in CONTENDERS if not only or n in only]
-    out.mkdir(parents=True, exist_ok=True)
-    # A fresh object cache, so that bpfilter's load time includes compiling.
-    os.environ["BPFILTER_CACHE"] = tempfile.mkdtemp(prefix="bpfilter-bench-cache-")
-    build = Path(tempfile.mkdtemp(prefix="bpfilter-bench-"))
+def _measure(ruleset: str, ns: list[int], only: tuple[str, ...], seconds: float,
+             build: Path, status) -> dict[str, dict[str, dict]]:
+    found = contenders(ruleset)
+    names = [n for n in found if not only or n in only]
     results: dict[str, dict[str, dict]] = {name: {} for name in names}
-    with console.status("measuring…") as status:
-        for n in ns:
-            for name in names:
-                status.update(f"N={n}: {name}")
-                with CONTENDERS[name](build / f"{name.split()[0]}-{n}", n) as setup:
-                    row = {"mpps": _mpps(setup, build, seconds), **setup.extra}
-                    if name == "bpfilter XDP":
-                        row["map_bytes"] = _map_bytes(setup)
-                results[name][str(n)] = row
-                console.print(f"[dim]N={n:>6} {name:<20} {row['mpps']:.3f} Mpps[/]")
-            if "bpfilter XDP" in names:
-                results["bpfilter XDP"][str(n)]["ns_per_packet"] = _ns_per_packet(n, build)
+    for n in ns:
+        for name in names:
+            status.update(f"{ruleset}, N={n}: {name}")
+            with found[name](build / f"{ruleset}-{name.split()[0]}-{n}", n) as setup:
+                row = {"mpps": _mpps(setup, build, seconds), **setup.extra}
+                if name == "bpfilter XDP":
+                    row["map_bytes"] = _map_bytes(setup)
+            results[name][str(n)] = row
+            console.print(f"[dim]{ruleset} N={n:>6} {name:<20} {row['mpps']:.3f} Mpps[/]")
+        if "bpfilter XDP" in names:
+            results["bpfilter XDP"][str(n)]["ns_per_packet"] = _ns_per_packet(
+                RULESETS[ruleset](n), build / f"{ruleset}-{n}")
+    return results
 
-    table = Table(title="Mpps, 64-byte UDP, single flow, matching the last of N+1 rules",
-                  title_justify="left")
+
+def _print(ruleset: str, results: dict, ns: list[int]) -> None:
+    names = list(results)
+    what = {"acl": "the ACL: N blocked hosts, then the matching rule",
+            "mixed": "mixed matches: N rules, then the matching rule"}[ruleset]
+    table = Table(title=f"Mpps, 64-byte UDP, one flow; {what}", title_justify="left")
     table.add_column("N", justify="right")
     for name in names:
         table.add_column(name, justify="right")
-    if {"bpfilter XDP", "XDP drop-all"} <= set(names):
-        table.add_column("bpfilter / drop-all", justify="right")
-    if {"bpfilter XDP", "nft (one set)"} <= set(names):
-        table.add_column("bpfilter / nft set", justify="right")
+    ratios = [(other, label) for other, label in (("XDP drop-all", "bpfilter / drop-all"),
+                                                  ("nft (one set)", "bpfilter / nft set"),
+                                                  ("iptables-legacy", "bpfilter / legacy"))
+              if other in names and "bpfilter XDP" in names]
+    for _other, label in ratios:
+        table.add_column(label, justify="right")
     for n in ns:
         cells = [f"{results[name][str(n)]['mpps']:.3f}" for name in names]
         bpf = results.get("bpfilter XDP", {}).get(str(n), {}).get("mpps")
-        if bpf and "XDP drop-all" in names:
-            cells.append(f"{100 * bpf / results['XDP drop-all'][str(n)]['mpps']:.0f}%")
-        if bpf and "nft (one set)" in names:
-            cells.append(f"{bpf / results['nft (one set)'][str(n)]['mpps']:.1f}x")
+        for other, _label in ratios:
+            ratio = bpf / results[other][str(n)]["mpps"]
+            cells.append(f"{100 * ratio:.0f}%" if other == "XDP drop-all" else f"{ratio:.1f}x")
         table.add_row(f"{n:,}", *cells)
     console.print(table)
     if "bpfilter XDP" in names:
-        detail = Table(title="bpfilter per N", title_justify="left")
+        detail = Table(title=f"bpfilter per N ({ruleset})", title_justify="left")
         for col in ("N", "compile+load+attach", "ns/packet (test_run)", "map memory"):
             detail.add_column(col, justify="right")
         for n in ns:
@@ -157,6 +150,33 @@ def main(sizes: str, seconds: float, only: tuple[str, ...], out: Path) -> None:
                            f"{row.get('ns_per_packet', 0):.0f}",
                            f"{row.get('map_bytes', 0) / 1024:.0f} KiB")
         console.print(detail)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--sizes", default="1,100,1000,10000", show_default=True,
+              help="Comma-separated rule counts N.")
+@click.option("--seconds", default=0.6, show_default=True,
+              help="Time spent sending per measurement (3 runs, median).")
+@click.option("--ruleset", "rulesets", multiple=True, type=click.Choice(sorted(RULESETS)),
+              help="Which rulesets [default: all].")
+@click.option("--only", multiple=True, type=click.Choice(sorted(CONTENDERS)),
+              help="Measure only these contenders (repeatable).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("bench/results"), show_default=True)
+def main(sizes: str, seconds: float, rulesets: tuple[str, ...], only: tuple[str, ...],
+         out: Path) -> None:
+    """Throughput of bpfilter against iptables-legacy, iptables-nft and nftables."""
+    ns = [int(s) for s in sizes.split(",")]
+    out.mkdir(parents=True, exist_ok=True)
+    # A fresh object cache, so that bpfilter's load time includes compiling.
+    os.environ["BPFILTER_CACHE"] = tempfile.mkdtemp(prefix="bpfilter-bench-cache-")
+    build = Path(tempfile.mkdtemp(prefix="bpfilter-bench-"))
+    results = {}
+    with console.status("measuring…") as status:
+        for ruleset in rulesets or tuple(RULESETS):
+            results[ruleset] = _measure(ruleset, ns, only, seconds, build, status)
+    for ruleset, found in results.items():
+        _print(ruleset, found, ns)
     for name, why in NOT_BUILT.items():
         console.print(f"[yellow]{name}: not measured, {why}[/]")
 
@@ -166,11 +186,13 @@ def main(sizes: str, seconds: float, only: tuple[str, ...], out: Path) -> None:
     json_path = out / f"throughput-{stamp}.json"
     json_path.write_text(json.dumps(report, indent=1))
     console.print(f"JSON: {json_path}")
-    png = out / f"throughput-{stamp}.png"
-    if _plot(results, ns, png):
-        console.print(f"plot: {png}")
-    else:
-        console.print("[dim]no plot: pip install matplotlib[/]")
+    for ruleset, found in results.items():
+        png = out / f"throughput-{stamp}-{ruleset}.png"
+        if _plot(found, ns, png, ruleset):
+            console.print(f"plot: {png}")
+        else:
+            console.print("[dim]no plot: pip install matplotlib[/]")
+            break
 
 
 if __name__ == "__main__":

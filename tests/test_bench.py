@@ -8,7 +8,8 @@ import json
 from click.testing import CliRunner
 
 from bench.__main__ import main
-from bench.contenders import CONTENDERS
+from bench.contenders import RULESETS, contenders
+from bpfilter.frontend import parse_ruleset
 
 
 def test_bench_measures_every_contender(kernel, tmp_path):
@@ -17,7 +18,17 @@ def test_bench_measures_every_contender(kernel, tmp_path):
     assert result.exit_code == 0, result.output
     (report,) = tmp_path.glob("throughput-*.json")
     data = json.loads(report.read_text())
-    assert set(data["results"]) == set(CONTENDERS)
-    for name, rows in data["results"].items():
-        assert all(rows[n]["mpps"] > 0 for n in ("1", "10")), name
-    assert data["results"]["bpfilter XDP"]["10"]["ns_per_packet"] > 0
+    assert set(data["results"]) == set(RULESETS)
+    for ruleset, results in data["results"].items():
+        assert set(results) == set(contenders(ruleset))
+        for name, rows in results.items():
+            assert all(rows[n]["mpps"] > 0 for n in ("1", "10")), (ruleset, name)
+        assert results["bpfilter XDP"]["10"]["ns_per_packet"] > 0
+
+
+def test_mixed_ruleset_is_what_it_says():
+    ruleset = parse_ruleset(RULESETS["mixed"](200), "mixed")
+    table = ruleset.table("filter")
+    assert sum(len(chain.rules) for chain in table.chains) == 201  # N, then the match
+    assert table.chain("INPUT").rules[-1].target.verdict.value == "DROP"
+    assert len([c for c in table.chains if not c.builtin]) >= 1

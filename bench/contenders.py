@@ -39,8 +39,9 @@ def mixed(n: int) -> str:
         elif kind == 5:
             rules.append(f"-A INPUT -p tcp -m tcp --dport {1000 + i % 60000} -j ACCEPT")
         elif kind == 6:
-            rules.append(f"-A INPUT -p udp -m multiport --dports {i % 60000 + 1},"
-                         f"{i % 60000 + 2}:{i % 60000 + 4} -j ACCEPT")
+            port = 1000 + i % 60000  # the bench packet goes to port 9
+            rules.append(f"-A INPUT -p udp -m multiport --dports {port},"
+                         f"{port + 1}:{port + 3} -j ACCEPT")
         elif kind == 7:
             rules.append(f"-A INPUT -p icmp -m icmp --icmp-type {i % 2 * 8} -m limit "
                          "--limit 10/sec -j ACCEPT")

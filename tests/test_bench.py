@@ -26,9 +26,26 @@ def test_bench_measures_every_contender(kernel, tmp_path):
         assert results["bpfilter XDP"]["10"]["ns_per_packet"] > 0
 
 
-def test_mixed_ruleset_is_what_it_says():
+def test_mixed_ruleset_is_what_it_says(namespace, tmp_path):
     ruleset = parse_ruleset(RULESETS["mixed"](200), "mixed")
     table = ruleset.table("filter")
     assert sum(len(chain.rules) for chain in table.chains) == 201  # N, then the match
     assert table.chain("INPUT").rules[-1].target.verdict.value == "DROP"
     assert len([c for c in table.chains if not c.builtin]) >= 1
+    # The bench packet walks every rule and meets the last one: nothing earlier matches.
+    from scapy.layers.l2 import Ether
+
+    from bench.__main__ import PACKET
+    from bpfilter.compiler import compile_ruleset
+    from bpfilter.runner import LoadedRuleset
+
+    from bpfilter import netns
+
+    host = namespace("bpft-bench")
+    netns.run("ip", "route", "add", "local", "198.18.0.0/15", "dev", "lo", netns=host)
+    compilation = compile_ruleset(RULESETS["mixed"](200), "mixed", tmp_path, verify=False)
+    with netns.entered(host), LoadedRuleset(compilation) as loaded:
+        program = next(iter(loaded.stages.values())).program
+        program.test_run(bytes(Ether() / PACKET), ingress_ifindex=1)
+        hits = [key for key in compilation.slots if loaded.counters(*key).packets]
+    assert hits == [("filter", "INPUT", len(table.chain("INPUT").rules) - 1)], hits

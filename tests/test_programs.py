@@ -47,9 +47,15 @@ def test_later_fragments_are_left_to_the_kernel(kernel, build_root):
         assert _run(loaded, _udp()) == XDP_DROP
         elsewhere = Ether() / IP(src="192.0.2.1", dst="203.0.113.9") / UDP(dport=53)
         assert _run(loaded, elsewhere) == XDP_PASS  # not local: never INPUT
+        # The per-CPU memo of the last destination must follow the address, both ways.
+        assert _run(loaded, elsewhere) == XDP_PASS
+        assert _run(loaded, _udp()) == XDP_DROP
+        assert _run(loaded, elsewhere) == XDP_PASS
+        options = Ether() / IP(src="192.0.2.1", dst="198.18.0.1", options=b"\x01" * 4) / UDP()
+        assert _run(loaded, options) == XDP_DROP  # checksum of a longer header still accepted
         later = Ether() / IP(src="192.0.2.1", dst="198.18.0.1", proto=17, frag=10) / Raw(b"x" * 8)
         assert _run(loaded, later) == XDP_PASS
-        assert loaded.counters("filter", "INPUT", 0).packets == 1
+        assert loaded.counters("filter", "INPUT", 0).packets == 3
 
 
 def test_limit_is_a_token_bucket(kernel, build_root):

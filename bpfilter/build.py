@@ -14,8 +14,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from bpfilter.codegen.program import (RUNTIME_HEADER, GeneratedProgram, code_digest,
-                                      runtime_header)
+from bpfilter.codegen.program import GeneratedProgram, code_digest, runtime_headers
 from bpfilter.errors import BuildError
 
 KERNEL_BTF = Path("/sys/kernel/btf/vmlinux")
@@ -78,13 +77,15 @@ def build_object(program: GeneratedProgram, out_dir: Path) -> tuple[Path, bool]:
 def build_source(name: str, source: str, out_dir: Path) -> tuple[Path, bool]:
     """Build C source that may include the runtime header and vmlinux.h."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    header = runtime_header()
+    headers = runtime_headers()
     vmlinux = vmlinux_header()
     source_path = out_dir / f"{name}.c"
     source_path.write_text(source)
-    (out_dir / RUNTIME_HEADER).write_text(header)
+    for header_name, text in headers.items():
+        (out_dir / header_name).write_text(text)
     # Comments do not count: a ruleset that differs only in map contents reuses the object.
-    key = _digest(code_digest(source).encode(), header.encode(), vmlinux.parent.name.encode(),
+    key = _digest(code_digest(source).encode(), *(t.encode() for t in headers.values()),
+                  vmlinux.parent.name.encode(),
                   _clang_version(), " ".join(CLANG_FLAGS).encode())
     cached = cache_dir() / "objects" / f"{key}.o"
     target = out_dir / f"{name}.o"

@@ -103,15 +103,24 @@ def compile_cmd(rules: str, output: Optional[Path], emit: str, ignore_unsupporte
     _print_summary(result, output)
 
 
+def _compiled_as(chain: tuple[str, str], as_data: set, segments: set) -> str:
+    """Straight-line code, classifier data (see passes/classify.py), or both."""
+    if chain in as_data:
+        return "data"
+    return "code + data" if chain in segments else "code"
+
+
 def _print_summary(result, output: Path) -> None:
     from bpfilter.passes.validate import COMPILED_TABLES
 
     compiled_rules = {(t.name, c.name): len(c.rules) for t in result.ruleset.tables
                       for c in t.chains}
-    reached = {(s.stage.table, ref.chain.name): s.stage.hook.value
-               for s in result.stages for ref in s.stage.chains}
+    reached = {(s.stage.table, name): s.stage.hook.value
+               for s in result.stages for name in s.stage.reached}
+    as_data = {chain for s in result.stages for chain, _n in s.stage.classification.data_chains}
+    segments = {s.chain for st in result.stages for s in st.stage.classification.segments}
     chains = Table(title=f"{result.parsed.source}: chains", title_justify="left")
-    for col in ("table", "chain", "policy", "rules read", "rules compiled", "runs at"):
+    for col in ("table", "chain", "policy", "rules read", "rules compiled", "runs at", "as"):
         chains.add_column(col, justify="right" if "rules" in col else "left")
     for table in result.parsed.tables:
         for chain in table.chains:
@@ -121,7 +130,9 @@ def _print_summary(result, output: Path) -> None:
                            chain.policy.value if chain.policy else "-",
                            str(len(chain.rules)),
                            str(compiled_rules.get((table.name, chain.name), 0)),
-                           reached.get((table.name, chain.name), "not reached"))
+                           reached.get((table.name, chain.name), "not reached"),
+                           _compiled_as((table.name, chain.name), as_data, segments)
+                           if (table.name, chain.name) in reached else "-")
     console.print(chains)
 
     programs = Table(title="programs", title_justify="left")

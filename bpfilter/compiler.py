@@ -15,6 +15,7 @@ from bpfilter.errors import InputError
 from bpfilter.frontend import parse_ruleset
 from bpfilter.loader.objects import Object, VerifierStats
 from bpfilter.passes import Stage, plan_stages, validate
+from bpfilter.passes.classify import classify
 from bpfilter.passes.fold import fold_chains
 from bpfilter.passes.stages import counter_slots
 from bpfilter.passes.validate import COMPILED_HOOKS
@@ -69,9 +70,10 @@ def compile_ruleset(text: str, source: str, out_dir: Path, emit: str = "obj",
         parsed = parse_ruleset(text, source)
     with _timed(timings, "passes"):
         ruleset = validate(parsed, skip if on_unsupported is not None else None)
-        folds = fold_chains(ruleset)
+        folds, classification = classify(ruleset, fold_chains(ruleset))
         slots = counter_slots(ruleset, folds)
-        stages = plan_stages(ruleset, COMPILED_HOOKS, folds=folds, slots=slots)
+        stages = plan_stages(ruleset, COMPILED_HOOKS, folds=folds, slots=slots,
+                             classification=classification)
     result = Compilation(parsed, ruleset, slots, skipped=skipped, timings=timings)
     for stage in stages:
         with _timed(timings, "codegen"):

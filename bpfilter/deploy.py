@@ -25,8 +25,8 @@ from bpfilter.loader.links import XdpLink
 from bpfilter.codegen.program import code_digest
 from bpfilter.loader.objects import Map
 from bpfilter.loader.xdp import XdpMode
-from bpfilter.runner import (GENERATION_MAPS, STAGE_MAPS, LoadedRuleset, clear_generation,
-                             fill_folded, interface_bits, slot_counters)
+from bpfilter.runner import (LoadedRuleset, clear_generation, fill_classifier, fill_folded,
+                             generation_maps, interface_bits, slot_counters, stage_maps)
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def apply(text: str, source: str, iface: str, build_dir: Path,
         try:
             gen_dir.mkdir(parents=True)
             program.pin(str(gen_dir / "prog"))
-            for name in STAGE_MAPS:
+            for name in stage_maps(compilation.stages[0].program):
                 stage.obj.map(name).pin(str(gen_dir / name))
             progress("switching")
             if previous is not None:
@@ -127,11 +127,12 @@ def _update_maps(text: str, source: str, paths: state.Paths, previous: state.Dep
     program = compilation.stages[0].program
     gen_dir = paths.generation(previous.generation)
     maps = {name: Map.open_pinned(str(gen_dir / name))
-            for name in (*GENERATION_MAPS, "bf_gen", "bf_ifmatch")}
+            for name in (*generation_maps(program), "bf_gen", "bf_ifmatch")}
     try:
         live = previous.live_gen
         new = 1 - live
         fill_folded(program, maps["bf_prefixes"], maps["bf_exact"], new)
+        fill_classifier(program, maps, new)
         for index, mask in interface_bits(program.if_patterns).items():
             maps["bf_ifmatch"].update(struct.pack("<I", index), struct.pack("<Q", mask))
         t0 = time.perf_counter_ns()

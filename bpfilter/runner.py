@@ -17,10 +17,22 @@ from bpfilter.compiler import Compilation, CompiledStage
 from bpfilter.loader.objects import Map, Object, Program
 
 # The maps a stage program owns: pinned with it, so a running ruleset can be read later.
+CLASSIFIER_MAPS = ("bf_cls_bits", "bf_cls_proto", "bf_cls_sport", "bf_cls_dport",
+                   "bf_cls_saddr", "bf_cls_daddr", "bf_cls_entries", "bf_cls_segments")
 STAGE_MAPS = ("bf_counters", "bf_ifmatch", "bf_limits", "bf_log", "bf_prefixes", "bf_exact",
               "bf_local", "bf_gen")
 # The maps that hold two generations (see templates/bpfilter.h).
 GENERATION_MAPS = ("bf_counters", "bf_limits", "bf_prefixes", "bf_exact")
+
+
+def stage_maps(program) -> tuple[str, ...]:
+    """The maps a stage program owns: pinned with it, so a running ruleset can be read
+    and rewritten later (the classifier's exist only in programs that classify)."""
+    return STAGE_MAPS + (CLASSIFIER_MAPS if program.classifier is not None else ())
+
+
+def generation_maps(program) -> tuple[str, ...]:
+    return GENERATION_MAPS + (CLASSIFIER_MAPS if program.classifier is not None else ())
 RT_TABLE_LOCAL, RTN_LOCAL, RTN_BROADCAST = 255, 2, 3
 
 
@@ -78,10 +90,41 @@ def fill_folded(program, prefixes: Map, exact: Map, gen: int) -> None:
         exact.update(struct.pack("<II", run | gen << 16, address), struct.pack("<I", slot))
 
 
+def _fill_array(table: Map, gen: int, rows: list[bytes]) -> None:
+    """Rows 0.. of one generation's half of an array map."""
+    first = gen * (table.max_entries // 2)
+    keys = b"".join(struct.pack("<I", first + i) for i in range(len(rows)))
+    table.update_many(keys, b"".join(rows), len(rows))
+
+
+def fill_classifier(program, maps: dict[str, Map], gen: int) -> None:
+    """Write one generation of the classifier's tables (templates/classify.h)."""
+    tables = program.classifier
+    if tables is None:
+        return
+    words = program.classifier_sizes["words"]
+    _fill_array(maps["bf_cls_bits"], gen,
+                [bits.to_bytes(words * 8, "little") for bits in tables.bitsets])
+    for name, classes in (("bf_cls_proto", tables.proto), ("bf_cls_sport", tables.sport),
+                          ("bf_cls_dport", tables.dport)):
+        _fill_array(maps[name], gen, [struct.pack("<I", c) for c in classes])
+    for name, rows in (("bf_cls_saddr", tables.saddr), ("bf_cls_daddr", tables.daddr)):
+        for address, length, cls in rows:
+            maps[name].update(struct.pack("<II", 32 + length, gen) + struct.pack(">I", address),
+                              struct.pack("<I", cls))
+    _fill_array(maps["bf_cls_entries"], gen, list(tables.entries))
+    _fill_array(maps["bf_cls_segments"], gen,
+                [struct.pack("<II", start, end) for start, end in tables.segments])
+
+
 def clear_generation(maps: dict[str, Map], gen: int) -> None:
     """Empty one generation: its folded-run entries go, its counters and buckets zeroed."""
-    for name, gen_of in (("bf_prefixes", lambda k: (struct.unpack(">H", k[4:6])[0] >> 15)),
-                         ("bf_exact", lambda k: struct.unpack("<I", k[:4])[0] >> 16)):
+    trees = [("bf_prefixes", lambda k: (struct.unpack(">H", k[4:6])[0] >> 15)),
+             ("bf_exact", lambda k: struct.unpack("<I", k[:4])[0] >> 16)]
+    # The classifier's arrays are rewritten whole or read only where the tables reach.
+    trees += [(name, lambda k: struct.unpack("<I", k[4:8])[0])
+              for name in ("bf_cls_saddr", "bf_cls_daddr") if name in maps]
+    for name, gen_of in trees:
         for key in [k for k in maps[name].keys() if gen_of(k) == gen]:
             maps[name].delete(key)
     for name in ("bf_counters", "bf_limits"):
@@ -117,6 +160,9 @@ class LoadedStage:
     def fill_prefixes(self) -> None:
         fill_folded(self.compiled.program, self.obj.map("bf_prefixes"),
                     self.obj.map("bf_exact"), gen=0)
+        if self.compiled.program.classifier is not None:
+            fill_classifier(self.compiled.program,
+                            {name: self.obj.map(name) for name in CLASSIFIER_MAPS}, gen=0)
 
     def counters(self, slot: int) -> ir.Counters:
         return slot_counters(self.obj.map("bf_counters"), slot)

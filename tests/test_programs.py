@@ -12,6 +12,7 @@ from scapy.packet import Raw
 
 from bpfilter import netns
 from bpfilter.compiler import compile_ruleset
+from bpfilter.passes import classify
 from bpfilter.runner import LoadedRuleset
 
 XDP_DROP, XDP_PASS, XDP_TX = 1, 2, 3
@@ -97,8 +98,13 @@ def test_malformed_ip_is_left_to_the_kernel(kernel, build_root):
         assert loaded.counters("filter", "INPUT", 0).packets == 0
 
 
-def test_long_chains_keep_return_and_goto_semantics_across_parts(kernel, build_root):
-    # Not foldable (no leading address): these stay straight-line code, split in parts.
+@pytest.mark.parametrize("as_data", [False, True], ids=["code", "data"])
+def test_long_chains_keep_return_and_goto_semantics_across_parts(kernel, build_root,
+                                                                 monkeypatch, as_data):
+    """Long chains become classifier data; as code (forced here) they are split into
+    functions of a few rules. Jumps, gotos and RETURN must mean the same either way."""
+    if not as_data:
+        monkeypatch.setattr(classify, "CLASSIFY_MIN", 10**9)
     filler = "".join(f"-A {{chain}} -p tcp -m tcp --sport {i + 1} -j ACCEPT\n" for i in range(40))
     rules = ("*filter\n:INPUT DROP [0:0]\n:U - [0:0]\n:G - [0:0]\n"
              "-A INPUT -p udp -m udp --dport 1 -j U\n"
@@ -108,9 +114,11 @@ def test_long_chains_keep_return_and_goto_semantics_across_parts(kernel, build_r
              + filler.format(chain="U") + "-A U -p udp -m udp --dport 1 -j RETURN\n"
              + filler.format(chain="G") + "-A G -j RETURN\n"
              "COMMIT\n")
-    name = "parts"
+    name = f"parts-{as_data}"
     with LoadedRuleset(compile_ruleset(rules, name, build_root / name)) as loaded:
-        assert "_part1" in next(iter(loaded.stages.values())).compiled.program.source
+        source = next(iter(loaded.stages.values())).compiled.program.source
+        assert ("bf_classify(p, " in source) == as_data
+        assert ("_part1" in source) != as_data
         run = lambda port: _run(loaded, Ether() / IP(dst="198.18.0.1") / UDP(dport=port))  # noqa: E731
         assert run(1) == XDP_PASS  # U returns, INPUT goes on to its last rule
         assert run(2) == XDP_DROP  # RETURN in a built-in chain: the policy

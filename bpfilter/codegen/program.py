@@ -5,18 +5,22 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+import dataclasses
 from dataclasses import dataclass
 
 import jinja2
 
 from bpfilter import ir
+from bpfilter.codegen.classifier import ClassifierTables, classifier_tables
 from bpfilter.codegen.matchers import MatchContext, match_lines
-from bpfilter.codegen.targets import target_lines
+from bpfilter.codegen.targets import return_lines, target_lines
+from bpfilter.passes.classify import MAX_DEPTH, Segment, entry_rules
 from bpfilter.passes.fold import PrefixRun, RuleItem
 from bpfilter.passes.stages import Stage
 from bpfilter.resources import resource_dir
 
-RUNTIME_HEADER = "bpfilter.h"
+# The runtime the generated programs include: packet parsing, maps, targets; the classifier.
+RUNTIME_HEADERS = ("bpfilter.h", "classify.h")
 # Chains longer than this are split into functions of this many rules: clang's time grows
 # faster than linearly with the size of one function.
 PART_RULES = 32
@@ -36,6 +40,9 @@ class GeneratedProgram:
     # of runs whose prefixes share one length.
     prefixes: tuple[tuple[int, ir.IPNetwork, int], ...] = ()
     exact: tuple[tuple[int, int, int], ...] = ()
+    classifier: ClassifierTables | None = None
+    # Capacities in the C source, which the loader must lay the tables out by.
+    classifier_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @functools.cache
@@ -47,13 +54,19 @@ def _environment() -> jinja2.Environment:
     )
 
 
-def runtime_header() -> str:
-    return (resource_dir("templates") / RUNTIME_HEADER).read_text()
+def runtime_headers() -> dict[str, str]:
+    return {name: (resource_dir("templates") / name).read_text() for name in RUNTIME_HEADERS}
 
 
 def code_digest(source: str) -> str:
     """The program's identity: its C without comments (which name lines and counts)."""
     return hashlib.sha256(re.sub(r"/\*.*?\*/", "", source, flags=re.S).encode()).hexdigest()
+
+
+def room(count: int) -> int:
+    """Room for `count` classifier rows: a quarter to spare, in steps of 64 (the
+    classifier's maps are large, and the bitsets are as wide as the entry room)."""
+    return max(64, (count * 5 // 4 // 64 + 1) * 64)
 
 
 def capacity(count: int) -> int:
@@ -82,7 +95,15 @@ def generate_stage(stage: Stage, nslots: int, source: str) -> GeneratedProgram:
         to_policy = "return BF_POLICY;" if parted else "goto policy;"
         rules = []
         for item in ref.items:
-            if isinstance(item, RuleItem):
+            if isinstance(item, Segment):
+                exit_ = return_lines(chain.builtin, to_policy)
+                lines = ["{", f"\tint v = bf_classify(p, {item.number});", "",
+                         "\tif (v == BF_CONTINUE)", *("\t\t" + x for x in exit_),
+                         "\tif (v != BF_NEXT)", "\t\treturn v;", "}"]
+                title, origin = (f"segment {item.number}: {len(item.entries)} rules as data",
+                                 _entry_origin(item))
+                ctx.skip = f"seg{item.number}"
+            elif isinstance(item, RuleItem):
                 slot = ref.rule_slots[item.index]
                 ctx.skip = f"r{slot}"
                 lines = _rule_lines(item.rule.matches, item.rule.target, str(slot),
@@ -112,6 +133,7 @@ def generate_stage(stage: Stage, nslots: int, source: str) -> GeneratedProgram:
         chains.append({"name": _c_comment(chain.name), "function": functions[chain.name],
                        "origin": chain.origin and _c_comment(str(chain.origin)),
                        "rules": [] if parted else rules, "parts": parts, "tail": tail})
+    tables, sizes = _classifier(stage, runs, functions, ctx)
     name = f"bpfilter_{stage.hook.value.lower()}"
     text = _environment().get_template("stage_xdp.c.j2").render(
         source=_c_comment(source), hook=stage.hook.value, table=stage.table,
@@ -119,7 +141,7 @@ def generate_stage(stage: Stage, nslots: int, source: str) -> GeneratedProgram:
         nifpatterns=len(ctx.if_patterns), chains=chains,
         nprefixes=capacity(sum(len(r.prefixes) for r, _ in runs if r.uniform_length is None)),
         nexact=capacity(sum(len(r.prefixes) for r, _ in runs if r.uniform_length is not None)),
-        entry=functions[stage.entry], program=name,
+        entry=functions[stage.entry], program=name, classifier=sizes,
     )
     prefixes = tuple((number, net, slots[index]) for number, (run, slots) in enumerate(runs)
                      if run.uniform_length is None for net, index in run.prefixes)
@@ -127,7 +149,37 @@ def generate_stage(stage: Stage, nslots: int, source: str) -> GeneratedProgram:
                   for number, (run, slots) in enumerate(runs)
                   if run.uniform_length is not None for net, index in run.prefixes)
     return GeneratedProgram(stage.hook, name, text, tuple(ctx.if_patterns),
-                            tuple(ctx.limits), nslots, prefixes, exact)
+                            tuple(ctx.limits), nslots, prefixes, exact, tables, sizes)
+
+
+def _entry_origin(segment: Segment) -> ir.Origin:
+    item = segment.entries[0].item
+    return item.rules[0].origin if isinstance(item, PrefixRun) else item.rule.origin
+
+
+def _classifier(stage: Stage, runs: list, functions, ctx: MatchContext):
+    """The classifier's tables and the capacities the C source declares for them (none
+    when nothing is classified). Its folded runs join `runs`."""
+    classification = stage.classification
+    if not classification.segments:
+        return None, {"entries": 0}
+    entry_slots, entry_runs = [], []
+    for segment in classification.segments:
+        slots = stage.segment_slots[segment.number]
+        for entry in segment.entries:
+            entry_slots.append(slots[entry_rules(entry)[0]])
+            entry_runs.append(len(runs))
+            if isinstance(entry.item, PrefixRun):
+                runs.append((entry.item, slots))
+    segment_of = {chain: number for (_table, chain), number in classification.data_chains}
+    tables = classifier_tables(classification, entry_slots, entry_runs,
+                               segment_of, ctx)
+    sizes = {"entries": room(len(entry_slots)), "classes": room(len(tables.bitsets)),
+             "prefixes": room(max(len(tables.saddr), len(tables.daddr))),
+             "segments": room(len(tables.segments)), "depth": MAX_DEPTH,
+             "steps": 1 << 20}
+    sizes["words"] = 1 << (sizes["entries"] // 64 - 1).bit_length()  # see classify.h
+    return tables, sizes
 
 
 def _rule_lines(matches, target, slot: str, builtin: bool, functions, to_policy: str,

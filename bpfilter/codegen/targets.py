@@ -25,9 +25,13 @@ def _verdict(t: ir.VerdictTarget, builtin: bool, functions, to_policy: str) -> l
     return [f"return BF_{t.verdict.value};"]
 
 
-def _return(t: ir.ReturnTarget, builtin: bool, functions, to_policy: str) -> list[str]:
-    # RETURN from a built-in chain applies its policy.
+def return_lines(builtin: bool, to_policy: str) -> list[str]:
+    """Leave the chain for its caller; leaving a built-in chain applies its policy."""
     return [to_policy] if builtin else ["return BF_CONTINUE;"]
+
+
+def _return(t: ir.ReturnTarget, builtin: bool, functions, to_policy: str) -> list[str]:
+    return return_lines(builtin, to_policy)
 
 
 def _jump(t: ir.JumpTarget, builtin: bool, functions, to_policy: str) -> list[str]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bpfilter import ir
-from bpfilter.passes.fold import Item, PrefixRun, fold_chains
+from bpfilter.passes.classify import ChainItem, Classification, Segment, entry_rules
+from bpfilter.passes.fold import PrefixRun, RuleItem, fold_chains
 
-Folds = dict[tuple[str, str], tuple[Item, ...]]
+Folds = dict[tuple[str, str], tuple[ChainItem, ...]]
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,7 @@ class ChainRef:
     chain: ir.Chain
     rule_slots: tuple[int, ...]
     policy_slot: int  # -1 for user-defined chains
-    items: tuple[Item, ...] = ()  # the rules as code generation takes them (folded runs)
+    items: tuple[ChainItem, ...] = ()  # as code generation takes them (runs, segments)
 
 
 @dataclass(frozen=True)
@@ -28,25 +29,32 @@ class Stage:
     table: str
     entry: str
     chains: tuple[ChainRef, ...]
+    classification: Classification = Classification()
+    reached: tuple[str, ...] = ()  # every chain a packet can walk in this stage
+    # Per classifier segment, the counter slots of its chain's rules.
+    segment_slots: tuple[tuple[int, ...], ...] = ()
 
 
 def counter_slots(ruleset: ir.Ruleset,
                   folds: Folds | None = None) -> dict[tuple[str, str, int], int]:
     """A counter slot per rule and per built-in chain policy (rule index -1).
 
-    Rules that stay code come first, then the policies, then the rules folded into map
-    lookups: the code's slot numbers then do not move when addresses are added to or
-    removed from a folded run, so such a change compiles to the same program."""
+    Rules that stay code come first, then the policies, then the rules that are data
+    (folded runs, classifier entries): the code's slot numbers then do not move when
+    data rules are added or removed, so such a change compiles to the same program."""
     folds = fold_chains(ruleset) if folds is None else folds
     slots: dict[tuple[str, str, int], int] = {}
     folded: list[tuple[str, str, int]] = []
     for table in ruleset.tables:
         for chain in table.chains:
             for item in folds[(table.name, chain.name)]:
+                key = table.name, chain.name
                 if isinstance(item, PrefixRun):
-                    folded.extend((table.name, chain.name, i) for i in item.indexes)
+                    folded.extend((*key, i) for i in item.indexes)
+                elif isinstance(item, Segment):
+                    folded.extend((*key, i) for e in item.entries for i in entry_rules(e))
                 else:
-                    slots[(table.name, chain.name, item.index)] = len(slots)
+                    slots[(*key, item.index)] = len(slots)
     for table in ruleset.tables:
         for chain in table.chains:
             if chain.builtin:
@@ -56,16 +64,25 @@ def counter_slots(ruleset: ir.Ruleset,
     return slots
 
 
-def _reachable(table: ir.Table, entry: str) -> list[str]:
-    """Chains reachable from `entry`, each after all the chains it calls."""
+def _reachable(table: ir.Table, entry: str, folds: Folds | None = None) -> list[str]:
+    """Chains reachable from `entry`, each after all the chains it calls. With `folds`,
+    only those code reaches (a chain entered only from classifier entries needs no code
+    of its own)."""
     order: list[str] = []
+
+    def targets(name: str):
+        if folds is None:
+            return [r.target for r in table.chain(name).rules]
+        return [item.rule.target if isinstance(item, RuleItem) else
+                item.target if isinstance(item, PrefixRun) else None
+                for item in folds[(table.name, name)]]
 
     def visit(name: str) -> None:
         if name in order:
             return
-        for rule in table.chain(name).rules:
-            if isinstance(rule.target, ir.JumpTarget):
-                visit(rule.target.chain)
+        for target in targets(name):
+            if isinstance(target, ir.JumpTarget):
+                visit(target.chain)
         order.append(name)
 
     visit(entry)
@@ -74,7 +91,8 @@ def _reachable(table: ir.Table, entry: str) -> list[str]:
 
 def plan_stages(ruleset: ir.Ruleset, hooks: tuple[ir.Hook, ...], table_name: str = "filter",
                 folds: Folds | None = None,
-                slots: dict[tuple[str, str, int], int] | None = None) -> tuple[Stage, ...]:
+                slots: dict[tuple[str, str, int], int] | None = None,
+                classification: Classification = Classification()) -> tuple[Stage, ...]:
     folds = fold_chains(ruleset) if folds is None else folds
     slots = counter_slots(ruleset, folds) if slots is None else slots
     table = ruleset.table(table_name)
@@ -85,10 +103,14 @@ def plan_stages(ruleset: ir.Ruleset, hooks: tuple[ir.Hook, ...], table_name: str
         if table.chain(hook.value) is None:
             continue
         refs = []
-        for name in _reachable(table, hook.value):
+        for name in _reachable(table, hook.value, folds):
             chain = table.chain(name)
             rule_slots = tuple(slots[(table.name, name, i)] for i in range(len(chain.rules)))
             refs.append(ChainRef(chain, rule_slots, slots.get((table.name, name, -1), -1),
                                  folds[(table.name, name)]))
-        stages.append(Stage(hook, table.name, hook.value, tuple(refs)))
+        segment_slots = tuple(
+            tuple(slots[(*s.chain, i)] for i in range(len(table.chain(s.chain[1]).rules)))
+            for s in classification.segments)
+        stages.append(Stage(hook, table.name, hook.value, tuple(refs), classification,
+                            tuple(_reachable(table, hook.value)), segment_slots))
     return tuple(stages)

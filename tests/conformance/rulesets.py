@@ -121,19 +121,20 @@ def _target(draw, matches, callees: list[str], builtin: bool):
 
 
 @st.composite
-def rulesets(draw) -> ir.Ruleset:
+def rulesets(draw, most: int = 10) -> ir.Ruleset:
+    """INPUT with 1 to `most` rules, and up to two user chains of up to `most` / 2."""
     origin = ir.Origin("<generated>", 0)
     names = [f"U{i}" for i in range(draw(st.integers(0, 2)))]
     chains = []
     for position, name in enumerate(names):  # U0 may call U1, never the reverse: no loops
         rules = []
-        for _ in range(draw(st.integers(1, 5))):
+        for _ in range(draw(st.integers(1, max(1, most // 2)))):
             matches = draw(_matches())
             rules.append(ir.Rule(matches, draw(_target(matches, names[position + 1:], False)),
                                  origin))
         chains.append(ir.Chain(name, tuple(rules)))
     rules = []
-    for _ in range(draw(st.integers(1, 10))):
+    for _ in range(draw(st.integers(1, most))):
         matches = draw(_matches())
         rules.append(ir.Rule(matches, draw(_target(matches, names, True)), origin))
     builtins = [ir.Chain("INPUT", tuple(rules), draw(st.sampled_from(list(ir.Verdict)))),

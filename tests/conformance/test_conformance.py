@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from bpfilter.frontend import parse_ruleset
+from bpfilter.passes import classify
 from bpfilter.frontend.iptables.save import save
 from tests.conftest import EXAMPLES
 from tests.conformance.harness import MirrorPair
@@ -20,6 +21,7 @@ SETTINGS = dict(deadline=None, derandomize=True, phases=(Phase.explicit, Phase.g
                 suppress_health_check=list(HealthCheck))
 GENERATED_RULESETS = 100
 LARGE_ACLS = 15
+LARGE_MIXED = 10
 FRAMES_PER_RULESET = 20
 FRAMES_PER_EXAMPLE = 60
 
@@ -44,8 +46,18 @@ def _check(mirror: MirrorPair, text: str, ruleset, case_frames) -> None:
                                 f"bpfilter {ours}\nruleset:\n{text}")
 
 
+@pytest.fixture(params=["code", "data"])
+def as_data(request, monkeypatch):
+    """Both ways bpfilter compiles a chain: straight-line code, and classifier data
+    (forced here even for small rulesets, which would otherwise stay code)."""
+    if request.param == "data":
+        monkeypatch.setattr(classify, "CLASSIFY_MIN", 0)
+        monkeypatch.setattr(classify, "SEGMENT_MIN", 1)
+    return request.param
+
+
 @pytest.mark.parametrize("name", ["host-firewall.v4", "user-chains.v4"])
-def test_examples_conform(mirror, name):
+def test_examples_conform(mirror, name, as_data):
     text = (EXAMPLES / name).read_text()
     ruleset = parse_ruleset(text, name)
     mirror.load(text)
@@ -60,7 +72,7 @@ def test_examples_conform(mirror, name):
 
 @settings(max_examples=GENERATED_RULESETS, **SETTINGS)
 @given(data=st.data())
-def test_generated_rulesets_conform(mirror, data):
+def test_generated_rulesets_conform(mirror, as_data, data):
     ruleset = data.draw(rulesets(), label="ruleset")
     text = save(ruleset)
     mirror.load(text)
@@ -80,4 +92,20 @@ def test_large_generated_acls_conform(mirror, data):
     case_frames = data.draw(st.lists(frames(interesting(ruleset), ("eth0",)),
                                      min_size=FRAMES_PER_RULESET,
                                      max_size=FRAMES_PER_RULESET), label="frames")
+    _check(mirror, text, ruleset, case_frames)
+
+
+@settings(max_examples=LARGE_MIXED, **SETTINGS)
+@given(data=st.data())
+def test_large_mixed_rulesets_conform(mirror, monkeypatch, data):
+    """Hundreds of rules of every kind, which bpfilter turns into classifier data with
+    bitsets of several words. Generated rules mix kinds the classifier leaves to code
+    (MAC, fragments) more densely than real rulesets, so short segments are allowed."""
+    monkeypatch.setattr(classify, "SEGMENT_MIN", 2)
+    ruleset = data.draw(rulesets(most=400), label="ruleset")
+    text = save(ruleset)
+    mirror.load(text)
+    case_frames = data.draw(st.lists(frames(interesting(ruleset), ("eth0",)),
+                                     min_size=FRAMES_PER_RULESET * 2,
+                                     max_size=FRAMES_PER_RULESET * 2), label="frames")
     _check(mirror, text, ruleset, case_frames)

@@ -62,63 +62,31 @@ struct bf_cls_addr_key {
 	__be32 addr;
 };
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 2 * BF_CLS_CLASSES);
-	__type(key, __u32);
-	__type(value, struct bf_bits);
-} bf_cls_bits SEC(".maps");
+/* Arrays and tries of two generations: value per index, class per prefix. */
+#define BF_CLS_ARRAY(name, rows, value_type)			\
+	struct {						\
+		__uint(type, BPF_MAP_TYPE_ARRAY);		\
+		__uint(max_entries, 2 * (rows));		\
+		__type(key, __u32);				\
+		__type(value, value_type);			\
+	} name SEC(".maps")
+#define BF_CLS_TRIE(name)					\
+	struct {						\
+		__uint(type, BPF_MAP_TYPE_LPM_TRIE);		\
+		__uint(max_entries, 2 * BF_CLS_PREFIXES);	\
+		__uint(map_flags, BPF_F_NO_PREALLOC);		\
+		__type(key, struct bf_cls_addr_key);		\
+		__type(value, __u32);				\
+	} name SEC(".maps")
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 2 * 256);
-	__type(key, __u32);
-	__type(value, __u32);
-} bf_cls_proto SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 2 * BF_CLS_PORTS);
-	__type(key, __u32);
-	__type(value, __u32);
-} bf_cls_sport SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 2 * BF_CLS_PORTS);
-	__type(key, __u32);
-	__type(value, __u32);
-} bf_cls_dport SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 2 * BF_CLS_PREFIXES);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct bf_cls_addr_key);
-	__type(value, __u32);
-} bf_cls_saddr SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 2 * BF_CLS_PREFIXES);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct bf_cls_addr_key);
-	__type(value, __u32);
-} bf_cls_daddr SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 2 * BF_CLS_ENTRIES);
-	__type(key, __u32);
-	__type(value, struct bf_entry);
-} bf_cls_entries SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 2 * BF_CLS_SEGMENTS);
-	__type(key, __u32);
-	__type(value, struct bf_segment);
-} bf_cls_segments SEC(".maps");
+BF_CLS_ARRAY(bf_cls_bits, BF_CLS_CLASSES, struct bf_bits);
+BF_CLS_ARRAY(bf_cls_proto, 256, __u32);
+BF_CLS_ARRAY(bf_cls_sport, BF_CLS_PORTS, __u32);
+BF_CLS_ARRAY(bf_cls_dport, BF_CLS_PORTS, __u32);
+BF_CLS_TRIE(bf_cls_saddr);
+BF_CLS_TRIE(bf_cls_daddr);
+BF_CLS_ARRAY(bf_cls_entries, BF_CLS_ENTRIES, struct bf_entry);
+BF_CLS_ARRAY(bf_cls_segments, BF_CLS_SEGMENTS, struct bf_segment);
 
 struct bf_frame {
 	__u32 pos, end;

@@ -39,6 +39,16 @@ def _run(loaded: LoadedRuleset, frame) -> int:
     return program.test_run(bytes(frame), ingress_ifindex=LO).retval
 
 
+@pytest.fixture(params=["code", "data"])
+def as_data(request, monkeypatch) -> bool:
+    """Both ways a chain compiles: code, and classifier data (forced for these small
+    rulesets, which would otherwise stay code)."""
+    if request.param == "data":
+        monkeypatch.setattr(classify, "CLASSIFY_MIN", 0)
+        monkeypatch.setattr(classify, "SEGMENT_MIN", 1)
+    return request.param == "data"
+
+
 def _udp(**ip) -> Ether:
     return Ether() / IP(src="192.0.2.1", dst="198.18.0.1", **ip) / UDP(dport=53)
 
@@ -59,35 +69,51 @@ def test_later_fragments_are_left_to_the_kernel(kernel, build_root):
         assert loaded.counters("filter", "INPUT", 0).packets == 3
 
 
-def test_limit_is_a_token_bucket(kernel, build_root):
+def test_limit_is_a_token_bucket(kernel, build_root, as_data):
     rules = "-A INPUT -m limit --limit 1/hour --limit-burst 3 -j ACCEPT\n-A INPUT -j DROP\n"
-    with _load(rules, build_root, "limit") as loaded:
+    with _load(rules, build_root, f"limit-{as_data}") as loaded:
         verdicts = [_run(loaded, _udp()) for _ in range(6)]
     assert verdicts == [XDP_PASS] * 3 + [XDP_DROP] * 3
 
 
-def test_log_sends_an_event_and_continues(kernel, build_root):
+def test_log_sends_an_event_and_continues(kernel, build_root, as_data):
     rules = "-A INPUT -p udp -j LOG --log-prefix \"seen \"\n-A INPUT -j DROP\n"
-    with _load(rules, build_root, "log") as loaded:
+    with _load(rules, build_root, f"log-{as_data}") as loaded:
         stage = next(iter(loaded.stages.values()))
         assert _run(loaded, _udp(ttl=33)) == XDP_DROP
         events = stage.obj.map("bf_log").drain_ring()
     assert len(events) == 1
     _ts, slot, ifindex, saddr, daddr, sport, dport, length, proto, ttl = struct.unpack_from(
         "<QIIIIHHHBB", events[0])
-    assert (slot, ifindex, proto, ttl, dport) == (0, LO, 17, 33, 53)
+    rule = loaded.compilation.slots[("filter", "INPUT", 0)]
+    assert (slot, ifindex, proto, ttl, dport) == (rule, LO, 17, 33, 53)
     assert saddr == 0xC0000201 and length == 28
 
 
 @pytest.mark.parametrize("cut", [0, 7, 19])
-def test_truncated_tcp_header_is_dropped_by_a_tcp_match(kernel, build_root, cut):
+def test_truncated_tcp_header_is_dropped_by_a_tcp_match(kernel, build_root, cut, as_data):
     rules = "-A INPUT -p tcp -m tcp --dport 80 -j ACCEPT\n"
-    with _load(rules, build_root, f"hotdrop{cut}") as loaded:
+    with _load(rules, build_root, f"hotdrop{cut}-{as_data}") as loaded:
         short = Ether() / IP(src="192.0.2.1", dst="198.18.0.1", proto=6) / Raw(
             bytes(TCP(dport=80))[:cut])
         assert _run(loaded, short) == XDP_DROP
         assert _run(loaded, Ether() / IP(dst="198.18.0.1") / TCP(dport=80)) == XDP_PASS
         assert loaded.counters("filter", "INPUT", 0).packets == 1
+
+
+def test_multiport_reads_only_the_ports(kernel, build_root, as_data):
+    """multiport needs 4 bytes where the tcp match needs 20: a TCP packet with 6 bytes of
+    header is matched on its ports, one with 2 is dropped when the rule is tried."""
+    rules = "-A INPUT -p tcp -m multiport --dports 80 -j ACCEPT\n-A INPUT -j DROP\n"
+    with _load(rules, build_root, f"multiport-short-{as_data}") as loaded:
+        def short(dport: int, cut: int) -> Ether:
+            return Ether() / IP(src="192.0.2.1", dst="198.18.0.1", proto=6) / Raw(
+                bytes(TCP(sport=1, dport=dport))[:cut])
+        assert _run(loaded, short(80, 6)) == XDP_PASS
+        assert _run(loaded, short(81, 6)) == XDP_DROP
+        assert _run(loaded, short(80, 2)) == XDP_DROP
+        assert loaded.counters("filter", "INPUT", 0).packets == 1
+        assert loaded.counters("filter", "INPUT", 1).packets == 1
 
 
 def test_malformed_ip_is_left_to_the_kernel(kernel, build_root):

@@ -209,7 +209,7 @@ def _depths(table: ir.Table, data: set[str]) -> dict[str, int]:
 def _data_chains(table: ir.Table, folds: Folds) -> set[str]:
     """The largest set of chains whose every item is an entry (a fixpoint: a chain drops
     out when one of its rules jumps to a chain that dropped out)."""
-    data = {c.name for c in table.chains}
+    data = {c.name for c in table.chains if c.rules or not c.builtin}  # jump targets may be empty
     while True:
         keep = {name for name in data
                 if all(_entry(i, data) is not None for i in folds[(table.name, name)])}

@@ -1,0 +1,83 @@
+"""The classifier pass and its tables, without the kernel: which rules become data, and
+what the per-field bitsets say. (Verdicts are checked against the kernel in
+tests/conformance and tests/test_programs.py.)"""
+
+from __future__ import annotations
+
+from bpfilter.codegen.classifier import PORTS, classifier_tables
+from bpfilter.codegen.matchers import MatchContext
+from bpfilter.frontend import parse_ruleset
+from bpfilter.ir import Hook
+from bpfilter.passes import classify, validate
+from bpfilter.passes.fold import RuleItem, fold_chains
+from examples.make_acl import acl
+
+
+def _classified(text: str):
+    ruleset = validate(parse_ruleset(text, "t.v4"))
+    return classify.classify(ruleset, fold_chains(ruleset))
+
+
+def _rules(chain: str, lines: list[str]) -> str:
+    return "".join(f"-A {chain} {line}\n" for line in lines)
+
+
+PORT_RULES = [f"-p tcp -m tcp --dport {1000 + i} -j ACCEPT" for i in range(40)]
+
+
+def test_few_items_stay_code_and_folded_acls_too():
+    items, result = _classified("*filter\n:INPUT ACCEPT [0:0]\n" + _rules("INPUT", PORT_RULES)
+                                + "COMMIT\n")
+    assert result.segments == ()
+    items, result = _classified(acl(1000))  # 1,000 rules, folded into a few lookups
+    assert result.segments == ()
+
+
+def test_a_rule_the_classifier_cannot_take_splits_a_chain_into_segments():
+    text = ("*filter\n:INPUT DROP [0:0]\n" + _rules("INPUT", PORT_RULES)
+            + "-A INPUT -m mac --mac-source 02:00:00:00:00:01 -j ACCEPT\n"
+            + _rules("INPUT", PORT_RULES) + "COMMIT\n")
+    items, result = _classified(text)
+    chain = items[("filter", "INPUT")]
+    assert [type(i).__name__ for i in chain] == ["Segment", "RuleItem", "Segment"]
+    assert [len(s.entries) for s in result.segments] == [40, 40]
+    assert ("filter", "INPUT") not in dict(result.data_chains)
+
+
+def test_jumps_into_a_chain_of_code_stay_code():
+    text = ("*filter\n:INPUT DROP [0:0]\n:MAC - [0:0]\n:PLAIN - [0:0]\n"
+            + _rules("INPUT", PORT_RULES + ["-p udp -j MAC", "-p udp -j PLAIN"] + PORT_RULES)
+            + "-A MAC -m mac --mac-source 02:00:00:00:00:01 -j ACCEPT\n"
+            + "-A PLAIN -p udp -m udp --dport 53 -j ACCEPT\nCOMMIT\n")
+    items, result = _classified(text)
+    data = dict(result.data_chains)
+    assert ("filter", "PLAIN") in data and ("filter", "MAC") not in data
+    jumps = [i.rule.target.chain for i in items[("filter", "INPUT")] if isinstance(i, RuleItem)]
+    assert jumps == ["MAC"]  # the jump to PLAIN is an entry of the segment around it
+
+
+def test_field_bitsets_follow_prefixes_negation_and_ranges():
+    text = ("*filter\n:INPUT ACCEPT [0:0]\n"
+            "-A INPUT -s 10.0.0.0/8 -j DROP\n"
+            "-A INPUT ! -s 10.1.0.0/16 -j ACCEPT\n"
+            "-A INPUT -p tcp -m tcp --dport 20:30 -j ACCEPT\n" + _rules("INPUT", PORT_RULES)
+            + "COMMIT\n")
+    classify_min = classify.CLASSIFY_MIN
+    try:
+        classify.CLASSIFY_MIN = 0
+        items, result = _classified(text)
+    finally:
+        classify.CLASSIFY_MIN = classify_min
+    n = len(result.entries)
+    tables = classifier_tables(result, list(range(n)), [0] * n, {}, MatchContext(Hook.INPUT))
+    saddr = {(addr >> 24, addr >> 16 & 0xFF, length): tables.bitsets[cls]
+             for addr, length, cls in tables.saddr}
+    assert saddr[(10, 1, 16)] & 0b11 == 0b01  # in 10/8, and in 10.1/16: the negation fails
+    assert saddr[(10, 0, 8)] & 0b11 == 0b11
+    assert saddr[(0, 0, 0)] & 0b11 == 0b10
+    dport = tables.dport
+    assert tables.bitsets[dport[25]] >> 2 & 1 and not tables.bitsets[dport[31]] >> 2 & 1
+    assert len(dport) == PORTS + 1  # and the class of packets with no ports to read
+    assert not tables.bitsets[dport[PORTS]] >> 2 & 1
+    tcp_short = tables.bitsets[2]  # 8 to 19 bytes of TCP: too short for -m tcp
+    assert tcp_short >> 2 & 1 and not tcp_short & 0b11

@@ -197,7 +197,9 @@ def apply(rules: str, iface: str, mode: Optional[str], output: Optional[Path]) -
         console.print(f"[yellow]{report.fallback}[/]")
     d = report.deployment
     verb = "replaced the ruleset on" if report.replaced else "attached to"
-    if report.map_only:
+    if report.edited:
+        verb = f"{report.edited} address rule(s) changed in place on"
+    elif report.map_only:
         verb = "same program, rewrote the maps of"
     console.print(f"{verb} {iface} ({d.mode} XDP): {d.rules} rules from {d.source}, program "
                   f"{d.prog_id}; switch {report.switch_ns / 1e6:.2f} ms, "

@@ -9,7 +9,6 @@ removes what this apply created; the running ruleset is never touched.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import socket
 import struct
@@ -21,6 +20,7 @@ from typing import Callable, Optional
 from bpfilter import ir, state
 from bpfilter.compiler import Compilation, compile_ruleset
 from bpfilter.errors import KernelError
+from bpfilter.inplace import edit_in_place
 from bpfilter.loader.links import XdpLink
 from bpfilter.codegen.program import code_digest
 from bpfilter.loader.objects import Map
@@ -37,6 +37,7 @@ class ApplyReport:
     total_s: float
     fallback: Optional[str] = None  # why the mode differs from the one asked for
     map_only: bool = False  # same program: only its maps were rewritten
+    edited: int = 0  # addresses added or removed in place, without a compile
 
 
 def _ifindex(iface: str) -> int:
@@ -52,14 +53,20 @@ def apply(text: str, source: str, iface: str, build_dir: Path,
           compilation: Optional[Compilation] = None) -> ApplyReport:
     started = time.perf_counter()
     ifindex = _ifindex(iface)
-    if compilation is None:
-        progress("compiling")
-        compilation = compile_ruleset(text, source, build_dir, verify=False)
     paths = state.Paths(iface, state.netns_id())
     previous = _live_deployment(paths, ifindex)
     if previous is not None and mode is not None and mode.value != previous.mode:
         raise KernelError(f"{iface} runs a ruleset in {previous.mode} mode; detach it "
                           f"before applying in {mode.value} mode")
+    if previous is not None and compilation is None:
+        edited = edit_in_place(text, source, paths, previous)
+        if edited is not None:
+            return ApplyReport(edited.deployment, True, edited.switch_ns,
+                               time.perf_counter() - started, map_only=True,
+                               edited=edited.changed)
+    if compilation is None:
+        progress("compiling")
+        compilation = compile_ruleset(text, source, build_dir, verify=False)
     digest = code_digest(compilation.stages[0].program.source)
     if previous is not None and previous.code_digest == digest:
         progress("same program: rewriting its maps")
@@ -101,12 +108,12 @@ def apply(text: str, source: str, iface: str, build_dir: Path,
             deployment = state.Deployment(
                 iface=iface, ifindex=ifindex, netns=paths.netns, mode=used_mode.value,
                 source=source, sha256=hashlib.sha256(text.encode()).hexdigest(),
-                applied_at=_now(),
+                applied_at=state.now(),
                 generation=generation, program=compilation.stages[0].program.name,
                 prog_id=program.info().id, hook=stage.compiled.stage.hook.value,
                 rules=_rule_count(compilation),
                 slots=[[t, c, i, s] for (t, c, i), s in compilation.slots.items()],
-                code_digest=digest)
+                code_digest=digest, runs=_runs(compilation))
             state.write(paths, deployment, text)
         except BaseException:
             state.remove_tree(gen_dir)
@@ -140,8 +147,9 @@ def _update_maps(text: str, source: str, paths: state.Paths, previous: state.Dep
         switch_ns = time.perf_counter_ns() - t0
         deployment = dataclasses.replace(
             previous, source=source, sha256=hashlib.sha256(text.encode()).hexdigest(),
-            applied_at=_now(), rules=_rule_count(compilation), live_gen=new,
-            slots=[[t, c, i, s] for (t, c, i), s in compilation.slots.items()])
+            applied_at=state.now(), rules=_rule_count(compilation), live_gen=new,
+            slots=[[t, c, i, s] for (t, c, i), s in compilation.slots.items()],
+            runs=_runs(compilation))
         state.write(paths, deployment, text)
         live_s = time.perf_counter() - started
         clear_generation(maps, live)
@@ -151,8 +159,9 @@ def _update_maps(text: str, source: str, paths: state.Paths, previous: state.Dep
     return ApplyReport(deployment, True, switch_ns, live_s, map_only=True)
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+def _runs(compilation: Compilation) -> list:
+    return [list(dataclasses.astuple(run)) for stage in compilation.stages
+            for run in stage.program.runs]
 
 
 def _rule_count(compilation: Compilation) -> int:

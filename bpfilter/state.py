@@ -8,10 +8,11 @@ generation the program and its maps) and one of metadata (the ruleset text and w
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -55,6 +56,9 @@ class Deployment:
     slots: list  # [table, chain, rule index (-1: policy), counter slot]
     code_digest: str = ""  # the program's identity (codegen.program.code_digest)
     live_gen: int = 0  # which generation of the maps is live
+    # folded runs: [table, chain, first, last, number, length, direction, data]
+    # (codegen.program.FoldedRun), for address edits in place
+    runs: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,16 @@ class Paths:
         return self.meta / "ruleset.txt"
 
 
+def _json(deployment: Deployment) -> str:
+    # Shallow, unindented: a 10,000-rule slot table is written in milliseconds this way,
+    # inside the time budget of an address edit (asdict deep-copies, indent is pure Python).
+    return json.dumps({f.name: getattr(deployment, f.name) for f in fields(deployment)})
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def read(paths: Paths) -> Optional[Deployment]:
     try:
         return Deployment(**json.loads(paths.deployment_file.read_text()))
@@ -97,7 +111,7 @@ def write(paths: Paths, deployment: Deployment, ruleset_text: str) -> None:
     """Replace the metadata as a whole (rename), so readers never see half of it."""
     paths.meta.mkdir(parents=True, exist_ok=True)
     for target, content in ((paths.ruleset_file, ruleset_text),
-                            (paths.deployment_file, json.dumps(asdict(deployment), indent=1))):
+                            (paths.deployment_file, _json(deployment))):
         tmp = target.with_suffix(".tmp")
         tmp.write_text(content)
         tmp.replace(target)

@@ -118,3 +118,23 @@ def test_ignore_unsupported_lists_each_skipped_rule(tmp_path, kernel):
     assert result.exit_code == 0, result.output
     assert result.output.count("bpfilter: skipped:") == 2
     assert "2 rule(s) skipped" in result.output
+
+
+def test_address_edits_are_recognised_from_the_changed_lines_only():
+    from bpfilter.frontend.iptables.edits import address_edit
+
+    head = "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -p udp -j ACCEPT\n"
+    block = "".join(f"-A INPUT -s 10.0.0.{i}/32 -j DROP\n" for i in range(1, 5))
+    old = head + block + "COMMIT\n"
+    added = old.replace("-A INPUT -s 10.0.0.3/32", "-A INPUT -s 10.9.9.9/32 -j DROP\n"
+                        "-A INPUT -s 10.0.0.3/32")
+    edit = address_edit(old, added)
+    assert (edit.table, edit.chain, edit.index, edit.direction) == ("filter", "INPUT", 3, "src")
+    assert [str(n) for n in edit.added] == ["10.9.9.9/32"] and edit.removed == ()
+    assert edit.before == edit.after == edit.rest == "-j DROP"
+    removed = address_edit(added, old)
+    assert [str(n) for n in removed.removed] == ["10.9.9.9/32"] and removed.index == 3
+    assert address_edit(old, old.replace("10.0.0.2/32 -j DROP", "10.0.0.2/32 -j ACCEPT")) is None
+    assert address_edit(old, old.replace("COMMIT", "-A INPUT -p tcp -j DROP\nCOMMIT")) is None
+    other = address_edit(old, old.replace("COMMIT", "-A INPUT -s 10.0.0.9/32 -j ACCEPT\nCOMMIT"))
+    assert other.before == "-j DROP" and other.rest == "-j ACCEPT"  # apply compiles this one

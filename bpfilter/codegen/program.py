@@ -7,6 +7,7 @@ import hashlib
 import re
 import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 import jinja2
 
@@ -27,6 +28,22 @@ PART_RULES = 32
 
 
 @dataclass(frozen=True)
+class FoldedRun:
+    """Where a folded run's rules are, so that `apply` can add or remove one of them in
+    the running maps (only in runs that are code: a classifier entry's run is also in the
+    classifier's address classes)."""
+
+    table: str
+    chain: str
+    first: int  # rule indexes in the chain, inclusive
+    last: int
+    number: int  # the run's key in bf_prefixes / bf_exact
+    length: Optional[int]  # the prefix length every rule has (bf_exact), or None
+    direction: str
+    data: bool
+
+
+@dataclass(frozen=True)
 class GeneratedProgram:
     """C source plus what the loader must put in the maps before the program runs."""
 
@@ -43,6 +60,7 @@ class GeneratedProgram:
     classifier: ClassifierTables | None = None
     # Capacities in the C source, which the loader must lay the tables out by.
     classifier_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
+    runs: tuple[FoldedRun, ...] = ()
 
 
 @functools.cache
@@ -85,7 +103,8 @@ def _function_name(index: int, chain: str) -> str:
 
 def generate_stage(stage: Stage, nslots: int, source: str) -> GeneratedProgram:
     ctx = MatchContext(stage.hook)
-    runs: list[tuple[PrefixRun, tuple[int, ...]]] = []  # with their chain's rule slots
+    # Folded runs, with their chain's rule slots and where they are (see FoldedRun).
+    runs: list[tuple[PrefixRun, tuple[int, ...], str, bool]] = []
     functions = {ref.chain.name: _function_name(i, ref.chain.name)
                  for i, ref in enumerate(stage.chains)}
     chains = []
@@ -113,7 +132,7 @@ def generate_stage(stage: Stage, nslots: int, source: str) -> GeneratedProgram:
                 ctx.skip = f"run{len(runs)}"
                 lines = _run_lines(item, len(runs), chain.builtin, functions, to_policy,
                                    ctx)
-                runs.append((item, ref.rule_slots))
+                runs.append((item, ref.rule_slots, chain.name, False))
                 title = f"run {len(runs) - 1}: {len(item.prefixes)} prefixes in one lookup"
                 origin = item.rules[0].origin
             rules.append({"title": title, "origin": _c_comment(str(origin)),
@@ -139,17 +158,20 @@ def generate_stage(stage: Stage, nslots: int, source: str) -> GeneratedProgram:
         source=_c_comment(source), hook=stage.hook.value, table=stage.table,
         nslots=capacity(nslots), nlimits=capacity(len(ctx.limits)),
         nifpatterns=len(ctx.if_patterns), chains=chains,
-        nprefixes=capacity(sum(len(r.prefixes) for r, _ in runs if r.uniform_length is None)),
-        nexact=capacity(sum(len(r.prefixes) for r, _ in runs if r.uniform_length is not None)),
+        nprefixes=capacity(sum(len(r.prefixes) for r, *_ in runs if r.uniform_length is None)),
+        nexact=capacity(sum(len(r.prefixes) for r, *_ in runs if r.uniform_length is not None)),
         entry=functions[stage.entry], program=name, classifier=sizes,
     )
-    prefixes = tuple((number, net, slots[index]) for number, (run, slots) in enumerate(runs)
+    prefixes = tuple((number, net, slots[index]) for number, (run, slots, *_) in enumerate(runs)
                      if run.uniform_length is None for net, index in run.prefixes)
     exact = tuple((number, int(net.network_address), slots[index])
-                  for number, (run, slots) in enumerate(runs)
+                  for number, (run, slots, *_) in enumerate(runs)
                   if run.uniform_length is not None for net, index in run.prefixes)
+    folded = tuple(FoldedRun(stage.table, chain, run.indexes[0], run.indexes[-1], number,
+                             run.uniform_length, run.direction, data)
+                   for number, (run, _slots, chain, data) in enumerate(runs))
     return GeneratedProgram(stage.hook, name, text, tuple(ctx.if_patterns),
-                            tuple(ctx.limits), nslots, prefixes, exact, tables, sizes)
+                            tuple(ctx.limits), nslots, prefixes, exact, tables, sizes, folded)
 
 
 def _entry_origin(segment: Segment) -> ir.Origin:
@@ -170,7 +192,7 @@ def _classifier(stage: Stage, runs: list, functions, ctx: MatchContext):
             entry_slots.append(slots[entry_rules(entry)[0]])
             entry_runs.append(len(runs))
             if isinstance(entry.item, PrefixRun):
-                runs.append((entry.item, slots))
+                runs.append((entry.item, slots, segment.chain[1], True))
     segment_of = {chain: number for (_table, chain), number in classification.data_chains}
     tables = classifier_tables(classification, entry_slots, entry_runs,
                                segment_of, ctx)

@@ -81,3 +81,16 @@ def test_field_bitsets_follow_prefixes_negation_and_ranges():
     assert not tables.bitsets[dport[PORTS]] >> 2 & 1
     tcp_short = tables.bitsets[2]  # 8 to 19 bytes of TCP: too short for -m tcp
     assert tcp_short >> 2 & 1 and not tcp_short & 0b11
+
+
+def test_a_range_read_after_the_header_match_stays_code():
+    """The kernel drops a short TCP header at the tcp match, whatever a range after it
+    says; a field constraint would make the classifier ignore the rule instead."""
+    after = "-p tcp -m tcp --dport 22 -m iprange --src-range 10.0.0.1-10.0.0.9 -j ACCEPT"
+    before = "-p tcp -m iprange --src-range 10.0.0.1-10.0.0.9 -m tcp --dport 22 -j ACCEPT"
+    text = ("*filter\n:INPUT DROP [0:0]\n" + _rules("INPUT", PORT_RULES + [after, before]
+                                                     + PORT_RULES) + "COMMIT\n")
+    items, result = _classified(text)
+    chain = items[("filter", "INPUT")]
+    assert [type(i).__name__ for i in chain] == ["Segment", "RuleItem", "Segment"]
+    assert [len(s.entries) for s in result.segments] == [40, 41]

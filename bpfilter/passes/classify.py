@@ -17,7 +17,8 @@ leave the classifier (it keeps its own return stack), so no C function exists pe
 Exactness on malformed packets: the kernel drops a packet whose header is too short for a
 protocol match as soon as a rule with that match is tried (hotdrop). Each entry records
 the L4 bytes its protocol match reads; a packet shorter than that makes the entry a
-candidate whatever its ports say, and the entry drops it when tried.
+candidate whatever its ports say, and the entry drops it when tried. Field constraints
+are therefore only those the kernel evaluates before the header read.
 """
 
 from __future__ import annotations
@@ -149,6 +150,10 @@ def _entry(item: Union[RuleItem, PrefixRun], data: set[str]) -> Optional[Entry]:
             if kind is ir.TcpMatch and match.flags is not None:
                 checks.append(match.flags)
         elif kind is ir.IpRangeMatch:
+            if l4_module is not None:
+                # A range read after the header is no field constraint: a short packet
+                # is dropped by the header match whatever its address.
+                return None
             for dim, spec in (("saddr", match.src), ("daddr", match.dst)):
                 if spec is not None:
                     constraints.append(Constraint(dim, _range_prefixes(spec), spec.negate))

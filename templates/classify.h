@@ -328,11 +328,18 @@ static long bf_cls_loop(__u32 i, void *ctx)
 }
 
 /* Walk segment `segment`: a verdict, BF_CONTINUE (the chain returned, or a goto's chain
- * ended), or BF_NEXT (no rule of the segment decided: go on after it). */
-static __noinline int bf_classify(struct bf_pkt *p, __u32 segment)
+ * ended), or BF_NEXT (no rule of the segment decided: go on after it). Global, like the
+ * chain functions, so that the loop is verified once rather than at every segment. */
+__noinline int bf_classify(struct bf_pkt *p, __u32 segment)
 {
-	struct bf_walk w = { .pkt = *p, .result = BF_DROP };
-	__u32 gen = p->gen, ports = p->l4_len >= 4;
+	struct bf_walk w = { .result = BF_DROP };
+	__u32 gen, ports;
+
+	if (!p)
+		return BF_DROP;
+	w.pkt = *p;
+	gen = p->gen;
+	ports = p->l4_len >= 4;
 
 	w.cls[0] = bf_cls_class(&bf_cls_proto, gen * 256 + p->proto);
 	w.cls[1] = bf_cls_addr(&bf_cls_saddr, gen, p->saddr);

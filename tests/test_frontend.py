@@ -76,6 +76,10 @@ BAD = {
                               4, "no chain 'NOWHERE'"),
     "loop": ("*filter\n:INPUT ACCEPT [0:0]\n:A - [0:0]\n:B - [0:0]\n-A INPUT -j A\n"
              "-A A -j B\n-A B -p tcp -j A\nCOMMIT\n", 7, "loop: A -> B -> A"),
+    "chains nested too deep": (
+        "*filter\n:INPUT ACCEPT [0:0]\n" + "".join(f":C{i} - [0:0]\n" for i in range(1, 9))
+        + "-A INPUT -j C1\n" + "".join(f"-A C{i} -j C{i + 1}\n" for i in range(1, 8))
+        + "COMMIT\n", 17, "chains nested more than 7 deep: 'C6'"),
     "undeclared chain": ("*filter\n:INPUT ACCEPT [0:0]\n-A FOO -j DROP\nCOMMIT\n",
                          3, "no chain 'FOO' declared"),
     "bad address": ("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -s 10.0.0.300 -j DROP\nCOMMIT\n",

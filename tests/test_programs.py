@@ -155,6 +155,30 @@ def test_long_chains_keep_return_and_goto_semantics_across_parts(kernel, build_r
         assert loaded.counters("filter", "INPUT", 43).packets == 2
 
 
+@pytest.mark.parametrize("as_data", [False, True], ids=["code", "data"])
+def test_chains_nest_as_deep_as_the_call_stack_allows(kernel, build_root, monkeypatch,
+                                                      as_data):
+    """Seven chains on one path, each long enough to be split into parts, is the deepest
+    the BPF call stack takes; classifier walks (three frames) only where they still fit:
+    in the first four."""
+    if not as_data:
+        monkeypatch.setattr(classify, "CLASSIFY_MIN", 10**9)
+    filler = "".join(f"-A {{chain}} -p tcp -m tcp --sport {i + 1} -j ACCEPT\n"
+                     for i in range(40))
+    chains = ["INPUT"] + [f"C{i}" for i in range(1, 7)]
+    rules = "".join(filler.format(chain=c) + f"-A {c} -p udp -j {callee}\n"
+                    for c, callee in zip(chains, chains[1:]))
+    text = ("*filter\n:INPUT DROP [0:0]\n" + "".join(f":{c} - [0:0]\n" for c in chains[1:])
+            + rules + "-A C6 -p udp -m udp --dport 7 -j ACCEPT\nCOMMIT\n")
+    name = f"deep-{as_data}"
+    with LoadedRuleset(compile_ruleset(text, name, build_root / name)) as loaded:
+        source = next(iter(loaded.stages.values())).compiled.program.source
+        assert source.count("bf_classify(p, ") == (4 if as_data else 0)
+        assert _run(loaded, Ether() / IP(dst="198.18.0.1") / UDP(dport=7)) == XDP_PASS
+        assert _run(loaded, Ether() / IP(dst="198.18.0.1") / UDP(dport=8)) == XDP_DROP
+        assert loaded.counters("filter", "C6", 0).packets == 1
+
+
 def test_folded_runs_keep_first_match_and_per_rule_counters(kernel, build_root):
     """A run of -s rules becomes one lookup, cut where prefixes overlap, so the rule that
     matches first is still the one that decides and counts."""

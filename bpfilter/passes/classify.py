@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from bpfilter import ir
+from bpfilter.passes.calls import CLASSIFIER_LEVEL_MAX, chain_levels
 from bpfilter.passes.fold import Item, PrefixRun, RuleItem
 
 # Below this many items (rules, folded runs) everything stays straight-line C, which is
@@ -211,10 +212,11 @@ def _depths(table: ir.Table, data: set[str]) -> dict[str, int]:
     return {name: depth(name) for name in data}
 
 
-def _data_chains(table: ir.Table, folds: Folds) -> set[str]:
-    """The largest set of chains whose every item is an entry (a fixpoint: a chain drops
-    out when one of its rules jumps to a chain that dropped out)."""
-    data = {c.name for c in table.chains if c.rules or not c.builtin}  # jump targets may be empty
+def _data_chains(table: ir.Table, folds: Folds, walkable: set[str]) -> set[str]:
+    """The largest set of `walkable` chains whose every item is an entry (a fixpoint: a
+    chain drops out when one of its rules jumps to a chain that dropped out)."""
+    data = {c.name for c in table.chains
+            if (c.rules or not c.builtin) and c.name in walkable}  # jump targets may be empty
     while True:
         keep = {name for name in data
                 if all(_entry(i, data) is not None for i in folds[(table.name, name)])}
@@ -234,7 +236,12 @@ def classify(ruleset: ir.Ruleset, folds: Folds) -> tuple[Folds, Classification]:
     segments: list[Segment] = []
     data_chains: list[tuple[tuple[str, str], int]] = []
     for table in ruleset.tables:
-        data = _data_chains(table, folds)
+        # Chains where a classifier walk still fits on the call stack (unreached ones are
+        # not compiled).
+        levels = chain_levels(table)
+        walkable = {c.name for c in table.chains
+                    if levels.get(c.name, 0) <= CLASSIFIER_LEVEL_MAX}
+        data = _data_chains(table, folds, walkable)
         # Data chains first, so that their segment numbers are stable and known.
         ordered = sorted(table.chains, key=lambda c: c.name not in data)
         for chain in ordered:
@@ -249,7 +256,7 @@ def classify(ruleset: ir.Ruleset, folds: Folds) -> tuple[Folds, Classification]:
             run: list[tuple[Item, Entry]] = []
 
             def flush() -> None:
-                if len(run) >= SEGMENT_MIN:
+                if len(run) >= SEGMENT_MIN and chain.name in walkable:
                     segments.append(Segment(len(segments), key, tuple(e for _i, e in run)))
                     items.append(segments[-1])
                 else:

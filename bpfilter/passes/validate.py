@@ -6,6 +6,7 @@ from typing import Callable, Optional
 
 from bpfilter import ir
 from bpfilter.errors import InputError
+from bpfilter.passes.calls import CHAIN_LEVEL_MAX, MAX_FRAMES, chain_levels
 
 # What the compiler places today; other hooks and tables come with their issues.
 COMPILED_TABLES = ("filter",)
@@ -50,6 +51,7 @@ def validate(ruleset: ir.Ruleset,
     result = ir.Ruleset(ruleset.family, tuple(tables), ruleset.source)
     for table in result.tables:
         _check_loops(table)
+        _check_depth(table)
     return result
 
 
@@ -101,3 +103,20 @@ def _check_loops(table: ir.Table) -> None:
 
     for chain in table.chains:
         visit(chain.name, [])
+
+
+def _check_depth(table: ir.Table) -> None:
+    """Every chain called is a frame on the BPF call stack, which is bounded."""
+    levels = chain_levels(table)
+    for chain in table.chains:
+        if levels.get(chain.name) != CHAIN_LEVEL_MAX:
+            continue
+        for rule in chain.rules:
+            if isinstance(rule.target, ir.JumpTarget):
+                raise _error_at(
+                    rule.origin, rule.target.chain,
+                    f"chains nested more than {CHAIN_LEVEL_MAX} deep: '{chain.name}' is "
+                    f"already {CHAIN_LEVEL_MAX} calls deep, and a BPF program can nest "
+                    f"at most {MAX_FRAMES} function calls",
+                    f"up to {CHAIN_LEVEL_MAX} chains on one path, the built-in chain "
+                    "included")

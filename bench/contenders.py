@@ -6,10 +6,11 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator
 
 from bpfilter import deploy, netns
 from bpfilter.build import build_source
+from bpfilter.codegen import Attach
 from bpfilter.loader.links import XdpLink
 from bpfilter.loader.objects import Object
 from bpfilter.loader.xdp import XdpMode
@@ -103,10 +104,13 @@ def _nft(text: Callable[[int], str]) -> Callable[[str, int], None]:
 
 
 @contextmanager
-def _bpfilter_xdp(build: Path, n: int, ruleset: Callable[[int], str]) -> Iterator[Setup]:
-    with VethBed(build, prefix="bench") as bed:
+def _bpfilter(build: Path, n: int, ruleset: Callable[[int], str],
+              attach: Attach) -> Iterator[Setup]:
+    # At TC, the server needs an XDP program for veth to take the generator's frames.
+    with VethBed(build, prefix="bench", server_xdp=attach is Attach.TC) as bed:
         with netns.entered(bed.server):
-            report = deploy.apply(ruleset(n), f"bench-{n}", "eth0", build / f"rules-{n}")
+            report = deploy.apply(ruleset(n), f"bench-{n}", "eth0", build / f"rules-{n}",
+                                  attach=attach)
         setup = Setup(bed)
         setup.extra["load_s"] = report.total_s
         setup.extra["prog_id"] = report.deployment.prog_id
@@ -144,7 +148,8 @@ def contenders(ruleset: str) -> dict[str, Callable[[Path, int], object]]:
     text = RULESETS[ruleset]
     found: dict[str, Callable[[Path, int], object]] = {
         "XDP drop-all": xdp_drop_all,
-        "bpfilter XDP": lambda b, n: _bpfilter_xdp(b, n, text),
+        "bpfilter XDP": lambda b, n: _bpfilter(b, n, text, Attach.XDP),
+        "bpfilter TC": lambda b, n: _bpfilter(b, n, text, Attach.TC),
         "iptables-legacy": lambda b, n: _kernel_filter(
             b, n, _restore("iptables-legacy-restore", text)),
         "iptables-nft": lambda b, n: _kernel_filter(
@@ -158,4 +163,3 @@ def contenders(ruleset: str) -> dict[str, Callable[[Path, int], object]]:
 
 
 CONTENDERS = contenders("acl")
-NOT_BUILT: dict[str, Optional[str]] = {"bpfilter TC": "TC attach is not built yet"}

@@ -75,12 +75,16 @@ def main() -> None:
                    "failing on the first.")
 @click.option("--no-verify", is_flag=True,
               help="Do not load the objects into the kernel to verify them.")
+@click.option("--attach", type=click.Choice(["xdp", "tc"]), default="xdp", show_default=True,
+              help="Build programs for XDP or for TC ingress (the same verdicts; TC runs "
+                   "after the kernel has built its packet buffer).")
 def compile_cmd(rules: str, output: Optional[Path], emit: str, ignore_unsupported: bool,
-                no_verify: bool) -> None:
+                no_verify: bool, attach: str) -> None:
     """Compile RULES (iptables-save text; '-' reads stdin) into BPF programs.
 
     Exits 2 on input it cannot compile, naming file, line, token and what works instead.
     """
+    from bpfilter.codegen import Attach
     from bpfilter.compiler import compile_ruleset
 
     text, source = _read_rules(rules)
@@ -92,7 +96,8 @@ def compile_cmd(rules: str, output: Optional[Path], emit: str, ignore_unsupporte
         with console.status("compiling…"):
             result = compile_ruleset(
                 text, source, output, emit=emit, verify=not no_verify,
-                on_unsupported=skipped.append if ignore_unsupported else None)
+                on_unsupported=skipped.append if ignore_unsupported else None,
+                attach=Attach(attach))
     except InputError as exc:
         _show_input_error(exc, text)
         sys.exit(EXIT_INPUT)
@@ -142,7 +147,7 @@ def _print_summary(result, output: Path) -> None:
     for stage in result.stages:
         stats = stage.stats
         programs.add_row(
-            stage.stage.hook.value, "XDP ingress", stage.program.name,
+            stage.stage.hook.value, stage.program.attach.label, stage.program.name,
             str(stage.program.source.count("\n")),
             f"{stats.processed_insns:,}" if stats else "-",
             f"{stats.xlated_insns:,}" if stats else "-",
@@ -162,14 +167,16 @@ def _print_summary(result, output: Path) -> None:
                       "enforced.[/]")
 
 
-MODES = click.Choice(["native", "generic", "offload"])
+MODES = click.Choice(["native", "generic", "offload", "tc"])
 
 
 @main.command()
 @click.argument("rules", type=str)
 @click.option("-i", "--iface", required=True, help="The interface to filter arriving packets on.")
-@click.option("--mode", type=MODES, help="XDP mode. Default: native, falling back to "
-              "generic (announced) where the driver has no native XDP.")
+@click.option("--mode", type=MODES, help="XDP mode (native, generic, offload), or tc: at TC "
+              "ingress instead of XDP. Default: where the interface's ruleset runs now, else "
+              "native XDP, falling back to generic (announced) where the driver has no "
+              "native XDP.")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
               help="Where the .c and .o files go [default: build/<iface>].")
 def apply(rules: str, iface: str, mode: Optional[str], output: Optional[Path]) -> None:
@@ -180,14 +187,17 @@ def apply(rules: str, iface: str, mode: Optional[str], output: Optional[Path]) -
     the command exits non-zero (2 for bad input).
     """
     from bpfilter import deploy
+    from bpfilter.codegen import Attach
     from bpfilter.loader.xdp import XdpMode
 
     text, source = _read_rules(rules)
+    tc = mode == "tc"
     try:
         with console.status("applying…") as status:
             report = deploy.apply(text, source, iface, output or Path("build") / iface,
-                                  XdpMode(mode) if mode else None,
-                                  progress=lambda msg: status.update(f"{msg}…"))
+                                  XdpMode(mode) if mode and not tc else None,
+                                  progress=lambda msg: status.update(f"{msg}…"),
+                                  attach=Attach.TC if tc else None)
     except InputError as exc:
         _show_input_error(exc, text)
         sys.exit(EXIT_INPUT)
@@ -201,7 +211,7 @@ def apply(rules: str, iface: str, mode: Optional[str], output: Optional[Path]) -
         verb = f"{report.edited} address rule(s) changed in place on"
     elif report.map_only:
         verb = "same program, rewrote the maps of"
-    console.print(f"{verb} {iface} ({d.mode} XDP): {d.rules} rules from {d.source}, program "
+    console.print(f"{verb} {iface} ({d.where}): {d.rules} rules from {d.source}, program "
                   f"{d.prog_id}; switch {report.switch_ns / 1e6:.2f} ms, "
                   f"total {report.total_s:.2f} s")
 
@@ -265,7 +275,7 @@ def list_cmd(iface: Optional[str], verbose: bool, numeric: bool, exact: bool) ->
     from bpfilter.frontend.iptables.save import rule_text
 
     for paths, d, ruleset in _deployed(iface):
-        console.print(f"[bold]{d.iface}[/] ({d.mode} XDP, {d.source})")
+        console.print(f"[bold]{d.iface}[/] ({d.where}, {d.source})")
         with LiveCounters(paths, d) as live:
             for table in ruleset.tables:
                 for chain in table.chains:

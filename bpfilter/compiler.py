@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 from bpfilter import ir
 from bpfilter.build import build_object
-from bpfilter.codegen import GeneratedProgram, generate_stage
+from bpfilter.codegen import Attach, GeneratedProgram, generate_stage
 from bpfilter.errors import InputError
 from bpfilter.frontend import parse_ruleset
 from bpfilter.loader.objects import Object, VerifierStats
@@ -55,7 +55,7 @@ def _timed(timings: dict[str, float], phase: str):
 def compile_ruleset(text: str, source: str, out_dir: Path, emit: str = "obj",
                     verify: bool = True,
                     on_unsupported: Optional[Callable[[InputError], None]] = None,
-                    ) -> Compilation:
+                    attach: Attach = Attach.XDP) -> Compilation:
     """Compile to `out_dir`. `emit="c"` stops after code generation; `verify` loads each
     object once so the kernel's verifier has accepted it (and reports its cost)."""
     timings: dict[str, float] = {}
@@ -77,7 +77,7 @@ def compile_ruleset(text: str, source: str, out_dir: Path, emit: str = "obj",
     result = Compilation(parsed, ruleset, slots, skipped=skipped, timings=timings)
     for stage in stages:
         with _timed(timings, "codegen"):
-            program = generate_stage(stage, len(slots), source)
+            program = generate_stage(stage, len(slots), source, attach)
         if emit == "c":
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / f"{program.name}.c").write_text(program.source)

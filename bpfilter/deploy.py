@@ -1,8 +1,9 @@
 """Putting a ruleset live on an interface, replacing it atomically, and taking it off.
 
 `apply` compiles, loads and verifies the new ruleset, fills its maps and pins it, and only
-then makes it live in one kernel operation (the XDP link's program is replaced, on the
-condition that the program it replaces is still the one we think). Any failure before that
+then makes it live in one kernel operation (the link's program is replaced, on the
+condition that the program it replaces is still the one we think). The link is XDP's, in
+one of its modes, or TC ingress's (tcx). Any failure before that
 removes what this apply created; the running ruleset is never touched.
 """
 
@@ -21,8 +22,8 @@ from bpfilter import ir, state
 from bpfilter.compiler import Compilation, compile_ruleset
 from bpfilter.errors import KernelError
 from bpfilter.inplace import edit_in_place
-from bpfilter.loader.links import XdpLink
-from bpfilter.codegen.program import code_digest
+from bpfilter.loader.links import Link, TcLink, XdpLink
+from bpfilter.codegen.program import Attach, code_digest
 from bpfilter.loader.objects import Map
 from bpfilter.loader.xdp import XdpMode
 from bpfilter.runner import (LoadedRuleset, clear_generation, fill_classifier, fill_folded,
@@ -50,14 +51,25 @@ def _ifindex(iface: str) -> int:
 def apply(text: str, source: str, iface: str, build_dir: Path,
           mode: Optional[XdpMode] = None,
           progress: Callable[[str], None] = lambda _msg: None,
-          compilation: Optional[Compilation] = None) -> ApplyReport:
+          compilation: Optional[Compilation] = None,
+          attach: Optional[Attach] = None) -> ApplyReport:
+    """`attach` and `mode` default to where the interface's ruleset runs now, else to
+    native XDP; a `compilation` given must be built for that attach point."""
     started = time.perf_counter()
     ifindex = _ifindex(iface)
     paths = state.Paths(iface, state.netns_id())
     previous = _live_deployment(paths, ifindex)
-    if previous is not None and mode is not None and mode.value != previous.mode:
-        raise KernelError(f"{iface} runs a ruleset in {previous.mode} mode; detach it "
-                          f"before applying in {mode.value} mode")
+    if attach is Attach.TC and mode is not None:
+        raise KernelError("an XDP mode does not apply to a TC attachment")
+    if previous is not None:
+        running = Attach.TC if previous.mode == state.TC_MODE else Attach.XDP
+        if (attach or running) is not running or (mode and mode.value != previous.mode):
+            asked = ("at TC ingress" if attach is Attach.TC else
+                     f"in {mode.value} XDP mode" if mode else "at XDP")
+            raise KernelError(f"{iface} runs a ruleset {previous.where}; detach it before "
+                              f"applying {asked}")
+        attach = running
+    attach = attach or Attach.XDP
     if previous is not None and compilation is None:
         edited = edit_in_place(text, source, paths, previous)
         if edited is not None:
@@ -66,7 +78,7 @@ def apply(text: str, source: str, iface: str, build_dir: Path,
                                edited=edited.changed)
     if compilation is None:
         progress("compiling")
-        compilation = compile_ruleset(text, source, build_dir, verify=False)
+        compilation = compile_ruleset(text, source, build_dir, verify=False, attach=attach)
     digest = code_digest(compilation.stages[0].program.source)
     if previous is not None and previous.code_digest == digest:
         progress("same program: rewriting its maps")
@@ -86,27 +98,34 @@ def apply(text: str, source: str, iface: str, build_dir: Path,
                 stage.obj.map(name).pin(str(gen_dir / name))
             progress("switching")
             if previous is not None:
-                link = XdpLink.open_pinned(str(paths.link))
+                link = Link.open_pinned(str(paths.link))
                 running = link.info().prog_id
                 t0 = time.perf_counter_ns()
                 link.replace(program.fd, running)
                 switch_ns = time.perf_counter_ns() - t0
-                used_mode = XdpMode(previous.mode)
+                used_mode = previous.mode
+            elif attach is Attach.TC:
+                used_mode = state.TC_MODE
+                t0 = time.perf_counter_ns()
+                link = TcLink.create(ifindex, program.fd)
+                switch_ns = time.perf_counter_ns() - t0
+                link.pin(str(paths.link))
             else:
-                used_mode = mode or XdpMode.NATIVE
+                xdp_mode = mode or XdpMode.NATIVE
                 t0 = time.perf_counter_ns()
                 try:
-                    link = XdpLink.create(ifindex, program.fd, used_mode)
+                    link = XdpLink.create(ifindex, program.fd, xdp_mode)
                 except KernelError as exc:
                     if mode is not None or "Operation not supported" not in str(exc):
                         raise
                     fallback = f"{iface} has no native XDP; running in generic mode"
-                    used_mode = XdpMode.GENERIC
-                    link = XdpLink.create(ifindex, program.fd, used_mode)
+                    xdp_mode = XdpMode.GENERIC
+                    link = XdpLink.create(ifindex, program.fd, xdp_mode)
                 switch_ns = time.perf_counter_ns() - t0
+                used_mode = xdp_mode.value
                 link.pin(str(paths.link))
             deployment = state.Deployment(
-                iface=iface, ifindex=ifindex, netns=paths.netns, mode=used_mode.value,
+                iface=iface, ifindex=ifindex, netns=paths.netns, mode=used_mode,
                 source=source, sha256=hashlib.sha256(text.encode()).hexdigest(),
                 applied_at=state.now(),
                 generation=generation, program=compilation.stages[0].program.name,
@@ -176,7 +195,7 @@ def _live_deployment(paths: state.Paths, ifindex: int) -> Optional[state.Deploym
         return None
     if deployment is not None and paths.link.exists():
         try:
-            link = XdpLink.open_pinned(str(paths.link))
+            link = Link.open_pinned(str(paths.link))
         except KernelError:
             link = None
         if link is not None:
@@ -195,7 +214,7 @@ def detach(iface: str) -> state.Deployment:
     deployment = state.read(paths)
     if deployment is None or not paths.link.exists():
         raise KernelError(f"bpfilter runs nothing on {iface}")
-    link = XdpLink.open_pinned(str(paths.link))
+    link = Link.open_pinned(str(paths.link))
     try:
         link.detach()
     finally:
@@ -211,7 +230,7 @@ def detach(iface: str) -> state.Deployment:
 def running_program_id(paths: state.Paths) -> Optional[int]:
     """The program the pinned link runs now, or None if it is gone."""
     try:
-        link = XdpLink.open_pinned(str(paths.link))
+        link = Link.open_pinned(str(paths.link))
     except KernelError:
         return None
     try:

@@ -37,6 +37,10 @@ def bpffs() -> Path:
     return pins
 
 
+# Deployment.mode of a ruleset at TC ingress; the others are XDP modes.
+TC_MODE = "tc"
+
+
 @dataclass
 class Deployment:
     """The metadata of one interface's running ruleset."""
@@ -44,7 +48,7 @@ class Deployment:
     iface: str
     ifindex: int
     netns: int
-    mode: str
+    mode: str  # an XDP mode, or TC_MODE
     source: str
     sha256: str
     applied_at: str
@@ -59,6 +63,10 @@ class Deployment:
     # folded runs: [table, chain, first, last, number, length, direction, data]
     # (codegen.program.FoldedRun), for address edits in place
     runs: list = field(default_factory=list)
+
+    @property
+    def where(self) -> str:
+        return "at TC ingress" if self.mode == TC_MODE else f"in {self.mode} XDP mode"
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,18 @@
 #define BF_CSUM_MAX_WORDS 1500 /* L4 checksums are verified up to 3000 bytes (the verifier
                                 * allows 8192 jumps in one path) */
 
+/* The same program runs at XDP or at TC (BF_TC): the context, what it returns, and how a
+ * reply is sent differ. At TC a reply leaves through the device the packet came in on,
+ * as XDP_TX sends it. */
+#ifdef BF_TC
+#define bf_ctx __sk_buff
+enum bf_out { BF_OUT_PASS = 0 /* TC_ACT_OK */, BF_OUT_DROP = 2 /* TC_ACT_SHOT */ };
+#define BF_TC_LINEAR (14 + 60 + 2 * BF_CSUM_MAX_WORDS) /* every byte a program reads */
+#else
+#define bf_ctx xdp_md
+enum bf_out { BF_OUT_PASS = XDP_PASS, BF_OUT_DROP = XDP_DROP };
+#endif
+
 enum bf_verdict { BF_CONTINUE = 0, BF_ACCEPT = 1, BF_DROP = 2, BF_REJECT = 3 };
 /* Between the parts of a long chain: fall through to the next part, or apply the
  * built-in chain's policy (its RETURN). Never leave the chain function. */
@@ -316,14 +328,21 @@ static __always_inline __u16 bf_header_sum(struct iphdr *ip, __u32 hlen, void *e
 
 /* Parse Ethernet + IPv4 as ip_rcv() checks them; anything the kernel would drop before
  * netfilter (or that is not IPv4) is left to the kernel: returns -1. */
-static __always_inline int bf_parse(struct xdp_md *ctx, struct bf_pkt *p)
+static __always_inline int bf_parse(struct bf_ctx *ctx, struct bf_pkt *p)
 {
-	void *data = (void *)(long)ctx->data;
-	void *end = (void *)(long)ctx->data_end;
-	struct ethhdr *eth = data;
+	void *data, *end;
+	struct ethhdr *eth;
 	struct iphdr *ip;
 	__u32 hlen, tot;
 
+#ifdef BF_TC
+	/* An skb may hold part of the packet outside its linear data, where no pointer
+	 * reaches: pull what the program reads (nothing to do when it is there already). */
+	bpf_skb_pull_data(ctx, ctx->len < BF_TC_LINEAR ? ctx->len : BF_TC_LINEAR);
+#endif
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	eth = data;
 	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(BF_ETH_P_IP))
 		return -1;
 	ip = (void *)(eth + 1);
@@ -388,12 +407,32 @@ static __always_inline int bf_parse(struct xdp_md *ctx, struct bf_pkt *p)
 
 /* The barrier keeps clang from folding this into 32-bit pointer arithmetic, which the
  * verifier refuses. */
-static __always_inline int bf_frame_len(struct xdp_md *ctx)
+static __always_inline int bf_frame_len(struct bf_ctx *ctx)
 {
 	long len = (void *)(long)ctx->data_end - (void *)(long)ctx->data;
 
 	asm volatile("" : "+r"(len));
 	return len;
+}
+
+/* Room for `head` more bytes between the Ethernet header and the IP header (at XDP: in
+ * front of the frame, whose Ethernet header is rewritten anyway). */
+static __always_inline int bf_grow_head(struct bf_ctx *ctx, __u32 head)
+{
+#ifdef BF_TC
+	return bpf_skb_adjust_room(ctx, head, BPF_ADJ_ROOM_MAC, 0);
+#else
+	return bpf_xdp_adjust_head(ctx, -(int)head);
+#endif
+}
+
+static __always_inline int bf_transmit(struct bf_ctx *ctx)
+{
+#ifdef BF_TC
+	return bpf_redirect(ctx->ifindex, 0);
+#else
+	return XDP_TX;
+#endif
 }
 
 static __always_inline void bf_swap_eth(struct ethhdr *eth, const struct bf_pkt *p)
@@ -405,13 +444,18 @@ static __always_inline void bf_swap_eth(struct ethhdr *eth, const struct bf_pkt 
 
 /* Resize the frame to `want` bytes for a reply; NULL unless its first `need` bytes are
  * there to write. */
-static __always_inline struct ethhdr *bf_reply_frame(struct xdp_md *ctx, __u32 want,
+static __always_inline struct ethhdr *bf_reply_frame(struct bf_ctx *ctx, __u32 want,
 						     __u32 need)
 {
 	void *data;
 
+#ifdef BF_TC
+	if (bpf_skb_change_tail(ctx, want, 0) || bpf_skb_pull_data(ctx, need))
+		return NULL;
+#else
 	if (bpf_xdp_adjust_tail(ctx, (int)want - bf_frame_len(ctx)))
 		return NULL;
+#endif
 	data = (void *)(long)ctx->data;
 	if (data + need > (void *)(long)ctx->data_end)
 		return NULL;
@@ -436,7 +480,7 @@ static __always_inline void bf_put_iphdr(struct iphdr *ip, const struct bf_pkt *
 }
 
 /* nf_send_reset(): a bare RST from the rejected packet's destination. */
-static __always_inline int bf_reject_tcp(struct xdp_md *ctx, const struct bf_pkt *p)
+static __always_inline int bf_reject_tcp(struct bf_ctx *ctx, const struct bf_pkt *p)
 {
 	__u32 want = sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct tcphdr);
 	struct ethhdr *eth;
@@ -444,10 +488,10 @@ static __always_inline int bf_reject_tcp(struct xdp_md *ctx, const struct bf_pkt
 	struct tcphdr *th;
 
 	if (p->frag_off || p->l4_len < sizeof(struct tcphdr) || (p->tcp_flags & 0x04))
-		return XDP_DROP;
+		return BF_OUT_DROP;
 	eth = bf_reply_frame(ctx, want, want);
 	if (!eth)
-		return XDP_DROP;
+		return BF_OUT_DROP;
 	ip = (void *)(eth + 1);
 	th = (void *)(ip + 1);
 	bf_swap_eth(eth, p);
@@ -466,7 +510,7 @@ static __always_inline int bf_reject_tcp(struct xdp_md *ctx, const struct bf_pkt
 	}
 	th->check = ~bf_fold(bf_sum(th, sizeof(*th), (void *)(th + 1), 10) +
 			     bf_pseudo_sum(p, IPPROTO_TCP, sizeof(*th)));
-	return XDP_TX;
+	return bf_transmit(ctx);
 }
 
 /* icmp_send() never answers what icmp_pointers[] marks .error: the error types and the
@@ -482,7 +526,7 @@ static __always_inline int bf_icmp_is_error(__u8 type)
  * A global (non-static) function: the verifier checks it once, on its own, instead of once
  * per path that reaches a REJECT, which would multiply the cost of its loop.
  * `shape` packs l4_off (bits 0-7), the protocol (8-15) and l4_len (16-31). */
-__attribute__((noinline)) int bf_l4_checksum_ok(struct xdp_md *ctx, __u32 shape, __u64 pseudo)
+__attribute__((noinline)) int bf_l4_checksum_ok(struct bf_ctx *ctx, __u32 shape, __u64 pseudo)
 {
 	void *end = (void *)(long)ctx->data_end;
 	void *l4 = (void *)(long)ctx->data + (shape & 0xff);
@@ -512,7 +556,7 @@ __attribute__((noinline)) int bf_l4_checksum_ok(struct xdp_md *ctx, __u32 shape,
 }
 
 /* The ICMP checksum of a reply: `len` bytes from the ICMP header. Global, like above. */
-__attribute__((noinline)) int bf_icmp_reply_checksum(struct xdp_md *ctx, __u32 len)
+__attribute__((noinline)) int bf_icmp_reply_checksum(struct bf_ctx *ctx, __u32 len)
 {
 	void *icmp = (void *)(long)ctx->data + sizeof(struct ethhdr) + sizeof(struct iphdr);
 
@@ -521,7 +565,7 @@ __attribute__((noinline)) int bf_icmp_reply_checksum(struct xdp_md *ctx, __u32 l
 }
 
 /* icmp_send(ICMP_DEST_UNREACH): the error quotes the rejected packet from its IP header. */
-static __always_inline int bf_reject_icmp(struct xdp_md *ctx, const struct bf_pkt *p, __u8 code)
+static __always_inline int bf_reject_icmp(struct bf_ctx *ctx, const struct bf_pkt *p, __u8 code)
 {
 	__u32 head = sizeof(struct iphdr) + sizeof(struct icmphdr);
 	__u32 quote = p->len < BF_ICMP_QUOTE_MAX ? p->len : BF_ICMP_QUOTE_MAX;
@@ -531,19 +575,19 @@ static __always_inline int bf_reject_icmp(struct xdp_md *ctx, const struct bf_pk
 	struct icmphdr *ic;
 
 	if (p->frag_off)
-		return XDP_DROP;
+		return BF_OUT_DROP;
 	if (p->proto == IPPROTO_ICMP && (p->l4_len < 1 || bf_icmp_is_error(p->icmp_type)))
-		return XDP_DROP;
+		return BF_OUT_DROP;
 	if ((p->daddr >> 28) == 0xe || p->daddr == 0xffffffff)
-		return XDP_DROP;
+		return BF_OUT_DROP;
 	if (!bf_l4_checksum_ok(ctx, p->l4_off | (p->proto << 8) | (p->l4_len << 16),
 			       bf_pseudo_sum(p, p->proto, p->l4_len)))
-		return XDP_DROP;
-	if (bpf_xdp_adjust_head(ctx, -(int)head))
-		return XDP_DROP;
+		return BF_OUT_DROP;
+	if (bf_grow_head(ctx, head))
+		return BF_OUT_DROP;
 	eth = bf_reply_frame(ctx, want, sizeof(*eth) + head);
 	if (!eth)
-		return XDP_DROP;
+		return BF_OUT_DROP;
 	ip = (void *)(eth + 1);
 	ic = (void *)(ip + 1);
 	bf_swap_eth(eth, p);
@@ -553,19 +597,19 @@ static __always_inline int bf_reject_icmp(struct xdp_md *ctx, const struct bf_pk
 	ic->checksum = 0;
 	ic->un.gateway = 0;
 	ic->checksum = bf_icmp_reply_checksum(ctx, sizeof(*ic) + quote);
-	return XDP_TX;
+	return bf_transmit(ctx);
 }
 
-static __always_inline int bf_xdp_verdict(struct xdp_md *ctx, struct bf_pkt *p, int verdict)
+static __always_inline int bf_verdict(struct bf_ctx *ctx, struct bf_pkt *p, int verdict)
 {
 	switch (verdict) {
 	case BF_DROP:
-		return XDP_DROP;
+		return BF_OUT_DROP;
 	case BF_REJECT:
 		if (p->reject_with == BF_REJECT_TCP_RESET)
 			return bf_reject_tcp(ctx, p);
 		return bf_reject_icmp(ctx, p, p->reject_with);
 	default:
-		return XDP_PASS;
+		return BF_OUT_PASS;
 	}
 }

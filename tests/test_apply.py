@@ -12,6 +12,7 @@ from scapy.layers.inet import IP, TCP, UDP
 
 from bpfilter import deploy, netns, state
 from bpfilter.cli import main
+from bpfilter.codegen import Attach
 from bpfilter.errors import InputError, KernelError
 from bpfilter.loader.xdp import XdpMode
 from bpfilter.testbed import SERVER_ADDR, VethBed
@@ -37,23 +38,29 @@ def _cli(bed: VethBed, *args: str) -> subprocess.CompletedProcess:
                      netns=bed.server, check=False)
 
 
-def test_apply_swap_and_detach_with_real_packets(bed, build_root):
+@pytest.mark.parametrize("attach", list(Attach), ids=[a.value for a in Attach])
+def test_apply_swap_and_detach_with_real_packets(bed, build_root, attach):
     with netns.entered(bed.server):
-        first = deploy.apply(HOST, "host-firewall.v4", "eth0", build_root / "a1")
+        first = deploy.apply(HOST, "host-firewall.v4", "eth0", build_root / "a1",
+                             attach=attach)
     assert not first.replaced
+    assert (first.deployment.mode == state.TC_MODE) == (attach is Attach.TC)
+    delivered = bed.delivered()
     replies = _ssh_from_elsewhere(bed)
     assert [r for r in replies if TCP in r and r[TCP].flags.R]  # REJECT tcp-reset
-    delivered = bed.delivered()
+    assert bed.delivered() == delivered  # the RST is bpfilter's: the stack never saw it
 
     with netns.entered(bed.server):
         second = deploy.apply(CHAINS, "user-chains.v4", "eth0", build_root / "a2")
     assert second.replaced and second.deployment.prog_id != first.deployment.prog_id
+    assert second.deployment.mode == first.deployment.mode  # where the first one ran
     # user-chains: 192.0.2.0/24 is in its BLOCKLIST chain, which drops it silently.
     assert _ssh_from_elsewhere(bed) == []
     assert bed.delivered() == delivered
 
     status = _cli(bed, "status")
     assert status.returncode == 0 and "user-chains.v4" in status.stdout, status.stderr
+    assert f" {first.deployment.mode} " in status.stdout
     listing = _cli(bed, "list", "-v", "-x")
     assert "Chain INPUT (policy DROP 0 packets, 0 bytes)" in listing.stdout, listing.stdout
     assert "1     1     40  -j BLOCKLIST" in listing.stdout, listing.stdout
@@ -78,6 +85,8 @@ def test_failed_apply_leaves_the_running_ruleset_untouched(bed, build_root):
                          build_root / "f2")
         with pytest.raises(KernelError, match="detach it before"):
             deploy.apply(CHAINS, "chains.v4", "eth0", build_root / "f3", XdpMode.GENERIC)
+        with pytest.raises(KernelError, match="detach it before applying at TC ingress"):
+            deploy.apply(CHAINS, "chains.v4", "eth0", build_root / "f3", attach=Attach.TC)
         assert deploy.running_program_id(paths) == running.deployment.prog_id
         assert state.read(paths).source == "host-firewall.v4"
         assert sorted(p.name for p in paths.pins.iterdir()) == pins_before

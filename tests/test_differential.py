@@ -2,7 +2,8 @@
 
 For every generated frame the per-rule counters the kernel's iptables-legacy increments
 must be exactly those bpfilter's program increments (so the same rules matched and the
-same one decided), and a REJECT must send the bytes the kernel sends.
+same one decided), and a REJECT must send the bytes the kernel sends. The program built
+for TC ingress runs on every frame too, and must do what the XDP program does.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
 from bpfilter import netns
+from bpfilter.codegen import Attach
 from bpfilter.compiler import compile_ruleset
 from bpfilter.frontend import parse_ruleset
 from bpfilter.runner import LoadedRuleset
@@ -21,6 +23,8 @@ from tests.kernel_oracle import INTERFACES, KernelOracle
 from tests.packets import frames, interesting
 
 XDP_DROP, XDP_PASS, XDP_TX = 1, 2, 3
+# What the TC program returns where the XDP program returns each of those.
+AT_TC = {XDP_DROP: 2, XDP_PASS: 0, XDP_TX: 7}  # TC_ACT_SHOT, TC_ACT_OK, TC_ACT_REDIRECT
 
 CASES = {"host-firewall.v4": 150, "user-chains.v4": 150, "acl-1000.v4": 40}
 # bpfilter compiles INPUT only so far; the kernel's own replies walk OUTPUT.
@@ -52,20 +56,31 @@ class Differential:
         self.ruleset = parse_ruleset(text, name)
         self.oracle = KernelOracle(make_namespace)
         self.oracle.load(text)
-        compilation = compile_ruleset(text, name, build_root / name, verify=False)
-        with netns.entered(self.oracle.k):  # its interfaces and local routes
-            self.loaded = LoadedRuleset(compilation)
-        self.mismatches: list[str] = []
+        self.loaded = {}
+        for attach in Attach:
+            compilation = compile_ruleset(text, name, build_root / name / attach.value,
+                                          verify=False, attach=attach)
+            with netns.entered(self.oracle.k):  # its interfaces and local routes
+                self.loaded[attach] = LoadedRuleset(compilation)
+
+    def _run(self, attach: Attach, raw: bytes, ifindex: int):
+        """The program's result, and the counters it incremented."""
+        loaded = self.loaded[attach]
+        before = _bpf_counters(loaded)
+        with netns.entered(self.oracle.k):
+            result = loaded.stages[next(iter(loaded.stages))].program.test_run(
+                raw, ingress_ifindex=ifindex)
+        after = _bpf_counters(loaded)
+        return result, {k: after[k] - before[k] for k in after if after[k] != before[k]}
 
     def check(self, iface: str, frame: Ether) -> None:
         frame.dst = self.oracle.kmac[iface]
         raw = bytes(frame)
-        before = _bpf_counters(self.loaded)
-        with netns.entered(self.oracle.k):
-            result = self.loaded.stages[next(iter(self.loaded.stages))].program.test_run(
-                raw, ingress_ifindex=self.oracle.ifindex[iface])
-        after = _bpf_counters(self.loaded)
-        ours = {k: after[k] - before[k] for k in after if after[k] != before[k]}
+        result, ours = self._run(Attach.XDP, raw, self.oracle.ifindex[iface])
+        at_tc, ours_at_tc = self._run(Attach.TC, raw, self.oracle.ifindex[iface])
+        assert (at_tc.retval, ours_at_tc) == (AT_TC[result.retval], ours), (
+            f"at TC {frame.summary()} on {iface} gives {at_tc.retval} {ours_at_tc}, at XDP "
+            f"{result.retval} {ours}")
         kernel = self.oracle.send(iface, raw, wait_reply=0.05 if result.retval == XDP_TX
                                   else 0.0)
         theirs = {k: v for k, v in kernel.counters.items() if k[:2] not in NOT_COMPILED}
@@ -83,9 +98,11 @@ class Differential:
             assert result.data[12:] == expected[12:], (
                 f"REJECT reply differs for {frame.summary()}:\n"
                 f"bpfilter {result.data.hex()}\nkernel   {expected.hex()}")
+            assert at_tc.data == result.data, f"at TC the reply to {frame.summary()} differs"
 
     def close(self) -> None:
-        self.loaded.close()
+        for loaded in self.loaded.values():
+            loaded.close()
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import functools
 import hashlib
 import re
@@ -25,6 +26,17 @@ RUNTIME_HEADERS = ("bpfilter.h", "classify.h")
 # Chains longer than this are split into functions of this many rules: clang's time grows
 # faster than linearly with the size of one function.
 PART_RULES = 32
+
+
+class Attach(enum.Enum):
+    """Where a stage program runs: the same C, built for XDP or for TC."""
+
+    XDP = "xdp"
+    TC = "tc"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ingress"
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,7 @@ class GeneratedProgram:
     # Capacities in the C source, which the loader must lay the tables out by.
     classifier_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
     runs: tuple[FoldedRun, ...] = ()
+    attach: Attach = Attach.XDP
 
 
 @functools.cache
@@ -101,7 +114,8 @@ def _function_name(index: int, chain: str) -> str:
     return f"bf_chain_{index}_" + re.sub(r"[^A-Za-z0-9_]", "_", chain)[:40]
 
 
-def generate_stage(stage: Stage, nslots: int, source: str) -> GeneratedProgram:
+def generate_stage(stage: Stage, nslots: int, source: str,
+                   attach: Attach = Attach.XDP) -> GeneratedProgram:
     ctx = MatchContext(stage.hook)
     # Folded runs, with their chain's rule slots and where they are (see FoldedRun).
     runs: list[tuple[PrefixRun, tuple[int, ...], str, bool]] = []
@@ -154,8 +168,9 @@ def generate_stage(stage: Stage, nslots: int, source: str) -> GeneratedProgram:
                        "rules": [] if parted else rules, "parts": parts, "tail": tail})
     tables, sizes = _classifier(stage, runs, functions, ctx)
     name = f"bpfilter_{stage.hook.value.lower()}"
-    text = _environment().get_template("stage_xdp.c.j2").render(
+    text = _environment().get_template("stage.c.j2").render(
         source=_c_comment(source), hook=stage.hook.value, table=stage.table,
+        tc=attach is Attach.TC,
         nslots=capacity(nslots), nlimits=capacity(len(ctx.limits)),
         nifpatterns=len(ctx.if_patterns), chains=chains,
         nprefixes=capacity(sum(len(r.prefixes) for r, *_ in runs if r.uniform_length is None)),
@@ -171,7 +186,8 @@ def generate_stage(stage: Stage, nslots: int, source: str) -> GeneratedProgram:
                              run.uniform_length, run.direction, data)
                    for number, (run, _slots, chain, data) in enumerate(runs))
     return GeneratedProgram(stage.hook, name, text, tuple(ctx.if_patterns),
-                            tuple(ctx.limits), nslots, prefixes, exact, tables, sizes, folded)
+                            tuple(ctx.limits), nslots, prefixes, exact, tables, sizes, folded,
+                            attach)
 
 
 def _entry_origin(segment: Segment) -> ir.Origin:

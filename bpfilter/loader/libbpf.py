@@ -30,6 +30,14 @@ class XdpMd(ctypes.Structure):
         "egress_ifindex")]
 
 
+class SkBuff(ctypes.Structure):
+    """The head of struct __sk_buff, as far as BPF_PROG_TEST_RUN lets a caller set it."""
+
+    _fields_ = [(name, ctypes.c_uint32) for name in (
+        "len", "pkt_type", "mark", "queue_mapping", "protocol", "vlan_present", "vlan_tci",
+        "vlan_proto", "priority", "ingress_ifindex", "ifindex")]
+
+
 class ProgInfo(ctypes.Structure):
     """The head of struct bpf_prog_info; the kernel fills as much as we give room for."""
 

@@ -1,5 +1,6 @@
-"""XDP links: attach a program to an interface, pin the attachment, replace its program
-atomically. A pinned link keeps the program attached after this process exits."""
+"""Links: attach a program to an interface (XDP, or TC ingress through tcx), pin the
+attachment, replace its program atomically. A pinned link keeps the program attached
+after this process exits."""
 
 from __future__ import annotations
 
@@ -12,34 +13,18 @@ from bpfilter.loader.libbpf import (LinkCreateOpts, LinkInfo, LinkUpdateOpts, ch
 from bpfilter.loader.xdp import XdpMode
 
 BPF_XDP = 37
+BPF_TCX_INGRESS = 46
 BPF_F_REPLACE = 1 << 2
 
 
-class XdpLink:
+class Link:
+    """A link by file descriptor, whatever attaches it."""
+
     def __init__(self, fd: int):
         self.fd = fd
 
     @classmethod
-    def create(cls, ifindex: int, prog_fd: int, mode: XdpMode) -> "XdpLink":
-        opts = LinkCreateOpts()
-        opts.sz = ctypes.sizeof(opts)
-        opts.flags = mode.flag
-        fd = lib().bpf_link_create(prog_fd, ifindex, BPF_XDP, ctypes.byref(opts))
-        if fd < 0:
-            err = -fd
-            if err == errno.EBUSY:
-                raise KernelError(f"ifindex {ifindex} already has an XDP program that "
-                                  "bpfilter did not attach; remove it first "
-                                  "(ip link set dev IFACE xdp off)")
-            if mode is XdpMode.OFFLOAD:
-                raise KernelError("this NIC cannot offload XDP programs "
-                                  f"({os.strerror(err)}); use --mode native or generic")
-            raise KernelError(f"attach XDP ({mode.value}) to ifindex {ifindex}: "
-                              f"{os.strerror(err)} (errno {err})")
-        return cls(fd)
-
-    @classmethod
-    def open_pinned(cls, path: str) -> "XdpLink":
+    def open_pinned(cls, path: str) -> "Link":
         return cls(check(lib().bpf_obj_get(path.encode()), f"open pinned link {path}"))
 
     def info(self) -> LinkInfo:
@@ -73,3 +58,35 @@ class XdpLink:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class XdpLink(Link):
+    @classmethod
+    def create(cls, ifindex: int, prog_fd: int, mode: XdpMode) -> "XdpLink":
+        opts = LinkCreateOpts()
+        opts.sz = ctypes.sizeof(opts)
+        opts.flags = mode.flag
+        fd = lib().bpf_link_create(prog_fd, ifindex, BPF_XDP, ctypes.byref(opts))
+        if fd < 0:
+            err = -fd
+            if err == errno.EBUSY:
+                raise KernelError(f"ifindex {ifindex} already has an XDP program that "
+                                  "bpfilter did not attach; remove it first "
+                                  "(ip link set dev IFACE xdp off)")
+            if mode is XdpMode.OFFLOAD:
+                raise KernelError("this NIC cannot offload XDP programs "
+                                  f"({os.strerror(err)}); use --mode native or generic")
+            raise KernelError(f"attach XDP ({mode.value}) to ifindex {ifindex}: "
+                              f"{os.strerror(err)} (errno {err})")
+        return cls(fd)
+
+
+class TcLink(Link):
+    @classmethod
+    def create(cls, ifindex: int, prog_fd: int) -> "TcLink":
+        """Attach at TC ingress as a tcx link, after any program already there."""
+        fd = lib().bpf_link_create(prog_fd, ifindex, BPF_TCX_INGRESS, None)
+        if fd < 0:
+            raise KernelError(f"attach TC ingress to ifindex {ifindex}: "
+                              f"{os.strerror(-fd)} (errno {-fd})")
+        return cls(fd)

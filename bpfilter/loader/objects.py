@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from bpfilter.errors import KernelError
-from bpfilter.loader.libbpf import (RING_SAMPLE_FN, MapInfo, ProgInfo, TestRunOpts, XdpMd,
-                                    check, lib, possible_cpus, take_messages)
+from bpfilter.loader.libbpf import (RING_SAMPLE_FN, MapInfo, ProgInfo, SkBuff, TestRunOpts,
+                                    XdpMd, check, lib, possible_cpus, take_messages)
 
 BPF_LOG_LEVEL1 = 1
 BPF_LOG_STATS = 4
+BPF_PROG_TYPE_SCHED_CLS = 3
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_PERCPU_HASH = 5
 _PERCPU = (BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_PERCPU_HASH)
@@ -166,11 +167,15 @@ class Program:
 
     def test_run(self, packet: bytes, ingress_ifindex: int = 0, repeat: int = 1,
                  flags: int = 0, out_size: Optional[int] = None) -> TestRunResult:
-        """Run the program on one packet with BPF_PROG_TEST_RUN (XDP context)."""
+        """Run the program on one packet with BPF_PROG_TEST_RUN, in its own context: an
+        XDP frame, or an skb that came in on `ingress_ifindex` (TC)."""
         data_in = ctypes.create_string_buffer(packet, len(packet))
         live = flags != 0
         data_out = None if live else ctypes.create_string_buffer(out_size or len(packet) + 1024)
-        ctx = XdpMd(0, len(packet), 0, ingress_ifindex, 0, 0)
+        if self.info().type == BPF_PROG_TYPE_SCHED_CLS:
+            ctx = SkBuff(ingress_ifindex=ingress_ifindex, ifindex=ingress_ifindex)
+        else:
+            ctx = XdpMd(0, len(packet), 0, ingress_ifindex, 0, 0)
         opts = TestRunOpts()
         opts.sz = ctypes.sizeof(opts)
         opts.data_in = ctypes.cast(data_in, ctypes.c_void_p)

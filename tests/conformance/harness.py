@@ -17,6 +17,7 @@ from scapy.layers.inet import ICMP, IP, TCP
 from scapy.layers.l2 import Ether
 
 from bpfilter import deploy, netns
+from bpfilter.codegen import Attach
 from bpfilter.testbed import VethBed
 
 
@@ -43,8 +44,9 @@ def observe(bed: VethBed, frame: Ether) -> Outcome:
 
 
 class MirrorPair:
-    def __init__(self, build_dir: Path):
+    def __init__(self, build_dir: Path, attach: Attach = Attach.XDP):
         self.build_dir = build_dir
+        self.attach = attach
         self.kernel = VethBed(build_dir / "kernel-bed", prefix="bpfc")
         try:
             self.bpf = VethBed(build_dir / "bpf-bed", prefix="bpfc")
@@ -57,7 +59,8 @@ class MirrorPair:
     def load(self, text: str) -> None:
         netns.run("iptables-legacy-restore", netns=self.kernel.server, input=text)
         with netns.entered(self.bpf.server):
-            deploy.apply(text, "<conformance>", "eth0", self.build_dir / "rules")
+            deploy.apply(text, "<conformance>", "eth0", self.build_dir / "rules",
+                         attach=self.attach)
         self.loads += 1
 
     def compare(self, frame: Ether, kinds: set[str]) -> tuple[Outcome, Outcome]:
@@ -68,7 +71,8 @@ class MirrorPair:
         return kernel, ours
 
     def table(self) -> Table:
-        table = Table(title=f"conformance with iptables-legacy ({self.loads} rulesets)",
+        table = Table(title=f"conformance with iptables-legacy ({self.loads} rulesets, "
+                            f"bpfilter at {self.attach.name})",
                       title_justify="left")
         for col in ("rules using", "cases", "agree", "%"):
             table.add_column(col, justify="left" if col == "rules using" else "right")

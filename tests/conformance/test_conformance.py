@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from bpfilter.codegen import Attach
 from bpfilter.frontend import parse_ruleset
 from bpfilter.passes import classify
 from bpfilter.frontend.iptables.save import save
@@ -26,15 +27,24 @@ FRAMES_PER_RULESET = 20
 FRAMES_PER_EXAMPLE = 60
 
 
-@pytest.fixture(scope="module")
-def mirror(tmp_path_factory):
+def _mirror(tmp_path_factory, attach: Attach):
     from tests.conftest import need_kernel
 
     need_kernel()
-    pair = MirrorPair(tmp_path_factory.mktemp("conformance"))
+    pair = MirrorPair(tmp_path_factory.mktemp(f"conformance-{attach.value}"), attach)
     yield pair
     pair.print_table()
     pair.close()
+
+
+@pytest.fixture(scope="module")
+def mirror(tmp_path_factory):
+    yield from _mirror(tmp_path_factory, Attach.XDP)
+
+
+@pytest.fixture(scope="module")
+def tc_mirror(tmp_path_factory):
+    yield from _mirror(tmp_path_factory, Attach.TC)
 
 
 def _check(mirror: MirrorPair, text: str, ruleset, case_frames) -> None:
@@ -58,6 +68,15 @@ def as_data(request, monkeypatch):
 
 @pytest.mark.parametrize("name", ["host-firewall.v4", "user-chains.v4"])
 def test_examples_conform(mirror, name, as_data):
+    _examples_conform(mirror, name)
+
+
+@pytest.mark.parametrize("name", ["host-firewall.v4", "user-chains.v4"])
+def test_examples_conform_at_tc(tc_mirror, name):
+    _examples_conform(tc_mirror, name)
+
+
+def _examples_conform(mirror: MirrorPair, name: str) -> None:
     text = (EXAMPLES / name).read_text()
     ruleset = parse_ruleset(text, name)
     mirror.load(text)

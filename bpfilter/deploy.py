@@ -28,6 +28,7 @@ from bpfilter.loader.objects import Map
 from bpfilter.loader.xdp import XdpMode
 from bpfilter.runner import (LoadedRuleset, clear_generation, fill_classifier, fill_folded,
                              generation_maps, interface_bits, slot_counters, stage_maps)
+from bpfilter.tracker import ensure_tracker, open_table, remove_tracker
 
 
 @dataclass(frozen=True)
@@ -83,12 +84,36 @@ def apply(text: str, source: str, iface: str, build_dir: Path,
     if previous is not None and previous.code_digest == digest:
         progress("same program: rewriting its maps")
         return _update_maps(text, source, paths, previous, compilation, started)
+    if not compilation.stages[0].program.conntrack:
+        return _load_and_switch(text, source, iface, ifindex, paths, previous, compilation,
+                                attach, mode, progress, started, None)
+    progress("connection tracking")
+    created = ensure_tracker(paths, ifindex, build_dir)
+    try:
+        table = open_table(paths)
+        try:
+            return _load_and_switch(text, source, iface, ifindex, paths, previous,
+                                    compilation, attach, mode, progress, started, table.fd)
+        finally:
+            table.close()
+    except BaseException:
+        if created:
+            remove_tracker(paths)
+        raise
+
+
+def _load_and_switch(text: str, source: str, iface: str, ifindex: int, paths: state.Paths,
+                     previous: Optional[state.Deployment], compilation: Compilation,
+                     attach: Attach, mode: Optional[XdpMode],
+                     progress: Callable[[str], None], started: float,
+                     conntrack_fd: Optional[int]) -> ApplyReport:
+    digest = code_digest(compilation.stages[0].program.source)
     progress("loading and verifying")
     generation = f"g{time.time_ns()}"
     gen_dir = paths.generation(generation)
     link = None
     fallback = None
-    with LoadedRuleset(compilation) as loaded:
+    with LoadedRuleset(compilation, conntrack_fd=conntrack_fd) as loaded:
         (stage,) = loaded.stages.values()
         program = stage.program
         try:
@@ -219,6 +244,7 @@ def detach(iface: str) -> state.Deployment:
         link.detach()
     finally:
         link.close()
+    remove_tracker(paths)
     state.remove_tree(paths.pins)
     state.remove_tree(paths.meta)
     for parent in (paths.pins.parent, paths.meta.parent):

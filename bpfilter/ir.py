@@ -219,6 +219,18 @@ class LimitMatch:
         return self.UNIT_SECONDS[self.unit] * 1_000_000_000 // self.count
 
 
+@dataclass(frozen=True)
+class ConntrackMatch:
+    """The packet's connection-tracking state is one of `states` (`-m conntrack --ctstate`;
+    `module` "state" is the older `-m state --state`, kept so that it prints back)."""
+
+    STATES = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED")  # as iptables prints
+
+    states: tuple[str, ...]  # in STATES order
+    negate: bool = False
+    module: str = "conntrack"
+
+
 Match = Union[
     AddressMatch,
     InterfaceMatch,
@@ -234,6 +246,7 @@ Match = Union[
     TtlMatch,
     MacSourceMatch,
     LimitMatch,
+    ConntrackMatch,
 ]
 
 # --------------------------------------------------------------------------- targets

@@ -172,12 +172,17 @@ class LoadedRuleset:
     """Every stage of a compilation loaded (not attached). Close it, or use `with`."""
 
     def __init__(self, compilation: Compilation,
-                 interfaces: Optional[list[tuple[int, str]]] = None):
+                 interfaces: Optional[list[tuple[int, str]]] = None,
+                 conntrack_fd: Optional[int] = None):
+        """`conntrack_fd`: the connection table stages that read it share (else each
+        has its own, as in tests)."""
         self.compilation = compilation
         self.stages: dict[ir.Hook, LoadedStage] = {}
         try:
             for compiled in compilation.stages:
-                stage = LoadedStage(compiled, Object(compiled.object_path))
+                shared = {"bf_conntrack": conntrack_fd} if (
+                    conntrack_fd is not None and compiled.program.conntrack) else None
+                stage = LoadedStage(compiled, Object(compiled.object_path, shared=shared))
                 self.stages[compiled.stage.hook] = stage
                 stage.fill_interfaces(interfaces)
                 stage.fill_prefixes()

@@ -82,6 +82,15 @@ class Paths:
     def link(self) -> Path:
         return self.pins / "link"
 
+    @property
+    def conntrack(self) -> Path:
+        """The connection table, shared by every generation and the egress tracker."""
+        return self.pins / "conntrack"
+
+    @property
+    def tracker_link(self) -> Path:
+        return self.pins / "tracker-link"
+
     def generation(self, name: str) -> Path:
         return self.pins / name
 

@@ -49,10 +49,13 @@ struct bf_pkt {
 	__u32 l4_len;       /* bytes after the IP header, within tot_len */
 	__u32 tcp_seq, tcp_ack;
 	__u16 sport, dport;
+	__u16 icmp_id;      /* ICMP queries and their answers */
 	__u16 frag_off;     /* in 8-byte units; 0 for whole packets and first fragments */
 	__u16 l4_off;       /* from the start of the frame */
 	__u8 proto, ttl, tos, tcp_flags, tcp_doff, icmp_type, icmp_code;
 	__u8 reject_with;
+	__u8 ct_state;      /* enum bf_ct_state (conntrack.h) */
+	__u8 ct_create;     /* the TCP state of an entry to create if INPUT accepts */
 	__u32 gen;          /* the live generation of the maps (0 or 1) */
 	__u8 smac[6], dmac[6];
 };
@@ -328,6 +331,17 @@ static __always_inline __u16 bf_header_sum(struct iphdr *ip, __u32 hlen, void *e
 
 /* Parse Ethernet + IPv4 as ip_rcv() checks them; anything the kernel would drop before
  * netfilter (or that is not IPv4) is left to the kernel: returns -1. */
+/* Bytes from the IP header to the end of the packet. An skb (GRO, TSO) may hold more
+ * than its linear data, which is all a pointer reaches. */
+static __always_inline __u32 bf_l3_len(struct bf_ctx *ctx, void *ip, void *end)
+{
+#ifdef BF_TC
+	return ctx->len - sizeof(struct ethhdr);
+#else
+	return end - ip;
+#endif
+}
+
 static __always_inline int bf_parse(struct bf_ctx *ctx, struct bf_pkt *p)
 {
 	void *data, *end;
@@ -352,7 +366,7 @@ static __always_inline int bf_parse(struct bf_ctx *ctx, struct bf_pkt *p)
 	if ((void *)ip + hlen > end)
 		return -1;
 	tot = bpf_ntohs(ip->tot_len);
-	if (tot < hlen || tot > (__u32)(end - (void *)ip))
+	if (tot < hlen || tot > bf_l3_len(ctx, ip, end))
 		return -1;
 	if (bf_header_sum(ip, hlen, end) != 0xffff)
 		return -1;
@@ -388,6 +402,8 @@ static __always_inline int bf_parse(struct bf_ctx *ctx, struct bf_pkt *p)
 		} else if (p->proto == IPPROTO_ICMP && p->l4_len >= 2 && (void *)(l4 + 2) <= end) {
 			p->icmp_type = l4[0];
 			p->icmp_code = l4[1];
+			if (p->l4_len >= 8 && (void *)(l4 + 8) <= end)
+				p->icmp_id = ((__u16)l4[4] << 8) | l4[5];
 		}
 	}
 	{

@@ -66,8 +66,11 @@ BAD = {
     "unknown match": ("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -m frobnicate -j DROP\nCOMMIT\n",
                       3, "unknown or unsupported match module 'frobnicate'"),
     "unsupported match": (
-        "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -m conntrack --ctstate NEW -j DROP\nCOMMIT\n",
-        3, "connection tracking is not supported yet"),
+        "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -m set --match-set bad src -j DROP\nCOMMIT\n",
+        3, "ipsets are not supported yet"),
+    "NAT state": (
+        "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -m conntrack --ctstate DNAT -j DROP\nCOMMIT\n",
+        3, "NAT states need NAT"),
     "unknown option": ("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -p tcp --frob 1 -j DROP\nCOMMIT\n",
                        3, "unknown option"),
     "unknown target": ("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j MASQUERADE\nCOMMIT\n",

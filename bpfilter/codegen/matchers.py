@@ -23,6 +23,7 @@ class MatchContext:
     skip: str = ""
     if_patterns: list[ir.InterfaceMatch] = field(default_factory=list)
     limits: list[ir.LimitMatch] = field(default_factory=list)
+    conntrack: bool = False  # a rule reads the connection state
 
     def require(self, expr: str, negate: bool = False) -> str:
         return f"if ({'' if negate else '!'}({expr})) goto {self.skip};"
@@ -149,6 +150,15 @@ def _limit(m: ir.LimitMatch, ctx: MatchContext) -> list[str]:
     return [ctx.require(f"bf_limit(p, {index}, {cost}ULL, {cost * m.burst}ULL)")]
 
 
+_CT_BITS = {"INVALID": 1, "NEW": 2, "RELATED": 4, "ESTABLISHED": 8, "UNTRACKED": 16}
+
+
+def _conntrack(m: ir.ConntrackMatch, ctx: MatchContext) -> list[str]:
+    ctx.conntrack = True
+    mask = sum(_CT_BITS[s] for s in m.states)
+    return [ctx.require(f"p->ct_state & {mask}", m.negate)]
+
+
 def _comment(m: ir.CommentMatch, ctx: MatchContext) -> list[str]:
     return []
 
@@ -168,6 +178,7 @@ GENERATORS: dict[type, Callable[..., list[str]]] = {
     ir.MacSourceMatch: _mac,
     ir.LimitMatch: _limit,
     ir.CommentMatch: _comment,
+    ir.ConntrackMatch: _conntrack,
 }
 
 

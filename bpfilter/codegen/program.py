@@ -22,7 +22,7 @@ from bpfilter.passes.stages import Stage
 from bpfilter.resources import resource_dir
 
 # The runtime the generated programs include: packet parsing, maps, targets; the classifier.
-RUNTIME_HEADERS = ("bpfilter.h", "classify.h")
+RUNTIME_HEADERS = ("bpfilter.h", "classify.h", "conntrack.h")
 # Chains longer than this are split into functions of this many rules: clang's time grows
 # faster than linearly with the size of one function.
 PART_RULES = 32
@@ -74,6 +74,7 @@ class GeneratedProgram:
     classifier_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
     runs: tuple[FoldedRun, ...] = ()
     attach: Attach = Attach.XDP
+    conntrack: bool = False  # rules read the connection state: bf_conntrack is shared
 
 
 @functools.cache
@@ -170,7 +171,7 @@ def generate_stage(stage: Stage, nslots: int, source: str,
     name = f"bpfilter_{stage.hook.value.lower()}"
     text = _environment().get_template("stage.c.j2").render(
         source=_c_comment(source), hook=stage.hook.value, table=stage.table,
-        tc=attach is Attach.TC,
+        tc=attach is Attach.TC, conntrack=ctx.conntrack,
         nslots=capacity(nslots), nlimits=capacity(len(ctx.limits)),
         nifpatterns=len(ctx.if_patterns), chains=chains,
         nprefixes=capacity(sum(len(r.prefixes) for r, *_ in runs if r.uniform_length is None)),
@@ -187,7 +188,7 @@ def generate_stage(stage: Stage, nslots: int, source: str,
                    for number, (run, _slots, chain, data) in enumerate(runs))
     return GeneratedProgram(stage.hook, name, text, tuple(ctx.if_patterns),
                             tuple(ctx.limits), nslots, prefixes, exact, tables, sizes, folded,
-                            attach)
+                            attach, ctx.conntrack)
 
 
 def _entry_origin(segment: Segment) -> ir.Origin:

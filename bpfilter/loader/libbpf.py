@@ -91,6 +91,7 @@ _SIGNATURES = {
     "bpf_program__set_log_level": (c_int, [c_void_p, ctypes.c_uint32]),
     "bpf_program__set_log_buf": (c_int, [c_void_p, c_void_p, c_size_t]),
     "bpf_map__fd": (c_int, [c_void_p]),
+    "bpf_map__reuse_fd": (c_int, [c_void_p, c_int]),
     "bpf_map__value_size": (ctypes.c_uint32, [c_void_p]),
     "bpf_map__key_size": (ctypes.c_uint32, [c_void_p]),
     "bpf_map__max_entries": (ctypes.c_uint32, [c_void_p]),

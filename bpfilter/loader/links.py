@@ -14,6 +14,7 @@ from bpfilter.loader.xdp import XdpMode
 
 BPF_XDP = 37
 BPF_TCX_INGRESS = 46
+BPF_TCX_EGRESS = 47
 BPF_F_REPLACE = 1 << 2
 
 
@@ -83,10 +84,11 @@ class XdpLink(Link):
 
 class TcLink(Link):
     @classmethod
-    def create(cls, ifindex: int, prog_fd: int) -> "TcLink":
-        """Attach at TC ingress as a tcx link, after any program already there."""
-        fd = lib().bpf_link_create(prog_fd, ifindex, BPF_TCX_INGRESS, None)
+    def create(cls, ifindex: int, prog_fd: int, egress: bool = False) -> "TcLink":
+        """Attach at TC ingress (or egress) as a tcx link, after any program there."""
+        fd = lib().bpf_link_create(prog_fd, ifindex,
+                                   BPF_TCX_EGRESS if egress else BPF_TCX_INGRESS, None)
         if fd < 0:
-            raise KernelError(f"attach TC ingress to ifindex {ifindex}: "
-                              f"{os.strerror(-fd)} (errno {-fd})")
+            raise KernelError(f"attach TC {'egress' if egress else 'ingress'} to ifindex "
+                              f"{ifindex}: {os.strerror(-fd)} (errno {-fd})")
         return cls(fd)

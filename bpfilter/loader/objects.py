@@ -194,13 +194,17 @@ class Program:
 
 
 class Object:
-    """An ELF BPF object opened and loaded into the kernel. Use as a context manager."""
+    """An ELF BPF object opened and loaded into the kernel. Use as a context manager.
+    `shared` names maps that already exist (name -> fd): the object uses them instead of
+    creating its own, so that programs of several objects share them."""
 
-    def __init__(self, path: Path, log_size: int = 1 << 16):
+    def __init__(self, path: Path, log_size: int = 1 << 16,
+                 shared: Optional[dict[str, int]] = None):
         self.path = Path(path)
         self._handle = None
         self.programs: dict[str, Program] = {}
         self.maps: dict[str, Map] = {}
+        self._shared = shared or {}
         self._load(log_size)
 
     def _open(self) -> int:
@@ -219,6 +223,11 @@ class Object:
 
     def _load(self, log_size: int) -> None:
         handle = self._open()
+        for name, fd in self._shared.items():
+            found = lib().bpf_object__find_map_by_name(handle, name.encode())
+            if not found or lib().bpf_map__reuse_fd(found, fd) < 0:
+                lib().bpf_object__close(handle)
+                raise KernelError(f"cannot share map {name} with {self.path}")
         logs = {}
         for prog in self._program_handles(handle):
             logs[prog] = ctypes.create_string_buffer(log_size)

@@ -151,6 +151,7 @@ def kinds(ruleset: ir.Ruleset) -> set[str]:
              ir.MultiportMatch: "multiport", ir.IpRangeMatch: "iprange",
              ir.LengthMatch: "length", ir.TtlMatch: "ttl", ir.MacSourceMatch: "mac",
              ir.CommentMatch: "comment", ir.LimitMatch: "limit",
+             ir.ConntrackMatch: "conntrack",
              ir.VerdictTarget: "ACCEPT/DROP", ir.RejectTarget: "REJECT",
              ir.LogTarget: "LOG", ir.ReturnTarget: "RETURN"}
     found = set()

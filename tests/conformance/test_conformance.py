@@ -66,12 +66,12 @@ def as_data(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("name", ["host-firewall.v4", "user-chains.v4"])
+@pytest.mark.parametrize("name", ["host-firewall.v4", "user-chains.v4", "stateful-host.v4"])
 def test_examples_conform(mirror, name, as_data):
     _examples_conform(mirror, name)
 
 
-@pytest.mark.parametrize("name", ["host-firewall.v4", "user-chains.v4"])
+@pytest.mark.parametrize("name", ["host-firewall.v4", "user-chains.v4", "stateful-host.v4"])
 def test_examples_conform_at_tc(tc_mirror, name):
     _examples_conform(tc_mirror, name)
 

@@ -26,11 +26,9 @@ class Token:
 
 
 SUPPORTED_MATCHES = ("tcp", "udp", "icmp", "multiport", "iprange", "comment", "length",
-                     "ttl", "mac", "limit")
+                     "ttl", "mac", "limit", "conntrack (--ctstate)", "state")
 SUPPORTED_TARGETS = "ACCEPT, DROP, RETURN, REJECT, LOG, or a user-defined chain"
 PLANNED_MATCHES = {
-    "conntrack": "connection tracking is not supported yet",
-    "state": "connection tracking is not supported yet",
     "addrtype": "address types need the kernel's routing view, not supported yet",
     "set": "ipsets are not supported yet",
 }
@@ -453,6 +451,18 @@ def _mac_source(reader: RuleReader, module: _Module, tok: Token, negate: bool) -
     _once(reader, module, "mac", tok, ir.MacSourceMatch(address, negate))
 
 
+def _ct_state(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+    arg = reader.argument(tok)
+    given = arg.value.upper().split(",")
+    unknown = [s for s in given if s not in ir.ConntrackMatch.STATES]
+    if unknown:
+        why = ("NAT states need NAT, which is not supported yet"
+               if set(unknown) <= {"SNAT", "DNAT"} else f"unknown state '{unknown[0]}'")
+        raise reader.error(arg, why, ",".join(ir.ConntrackMatch.STATES))
+    states = tuple(s for s in ir.ConntrackMatch.STATES if s in given)
+    _once(reader, module, "ct", tok, ir.ConntrackMatch(states, negate, module.name))
+
+
 def _limit(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
     reader._no_negate(tok, negate)
     arg = reader.argument(tok)
@@ -494,6 +504,8 @@ _MODULE_OPTIONS: dict[str, dict[str, Callable]] = {
     "ttl": {"--ttl-eq": _ttl("eq"), "--ttl-lt": _ttl("lt"), "--ttl-gt": _ttl("gt")},
     "mac": {"--mac-source": _mac_source},
     "limit": {"--limit": _limit, "--limit-burst": _limit_burst},
+    "conntrack": {"--ctstate": _ct_state},
+    "state": {"--state": _ct_state},
 }
 
 
@@ -517,6 +529,9 @@ _BUILDERS: dict[str, Callable[[RuleReader, _Module], ir.Match]] = {
     "mac": lambda r, m: _require(r, m, "mac", "--mac-source"),
     "limit": lambda r, m: ir.LimitMatch(*m.values.get("rate", (3, "hour")),
                                         burst=m.values.get("burst", 5)),
+    "conntrack": lambda r, m: _require(r, m, "ct", "--ctstate (the only conntrack option "
+                                                   "supported so far)"),
+    "state": lambda r, m: _require(r, m, "ct", "--state"),
 }
 
 # --------------------------------------------------------------------------- target options

@@ -96,6 +96,9 @@ _MATCHES: dict[type, Callable] = {
     ir.MacSourceMatch: lambda m: ["-m mac", f"{_neg(m.negate)}--mac-source "
                                   + ":".join(f"{b:02x}" for b in m.address)],
     ir.LimitMatch: _limit,
+    ir.ConntrackMatch: lambda m: [f"-m {m.module}", f"{_neg(m.negate)}--"
+                                  f"{'ctstate' if m.module == 'conntrack' else 'state'} "
+                                  + ",".join(m.states)],
 }
 
 

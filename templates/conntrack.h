@@ -1,0 +1,345 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Connection tracking: the state `-m conntrack --ctstate` / `-m state --state` sees, as
+ * nf_conntrack decides it.
+ *
+ * One entry per connection, keyed by its two endpoints in a canonical order, remembering
+ * which endpoint opened it. The stage program tracks arriving packets; a fixed program at
+ * TC egress (ct_egress.c) tracks the host's own, which XDP never sees. Both share the map,
+ * which is pinned per interface and outlives ruleset swaps.
+ *
+ * As in the kernel, a packet of a known connection moves its state before any rule runs,
+ * while a new connection is remembered only once INPUT accepted its first packet (the
+ * kernel confirms it after the filter hooks). TCP follows nf_conntrack's state table
+ * (tcp_conntracks[]) without its window checks: an out-of-window segment is not INVALID
+ * here. Checksums are not verified for INVALID either.
+ */
+#pragma once
+
+#if BF_CONNTRACK
+
+#define BF_CT_MAX 65536
+#define BF_SEC 1000000000ULL
+
+enum bf_ct_state { BF_CT_INVALID = 1, BF_CT_NEW = 2, BF_CT_RELATED = 4, BF_CT_ESTABLISHED = 8,
+		   BF_CT_UNTRACKED = 16 };
+
+/* nf_conntrack's TCP states; IV and IG are the table's "invalid" and "ignore". */
+enum { sNO, sSS, sSR, sES, sFW, sCW, sLA, sTW, sCL, sS2, sIV, sIG };
+
+struct bf_ct_key {
+	__u32 addr[2]; /* endpoint 0 sorts before endpoint 1 */
+	__u16 port[2]; /* ports; for ICMP queries the identifier */
+	__u32 proto;
+};
+
+struct bf_ct_entry {
+	__u64 expires;   /* bpf_ktime_get_ns() */
+	__u8 orig;       /* the endpoint that opened the connection */
+	__u8 replied;    /* a packet went the other way (IPS_SEEN_REPLY) */
+	__u8 tcp;        /* TCP state */
+	__u8 closing;    /* a FIN started closing it (IP_CT_TCP_FLAG_CLOSE_INIT) */
+	__u8 last_dir;   /* direction and kind of the last segment that moved or was */
+	__u8 last_kind;  /* ignored (proto.tcp.last_dir, last_index) */
+	__u8 pad[2];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, BF_CT_MAX);
+	__type(key, struct bf_ct_key);
+	__type(value, struct bf_ct_entry);
+} bf_conntrack SEC(".maps");
+
+/* tcp_conntracks[direction][segment kind][state]: kinds syn, synack, fin, ack, rst, none.
+ * 16 states wide, so that a state masked with 15 is a bound the verifier sees (an entry's
+ * state is always one of the first 10). */
+static const __u8 bf_tcp_next[2][6][16] = {
+	{
+		{ sSS, sSS, sIG, sIG, sIG, sIG, sIG, sSS, sSS, sS2 },
+		{ sIV, sIV, sSR, sIV, sIV, sIV, sIV, sIV, sIV, sSR },
+		{ sIV, sIV, sFW, sFW, sLA, sLA, sLA, sTW, sCL, sIV },
+		{ sES, sIV, sES, sES, sCW, sCW, sTW, sTW, sCL, sIV },
+		{ sIV, sCL, sCL, sCL, sCL, sCL, sCL, sCL, sCL, sCL },
+		{ sIV, sIV, sIV, sIV, sIV, sIV, sIV, sIV, sIV, sIV },
+	},
+	{
+		{ sIV, sS2, sIV, sIV, sIV, sIV, sIV, sSS, sIV, sS2 },
+		{ sIV, sSR, sIG, sIG, sIG, sIG, sIG, sIG, sIG, sSR },
+		{ sIV, sIV, sFW, sFW, sLA, sLA, sLA, sTW, sCL, sIV },
+		{ sIV, sIG, sSR, sES, sCW, sCW, sTW, sTW, sCL, sIG },
+		{ sIV, sCL, sCL, sCL, sCL, sCL, sCL, sCL, sCL, sCL },
+		{ sIV, sIV, sIV, sIV, sIV, sIV, sIV, sIV, sIV, sIV },
+	},
+};
+
+/* nf_conntrack's default timeouts, in seconds, per TCP state. */
+static const __u32 bf_tcp_timeout[16] = { 0, 120, 60, 432000, 120, 60, 30, 120, 10, 120 };
+
+/* get_conntrack_index(): which row of the table a segment uses. */
+static __always_inline __u32 bf_tcp_kind(__u8 flags)
+{
+	if (flags & 0x04)
+		return 4;
+	if (flags & 0x02)
+		return (flags & 0x10) ? 1 : 0;
+	if (flags & 0x01)
+		return 2;
+	return (flags & 0x10) ? 3 : 5;
+}
+
+/* tcp_valid_flags[]: the combinations tcp_error() lets through (ECE, CWR, PSH aside). */
+static __always_inline int bf_tcp_flags_valid(__u8 flags)
+{
+	__u32 f = flags & ~(0x40 | 0x80 | 0x08);
+
+	/* bits 0x02 SYN, 0x22 SYN|URG, 0x12 SYN|ACK, 0x04 RST, 0x14 RST|ACK, 0x11 FIN|ACK,
+	 * 0x31 FIN|ACK|URG, 0x10 ACK, 0x30 ACK|URG */
+	return f < 64 && ((0x3000400170014ULL >> f) & 1);
+}
+
+static __always_inline void bf_ct_endpoints(struct bf_ct_key *key, __u8 *from, __u8 proto,
+					    __u32 saddr, __u16 sport, __u32 daddr, __u16 dport)
+{
+	int swap = saddr > daddr || (saddr == daddr && sport > dport);
+
+	key->proto = proto;
+	key->addr[0] = swap ? daddr : saddr;
+	key->addr[1] = swap ? saddr : daddr;
+	key->port[0] = swap ? dport : sport;
+	key->port[1] = swap ? sport : dport;
+	*from = swap;
+}
+
+/* The query types nf_conntrack_proto_icmp tracks, and the replies to them. */
+static __always_inline int bf_icmp_query(__u8 type)
+{
+	return type == 8 || type == 13 || type == 15 || type == 17;
+}
+
+static __always_inline int bf_icmp_answer(__u8 type)
+{
+	return type == 0 || type == 14 || type == 16 || type == 18;
+}
+
+static __always_inline int bf_icmp_error_type(__u8 type)
+{
+	return type == 3 || type == 4 || type == 5 || type == 11 || type == 12;
+}
+
+/* An ICMP query and its answer: endpoint 0 asks. Its tuple holds the query type, so a
+ * query each way between two hosts is two connections, as in the kernel. */
+static __always_inline void bf_ct_icmp_key(struct bf_ct_key *key, __u8 *from, __u8 type,
+					   __u16 id, __u32 saddr, __u32 daddr)
+{
+	int answer = bf_icmp_answer(type);
+
+	key->proto = IPPROTO_ICMP;
+	key->addr[0] = answer ? daddr : saddr;
+	key->addr[1] = answer ? saddr : daddr;
+	key->port[0] = id;
+	key->port[1] = !answer ? type : type == 0 ? 8 : type - 1;
+	*from = answer;
+}
+
+/* The key of the packet's connection, and which of its endpoints sent it. */
+static __always_inline void bf_ct_key_of(const struct bf_pkt *p, struct bf_ct_key *key,
+					 __u8 *from)
+{
+	__u16 sport = 0, dport = 0;
+
+	if (p->proto == IPPROTO_ICMP) {
+		bf_ct_icmp_key(key, from, p->icmp_type, p->icmp_id, p->saddr, p->daddr);
+		return;
+	}
+	if (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP) {
+		sport = p->sport;
+		dport = p->dport;
+	}
+	bf_ct_endpoints(key, from, p->proto, p->saddr, sport, p->daddr, dport);
+}
+
+static __always_inline __u64 bf_ct_timeout(const struct bf_pkt *p, const struct bf_ct_entry *e)
+{
+	if (p->proto == IPPROTO_TCP)
+		return (__u64)bf_tcp_timeout[e->tcp & 15] * BF_SEC;
+	if (p->proto == IPPROTO_UDP)
+		return (e->replied ? 120 : 30) * BF_SEC;
+	if (p->proto == IPPROTO_ICMP)
+		return 30 * BF_SEC;
+	return 600 * BF_SEC;
+}
+
+/* The state of a packet of a connection that has no live entry, and the TCP state a new
+ * entry starts in (sNO: none is created). */
+static __always_inline __u8 bf_ct_first(const struct bf_pkt *p, __u8 *tcp)
+{
+	*tcp = sNO;
+	if (p->proto == IPPROTO_TCP) {
+		__u8 next = bf_tcp_next[0][bf_tcp_kind(p->tcp_flags)][sNO];
+
+		if (next == sIV)
+			return BF_CT_INVALID;
+		*tcp = next; /* sSS, or sES for a connection picked up mid-stream (tcp_loose) */
+		return BF_CT_NEW;
+	}
+	if (p->proto == IPPROTO_ICMP && !bf_icmp_query(p->icmp_type))
+		return BF_CT_INVALID;
+	*tcp = sES; /* any non-zero value: create one */
+	return BF_CT_NEW;
+}
+
+/* tcp_packet() on a segment of a known connection (its window checks aside): move the
+ * entry; 0 when the segment is invalid, 1 when it is let through without moving it,
+ * 2 when it reopens a closed connection (the entry is dropped and the segment starts a
+ * new one), 3 when it moved the entry. */
+static __always_inline int bf_tcp_follow(const struct bf_pkt *p, struct bf_ct_entry *e,
+					 __u32 dir)
+{
+	__u32 kind = bf_tcp_kind(p->tcp_flags), old = e->tcp & 15;
+	__u8 next = bf_tcp_next[dir & 1][kind][old];
+
+	if (next == sIV)
+		return 0;
+	if (next == sSS && old >= sTW) {
+		if (e->closing || (e->last_dir == dir && e->last_kind == 4))
+			return 2;
+		next = sIG;
+	}
+	if (next == sIG) {
+		e->last_dir = dir;
+		e->last_kind = kind;
+		return 1;
+	}
+	e->last_dir = dir;
+	e->last_kind = kind;
+	if (next == sFW && old != sFW)
+		e->closing = 1;
+	e->tcp = next;
+	return 3;
+}
+
+/* A packet of a connection with a live entry: its state (decided, as in the kernel, by
+ * its direction and by whether an answer was seen before it), or 0 when it opens a new
+ * connection in the entry's place. Moves the entry. */
+static __always_inline __u8 bf_ct_follow(const struct bf_pkt *p, struct bf_ct_entry *e,
+					 __u8 from, __u64 now)
+{
+	__u32 dir = from != e->orig;
+	__u8 state = dir || e->replied ? BF_CT_ESTABLISHED : BF_CT_NEW;
+
+	if (p->proto == IPPROTO_TCP) {
+		int moved = bf_tcp_follow(p, e, dir);
+
+		if (moved == 0)
+			return BF_CT_INVALID;
+		if (moved == 2)
+			return 0;
+		if (moved == 3 && !e->replied && (p->tcp_flags & 0x04)) {
+			/* "If only reply is a RST": no connection, the entry goes */
+			e->expires = 0;
+			return state;
+		}
+	} else if (p->proto == IPPROTO_ICMP) {
+		if (dir ? !bf_icmp_answer(p->icmp_type) : !bf_icmp_query(p->icmp_type))
+			return BF_CT_INVALID;
+	}
+	if (dir)
+		e->replied = 1;
+	e->expires = now + bf_ct_timeout(p, e);
+	return state;
+}
+
+/* RELATED: an ICMP error quoting a packet of a live connection, sent to that packet's
+ * source (nf_conntrack_inet_error()). */
+static __always_inline __u8 bf_ct_related(void *data, void *end, const struct bf_pkt *p,
+					  __u64 now)
+{
+	struct iphdr *inner = data + (p->l4_off & 0x7f) + 8; /* l4_off < 128: a bound kept */
+	struct bf_ct_key key = {};
+	struct bf_ct_entry *e;
+	__u16 sport = 0, dport = 0;
+	__u8 *l4, from;
+
+	asm volatile("" : "+r"(inner));
+	if ((void *)(inner + 1) > end || inner->ihl < 5)
+		return BF_CT_INVALID;
+	l4 = (__u8 *)inner + (inner->ihl & 0xf) * 4;
+	asm volatile("" : "+r"(l4));
+	if (bpf_ntohl(inner->saddr) != p->daddr)
+		return BF_CT_INVALID;
+	if (inner->protocol == IPPROTO_ICMP) {
+		if ((void *)(l4 + 6) > end)
+			return BF_CT_INVALID;
+		bf_ct_icmp_key(&key, &from, l4[0], ((__u16)l4[4] << 8) | l4[5],
+			       bpf_ntohl(inner->saddr), bpf_ntohl(inner->daddr));
+	} else {
+		if (inner->protocol == IPPROTO_TCP || inner->protocol == IPPROTO_UDP) {
+			if ((void *)(l4 + 4) > end)
+				return BF_CT_INVALID;
+			sport = ((__u16)l4[0] << 8) | l4[1];
+			dport = ((__u16)l4[2] << 8) | l4[3];
+		}
+		bf_ct_endpoints(&key, &from, inner->protocol, bpf_ntohl(inner->saddr), sport,
+				bpf_ntohl(inner->daddr), dport);
+	}
+	e = bpf_map_lookup_elem(&bf_conntrack, &key);
+	return e && e->expires > now ? BF_CT_RELATED : BF_CT_INVALID;
+}
+
+/* nf_conntrack_in() for an arriving packet: sets p->ct_state, moves a known connection,
+ * and leaves in p->ct_create the TCP state of an entry to create if INPUT accepts. */
+static __always_inline void bf_ct_track(void *data, void *end, struct bf_pkt *p)
+{
+	struct bf_ct_key key = {};
+	struct bf_ct_entry *e;
+	__u64 now = bpf_ktime_get_ns();
+	__u8 from, state;
+
+	p->ct_create = sNO;
+	if (p->proto == IPPROTO_TCP && (p->l4_len < 20 || p->tcp_doff < 5 ||
+					p->tcp_doff * 4 > p->l4_len ||
+					!bf_tcp_flags_valid(p->tcp_flags))) {
+		p->ct_state = BF_CT_INVALID;
+		return;
+	}
+	if ((p->proto == IPPROTO_UDP && p->l4_len < 8) ||
+	    (p->proto == IPPROTO_ICMP && p->l4_len < 8)) {
+		p->ct_state = BF_CT_INVALID;
+		return;
+	}
+	if (p->proto == IPPROTO_ICMP && bf_icmp_error_type(p->icmp_type)) {
+		p->ct_state = bf_ct_related(data, end, p, now);
+		return;
+	}
+	bf_ct_key_of(p, &key, &from);
+	e = bpf_map_lookup_elem(&bf_conntrack, &key);
+	if (e && e->expires > now) {
+		state = bf_ct_follow(p, e, from, now);
+		if (state) {
+			p->ct_state = state;
+			return;
+		}
+	}
+	p->ct_state = bf_ct_first(p, &p->ct_create);
+}
+
+/* __nf_conntrack_confirm(): the packet was let through, remember its new connection. (Not
+ * after a REJECT: the kernel's reset or ICMP error carries the connection in the reply
+ * direction, and __nf_conntrack_confirm() does not confirm from there.) */
+static __always_inline void bf_ct_confirm(const struct bf_pkt *p, int verdict)
+{
+	struct bf_ct_key key = {};
+	struct bf_ct_entry e = {};
+	__u8 from;
+
+	if (p->ct_create == sNO || verdict == BF_DROP || verdict == BF_REJECT)
+		return;
+	bf_ct_key_of(p, &key, &from);
+	e.orig = from;
+	e.tcp = p->ct_create;
+	e.last_kind = bf_tcp_kind(p->tcp_flags);
+	e.expires = bpf_ktime_get_ns() + bf_ct_timeout(p, &e);
+	bpf_map_update_elem(&bf_conntrack, &key, &e, BPF_ANY);
+}
+
+#endif

@@ -1,0 +1,143 @@
+"""Connection tracking with real connections: the classic stateful host firewall, once in
+the kernel's iptables-legacy and once in bpfilter (at XDP and at TC ingress), on the same
+testbed. Every connection attempt must end the same way on both."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import pytest
+from scapy.layers.inet import ICMP, IP
+
+from bpfilter import deploy, netns
+from bpfilter.codegen import Attach
+from bpfilter.testbed import CLIENT_ADDR, SERVER_ADDR, VethBed
+
+STATEFUL = """*filter
+:INPUT DROP [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A INPUT -m conntrack --ctstate INVALID -j DROP
+-A INPUT -p tcp -m tcp --dport 22 -m conntrack --ctstate NEW -j ACCEPT
+-A INPUT -p icmp -m icmp --icmp-type 8 -m state --state NEW -j ACCEPT
+COMMIT
+"""
+
+
+def _tcp(listen_ns: str, listen_addr: str, connect_ns: str, port: int) -> str:
+    """Connect from one namespace to a listener in the other and exchange a line."""
+    with netns.entered(listen_ns):
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind((listen_addr, port))
+        server.listen()
+        server.settimeout(1.0)
+    try:
+        with netns.entered(connect_ns):
+            client = socket.socket()
+            client.settimeout(1.0)
+        try:
+            client.connect((listen_addr, port))
+            peer, _ = server.accept()
+            with peer:
+                peer.settimeout(1.0)
+                client.sendall(b"ping\n")
+                assert peer.recv(5) == b"ping\n"
+                peer.sendall(b"pong\n")
+                return "talked" if client.recv(5) == b"pong\n" else "garbled"
+        except (TimeoutError, socket.timeout):
+            return "timed out"
+        finally:
+            client.close()
+    finally:
+        server.close()
+
+
+def _udp_to_closed_port(ns: str, addr: str) -> str:
+    """The peer answers with ICMP port unreachable: RELATED to this flow."""
+    with netns.entered(ns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.settimeout(1.0)
+        sock.connect((addr, 9))
+        sock.send(b"x")
+        try:
+            sock.recv(10)
+            return "answered"
+        except ConnectionRefusedError:
+            return "refused (ICMP error delivered)"
+        except OSError as exc:
+            return "refused (ICMP error delivered)" if exc.errno == errno.ECONNREFUSED \
+                else "timed out"
+    finally:
+        sock.close()
+
+
+def _ping(ns: str, addr: str) -> str:
+    """One echo request from a raw socket (no ping binary on these machines)."""
+    with netns.entered(ns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    try:
+        sock.settimeout(1.0)
+        sock.sendto(bytes(ICMP(type=8, id=0x4242, seq=1)), (addr, 0))
+        while True:
+            data, source = sock.recvfrom(2048)
+            reply = IP(data)
+            if source[0] == addr and ICMP in reply and reply[ICMP].type == 0:
+                return "answered"
+    except (TimeoutError, socket.timeout):
+        return "no answer"
+    finally:
+        sock.close()
+
+
+def _scenarios(bed: VethBed) -> dict[str, str]:
+    netns.run("ip", "route", "replace", SERVER_ADDR, "dev", "eth0", netns=bed.client)
+    return {
+        "server connects out": _tcp(bed.client, CLIENT_ADDR, bed.server, 8080),
+        "client to port 22": _tcp(bed.server, SERVER_ADDR, bed.client, 22),
+        "client to port 8080": _tcp(bed.server, SERVER_ADDR, bed.client, 8080),
+        "server's UDP to a closed port": _udp_to_closed_port(bed.server, CLIENT_ADDR),
+        "server pings out": _ping(bed.server, CLIENT_ADDR),
+        "client pings in": _ping(bed.client, SERVER_ADDR),
+    }
+
+
+EXPECTED = {
+    "server connects out": "talked",
+    "client to port 22": "talked",
+    "client to port 8080": "timed out",
+    "server's UDP to a closed port": "refused (ICMP error delivered)",
+    "server pings out": "answered",
+    "client pings in": "answered",
+}
+
+
+@pytest.fixture(scope="module")
+def kernel_outcomes(tmp_path_factory):
+    from tests.conftest import need_kernel
+
+    need_kernel()
+    with VethBed(tmp_path_factory.mktemp("ct-kernel"), prefix="bpfk") as bed:
+        netns.run("iptables-legacy-restore", netns=bed.server, input=STATEFUL)
+        return _scenarios(bed)
+
+
+def test_the_kernel_does_what_the_scenarios_expect(kernel_outcomes):
+    assert kernel_outcomes == EXPECTED
+
+
+@pytest.mark.parametrize("attach", list(Attach), ids=[a.value for a in Attach])
+def test_stateful_firewall_agrees_with_the_kernel(kernel, build_root, kernel_outcomes,
+                                                  attach):
+    with VethBed(build_root / f"ct-{attach.value}", prefix="bpfk") as bed:
+        with netns.entered(bed.server):
+            deploy.apply(STATEFUL, "stateful.v4", "eth0", build_root / f"ct-{attach.value}",
+                         attach=attach)
+        try:
+            assert _scenarios(bed) == kernel_outcomes
+        finally:
+            with netns.entered(bed.server):
+                deploy.detach("eth0")

@@ -241,6 +241,40 @@ def status(all_namespaces: bool) -> None:
         console.print("bpfilter runs no ruleset in this network namespace")
 
 
+@main.command("conntrack")
+@click.option("-i", "--iface", help="Only this interface's connections.")
+@click.option("-F", "--flush", is_flag=True, help="Forget every connection, as conntrack -F.")
+def conntrack_cmd(iface: Optional[str], flush: bool) -> None:
+    """The connections bpfilter tracks, like `conntrack -L`: protocol, TCP state, seconds
+    left, and the endpoints as the side that opened it sees them ([UNREPLIED] until the
+    other side answered). Interfaces whose ruleset never read the connection state have
+    no table."""
+    from bpfilter import state, tracker
+
+    found = [(p, d) for p, d in state.deployments() if iface in (None, d.iface)
+             and p.conntrack.exists()]
+    if not found:
+        err_console.print(f"[red]bpfilter: no connection table on {iface or 'any interface'}"
+                          "[/]")
+        sys.exit(EXIT_FAILURE)
+    for paths, d in found:
+        if flush:
+            console.print(f"{d.iface}: {tracker.flush(paths)} connection(s) forgotten")
+            continue
+        table = Table(title=f"{d.iface}: connections", title_justify="left")
+        for col in ("proto", "state", "timeout", "src", "dst", "sport", "dport", ""):
+            table.add_column(col, justify="right" if col in ("timeout", "sport", "dport")
+                             else "left")
+        rows = sorted(tracker.connections(paths), key=lambda c: (c.proto, c.src, c.sport))
+        for c in rows:
+            table.add_row(c.proto, c.state, str(c.timeout_s), c.src, c.dst,
+                          f"id {c.sport}" if c.proto == "icmp" else str(c.sport),
+                          f"type {c.dport}" if c.proto == "icmp" else str(c.dport),
+                          "" if c.replied else "[UNREPLIED]")
+        console.print(table)
+        console.print(f"{len(rows)} connection(s)")
+
+
 def _deployed(iface: Optional[str]):
     """(paths, deployment, parsed ruleset) of every ruleset to show, or exit 1."""
     from bpfilter import state

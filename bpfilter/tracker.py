@@ -8,7 +8,13 @@ survive a new ruleset. `detach` removes both.
 
 from __future__ import annotations
 
+import ipaddress
+import socket
+import struct
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from bpfilter.build import build_source
 from bpfilter.loader.links import Link, TcLink
@@ -56,3 +62,65 @@ def remove_tracker(paths: Paths) -> None:
         paths.tracker_link.unlink()
     if paths.conntrack.exists():
         paths.conntrack.unlink()
+
+
+# struct bf_ct_key and struct bf_ct_entry (templates/conntrack.h); addresses in host order.
+_KEY = struct.Struct("<IIHHI")
+_ENTRY = struct.Struct("<QBBBBBB2x")
+TCP_STATES = ("NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT",
+              "LAST_ACK", "TIME_WAIT", "CLOSE", "SYN_SENT2")
+_PROTOCOLS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp",
+              socket.IPPROTO_ICMP: "icmp"}
+
+
+@dataclass(frozen=True)
+class Connection:
+    """One live entry, oriented as `conntrack -L` shows it: from the side that opened it."""
+
+    proto: str
+    state: str  # the TCP state, or "-"
+    timeout_s: int
+    src: str
+    dst: str
+    sport: int  # for ICMP: the query's identifier
+    dport: int  # for ICMP: the query's type
+    replied: bool
+
+
+def connections(paths: Paths) -> Iterator[Connection]:
+    table = open_table(paths)
+    try:
+        now = time.monotonic_ns()  # bpf_ktime_get_ns() counts CLOCK_MONOTONIC
+        for key in list(table.keys()):
+            value = table.lookup(key)
+            if value is None:
+                continue
+            a0, a1, p0, p1, proto = _KEY.unpack(key)
+            expires, orig, replied, tcp, *_ = _ENTRY.unpack(value)
+            if expires <= now:
+                continue
+            ends = [(a0, p0), (a1, p1)]
+            if proto == socket.IPPROTO_ICMP:  # endpoint 0 asked; the ports are id, type
+                (src, sport), (dst, _) = ends
+                dport = p1
+            else:
+                (src, sport), (dst, dport) = ends[orig], ends[1 - orig]
+            yield Connection(_PROTOCOLS.get(proto, str(proto)),
+                             TCP_STATES[tcp] if proto == socket.IPPROTO_TCP and tcp < 10
+                             else "-", (expires - now) // 1_000_000_000,
+                             str(ipaddress.IPv4Address(src)), str(ipaddress.IPv4Address(dst)),
+                             sport, dport, bool(replied))
+    finally:
+        table.close()
+
+
+def flush(paths: Paths) -> int:
+    """Forget every connection (`conntrack -F`); how many there were."""
+    table = open_table(paths)
+    try:
+        keys = list(table.keys())
+        for key in keys:
+            table.delete(key)
+        return len(keys)
+    finally:
+        table.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import sys
 
 import pytest
 from scapy.layers.inet import ICMP, IP
@@ -138,6 +139,19 @@ def test_stateful_firewall_agrees_with_the_kernel(kernel, build_root, kernel_out
                          attach=attach)
         try:
             assert _scenarios(bed) == kernel_outcomes
+            listing = netns.run("env", "COLUMNS=200", sys.executable, "-m", "bpfilter",
+                                "conntrack", netns=bed.server).stdout
+            # Oriented from the side that opened each connection, as conntrack -L does.
+            opened = [line for line in listing.splitlines()
+                      if f"│ {SERVER_ADDR} │ {CLIENT_ADDR} │" in line]
+            assert {line.split()[1] for line in opened} == {"tcp", "udp", "icmp"}, listing
+            assert "8080" not in [line.split()[13] for line in listing.splitlines()
+                                  if f"│ {CLIENT_ADDR} │ {SERVER_ADDR} │" in line]
+            flushed = netns.run(sys.executable, "-m", "bpfilter", "conntrack", "-F",
+                                netns=bed.server).stdout
+            assert "connection(s) forgotten" in flushed and " 0 " not in flushed
+            assert "0 connection(s)" in netns.run(sys.executable, "-m", "bpfilter",
+                                                  "conntrack", netns=bed.server).stdout
         finally:
             with netns.entered(bed.server):
                 deploy.detach("eth0")

@@ -16,7 +16,9 @@ from rich.table import Table
 from scapy.layers.inet import ICMP, IP, TCP
 from scapy.layers.l2 import Ether
 
-from bpfilter import deploy, netns
+from pyroute2 import Conntrack
+
+from bpfilter import deploy, netns, state, tracker
 from bpfilter.codegen import Attach
 from bpfilter.testbed import VethBed
 
@@ -57,6 +59,18 @@ class MirrorPair:
         self.agreement: dict[str, list[int]] = defaultdict(lambda: [0, 0])
 
     def load(self, text: str) -> None:
+        # Each ruleset starts from no connections on both sides: the kernel tracks only
+        # while a rule needs it, bpfilter's tracker from its first stateful ruleset on.
+        with netns.entered(self.kernel.server):
+            table = Conntrack()
+            try:
+                table.flush()
+            finally:
+                table.close()
+        with netns.entered(self.bpf.server):
+            paths = state.Paths("eth0", state.netns_id())
+            if paths.conntrack.exists():
+                tracker.flush(paths)
         netns.run("iptables-legacy-restore", netns=self.kernel.server, input=text)
         # bpfilter does not track TCP windows (templates/conntrack.h): compare it with a
         # kernel that does not mark out-of-window segments INVALID either.

@@ -72,7 +72,7 @@ def _matches(draw) -> tuple[ir.Match, ...]:
             [(8, 0, 255), (0, 0, 255), (3, 3, 3), (3, 0, 255), (255, 0, 255), (11, 0, 255)]))
         found.append(ir.IcmpMatch(icmp_type, ir.Range(low, high), draw(st.booleans())))
     extras = draw(st.lists(st.sampled_from(["iprange", "length", "ttl", "mac", "comment",
-                                            "limit"]), max_size=2, unique=True))
+                                            "limit", "conntrack"]), max_size=2, unique=True))
     for extra in extras:
         negate = draw(st.booleans())
         if extra == "iprange":
@@ -91,6 +91,12 @@ def _matches(draw) -> tuple[ir.Match, ...]:
             found.append(ir.MacSourceMatch(draw(st.sampled_from(MACS)), negate))
         elif extra == "comment":
             found.append(ir.CommentMatch("generated rule"))
+        elif extra == "conntrack":
+            states = draw(st.lists(st.sampled_from(ir.ConntrackMatch.STATES[:4]), min_size=1,
+                                   max_size=2, unique=True))
+            found.append(ir.ConntrackMatch(
+                tuple(s for s in ir.ConntrackMatch.STATES if s in states), negate,
+                draw(st.sampled_from(["conntrack", "state"]))))
         else:
             found.append(ir.LimitMatch(draw(st.integers(1, 3)), "hour",
                                        burst=draw(st.integers(1, 3))))

@@ -10,6 +10,7 @@ removes what this apply created; the running ruleset is never touched.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import socket
 import struct
@@ -36,7 +37,7 @@ class ApplyReport:
     deployment: state.Deployment
     replaced: bool  # a running ruleset was swapped (else first attach)
     switch_ns: int  # the one kernel operation that made it live
-    total_s: float
+    total_s: float  # from the start until live (a map-only change writes its state after)
     fallback: Optional[str] = None  # why the mode differs from the one asked for
     map_only: bool = False  # same program: only its maps were rewritten
     edited: int = 0  # addresses added or removed in place, without a compile
@@ -72,10 +73,19 @@ def apply(text: str, source: str, iface: str, build_dir: Path,
         attach = running
     attach = attach or Attach.XDP
     if previous is not None and compilation is None:
-        edited = edit_in_place(text, source, paths, previous)
+        # No collection pass in the middle of an edit: over the 10,000 rows of a big ACL's
+        # slot table it would double the time to live (measured: 10-28 ms without it,
+        # up to 61 ms with it).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            edited = edit_in_place(text, source, paths, previous)
+        finally:
+            if collecting:
+                gc.enable()
         if edited is not None:
             return ApplyReport(edited.deployment, True, edited.switch_ns,
-                               time.perf_counter() - started, map_only=True,
+                               edited.live_at - started, map_only=True,
                                edited=edited.changed)
     if compilation is None:
         progress("compiling")

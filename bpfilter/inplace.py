@@ -27,6 +27,7 @@ class EditReport:
     deployment: state.Deployment
     switch_ns: int  # the map updates that made it live
     changed: int  # rules added or removed
+    live_at: float  # time.perf_counter() when they were done (the state is written after)
 
 
 def _run(runs: list, edit: AddressEdit) -> Optional[list]:
@@ -115,6 +116,7 @@ def _update(text: str, source: str, paths: state.Paths, previous: state.Deployme
             exact.delete(key)
         raise
     switch_ns = time.perf_counter_ns() - t0
+    live_at = time.perf_counter()
     deployment = dataclasses.replace(
         previous, source=source, sha256=hashlib.sha256(text.encode()).hexdigest(),
         applied_at=state.now(), rules=previous.rules + n,
@@ -122,7 +124,7 @@ def _update(text: str, source: str, paths: state.Paths, previous: state.Deployme
                            new_slots if edit.added else []),
         runs=_shift_runs(previous.runs, run, k, n))
     state.write(paths, deployment, text)
-    return EditReport(deployment, switch_ns, abs(n))
+    return EditReport(deployment, switch_ns, abs(n), live_at)
 
 
 def _shift_slots(slots: list, table: str, chain: str, k: int, n: int, new: list) -> list:

@@ -45,7 +45,7 @@ struct bf_entry {
 	__u16 len_low, len_high;
 	__u8 action, reject_with, need, checks;
 	__u8 ifbit, tcp_mask, tcp_comp, ttl_op, ttl_value, fold;
-	__u8 pad[2];
+	__u8 ct_states, ct_negate; /* a connection-state match: enum bf_ct_state bits, or 0 */
 };
 
 struct bf_segment {
@@ -179,6 +179,8 @@ static __always_inline int bf_cls_checks(const struct bf_entry *e, const struct 
 		if (hit == !!(c & BF_CHK_TTL_NEG))
 			return 0;
 	}
+	if (e->ct_states && !!(p->ct_state & e->ct_states) == e->ct_negate)
+		return 0;
 	return 1;
 }
 

@@ -94,3 +94,14 @@ def test_a_range_read_after_the_header_match_stays_code():
     chain = items[("filter", "INPUT")]
     assert [type(i).__name__ for i in chain] == ["Segment", "RuleItem", "Segment"]
     assert [len(s.entries) for s in result.segments] == [40, 41]
+
+
+def test_connection_states_are_entry_checks():
+    lines = [f"-p tcp -m tcp --dport {1000 + i} -m conntrack --ctstate NEW -j ACCEPT"
+             for i in range(70)]
+    before = ["-m conntrack --ctstate NEW -p tcp -m tcp --dport 1 -j ACCEPT"]  # state first
+    items, result = _classified("*filter\n:INPUT DROP [0:0]\n" + _rules("INPUT", before + lines)
+                                + "COMMIT\n")
+    (segment,) = result.segments
+    assert len(segment.entries) == 70  # the one that reads the state before the header: code
+    assert all(type(e.checks[-1]).__name__ == "ConntrackMatch" for e in segment.entries)

@@ -90,6 +90,28 @@ def test_log_sends_an_event_and_continues(kernel, build_root, as_data):
     assert saddr == 0xC0000201 and length == 28
 
 
+def test_connection_states_as_code_and_as_data(kernel, build_root, as_data):
+    """A new connection is remembered only once accepted and then follows nf_conntrack's
+    TCP table (test_run sees one direction, so nothing is ESTABLISHED here)."""
+    rules = ("-A INPUT -m conntrack --ctstate INVALID -j DROP\n"
+             "-A INPUT -p tcp -m tcp --dport 22 -m conntrack --ctstate NEW -j ACCEPT\n"
+             "-A INPUT -m state ! --state NEW -j ACCEPT\n"
+             "-A INPUT -j DROP\n")
+    tcp = lambda port, flags: Ether() / IP(src="192.0.2.1", dst="198.18.0.1") / TCP(  # noqa: E731
+        sport=4000, dport=port, flags=flags)
+    with _load(rules, build_root, f"ct-{as_data}") as loaded:
+        source = next(iter(loaded.stages.values())).compiled.program.source
+        assert ("bf_classify(p, " in source) == as_data
+        assert _run(loaded, tcp(22, "S")) == XDP_PASS  # NEW, accepted: remembered
+        assert _run(loaded, tcp(22, "S")) == XDP_PASS  # a retransmission: still NEW
+        assert _run(loaded, tcp(22, "A")) == XDP_DROP  # an ACK in SYN_SENT: INVALID
+        assert _run(loaded, tcp(22, "SF")) == XDP_DROP  # INVALID flags
+        assert _run(loaded, tcp(23, "S")) == XDP_DROP  # NEW, dropped: not remembered
+        assert _run(loaded, tcp(23, "A")) == XDP_DROP  # picked up mid-stream: NEW again
+        assert _run(loaded, tcp(23, "FA")) == XDP_DROP  # a FIN opens nothing: INVALID
+        assert [loaded.counters("filter", "INPUT", i).packets for i in range(4)] == [3, 2, 0, 2]
+
+
 @pytest.mark.parametrize("cut", [0, 7, 19])
 def test_truncated_tcp_header_is_dropped_by_a_tcp_match(kernel, build_root, cut, as_data):
     rules = "-A INPUT -p tcp -m tcp --dport 80 -j ACCEPT\n"

@@ -7,11 +7,11 @@ import struct
 from dataclasses import dataclass
 
 from bpfilter import ir
-from bpfilter.codegen.matchers import MatchContext
+from bpfilter.codegen.matchers import CT_BITS, MatchContext
 from bpfilter.passes.classify import Classification, Constraint, Entry
 from bpfilter.passes.fold import PrefixRun
 
-ENTRY_FORMAT = struct.Struct("<IIIIQQHHBBBBBBBBBB2x")  # struct bf_entry
+ENTRY_FORMAT = struct.Struct("<IIIIQQHHBBBBBBBBBBBB")  # struct bf_entry
 PORTS = 65536  # and one more class: no ports readable
 # Class ids 0-3: the entries a packet with at least this many L4 bytes is too short for.
 _SHORT_LENGTHS = (0, 4, 8, 20)
@@ -155,7 +155,7 @@ def _entry_bytes(entry: Entry, slot: int, run: int, segment_of: dict[str, int],
     elif isinstance(target, ir.LogTarget):
         action = _ACTIONS["log"]
     checks, ifbit, tcp = 0, 0, (0, 0)
-    length, ttl, limit = (0, 0), (0, 0), (0, 0, 0)
+    length, ttl, limit, ct = (0, 0), (0, 0), (0, 0, 0), (0, 0)
     for check in entry.checks:
         if isinstance(check, ir.InterfaceMatch):
             checks |= _CHECK["iface"] | (_CHECK["iface_neg"] if check.negate else 0)
@@ -169,6 +169,9 @@ def _entry_bytes(entry: Entry, slot: int, run: int, segment_of: dict[str, int],
         elif isinstance(check, ir.TtlMatch):
             checks |= _CHECK["ttl_neg"] if check.negate else 0
             ttl = (_TTL_OPS[check.op], check.value)
+        elif isinstance(check, ir.ConntrackMatch):
+            ct = (sum(CT_BITS[s] for s in check.states), int(check.negate))
+            ctx.conntrack = True
         elif isinstance(check, ir.LimitMatch):
             checks |= _CHECK["limit"]
             limit = (len(ctx.limits), check.interval_ns, check.interval_ns * check.burst)
@@ -182,7 +185,7 @@ def _entry_bytes(entry: Entry, slot: int, run: int, segment_of: dict[str, int],
         slot = run
     return ENTRY_FORMAT.pack(slot, mask, jump, limit[0], limit[1], limit[2], *length,
                              action, reject_with, entry.need, checks, ifbit, *tcp, *ttl,
-                             fold)
+                             fold, *ct)
 
 
 def classifier_tables(classification: Classification, entry_slots: list[int],

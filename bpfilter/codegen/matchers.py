@@ -150,12 +150,13 @@ def _limit(m: ir.LimitMatch, ctx: MatchContext) -> list[str]:
     return [ctx.require(f"bf_limit(p, {index}, {cost}ULL, {cost * m.burst}ULL)")]
 
 
-_CT_BITS = {"INVALID": 1, "NEW": 2, "RELATED": 4, "ESTABLISHED": 8, "UNTRACKED": 16}
+# enum bf_ct_state (templates/conntrack.h)
+CT_BITS = {"INVALID": 1, "NEW": 2, "RELATED": 4, "ESTABLISHED": 8, "UNTRACKED": 16}
 
 
 def _conntrack(m: ir.ConntrackMatch, ctx: MatchContext) -> list[str]:
     ctx.conntrack = True
-    mask = sum(_CT_BITS[s] for s in m.states)
+    mask = sum(CT_BITS[s] for s in m.states)
     return [ctx.require(f"p->ct_state & {mask}", m.negate)]
 
 

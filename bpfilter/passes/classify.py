@@ -7,7 +7,8 @@ two port / ICMP type-code words) a lookup maps the packet's value to the bitset 
 whose match on that field holds; the AND of those bitsets is the set of candidate rules,
 and the lowest candidate bit is the rule iptables would try next. What a field lookup
 cannot express stays with the entry as a check the program evaluates on the candidate
-(input interface, TCP flags, length, TTL, the limit bucket), in the kernel's order.
+(input interface, TCP flags, length, TTL, connection state, the limit bucket), in the
+kernel's order.
 
 A chain becomes data when every one of its rules can be an entry; a rule whose jump or
 goto leads to a chain that is not data stays code. Inside a chain that stays code, runs of
@@ -62,7 +63,8 @@ class Entry:
 
     item: Union[RuleItem, PrefixRun]
     constraints: tuple[Constraint, ...]
-    checks: tuple[ir.Match, ...]  # InterfaceMatch, TcpFlagsSpec, LengthMatch, TtlMatch, LimitMatch
+    # InterfaceMatch, TcpFlagsSpec, LengthMatch, TtlMatch, ConntrackMatch, LimitMatch
+    checks: tuple[ir.Match, ...]
     need: int  # L4 header bytes the rule's protocol match reads
     target: Optional[ir.Target]
     jump: Optional[str] = None  # the data chain a jump or goto enters
@@ -158,7 +160,7 @@ def _entry(item: Union[RuleItem, PrefixRun], data: set[str]) -> Optional[Entry]:
             for dim, spec in (("saddr", match.src), ("daddr", match.dst)):
                 if spec is not None:
                     constraints.append(Constraint(dim, _range_prefixes(spec), spec.negate))
-        elif kind in (ir.LengthMatch, ir.TtlMatch):
+        elif kind in (ir.LengthMatch, ir.TtlMatch, ir.ConntrackMatch):
             if any(type(c) is kind for c in checks):
                 return None
             checks.append(match)

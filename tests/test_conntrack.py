@@ -94,8 +94,13 @@ def _ping(ns: str, addr: str) -> str:
         sock.close()
 
 
-def _scenarios(bed: VethBed) -> dict[str, str]:
+def _route_to_server(bed: VethBed) -> None:
+    """The testbed's client only sends crafted frames; here its stack talks too."""
     netns.run("ip", "route", "replace", SERVER_ADDR, "dev", "eth0", netns=bed.client)
+
+
+def _scenarios(bed: VethBed) -> dict[str, str]:
+    _route_to_server(bed)
     return {
         "server connects out": _tcp(bed.client, CLIENT_ADDR, bed.server, 8080),
         "client to port 22": _tcp(bed.server, SERVER_ADDR, bed.client, 22),
@@ -152,6 +157,36 @@ def test_stateful_firewall_agrees_with_the_kernel(kernel, build_root, kernel_out
             assert "connection(s) forgotten" in flushed and " 0 " not in flushed
             assert "0 connection(s)" in netns.run(sys.executable, "-m", "bpfilter",
                                                   "conntrack", netns=bed.server).stdout
+        finally:
+            with netns.entered(bed.server):
+                deploy.detach("eth0")
+
+
+def test_connections_survive_a_ruleset_swap(kernel, build_root):
+    """The table is the interface's, not the ruleset's: a connection opened under one
+    ruleset is still ESTABLISHED under the next."""
+    with VethBed(build_root / "ct-swap", prefix="bpfk") as bed:
+        with netns.entered(bed.server):
+            deploy.apply(STATEFUL, "stateful.v4", "eth0", build_root / "ct-swap-a")
+        try:
+            _route_to_server(bed)
+            with netns.entered(bed.client):
+                listener = socket.create_server((CLIENT_ADDR, 8081))
+                listener.settimeout(1.0)
+            with netns.entered(bed.server):
+                client = socket.create_connection((CLIENT_ADDR, 8081), timeout=1.0)
+            peer, _ = listener.accept()
+            peer.settimeout(1.0)
+            with netns.entered(bed.server):
+                swapped = deploy.apply(STATEFUL.replace("COMMIT", "-A INPUT -p udp -j DROP\n"
+                                                        "COMMIT"),
+                                       "stateful2.v4", "eth0", build_root / "ct-swap-b")
+            assert swapped.replaced and not swapped.map_only
+            peer.sendall(b"after the swap\n")  # client -> server: ESTABLISHED, accepted
+            assert client.recv(15) == b"after the swap\n"
+            client.close()
+            peer.close()
+            listener.close()
         finally:
             with netns.entered(bed.server):
                 deploy.detach("eth0")

@@ -220,15 +220,35 @@ class LimitMatch:
 
 
 @dataclass(frozen=True)
+class ConntrackAddress:
+    """`--ctorigsrc` and kin: an address of the connection's tuple in one direction."""
+
+    network: IPNetwork
+    negate: bool = False
+
+
+@dataclass(frozen=True)
 class ConntrackMatch:
-    """The packet's connection-tracking state is one of `states` (`-m conntrack --ctstate`;
-    `module` "state" is the older `-m state --state`, kept so that it prints back)."""
+    """The packet's connection: its state is one of `states` (`-m conntrack --ctstate`;
+    `module` "state" is the older `-m state --state`, kept so that it prints back), and
+    the other options of `-m conntrack` hold. No states: no state condition."""
 
     STATES = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED")  # as iptables prints
+    ADDRESSES = ("origsrc", "origdst", "replsrc", "repldst")
 
     states: tuple[str, ...]  # in STATES order
     negate: bool = False
     module: str = "conntrack"
+    direction: Optional[str] = None  # "ORIGINAL" | "REPLY" (--ctdir)
+    origsrc: Optional[ConntrackAddress] = None
+    origdst: Optional[ConntrackAddress] = None
+    replsrc: Optional[ConntrackAddress] = None
+    repldst: Optional[ConntrackAddress] = None
+
+    @property
+    def only_states(self) -> bool:
+        return self.direction is None and all(getattr(self, a) is None
+                                               for a in self.ADDRESSES)
 
 
 Match = Union[

@@ -249,10 +249,19 @@ static __always_inline __u8 bf_ct_follow(const struct bf_pkt *p, struct bf_ct_en
 	return state;
 }
 
+/* What `--ctdir`, `--ctorigsrc` and kin compare: the connection's original endpoints,
+ * and the way the packet goes. */
+static __always_inline void bf_ct_note(struct bf_pkt *p, const struct bf_ct_key *key,
+				       __u8 orig, __u8 dir)
+{
+	p->ct_orig[0] = orig ? key->addr[1] : key->addr[0];
+	p->ct_orig[1] = orig ? key->addr[0] : key->addr[1];
+	p->ct_dir = dir;
+}
+
 /* RELATED: an ICMP error quoting a packet of a live connection, sent to that packet's
- * source (nf_conntrack_inet_error()). */
-static __always_inline __u8 bf_ct_related(void *data, void *end, const struct bf_pkt *p,
-					  __u64 now)
+ * source (nf_conntrack_inet_error()). It goes the other way from the packet it quotes. */
+static __always_inline __u8 bf_ct_related(void *data, void *end, struct bf_pkt *p, __u64 now)
 {
 	struct iphdr *inner = data + (p->l4_off & 0x7f) + 8; /* l4_off < 128: a bound kept */
 	struct bf_ct_key key = {};
@@ -283,7 +292,10 @@ static __always_inline __u8 bf_ct_related(void *data, void *end, const struct bf
 				bpf_ntohl(inner->daddr), dport);
 	}
 	e = bpf_map_lookup_elem(&bf_conntrack, &key);
-	return e && e->expires > now ? BF_CT_RELATED : BF_CT_INVALID;
+	if (!e || e->expires <= now)
+		return BF_CT_INVALID;
+	bf_ct_note(p, &key, e->orig, from == e->orig);
+	return BF_CT_RELATED;
 }
 
 /* nf_conntrack_in() for an arriving packet: sets p->ct_state, moves a known connection,
@@ -314,13 +326,17 @@ static __always_inline void bf_ct_track(void *data, void *end, struct bf_pkt *p)
 	bf_ct_key_of(p, &key, &from);
 	e = bpf_map_lookup_elem(&bf_conntrack, &key);
 	if (e && e->expires > now) {
+		__u8 orig = e->orig;
+
 		state = bf_ct_follow(p, e, from, now);
 		if (state) {
 			p->ct_state = state;
+			bf_ct_note(p, &key, orig, from != orig);
 			return;
 		}
 	}
 	p->ct_state = bf_ct_first(p, &p->ct_create);
+	bf_ct_note(p, &key, from, 0); /* a new connection: this packet's way is the original */
 }
 
 /* __nf_conntrack_confirm(): the packet was let through, remember its new connection. (Not

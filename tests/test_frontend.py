@@ -25,6 +25,24 @@ def test_examples_round_trip(path):
     assert _words(save(parse_ruleset(text, path.name))) == _words(text)
 
 
+def test_conntrack_options_print_as_iptables_save_does():
+    """The order and spelling iptables-legacy-save 1.8.9 printed for these rules."""
+    text = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -m conntrack --ctstate NEW,RELATED --ctorigsrc 10.0.0.1 ! --ctorigdst 10.1.0.0/16 --ctreplsrc 1.2.3.4 --ctrepldst 5.6.0.0/16 --ctdir REPLY -j ACCEPT
+-A INPUT -m conntrack --ctdir ORIGINAL -j DROP
+-A INPUT -m conntrack ! --ctorigsrc 192.0.2.0/24 -j DROP
+-A INPUT -p tcp -m state ! --state INVALID -j ACCEPT
+COMMIT
+"""
+    given = text.replace("--ctstate NEW,RELATED --ctorigsrc 10.0.0.1",
+                         "--ctdir REPLY --ctorigsrc 10.0.0.1/32 --ctstate related,new")
+    given = given.replace("5.6.0.0/16 --ctdir REPLY", "5.6.0.0/16")
+    assert _words(save(parse_ruleset(given))) == _words(text)
+
+
 def test_round_trip_keeps_counters_and_spelling():
     text = """*filter
 :INPUT DROP [12:3400]
@@ -68,6 +86,9 @@ BAD = {
     "unsupported match": (
         "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -m set --match-set bad src -j DROP\nCOMMIT\n",
         3, "ipsets are not supported yet"),
+    "bad direction": (
+        "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -m conntrack --ctdir SIDEWAYS -j DROP\nCOMMIT\n",
+        3, "not a direction"),
     "NAT state": (
         "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -m conntrack --ctstate DNAT -j DROP\nCOMMIT\n",
         3, "NAT states need NAT"),

@@ -154,10 +154,34 @@ def _limit(m: ir.LimitMatch, ctx: MatchContext) -> list[str]:
 CT_BITS = {"INVALID": 1, "NEW": 2, "RELATED": 4, "ESTABLISHED": 8, "UNTRACKED": 16}
 
 
+_CT_TUPLE = {"origsrc": "p->ct_orig[0]", "origdst": "p->ct_orig[1]",
+             "replsrc": "p->ct_orig[1]", "repldst": "p->ct_orig[0]"}  # no NAT: swapped
+
+
 def _conntrack(m: ir.ConntrackMatch, ctx: MatchContext) -> list[str]:
+    """xt_conntrack: the state first; an INVALID packet has no connection, and then the
+    match holds only if it had a state condition (which held)."""
     ctx.conntrack = True
-    mask = sum(CT_BITS[s] for s in m.states)
-    return [ctx.require(f"p->ct_state & {mask}", m.negate)]
+    lines = []
+    if m.states:
+        mask = sum(CT_BITS[s] for s in m.states)
+        lines.append(ctx.require(f"p->ct_state & {mask}", m.negate))
+    if m.only_states:
+        return lines
+    others = []
+    if m.direction is not None:
+        others.append(f"p->ct_dir == {int(m.direction == 'REPLY')}")
+    for name in ir.ConntrackMatch.ADDRESSES:
+        address = getattr(m, name)
+        if address is not None:
+            net = address.network
+            mask = int(net.netmask)
+            test = f"({_CT_TUPLE[name]} & 0x{mask:08x}) == 0x{int(net.network_address):08x}"
+            others.append(f"!({test})" if address.negate else f"({test})")
+    has_connection = f"!(p->ct_state & {CT_BITS['INVALID']})"
+    if m.states:
+        return lines + [ctx.require(f"!{has_connection} || ({' && '.join(others)})")]
+    return [ctx.require(f"{has_connection} && {' && '.join(others)}")]
 
 
 def _comment(m: ir.CommentMatch, ctx: MatchContext) -> list[str]:

@@ -160,7 +160,8 @@ def _entry(item: Union[RuleItem, PrefixRun], data: set[str]) -> Optional[Entry]:
             for dim, spec in (("saddr", match.src), ("daddr", match.dst)):
                 if spec is not None:
                     constraints.append(Constraint(dim, _range_prefixes(spec), spec.negate))
-        elif kind in (ir.LengthMatch, ir.TtlMatch, ir.ConntrackMatch):
+        elif kind in (ir.LengthMatch, ir.TtlMatch) or (kind is ir.ConntrackMatch
+                                                        and match.only_states):
             if any(type(c) is kind for c in checks):
                 return None
             checks.append(match)

@@ -33,6 +33,24 @@ def _ports(draw):
 
 
 @st.composite
+def _conntrack(draw, negate: bool) -> ir.ConntrackMatch:
+    """States, and with -m conntrack sometimes a direction or a tuple address too."""
+    module = draw(st.sampled_from(["conntrack", "conntrack", "state"]))
+    states = draw(st.lists(st.sampled_from(ir.ConntrackMatch.STATES[:4]),
+                           min_size=1 if module == "state" else 0, max_size=2, unique=True))
+    direction, addresses = None, {}
+    if module == "conntrack":
+        direction = draw(st.none() | st.sampled_from(["ORIGINAL", "REPLY"]))
+        if draw(st.booleans()) or not (states or direction):
+            name = draw(st.sampled_from(ir.ConntrackMatch.ADDRESSES))
+            addresses[name] = ir.ConntrackAddress(
+                ipaddress.IPv4Network(draw(st.sampled_from(NETS + DST_NETS))),
+                draw(st.booleans()))
+    return ir.ConntrackMatch(tuple(s for s in ir.ConntrackMatch.STATES if s in states),
+                             negate and bool(states), module, direction, **addresses)
+
+
+@st.composite
 def _matches(draw) -> tuple[ir.Match, ...]:
     found: list[ir.Match] = []
     proto = draw(st.sampled_from([None, TCP, TCP, UDP, UDP, ICMP, 47]))
@@ -92,11 +110,7 @@ def _matches(draw) -> tuple[ir.Match, ...]:
         elif extra == "comment":
             found.append(ir.CommentMatch("generated rule"))
         elif extra == "conntrack":
-            states = draw(st.lists(st.sampled_from(ir.ConntrackMatch.STATES[:4]), min_size=1,
-                                   max_size=2, unique=True))
-            found.append(ir.ConntrackMatch(
-                tuple(s for s in ir.ConntrackMatch.STATES if s in states), negate,
-                draw(st.sampled_from(["conntrack", "state"]))))
+            found.append(draw(_conntrack(negate)))
         else:
             found.append(ir.LimitMatch(draw(st.integers(1, 3)), "hour",
                                        burst=draw(st.integers(1, 3))))

@@ -26,7 +26,7 @@ class Token:
 
 
 SUPPORTED_MATCHES = ("tcp", "udp", "icmp", "multiport", "iprange", "comment", "length",
-                     "ttl", "mac", "limit", "conntrack (--ctstate)", "state")
+                     "ttl", "mac", "limit", "conntrack", "state")
 SUPPORTED_TARGETS = "ACCEPT, DROP, RETURN, REJECT, LOG, or a user-defined chain"
 PLANNED_MATCHES = {
     "addrtype": "address types need the kernel's routing view, not supported yet",
@@ -460,7 +460,33 @@ def _ct_state(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> 
                if set(unknown) <= {"SNAT", "DNAT"} else f"unknown state '{unknown[0]}'")
         raise reader.error(arg, why, ",".join(ir.ConntrackMatch.STATES))
     states = tuple(s for s in ir.ConntrackMatch.STATES if s in given)
-    _once(reader, module, "ct", tok, ir.ConntrackMatch(states, negate, module.name))
+    _once(reader, module, "states", tok, (states, negate))
+
+
+def _ct_direction(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+    reader._no_negate(tok, negate)
+    arg = reader.argument(tok)
+    if arg.value.upper() not in ("ORIGINAL", "REPLY"):
+        raise reader.error(arg, "not a direction", "ORIGINAL, REPLY")
+    _once(reader, module, "direction", tok, arg.value.upper())
+
+
+def _ct_address(key: str):
+    def handler(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+        net = _parse_network(reader, reader.argument(tok))
+        _once(reader, module, key, tok, ir.ConntrackAddress(net, negate))
+    return handler
+
+
+def _conntrack(reader: RuleReader, module: _Module) -> ir.ConntrackMatch:
+    values = module.values
+    if not values:
+        raise reader.error(module.token, f"'-m {module.name}' needs an option",
+                           "--ctstate, --ctdir, --ctorigsrc, --ctorigdst, --ctreplsrc, "
+                           "--ctrepldst" if module.name == "conntrack" else "--state")
+    states, negate = values.get("states", ((), False))
+    return ir.ConntrackMatch(states, negate, module.name, values.get("direction"),
+                             *(values.get(a) for a in ir.ConntrackMatch.ADDRESSES))
 
 
 def _limit(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
@@ -504,7 +530,8 @@ _MODULE_OPTIONS: dict[str, dict[str, Callable]] = {
     "ttl": {"--ttl-eq": _ttl("eq"), "--ttl-lt": _ttl("lt"), "--ttl-gt": _ttl("gt")},
     "mac": {"--mac-source": _mac_source},
     "limit": {"--limit": _limit, "--limit-burst": _limit_burst},
-    "conntrack": {"--ctstate": _ct_state},
+    "conntrack": {"--ctstate": _ct_state, "--ctdir": _ct_direction,
+                  **{f"--ct{a}": _ct_address(a) for a in ir.ConntrackMatch.ADDRESSES}},
     "state": {"--state": _ct_state},
 }
 
@@ -529,9 +556,8 @@ _BUILDERS: dict[str, Callable[[RuleReader, _Module], ir.Match]] = {
     "mac": lambda r, m: _require(r, m, "mac", "--mac-source"),
     "limit": lambda r, m: ir.LimitMatch(*m.values.get("rate", (3, "hour")),
                                         burst=m.values.get("burst", 5)),
-    "conntrack": lambda r, m: _require(r, m, "ct", "--ctstate (the only conntrack option "
-                                                   "supported so far)"),
-    "state": lambda r, m: _require(r, m, "ct", "--state"),
+    "conntrack": _conntrack,
+    "state": _conntrack,
 }
 
 # --------------------------------------------------------------------------- target options

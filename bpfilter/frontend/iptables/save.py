@@ -67,6 +67,24 @@ def _iprange(m: ir.IpRangeMatch) -> list[str]:
     return parts
 
 
+def _conntrack(m: ir.ConntrackMatch) -> list[str]:
+    """In the order iptables-save prints them, whatever order they were given in."""
+    if m.module == "state":
+        return ["-m state", f"{_neg(m.negate)}--state " + ",".join(m.states)]
+    parts = ["-m conntrack"]
+    if m.states:
+        parts.append(f"{_neg(m.negate)}--ctstate " + ",".join(m.states))
+    for name in ir.ConntrackMatch.ADDRESSES:
+        address = getattr(m, name)
+        if address is not None:
+            net = address.network
+            text = str(net.network_address) if net.prefixlen == 32 else str(net)
+            parts.append(f"{_neg(address.negate)}--ct{name} {text}")
+    if m.direction:
+        parts.append(f"--ctdir {m.direction}")
+    return parts
+
+
 def _limit(m: ir.LimitMatch) -> list[str]:
     parts = ["-m limit", f"--limit {m.count}/{m.unit}"]
     if m.burst != 5:
@@ -96,9 +114,7 @@ _MATCHES: dict[type, Callable] = {
     ir.MacSourceMatch: lambda m: ["-m mac", f"{_neg(m.negate)}--mac-source "
                                   + ":".join(f"{b:02x}" for b in m.address)],
     ir.LimitMatch: _limit,
-    ir.ConntrackMatch: lambda m: [f"-m {m.module}", f"{_neg(m.negate)}--"
-                                  f"{'ctstate' if m.module == 'conntrack' else 'state'} "
-                                  + ",".join(m.states)],
+    ir.ConntrackMatch: _conntrack,
 }
 
 

@@ -61,6 +61,9 @@ def main() -> None:
       iptables-save > rules.v4
       bpfilter compile rules.v4          # check it and see what it becomes
       bpfilter demo                      # watch the examples run on a veth pair
+      bpfilter apply rules.v4 -i eth0    # run it on eth0 (again: swap atomically)
+      bpfilter list -v                   # the rules with their counters
+      bpfilter detach -i eth0            # back to no filtering
     """
 
 

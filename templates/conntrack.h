@@ -33,7 +33,7 @@ struct bf_ct_key {
 };
 
 struct bf_ct_entry {
-	__u64 expires;   /* bpf_ktime_get_ns() */
+	__u64 expires;   /* bf_now(), CLOCK_MONOTONIC */
 	__u8 orig;       /* the endpoint that opened the connection */
 	__u8 replied;    /* a packet went the other way (IPS_SEEN_REPLY) */
 	__u8 tcp;        /* TCP state */
@@ -71,6 +71,12 @@ static const __u8 bf_tcp_next[2][6][16] = {
 		{ sIV, sIV, sIV, sIV, sIV, sIV, sIV, sIV, sIV, sIV },
 	},
 };
+
+/* Timeouts count in seconds: the coarse clock (a tick's precision, no clock read) does. */
+static __always_inline __u64 bf_now(void)
+{
+	return bpf_ktime_get_coarse_ns();
+}
 
 /* nf_conntrack's default timeouts, in seconds, per TCP state. */
 static const __u32 bf_tcp_timeout[16] = { 0, 120, 60, 432000, 120, 60, 30, 120, 10, 120 };
@@ -226,6 +232,7 @@ static __always_inline __u8 bf_ct_follow(const struct bf_pkt *p, struct bf_ct_en
 {
 	__u32 dir = from != e->orig;
 	__u8 state = dir || e->replied ? BF_CT_ESTABLISHED : BF_CT_NEW;
+	__u64 expires;
 
 	if (p->proto == IPPROTO_TCP) {
 		int moved = bf_tcp_follow(p, e, dir);
@@ -243,9 +250,12 @@ static __always_inline __u8 bf_ct_follow(const struct bf_pkt *p, struct bf_ct_en
 		if (dir ? !bf_icmp_answer(p->icmp_type) : !bf_icmp_query(p->icmp_type))
 			return BF_CT_INVALID;
 	}
-	if (dir)
+	if (dir && !e->replied)
 		e->replied = 1;
-	e->expires = now + bf_ct_timeout(p, e);
+	/* Written only when it moves: a cache line every CPU of a busy flow would share. */
+	expires = now + bf_ct_timeout(p, e);
+	if (expires != e->expires)
+		e->expires = expires;
 	return state;
 }
 
@@ -304,7 +314,7 @@ static __always_inline void bf_ct_track(void *data, void *end, struct bf_pkt *p)
 {
 	struct bf_ct_key key = {};
 	struct bf_ct_entry *e;
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = bf_now();
 	__u8 from, state;
 
 	p->ct_create = sNO;
@@ -354,7 +364,7 @@ static __always_inline void bf_ct_confirm(const struct bf_pkt *p, int verdict)
 	e.orig = from;
 	e.tcp = p->ct_create;
 	e.last_kind = bf_tcp_kind(p->tcp_flags);
-	e.expires = bpf_ktime_get_ns() + bf_ct_timeout(p, &e);
+	e.expires = bf_now() + bf_ct_timeout(p, &e);
 	bpf_map_update_elem(&bf_conntrack, &key, &e, BPF_ANY);
 }
 

@@ -251,7 +251,8 @@ def conntrack_cmd(iface: Optional[str], flush: bool) -> None:
     """The connections bpfilter tracks, like `conntrack -L`: protocol, TCP state, seconds
     left, and the endpoints as the side that opened it sees them ([UNREPLIED] until the
     other side answered). Interfaces whose ruleset never read the connection state have
-    no table."""
+    no table. Also how full the table is, and how many connections its LRU pushed out to
+    make room (none, unless the table is too small for the traffic)."""
     from bpfilter import state, tracker
 
     found = [(p, d) for p, d in state.deployments() if iface in (None, d.iface)
@@ -275,7 +276,10 @@ def conntrack_cmd(iface: Optional[str], flush: bool) -> None:
                           f"type {c.dport}" if c.proto == "icmp" else str(c.dport),
                           "" if c.replied else "[UNREPLIED]")
         console.print(table)
-        console.print(f"{len(rows)} connection(s)")
+        use = tracker.table_use(paths)
+        console.print(f"{len(rows)} connection(s); the table holds {use.entries:,} of "
+                      f"{use.capacity:,} entries (expired ones until reused), "
+                      f"{use.evicted:,} evicted while live")
 
 
 def _deployed(iface: Optional[str]):

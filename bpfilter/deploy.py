@@ -29,7 +29,7 @@ from bpfilter.loader.objects import Map
 from bpfilter.loader.xdp import XdpMode
 from bpfilter.runner import (LoadedRuleset, clear_generation, fill_classifier, fill_folded,
                              generation_maps, interface_bits, slot_counters, stage_maps)
-from bpfilter.tracker import ensure_tracker, open_table, remove_tracker
+from bpfilter.tracker import ensure_tracker, open_shared, remove_tracker
 
 
 @dataclass(frozen=True)
@@ -100,12 +100,14 @@ def apply(text: str, source: str, iface: str, build_dir: Path,
     progress("connection tracking")
     created = ensure_tracker(paths, ifindex, build_dir)
     try:
-        table = open_table(paths)
+        shared = open_shared(paths)
         try:
             return _load_and_switch(text, source, iface, ifindex, paths, previous,
-                                    compilation, attach, mode, progress, started, table.fd)
+                                    compilation, attach, mode, progress, started,
+                                    {name: m.fd for name, m in shared.items()})
         finally:
-            table.close()
+            for table in shared.values():
+                table.close()
     except BaseException:
         if created:
             remove_tracker(paths)
@@ -116,14 +118,14 @@ def _load_and_switch(text: str, source: str, iface: str, ifindex: int, paths: st
                      previous: Optional[state.Deployment], compilation: Compilation,
                      attach: Attach, mode: Optional[XdpMode],
                      progress: Callable[[str], None], started: float,
-                     conntrack_fd: Optional[int]) -> ApplyReport:
+                     conntrack: Optional[dict[str, int]]) -> ApplyReport:
     digest = code_digest(compilation.stages[0].program.source)
     progress("loading and verifying")
     generation = f"g{time.time_ns()}"
     gen_dir = paths.generation(generation)
     link = None
     fallback = None
-    with LoadedRuleset(compilation, conntrack_fd=conntrack_fd) as loaded:
+    with LoadedRuleset(compilation, conntrack=conntrack) as loaded:
         (stage,) = loaded.stages.values()
         program = stage.program
         try:

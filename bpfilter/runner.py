@@ -173,15 +173,14 @@ class LoadedRuleset:
 
     def __init__(self, compilation: Compilation,
                  interfaces: Optional[list[tuple[int, str]]] = None,
-                 conntrack_fd: Optional[int] = None):
-        """`conntrack_fd`: the connection table stages that read it share (else each
-        has its own, as in tests)."""
+                 conntrack: Optional[dict[str, int]] = None):
+        """`conntrack`: the connection table's maps (name -> fd) the stages that read the
+        state share (else each has its own, as in tests)."""
         self.compilation = compilation
         self.stages: dict[ir.Hook, LoadedStage] = {}
         try:
             for compiled in compilation.stages:
-                shared = {"bf_conntrack": conntrack_fd} if (
-                    conntrack_fd is not None and compiled.program.conntrack) else None
+                shared = conntrack if compiled.program.conntrack else None
                 stage = LoadedStage(compiled, Object(compiled.object_path, shared=shared))
                 self.stages[compiled.stage.hook] = stage
                 stage.fill_interfaces(interfaces)

@@ -84,7 +84,8 @@ class Paths:
 
     @property
     def conntrack(self) -> Path:
-        """The connection table, shared by every generation and the egress tracker."""
+        """The connection table's maps, shared by every generation and the egress tracker,
+        are pinned here."""
         return self.pins / "conntrack"
 
     @property

@@ -17,27 +17,30 @@ from pathlib import Path
 from typing import Iterator
 
 from bpfilter.build import build_source
+from bpfilter.loader.libbpf import possible_cpus
 from bpfilter.loader.links import Link, TcLink
 from bpfilter.loader.objects import Map, Object
 from bpfilter.resources import resource_dir
-from bpfilter.state import Paths
+from bpfilter.state import Paths, remove_tree
 
 PROGRAM = "bpfilter_ct_egress"
 TABLE = "bf_conntrack"
+SHARED_MAPS = (TABLE, "bf_ct_created")  # what every program reading the state shares
 
 
 def ensure_tracker(paths: Paths, ifindex: int, build_dir: Path) -> bool:
-    """Attach the tracker and pin its table unless they are there; True if this call did
+    """Attach the tracker and pin its maps unless they are there; True if this call did
     (the caller removes them again if its apply fails)."""
     if paths.tracker_link.exists() and paths.conntrack.exists():
         return False
     source = (resource_dir("templates") / "ct_egress.c").read_text()
     path, _cached = build_source(PROGRAM, source, build_dir / "tracker")
-    paths.pins.mkdir(parents=True, exist_ok=True)
+    paths.conntrack.mkdir(parents=True, exist_ok=True)
     with Object(path) as obj:
         link = TcLink.create(ifindex, obj.programs[PROGRAM].fd, egress=True)
         try:
-            obj.map(TABLE).pin(str(paths.conntrack))
+            for name in SHARED_MAPS:
+                obj.map(name).pin(str(paths.conntrack / name))
             link.pin(str(paths.tracker_link))
         except BaseException:
             link.detach()
@@ -48,8 +51,9 @@ def ensure_tracker(paths: Paths, ifindex: int, build_dir: Path) -> bool:
     return True
 
 
-def open_table(paths: Paths) -> Map:
-    return Map.open_pinned(str(paths.conntrack))
+def open_shared(paths: Paths) -> dict[str, Map]:
+    """The pinned maps by name; close them."""
+    return {name: Map.open_pinned(str(paths.conntrack / name)) for name in SHARED_MAPS}
 
 
 def remove_tracker(paths: Paths) -> None:
@@ -60,8 +64,7 @@ def remove_tracker(paths: Paths) -> None:
         finally:
             link.close()
         paths.tracker_link.unlink()
-    if paths.conntrack.exists():
-        paths.conntrack.unlink()
+    remove_tree(paths.conntrack)
 
 
 # struct bf_ct_key and struct bf_ct_entry (templates/conntrack.h); addresses in host order.
@@ -87,8 +90,28 @@ class Connection:
     replied: bool
 
 
+@dataclass(frozen=True)
+class TableUse:
+    entries: int  # live or expired, until the LRU reuses them
+    capacity: int
+    evicted: int  # live connections the LRU pushed out to make room
+
+
+def table_use(paths: Paths) -> TableUse:
+    maps = open_shared(paths)
+    try:
+        table = maps[TABLE]
+        entries = sum(1 for _ in table.keys())
+        created = sum(struct.unpack("<Q", v)[0]
+                      for v in maps["bf_ct_created"].lookup_percpu(struct.pack("<I", 0)))
+        return TableUse(entries, table.max_entries, max(0, created - entries))
+    finally:
+        for m in maps.values():
+            m.close()
+
+
 def connections(paths: Paths) -> Iterator[Connection]:
-    table = open_table(paths)
+    table = Map.open_pinned(str(paths.conntrack / TABLE))
     try:
         now = time.monotonic_ns()  # bpf_ktime_get_ns() counts CLOCK_MONOTONIC
         for key in list(table.keys()):
@@ -115,12 +138,15 @@ def connections(paths: Paths) -> Iterator[Connection]:
 
 
 def flush(paths: Paths) -> int:
-    """Forget every connection (`conntrack -F`); how many there were."""
-    table = open_table(paths)
+    """Forget every connection (`conntrack -F`); how many entries there were."""
+    maps = open_shared(paths)
     try:
-        keys = list(table.keys())
+        keys = list(maps[TABLE].keys())
         for key in keys:
-            table.delete(key)
+            maps[TABLE].delete(key)
+        created = maps["bf_ct_created"]
+        created.update(struct.pack("<I", 0), bytes(created.value_size * possible_cpus()))
         return len(keys)
     finally:
-        table.close()
+        for m in maps.values():
+            m.close()

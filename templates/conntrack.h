@@ -50,6 +50,15 @@ struct {
 	__type(value, struct bf_ct_entry);
 } bf_conntrack SEC(".maps");
 
+/* Entries created: the table's occupancy falls short of it by what the LRU evicted (and
+ * what was flushed, which zeroes this). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} bf_ct_created SEC(".maps");
+
 /* tcp_conntracks[direction][segment kind][state]: kinds syn, synack, fin, ack, rst, none.
  * 16 states wide, so that a state masked with 15 is a bound the verifier sees (an entry's
  * state is always one of the first 10). */
@@ -365,7 +374,15 @@ static __always_inline void bf_ct_confirm(const struct bf_pkt *p, int verdict)
 	e.tcp = p->ct_create;
 	e.last_kind = bf_tcp_kind(p->tcp_flags);
 	e.expires = bf_now() + bf_ct_timeout(p, &e);
-	bpf_map_update_elem(&bf_conntrack, &key, &e, BPF_ANY);
+	if (bpf_map_update_elem(&bf_conntrack, &key, &e, BPF_NOEXIST) == 0) {
+		__u32 zero = 0;
+		__u64 *created = bpf_map_lookup_elem(&bf_ct_created, &zero);
+
+		if (created)
+			*created += 1;
+	} else {
+		bpf_map_update_elem(&bf_conntrack, &key, &e, BPF_ANY); /* over an expired one */
+	}
 }
 
 #endif

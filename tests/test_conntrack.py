@@ -9,7 +9,8 @@ import socket
 import sys
 
 import pytest
-from scapy.layers.inet import ICMP, IP
+from scapy.layers.inet import ICMP, IP, UDP
+from scapy.layers.l2 import Ether
 
 from bpfilter import deploy, netns
 from bpfilter.codegen import Attach
@@ -190,3 +191,47 @@ def test_connections_survive_a_ruleset_swap(kernel, build_root):
         finally:
             with netns.entered(bed.server):
                 deploy.detach("eth0")
+
+
+def test_a_full_table_evicts_and_says_so(kernel, build_root):
+    """70,000 connections through the egress tracker into a 65,536-entry table: the LRU
+    makes room, and the count of what it pushed out is there for `bpfilter conntrack`."""
+    from bpfilter import state, tracker
+    from bpfilter.build import build_source
+    from bpfilter.loader.objects import Object
+    from bpfilter.resources import resource_dir
+
+    with VethBed(build_root / "ct-full", prefix="bpfk") as bed:
+        with netns.entered(bed.server):
+            deploy.apply(STATEFUL, "stateful.v4", "eth0", build_root / "ct-full")
+            paths = state.Paths("eth0", state.netns_id())
+            source = (resource_dir("templates") / "ct_egress.c").read_text()
+            path, _ = build_source(tracker.PROGRAM, source, build_root / "ct-full-tracker")
+            shared = tracker.open_shared(paths)
+            try:
+                with Object(path, shared={n: m.fd for n, m in shared.items()}) as obj:
+                    program = obj.programs[tracker.PROGRAM]
+                    frame = bytearray(bytes(Ether() / IP(src=SERVER_ADDR, dst=CLIENT_ADDR)
+                                            / UDP(sport=0, dport=53) / b"q"))
+                    for n in range(70_000):  # sport and the last octet of the address vary
+                        frame[34:36] = (1024 + n % 60_000).to_bytes(2, "big")
+                        frame[33] = 2 + n // 60_000
+                        frame[24:26] = b"\0\0"
+                        frame[24:26] = _ip_checksum(frame[14:34]).to_bytes(2, "big")
+                        program.test_run(bytes(frame), ingress_ifindex=1)
+            finally:
+                for table in shared.values():
+                    table.close()
+            use = tracker.table_use(paths)
+            assert use.capacity == 65_536 and use.entries <= use.capacity
+            assert use.entries + use.evicted == 70_000, use
+            assert tracker.flush(paths) == use.entries
+            assert tracker.table_use(paths) == tracker.TableUse(0, 65_536, 0)
+            deploy.detach("eth0")
+
+
+def _ip_checksum(header: bytes) -> int:
+    total = sum(int.from_bytes(header[i:i + 2], "big") for i in range(0, len(header), 2))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF

@@ -29,7 +29,7 @@ from bpfilter.loader.objects import Map
 from bpfilter.loader.xdp import XdpMode
 from bpfilter.runner import (LoadedRuleset, clear_generation, fill_classifier, fill_folded,
                              generation_maps, interface_bits, slot_counters, stage_maps)
-from bpfilter.tracker import ensure_tracker, open_shared, remove_tracker
+from bpfilter.tracker import ensure_tracker, open_shared, remove_tracker, stop_tracker
 
 
 @dataclass(frozen=True)
@@ -95,10 +95,12 @@ def apply(text: str, source: str, iface: str, build_dir: Path,
         progress("same program: rewriting its maps")
         return _update_maps(text, source, paths, previous, compilation, started)
     if not compilation.stages[0].program.conntrack:
-        return _load_and_switch(text, source, iface, ifindex, paths, previous, compilation,
-                                attach, mode, progress, started, None)
+        report = _load_and_switch(text, source, iface, ifindex, paths, previous, compilation,
+                                  attach, mode, progress, started, None)
+        stop_tracker(paths)  # nothing reads the states now: the kernel stops tracking too
+        return report
     progress("connection tracking")
-    created = ensure_tracker(paths, ifindex, build_dir)
+    undo = ensure_tracker(paths, ifindex, build_dir)
     try:
         shared = open_shared(paths)
         try:
@@ -109,8 +111,7 @@ def apply(text: str, source: str, iface: str, build_dir: Path,
             for table in shared.values():
                 table.close()
     except BaseException:
-        if created:
-            remove_tracker(paths)
+        undo()
         raise
 
 

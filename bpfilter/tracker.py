@@ -1,9 +1,10 @@
 """The egress half of connection tracking: a fixed program (templates/ct_egress.c) at TC
 egress that records the host's own connections in the table the stage programs read.
 
-It does not depend on the ruleset, so it is attached once per interface, the first time a
-ruleset there reads the connection state, and stays through swaps with the table: flows
-survive a new ruleset. `detach` removes both.
+It does not depend on the ruleset. It runs while the interface's ruleset reads the
+connection state, as the kernel's conntrack hooks do while a rule needs them; the table
+stays pinned through every swap, so flows survive a new ruleset (and, as in the kernel,
+are not followed while a stateless one runs). `detach` removes both.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from bpfilter.build import build_source
 from bpfilter.loader.libbpf import possible_cpus
@@ -28,27 +29,34 @@ TABLE = "bf_conntrack"
 SHARED_MAPS = (TABLE, "bf_ct_created")  # what every program reading the state shares
 
 
-def ensure_tracker(paths: Paths, ifindex: int, build_dir: Path) -> bool:
-    """Attach the tracker and pin its maps unless they are there; True if this call did
-    (the caller removes them again if its apply fails)."""
-    if paths.tracker_link.exists() and paths.conntrack.exists():
-        return False
+def ensure_tracker(paths: Paths, ifindex: int, build_dir: Path) -> Callable[[], None]:
+    """Attach the tracker, over the pinned table or a new one; returns what undoes this
+    call (the caller's apply may still fail)."""
+    if paths.tracker_link.exists():
+        return lambda: None
     source = (resource_dir("templates") / "ct_egress.c").read_text()
     path, _cached = build_source(PROGRAM, source, build_dir / "tracker")
-    paths.conntrack.mkdir(parents=True, exist_ok=True)
-    with Object(path) as obj:
-        link = TcLink.create(ifindex, obj.programs[PROGRAM].fd, egress=True)
-        try:
-            for name in SHARED_MAPS:
-                obj.map(name).pin(str(paths.conntrack / name))
-            link.pin(str(paths.tracker_link))
-        except BaseException:
-            link.detach()
-            remove_tracker(paths)
-            raise
-        finally:
-            link.close()
-    return True
+    new_table = not paths.conntrack.exists()
+    shared = {} if new_table else open_shared(paths)
+    try:
+        with Object(path, shared={n: m.fd for n, m in shared.items()}) as obj:
+            link = TcLink.create(ifindex, obj.programs[PROGRAM].fd, egress=True)
+            try:
+                if new_table:
+                    paths.conntrack.mkdir(parents=True)
+                    for name in SHARED_MAPS:
+                        obj.map(name).pin(str(paths.conntrack / name))
+                link.pin(str(paths.tracker_link))
+            except BaseException:
+                link.detach()
+                (remove_tracker if new_table else stop_tracker)(paths)
+                raise
+            finally:
+                link.close()
+    finally:
+        for table in shared.values():
+            table.close()
+    return (lambda: remove_tracker(paths)) if new_table else (lambda: stop_tracker(paths))
 
 
 def open_shared(paths: Paths) -> dict[str, Map]:
@@ -56,7 +64,8 @@ def open_shared(paths: Paths) -> dict[str, Map]:
     return {name: Map.open_pinned(str(paths.conntrack / name)) for name in SHARED_MAPS}
 
 
-def remove_tracker(paths: Paths) -> None:
+def stop_tracker(paths: Paths) -> None:
+    """Stop following connections; the table stays."""
     if paths.tracker_link.exists():
         link = Link.open_pinned(str(paths.tracker_link))
         try:
@@ -64,6 +73,10 @@ def remove_tracker(paths: Paths) -> None:
         finally:
             link.close()
         paths.tracker_link.unlink()
+
+
+def remove_tracker(paths: Paths) -> None:
+    stop_tracker(paths)
     remove_tree(paths.conntrack)
 
 

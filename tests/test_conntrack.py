@@ -235,3 +235,26 @@ def _ip_checksum(header: bytes) -> int:
     while total > 0xFFFF:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
+
+
+def test_tracking_stops_with_the_last_stateful_ruleset(kernel, build_root):
+    """As the kernel's conntrack hooks, the tracker runs only while a rule reads the
+    states; the table stays pinned for the next stateful ruleset."""
+    from bpfilter import state, tracker
+
+    stateless = "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -p udp -j DROP\nCOMMIT\n"
+    with VethBed(build_root / "ct-stop", prefix="bpfk") as bed:
+        with netns.entered(bed.server):
+            paths = state.Paths("eth0", state.netns_id())
+            deploy.apply(STATEFUL, "a.v4", "eth0", build_root / "ct-stop-a")
+            assert paths.tracker_link.exists()
+            tracker.flush(paths)
+            _udp_to_closed_port(bed.server, CLIENT_ADDR)  # one connection, tracked
+            deploy.apply(stateless, "b.v4", "eth0", build_root / "ct-stop-b")
+            assert not paths.tracker_link.exists() and paths.conntrack.exists()
+            _udp_to_closed_port(bed.server, CLIENT_ADDR)  # not tracked: a new port
+            assert tracker.table_use(paths).entries == 1
+            deploy.apply(STATEFUL, "a.v4", "eth0", build_root / "ct-stop-c")
+            assert paths.tracker_link.exists() and tracker.table_use(paths).entries == 1
+            deploy.detach("eth0")
+            assert not paths.conntrack.exists()

@@ -59,8 +59,8 @@ class MirrorPair:
         self.agreement: dict[str, list[int]] = defaultdict(lambda: [0, 0])
 
     def load(self, text: str) -> None:
-        # Each ruleset starts from no connections on both sides: the kernel tracks only
-        # while a rule needs it, bpfilter's tracker from its first stateful ruleset on.
+        # Each ruleset starts from no connections on both sides, whatever the ones before
+        # it left behind.
         with netns.entered(self.kernel.server):
             table = Conntrack()
             try:

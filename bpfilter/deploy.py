@@ -50,6 +50,27 @@ def _ifindex(iface: str) -> int:
         raise KernelError(f"no interface named {iface} in this network namespace") from None
 
 
+@dataclass(frozen=True)
+class _Request:
+    """One `apply`: the new text, where it goes, and what runs there now."""
+
+    text: str
+    source: str
+    iface: str
+    ifindex: int
+    paths: state.Paths
+    previous: Optional[state.Deployment]
+    progress: Callable[[str], None]
+    started: float  # time.perf_counter()
+
+    def described(self, compilation: Compilation) -> dict:
+        """The Deployment fields that describe the new ruleset."""
+        return dict(source=self.source, sha256=hashlib.sha256(self.text.encode()).hexdigest(),
+                    applied_at=state.now(), rules=_rule_count(compilation),
+                    slots=[[t, c, i, s] for (t, c, i), s in compilation.slots.items()],
+                    runs=_runs(compilation))
+
+
 def apply(text: str, source: str, iface: str, build_dir: Path,
           mode: Optional[XdpMode] = None,
           progress: Callable[[str], None] = lambda _msg: None,
@@ -61,6 +82,7 @@ def apply(text: str, source: str, iface: str, build_dir: Path,
     ifindex = _ifindex(iface)
     paths = state.Paths(iface, state.netns_id())
     previous = _live_deployment(paths, ifindex)
+    req = _Request(text, source, iface, ifindex, paths, previous, progress, started)
     if attach is Attach.TC and mode is not None:
         raise KernelError("an XDP mode does not apply to a TC attachment")
     if previous is not None:
@@ -73,30 +95,17 @@ def apply(text: str, source: str, iface: str, build_dir: Path,
         attach = running
     attach = attach or Attach.XDP
     if previous is not None and compilation is None:
-        # No collection pass in the middle of an edit: over the 10,000 rows of a big ACL's
-        # slot table it would double the time to live (measured: 10-28 ms without it,
-        # up to 61 ms with it).
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            edited = edit_in_place(text, source, paths, previous)
-        finally:
-            if collecting:
-                gc.enable()
+        edited = _edit(req)
         if edited is not None:
-            return ApplyReport(edited.deployment, True, edited.switch_ns,
-                               edited.live_at - started, map_only=True,
-                               edited=edited.changed)
+            return edited
     if compilation is None:
         progress("compiling")
         compilation = compile_ruleset(text, source, build_dir, verify=False, attach=attach)
-    digest = code_digest(compilation.stages[0].program.source)
-    if previous is not None and previous.code_digest == digest:
+    if previous is not None and previous.code_digest == _digest(compilation):
         progress("same program: rewriting its maps")
-        return _update_maps(text, source, paths, previous, compilation, started)
+        return _update_maps(req, compilation)
     if not compilation.stages[0].program.conntrack:
-        report = _load_and_switch(text, source, iface, ifindex, paths, previous, compilation,
-                                  attach, mode, progress, started, None)
+        report = _load_and_switch(req, compilation, attach, mode, None)
         stop_tracker(paths)  # nothing reads the states now: the kernel stops tracking too
         return report
     progress("connection tracking")
@@ -104,8 +113,7 @@ def apply(text: str, source: str, iface: str, build_dir: Path,
     try:
         shared = open_shared(paths)
         try:
-            return _load_and_switch(text, source, iface, ifindex, paths, previous,
-                                    compilation, attach, mode, progress, started,
+            return _load_and_switch(req, compilation, attach, mode,
                                     {name: m.fd for name, m in shared.items()})
         finally:
             for table in shared.values():
@@ -115,13 +123,55 @@ def apply(text: str, source: str, iface: str, build_dir: Path,
         raise
 
 
-def _load_and_switch(text: str, source: str, iface: str, ifindex: int, paths: state.Paths,
-                     previous: Optional[state.Deployment], compilation: Compilation,
-                     attach: Attach, mode: Optional[XdpMode],
-                     progress: Callable[[str], None], started: float,
+def _edit(req: _Request) -> Optional[ApplyReport]:
+    """Addresses added to or removed from a blocklist, in place; None if it is not that."""
+    # No collection pass in the middle of an edit: over the 10,000 rows of a big ACL's
+    # slot table it would double the time to live (measured: 10-28 ms without it, up to
+    # 61 ms with it).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        edited = edit_in_place(req.text, req.source, req.paths, req.previous)
+    finally:
+        if collecting:
+            gc.enable()
+    if edited is None:
+        return None
+    return ApplyReport(edited.deployment, True, edited.switch_ns, edited.live_at - req.started,
+                       map_only=True, edited=edited.changed)
+
+
+def _digest(compilation: Compilation) -> str:
+    return code_digest(compilation.stages[0].program.source)
+
+
+def _attach(req: _Request, prog_fd: int, attach: Attach,
+            mode: Optional[XdpMode]) -> tuple[Link, str, int, Optional[str]]:
+    """The first ruleset on the interface: (link, mode as the state records it, ns the
+    attach took, why the mode differs from the one asked for)."""
+    t0 = time.perf_counter_ns()
+    if attach is Attach.TC:
+        return TcLink.create(req.ifindex, prog_fd), state.TC_MODE, \
+            time.perf_counter_ns() - t0, None
+    xdp_mode, fallback = mode or XdpMode.NATIVE, None
+    try:
+        link = XdpLink.create(req.ifindex, prog_fd, xdp_mode)
+    except KernelError as exc:
+        if mode is not None or "Operation not supported" not in str(exc):
+            raise
+        fallback = f"{req.iface} has no native XDP; running in generic mode"
+        xdp_mode = XdpMode.GENERIC
+        link = XdpLink.create(req.ifindex, prog_fd, xdp_mode)
+    return link, xdp_mode.value, time.perf_counter_ns() - t0, fallback
+
+
+def _load_and_switch(req: _Request, compilation: Compilation, attach: Attach,
+                     mode: Optional[XdpMode],
                      conntrack: Optional[dict[str, int]]) -> ApplyReport:
-    digest = code_digest(compilation.stages[0].program.source)
-    progress("loading and verifying")
+    """Load the new program beside the running one, pin it, then switch in one kernel
+    operation: replace the link's program, or attach the interface's first link."""
+    paths, previous = req.paths, req.previous
+    req.progress("loading and verifying")
     generation = f"g{time.time_ns()}"
     gen_dir = paths.generation(generation)
     link = None
@@ -134,7 +184,7 @@ def _load_and_switch(text: str, source: str, iface: str, ifindex: int, paths: st
             program.pin(str(gen_dir / "prog"))
             for name in stage_maps(compilation.stages[0].program):
                 stage.obj.map(name).pin(str(gen_dir / name))
-            progress("switching")
+            req.progress("switching")
             if previous is not None:
                 link = Link.open_pinned(str(paths.link))
                 running = link.info().prog_id
@@ -142,36 +192,15 @@ def _load_and_switch(text: str, source: str, iface: str, ifindex: int, paths: st
                 link.replace(program.fd, running)
                 switch_ns = time.perf_counter_ns() - t0
                 used_mode = previous.mode
-            elif attach is Attach.TC:
-                used_mode = state.TC_MODE
-                t0 = time.perf_counter_ns()
-                link = TcLink.create(ifindex, program.fd)
-                switch_ns = time.perf_counter_ns() - t0
-                link.pin(str(paths.link))
             else:
-                xdp_mode = mode or XdpMode.NATIVE
-                t0 = time.perf_counter_ns()
-                try:
-                    link = XdpLink.create(ifindex, program.fd, xdp_mode)
-                except KernelError as exc:
-                    if mode is not None or "Operation not supported" not in str(exc):
-                        raise
-                    fallback = f"{iface} has no native XDP; running in generic mode"
-                    xdp_mode = XdpMode.GENERIC
-                    link = XdpLink.create(ifindex, program.fd, xdp_mode)
-                switch_ns = time.perf_counter_ns() - t0
-                used_mode = xdp_mode.value
+                link, used_mode, switch_ns, fallback = _attach(req, program.fd, attach, mode)
                 link.pin(str(paths.link))
             deployment = state.Deployment(
-                iface=iface, ifindex=ifindex, netns=paths.netns, mode=used_mode,
-                source=source, sha256=hashlib.sha256(text.encode()).hexdigest(),
-                applied_at=state.now(),
+                iface=req.iface, ifindex=req.ifindex, netns=paths.netns, mode=used_mode,
                 generation=generation, program=compilation.stages[0].program.name,
                 prog_id=program.info().id, hook=stage.compiled.stage.hook.value,
-                rules=_rule_count(compilation),
-                slots=[[t, c, i, s] for (t, c, i), s in compilation.slots.items()],
-                code_digest=digest, runs=_runs(compilation))
-            state.write(paths, deployment, text)
+                code_digest=_digest(compilation), **req.described(compilation))
+            state.write(paths, deployment, req.text)
         except BaseException:
             state.remove_tree(gen_dir)
             raise
@@ -181,15 +210,15 @@ def _load_and_switch(text: str, source: str, iface: str, ifindex: int, paths: st
     if previous is not None:
         state.remove_tree(paths.generation(previous.generation))
     return ApplyReport(deployment, previous is not None, switch_ns,
-                       time.perf_counter() - started, fallback)
+                       time.perf_counter() - req.started, fallback)
 
 
-def _update_maps(text: str, source: str, paths: state.Paths, previous: state.Deployment,
-                 compilation: Compilation, started: float) -> ApplyReport:
+def _update_maps(req: _Request, compilation: Compilation) -> ApplyReport:
     """The running program stays; the other generation of its maps is written, then made
     live by one update of bf_gen, then the old generation is cleared for the next time."""
+    previous = req.previous
     program = compilation.stages[0].program
-    gen_dir = paths.generation(previous.generation)
+    gen_dir = req.paths.generation(previous.generation)
     maps = {name: Map.open_pinned(str(gen_dir / name))
             for name in (*generation_maps(program), "bf_gen", "bf_ifmatch")}
     try:
@@ -202,13 +231,10 @@ def _update_maps(text: str, source: str, paths: state.Paths, previous: state.Dep
         t0 = time.perf_counter_ns()
         maps["bf_gen"].update(struct.pack("<I", 0), struct.pack("<I", new))
         switch_ns = time.perf_counter_ns() - t0
-        deployment = dataclasses.replace(
-            previous, source=source, sha256=hashlib.sha256(text.encode()).hexdigest(),
-            applied_at=state.now(), rules=_rule_count(compilation), live_gen=new,
-            slots=[[t, c, i, s] for (t, c, i), s in compilation.slots.items()],
-            runs=_runs(compilation))
-        state.write(paths, deployment, text)
-        live_s = time.perf_counter() - started
+        deployment = dataclasses.replace(previous, live_gen=new,
+                                         **req.described(compilation))
+        state.write(req.paths, deployment, req.text)
+        live_s = time.perf_counter() - req.started
         clear_generation(maps, live)
     finally:
         for table in maps.values():

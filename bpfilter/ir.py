@@ -235,6 +235,7 @@ class ConntrackMatch:
 
     STATES = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED")  # as iptables prints
     ADDRESSES = ("origsrc", "origdst", "replsrc", "repldst")
+    PORTS = ("origsrcport", "origdstport", "replsrcport", "repldstport")
 
     states: tuple[str, ...]  # in STATES order
     negate: bool = False
@@ -244,11 +245,16 @@ class ConntrackMatch:
     origdst: Optional[ConntrackAddress] = None
     replsrc: Optional[ConntrackAddress] = None
     repldst: Optional[ConntrackAddress] = None
+    protocol: Optional[ProtocolMatch] = None  # --ctproto: the connection's protocol
+    origsrcport: Optional[PortSpec] = None  # ports of the tuple (ICMP: the identifier)
+    origdstport: Optional[PortSpec] = None
+    replsrcport: Optional[PortSpec] = None
+    repldstport: Optional[PortSpec] = None
 
     @property
     def only_states(self) -> bool:
-        return self.direction is None and all(getattr(self, a) is None
-                                               for a in self.ADDRESSES)
+        return self.direction is None and self.protocol is None and all(
+            getattr(self, a) is None for a in self.ADDRESSES + self.PORTS)
 
 
 Match = Union[

@@ -58,6 +58,8 @@ struct bf_pkt {
 	__u8 ct_create;     /* the TCP state of an entry to create if INPUT accepts */
 	__u8 ct_dir;        /* 1: the packet goes the connection's reply way */
 	__u32 ct_orig[2];   /* the connection's original source and destination */
+	__u16 ct_port[2];   /* and ports (ICMP: the identifier, the query type << 8) */
+	__u8 ct_proto;
 	__u32 gen;          /* the live generation of the maps (0 or 1) */
 	__u8 smac[6], dmac[6];
 };

@@ -275,6 +275,14 @@ static __always_inline void bf_ct_note(struct bf_pkt *p, const struct bf_ct_key 
 {
 	p->ct_orig[0] = orig ? key->addr[1] : key->addr[0];
 	p->ct_orig[1] = orig ? key->addr[0] : key->addr[1];
+	p->ct_proto = key->proto;
+	if (key->proto == IPPROTO_ICMP) {
+		p->ct_port[0] = key->port[0];
+		p->ct_port[1] = key->port[1] << 8;
+	} else {
+		p->ct_port[0] = orig ? key->port[1] : key->port[0];
+		p->ct_port[1] = orig ? key->port[0] : key->port[1];
+	}
 	p->ct_dir = dir;
 }
 

@@ -35,6 +35,8 @@ def test_conntrack_options_print_as_iptables_save_does():
 -A INPUT -m conntrack --ctdir ORIGINAL -j DROP
 -A INPUT -m conntrack ! --ctorigsrc 192.0.2.0/24 -j DROP
 -A INPUT -p tcp -m state ! --state INVALID -j ACCEPT
+-A INPUT -m conntrack --ctproto 6 ! --ctorigsrcport 1024:2000 --ctorigdstport 22 --ctreplsrcport 22 --ctrepldstport 80:81 -j ACCEPT
+-A INPUT -m conntrack --ctstate NEW ! --ctproto 17 -j ACCEPT
 COMMIT
 """
     given = text.replace("--ctstate NEW,RELATED --ctorigsrc 10.0.0.1",

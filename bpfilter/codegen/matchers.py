@@ -155,7 +155,9 @@ CT_BITS = {"INVALID": 1, "NEW": 2, "RELATED": 4, "ESTABLISHED": 8, "UNTRACKED": 
 
 
 _CT_TUPLE = {"origsrc": "p->ct_orig[0]", "origdst": "p->ct_orig[1]",
-             "replsrc": "p->ct_orig[1]", "repldst": "p->ct_orig[0]"}  # no NAT: swapped
+             "replsrc": "p->ct_orig[1]", "repldst": "p->ct_orig[0]",  # no NAT: swapped
+             "origsrcport": "p->ct_port[0]", "origdstport": "p->ct_port[1]",
+             "replsrcport": "p->ct_port[1]", "repldstport": "p->ct_port[0]"}
 
 
 def _conntrack(m: ir.ConntrackMatch, ctx: MatchContext) -> list[str]:
@@ -171,6 +173,9 @@ def _conntrack(m: ir.ConntrackMatch, ctx: MatchContext) -> list[str]:
     others = []
     if m.direction is not None:
         others.append(f"p->ct_dir == {int(m.direction == 'REPLY')}")
+    if m.protocol is not None:
+        test = f"p->ct_proto == {m.protocol.protocol}"
+        others.append(f"!({test})" if m.protocol.negate else f"({test})")
     for name in ir.ConntrackMatch.ADDRESSES:
         address = getattr(m, name)
         if address is not None:
@@ -178,6 +183,11 @@ def _conntrack(m: ir.ConntrackMatch, ctx: MatchContext) -> list[str]:
             mask = int(net.netmask)
             test = f"({_CT_TUPLE[name]} & 0x{mask:08x}) == 0x{int(net.network_address):08x}"
             others.append(f"!({test})" if address.negate else f"({test})")
+    for name in ir.ConntrackMatch.PORTS:
+        spec = getattr(m, name)
+        if spec is not None:
+            test = _in_range(_CT_TUPLE[name], spec.ports)
+            others.append(f"!({test})" if spec.negate else f"({test})")
     has_connection = f"!(p->ct_state & {CT_BITS['INVALID']})"
     if m.states:
         return lines + [ctx.require(f"!{has_connection} || ({' && '.join(others)})")]

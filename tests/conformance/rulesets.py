@@ -46,6 +46,11 @@ def _conntrack(draw, negate: bool) -> ir.ConntrackMatch:
             addresses[name] = ir.ConntrackAddress(
                 ipaddress.IPv4Network(draw(st.sampled_from(NETS + DST_NETS))),
                 draw(st.booleans()))
+        if draw(st.integers(0, 3)) == 0:
+            addresses["protocol"] = ir.ProtocolMatch(draw(st.sampled_from([TCP, UDP, ICMP])),
+                                                     draw(st.booleans()))
+        if draw(st.integers(0, 2)) == 0:
+            addresses[draw(st.sampled_from(ir.ConntrackMatch.PORTS))] = draw(_ports())
     return ir.ConntrackMatch(tuple(s for s in ir.ConntrackMatch.STATES if s in states),
                              negate and bool(states), module, direction, **addresses)
 

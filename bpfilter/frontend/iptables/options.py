@@ -478,15 +478,35 @@ def _ct_address(key: str):
     return handler
 
 
+def _ct_protocol(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+    arg = reader.argument(tok)
+    text = arg.value.lower()
+    number = names.PROTOCOL_ALIASES.get(text, names.PROTOCOLS.get(text))
+    if number is None:
+        number = _parse_int(reader, arg, text, 0, 255, "protocol number")
+    _once(reader, module, "protocol", tok, ir.ProtocolMatch(number, negate))
+
+
+def _ct_port(key: str):
+    def handler(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+        arg = reader.argument(tok)
+        ports = _parse_port_range(reader, arg, arg.value, "tcp")
+        _once(reader, module, key, tok, ir.PortSpec(ports, negate))
+    return handler
+
+
 def _conntrack(reader: RuleReader, module: _Module) -> ir.ConntrackMatch:
     values = module.values
     if not values:
         raise reader.error(module.token, f"'-m {module.name}' needs an option",
-                           "--ctstate, --ctdir, --ctorigsrc, --ctorigdst, --ctreplsrc, "
-                           "--ctrepldst" if module.name == "conntrack" else "--state")
+                           "--ctstate, --ctproto, --ctdir, --ctorigsrc, --ctorigdst, "
+                           "--ctreplsrc, --ctrepldst and their ports"
+                           if module.name == "conntrack" else "--state")
     states, negate = values.get("states", ((), False))
     return ir.ConntrackMatch(states, negate, module.name, values.get("direction"),
-                             *(values.get(a) for a in ir.ConntrackMatch.ADDRESSES))
+                             *(values.get(a) for a in ir.ConntrackMatch.ADDRESSES),
+                             values.get("protocol"),
+                             *(values.get(p) for p in ir.ConntrackMatch.PORTS))
 
 
 def _limit(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
@@ -531,7 +551,9 @@ _MODULE_OPTIONS: dict[str, dict[str, Callable]] = {
     "mac": {"--mac-source": _mac_source},
     "limit": {"--limit": _limit, "--limit-burst": _limit_burst},
     "conntrack": {"--ctstate": _ct_state, "--ctdir": _ct_direction,
-                  **{f"--ct{a}": _ct_address(a) for a in ir.ConntrackMatch.ADDRESSES}},
+                  "--ctproto": _ct_protocol,
+                  **{f"--ct{a}": _ct_address(a) for a in ir.ConntrackMatch.ADDRESSES},
+                  **{f"--ct{p}": _ct_port(p) for p in ir.ConntrackMatch.PORTS}},
     "state": {"--state": _ct_state},
 }
 

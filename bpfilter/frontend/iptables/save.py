@@ -74,12 +74,18 @@ def _conntrack(m: ir.ConntrackMatch) -> list[str]:
     parts = ["-m conntrack"]
     if m.states:
         parts.append(f"{_neg(m.negate)}--ctstate " + ",".join(m.states))
+    if m.protocol is not None:
+        parts.append(f"{_neg(m.protocol.negate)}--ctproto {m.protocol.protocol}")
     for name in ir.ConntrackMatch.ADDRESSES:
         address = getattr(m, name)
         if address is not None:
             net = address.network
             text = str(net.network_address) if net.prefixlen == 32 else str(net)
             parts.append(f"{_neg(address.negate)}--ct{name} {text}")
+    for name in ir.ConntrackMatch.PORTS:
+        spec = getattr(m, name)
+        if spec is not None:
+            parts.append(f"{_neg(spec.negate)}--ct{name} {_range(spec.ports)}")
     if m.direction:
         parts.append(f"--ctdir {m.direction}")
     return parts

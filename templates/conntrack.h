@@ -325,9 +325,7 @@ static __always_inline __u8 bf_ct_related(void *data, void *end, struct bf_pkt *
 	return BF_CT_RELATED;
 }
 
-/* nf_conntrack_in() for an arriving packet: sets p->ct_state, moves a known connection,
- * and leaves in p->ct_create the TCP state of an entry to create if INPUT accepts. */
-static __always_inline void bf_ct_track(void *data, void *end, struct bf_pkt *p)
+static __always_inline void bf_ct_classify(void *data, void *end, struct bf_pkt *p)
 {
 	struct bf_ct_key key = {};
 	struct bf_ct_entry *e;
@@ -366,17 +364,29 @@ static __always_inline void bf_ct_track(void *data, void *end, struct bf_pkt *p)
 	bf_ct_note(p, &key, from, 0); /* a new connection: this packet's way is the original */
 }
 
+/* nf_conntrack_in() for a packet: sets p->ct_state (and what --ctdir and kin read),
+ * moves a known connection, and leaves in p->ct_create the TCP state of an entry to create
+ * if the packet is let through. Global functions, like the two below: their keys and
+ * entries stay off the stack of the program, which the classifier's walk shares. */
+__noinline int bf_ct_track(struct bf_ctx *ctx, struct bf_pkt *p)
+{
+	if (!p)
+		return 0;
+	bf_ct_classify((void *)(long)ctx->data, (void *)(long)ctx->data_end, p);
+	return 0;
+}
+
 /* __nf_conntrack_confirm(): the packet was let through, remember its new connection. (Not
  * after a REJECT: the kernel's reset or ICMP error carries the connection in the reply
  * direction, and __nf_conntrack_confirm() does not confirm from there.) */
-static __always_inline void bf_ct_confirm(const struct bf_pkt *p, int verdict)
+__noinline int bf_ct_confirm(const struct bf_pkt *p, int verdict)
 {
 	struct bf_ct_key key = {};
 	struct bf_ct_entry e = {};
 	__u8 from;
 
-	if (p->ct_create == sNO || verdict == BF_DROP || verdict == BF_REJECT)
-		return;
+	if (!p || p->ct_create == sNO || verdict == BF_DROP || verdict == BF_REJECT)
+		return 0;
 	bf_ct_key_of(p, &key, &from);
 	e.orig = from;
 	e.tcp = p->ct_create;
@@ -391,6 +401,7 @@ static __always_inline void bf_ct_confirm(const struct bf_pkt *p, int verdict)
 	} else {
 		bpf_map_update_elem(&bf_conntrack, &key, &e, BPF_ANY); /* over an expired one */
 	}
+	return 0;
 }
 
 #endif

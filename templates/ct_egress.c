@@ -21,7 +21,7 @@ int bpfilter_ct_egress(struct __sk_buff *ctx)
 
 	if (bf_parse(ctx, &p) || p.frag_off)
 		return BF_OUT_PASS;
-	bf_ct_track((void *)(long)ctx->data, (void *)(long)ctx->data_end, &p);
+	bf_ct_track(ctx, &p);
 	bf_ct_confirm(&p, BF_ACCEPT);
 	return BF_OUT_PASS;
 }

@@ -37,8 +37,9 @@ from bpfilter.passes.fold import Item, PrefixRun, RuleItem
 # a segment.
 CLASSIFY_MIN = 64
 SEGMENT_MIN = 16
-# Data chains nested deeper than this (jumps inside the classifier) stay code.
-MAX_DEPTH = 8
+# Data chains nested deeper than this (jumps inside the classifier) stay code. The walk's
+# return stack lives on the BPF stack, whose 512 bytes the chains above it share.
+MAX_DEPTH = 4
 
 # The protocols whose header layout a match of each module reads, and how many bytes.
 _L4_NEEDS = {ir.TcpMatch: 20, ir.UdpMatch: 8, ir.IcmpMatch: 8, ir.MultiportMatch: 4}

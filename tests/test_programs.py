@@ -182,7 +182,8 @@ def test_chains_nest_as_deep_as_the_call_stack_allows(kernel, build_root, monkey
                                                       as_data):
     """Seven chains on one path, each long enough to be split into parts, is the deepest
     the BPF call stack takes; classifier walks (three frames) only where they still fit:
-    in the first four."""
+    in the first four. State matches make the entry function's frame its largest, so the
+    512 bytes of stack the frames share are tested at their fullest too."""
     if not as_data:
         monkeypatch.setattr(classify, "CLASSIFY_MIN", 10**9)
     filler = "".join(f"-A {{chain}} -p tcp -m tcp --sport {i + 1} -j ACCEPT\n"
@@ -191,6 +192,7 @@ def test_chains_nest_as_deep_as_the_call_stack_allows(kernel, build_root, monkey
     rules = "".join(filler.format(chain=c) + f"-A {c} -p udp -j {callee}\n"
                     for c, callee in zip(chains, chains[1:]))
     text = ("*filter\n:INPUT DROP [0:0]\n" + "".join(f":{c} - [0:0]\n" for c in chains[1:])
+            + "-A INPUT -m conntrack --ctstate INVALID --ctdir REPLY -j LOG\n"
             + rules + "-A C6 -p udp -m udp --dport 7 -j ACCEPT\nCOMMIT\n")
     name = f"deep-{as_data}"
     with LoadedRuleset(compile_ruleset(text, name, build_root / name)) as loaded:
@@ -199,6 +201,7 @@ def test_chains_nest_as_deep_as_the_call_stack_allows(kernel, build_root, monkey
         assert _run(loaded, Ether() / IP(dst="198.18.0.1") / UDP(dport=7)) == XDP_PASS
         assert _run(loaded, Ether() / IP(dst="198.18.0.1") / UDP(dport=8)) == XDP_DROP
         assert loaded.counters("filter", "C6", 0).packets == 1
+        assert loaded.counters("filter", "INPUT", 0).packets == 0
 
 
 def test_folded_runs_keep_first_match_and_per_rule_counters(kernel, build_root):

@@ -333,8 +333,6 @@ static __always_inline __u16 bf_header_sum(struct iphdr *ip, __u32 hlen, void *e
 	return bf_fold(bf_sum(ip, hlen, end, 30));
 }
 
-/* Parse Ethernet + IPv4 as ip_rcv() checks them; anything the kernel would drop before
- * netfilter (or that is not IPv4) is left to the kernel: returns -1. */
 /* Bytes from the IP header to the end of the packet. An skb (GRO, TSO) may hold more
  * than its linear data, which is all a pointer reaches. */
 static __always_inline __u32 bf_l3_len(struct bf_ctx *ctx, void *ip, void *end)
@@ -346,6 +344,8 @@ static __always_inline __u32 bf_l3_len(struct bf_ctx *ctx, void *ip, void *end)
 #endif
 }
 
+/* Parse Ethernet + IPv4 as ip_rcv() checks them; anything the kernel would drop before
+ * netfilter (or that is not IPv4) is left to the kernel: returns -1. */
 static __always_inline int bf_parse(struct bf_ctx *ctx, struct bf_pkt *p)
 {
 	void *data, *end;

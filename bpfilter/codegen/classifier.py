@@ -7,7 +7,7 @@ import struct
 from dataclasses import dataclass
 
 from bpfilter import ir
-from bpfilter.codegen.matchers import CT_BITS, MatchContext
+from bpfilter.codegen.matchers import MatchContext, ct_mask
 from bpfilter.passes.classify import Classification, Constraint, Entry
 from bpfilter.passes.fold import PrefixRun
 
@@ -170,7 +170,7 @@ def _entry_bytes(entry: Entry, slot: int, run: int, segment_of: dict[str, int],
             checks |= _CHECK["ttl_neg"] if check.negate else 0
             ttl = (_TTL_OPS[check.op], check.value)
         elif isinstance(check, ir.ConntrackMatch):
-            ct = (sum(CT_BITS[s] for s in check.states), int(check.negate))
+            ct = (ct_mask(check.states), int(check.negate))
             ctx.conntrack = True
         elif isinstance(check, ir.LimitMatch):
             checks |= _CHECK["limit"]

@@ -48,12 +48,19 @@ def _in_range(value: str, r: ir.Range, top: int = 65535) -> str:
     return " && ".join(parts) or "1"
 
 
+def _in_network(value: str, network: ir.IPNetwork) -> str:
+    mask = int(network.netmask)
+    net = int(network.network_address)
+    return "1" if mask == 0 else f"({value} & 0x{mask:08x}) == 0x{net:08x}"
+
+
+def _holds(expr: str, negate: bool) -> str:
+    return f"!({expr})" if negate else f"({expr})"
+
+
 def _address(m: ir.AddressMatch, ctx: MatchContext) -> list[str]:
     field_ = "p->saddr" if m.direction == "src" else "p->daddr"
-    mask = int(m.network.netmask)
-    net = int(m.network.network_address)
-    expr = "1" if mask == 0 else f"({field_} & 0x{mask:08x}) == 0x{net:08x}"
-    return [ctx.require(expr, m.negate)]
+    return [ctx.require(_in_network(field_, m.network), m.negate)]
 
 
 def _interface(m: ir.InterfaceMatch, ctx: MatchContext) -> list[str]:
@@ -154,6 +161,10 @@ def _limit(m: ir.LimitMatch, ctx: MatchContext) -> list[str]:
 CT_BITS = {"INVALID": 1, "NEW": 2, "RELATED": 4, "ESTABLISHED": 8, "UNTRACKED": 16}
 
 
+def ct_mask(states: tuple[str, ...]) -> int:
+    return sum(CT_BITS[s] for s in states)
+
+
 _CT_TUPLE = {"origsrc": "p->ct_orig[0]", "origdst": "p->ct_orig[1]",
              "replsrc": "p->ct_orig[1]", "repldst": "p->ct_orig[0]",  # no NAT: swapped
              "origsrcport": "p->ct_port[0]", "origdstport": "p->ct_port[1]",
@@ -166,28 +177,23 @@ def _conntrack(m: ir.ConntrackMatch, ctx: MatchContext) -> list[str]:
     ctx.conntrack = True
     lines = []
     if m.states:
-        mask = sum(CT_BITS[s] for s in m.states)
-        lines.append(ctx.require(f"p->ct_state & {mask}", m.negate))
+        lines.append(ctx.require(f"p->ct_state & {ct_mask(m.states)}", m.negate))
     if m.only_states:
         return lines
     others = []
     if m.direction is not None:
         others.append(f"p->ct_dir == {int(m.direction == 'REPLY')}")
     if m.protocol is not None:
-        test = f"p->ct_proto == {m.protocol.protocol}"
-        others.append(f"!({test})" if m.protocol.negate else f"({test})")
+        others.append(_holds(f"p->ct_proto == {m.protocol.protocol}", m.protocol.negate))
     for name in ir.ConntrackMatch.ADDRESSES:
         address = getattr(m, name)
         if address is not None:
-            net = address.network
-            mask = int(net.netmask)
-            test = f"({_CT_TUPLE[name]} & 0x{mask:08x}) == 0x{int(net.network_address):08x}"
-            others.append(f"!({test})" if address.negate else f"({test})")
+            others.append(_holds(_in_network(_CT_TUPLE[name], address.network),
+                                 address.negate))
     for name in ir.ConntrackMatch.PORTS:
         spec = getattr(m, name)
         if spec is not None:
-            test = _in_range(_CT_TUPLE[name], spec.ports)
-            others.append(f"!({test})" if spec.negate else f"({test})")
+            others.append(_holds(_in_range(_CT_TUPLE[name], spec.ports), spec.negate))
     has_connection = f"!(p->ct_state & {CT_BITS['INVALID']})"
     if m.states:
         return lines + [ctx.require(f"!{has_connection} || ({' && '.join(others)})")]

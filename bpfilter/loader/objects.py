@@ -7,6 +7,7 @@ their file descriptors, unless something else (a pin, an attachment) holds them.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -155,6 +156,11 @@ class Program:
               f"program {self.name}: info")
         return info
 
+    @functools.cached_property
+    def _skb_context(self) -> bool:
+        """TC programs run on an skb; asked once, tests run programs many times."""
+        return self.info().type == BPF_PROG_TYPE_SCHED_CLS
+
     def pin(self, path: str) -> None:
         check(lib().bpf_obj_pin(self.fd, path.encode()), f"pin program {self.name} at {path}")
 
@@ -172,7 +178,7 @@ class Program:
         data_in = ctypes.create_string_buffer(packet, len(packet))
         live = flags != 0
         data_out = None if live else ctypes.create_string_buffer(out_size or len(packet) + 1024)
-        if self.info().type == BPF_PROG_TYPE_SCHED_CLS:
+        if self._skb_context:
             ctx = SkBuff(ingress_ifindex=ingress_ifindex, ifindex=ingress_ifindex)
         else:
             ctx = XdpMd(0, len(packet), 0, ingress_ifindex, 0, 0)

@@ -123,8 +123,8 @@ def _print_summary(result, output: Path) -> None:
 
     compiled_rules = {(t.name, c.name): len(c.rules) for t in result.ruleset.tables
                       for c in t.chains}
-    reached = {(s.stage.table, name): s.stage.hook.value
-               for s in result.stages for name in s.stage.reached}
+    reached = {(s.stage.table, name): ", ".join(h.value for h in hooks)
+               for s in result.stages for name, hooks in s.stage.reached}
     as_data = {chain for s in result.stages for chain, _n in s.stage.classification.data_chains}
     segments = {s.chain for st in result.stages for s in st.stage.classification.segments}
     chains = Table(title=f"{result.parsed.source}: chains", title_justify="left")
@@ -150,7 +150,8 @@ def _print_summary(result, output: Path) -> None:
     for stage in result.stages:
         stats = stage.stats
         programs.add_row(
-            stage.stage.hook.value, stage.program.attach.label, stage.program.name,
+            ", ".join(h.value for h in stage.stage.hooks) or "-", stage.program.attach.label,
+            stage.program.name,
             str(stage.program.source.count("\n")),
             f"{stats.processed_insns:,}" if stats else "-",
             f"{stats.xlated_insns:,}" if stats else "-",
@@ -245,13 +246,14 @@ def status(all_namespaces: bool) -> None:
 
 
 @main.command("conntrack")
-@click.option("-i", "--iface", help="Only this interface's connections.")
+@click.option("-i", "--iface", help="The table the ruleset on this interface reads.")
 @click.option("-F", "--flush", is_flag=True, help="Forget every connection, as conntrack -F.")
 def conntrack_cmd(iface: Optional[str], flush: bool) -> None:
     """The connections bpfilter tracks, like `conntrack -L`: protocol, TCP state, seconds
     left, and the endpoints as the side that opened it sees them ([UNREPLIED] until the
-    other side answered). Interfaces whose ruleset never read the connection state have
-    no table. Also how full the table is, and how many connections its LRU pushed out to
+    other side answered). There is one table per network namespace, as in the kernel,
+    shared by the interfaces whose ruleset reads the connection state; none until one
+    does. Also how full the table is, and how many connections its LRU pushed out to
     make room (none, unless the table is too small for the traffic)."""
     from bpfilter import state, tracker
 
@@ -261,25 +263,26 @@ def conntrack_cmd(iface: Optional[str], flush: bool) -> None:
         err_console.print(f"[red]bpfilter: no connection table on {iface or 'any interface'}"
                           "[/]")
         sys.exit(EXIT_FAILURE)
-    for paths, d in found:
-        if flush:
-            console.print(f"{d.iface}: {tracker.flush(paths)} connection(s) forgotten")
-            continue
-        table = Table(title=f"{d.iface}: connections", title_justify="left")
-        for col in ("proto", "state", "timeout", "src", "dst", "sport", "dport", ""):
-            table.add_column(col, justify="right" if col in ("timeout", "sport", "dport")
-                             else "left")
-        rows = sorted(tracker.connections(paths), key=lambda c: (c.proto, c.src, c.sport))
-        for c in rows:
-            table.add_row(c.proto, c.state, str(c.timeout_s), c.src, c.dst,
-                          f"id {c.sport}" if c.proto == "icmp" else str(c.sport),
-                          f"type {c.dport}" if c.proto == "icmp" else str(c.dport),
-                          "" if c.replied else "[UNREPLIED]")
-        console.print(table)
-        use = tracker.table_use(paths)
-        console.print(f"{len(rows)} connection(s); the table holds {use.entries:,} of "
-                      f"{use.capacity:,} entries (expired ones until reused), "
-                      f"{use.evicted:,} evicted while live")
+    paths = found[0][0]
+    users = ", ".join(d.iface for _p, d in found)
+    if flush:
+        console.print(f"flushed: {tracker.flush(paths)} connection(s) forgotten")
+        return
+    table = Table(title=f"connections (read by rulesets on {users})", title_justify="left")
+    for col in ("proto", "state", "timeout", "src", "dst", "sport", "dport", ""):
+        table.add_column(col, justify="right" if col in ("timeout", "sport", "dport")
+                         else "left")
+    rows = sorted(tracker.connections(paths), key=lambda c: (c.proto, c.src, c.sport))
+    for c in rows:
+        table.add_row(c.proto, c.state, str(c.timeout_s), c.src, c.dst,
+                      f"id {c.sport}" if c.proto == "icmp" else str(c.sport),
+                      f"type {c.dport}" if c.proto == "icmp" else str(c.dport),
+                      "" if c.replied else "[UNREPLIED]")
+    console.print(table)
+    use = tracker.table_use(paths)
+    console.print(f"{len(rows)} connection(s); the table holds {use.entries:,} of "
+                  f"{use.capacity:,} entries (expired ones until reused), "
+                  f"{use.evicted:,} evicted while live")
 
 
 def _deployed(iface: Optional[str]):

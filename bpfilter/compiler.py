@@ -40,7 +40,7 @@ class Compilation:
     timings: dict[str, float] = field(default_factory=dict)
 
     def stage(self, hook: ir.Hook) -> CompiledStage:
-        return next(s for s in self.stages if s.stage.hook is hook)
+        return next(s for s in self.stages if hook in s.stage.hooks)
 
 
 @contextmanager

@@ -177,12 +177,12 @@ class LoadedRuleset:
         """`conntrack`: the connection table's maps (name -> fd) the stages that read the
         state share (else each has its own, as in tests)."""
         self.compilation = compilation
-        self.stages: dict[ir.Hook, LoadedStage] = {}
+        self.stages: dict[str, LoadedStage] = {}  # by program name
         try:
             for compiled in compilation.stages:
                 shared = conntrack if compiled.program.conntrack else None
                 stage = LoadedStage(compiled, Object(compiled.object_path, shared=shared))
-                self.stages[compiled.stage.hook] = stage
+                self.stages[compiled.program.name] = stage
                 stage.fill_interfaces(interfaces)
                 stage.fill_prefixes()
                 stage.fill_local()

@@ -84,9 +84,11 @@ class Paths:
 
     @property
     def conntrack(self) -> Path:
-        """The connection table's maps, shared by every generation and the egress tracker,
-        are pinned here."""
-        return self.pins / "conntrack"
+        """The connection table's maps, pinned here: one table per network namespace, as
+        the kernel's, shared by every interface's programs (a forwarded connection's
+        packets come in on one interface, its answers on another) and their generations.
+        No interface can be named this: names cannot hold a ':'."""
+        return self.pins.parent / ":conntrack"
 
     @property
     def tracker_link(self) -> Path:

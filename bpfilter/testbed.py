@@ -6,6 +6,10 @@ everything else back through the client (100.64.0.2). The client runs a pass-thr
 sends frames from a raw socket. After each frame it sends an ARP request: the server
 handles it after the frame, so its answer says the frame has been dealt with, without
 waiting out a timeout.
+
+With `forward`, the server is also a router: it forwards FAR_NET through its eth1 to a
+third namespace, which owns that range, answers as a host would, and runs the
+pass-through program too.
 """
 
 from __future__ import annotations
@@ -30,21 +34,30 @@ from bpfilter.runner import LoadedRuleset
 SERVER_ADDR, CLIENT_ADDR = "198.18.0.1", "100.64.0.2"
 SERVER_NET = "198.18.0.0/15"
 PASS_ALL = "*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n"
+FAR_NET = "203.0.113.0/24"
+ROUTER_LINK, FAR_LINK = "192.0.2.1", "192.0.2.2"  # the server's eth1, the far end
 # XDP_TX frames are flushed at the end of the server's NAPI poll, possibly after the ARP
-# answer that was handled in the same poll.
+# answer that was handled in the same poll; a forwarded frame's answer comes from the far
+# namespace, which runs after the server.
 _TX_GRACE = 0.005
+_FORWARD_GRACE = 0.02
 
 
 class VethBed:
-    def __init__(self, build_dir: Path, prefix: str = "bpfd", server_xdp: bool = False):
+    def __init__(self, build_dir: Path, prefix: str = "bpfd", server_xdp: bool = False,
+                 forward: bool = False):
         """`server_xdp`: give the server the pass-through program too, for frames sent
         with XDP_TX from the client (veth hands those only to a peer running XDP)."""
         self.namespaces: list[str] = []
+        self.far: Optional[str] = None
+        self._grace = _FORWARD_GRACE if forward else _TX_GRACE
         self._passthrough: Optional[LoadedRuleset] = None
         self._links: list[XdpLink] = []
         self.sock: Optional[socket.socket] = None
         try:
             self._setup(build_dir, prefix, server_xdp)
+            if forward:
+                self._setup_far(prefix)
         except BaseException:
             self.close()
             raise
@@ -80,6 +93,35 @@ class VethBed:
         self._arp = bytes(Ether(src=self.client_mac, dst="ff:ff:ff:ff:ff:ff") / ARP(
             op=1, hwsrc=self.client_mac, psrc=CLIENT_ADDR, pdst=SERVER_ADDR))
 
+    def _setup_far(self, prefix: str) -> None:
+        self.far = self._namespace(f"{prefix}-far")
+        netns.veth("eth1", self.server, "eth0", self.far)
+        srv = lambda *a: netns.run(*a, netns=self.server)  # noqa: E731
+        far = lambda *a: netns.run(*a, netns=self.far)  # noqa: E731
+        srv("ip", "addr", "add", f"{ROUTER_LINK}/30", "dev", "eth1")
+        far("ip", "addr", "add", f"{FAR_LINK}/30", "dev", "eth0")
+        far("ip", "route", "add", "local", FAR_NET, "dev", "lo")
+        far("ip", "route", "add", "default", "via", ROUTER_LINK)
+        srv("ip", "route", "add", FAR_NET, "via", FAR_LINK)
+        # Known neighbours: no ARP exchange delays the first frame either way.
+        _index, far_mac = netns.link_info(self.far, "eth0")
+        _index, router_mac = netns.link_info(self.server, "eth1")
+        srv("ip", "neigh", "replace", FAR_LINK, "lladdr", far_mac, "dev", "eth1",
+            "nud", "permanent")
+        far("ip", "neigh", "replace", ROUTER_LINK, "lladdr", router_mac, "dev", "eth0",
+            "nud", "permanent")
+        netns.sysctl(self.server, "net.ipv4.ip_forward", "1")
+        for key in ("all", "default", "eth0", "eth1"):
+            netns.sysctl(self.server, f"net.ipv4.conf.{key}.rp_filter", "0")
+        for key in ("all", "default", "eth0"):
+            netns.sysctl(self.far, f"net.ipv4.conf.{key}.rp_filter", "0")
+        netns.sysctl(self.far, "net.ipv4.icmp_ratelimit", "0")
+        # The far end gets bpfilter's REJECT replies to its packets as the client does.
+        program = next(iter(self._passthrough.stages.values())).program
+        with netns.entered(self.far):
+            far_index, _mac = netns.link_info(self.far, "eth0")
+            self._links.append(XdpLink.create(far_index, program.fd, XdpMode.NATIVE))
+
     def _namespace(self, prefix: str) -> str:
         name = netns.create(netns.unique_name(prefix))
         self.namespaces.append(name)
@@ -110,13 +152,15 @@ class VethBed:
                 continue
             packet = Ether(data)
             if ARP in packet and packet[ARP].op == 2 and grace_end is None:
-                grace_end = time.monotonic() + _TX_GRACE
+                grace_end = time.monotonic() + self._grace
             elif IP in packet and packet[IP].dst == source:
                 replies.append(packet[IP])
 
-    def snmp(self) -> dict[str, int]:
-        """The server's /proc/net/snmp, as {"Ip:InDelivers": n, "Udp:NoPorts": n, ...}."""
-        with netns.entered(self.server), open("/proc/thread-self/net/snmp") as snmp:
+    def snmp(self, namespace: Optional[str] = None) -> dict[str, int]:
+        """The server's (or another namespace's) /proc/net/snmp, as
+        {"Ip:InDelivers": n, "Udp:NoPorts": n, ...}."""
+        with netns.entered(namespace or self.server), \
+                open("/proc/thread-self/net/snmp") as snmp:
             lines = [line.split() for line in snmp]
         counters = {}
         for header, values in zip(lines[::2], lines[1::2]):
@@ -127,6 +171,10 @@ class VethBed:
     def delivered(self) -> int:
         """IPv4 packets the server's stack delivered locally (IpInDelivers)."""
         return self.snmp()["Ip:InDelivers"]
+
+    def forwarded(self) -> int:
+        """IPv4 packets the far namespace received (0 without one)."""
+        return self.snmp(self.far)["Ip:InReceives"] if self.far else 0
 
     def close(self) -> None:
         if self.sock is not None:

@@ -4,7 +4,10 @@ egress that records the host's own connections in the table the stage programs r
 It does not depend on the ruleset. It runs while the interface's ruleset reads the
 connection state, as the kernel's conntrack hooks do while a rule needs them; the table
 stays pinned through every swap, so flows survive a new ruleset (and, as in the kernel,
-are not followed while a stateless one runs). `detach` removes both.
+are not followed while a stateless one runs). It follows forwarded packets too: a
+forwarded connection's answers may come in where no ruleset tracks them, and a packet
+tracked twice (at the ingress that forwards it, then here) moves no state further.
+`detach` removes the tracker, and the namespace's table with its last interface.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ def ensure_tracker(paths: Paths, ifindex: int, build_dir: Path) -> Callable[[], 
         with Object(path, shared={n: m.fd for n, m in shared.items()}) as obj:
             link = TcLink.create(ifindex, obj.programs[PROGRAM].fd, egress=True)
             try:
+                paths.pins.mkdir(parents=True, exist_ok=True)
                 if new_table:
-                    paths.conntrack.mkdir(parents=True)
+                    paths.conntrack.mkdir()
                     for name in SHARED_MAPS:
                         obj.map(name).pin(str(paths.conntrack / name))
                 link.pin(str(paths.tracker_link))
@@ -76,8 +80,13 @@ def stop_tracker(paths: Paths) -> None:
 
 
 def remove_tracker(paths: Paths) -> None:
+    """Stop following connections here; the namespace's table goes with the last
+    interface bpfilter runs on."""
     stop_tracker(paths)
-    remove_tree(paths.conntrack)
+    others = [d for d in paths.pins.parent.iterdir()
+              if d not in (paths.pins, paths.conntrack)] if paths.pins.parent.exists() else []
+    if not others:
+        remove_tree(paths.conntrack)
 
 
 # struct bf_ct_key and struct bf_ct_entry (templates/conntrack.h); addresses in host order.

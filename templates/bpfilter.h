@@ -36,6 +36,13 @@ enum bf_out { BF_OUT_PASS = XDP_PASS, BF_OUT_DROP = XDP_DROP };
 #endif
 
 enum bf_verdict { BF_CONTINUE = 0, BF_ACCEPT = 1, BF_DROP = 2, BF_REJECT = 3 };
+/* The netfilter hook a packet is in (struct bf_pkt.hook). */
+enum bf_hook { BF_HOOK_NONE = 0, BF_HOOK_INPUT = 1, BF_HOOK_FORWARD = 2 };
+/* bf_ifmatch's bits that name `-i` patterns, and `-o` patterns (set at FORWARD). */
+#ifndef BF_IFBITS_IN
+#define BF_IFBITS_IN (~0ULL)
+#define BF_IFBITS_OUT 0ULL
+#endif
 /* Between the parts of a long chain: fall through to the next part, or apply the
  * built-in chain's policy (its RETURN). Never leave the chain function. */
 enum bf_part_result { BF_NEXT = 4, BF_POLICY = 5 };
@@ -43,7 +50,7 @@ enum bf_part_result { BF_NEXT = 4, BF_POLICY = 5 };
 
 struct bf_pkt {
 	__u64 len;          /* IP total length: what iptables counts as bytes */
-	__u64 ifbits;       /* bit k set: the input interface matches interface pattern k */
+	__u64 ifbits;       /* bit k set: the interface pattern k matches (BF_IFBITS_IN/OUT) */
 	__u32 saddr, daddr; /* host byte order */
 	__u32 ifindex;
 	__u32 l4_len;       /* bytes after the IP header, within tot_len */
@@ -57,6 +64,8 @@ struct bf_pkt {
 	__u8 ct_state;      /* enum bf_ct_state (conntrack.h) */
 	__u8 ct_create;     /* the TCP state of an entry to create if INPUT accepts */
 	__u8 ct_dir;        /* 1: the packet goes the connection's reply way */
+	__u8 hook;          /* enum bf_hook */
+	__u8 ip_df;         /* the IP header's don't-fragment flag */
 	__u32 ct_orig[2];   /* the connection's original source and destination */
 	__u16 ct_port[2];   /* and ports (ICMP: the identifier, the query type << 8) */
 	__u8 ct_proto;
@@ -107,6 +116,13 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } bf_ifmatch SEC(".maps");
+
+static __always_inline __u64 bf_ifbits(__u32 ifindex)
+{
+	__u64 *bits = bpf_map_lookup_elem(&bf_ifmatch, &ifindex);
+
+	return bits ? *bits : 0;
+}
 
 /* Folded rule runs (passes/fold.py): (run, address prefix) -> the counter slot of the one
  * rule of the run whose prefix holds the address. */
@@ -385,6 +401,7 @@ static __always_inline int bf_parse(struct bf_ctx *ctx, struct bf_pkt *p)
 	p->ttl = ip->ttl;
 	p->tos = ip->tos;
 	p->frag_off = bpf_ntohs(ip->frag_off) & 0x1fff;
+	p->ip_df = !!(bpf_ntohs(ip->frag_off) & BF_IP_DF);
 	p->l4_len = tot - hlen;
 	p->l4_off = sizeof(*eth) + hlen;
 
@@ -416,13 +433,75 @@ static __always_inline int bf_parse(struct bf_ctx *ctx, struct bf_pkt *p)
 
 		p->gen = gen ? (*gen & 1) : 0;
 	}
-	if (BF_NIFPATTERNS) {
-		__u32 key = p->ifindex;
-		__u64 *bits = bpf_map_lookup_elem(&bf_ifmatch, &key);
-
-		p->ifbits = bits ? *bits : 0;
-	}
+	if (BF_NIFPATTERNS)
+		p->ifbits = bf_ifbits(p->ifindex) & BF_IFBITS_IN;
 	return 0;
+}
+
+/* Where the kernel routes a packet that is not for this host, as ip_route_input() and
+ * ip_forward() decide before the FORWARD hook: the output interface, or 0 when the packet
+ * never reaches FORWARD (a martian source, forwarding off on the input interface, no
+ * unicast route, TTL spent, too big with DF set: the kernel drops it or answers with an
+ * ICMP error first).
+ * Global, so its lookup's 64 bytes are not on the stack the chains share. */
+__noinline __u32 bf_route(struct bf_ctx *ctx, const struct bf_pkt *p)
+{
+	struct bpf_fib_lookup fib = {};
+	long rc;
+
+	if (!p || p->ttl <= 1)
+		return 0;
+	/* Martian sources (ip_route_input_slow(), fib_validate_source()): this host's own
+	 * addresses, multicast, broadcast, 0/8, 127/8. */
+	if ((p->saddr >> 28) == 0xe || p->saddr == 0xffffffff || (p->saddr >> 24) == 0 ||
+	    (p->saddr >> 24) == 127)
+		return 0;
+	{
+		struct bf_local_key key = { .prefixlen = 32, .addr = bpf_htonl(p->saddr) };
+
+		if (bpf_map_lookup_elem(&bf_local, &key))
+			return 0;
+	}
+	fib.family = 2; /* AF_INET */
+	fib.tos = p->tos;
+	fib.l4_protocol = p->proto;
+	fib.sport = bpf_htons(p->sport);
+	fib.dport = bpf_htons(p->dport);
+	fib.tot_len = p->len;
+	fib.ipv4_src = bpf_htonl(p->saddr);
+	fib.ipv4_dst = bpf_htonl(p->daddr);
+	fib.ifindex = p->ifindex;
+	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && !p->ip_df) {
+		/* Fragmented after the hook: look again with a length that fits, for the
+		 * interface (a failed MTU check does not report it). */
+		fib.tot_len = 20;
+		fib.ipv4_src = bpf_htonl(p->saddr);
+		fib.ipv4_dst = bpf_htonl(p->daddr);
+		fib.ifindex = p->ifindex;
+		rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
+	}
+	return rc == BPF_FIB_LKUP_RET_SUCCESS ? fib.ifindex : 0;
+}
+
+/* The address an ICMP error about this packet comes from: the packet's destination at
+ * INPUT; at FORWARD, as icmp_send() picks for a packet it did not deliver, the source the
+ * route back to the sender prefers. 0 if there is none. Global, as bf_route(). */
+__noinline __u32 bf_error_source(struct bf_ctx *ctx, const struct bf_pkt *p)
+{
+	struct bpf_fib_lookup fib = {};
+
+	if (!p)
+		return 0;
+	if (p->hook != BF_HOOK_FORWARD)
+		return p->daddr;
+	fib.family = 2; /* AF_INET */
+	fib.ipv4_dst = bpf_htonl(p->saddr);
+	fib.ifindex = p->ifindex;
+	if (bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT |
+			   BPF_FIB_LOOKUP_SKIP_NEIGH | BPF_FIB_LOOKUP_SRC))
+		return 0;
+	return bpf_ntohl(fib.ipv4_src);
 }
 
 /* The barrier keeps clang from folding this into 32-bit pointer arithmetic, which the
@@ -482,7 +561,8 @@ static __always_inline struct ethhdr *bf_reply_frame(struct bf_ctx *ctx, __u32 w
 	return data;
 }
 
-static __always_inline void bf_put_iphdr(struct iphdr *ip, const struct bf_pkt *p, __u8 tos,
+static __always_inline void bf_put_iphdr(struct iphdr *ip, const struct bf_pkt *p, __u32 saddr,
+					 __u8 tos,
 					 __u16 tot_len, __u16 frag_off, __u8 proto)
 {
 	ip->version = 4;
@@ -494,7 +574,7 @@ static __always_inline void bf_put_iphdr(struct iphdr *ip, const struct bf_pkt *
 	ip->ttl = BF_TTL;
 	ip->protocol = proto;
 	ip->check = 0;
-	ip->saddr = bpf_htonl(p->daddr);
+	ip->saddr = bpf_htonl(saddr);
 	ip->daddr = bpf_htonl(p->saddr);
 	ip->check = ~bf_fold(bf_sum(ip, sizeof(*ip), (void *)(ip + 1), 10));
 }
@@ -515,7 +595,7 @@ static __always_inline int bf_reject_tcp(struct bf_ctx *ctx, const struct bf_pkt
 	ip = (void *)(eth + 1);
 	th = (void *)(ip + 1);
 	bf_swap_eth(eth, p);
-	bf_put_iphdr(ip, p, 0, sizeof(*ip) + sizeof(*th), BF_IP_DF, IPPROTO_TCP);
+	bf_put_iphdr(ip, p, p->daddr, 0, sizeof(*ip) + sizeof(*th), BF_IP_DF, IPPROTO_TCP);
 	__builtin_memset(th, 0, sizeof(*th));
 	th->source = bpf_htons(p->dport);
 	th->dest = bpf_htons(p->sport);
@@ -569,6 +649,17 @@ __attribute__((noinline)) int bf_l4_checksum_ok(struct bf_ctx *ctx, __u32 shape,
 	}
 	if (len > BF_CSUM_MAX_WORDS * 2)
 		return 1; /* beyond what a bounded loop can sum: assume the NIC checked it */
+	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
+		/* A local sender's packet (a container's, through a veth) whose checksum its
+		 * stack left to the NIC holds the pseudo-header's sum there; the kernel knows it
+		 * as CHECKSUM_PARTIAL and takes it as good. */
+		__u16 *check = l4 + (proto == IPPROTO_TCP ? 16 : 6);
+
+		if ((void *)(check + 1) > end)
+			return 0;
+		if (*check == bf_fold(pseudo))
+			return 1;
+	}
 	sum = bf_sum(l4, len, end, BF_CSUM_MAX_WORDS);
 	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP)
 		sum += pseudo;
@@ -593,6 +684,7 @@ static __always_inline int bf_reject_icmp(struct bf_ctx *ctx, const struct bf_pk
 	struct ethhdr *eth;
 	struct iphdr *ip;
 	struct icmphdr *ic;
+	__u32 saddr;
 
 	if (p->frag_off)
 		return BF_OUT_DROP;
@@ -603,6 +695,18 @@ static __always_inline int bf_reject_icmp(struct bf_ctx *ctx, const struct bf_pk
 	if (!bf_l4_checksum_ok(ctx, p->l4_off | (p->proto << 8) | (p->l4_len << 16),
 			       bf_pseudo_sum(p, p->proto, p->l4_len)))
 		return BF_OUT_DROP;
+	saddr = bf_error_source(ctx, p);
+	if (!saddr)
+		return BF_OUT_DROP;
+	if (p->hook == BF_HOOK_FORWARD) {
+		/* The error quotes the packet as FORWARD saw it: its TTL already decremented. */
+		struct iphdr *orig = (void *)(long)ctx->data + sizeof(struct ethhdr);
+
+		if ((void *)(orig + 1) > (void *)(long)ctx->data_end)
+			return BF_OUT_DROP;
+		orig->ttl--;
+		orig->check = bf_fold((__u64)orig->check + bpf_htons(0x0100));
+	}
 	if (bf_grow_head(ctx, head))
 		return BF_OUT_DROP;
 	eth = bf_reply_frame(ctx, want, sizeof(*eth) + head);
@@ -611,7 +715,7 @@ static __always_inline int bf_reject_icmp(struct bf_ctx *ctx, const struct bf_pk
 	ip = (void *)(eth + 1);
 	ic = (void *)(ip + 1);
 	bf_swap_eth(eth, p);
-	bf_put_iphdr(ip, p, (p->tos & 0x1e) | 0xc0, head + quote, 0, IPPROTO_ICMP);
+	bf_put_iphdr(ip, p, saddr, (p->tos & 0x1e) | 0xc0, head + quote, 0, IPPROTO_ICMP);
 	ic->type = 3;
 	ic->code = code;
 	ic->checksum = 0;

@@ -3,7 +3,9 @@
  * ruleset reads the connection state: XDP never sees what the host sends, and without
  * this the answers to it would not be ESTABLISHED. It tracks as nf_conntrack does at
  * LOCAL_OUT and confirms as at POSTROUTING (OUTPUT is not filtered yet, so everything
- * that leaves was accepted). It never drops; it shares bf_conntrack with the stage. */
+ * that leaves was accepted). Forwarded packets too: their answers may come in on an
+ * interface no ruleset tracks at (bpfilter/tracker.py). It never drops; it shares
+ * bf_conntrack with the stage programs. */
 #define BF_TC 1
 #define BF_CONNTRACK 1
 #define BF_NSLOTS 1

@@ -51,19 +51,21 @@ def _tcp(listen_ns: str, listen_addr: str, connect_ns: str, port: int) -> str:
                 return "talked" if client.recv(5) == b"pong\n" else "garbled"
         except (TimeoutError, socket.timeout):
             return "timed out"
+        except ConnectionRefusedError:
+            return "refused"
         finally:
             client.close()
     finally:
         server.close()
 
 
-def _udp_to_closed_port(ns: str, addr: str) -> str:
+def _udp_to_closed_port(ns: str, addr: str, port: int = 9) -> str:
     """The peer answers with ICMP port unreachable: RELATED to this flow."""
     with netns.entered(ns):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.settimeout(1.0)
-        sock.connect((addr, 9))
+        sock.connect((addr, port))
         sock.send(b"x")
         try:
             sock.recv(10)

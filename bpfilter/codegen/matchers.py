@@ -19,7 +19,6 @@ HOTDROP = "return BF_DROP; /* the kernel's hotdrop: header too short to match */
 class MatchContext:
     """What generators share within one program: the skip label and allocated slots."""
 
-    hook: ir.Hook
     skip: str = ""
     if_patterns: list[ir.InterfaceMatch] = field(default_factory=list)
     limits: list[ir.LimitMatch] = field(default_factory=list)
@@ -64,11 +63,12 @@ def _address(m: ir.AddressMatch, ctx: MatchContext) -> list[str]:
 
 
 def _interface(m: ir.InterfaceMatch, ctx: MatchContext) -> list[str]:
-    if m.direction == "out" and ctx.hook in (ir.Hook.PREROUTING, ir.Hook.INPUT):
-        # There is no output interface yet: the kernel compares against an empty name.
-        return [] if m.matches("") else [f"goto {ctx.skip}; /* -o never matches here */"]
-    bit = ctx.if_pattern(m)
-    return [ctx.require(f"(p->ifbits >> {bit}) & 1", m.negate)]
+    """The output interface's bits are set at FORWARD only (templates/stage.c.j2): at
+    INPUT the kernel compares against an empty name, which only a bare `+` matches."""
+    expr = f"(p->ifbits >> {ctx.if_pattern(m)}) & 1"
+    if m.direction == "out" and ir.InterfaceMatch("out", m.name).matches(""):
+        expr = f"p->hook == BF_HOOK_INPUT || ({expr})"
+    return [ctx.require(expr, m.negate)]
 
 
 def _protocol(m: ir.ProtocolMatch, ctx: MatchContext) -> list[str]:

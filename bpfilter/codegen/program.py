@@ -18,7 +18,7 @@ from bpfilter.codegen.matchers import MatchContext, match_lines
 from bpfilter.codegen.targets import return_lines, target_lines
 from bpfilter.passes.classify import MAX_DEPTH, Segment, entry_rules
 from bpfilter.passes.fold import PrefixRun, RuleItem
-from bpfilter.passes.stages import Stage
+from bpfilter.passes.stages import INGRESS_HOOKS, Stage
 from bpfilter.resources import resource_dir
 
 # The runtime the generated programs include: packet parsing, maps, targets; the classifier.
@@ -59,7 +59,7 @@ class FoldedRun:
 class GeneratedProgram:
     """C source plus what the loader must put in the maps before the program runs."""
 
-    hook: ir.Hook
+    hooks: tuple[ir.Hook, ...]
     name: str  # the BPF function and section name
     source: str
     if_patterns: tuple[ir.InterfaceMatch, ...]
@@ -117,7 +117,7 @@ def _function_name(index: int, chain: str) -> str:
 
 def generate_stage(stage: Stage, nslots: int, source: str,
                    attach: Attach = Attach.XDP) -> GeneratedProgram:
-    ctx = MatchContext(stage.hook)
+    ctx = MatchContext()
     # Folded runs, with their chain's rule slots and where they are (see FoldedRun).
     runs: list[tuple[PrefixRun, tuple[int, ...], str, bool]] = []
     functions = {ref.chain.name: _function_name(i, ref.chain.name)
@@ -168,15 +168,19 @@ def generate_stage(stage: Stage, nslots: int, source: str,
                        "origin": chain.origin and _c_comment(str(chain.origin)),
                        "rules": [] if parted else rules, "parts": parts, "tail": tail})
     tables, sizes = _classifier(stage, runs, functions, ctx)
-    name = f"bpfilter_{stage.hook.value.lower()}"
+    name = "bf_ingress"
     text = _environment().get_template("stage.c.j2").render(
-        source=_c_comment(source), hook=stage.hook.value, table=stage.table,
+        source=_c_comment(source), hooks=", ".join(h.value for h in stage.hooks),
+        table=stage.table,
         tc=attach is Attach.TC, conntrack=ctx.conntrack,
         nslots=capacity(nslots), nlimits=capacity(len(ctx.limits)),
         nifpatterns=len(ctx.if_patterns), chains=chains,
         nprefixes=capacity(sum(len(r.prefixes) for r, *_ in runs if r.uniform_length is None)),
         nexact=capacity(sum(len(r.prefixes) for r, *_ in runs if r.uniform_length is not None)),
-        entry=functions[stage.entry], program=name, classifier=sizes,
+        entries={h.name.lower(): functions[h.value] if h in stage.hooks else None
+                 for h in INGRESS_HOOKS},
+        ifbits_in=_pattern_bits(ctx, "in"), ifbits_out=_pattern_bits(ctx, "out"),
+        program=name, classifier=sizes,
     )
     prefixes = tuple((number, net, slots[index]) for number, (run, slots, *_) in enumerate(runs)
                      if run.uniform_length is None for net, index in run.prefixes)
@@ -186,9 +190,15 @@ def generate_stage(stage: Stage, nslots: int, source: str,
     folded = tuple(FoldedRun(stage.table, chain, run.indexes[0], run.indexes[-1], number,
                              run.uniform_length, run.direction, data)
                    for number, (run, _slots, chain, data) in enumerate(runs))
-    return GeneratedProgram(stage.hook, name, text, tuple(ctx.if_patterns),
+    return GeneratedProgram(stage.hooks, name, text, tuple(ctx.if_patterns),
                             tuple(ctx.limits), nslots, prefixes, exact, tables, sizes, folded,
                             attach, ctx.conntrack)
+
+
+def _pattern_bits(ctx: MatchContext, direction: str) -> str:
+    """The bits of bf_ifmatch's masks that name patterns of `-i` or of `-o`."""
+    bits = sum(1 << k for k, p in enumerate(ctx.if_patterns) if p.direction == direction)
+    return f"0x{bits:x}ULL"
 
 
 def _entry_origin(segment: Segment) -> ir.Origin:

@@ -21,16 +21,22 @@ class ChainRef:
     items: tuple[ChainItem, ...] = ()  # as code generation takes them (runs, segments)
 
 
+# The hooks one program at an interface's ingress runs: after the routing decision the
+# kernel takes, a packet for this host walks INPUT, one it routes on walks FORWARD.
+INGRESS_HOOKS = (ir.Hook.INPUT, ir.Hook.FORWARD)
+
+
 @dataclass(frozen=True)
 class Stage:
-    """One hook's program: its entry chain and every chain it can reach, callees first."""
+    """One program: the built-in chains of its hooks and every chain they reach, callees
+    first."""
 
-    hook: ir.Hook
+    hooks: tuple[ir.Hook, ...]  # those whose built-in chain the table has
     table: str
-    entry: str
     chains: tuple[ChainRef, ...]
     classification: Classification = Classification()
-    reached: tuple[str, ...] = ()  # every chain a packet can walk in this stage
+    # Every chain a packet can walk in this program, with the hooks it is reached from.
+    reached: tuple[tuple[str, tuple[ir.Hook, ...]], ...] = ()
     # Per classifier segment, the counter slots of its chain's rules.
     segment_slots: tuple[tuple[int, ...], ...] = ()
 
@@ -89,28 +95,33 @@ def _reachable(table: ir.Table, entry: str, folds: Folds | None = None) -> list[
     return order
 
 
-def plan_stages(ruleset: ir.Ruleset, hooks: tuple[ir.Hook, ...], table_name: str = "filter",
-                folds: Folds | None = None,
+def plan_stages(ruleset: ir.Ruleset, hooks: tuple[ir.Hook, ...] = INGRESS_HOOKS,
+                table_name: str = "filter", folds: Folds | None = None,
                 slots: dict[tuple[str, str, int], int] | None = None,
                 classification: Classification = Classification()) -> tuple[Stage, ...]:
+    """One program for `hooks` (always, if only to pass everything)."""
     folds = fold_chains(ruleset) if folds is None else folds
     slots = counter_slots(ruleset, folds) if slots is None else slots
     table = ruleset.table(table_name)
     if table is None:
         table = ir.Table(table_name, ())
-    stages = []
-    for hook in hooks:
-        if table.chain(hook.value) is None:
-            continue
-        refs = []
+    present = tuple(h for h in hooks if table.chain(h.value) is not None)
+    names: list[str] = []
+    reached: dict[str, tuple[ir.Hook, ...]] = {}
+    for hook in present:
         for name in _reachable(table, hook.value, folds):
-            chain = table.chain(name)
-            rule_slots = tuple(slots[(table.name, name, i)] for i in range(len(chain.rules)))
-            refs.append(ChainRef(chain, rule_slots, slots.get((table.name, name, -1), -1),
-                                 folds[(table.name, name)]))
-        segment_slots = tuple(
-            tuple(slots[(*s.chain, i)] for i in range(len(table.chain(s.chain[1]).rules)))
-            for s in classification.segments)
-        stages.append(Stage(hook, table.name, hook.value, tuple(refs), classification,
-                            tuple(_reachable(table, hook.value)), segment_slots))
-    return tuple(stages)
+            if name not in names:
+                names.append(name)
+        for name in _reachable(table, hook.value):
+            reached[name] = reached.get(name, ()) + (hook,)
+    refs = []
+    for name in names:
+        chain = table.chain(name)
+        rule_slots = tuple(slots[(table.name, name, i)] for i in range(len(chain.rules)))
+        refs.append(ChainRef(chain, rule_slots, slots.get((table.name, name, -1), -1),
+                             folds[(table.name, name)]))
+    segment_slots = tuple(
+        tuple(slots[(*s.chain, i)] for i in range(len(table.chain(s.chain[1]).rules)))
+        for s in classification.segments)
+    return (Stage(present, table.name, tuple(refs), classification, tuple(reached.items()),
+                  segment_slots),)

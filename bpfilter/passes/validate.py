@@ -7,10 +7,11 @@ from typing import Callable, Optional
 from bpfilter import ir
 from bpfilter.errors import InputError
 from bpfilter.passes.calls import CHAIN_LEVEL_MAX, MAX_FRAMES, chain_levels
+from bpfilter.passes.stages import INGRESS_HOOKS
 
 # What the compiler places today; other hooks and tables come with their issues.
 COMPILED_TABLES = ("filter",)
-COMPILED_HOOKS = (ir.Hook.INPUT,)
+COMPILED_HOOKS = INGRESS_HOOKS
 
 
 def _error_at(origin: Optional[ir.Origin], token: str, why: str,
@@ -62,8 +63,7 @@ def _unsupported_rule(table: ir.Table, chain: ir.Chain, rule: ir.Rule) -> Option
                          "rules in the filter table")
     if chain.builtin and ir.Hook(chain.name) not in COMPILED_HOOKS:
         return _error_at(rule.origin, chain.name,
-                         f"the {chain.name} chain is not compiled yet (stages come with "
-                         "connection tracking)",
+                         f"the {chain.name} chain is not compiled yet",
                          " ".join(h.value for h in COMPILED_HOOKS))
     return None
 

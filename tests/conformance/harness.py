@@ -7,6 +7,7 @@ stack's own answers to accepted frames)."""
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from bpfilter.testbed import VethBed
 class Outcome:
     delivered: bool
     replies: tuple[str, ...]
+    forwarded: bool = False  # the far namespace received it (beds that forward)
 
 
 def _kind(reply: IP) -> str:
@@ -40,18 +42,36 @@ def _kind(reply: IP) -> str:
 def observe(bed: VethBed, frame: Ether) -> Outcome:
     frame = frame.copy()
     frame.dst = bed.server_mac
-    before = bed.delivered()
+    before, passed = bed.delivered(), _forwarded(bed)
     replies = bed.send(bytes(frame))
-    return Outcome(bed.delivered() > before, tuple(sorted(_kind(r) for r in replies)))
+    return Outcome(bed.delivered() > before, tuple(sorted(_kind(r) for r in replies)),
+                   _forwarded(bed) > passed)
+
+
+def _forwarded(bed: VethBed) -> int:
+    """The far namespace's count once it stops moving: the far end handles a forwarded
+    frame after the router, possibly after the router's ARP answer."""
+    if bed.far is None:
+        return 0
+    value = bed.forwarded()
+    while True:
+        time.sleep(0.005)
+        again = bed.forwarded()
+        if again == value:
+            return value
+        value = again
 
 
 class MirrorPair:
-    def __init__(self, build_dir: Path, attach: Attach = Attach.XDP):
+    def __init__(self, build_dir: Path, attach: Attach = Attach.XDP, forward: bool = False):
+        """`forward`: the servers route on to a far namespace (bpfilter then runs on both
+        of its interfaces: FORWARD holds for packets coming in on either)."""
         self.build_dir = build_dir
         self.attach = attach
-        self.kernel = VethBed(build_dir / "kernel-bed", prefix="bpfc")
+        self.ifaces = ("eth0", "eth1") if forward else ("eth0",)
+        self.kernel = VethBed(build_dir / "kernel-bed", prefix="bpfc", forward=forward)
         try:
-            self.bpf = VethBed(build_dir / "bpf-bed", prefix="bpfc")
+            self.bpf = VethBed(build_dir / "bpf-bed", prefix="bpfc", forward=forward)
         except BaseException:
             self.kernel.close()
             raise
@@ -76,8 +96,9 @@ class MirrorPair:
         # kernel that does not mark out-of-window segments INVALID either.
         netns.sysctl(self.kernel.server, "net.netfilter.nf_conntrack_tcp_be_liberal", "1")
         with netns.entered(self.bpf.server):
-            deploy.apply(text, "<conformance>", "eth0", self.build_dir / "rules",
-                         attach=self.attach)
+            for iface in self.ifaces:
+                deploy.apply(text, "<conformance>", iface, self.build_dir / "rules",
+                             attach=self.attach)
         self.loads += 1
 
     def compare(self, frame: Ether, kinds: set[str]) -> tuple[Outcome, Outcome]:
@@ -103,9 +124,10 @@ class MirrorPair:
 
     def close(self) -> None:
         with netns.entered(self.bpf.server):
-            try:
-                deploy.detach("eth0")
-            except Exception:  # nothing was applied
-                pass
+            for iface in self.ifaces:
+                try:
+                    deploy.detach(iface)
+                except Exception:  # nothing was applied
+                    pass
         self.kernel.close()
         self.bpf.close()

@@ -19,6 +19,7 @@ DST_NETS = ["198.18.0.0/16", "198.18.0.1/32", "198.19.0.0/16"]
 PORTS = [0, 1, 22, 53, 80, 443, 1024, 8080, 65535]
 MACS = [b"\x02\x00\x00\x00\x00\x66", b"\x02\x00\x00\x00\x00\x01"]
 IFACES = ["eth0", "eth+", "lan0", "wan+", "+"]
+OUT_IFACES = ["eth1", "eth0", "eth+", "lan0", "+"]
 TCP, UDP, ICMP = 6, 17, 1
 
 
@@ -56,7 +57,8 @@ def _conntrack(draw, negate: bool) -> ir.ConntrackMatch:
 
 
 @st.composite
-def _matches(draw) -> tuple[ir.Match, ...]:
+def _matches(draw, routed: bool = False) -> tuple[ir.Match, ...]:
+    """`routed`: the rule is in a chain FORWARD reaches, where `-o` means something."""
     found: list[ir.Match] = []
     proto = draw(st.sampled_from([None, TCP, TCP, UDP, UDP, ICMP, 47]))
     proto_negated = proto is not None and draw(st.integers(0, 5)) == 0
@@ -68,6 +70,9 @@ def _matches(draw) -> tuple[ir.Match, ...]:
             draw(st.sampled_from(DST_NETS))), draw(st.booleans())))
     if draw(st.integers(0, 3)) == 0:
         found.append(ir.InterfaceMatch("in", draw(st.sampled_from(IFACES)),
+                                       draw(st.booleans())))
+    if routed and draw(st.integers(0, 2)) == 0:
+        found.append(ir.InterfaceMatch("out", draw(st.sampled_from(OUT_IFACES)),
                                        draw(st.booleans())))
     if proto is not None:
         found.append(ir.ProtocolMatch(proto, proto_negated))
@@ -146,25 +151,27 @@ def _target(draw, matches, callees: list[str], builtin: bool):
 
 
 @st.composite
-def rulesets(draw, most: int = 10) -> ir.Ruleset:
-    """INPUT with 1 to `most` rules, and up to two user chains of up to `most` / 2."""
+def rulesets(draw, most: int = 10, hook: str = "INPUT") -> ir.Ruleset:
+    """INPUT (or FORWARD) with 1 to `most` rules, and up to two user chains of up to
+    `most` / 2; the other built-in chains empty."""
+    routed = hook == "FORWARD"
     origin = ir.Origin("<generated>", 0)
     names = [f"U{i}" for i in range(draw(st.integers(0, 2)))]
     chains = []
     for position, name in enumerate(names):  # U0 may call U1, never the reverse: no loops
         rules = []
         for _ in range(draw(st.integers(1, max(1, most // 2)))):
-            matches = draw(_matches())
+            matches = draw(_matches(routed))
             rules.append(ir.Rule(matches, draw(_target(matches, names[position + 1:], False)),
                                  origin))
         chains.append(ir.Chain(name, tuple(rules)))
     rules = []
     for _ in range(draw(st.integers(1, most))):
-        matches = draw(_matches())
+        matches = draw(_matches(routed))
         rules.append(ir.Rule(matches, draw(_target(matches, names, True)), origin))
-    builtins = [ir.Chain("INPUT", tuple(rules), draw(st.sampled_from(list(ir.Verdict)))),
-                ir.Chain("FORWARD", (), ir.Verdict.ACCEPT),
-                ir.Chain("OUTPUT", (), ir.Verdict.ACCEPT)]
+    filled = ir.Chain(hook, tuple(rules), draw(st.sampled_from(list(ir.Verdict))))
+    builtins = [filled if name == hook else ir.Chain(name, (), ir.Verdict.ACCEPT)
+                for name in ("INPUT", "FORWARD", "OUTPUT")]
     return ir.Ruleset(ir.Family.IPV4, (ir.Table("filter", tuple(builtins + chains)),))
 
 

@@ -198,7 +198,8 @@ def _load_and_switch(req: _Request, compilation: Compilation, attach: Attach,
             deployment = state.Deployment(
                 iface=req.iface, ifindex=req.ifindex, netns=paths.netns, mode=used_mode,
                 generation=generation, program=compilation.stages[0].program.name,
-                prog_id=program.info().id, hook=",".join(h.value for h in stage.compiled.stage.hooks),
+                prog_id=program.info().id,
+                hook=",".join(h.value for h in stage.compiled.stage.hooks),
                 code_digest=_digest(compilation), **req.described(compilation))
             state.write(paths, deployment, req.text)
         except BaseException:

@@ -43,6 +43,14 @@ _TX_GRACE = 0.005
 _FORWARD_GRACE = 0.02
 
 
+def _answer_everyone(namespace: str, ifname: str) -> None:
+    """Deterministic answers: no reverse-path filter (the tests send from any source) and
+    no per-destination ICMP rate limit."""
+    for key in ("all", "default", ifname):
+        netns.sysctl(namespace, f"net.ipv4.conf.{key}.rp_filter", "0")
+    netns.sysctl(namespace, "net.ipv4.icmp_ratelimit", "0")
+
+
 class VethBed:
     def __init__(self, build_dir: Path, prefix: str = "bpfd", server_xdp: bool = False,
                  forward: bool = False):
@@ -72,22 +80,15 @@ class VethBed:
         netns.run("ip", "addr", "add", f"{CLIENT_ADDR}/24", "dev", "eth0", netns=self.client)
         srv("ip", "route", "add", CLIENT_ADDR, "dev", "eth0")
         srv("ip", "route", "add", "default", "via", CLIENT_ADDR)
-        for key in ("all", "default", "eth0"):
-            netns.sysctl(self.server, f"net.ipv4.conf.{key}.rp_filter", "0")
-        # Deterministic replies: no per-destination ICMP rate limit on the server.
-        netns.sysctl(self.server, "net.ipv4.icmp_ratelimit", "0")
+        _answer_everyone(self.server, "eth0")
         self.server_index, self.server_mac = netns.link_info(self.server, "eth0")
-        client_index, self.client_mac = netns.link_info(self.client, "eth0")
+        self.client_index, self.client_mac = netns.link_info(self.client, "eth0")
         self._passthrough = LoadedRuleset(compile_ruleset(
             PASS_ALL, "<pass-through>", build_dir / "pass-through", verify=False))
-        program = next(iter(self._passthrough.stages.values())).program
         if server_xdp:
-            with netns.entered(self.server):
-                self._links.append(XdpLink.create(self.server_index, program.fd,
-                                                  XdpMode.NATIVE))
+            self._pass_through(self.server, "eth0")
+        self._pass_through(self.client, "eth0")
         with netns.entered(self.client):
-            self.client_index = client_index
-            self._links.append(XdpLink.create(client_index, program.fd, XdpMode.NATIVE))
             self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
             self.sock.bind(("eth0", 0))
         self._arp = bytes(Ether(src=self.client_mac, dst="ff:ff:ff:ff:ff:ff") / ARP(
@@ -111,16 +112,18 @@ class VethBed:
         far("ip", "neigh", "replace", ROUTER_LINK, "lladdr", router_mac, "dev", "eth0",
             "nud", "permanent")
         netns.sysctl(self.server, "net.ipv4.ip_forward", "1")
-        for key in ("all", "default", "eth0", "eth1"):
-            netns.sysctl(self.server, f"net.ipv4.conf.{key}.rp_filter", "0")
-        for key in ("all", "default", "eth0"):
-            netns.sysctl(self.far, f"net.ipv4.conf.{key}.rp_filter", "0")
-        netns.sysctl(self.far, "net.ipv4.icmp_ratelimit", "0")
+        netns.sysctl(self.server, "net.ipv4.conf.eth1.rp_filter", "0")
+        _answer_everyone(self.far, "eth0")
         # The far end gets bpfilter's REJECT replies to its packets as the client does.
+        self._pass_through(self.far, "eth0")
+
+    def _pass_through(self, namespace: str, ifname: str) -> None:
+        """The pass-through program on an interface: veth hands XDP_TX frames only to a
+        peer that runs XDP."""
         program = next(iter(self._passthrough.stages.values())).program
-        with netns.entered(self.far):
-            far_index, _mac = netns.link_info(self.far, "eth0")
-            self._links.append(XdpLink.create(far_index, program.fd, XdpMode.NATIVE))
+        index, _mac = netns.link_info(namespace, ifname)
+        with netns.entered(namespace):
+            self._links.append(XdpLink.create(index, program.fd, XdpMode.NATIVE))
 
     def _namespace(self, prefix: str) -> str:
         name = netns.create(netns.unique_name(prefix))

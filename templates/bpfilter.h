@@ -170,9 +170,16 @@ struct {
 	__type(value, struct bf_local_memo);
 } bf_local_memo SEC(".maps");
 
+/* The local table has a local or broadcast route for `addr` (host order). */
+static __always_inline int bf_local_route(__u32 addr)
+{
+	struct bf_local_key key = { .prefixlen = 32, .addr = bpf_htonl(addr) };
+
+	return bpf_map_lookup_elem(&bf_local, &key) != 0;
+}
+
 static __always_inline int bf_local_destination(const struct bf_pkt *p)
 {
-	struct bf_local_key key = { .prefixlen = 32, .addr = bpf_htonl(p->daddr) };
 	struct bf_local_memo *memo;
 	__u32 zero = 0;
 	int local;
@@ -183,7 +190,7 @@ static __always_inline int bf_local_destination(const struct bf_pkt *p)
 	memo = bpf_map_lookup_elem(&bf_local_memo, &zero);
 	if (memo && memo->answer && memo->addr == p->daddr)
 		return memo->answer == 2;
-	local = bpf_map_lookup_elem(&bf_local, &key) != 0;
+	local = bf_local_route(p->daddr);
 	if (memo) {
 		memo->addr = p->daddr;
 		memo->answer = local ? 2 : 1;
@@ -454,14 +461,8 @@ __noinline __u32 bf_route(struct bf_ctx *ctx, const struct bf_pkt *p)
 	/* Martian sources (ip_route_input_slow(), fib_validate_source()): this host's own
 	 * addresses, multicast, broadcast, 0/8, 127/8. */
 	if ((p->saddr >> 28) == 0xe || p->saddr == 0xffffffff || (p->saddr >> 24) == 0 ||
-	    (p->saddr >> 24) == 127)
+	    (p->saddr >> 24) == 127 || bf_local_route(p->saddr))
 		return 0;
-	{
-		struct bf_local_key key = { .prefixlen = 32, .addr = bpf_htonl(p->saddr) };
-
-		if (bpf_map_lookup_elem(&bf_local, &key))
-			return 0;
-	}
 	fib.family = 2; /* AF_INET */
 	fib.tos = p->tos;
 	fib.l4_protocol = p->proto;

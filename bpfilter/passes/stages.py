@@ -74,7 +74,7 @@ def _reachable(table: ir.Table, entry: str, folds: Folds | None = None) -> list[
     """Chains reachable from `entry`, each after all the chains it calls. With `folds`,
     only those code reaches (a chain entered only from classifier entries needs no code
     of its own)."""
-    order: list[str] = []
+    order: dict[str, None] = {}  # insertion-ordered, with a constant-time `in`
 
     def targets(name: str):
         if folds is None:
@@ -89,10 +89,10 @@ def _reachable(table: ir.Table, entry: str, folds: Folds | None = None) -> list[
         for target in targets(name):
             if isinstance(target, ir.JumpTarget):
                 visit(target.chain)
-        order.append(name)
+        order[name] = None
 
     visit(entry)
-    return order
+    return list(order)
 
 
 def plan_stages(ruleset: ir.Ruleset, hooks: tuple[ir.Hook, ...] = INGRESS_HOOKS,
@@ -106,12 +106,10 @@ def plan_stages(ruleset: ir.Ruleset, hooks: tuple[ir.Hook, ...] = INGRESS_HOOKS,
     if table is None:
         table = ir.Table(table_name, ())
     present = tuple(h for h in hooks if table.chain(h.value) is not None)
-    names: list[str] = []
+    names: dict[str, None] = {}  # ordered: callees first across the hooks too
     reached: dict[str, tuple[ir.Hook, ...]] = {}
     for hook in present:
-        for name in _reachable(table, hook.value, folds):
-            if name not in names:
-                names.append(name)
+        names.update(dict.fromkeys(_reachable(table, hook.value, folds)))
         for name in _reachable(table, hook.value):
             reached[name] = reached.get(name, ()) + (hook,)
     refs = []

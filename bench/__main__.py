@@ -55,7 +55,7 @@ def _ns_per_packet(text: str, build: Path, server: str) -> float:
     frame = b"\x00" * 12 + b"\x08\x00" + frame
     compilation = compile_ruleset(text, "bench", build / "test-run", verify=False)
     with netns.entered(server), LoadedRuleset(compilation) as loaded:
-        program = next(iter(loaded.stages.values())).program
+        program = loaded.program()
         return program.test_run(frame, ingress_ifindex=1, repeat=200_000).duration_ns
 
 

@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from bpfilter.codegen.program import GeneratedProgram, code_digest, runtime_headers
+from bpfilter.codegen.program import code_digest, runtime_headers
 from bpfilter.errors import BuildError
 
 KERNEL_BTF = Path("/sys/kernel/btf/vmlinux")
@@ -69,13 +69,9 @@ def _clang_version() -> bytes:
                           check=True).stdout
 
 
-def build_object(program: GeneratedProgram, out_dir: Path) -> tuple[Path, bool]:
-    """Write `<name>.c` and `<name>.o` into out_dir; returns (object, came from cache)."""
-    return build_source(program.name, program.source, out_dir)
-
-
 def build_source(name: str, source: str, out_dir: Path) -> tuple[Path, bool]:
-    """Build C source that may include the runtime header and vmlinux.h."""
+    """Write `<name>.c` and `<name>.o` into out_dir (the C may include the runtime headers
+    and vmlinux.h); returns (object, came from cache)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     headers = runtime_headers()
     vmlinux = vmlinux_header()

@@ -123,10 +123,12 @@ def _print_summary(result, output: Path) -> None:
 
     compiled_rules = {(t.name, c.name): len(c.rules) for t in result.ruleset.tables
                       for c in t.chains}
-    reached = {(s.stage.table, name): ", ".join(h.value for h in hooks)
-               for s in result.stages for name, hooks in s.stage.reached}
-    as_data = {chain for s in result.stages for chain, _n in s.stage.classification.data_chains}
-    segments = {s.chain for st in result.stages for s in st.stage.classification.segments}
+    reached: dict[tuple[str, str], list[str]] = {}
+    for stage in result.stages:
+        for name, hooks in stage.reached:
+            reached.setdefault((stage.table, name), []).extend(h.value for h in hooks)
+    as_data = {chain for s in result.stages for chain, _n in s.classification.data_chains}
+    segments = {s.chain for st in result.stages for s in st.classification.segments}
     chains = Table(title=f"{result.parsed.source}: chains", title_justify="left")
     for col in ("table", "chain", "policy", "rules read", "rules compiled", "runs at", "as"):
         chains.add_column(col, justify="right" if "rules" in col else "left")
@@ -138,7 +140,7 @@ def _print_summary(result, output: Path) -> None:
                            chain.policy.value if chain.policy else "-",
                            str(len(chain.rules)),
                            str(compiled_rules.get((table.name, chain.name), 0)),
-                           reached.get((table.name, chain.name), "not reached"),
+                           ", ".join(reached.get((table.name, chain.name), ["not reached"])),
                            _compiled_as((table.name, chain.name), as_data, segments)
                            if (table.name, chain.name) in reached else "-")
     console.print(chains)
@@ -147,12 +149,12 @@ def _print_summary(result, output: Path) -> None:
     for col in ("stage", "attach", "program", "C lines", "verified", "insns", "jited"):
         programs.add_column(col, justify="left" if col in ("stage", "attach", "program")
                             else "right")
-    for stage in result.stages:
-        stats = stage.stats
+    for compiled in result.programs:
+        stats, program = compiled.stats, compiled.source
         programs.add_row(
-            ", ".join(h.value for h in stage.stage.hooks) or "-", stage.program.attach.label,
-            stage.program.name,
-            str(stage.program.source.count("\n")),
+            ", ".join(h.value for h in program.hooks) or "-", result.code.where(program),
+            program.name,
+            str(program.source.count("\n")),
             f"{stats.processed_insns:,}" if stats else "-",
             f"{stats.xlated_insns:,}" if stats else "-",
             f"{stats.jited_bytes:,} B" if stats else "-",
@@ -160,7 +162,7 @@ def _print_summary(result, output: Path) -> None:
     console.print(programs)
     console.print("[dim]verified: instructions the verifier processed; insns: program "
                   "size after verification[/]")
-    cached = sum(1 for s in result.stages if s.cached)
+    cached = sum(1 for p in result.programs if p.cached)
     console.print(f"output: {output}/" + (f" ({cached} object(s) from cache)" if cached
                                           else ""))
     phases = "  ".join(f"{name} {seconds * 1000:.0f} ms"
@@ -255,7 +257,7 @@ def conntrack_cmd(iface: Optional[str], flush: bool) -> None:
     shared by the interfaces whose ruleset reads the connection state; none until one
     does. Also how full the table is, and how many connections its LRU pushed out to
     make room (none, unless the table is too small for the traffic)."""
-    from bpfilter import state, tracker
+    from bpfilter import conntable, state
 
     found = [(p, d) for p, d in state.deployments() if iface in (None, d.iface)
              and p.conntrack.exists()]
@@ -264,22 +266,22 @@ def conntrack_cmd(iface: Optional[str], flush: bool) -> None:
                           "[/]")
         sys.exit(EXIT_FAILURE)
     paths = found[0][0]
-    users = ", ".join(d.iface for _p, d in found)
+    users = ", ".join(d.iface for _p, d in found if d.conntrack) or "no ruleset now"
     if flush:
-        console.print(f"flushed: {tracker.flush(paths)} connection(s) forgotten")
+        console.print(f"flushed: {conntable.flush(paths)} connection(s) forgotten")
         return
     table = Table(title=f"connections (read by rulesets on {users})", title_justify="left")
     for col in ("proto", "state", "timeout", "src", "dst", "sport", "dport", ""):
         table.add_column(col, justify="right" if col in ("timeout", "sport", "dport")
                          else "left")
-    rows = sorted(tracker.connections(paths), key=lambda c: (c.proto, c.src, c.sport))
+    rows = sorted(conntable.connections(paths), key=lambda c: (c.proto, c.src, c.sport))
     for c in rows:
         table.add_row(c.proto, c.state, str(c.timeout_s), c.src, c.dst,
                       f"id {c.sport}" if c.proto == "icmp" else str(c.sport),
                       f"type {c.dport}" if c.proto == "icmp" else str(c.dport),
                       "" if c.replied else "[UNREPLIED]")
     console.print(table)
-    use = tracker.table_use(paths)
+    use = conntable.table_use(paths)
     console.print(f"{len(rows)} connection(s); the table holds {use.entries:,} of "
                   f"{use.capacity:,} entries (expired ones until reused), "
                   f"{use.evicted:,} evicted while live")

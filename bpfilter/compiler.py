@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from bpfilter import ir
-from bpfilter.build import build_object
-from bpfilter.codegen import Attach, GeneratedProgram, generate_stage
+from bpfilter.build import build_source
+from bpfilter.codegen import Attach, GeneratedProgram, generate_programs
+from bpfilter.codegen.program import ProgramSource
 from bpfilter.errors import InputError
 from bpfilter.frontend import parse_ruleset
 from bpfilter.loader.objects import Object, VerifierStats
@@ -18,13 +19,11 @@ from bpfilter.passes import Stage, plan_stages, validate
 from bpfilter.passes.classify import classify
 from bpfilter.passes.fold import fold_chains
 from bpfilter.passes.stages import counter_slots
-from bpfilter.passes.validate import COMPILED_HOOKS
 
 
 @dataclass(frozen=True)
-class CompiledStage:
-    stage: Stage
-    program: GeneratedProgram
+class CompiledProgram:
+    source: ProgramSource
     object_path: Optional[Path]  # None with emit="c"
     cached: bool = False
     stats: Optional[VerifierStats] = None
@@ -35,12 +34,11 @@ class Compilation:
     parsed: ir.Ruleset  # as read, for counting what was dropped
     ruleset: ir.Ruleset  # as compiled
     slots: dict[tuple[str, str, int], int]
-    stages: list[CompiledStage] = field(default_factory=list)
+    stages: tuple[Stage, ...] = ()
+    code: Optional[GeneratedProgram] = None
+    programs: list[CompiledProgram] = field(default_factory=list)  # the ingress one first
     skipped: list[InputError] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-
-    def stage(self, hook: ir.Hook) -> CompiledStage:
-        return next(s for s in self.stages if hook in s.stage.hooks)
 
 
 @contextmanager
@@ -72,22 +70,22 @@ def compile_ruleset(text: str, source: str, out_dir: Path, emit: str = "obj",
         ruleset = validate(parsed, skip if on_unsupported is not None else None)
         folds, classification = classify(ruleset, fold_chains(ruleset))
         slots = counter_slots(ruleset, folds)
-        stages = plan_stages(ruleset, COMPILED_HOOKS, folds=folds, slots=slots,
+        stages = plan_stages(ruleset, folds=folds, slots=slots,
                              classification=classification)
-    result = Compilation(parsed, ruleset, slots, skipped=skipped, timings=timings)
-    for stage in stages:
-        with _timed(timings, "codegen"):
-            program = generate_stage(stage, len(slots), source, attach)
+    result = Compilation(parsed, ruleset, slots, stages, skipped=skipped, timings=timings)
+    with _timed(timings, "codegen"):
+        result.code = generate_programs(stages, len(slots), source, attach)
+    for program in result.code.programs:
         if emit == "c":
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / f"{program.name}.c").write_text(program.source)
-            result.stages.append(CompiledStage(stage, program, None))
+            result.programs.append(CompiledProgram(program, None))
             continue
         with _timed(timings, "clang"):
-            path, cached = build_object(program, out_dir)
+            path, cached = build_source(program.name, program.source, out_dir)
         stats = None
         if verify:
             with _timed(timings, "load+verify"), Object(path) as obj:
                 stats = obj.programs[program.name].stats()
-        result.stages.append(CompiledStage(stage, program, path, cached, stats))
+        result.programs.append(CompiledProgram(program, path, cached, stats))
     return result

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
+import os
 import socket
 import struct
 import time
@@ -29,7 +30,7 @@ from bpfilter.loader.objects import Map
 from bpfilter.loader.xdp import XdpMode
 from bpfilter.runner import (LoadedRuleset, clear_generation, fill_classifier, fill_folded,
                              generation_maps, interface_bits, slot_counters, stage_maps)
-from bpfilter.tracker import ensure_tracker, open_shared, remove_tracker, stop_tracker
+from bpfilter.conntable import open_shared, pin_table, remove_table
 
 
 @dataclass(frozen=True)
@@ -104,23 +105,14 @@ def apply(text: str, source: str, iface: str, build_dir: Path,
     if previous is not None and previous.code_digest == _digest(compilation):
         progress("same program: rewriting its maps")
         return _update_maps(req, compilation)
-    if not compilation.stages[0].program.conntrack:
-        report = _load_and_switch(req, compilation, attach, mode, None)
-        stop_tracker(paths)  # nothing reads the states now: the kernel stops tracking too
-        return report
-    progress("connection tracking")
-    undo = ensure_tracker(paths, ifindex, build_dir)
+    progress("loading and verifying")
+    shared = open_shared(paths) if compilation.code.conntrack else {}
     try:
-        shared = open_shared(paths)
-        try:
-            return _load_and_switch(req, compilation, attach, mode,
-                                    {name: m.fd for name, m in shared.items()})
-        finally:
-            for table in shared.values():
-                table.close()
-    except BaseException:
-        undo()
-        raise
+        return _load_and_switch(req, compilation, attach, mode,
+                                {name: m.fd for name, m in shared.items()})
+    finally:
+        for table in shared.values():
+            table.close()
 
 
 def _edit(req: _Request) -> Optional[ApplyReport]:
@@ -142,7 +134,7 @@ def _edit(req: _Request) -> Optional[ApplyReport]:
 
 
 def _digest(compilation: Compilation) -> str:
-    return code_digest(compilation.stages[0].program.source)
+    return code_digest(compilation.code.source)
 
 
 def _attach(req: _Request, prog_fd: int, attach: Attach,
@@ -166,25 +158,29 @@ def _attach(req: _Request, prog_fd: int, attach: Attach,
 
 
 def _load_and_switch(req: _Request, compilation: Compilation, attach: Attach,
-                     mode: Optional[XdpMode],
-                     conntrack: Optional[dict[str, int]]) -> ApplyReport:
-    """Load the new program beside the running one, pin it, then switch in one kernel
-    operation: replace the link's program, or attach the interface's first link."""
-    paths, previous = req.paths, req.previous
-    req.progress("loading and verifying")
+                     mode: Optional[XdpMode], conntrack: dict[str, int]) -> ApplyReport:
+    """Load the new programs beside the running ones and pin them, then switch: the
+    egress program first (it can be switched back), then the ingress one in one kernel
+    operation (replace the link's program, or attach the interface's first link)."""
+    paths, previous, code = req.paths, req.previous, compilation.code
     generation = f"g{time.time_ns()}"
     gen_dir = paths.generation(generation)
     link = None
     fallback = None
-    with LoadedRuleset(compilation, conntrack=conntrack) as loaded:
-        (stage,) = loaded.stages.values()
-        program = stage.program
+    with LoadedRuleset(compilation, conntrack=conntrack or None) as loaded:
+        undo_table = pin_table(paths, loaded) if code.conntrack else _nothing
+        undo_egress = _nothing
         try:
             gen_dir.mkdir(parents=True)
-            program.pin(str(gen_dir / "prog"))
-            for name in stage_maps(compilation.stages[0].program):
-                stage.obj.map(name).pin(str(gen_dir / name))
+            for name in loaded.objects:
+                loaded.program(name).pin(str(gen_dir / name))
+            for name in stage_maps(code):
+                loaded.map(name).pin(str(gen_dir / name))
             req.progress("switching")
+            egress = next((p.name for p in code.programs if p.egress), None)
+            if egress is not None:
+                undo_egress = _switch_egress(req, loaded.program(egress).fd)
+            program = loaded.program()
             if previous is not None:
                 link = Link.open_pinned(str(paths.link))
                 running = link.info().prog_id
@@ -195,30 +191,89 @@ def _load_and_switch(req: _Request, compilation: Compilation, attach: Attach,
             else:
                 link, used_mode, switch_ns, fallback = _attach(req, program.fd, attach, mode)
                 link.pin(str(paths.link))
+            undo_egress = _nothing  # the ingress program is live: no way back now
             deployment = state.Deployment(
                 iface=req.iface, ifindex=req.ifindex, netns=paths.netns, mode=used_mode,
-                generation=generation, program=compilation.stages[0].program.name,
-                prog_id=program.info().id,
-                hook=",".join(h.value for h in stage.compiled.stage.hooks),
-                code_digest=_digest(compilation), **req.described(compilation))
+                generation=generation, program=code.name, prog_id=program.info().id,
+                hook=",".join(h.value for p in code.programs for h in p.hooks),
+                code_digest=_digest(compilation),
+                egress_prog_id=loaded.program(egress).info().id if egress else 0,
+                conntrack=code.conntrack,
+                **req.described(compilation))
             state.write(paths, deployment, req.text)
         except BaseException:
+            undo_egress()
             state.remove_tree(gen_dir)
+            undo_table()
             raise
         finally:
             if link is not None:
                 link.close()
+    if egress is None:
+        _detach_pinned(paths.egress_link)  # nothing to do at egress any more
     if previous is not None:
         state.remove_tree(paths.generation(previous.generation))
     return ApplyReport(deployment, previous is not None, switch_ns,
                        time.perf_counter() - req.started, fallback)
 
 
+def _nothing() -> None:
+    pass
+
+
+def _switch_egress(req: _Request, prog_fd: int) -> Callable[[], None]:
+    """Run the program at the interface's TC egress, in place of the one there; returns
+    what switches back."""
+    path = req.paths.egress_link
+    if not path.exists():
+        link = TcLink.create(req.ifindex, prog_fd, egress=True)
+        try:
+            link.pin(str(path))
+        except BaseException:
+            link.detach()
+            raise
+        finally:
+            link.close()
+        return lambda: _detach_pinned(path)
+    link = Link.open_pinned(str(path))
+    try:
+        old = link.program_fd()
+        try:
+            link.replace(prog_fd, link.info().prog_id)
+        except BaseException:
+            os.close(old)
+            raise
+    finally:
+        link.close()
+
+    def back() -> None:
+        try:
+            restore = Link.open_pinned(str(path))
+            try:
+                restore.replace(old, restore.info().prog_id)
+            finally:
+                restore.close()
+        finally:
+            os.close(old)
+    return back
+
+
+def _detach_pinned(path: Path) -> None:
+    if not path.exists():
+        return
+    link = Link.open_pinned(str(path))
+    try:
+        link.detach()
+    finally:
+        link.close()
+    path.unlink()
+
+
 def _update_maps(req: _Request, compilation: Compilation) -> ApplyReport:
     """The running program stays; the other generation of its maps is written, then made
     live by one update of bf_gen, then the old generation is cleared for the next time."""
     previous = req.previous
-    program = compilation.stages[0].program
+    program = compilation.code
     gen_dir = req.paths.generation(previous.generation)
     maps = {name: Map.open_pinned(str(gen_dir / name))
             for name in (*generation_maps(program), "bf_gen", "bf_ifmatch")}
@@ -244,8 +299,7 @@ def _update_maps(req: _Request, compilation: Compilation) -> ApplyReport:
 
 
 def _runs(compilation: Compilation) -> list:
-    return [list(dataclasses.astuple(run)) for stage in compilation.stages
-            for run in stage.program.runs]
+    return [list(dataclasses.astuple(run)) for run in compilation.code.runs]
 
 
 def _rule_count(compilation: Compilation) -> int:
@@ -279,12 +333,9 @@ def detach(iface: str) -> state.Deployment:
     deployment = state.read(paths)
     if deployment is None or not paths.link.exists():
         raise KernelError(f"bpfilter runs nothing on {iface}")
-    link = Link.open_pinned(str(paths.link))
-    try:
-        link.detach()
-    finally:
-        link.close()
-    remove_tracker(paths)
+    _detach_pinned(paths.egress_link)
+    _detach_pinned(paths.link)
+    remove_table(paths)
     state.remove_tree(paths.pins)
     state.remove_tree(paths.meta)
     for parent in (paths.pins.parent, paths.meta.parent):

@@ -9,11 +9,10 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
-from dataclasses import dataclass
 from typing import Optional
 
 from bpfilter import ir
-from bpfilter.compiler import Compilation, CompiledStage
+from bpfilter.compiler import Compilation
 from bpfilter.loader.objects import Map, Object, Program
 
 # The maps a stage program owns: pinned with it, so a running ruleset can be read later.
@@ -21,6 +20,8 @@ CLASSIFIER_MAPS = ("bf_cls_bits", "bf_cls_proto", "bf_cls_sport", "bf_cls_dport"
                    "bf_cls_saddr", "bf_cls_daddr", "bf_cls_entries", "bf_cls_segments")
 STAGE_MAPS = ("bf_counters", "bf_ifmatch", "bf_limits", "bf_log", "bf_prefixes", "bf_exact",
               "bf_local", "bf_gen")
+# The connection table (templates/conntrack.h): one per network namespace.
+CONNTRACK_MAPS = ("bf_conntrack", "bf_ct_created")
 # The maps that hold two generations (see templates/bpfilter.h).
 GENERATION_MAPS = ("bf_counters", "bf_limits", "bf_prefixes", "bf_exact")
 
@@ -135,76 +136,66 @@ def clear_generation(maps: dict[str, Map], gen: int) -> None:
             table.update(struct.pack("<I", index), zero)
 
 
-@dataclass
-class LoadedStage:
-    compiled: CompiledStage
-    obj: Object
-
-    @property
-    def program(self) -> Program:
-        return self.obj.programs[self.compiled.program.name]
-
-    def fill_interfaces(self, interfaces: Optional[list[tuple[int, str]]] = None) -> None:
-        ifmatch = self.obj.map("bf_ifmatch")
-        for key in list(ifmatch.keys()):
-            ifmatch.delete(key)
-        for index, mask in interface_bits(self.compiled.program.if_patterns,
-                                          interfaces).items():
-            ifmatch.update(struct.pack("<I", index), struct.pack("<Q", mask))
-
-    def fill_local(self) -> None:
-        local = self.obj.map("bf_local")
-        for address, length in local_destinations():
-            local.update(struct.pack("<I", length) + struct.pack(">I", address), b"\x01")
-
-    def fill_prefixes(self) -> None:
-        fill_folded(self.compiled.program, self.obj.map("bf_prefixes"),
-                    self.obj.map("bf_exact"), gen=0)
-        if self.compiled.program.classifier is not None:
-            fill_classifier(self.compiled.program,
-                            {name: self.obj.map(name) for name in CLASSIFIER_MAPS}, gen=0)
-
-    def counters(self, slot: int) -> ir.Counters:
-        return slot_counters(self.obj.map("bf_counters"), slot)
-
-
 class LoadedRuleset:
-    """Every stage of a compilation loaded (not attached). Close it, or use `with`."""
+    """A compilation's programs loaded (not attached), its maps filled. The first object
+    (the ingress program's) owns the ruleset's maps; the others use them. Close it, or use
+    `with`."""
 
     def __init__(self, compilation: Compilation,
                  interfaces: Optional[list[tuple[int, str]]] = None,
                  conntrack: Optional[dict[str, int]] = None):
-        """`conntrack`: the connection table's maps (name -> fd) the stages that read the
-        state share (else each has its own, as in tests)."""
+        """`conntrack`: the connection table's maps (name -> fd) to use, if the ruleset
+        reads the state (else it has its own, as in tests)."""
         self.compilation = compilation
-        self.stages: dict[str, LoadedStage] = {}  # by program name
+        self.code = compilation.code
+        self.objects: dict[str, Object] = {}  # by program name, the ingress one first
+        shared = dict(conntrack or {}) if self.code.conntrack else {}
         try:
-            for compiled in compilation.stages:
-                shared = conntrack if compiled.program.conntrack else None
-                stage = LoadedStage(compiled, Object(compiled.object_path, shared=shared))
-                self.stages[compiled.program.name] = stage
-                stage.fill_interfaces(interfaces)
-                stage.fill_prefixes()
-                stage.fill_local()
+            for compiled in compilation.programs:
+                obj = Object(compiled.object_path, shared=shared)
+                self.objects[compiled.source.name] = obj
+                if len(self.objects) == 1:
+                    self._fill(interfaces)
+                    shared = {name: obj.map(name).fd for name in self.shared_maps()}
         except BaseException:
             self.close()
             raise
 
+    def shared_maps(self) -> tuple[str, ...]:
+        """Every map the programs share: the ruleset's, and the connection table."""
+        return stage_maps(self.code) + (CONNTRACK_MAPS if self.code.conntrack else ())
+
+    def program(self, name: Optional[str] = None) -> Program:
+        """A program by name; the ingress one by default."""
+        name = name or self.code.name
+        return self.objects[name].programs[name]
+
+    def map(self, name: str) -> Map:
+        return next(iter(self.objects.values())).map(name)
+
+    def _fill(self, interfaces: Optional[list[tuple[int, str]]]) -> None:
+        ifmatch = self.map("bf_ifmatch")
+        for index, mask in interface_bits(self.code.if_patterns, interfaces).items():
+            ifmatch.update(struct.pack("<I", index), struct.pack("<Q", mask))
+        fill_folded(self.code, self.map("bf_prefixes"), self.map("bf_exact"), gen=0)
+        if self.code.classifier is not None:
+            fill_classifier(self.code, {name: self.map(name) for name in CLASSIFIER_MAPS},
+                            gen=0)
+        local = self.map("bf_local")
+        for address, length in local_destinations():
+            local.update(struct.pack("<I", length) + struct.pack(">I", address), b"\x01")
+
     def counters(self, table: str, chain: str, index: int) -> ir.Counters:
-        """Counters of a rule (index -1: the chain policy), summed over stages and CPUs."""
+        """Counters of a rule (index -1: the chain policy), summed over CPUs."""
         slot = self.compilation.slots.get((table, chain, index))
-        total = ir.Counters()
         if slot is None:
-            return total
-        for stage in self.stages.values():
-            c = stage.counters(slot)
-            total = ir.Counters(total.packets + c.packets, total.bytes + c.bytes)
-        return total
+            return ir.Counters()
+        return slot_counters(self.map("bf_counters"), slot)
 
     def close(self) -> None:
-        for stage in self.stages.values():
-            stage.obj.close()
-        self.stages.clear()
+        for obj in reversed(self.objects.values()):
+            obj.close()
+        self.objects.clear()
 
     def __enter__(self) -> "LoadedRuleset":
         return self

@@ -63,6 +63,8 @@ class Deployment:
     # folded runs: [table, chain, first, last, number, length, direction, data]
     # (codegen.program.FoldedRun), for address edits in place
     runs: list = field(default_factory=list)
+    egress_prog_id: int = 0  # the program at TC egress (OUTPUT, tracking), 0 if none
+    conntrack: bool = False  # the ruleset reads the connection table
 
     @property
     def where(self) -> str:
@@ -91,8 +93,9 @@ class Paths:
         return self.pins.parent / ":conntrack"
 
     @property
-    def tracker_link(self) -> Path:
-        return self.pins / "tracker-link"
+    def egress_link(self) -> Path:
+        """The link of the program at TC egress, when the ruleset has one."""
+        return self.pins / "egress-link"
 
     def generation(self, name: str) -> Path:
         return self.pins / name

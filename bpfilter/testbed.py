@@ -120,7 +120,7 @@ class VethBed:
     def _pass_through(self, namespace: str, ifname: str) -> None:
         """The pass-through program on an interface: veth hands XDP_TX frames only to a
         peer that runs XDP."""
-        program = next(iter(self._passthrough.stages.values())).program
+        program = self._passthrough.program()
         index, _mac = netns.link_info(namespace, ifname)
         with netns.entered(namespace):
             self._links.append(XdpLink.create(index, program.fd, XdpMode.NATIVE))

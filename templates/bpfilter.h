@@ -23,9 +23,9 @@
 #define BF_CSUM_MAX_WORDS 1500 /* L4 checksums are verified up to 3000 bytes (the verifier
                                 * allows 8192 jumps in one path) */
 
-/* The same program runs at XDP or at TC (BF_TC): the context, what it returns, and how a
- * reply is sent differ. At TC a reply leaves through the device the packet came in on,
- * as XDP_TX sends it. */
+/* The same program runs at XDP or at TC (BF_TC), at ingress or at TC egress (BF_EGRESS):
+ * the context, what it returns, and how a reply is sent differ. At TC ingress a reply
+ * leaves through the device the packet came in on, as XDP_TX sends it. */
 #ifdef BF_TC
 #define bf_ctx __sk_buff
 enum bf_out { BF_OUT_PASS = 0 /* TC_ACT_OK */, BF_OUT_DROP = 2 /* TC_ACT_SHOT */ };
@@ -37,7 +37,7 @@ enum bf_out { BF_OUT_PASS = XDP_PASS, BF_OUT_DROP = XDP_DROP };
 
 enum bf_verdict { BF_CONTINUE = 0, BF_ACCEPT = 1, BF_DROP = 2, BF_REJECT = 3 };
 /* The netfilter hook a packet is in (struct bf_pkt.hook). */
-enum bf_hook { BF_HOOK_NONE = 0, BF_HOOK_INPUT = 1, BF_HOOK_FORWARD = 2 };
+enum bf_hook { BF_HOOK_NONE = 0, BF_HOOK_INPUT = 1, BF_HOOK_FORWARD = 2, BF_HOOK_OUTPUT = 3 };
 /* bf_ifmatch's bits that name `-i` patterns, and `-o` patterns (set at FORWARD). */
 #ifndef BF_IFBITS_IN
 #define BF_IFBITS_IN (~0ULL)
@@ -487,7 +487,9 @@ __noinline __u32 bf_route(struct bf_ctx *ctx, const struct bf_pkt *p)
 
 /* The address an ICMP error about this packet comes from: the packet's destination at
  * INPUT; at FORWARD, as icmp_send() picks for a packet it did not deliver, the source the
- * route back to the sender prefers. 0 if there is none. Global, as bf_route(). */
+ * route back to the sender prefers. At OUTPUT the destination too: the kernel's own error
+ * comes from the host's address, but it reaches lo already routed; one that comes in
+ * from an own address is a martian. 0 if there is none. Global, as bf_route(). */
 __noinline __u32 bf_error_source(struct bf_ctx *ctx, const struct bf_pkt *p)
 {
 	struct bpf_fib_lookup fib = {};
@@ -526,9 +528,15 @@ static __always_inline int bf_grow_head(struct bf_ctx *ctx, __u32 head)
 #endif
 }
 
+/* At egress the packet came from this host: the reply goes back into it through lo, as
+ * the kernel's REJECT at OUTPUT sends it (INPUT sees it with `-i lo`). */
+#define BF_LOOPBACK_IFINDEX 1
+
 static __always_inline int bf_transmit(struct bf_ctx *ctx)
 {
-#ifdef BF_TC
+#ifdef BF_EGRESS
+	return bpf_redirect(BF_LOOPBACK_IFINDEX, BPF_F_INGRESS);
+#elif defined(BF_TC)
 	return bpf_redirect(ctx->ifindex, 0);
 #else
 	return XDP_TX;
@@ -537,8 +545,14 @@ static __always_inline int bf_transmit(struct bf_ctx *ctx)
 
 static __always_inline void bf_swap_eth(struct ethhdr *eth, const struct bf_pkt *p)
 {
+#ifdef BF_EGRESS
+	/* lo's address, which its frames carry both ways */
+	__builtin_memset(eth->h_dest, 0, 6);
+	__builtin_memset(eth->h_source, 0, 6);
+#else
 	__builtin_memcpy(eth->h_dest, p->smac, 6);
 	__builtin_memcpy(eth->h_source, p->dmac, 6);
+#endif
 	eth->h_proto = bpf_htons(BF_ETH_P_IP);
 }
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet import IP, TCP
 
 from bpfilter import deploy, netns, state
 from bpfilter.cli import main

@@ -45,7 +45,7 @@ def test_mixed_ruleset_is_what_it_says(namespace, tmp_path):
     netns.run("ip", "route", "add", "local", "198.18.0.0/15", "dev", "lo", netns=host)
     compilation = compile_ruleset(RULESETS["mixed"](200), "mixed", tmp_path, verify=False)
     with netns.entered(host), LoadedRuleset(compilation) as loaded:
-        program = next(iter(loaded.stages.values())).program
+        program = loaded.program()
         program.test_run(bytes(Ether() / PACKET), ingress_ifindex=1)
         hits = [key for key in compilation.slots if loaded.counters(*key).packets]
     assert hits == [("filter", "INPUT", len(table.chain("INPUT").rules) - 1)], hits

@@ -68,7 +68,7 @@ class Differential:
         loaded = self.loaded[attach]
         before = _bpf_counters(loaded)
         with netns.entered(self.oracle.k):
-            result = loaded.stages[next(iter(loaded.stages))].program.test_run(
+            result = loaded.program().test_run(
                 raw, ingress_ifindex=ifindex)
         after = _bpf_counters(loaded)
         return result, {k: after[k] - before[k] for k in after if after[k] != before[k]}

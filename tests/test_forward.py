@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from bpfilter import deploy, netns
+from bpfilter import netns
 from bpfilter.codegen import Attach
 from bpfilter.testbed import CLIENT_ADDR, FAR_NET, SERVER_ADDR, VethBed
+from tests import sockets
 from tests.conftest import EXAMPLES
-from tests.test_conntrack import _ping, _tcp, _udp_to_closed_port
 
 ROUTER = (EXAMPLES / "router.v4").read_text()
 FAR_HOST = "203.0.113.7"  # in FAR_NET, which the far namespace owns
@@ -32,24 +32,17 @@ def _scenarios(bed: VethBed) -> dict[str, str]:
     netns.run("ip", "route", "replace", FAR_NET, "via", SERVER_ADDR, "dev", "eth0",
               "onlink", netns=bed.client)
     return {
-        "client to far port 80": _tcp(bed.far, FAR_HOST, bed.client, 80),
-        "client to far port 8080": _tcp(bed.far, FAR_HOST, bed.client, 8080),
-        "far to client port 22": _tcp(bed.client, CLIENT_ADDR, bed.far, 22),
-        "client's DNS to a closed far port": _udp_to_closed_port(bed.client, FAR_HOST, 53),
-        "client's UDP to far port 9": _udp_to_closed_port(bed.client, FAR_HOST, 9),
-        "client pings far": _ping(bed.client, FAR_HOST),
-        "far pings client": _ping(bed.far, CLIENT_ADDR),
+        "client to far port 80": sockets.tcp_exchange(bed.far, FAR_HOST, bed.client, 80),
+        "client to far port 8080": sockets.tcp_exchange(bed.far, FAR_HOST, bed.client, 8080),
+        "far to client port 22": sockets.tcp_exchange(bed.client, CLIENT_ADDR, bed.far, 22),
+        "client's DNS to a closed far port": sockets.udp_to_closed_port(bed.client, FAR_HOST, 53),
+        "client's UDP to far port 9": sockets.udp_to_closed_port(bed.client, FAR_HOST, 9),
+        "client pings far": sockets.ping(bed.client, FAR_HOST),
+        "far pings client": sockets.ping(bed.far, CLIENT_ADDR),
     }
 
 
-@pytest.fixture(scope="module")
-def kernel_outcomes(tmp_path_factory):
-    from tests.conftest import need_kernel
-
-    need_kernel()
-    with VethBed(tmp_path_factory.mktemp("fwd-kernel"), prefix="bpfr", forward=True) as bed:
-        netns.run("iptables-legacy-restore", netns=bed.server, input=ROUTER)
-        return _scenarios(bed)
+kernel_outcomes = sockets.kernel_outcomes_fixture(ROUTER, _scenarios, "bpfr", forward=True)
 
 
 def test_the_kernel_does_what_the_scenarios_expect(kernel_outcomes):
@@ -58,17 +51,6 @@ def test_the_kernel_does_what_the_scenarios_expect(kernel_outcomes):
 
 @pytest.mark.parametrize("attach", list(Attach), ids=[a.value for a in Attach])
 def test_router_agrees_with_the_kernel(kernel, build_root, kernel_outcomes, attach):
-    with VethBed(build_root / f"fwd-{attach.value}", prefix="bpfr", forward=True) as bed:
-        try:
-            with netns.entered(bed.server):
-                for iface in ("eth0", "eth1"):
-                    deploy.apply(ROUTER, "router.v4", iface,
-                                 build_root / f"fwd-{attach.value}", attach=attach)
-            assert _scenarios(bed) == kernel_outcomes
-        finally:
-            with netns.entered(bed.server):
-                for iface in ("eth0", "eth1"):
-                    try:
-                        deploy.detach(iface)
-                    except Exception:  # not applied: the failure is reported above
-                        pass
+    with sockets.bpfilter_bed(build_root / f"fwd-{attach.value}", ROUTER, "router.v4", attach,
+                              "bpfr", forward=True) as (bed, _reports):
+        assert _scenarios(bed) == kernel_outcomes

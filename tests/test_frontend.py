@@ -113,8 +113,8 @@ BAD = {
     "tcp-reset without -p tcp": (
         "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j REJECT --reject-with tcp-reset\nCOMMIT\n",
         3, "needs '-p tcp'"),
-    "stage not built yet": ("*filter\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -j DROP\nCOMMIT\n",
-                            3, "OUTPUT chain is not compiled yet"),
+    "raw table": ("*raw\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j DROP\nCOMMIT\n",
+                  3, "table 'raw' are not supported yet"),
     "nat table": ("*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -j RETURN\nCOMMIT\n",
                   3, "table 'nat' are not supported yet"),
 }
@@ -141,8 +141,9 @@ def test_cli_exits_2_with_position_and_alternatives(tmp_path):
 
 def test_ignore_unsupported_lists_each_skipped_rule(tmp_path, kernel):
     rules = tmp_path / "rules.v4"
-    rules.write_text("*filter\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
-                     "-A INPUT -j ACCEPT\n-A OUTPUT -j DROP\n-A OUTPUT -j ACCEPT\nCOMMIT\n")
+    rules.write_text("*raw\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j DROP\n"
+                     "-A PREROUTING -j ACCEPT\nCOMMIT\n"
+                     "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j ACCEPT\nCOMMIT\n")
     result = CliRunner().invoke(main, ["compile", str(rules), "--ignore-unsupported",
                                        "-o", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output

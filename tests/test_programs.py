@@ -35,7 +35,7 @@ def _load(text: str, build_root, name: str) -> LoadedRuleset:
 
 
 def _run(loaded: LoadedRuleset, frame) -> int:
-    program = next(iter(loaded.stages.values())).program
+    program = loaded.program()
     return program.test_run(bytes(frame), ingress_ifindex=LO).retval
 
 
@@ -79,9 +79,8 @@ def test_limit_is_a_token_bucket(kernel, build_root, as_data):
 def test_log_sends_an_event_and_continues(kernel, build_root, as_data):
     rules = "-A INPUT -p udp -j LOG --log-prefix \"seen \"\n-A INPUT -j DROP\n"
     with _load(rules, build_root, f"log-{as_data}") as loaded:
-        stage = next(iter(loaded.stages.values()))
         assert _run(loaded, _udp(ttl=33)) == XDP_DROP
-        events = stage.obj.map("bf_log").drain_ring()
+        events = loaded.map("bf_log").drain_ring()
     assert len(events) == 1
     _ts, slot, ifindex, saddr, daddr, sport, dport, length, proto, ttl = struct.unpack_from(
         "<QIIIIHHHBB", events[0])
@@ -100,7 +99,7 @@ def test_connection_states_as_code_and_as_data(kernel, build_root, as_data):
     tcp = lambda port, flags: Ether() / IP(src="192.0.2.1", dst="198.18.0.1") / TCP(  # noqa: E731
         sport=4000, dport=port, flags=flags)
     with _load(rules, build_root, f"ct-{as_data}") as loaded:
-        source = next(iter(loaded.stages.values())).compiled.program.source
+        source = loaded.code.programs[0].source
         assert ("bf_classify(p, " in source) == as_data
         assert _run(loaded, tcp(22, "S")) == XDP_PASS  # NEW, accepted: remembered
         assert _run(loaded, tcp(22, "S")) == XDP_PASS  # a retransmission: still NEW
@@ -164,7 +163,7 @@ def test_long_chains_keep_return_and_goto_semantics_across_parts(kernel, build_r
              "COMMIT\n")
     name = f"parts-{as_data}"
     with LoadedRuleset(compile_ruleset(rules, name, build_root / name)) as loaded:
-        source = next(iter(loaded.stages.values())).compiled.program.source
+        source = loaded.code.programs[0].source
         assert ("bf_classify(p, " in source) == as_data
         assert ("_part1" in source) != as_data
         run = lambda port: _run(loaded, Ether() / IP(dst="198.18.0.1") / UDP(dport=port))  # noqa: E731
@@ -196,7 +195,7 @@ def test_chains_nest_as_deep_as_the_call_stack_allows(kernel, build_root, monkey
             + rules + "-A C6 -p udp -m udp --dport 7 -j ACCEPT\nCOMMIT\n")
     name = f"deep-{as_data}"
     with LoadedRuleset(compile_ruleset(text, name, build_root / name)) as loaded:
-        source = next(iter(loaded.stages.values())).compiled.program.source
+        source = loaded.code.programs[0].source
         assert source.count("bf_classify(p, ") == (4 if as_data else 0)
         assert _run(loaded, Ether() / IP(dst="198.18.0.1") / UDP(dport=7)) == XDP_PASS
         assert _run(loaded, Ether() / IP(dst="198.18.0.1") / UDP(dport=8)) == XDP_DROP
@@ -213,7 +212,7 @@ def test_folded_runs_keep_first_match_and_per_rule_counters(kernel, build_root):
              + "-A INPUT -s 10.2.8.1/32 -p udp -j DROP\n"  # mixed lengths: the LPM trie
              + "-A INPUT -p udp -j ACCEPT\n")
     with _load(rules, build_root, "fold") as loaded:
-        source = next(iter(loaded.stages.values())).compiled.program.source
+        source = loaded.code.programs[0].source
         assert source.count("prefixes in one lookup") == 2
         send = lambda src: _run(loaded, Ether() / IP(src=src, dst="198.18.0.1") / UDP())  # noqa: E731
         assert send("10.1.0.7") == XDP_DROP

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from bpfilter import ir
 from bpfilter.codegen.matchers import MatchContext, ct_mask
-from bpfilter.passes.classify import Classification, Constraint, Entry
+from bpfilter.passes.classify import Classification, Entry
 from bpfilter.passes.fold import PrefixRun
 
 ENTRY_FORMAT = struct.Struct("<IIIIQQHHBBBBBBBBBBBB")  # struct bf_entry

@@ -62,12 +62,15 @@ def _address(m: ir.AddressMatch, ctx: MatchContext) -> list[str]:
     return [ctx.require(_in_network(field_, m.network), m.negate)]
 
 
+# Where a packet has no interface of that direction: the kernel compares the pattern
+# with an empty name, which only a bare `+` matches.
+_NO_INTERFACE = {"in": "BF_HOOK_OUTPUT", "out": "BF_HOOK_INPUT"}
+
+
 def _interface(m: ir.InterfaceMatch, ctx: MatchContext) -> list[str]:
-    """The output interface's bits are set at FORWARD only (templates/stage.c.j2): at
-    INPUT the kernel compares against an empty name, which only a bare `+` matches."""
     expr = f"(p->ifbits >> {ctx.if_pattern(m)}) & 1"
-    if m.direction == "out" and ir.InterfaceMatch("out", m.name).matches(""):
-        expr = f"p->hook == BF_HOOK_INPUT || ({expr})"
+    if ir.InterfaceMatch(m.direction, m.name).matches(""):
+        expr = f"p->hook == {_NO_INTERFACE[m.direction]} || ({expr})"
     return [ctx.require(expr, m.negate)]
 
 

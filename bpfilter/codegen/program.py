@@ -18,7 +18,7 @@ from bpfilter.codegen.matchers import MatchContext, match_lines
 from bpfilter.codegen.targets import return_lines, target_lines
 from bpfilter.passes.classify import MAX_DEPTH, Segment, entry_rules
 from bpfilter.passes.fold import PrefixRun, RuleItem
-from bpfilter.passes.stages import INGRESS_HOOKS, Stage
+from bpfilter.passes.stages import EGRESS_HOOKS, INGRESS_HOOKS, ChainRef, Stage
 from bpfilter.resources import resource_dir
 
 # The runtime the generated programs include: packet parsing, maps, targets; the classifier.
@@ -56,12 +56,22 @@ class FoldedRun:
 
 
 @dataclass(frozen=True)
-class GeneratedProgram:
-    """C source plus what the loader must put in the maps before the program runs."""
+class ProgramSource:
+    """One program of a ruleset: where it runs, the hooks it walks, its C."""
 
-    hooks: tuple[ir.Hook, ...]
     name: str  # the BPF function and section name
+    hooks: tuple[ir.Hook, ...]
+    egress: bool  # at TC egress (else at the ingress the ruleset is built for)
     source: str
+
+
+@dataclass(frozen=True)
+class GeneratedProgram:
+    """The C of a ruleset's programs (the ingress one first) plus what the loader must put
+    in the maps before they run. The programs declare the same maps and share them: one
+    counter, limit and folded-run numbering serves both."""
+
+    programs: tuple[ProgramSource, ...]
     if_patterns: tuple[ir.InterfaceMatch, ...]
     limits: tuple[ir.LimitMatch, ...]
     nslots: int
@@ -73,8 +83,20 @@ class GeneratedProgram:
     # Capacities in the C source, which the loader must lay the tables out by.
     classifier_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
     runs: tuple[FoldedRun, ...] = ()
-    attach: Attach = Attach.XDP
+    attach: Attach = Attach.XDP  # of the ingress program
     conntrack: bool = False  # rules read the connection state: bf_conntrack is shared
+
+    @property
+    def name(self) -> str:
+        return self.programs[0].name
+
+    @property
+    def source(self) -> str:
+        """Every program's C, for what depends on all of them (the ruleset's identity)."""
+        return "".join(p.source for p in self.programs)
+
+    def where(self, program: ProgramSource) -> str:
+        return "TC egress" if program.egress else self.attach.label
 
 
 @functools.cache
@@ -115,84 +137,99 @@ def _function_name(index: int, chain: str) -> str:
     return f"bf_chain_{index}_" + re.sub(r"[^A-Za-z0-9_]", "_", chain)[:40]
 
 
-def generate_stage(stage: Stage, nslots: int, source: str,
+INGRESS, EGRESS = "bf_ingress", "bf_egress"
+
+
+def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
                    attach: Attach = Attach.XDP) -> GeneratedProgram:
+    """The ingress stage, then the egress one: each chain's code is made once (one
+    counter slot, one rate-limit bucket, one folded run per rule) and goes into every
+    program that reaches it. An egress program with no hook to run and no connection to
+    follow is left out."""
     ctx = MatchContext()
     # Folded runs, with their chain's rule slots and where they are (see FoldedRun).
     runs: list[tuple[PrefixRun, tuple[int, ...], str, bool]] = []
-    functions = {ref.chain.name: _function_name(i, ref.chain.name)
-                 for i, ref in enumerate(stage.chains)}
-    chains = []
-    for ref in stage.chains:
-        chain = ref.chain
-        parted = len(ref.items) > PART_RULES
-        to_policy = "return BF_POLICY;" if parted else "goto policy;"
-        rules = []
-        for item in ref.items:
-            if isinstance(item, Segment):
-                exit_ = return_lines(chain.builtin, to_policy)
-                lines = ["{", f"\tint v = bf_classify(p, {item.number});", "",
-                         "\tif (v == BF_CONTINUE)", *("\t\t" + x for x in exit_),
-                         "\tif (v != BF_NEXT)", "\t\treturn v;", "}"]
-                title, origin = (f"segment {item.number}: {len(item.entries)} rules as data",
-                                 _entry_origin(item))
-                ctx.skip = f"seg{item.number}"
-            elif isinstance(item, RuleItem):
-                slot = ref.rule_slots[item.index]
-                ctx.skip = f"r{slot}"
-                lines = _rule_lines(item.rule.matches, item.rule.target, str(slot),
-                                    chain.builtin, functions, to_policy, ctx)
-                title, origin = f"rule {slot}", item.rule.origin
-            else:
-                ctx.skip = f"run{len(runs)}"
-                lines = _run_lines(item, len(runs), chain.builtin, functions, to_policy,
-                                   ctx)
-                runs.append((item, ref.rule_slots, chain.name, False))
-                title = f"run {len(runs) - 1}: {len(item.prefixes)} prefixes in one lookup"
-                origin = item.rules[0].origin
-            rules.append({"title": title, "origin": _c_comment(str(origin)),
-                          "lines": lines, "label": ctx.skip})
-        parts = []
-        if parted:
-            for start in range(0, len(rules), PART_RULES):
-                parts.append({"function": f"{functions[chain.name]}_part{len(parts)}",
-                              "rules": rules[start:start + PART_RULES],
-                              "first": start + 1,
-                              "last": min(start + PART_RULES, len(rules))})
-        if chain.builtin:
-            tail = ["policy:", f"bf_count({ref.policy_slot}, p);",
-                    f"return BF_{chain.policy.value};"]
-        else:
-            tail = ["return BF_CONTINUE;"]
-        chains.append({"name": _c_comment(chain.name), "function": functions[chain.name],
-                       "origin": chain.origin and _c_comment(str(chain.origin)),
-                       "rules": [] if parted else rules, "parts": parts, "tail": tail})
-    tables, sizes = _classifier(stage, runs, functions, ctx)
-    name = "bf_ingress"
-    text = _environment().get_template("stage.c.j2").render(
-        source=_c_comment(source), hooks=", ".join(h.value for h in stage.hooks),
-        table=stage.table,
-        tc=attach is Attach.TC, conntrack=ctx.conntrack,
+    refs = {ref.chain.name: ref for stage in stages for ref in stage.chains}
+    functions = {name: _function_name(i, name) for i, name in enumerate(refs)}
+    code = {name: _chain_code(ref, functions, runs, ctx) for name, ref in refs.items()}
+    tables, sizes = _classifier(stages[0], runs, functions, ctx)
+    defines = dict(
+        source=_c_comment(source), tc=attach is Attach.TC, conntrack=ctx.conntrack,
         nslots=capacity(nslots), nlimits=capacity(len(ctx.limits)),
-        nifpatterns=len(ctx.if_patterns), chains=chains,
+        nifpatterns=len(ctx.if_patterns),
         nprefixes=capacity(sum(len(r.prefixes) for r, *_ in runs if r.uniform_length is None)),
         nexact=capacity(sum(len(r.prefixes) for r, *_ in runs if r.uniform_length is not None)),
-        entries={h.name.lower(): functions[h.value] if h in stage.hooks else None
-                 for h in INGRESS_HOOKS},
         ifbits_in=_pattern_bits(ctx, "in"), ifbits_out=_pattern_bits(ctx, "out"),
-        program=name, classifier=sizes,
-    )
+        classifier=sizes)
+    programs = []
+    for stage, (name, egress) in zip(stages, ((INGRESS, False), (EGRESS, True))):
+        if egress and not stage.hooks and not ctx.conntrack:
+            continue
+        text = _environment().get_template("stage.c.j2").render(
+            **defines, program=name, egress=egress, table=stage.table,
+            hooks=", ".join(h.value for h in stage.hooks),
+            chains=[code[ref.chain.name] for ref in stage.chains],
+            entries={h.name.lower(): functions[h.value] if h in stage.hooks else None
+                     for h in (*INGRESS_HOOKS, *EGRESS_HOOKS)})
+        programs.append(ProgramSource(name, stage.hooks, egress, text))
     prefixes = tuple((number, net, slots[index]) for number, (run, slots, *_) in enumerate(runs)
                      if run.uniform_length is None for net, index in run.prefixes)
     exact = tuple((number, int(net.network_address), slots[index])
                   for number, (run, slots, *_) in enumerate(runs)
                   if run.uniform_length is not None for net, index in run.prefixes)
-    folded = tuple(FoldedRun(stage.table, chain, run.indexes[0], run.indexes[-1], number,
+    folded = tuple(FoldedRun(stages[0].table, chain, run.indexes[0], run.indexes[-1], number,
                              run.uniform_length, run.direction, data)
                    for number, (run, _slots, chain, data) in enumerate(runs))
-    return GeneratedProgram(stage.hooks, name, text, tuple(ctx.if_patterns),
-                            tuple(ctx.limits), nslots, prefixes, exact, tables, sizes, folded,
-                            attach, ctx.conntrack)
+    return GeneratedProgram(tuple(programs), tuple(ctx.if_patterns), tuple(ctx.limits),
+                            nslots, prefixes, exact, tables, sizes, folded, attach,
+                            ctx.conntrack)
+
+
+def _chain_code(ref: ChainRef, functions: dict[str, str], runs: list,
+                ctx: MatchContext) -> dict:
+    """What the template renders of one chain: its rules, split into parts if long."""
+    chain = ref.chain
+    parted = len(ref.items) > PART_RULES
+    to_policy = "return BF_POLICY;" if parted else "goto policy;"
+    rules = []
+    for item in ref.items:
+        if isinstance(item, Segment):
+            exit_ = return_lines(chain.builtin, to_policy)
+            lines = ["{", f"\tint v = bf_classify(p, {item.number});", "",
+                     "\tif (v == BF_CONTINUE)", *("\t\t" + x for x in exit_),
+                     "\tif (v != BF_NEXT)", "\t\treturn v;", "}"]
+            title, origin = (f"segment {item.number}: {len(item.entries)} rules as data",
+                             _entry_origin(item))
+            ctx.skip = f"seg{item.number}"
+        elif isinstance(item, RuleItem):
+            slot = ref.rule_slots[item.index]
+            ctx.skip = f"r{slot}"
+            lines = _rule_lines(item.rule.matches, item.rule.target, str(slot),
+                                chain.builtin, functions, to_policy, ctx)
+            title, origin = f"rule {slot}", item.rule.origin
+        else:
+            ctx.skip = f"run{len(runs)}"
+            lines = _run_lines(item, len(runs), chain.builtin, functions, to_policy, ctx)
+            runs.append((item, ref.rule_slots, chain.name, False))
+            title = f"run {len(runs) - 1}: {len(item.prefixes)} prefixes in one lookup"
+            origin = item.rules[0].origin
+        rules.append({"title": title, "origin": _c_comment(str(origin)),
+                      "lines": lines, "label": ctx.skip})
+    parts = []
+    if parted:
+        for start in range(0, len(rules), PART_RULES):
+            parts.append({"function": f"{functions[chain.name]}_part{len(parts)}",
+                          "rules": rules[start:start + PART_RULES],
+                          "first": start + 1,
+                          "last": min(start + PART_RULES, len(rules))})
+    if chain.builtin:
+        tail = ["policy:", f"bf_count({ref.policy_slot}, p);",
+                f"return BF_{chain.policy.value};"]
+    else:
+        tail = ["return BF_CONTINUE;"]
+    return {"name": _c_comment(chain.name), "function": functions[chain.name],
+            "origin": chain.origin and _c_comment(str(chain.origin)),
+            "rules": [] if parted else rules, "parts": parts, "tail": tail}
 
 
 def _pattern_bits(ctx: MatchContext, direction: str) -> str:

@@ -140,7 +140,10 @@ def _entry(item: Union[RuleItem, PrefixRun], data: set[str]) -> Optional[Entry]:
             if not match.negate:
                 protocols.add(match.protocol)
         elif kind is ir.InterfaceMatch:
-            if match.direction != "in" or any(isinstance(c, ir.InterfaceMatch) for c in checks):
+            # `-o` is known only after the routing decision, and a bare `+` also matches
+            # where there is no input interface (OUTPUT): both stay code.
+            if match.direction != "in" or ir.InterfaceMatch("in", match.name).matches("") \
+                    or any(isinstance(c, ir.InterfaceMatch) for c in checks):
                 return None
             checks.append(match)
         elif kind in _L4_NEEDS:

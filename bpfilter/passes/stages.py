@@ -24,6 +24,8 @@ class ChainRef:
 # The hooks one program at an interface's ingress runs: after the routing decision the
 # kernel takes, a packet for this host walks INPUT, one it routes on walks FORWARD.
 INGRESS_HOOKS = (ir.Hook.INPUT, ir.Hook.FORWARD)
+# The hooks the program at its egress runs: only there does a host's own packet show.
+EGRESS_HOOKS = (ir.Hook.OUTPUT,)
 
 
 @dataclass(frozen=True)
@@ -95,17 +97,36 @@ def _reachable(table: ir.Table, entry: str, folds: Folds | None = None) -> list[
     return list(order)
 
 
-def plan_stages(ruleset: ir.Ruleset, hooks: tuple[ir.Hook, ...] = INGRESS_HOOKS,
-                table_name: str = "filter", folds: Folds | None = None,
+def _runs_anything(table: ir.Table, hook: ir.Hook) -> bool:
+    """An empty built-in chain whose policy is ACCEPT changes no packet: no program need
+    run it (only its policy counter then stays at zero)."""
+    chain = table.chain(hook.value)
+    return chain is not None and (bool(chain.rules) or chain.policy is not ir.Verdict.ACCEPT)
+
+
+def plan_stages(ruleset: ir.Ruleset, table_name: str = "filter", folds: Folds | None = None,
                 slots: dict[tuple[str, str, int], int] | None = None,
                 classification: Classification = Classification()) -> tuple[Stage, ...]:
-    """One program for `hooks` (always, if only to pass everything)."""
+    """One program at ingress (always, if only to pass everything) and one at egress
+    (with the egress hooks it must run; code generation drops it if it has nothing to do).
+    They share the counter slots and the classification: one set of maps serves both."""
     folds = fold_chains(ruleset) if folds is None else folds
     slots = counter_slots(ruleset, folds) if slots is None else slots
     table = ruleset.table(table_name)
     if table is None:
         table = ir.Table(table_name, ())
-    present = tuple(h for h in hooks if table.chain(h.value) is not None)
+    segment_slots = tuple(
+        tuple(slots[(*s.chain, i)] for i in range(len(table.chain(s.chain[1]).rules)))
+        for s in classification.segments)
+    ingress = tuple(h for h in INGRESS_HOOKS if table.chain(h.value) is not None)
+    egress = tuple(h for h in EGRESS_HOOKS if _runs_anything(table, h))
+    return tuple(_stage(table, hooks, folds, slots, classification, segment_slots)
+                 for hooks in (ingress, egress))
+
+
+def _stage(table: ir.Table, present: tuple[ir.Hook, ...], folds: Folds,
+           slots: dict[tuple[str, str, int], int], classification: Classification,
+           segment_slots: tuple[tuple[int, ...], ...]) -> Stage:
     names: dict[str, None] = {}  # ordered: callees first across the hooks too
     reached: dict[str, tuple[ir.Hook, ...]] = {}
     for hook in present:
@@ -118,8 +139,5 @@ def plan_stages(ruleset: ir.Ruleset, hooks: tuple[ir.Hook, ...] = INGRESS_HOOKS,
         rule_slots = tuple(slots[(table.name, name, i)] for i in range(len(chain.rules)))
         refs.append(ChainRef(chain, rule_slots, slots.get((table.name, name, -1), -1),
                              folds[(table.name, name)]))
-    segment_slots = tuple(
-        tuple(slots[(*s.chain, i)] for i in range(len(table.chain(s.chain[1]).rules)))
-        for s in classification.segments)
-    return (Stage(present, table.name, tuple(refs), classification, tuple(reached.items()),
-                  segment_slots),)
+    return Stage(present, table.name, tuple(refs), classification, tuple(reached.items()),
+                 segment_slots)

@@ -7,11 +7,10 @@ from typing import Callable, Optional
 from bpfilter import ir
 from bpfilter.errors import InputError
 from bpfilter.passes.calls import CHAIN_LEVEL_MAX, MAX_FRAMES, chain_levels
-from bpfilter.passes.stages import INGRESS_HOOKS
 
-# What the compiler places today; other hooks and tables come with their issues.
+# What the compiler places today (every hook of the filter table); the other tables come
+# with their issues.
 COMPILED_TABLES = ("filter",)
-COMPILED_HOOKS = INGRESS_HOOKS
 
 
 def _error_at(origin: Optional[ir.Origin], token: str, why: str,
@@ -61,10 +60,6 @@ def _unsupported_rule(table: ir.Table, chain: ir.Chain, rule: ir.Rule) -> Option
         return _error_at(rule.origin, f"*{table.name}",
                          f"rules in table '{table.name}' are not supported yet",
                          "rules in the filter table")
-    if chain.builtin and ir.Hook(chain.name) not in COMPILED_HOOKS:
-        return _error_at(rule.origin, chain.name,
-                         f"the {chain.name} chain is not compiled yet",
-                         " ".join(h.value for h in COMPILED_HOOKS))
     return None
 
 

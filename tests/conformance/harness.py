@@ -19,7 +19,7 @@ from scapy.layers.l2 import Ether
 
 from pyroute2 import Conntrack
 
-from bpfilter import deploy, netns, state, tracker
+from bpfilter import conntable, deploy, netns, state
 from bpfilter.codegen import Attach
 from bpfilter.testbed import VethBed
 
@@ -90,7 +90,7 @@ class MirrorPair:
         with netns.entered(self.bpf.server):
             paths = state.Paths("eth0", state.netns_id())
             if paths.conntrack.exists():
-                tracker.flush(paths)
+                conntable.flush(paths)
         netns.run("iptables-legacy-restore", netns=self.kernel.server, input=text)
         # bpfilter does not track TCP windows (templates/conntrack.h): compare it with a
         # kernel that does not mark out-of-window segments INVALID either.

@@ -1,13 +1,11 @@
-"""The egress half of connection tracking: a fixed program (templates/ct_egress.c) at TC
-egress that records the host's own connections in the table the stage programs read.
+"""The connection table: one per network namespace, pinned apart from any ruleset.
 
-It does not depend on the ruleset. It runs while the interface's ruleset reads the
-connection state, as the kernel's conntrack hooks do while a rule needs them; the table
-stays pinned through every swap, so flows survive a new ruleset (and, as in the kernel,
-are not followed while a stateless one runs). It follows forwarded packets too: a
-forwarded connection's answers may come in where no ruleset tracks them, and a packet
-tracked twice (at the ingress that forwards it, then here) moves no state further.
-`detach` removes the tracker, and the namespace's table with its last interface.
+Every program of every interface whose ruleset reads the connection state uses it (a
+forwarded connection's packets come in on one interface, its answers on another): the
+ingress program tracks what comes in, the egress one what the host sends and forwards.
+Pinned on its own, it survives every swap, so flows outlive a ruleset; as the kernel's
+conntrack hooks, nothing follows connections while a stateless ruleset runs. It goes
+with the namespace's last ruleset.
 """
 
 from __future__ import annotations
@@ -17,72 +15,40 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator
 
-from bpfilter.build import build_source
 from bpfilter.loader.libbpf import possible_cpus
-from bpfilter.loader.links import Link, TcLink
-from bpfilter.loader.objects import Map, Object
-from bpfilter.resources import resource_dir
+from bpfilter.loader.objects import Map
+from bpfilter.runner import CONNTRACK_MAPS, LoadedRuleset
 from bpfilter.state import Paths, remove_tree
 
-PROGRAM = "bpfilter_ct_egress"
 TABLE = "bf_conntrack"
-SHARED_MAPS = (TABLE, "bf_ct_created")  # what every program reading the state shares
-
-
-def ensure_tracker(paths: Paths, ifindex: int, build_dir: Path) -> Callable[[], None]:
-    """Attach the tracker, over the pinned table or a new one; returns what undoes this
-    call (the caller's apply may still fail)."""
-    if paths.tracker_link.exists():
-        return lambda: None
-    source = (resource_dir("templates") / "ct_egress.c").read_text()
-    path, _cached = build_source(PROGRAM, source, build_dir / "tracker")
-    new_table = not paths.conntrack.exists()
-    shared = {} if new_table else open_shared(paths)
-    try:
-        with Object(path, shared={n: m.fd for n, m in shared.items()}) as obj:
-            link = TcLink.create(ifindex, obj.programs[PROGRAM].fd, egress=True)
-            try:
-                paths.pins.mkdir(parents=True, exist_ok=True)
-                if new_table:
-                    paths.conntrack.mkdir()
-                    for name in SHARED_MAPS:
-                        obj.map(name).pin(str(paths.conntrack / name))
-                link.pin(str(paths.tracker_link))
-            except BaseException:
-                link.detach()
-                (remove_tracker if new_table else stop_tracker)(paths)
-                raise
-            finally:
-                link.close()
-    finally:
-        for table in shared.values():
-            table.close()
-    return (lambda: remove_tracker(paths)) if new_table else (lambda: stop_tracker(paths))
 
 
 def open_shared(paths: Paths) -> dict[str, Map]:
-    """The pinned maps by name; close them."""
-    return {name: Map.open_pinned(str(paths.conntrack / name)) for name in SHARED_MAPS}
+    """The pinned maps by name (none yet: {}); close them."""
+    if not paths.conntrack.exists():
+        return {}
+    return {name: Map.open_pinned(str(paths.conntrack / name)) for name in CONNTRACK_MAPS}
 
 
-def stop_tracker(paths: Paths) -> None:
-    """Stop following connections; the table stays."""
-    if paths.tracker_link.exists():
-        link = Link.open_pinned(str(paths.tracker_link))
-        try:
-            link.detach()
-        finally:
-            link.close()
-        paths.tracker_link.unlink()
+def pin_table(paths: Paths, loaded: LoadedRuleset) -> Callable[[], None]:
+    """Make a loaded ruleset's connection table the namespace's, if it has none yet;
+    returns what undoes this (the caller's apply may still fail)."""
+    if paths.conntrack.exists():
+        return lambda: None
+    paths.conntrack.mkdir(parents=True)
+    try:
+        for name in CONNTRACK_MAPS:
+            loaded.map(name).pin(str(paths.conntrack / name))
+    except BaseException:
+        remove_tree(paths.conntrack)
+        raise
+    return lambda: remove_table(paths)
 
 
-def remove_tracker(paths: Paths) -> None:
-    """Stop following connections here; the namespace's table goes with the last
-    interface bpfilter runs on."""
-    stop_tracker(paths)
+def remove_table(paths: Paths) -> None:
+    """The namespace's table goes with the last interface bpfilter runs on."""
     others = [d for d in paths.pins.parent.iterdir()
               if d not in (paths.pins, paths.conntrack)] if paths.pins.parent.exists() else []
     if not others:

@@ -41,6 +41,9 @@ ROUTER_LINK, FAR_LINK = "192.0.2.1", "192.0.2.2"  # the server's eth1, the far e
 # namespace, which runs after the server.
 _TX_GRACE = 0.005
 _FORWARD_GRACE = 0.02
+# A reply to the server's own packet comes back through lo as the send returns (the
+# kernel's REJECT at OUTPUT, bpfilter's from TC egress): a short wait is enough.
+_LOOPBACK_GRACE = 0.01
 
 
 def _answer_everyone(namespace: str, ifname: str) -> None:
@@ -62,6 +65,8 @@ class VethBed:
         self._passthrough: Optional[LoadedRuleset] = None
         self._links: list[XdpLink] = []
         self.sock: Optional[socket.socket] = None
+        self._raw: Optional[socket.socket] = None
+        self._loopback: Optional[socket.socket] = None
         try:
             self._setup(build_dir, prefix, server_xdp)
             if forward:
@@ -159,6 +164,34 @@ class VethBed:
             elif IP in packet and packet[IP].dst == source:
                 replies.append(packet[IP])
 
+    def send_from_server(self, packet: bytes) -> list[IP]:
+        """The server sends an IPv4 packet itself (a raw socket: it walks OUTPUT); the
+        packets that then came into the server through lo for its source address (a
+        REJECT at OUTPUT answers that way). A send OUTPUT refuses may fail (EPERM)."""
+        if self._raw is None:
+            with netns.entered(self.server):
+                self._raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+                self._loopback = socket.socket(socket.AF_PACKET, socket.SOCK_RAW,
+                                               socket.htons(3))
+                self._loopback.bind(("lo", 0))
+        while select.select([self._loopback], [], [], 0)[0]:
+            self._loopback.recv(65535)
+        source = IP(packet).src
+        try:
+            self._raw.sendto(packet, (IP(packet).dst, 0))
+        except PermissionError:
+            pass
+        replies: list[IP] = []
+        deadline = time.monotonic() + _LOOPBACK_GRACE
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([self._loopback], [], [], left)[0]:
+                break
+            data, addr = self._loopback.recvfrom(65535)
+            frame = Ether(data)
+            if addr[2] != socket.PACKET_OUTGOING and IP in frame and frame[IP].dst == source:
+                replies.append(frame[IP])
+        return replies
+
     def snmp(self, namespace: Optional[str] = None) -> dict[str, int]:
         """The server's (or another namespace's) /proc/net/snmp, as
         {"Ip:InDelivers": n, "Udp:NoPorts": n, ...}."""
@@ -179,9 +212,14 @@ class VethBed:
         """IPv4 packets the far namespace received (0 without one)."""
         return self.snmp(self.far)["Ip:InReceives"] if self.far else 0
 
+    def received(self) -> int:
+        """IPv4 packets the client received."""
+        return self.snmp(self.client)["Ip:InReceives"]
+
     def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
+        for sock in (self.sock, self._raw, self._loopback):
+            if sock is not None:
+                sock.close()
         for link in self._links:
             link.close()
         if self._passthrough is not None:

@@ -28,7 +28,8 @@
  * leaves through the device the packet came in on, as XDP_TX sends it. */
 #ifdef BF_TC
 #define bf_ctx __sk_buff
-enum bf_out { BF_OUT_PASS = 0 /* TC_ACT_OK */, BF_OUT_DROP = 2 /* TC_ACT_SHOT */ };
+enum bf_out { BF_OUT_PASS = 0 /* TC_ACT_OK */, BF_OUT_DROP = 2 /* TC_ACT_SHOT */,
+	       BF_OUT_REDIRECT = 7 /* TC_ACT_REDIRECT */ };
 #define BF_TC_LINEAR (14 + 60 + 2 * BF_CSUM_MAX_WORDS) /* every byte a program reads */
 #else
 #define bf_ctx xdp_md

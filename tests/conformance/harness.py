@@ -11,6 +11,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from rich.console import Console
 from rich.table import Table
@@ -48,15 +49,27 @@ def observe(bed: VethBed, frame: Ether) -> Outcome:
                    _forwarded(bed) > passed)
 
 
+def observe_sent(bed: VethBed, packet: IP) -> Outcome:
+    """The server sends the packet itself: did the client receive it, and which replies
+    came back into the server."""
+    before = _settled(bed.received)
+    replies = bed.send_from_server(bytes(packet))
+    return Outcome(_settled(bed.received) > before,
+                   tuple(sorted(_kind(r) for r in replies)))
+
+
 def _forwarded(bed: VethBed) -> int:
-    """The far namespace's count once it stops moving: the far end handles a forwarded
-    frame after the router, possibly after the router's ARP answer."""
-    if bed.far is None:
-        return 0
-    value = bed.forwarded()
+    """The far end handles a forwarded frame after the router, possibly after the
+    router's ARP answer."""
+    return _settled(bed.forwarded) if bed.far is not None else 0
+
+
+def _settled(count: Callable[[], int]) -> int:
+    """A counter of another namespace once it stops moving."""
+    value = count()
     while True:
         time.sleep(0.005)
-        again = bed.forwarded()
+        again = count()
         if again == value:
             return value
         value = again
@@ -102,7 +115,16 @@ class MirrorPair:
         self.loads += 1
 
     def compare(self, frame: Ether, kinds: set[str]) -> tuple[Outcome, Outcome]:
-        kernel, ours = observe(self.kernel, frame), observe(self.bpf, frame)
+        """A frame from the client to the server (or through it)."""
+        return self._tally(observe(self.kernel, frame), observe(self.bpf, frame), kinds)
+
+    def compare_sent(self, packet: IP, kinds: set[str]) -> tuple[Outcome, Outcome]:
+        """A packet the server sends."""
+        return self._tally(observe_sent(self.kernel, packet), observe_sent(self.bpf, packet),
+                           kinds)
+
+    def _tally(self, kernel: Outcome, ours: Outcome,
+               kinds: set[str]) -> tuple[Outcome, Outcome]:
         for kind in kinds | {"all cases"}:
             self.agreement[kind][0] += 1
             self.agreement[kind][1] += kernel == ours

@@ -57,21 +57,25 @@ def _conntrack(draw, negate: bool) -> ir.ConntrackMatch:
 
 
 @st.composite
-def _matches(draw, routed: bool = False) -> tuple[ir.Match, ...]:
-    """`routed`: the rule is in a chain FORWARD reaches, where `-o` means something."""
+def _matches(draw, hook: str = "INPUT") -> tuple[ir.Match, ...]:
+    """For a chain `hook` reaches: `-o` means something at FORWARD and OUTPUT; OUTPUT has
+    no input interface (iptables refuses `-i` and `--mac-source` there) and sends from
+    the host's addresses."""
     found: list[ir.Match] = []
+    outbound = hook == "OUTPUT"
+    sources, destinations = (DST_NETS, NETS) if outbound else (NETS, DST_NETS)
     proto = draw(st.sampled_from([None, TCP, TCP, UDP, UDP, ICMP, 47]))
     proto_negated = proto is not None and draw(st.integers(0, 5)) == 0
     if draw(st.booleans()):
-        found.append(ir.AddressMatch("src", ipaddress.IPv4Network(draw(st.sampled_from(NETS))),
-                                     draw(st.booleans())))
+        found.append(ir.AddressMatch("src", ipaddress.IPv4Network(
+            draw(st.sampled_from(sources))), draw(st.booleans())))
     if draw(st.integers(0, 3)) == 0:
         found.append(ir.AddressMatch("dst", ipaddress.IPv4Network(
-            draw(st.sampled_from(DST_NETS))), draw(st.booleans())))
-    if draw(st.integers(0, 3)) == 0:
+            draw(st.sampled_from(destinations))), draw(st.booleans())))
+    if not outbound and draw(st.integers(0, 3)) == 0:
         found.append(ir.InterfaceMatch("in", draw(st.sampled_from(IFACES)),
                                        draw(st.booleans())))
-    if routed and draw(st.integers(0, 2)) == 0:
+    if hook != "INPUT" and draw(st.integers(0, 2)) == 0:
         found.append(ir.InterfaceMatch("out", draw(st.sampled_from(OUT_IFACES)),
                                        draw(st.booleans())))
     if proto is not None:
@@ -99,8 +103,9 @@ def _matches(draw, routed: bool = False) -> tuple[ir.Match, ...]:
         icmp_type, low, high = draw(st.sampled_from(
             [(8, 0, 255), (0, 0, 255), (3, 3, 3), (3, 0, 255), (255, 0, 255), (11, 0, 255)]))
         found.append(ir.IcmpMatch(icmp_type, ir.Range(low, high), draw(st.booleans())))
-    extras = draw(st.lists(st.sampled_from(["iprange", "length", "ttl", "mac", "comment",
-                                            "limit", "conntrack"]), max_size=2, unique=True))
+    extras = draw(st.lists(st.sampled_from(["iprange", "length", "ttl", "comment", "limit",
+                                            "conntrack"] + ([] if outbound else ["mac"])),
+                           max_size=2, unique=True))
     for extra in extras:
         negate = draw(st.booleans())
         if extra == "iprange":
@@ -152,22 +157,21 @@ def _target(draw, matches, callees: list[str], builtin: bool):
 
 @st.composite
 def rulesets(draw, most: int = 10, hook: str = "INPUT") -> ir.Ruleset:
-    """INPUT (or FORWARD) with 1 to `most` rules, and up to two user chains of up to
-    `most` / 2; the other built-in chains empty."""
-    routed = hook == "FORWARD"
+    """INPUT (or FORWARD, or OUTPUT) with 1 to `most` rules, and up to two user chains of
+    up to `most` / 2; the other built-in chains empty."""
     origin = ir.Origin("<generated>", 0)
     names = [f"U{i}" for i in range(draw(st.integers(0, 2)))]
     chains = []
     for position, name in enumerate(names):  # U0 may call U1, never the reverse: no loops
         rules = []
         for _ in range(draw(st.integers(1, max(1, most // 2)))):
-            matches = draw(_matches(routed))
+            matches = draw(_matches(hook))
             rules.append(ir.Rule(matches, draw(_target(matches, names[position + 1:], False)),
                                  origin))
         chains.append(ir.Chain(name, tuple(rules)))
     rules = []
     for _ in range(draw(st.integers(1, most))):
-        matches = draw(_matches(routed))
+        matches = draw(_matches(hook))
         rules.append(ir.Rule(matches, draw(_target(matches, names, True)), origin))
     filled = ir.Chain(hook, tuple(rules), draw(st.sampled_from(list(ir.Verdict))))
     builtins = [filled if name == hook else ir.Chain(name, (), ir.Verdict.ACCEPT)

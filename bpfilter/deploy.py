@@ -24,7 +24,7 @@ from bpfilter import ir, state
 from bpfilter.compiler import Compilation, compile_ruleset
 from bpfilter.errors import KernelError
 from bpfilter.inplace import edit_in_place
-from bpfilter.loader.links import Link, TcLink, XdpLink
+from bpfilter.loader.links import Link, TcLink, XdpLink, program_fd
 from bpfilter.codegen.program import Attach, code_digest
 from bpfilter.loader.objects import Map
 from bpfilter.loader.xdp import XdpMode
@@ -165,7 +165,6 @@ def _load_and_switch(req: _Request, compilation: Compilation, attach: Attach,
     paths, previous, code = req.paths, req.previous, compilation.code
     generation = f"g{time.time_ns()}"
     gen_dir = paths.generation(generation)
-    link = None
     fallback = None
     with LoadedRuleset(compilation, conntrack=conntrack or None) as loaded:
         undo_table = pin_table(paths, loaded) if code.conntrack else _nothing
@@ -182,15 +181,14 @@ def _load_and_switch(req: _Request, compilation: Compilation, attach: Attach,
                 undo_egress = _switch_egress(req, loaded.program(egress).fd)
             program = loaded.program()
             if previous is not None:
-                link = Link.open_pinned(str(paths.link))
-                running = link.info().prog_id
-                t0 = time.perf_counter_ns()
-                link.replace(program.fd, running)
-                switch_ns = time.perf_counter_ns() - t0
+                _replaced, switch_ns = _replace_pinned(paths.link, program.fd)
                 used_mode = previous.mode
             else:
                 link, used_mode, switch_ns, fallback = _attach(req, program.fd, attach, mode)
-                link.pin(str(paths.link))
+                try:
+                    link.pin(str(paths.link))
+                finally:
+                    link.close()
             undo_egress = _nothing  # the ingress program is live: no way back now
             deployment = state.Deployment(
                 iface=req.iface, ifindex=req.ifindex, netns=paths.netns, mode=used_mode,
@@ -206,9 +204,6 @@ def _load_and_switch(req: _Request, compilation: Compilation, attach: Attach,
             state.remove_tree(gen_dir)
             undo_table()
             raise
-        finally:
-            if link is not None:
-                link.close()
     if egress is None:
         _detach_pinned(paths.egress_link)  # nothing to do at egress any more
     if previous is not None:
@@ -219,6 +214,19 @@ def _load_and_switch(req: _Request, compilation: Compilation, attach: Attach,
 
 def _nothing() -> None:
     pass
+
+
+def _replace_pinned(path: Path, prog_fd: int) -> tuple[int, int]:
+    """Run a program at a pinned link in place of the one it runs, in one kernel
+    operation: (id of the program replaced, ns the replacement took)."""
+    link = Link.open_pinned(str(path))
+    try:
+        running = link.info().prog_id
+        t0 = time.perf_counter_ns()
+        link.replace(prog_fd, running)
+        return running, time.perf_counter_ns() - t0
+    finally:
+        link.close()
 
 
 def _switch_egress(req: _Request, prog_fd: int) -> Callable[[], None]:
@@ -235,24 +243,13 @@ def _switch_egress(req: _Request, prog_fd: int) -> Callable[[], None]:
         finally:
             link.close()
         return lambda: _detach_pinned(path)
-    link = Link.open_pinned(str(path))
-    try:
-        old = link.program_fd()
-        try:
-            link.replace(prog_fd, link.info().prog_id)
-        except BaseException:
-            os.close(old)
-            raise
-    finally:
-        link.close()
+    replaced, _ns = _replace_pinned(path, prog_fd)
 
     def back() -> None:
+        # The replaced program lives on until then: its generation's pins still hold it.
+        old = program_fd(replaced)
         try:
-            restore = Link.open_pinned(str(path))
-            try:
-                restore.replace(old, restore.info().prog_id)
-            finally:
-                restore.close()
+            _replace_pinned(path, old)
         finally:
             os.close(old)
     return back

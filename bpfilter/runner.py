@@ -53,7 +53,6 @@ def local_destinations() -> list[tuple[int, int]]:
     return found
 
 
-
 def slot_counters(counters: Map, slot: int, gen: int = 0) -> ir.Counters:
     """A rule's counters from a bf_counters map, summed over CPUs."""
     packets = byte_count = 0

@@ -14,6 +14,7 @@ from bpfilter import deploy, netns, state
 from bpfilter.cli import main
 from bpfilter.codegen import Attach
 from bpfilter.errors import InputError, KernelError
+from bpfilter.loader.links import Link
 from bpfilter.loader.xdp import XdpMode
 from bpfilter.testbed import SERVER_ADDR, VethBed
 from tests.conftest import EXAMPLES
@@ -94,6 +95,36 @@ def test_failed_apply_leaves_the_running_ruleset_untouched(bed, build_root):
     result = _cli(bed, "apply", "-i", "eth0", "/dev/null/missing.v4")
     assert result.returncode == 2
     with netns.entered(bed.server):
+        deploy.detach("eth0")
+
+
+def test_a_failed_ingress_switch_puts_the_egress_program_back(bed, build_root, monkeypatch):
+    """The egress program is switched first; if the ingress switch then fails, the old
+    egress program runs again and the running ruleset is whole. The failure is injected
+    into the ingress link's replacement."""
+    locked = (EXAMPLES / "locked-down.v4").read_text()
+    with netns.entered(bed.server):
+        running = deploy.apply(locked, "locked-down.v4", "eth0", build_root / "e1")
+        paths = state.Paths("eth0", state.netns_id())
+        replace = deploy._replace_pinned
+
+        def failing(path, prog_fd):
+            if path == paths.link:
+                raise KernelError("injected: the ingress switch failed")
+            return replace(path, prog_fd)
+
+        monkeypatch.setattr(deploy, "_replace_pinned", failing)
+        with pytest.raises(KernelError, match="injected"):
+            deploy.apply(locked.replace("--dport 25", "--dport 26"), "b.v4", "eth0",
+                         build_root / "e2")
+        egress = Link.open_pinned(str(paths.egress_link))
+        try:
+            assert egress.info().prog_id == running.deployment.egress_prog_id
+        finally:
+            egress.close()
+        assert deploy.running_program_id(paths) == running.deployment.prog_id
+        assert state.read(paths).source == "locked-down.v4"
+        monkeypatch.undo()
         deploy.detach("eth0")
 
 

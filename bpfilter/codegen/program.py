@@ -141,7 +141,7 @@ INGRESS, EGRESS = "bf_ingress", "bf_egress"
 
 
 def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
-                   attach: Attach = Attach.XDP) -> GeneratedProgram:
+                      attach: Attach = Attach.XDP) -> GeneratedProgram:
     """The ingress stage, then the egress one: each chain's code is made once (one
     counter slot, one rate-limit bucket, one folded run per rule) and goes into every
     program that reaches it. An egress program with no hook to run and no connection to
@@ -152,7 +152,7 @@ def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
     refs = {ref.chain.name: ref for stage in stages for ref in stage.chains}
     functions = {name: _function_name(i, name) for i, name in enumerate(refs)}
     code = {name: _chain_code(ref, functions, runs, ctx) for name, ref in refs.items()}
-    tables, sizes = _classifier(stages[0], runs, functions, ctx)
+    tables, sizes = _classifier(stages[0], runs, ctx)
     defines = dict(
         source=_c_comment(source), tc=attach is Attach.TC, conntrack=ctx.conntrack,
         nslots=capacity(nslots), nlimits=capacity(len(ctx.limits)),
@@ -243,7 +243,7 @@ def _entry_origin(segment: Segment) -> ir.Origin:
     return item.rules[0].origin if isinstance(item, PrefixRun) else item.rule.origin
 
 
-def _classifier(stage: Stage, runs: list, functions, ctx: MatchContext):
+def _classifier(stage: Stage, runs: list, ctx: MatchContext):
     """The classifier's tables and the capacities the C source declares for them (none
     when nothing is classified). Its folded runs join `runs`."""
     classification = stage.classification

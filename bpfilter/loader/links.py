@@ -18,7 +18,8 @@ BPF_TCX_EGRESS = 47
 BPF_F_REPLACE = 1 << 2
 
 
-def _program_fd(prog_id: int) -> int:
+def program_fd(prog_id: int) -> int:
+    """A descriptor of a loaded program, by id; close it."""
     return check(lib().bpf_prog_get_fd_by_id(prog_id), f"open running program {prog_id}")
 
 
@@ -39,13 +40,9 @@ class Link:
               "link info")
         return info
 
-    def program_fd(self) -> int:
-        """A descriptor of the program the link runs now (to put it back later); close it."""
-        return _program_fd(self.info().prog_id)
-
     def replace(self, new_prog_fd: int, expected_prog_id: int) -> None:
         """Swap the program in one kernel operation, only if the old one is still there."""
-        old_fd = _program_fd(expected_prog_id)
+        old_fd = program_fd(expected_prog_id)
         try:
             opts = LinkUpdateOpts()
             opts.sz = ctypes.sizeof(opts)

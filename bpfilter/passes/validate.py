@@ -36,7 +36,7 @@ def validate(ruleset: ir.Ruleset,
             _check_jumps(table, chain)
             keep = []
             for rule in chain.rules:
-                problem = _unsupported_rule(table, chain, rule)
+                problem = _unsupported_rule(table, rule)
                 if problem is None:
                     keep.append(rule)
                 else:
@@ -55,7 +55,7 @@ def validate(ruleset: ir.Ruleset,
     return result
 
 
-def _unsupported_rule(table: ir.Table, chain: ir.Chain, rule: ir.Rule) -> Optional[InputError]:
+def _unsupported_rule(table: ir.Table, rule: ir.Rule) -> Optional[InputError]:
     if table.name not in COMPILED_TABLES:
         return _error_at(rule.origin, f"*{table.name}",
                          f"rules in table '{table.name}' are not supported yet",

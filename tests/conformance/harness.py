@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from hypothesis import HealthCheck, Phase, given, settings
 from rich.console import Console
 from rich.table import Table
 from scapy.layers.inet import ICMP, IP, TCP
@@ -22,7 +23,15 @@ from pyroute2 import Conntrack
 
 from bpfilter import conntable, deploy, netns, state
 from bpfilter.codegen import Attach
+from bpfilter.frontend import parse_ruleset
 from bpfilter.testbed import VethBed
+from tests.conftest import EXAMPLES
+from tests.conformance.rulesets import kinds
+
+# No shrinking: every case reloads rulesets and sends real frames, so shrinking takes
+# minutes; the assertion already names the frame and prints the ruleset.
+SETTINGS = dict(deadline=None, derandomize=True, phases=(Phase.explicit, Phase.generate),
+                suppress_health_check=list(HealthCheck))
 
 
 @dataclass(frozen=True)
@@ -153,3 +162,32 @@ class MirrorPair:
                     pass
         self.kernel.close()
         self.bpf.close()
+
+
+def check(pair: MirrorPair, text: str, ruleset, cases, sent: bool = False) -> None:
+    """Every case meets the same fate on both sides: (interface, frame) cases sent to the
+    server, or with `sent` IP packets the server sends itself."""
+    used = kinds(ruleset)
+    for case in cases:
+        packet = case if sent else case[1]
+        kernel, ours = (pair.compare_sent if sent else pair.compare)(packet, used)
+        origin = "" if sent else f", from {packet.src}"
+        assert ours == kernel, (f"{packet.summary()} (ttl {packet[IP].ttl}, {len(packet)} "
+                                f"bytes{origin}): kernel {kernel}, bpfilter {ours}\n"
+                                f"ruleset:\n{text}")
+
+
+def check_example(pair: MirrorPair, name: str, cases: Callable, count: int,
+                  sent: bool = False) -> None:
+    """An example from examples/ loaded on both sides, and `count` cases drawn from
+    `cases(ruleset)`."""
+    text = (EXAMPLES / name).read_text()
+    ruleset = parse_ruleset(text, name)
+    pair.load(text)
+
+    @settings(max_examples=count, **SETTINGS)
+    @given(cases(ruleset))
+    def run(case):
+        check(pair, text, ruleset, [case], sent)
+
+    run()

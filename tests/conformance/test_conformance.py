@@ -4,22 +4,15 @@ and frames, and the examples. Every frame must meet the same fate on both sides.
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bpfilter.codegen import Attach
-from bpfilter.frontend import parse_ruleset
 from bpfilter.passes import classify
 from bpfilter.frontend.iptables.save import save
-from tests.conftest import EXAMPLES
-from tests.conformance.harness import MirrorPair
-from tests.conformance.rulesets import kinds, large_acls, rulesets
+from tests.conformance.harness import SETTINGS, MirrorPair, check, check_example
+from tests.conformance.rulesets import large_acls, rulesets
 from tests.packets import frames, interesting
-
-# No shrinking: every case reloads rulesets and sends real frames, so shrinking takes
-# minutes; the assertion already names the frame and prints the ruleset.
-SETTINGS = dict(deadline=None, derandomize=True, phases=(Phase.explicit, Phase.generate),
-                suppress_health_check=list(HealthCheck))
 GENERATED_RULESETS = 100
 LARGE_ACLS = 15
 LARGE_MIXED = 10
@@ -47,15 +40,6 @@ def tc_mirror(tmp_path_factory):
     yield from _mirror(tmp_path_factory, Attach.TC)
 
 
-def _check(mirror: MirrorPair, text: str, ruleset, case_frames) -> None:
-    used = kinds(ruleset)
-    for _iface, frame in case_frames:
-        kernel, ours = mirror.compare(frame, used)
-        assert ours == kernel, (f"{frame.summary()} (ttl {frame['IP'].ttl}, "
-                                f"{len(frame)} bytes, from {frame.src}): kernel {kernel}, "
-                                f"bpfilter {ours}\nruleset:\n{text}")
-
-
 @pytest.fixture(params=["code", "data"])
 def as_data(request, monkeypatch):
     """Both ways bpfilter compiles a chain: straight-line code, and classifier data
@@ -77,16 +61,8 @@ def test_examples_conform_at_tc(tc_mirror, name):
 
 
 def _examples_conform(mirror: MirrorPair, name: str) -> None:
-    text = (EXAMPLES / name).read_text()
-    ruleset = parse_ruleset(text, name)
-    mirror.load(text)
-
-    @settings(max_examples=FRAMES_PER_EXAMPLE, **SETTINGS)
-    @given(frames(interesting(ruleset), ("eth0",)))
-    def run(case):
-        _check(mirror, text, ruleset, [case])
-
-    run()
+    check_example(mirror, name, lambda ruleset: frames(interesting(ruleset), ("eth0",)),
+                  FRAMES_PER_EXAMPLE)
 
 
 @settings(max_examples=GENERATED_RULESETS, **SETTINGS)
@@ -98,7 +74,7 @@ def test_generated_rulesets_conform(mirror, as_data, data):
     case_frames = data.draw(st.lists(frames(interesting(ruleset), ("eth0",)),
                                      min_size=FRAMES_PER_RULESET,
                                      max_size=FRAMES_PER_RULESET), label="frames")
-    _check(mirror, text, ruleset, case_frames)
+    check(mirror, text, ruleset, case_frames)
 
 
 @settings(max_examples=LARGE_ACLS, **SETTINGS)
@@ -111,7 +87,7 @@ def test_large_generated_acls_conform(mirror, data):
     case_frames = data.draw(st.lists(frames(interesting(ruleset), ("eth0",)),
                                      min_size=FRAMES_PER_RULESET,
                                      max_size=FRAMES_PER_RULESET), label="frames")
-    _check(mirror, text, ruleset, case_frames)
+    check(mirror, text, ruleset, case_frames)
 
 
 @settings(max_examples=LARGE_MIXED, **SETTINGS)
@@ -127,4 +103,4 @@ def test_large_mixed_rulesets_conform(mirror, monkeypatch, data):
     case_frames = data.draw(st.lists(frames(interesting(ruleset), ("eth0",)),
                                      min_size=FRAMES_PER_RULESET * 2,
                                      max_size=FRAMES_PER_RULESET * 2), label="frames")
-    _check(mirror, text, ruleset, case_frames)
+    check(mirror, text, ruleset, case_frames)

@@ -12,13 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bpfilter.codegen import Attach
-from bpfilter.frontend import parse_ruleset
 from bpfilter.frontend.iptables.save import save
 from bpfilter.testbed import FAR_NET
-from tests.conftest import EXAMPLES
-from tests.conformance.harness import MirrorPair
+from tests.conformance.harness import SETTINGS, MirrorPair, check, check_example
 from tests.conformance.rulesets import rulesets
-from tests.conformance.test_conformance import SETTINGS, _check
 from tests.packets import frames, interesting
 
 GENERATED_RULESETS = 30
@@ -53,16 +50,7 @@ def routed_frames(draw, ruleset):
 
 
 def test_router_example_conforms(router):
-    text = (EXAMPLES / "router.v4").read_text()
-    ruleset = parse_ruleset(text, "router.v4")
-    router.load(text)
-
-    @settings(max_examples=FRAMES_PER_EXAMPLE, **SETTINGS)
-    @given(routed_frames(ruleset))
-    def run(case):
-        _check(router, text, ruleset, [case])
-
-    run()
+    check_example(router, "router.v4", routed_frames, FRAMES_PER_EXAMPLE)
     assert router.agreement["all cases"][0] >= FRAMES_PER_EXAMPLE
 
 
@@ -74,4 +62,4 @@ def test_generated_forward_rulesets_conform(router, data):
     router.load(text)
     case_frames = data.draw(st.lists(routed_frames(ruleset), min_size=FRAMES_PER_RULESET,
                                      max_size=FRAMES_PER_RULESET), label="frames")
-    _check(router, text, ruleset, case_frames)
+    check(router, text, ruleset, case_frames)

@@ -13,12 +13,9 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, UDP
 
 from bpfilter.codegen import Attach
-from bpfilter.frontend import parse_ruleset
 from bpfilter.frontend.iptables.save import save
-from tests.conftest import EXAMPLES
-from tests.conformance.harness import MirrorPair
-from tests.conformance.rulesets import kinds, rulesets
-from tests.conformance.test_conformance import SETTINGS
+from tests.conformance.harness import SETTINGS, MirrorPair, check, check_example
+from tests.conformance.rulesets import rulesets
 from tests.packets import LOCAL, frames, interesting
 
 GENERATED_RULESETS = 25
@@ -54,25 +51,8 @@ def sent_packets(draw, ruleset):
     return IP(bytes(packet))
 
 
-def _check(pair: MirrorPair, text: str, ruleset, packets) -> None:
-    used = kinds(ruleset)
-    for packet in packets:
-        kernel, ours = pair.compare_sent(packet, used)
-        assert ours == kernel, (f"{packet.summary()} (ttl {packet.ttl}, {len(packet)} "
-                                f"bytes): kernel {kernel}, bpfilter {ours}\nruleset:\n{text}")
-
-
 def test_locked_down_example_conforms(sender):
-    text = (EXAMPLES / "locked-down.v4").read_text()
-    ruleset = parse_ruleset(text, "locked-down.v4")
-    sender.load(text)
-
-    @settings(max_examples=PACKETS_PER_EXAMPLE, **SETTINGS)
-    @given(sent_packets(ruleset))
-    def run(packet):
-        _check(sender, text, ruleset, [packet])
-
-    run()
+    check_example(sender, "locked-down.v4", sent_packets, PACKETS_PER_EXAMPLE, sent=True)
 
 
 @settings(max_examples=GENERATED_RULESETS, **SETTINGS)
@@ -83,4 +63,4 @@ def test_generated_output_rulesets_conform(sender, data):
     sender.load(text)
     packets = data.draw(st.lists(sent_packets(ruleset), min_size=PACKETS_PER_RULESET,
                                  max_size=PACKETS_PER_RULESET), label="packets")
-    _check(sender, text, ruleset, packets)
+    check(sender, text, ruleset, packets, sent=True)

@@ -490,7 +490,8 @@ __noinline __u32 bf_route(struct bf_ctx *ctx, const struct bf_pkt *p)
  * INPUT; at FORWARD, as icmp_send() picks for a packet it did not deliver, the source the
  * route back to the sender prefers. At OUTPUT the destination too: the kernel's own error
  * comes from the host's address, but it reaches lo already routed; one that comes in
- * from an own address is a martian. 0 if there is none. Global, as bf_route(). */
+ * from an own address is a martian (OUTPUT still sees the kernel's source: stage.c.j2).
+ * 0 if there is none. Global, as bf_route(). */
 __noinline __u32 bf_error_source(struct bf_ctx *ctx, const struct bf_pkt *p)
 {
 	struct bpf_fib_lookup fib = {};

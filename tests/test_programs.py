@@ -1,5 +1,6 @@
 """Behaviour of compiled programs that the differential test cannot reach, run in the
-kernel with BPF_PROG_TEST_RUN: fragments, token buckets, LOG events, hotdrop."""
+kernel with BPF_PROG_TEST_RUN: fragments, token buckets, LOG events, hotdrop, replies at
+OUTPUT."""
 
 from __future__ import annotations
 
@@ -224,3 +225,21 @@ def test_folded_runs_keep_first_match_and_per_rule_counters(kernel, build_root):
         counts = [loaded.counters("filter", "INPUT", i).packets for i in range(21)]
     assert counts[6] == 1 and counts[10] == 1 and counts[19] == 1 and counts[20] == 2
     assert sum(counts) == 5
+
+
+TC_ACT_SHOT, TC_ACT_REDIRECT = 2, 7
+
+
+@pytest.mark.parametrize("rule, verdict", [
+    ("-s 198.19.0.0/16", TC_ACT_SHOT),  # refuses the host's ICMP error too, silently
+    ("-s 198.19.0.0/16 -p udp", TC_ACT_REDIRECT),  # the error is not UDP: it goes back
+])
+def test_a_reject_at_output_sends_its_reply_through_output(kernel, build_root, rule, verdict):
+    """The kernel's REJECT at OUTPUT makes a packet of this host's own, from this host's
+    address, which walks OUTPUT before it goes back in through lo."""
+    from bpfilter.codegen.program import EGRESS
+
+    rules = f":OUTPUT ACCEPT [0:0]\n-A OUTPUT {rule} -j REJECT --reject-with icmp-host-prohibited\n"
+    sent = Ether() / IP(src="198.19.0.1", dst="192.0.2.1") / UDP(dport=53)
+    with _load(rules, build_root, f"out-reject-{verdict}") as loaded:
+        assert loaded.program(EGRESS).test_run(bytes(sent)).retval == verdict

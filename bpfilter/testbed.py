@@ -18,7 +18,7 @@ import select
 import socket
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 from scapy.layers.inet import IP
 from scapy.layers.l2 import ARP, Ether
@@ -52,6 +52,22 @@ def _answer_everyone(namespace: str, ifname: str) -> None:
     for key in ("all", "default", ifname):
         netns.sysctl(namespace, f"net.ipv4.conf.{key}.rp_filter", "0")
     netns.sysctl(namespace, "net.ipv4.icmp_ratelimit", "0")
+
+
+def _drain(sock: socket.socket) -> None:
+    """Forget what a packet socket has received so far."""
+    while select.select([sock], [], [], 0)[0]:
+        sock.recv(65535)
+
+
+def _incoming(sock: socket.socket, deadline: Callable[[], float]) -> Iterator[Ether]:
+    """Frames a packet socket receives (not those it sees leave) until `deadline()`,
+    which may move while they come."""
+    while (left := deadline() - time.monotonic()) > 0:
+        if select.select([sock], [], [], left)[0]:
+            data, addr = sock.recvfrom(65535)
+            if addr[2] != socket.PACKET_OUTGOING:
+                yield Ether(data)
 
 
 class VethBed:
@@ -140,29 +156,19 @@ class VethBed:
 
     def send(self, frame: bytes) -> list[IP]:
         """Send one frame; the IPv4 packets that came back to its source address."""
-        while select.select([self.sock], [], [], 0)[0]:
-            self.sock.recv(65535)
+        _drain(self.sock)
         self.sock.send(frame)
         self.sock.send(self._arp)
         source = Ether(frame)[IP].src if IP in Ether(frame) else None
         replies: list[IP] = []
-        deadline = time.monotonic() + 1.0
-        grace_end = None
-        while True:
-            now = time.monotonic()
-            end = grace_end if grace_end is not None else deadline
-            if now >= end:
-                return replies
-            if not select.select([self.sock], [], [], end - now)[0]:
-                continue
-            data, addr = self.sock.recvfrom(65535)
-            if addr[2] == socket.PACKET_OUTGOING:
-                continue
-            packet = Ether(data)
+        give_up = time.monotonic() + 1.0
+        grace_end: Optional[float] = None  # set by the ARP answer
+        for packet in _incoming(self.sock, lambda: grace_end or give_up):
             if ARP in packet and packet[ARP].op == 2 and grace_end is None:
                 grace_end = time.monotonic() + self._grace
             elif IP in packet and packet[IP].dst == source:
                 replies.append(packet[IP])
+        return replies
 
     def send_from_server(self, packet: bytes) -> list[IP]:
         """The server sends an IPv4 packet itself (a raw socket: it walks OUTPUT); the
@@ -174,23 +180,15 @@ class VethBed:
                 self._loopback = socket.socket(socket.AF_PACKET, socket.SOCK_RAW,
                                                socket.htons(3))
                 self._loopback.bind(("lo", 0))
-        while select.select([self._loopback], [], [], 0)[0]:
-            self._loopback.recv(65535)
+        _drain(self._loopback)
         source = IP(packet).src
         try:
             self._raw.sendto(packet, (IP(packet).dst, 0))
         except PermissionError:
             pass
-        replies: list[IP] = []
-        deadline = time.monotonic() + _LOOPBACK_GRACE
-        while (left := deadline - time.monotonic()) > 0:
-            if not select.select([self._loopback], [], [], left)[0]:
-                break
-            data, addr = self._loopback.recvfrom(65535)
-            frame = Ether(data)
-            if addr[2] != socket.PACKET_OUTGOING and IP in frame and frame[IP].dst == source:
-                replies.append(frame[IP])
-        return replies
+        end = time.monotonic() + _LOOPBACK_GRACE
+        return [frame[IP] for frame in _incoming(self._loopback, lambda: end)
+                if IP in frame and frame[IP].dst == source]
 
     def snmp(self, namespace: Optional[str] = None) -> dict[str, int]:
         """The server's (or another namespace's) /proc/net/snmp, as

@@ -258,6 +258,17 @@ class ConntrackMatch:
             getattr(self, a) is None for a in self.ADDRESSES + self.PORTS)
 
 
+@dataclass(frozen=True)
+class MarkMatch:
+    """`-m mark --mark V[/M]`: (the packet's mark & M) == V; `-m connmark` compares its
+    connection's mark instead, and never holds for a packet with no connection."""
+
+    value: int
+    mask: int = 0xFFFFFFFF
+    negate: bool = False
+    connection: bool = False
+
+
 Match = Union[
     AddressMatch,
     InterfaceMatch,
@@ -274,6 +285,7 @@ Match = Union[
     MacSourceMatch,
     LimitMatch,
     ConntrackMatch,
+    MarkMatch,
 ]
 
 # --------------------------------------------------------------------------- targets
@@ -347,7 +359,42 @@ class LogTarget:
     uid: bool = False
 
 
-Target = Union[VerdictTarget, ReturnTarget, JumpTarget, RejectTarget, LogTarget]
+@dataclass(frozen=True)
+class MarkTarget:
+    """MARK: mark = (mark & ~mask) ^ value, which every form of it (--set-mark, --and-mark,
+    --or-mark, --xor-mark) is. Like LOG, it does not end the walk."""
+
+    value: int
+    mask: int = 0xFFFFFFFF
+
+
+class ConnmarkMode(enum.Enum):
+    SET = "set"  # ctmark = (ctmark & ~ctmask) ^ value
+    SAVE = "save"  # ctmark = (ctmark & ~ctmask) ^ (mark & nfmask)
+    RESTORE = "restore"  # mark = (mark & ~nfmask) ^ (ctmark & ctmask)
+
+
+@dataclass(frozen=True)
+class ConnmarkTarget:
+    """CONNMARK: moves bits between the packet's mark and its connection's (nothing for a
+    packet with no connection). Does not end the walk."""
+
+    mode: ConnmarkMode
+    value: int = 0
+    ctmask: int = 0xFFFFFFFF
+    nfmask: int = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class NotrackTarget:
+    """NOTRACK / CT --notrack (raw table): the packet is not tracked; its state is
+    UNTRACKED. Does not end the walk."""
+
+    spelling: str = "NOTRACK"  # or "CT": how iptables-save prints it back
+
+
+Target = Union[VerdictTarget, ReturnTarget, JumpTarget, RejectTarget, LogTarget, MarkTarget,
+               ConnmarkTarget, NotrackTarget]
 
 # --------------------------------------------------------------------------- structure
 

@@ -113,8 +113,19 @@ BAD = {
     "tcp-reset without -p tcp": (
         "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j REJECT --reject-with tcp-reset\nCOMMIT\n",
         3, "needs '-p tcp'"),
-    "raw table": ("*raw\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j DROP\nCOMMIT\n",
-                  3, "table 'raw' are not supported yet"),
+    "REJECT outside filter": (
+        "*raw\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j REJECT\nCOMMIT\n",
+        3, "REJECT is valid only in the filter table"),
+    "NOTRACK outside raw": ("*mangle\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -j NOTRACK\nCOMMIT\n",
+                            3, "NOTRACK is valid only in the raw table"),
+    "CT without --notrack": (
+        "*raw\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -j CT --zone 1\nCOMMIT\n",
+        3, "only CT --notrack is supported yet"),
+    "shifted CONNMARK": (
+        "*mangle\n:INPUT ACCEPT [0:0]\n-A INPUT -j CONNMARK --set-mark 1 --left-shift-mark 2\n"
+        "COMMIT\n", 3, "shifting marks is not supported yet"),
+    "MARK without a value": ("*mangle\n:INPUT ACCEPT [0:0]\n-A INPUT -j MARK\nCOMMIT\n",
+                             3, "MARK needs one of --set-xmark"),
     "nat table": ("*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -j RETURN\nCOMMIT\n",
                   3, "table 'nat' are not supported yet"),
 }
@@ -141,7 +152,7 @@ def test_cli_exits_2_with_position_and_alternatives(tmp_path):
 
 def test_ignore_unsupported_lists_each_skipped_rule(tmp_path, kernel):
     rules = tmp_path / "rules.v4"
-    rules.write_text("*raw\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j DROP\n"
+    rules.write_text("*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j RETURN\n"
                      "-A PREROUTING -j ACCEPT\nCOMMIT\n"
                      "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j ACCEPT\nCOMMIT\n")
     result = CliRunner().invoke(main, ["compile", str(rules), "--ignore-unsupported",

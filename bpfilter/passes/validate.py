@@ -8,9 +8,11 @@ from bpfilter import ir
 from bpfilter.errors import InputError
 from bpfilter.passes.calls import CHAIN_LEVEL_MAX, MAX_FRAMES, chain_levels
 
-# What the compiler places today (every hook of the filter table); the other tables come
-# with their issues.
-COMPILED_TABLES = ("filter",)
+# The tables the compiler places (nat comes with NAT; security has no use without SELinux).
+COMPILED_TABLES = ("raw", "mangle", "filter")
+# Targets the kernel accepts in one table only (xt_target.table).
+_TARGET_TABLES = {ir.RejectTarget: ("REJECT", "filter"),
+                  ir.NotrackTarget: ("NOTRACK", "raw")}
 
 
 def _error_at(origin: Optional[ir.Origin], token: str, why: str,
@@ -43,10 +45,6 @@ def validate(ruleset: ir.Ruleset,
                     unsupported(problem)
             chains.append(ir.Chain(chain.name, tuple(keep), chain.policy, chain.counters,
                                    chain.origin))
-            if table.name not in COMPILED_TABLES and chain.policy is ir.Verdict.DROP:
-                unsupported(_error_at(chain.origin, chain.name,
-                                      f"a DROP policy in table '{table.name}' is not "
-                                      "supported yet", "the filter table"))
         tables.append(ir.Table(table.name, tuple(chains), table.origin))
     result = ir.Ruleset(ruleset.family, tuple(tables), ruleset.source)
     for table in result.tables:
@@ -59,7 +57,12 @@ def _unsupported_rule(table: ir.Table, rule: ir.Rule) -> Optional[InputError]:
     if table.name not in COMPILED_TABLES:
         return _error_at(rule.origin, f"*{table.name}",
                          f"rules in table '{table.name}' are not supported yet",
-                         "rules in the filter table")
+                         "rules in the " + ", ".join(COMPILED_TABLES) + " tables")
+    name, only = _TARGET_TABLES.get(type(rule.target), (None, table.name))
+    if only != table.name:
+        return _error_at(rule.origin, name,
+                         f"{name} is valid only in the {only} table (the kernel refuses "
+                         f"it in '{table.name}')")
     return None
 
 

@@ -26,8 +26,9 @@ class Token:
 
 
 SUPPORTED_MATCHES = ("tcp", "udp", "icmp", "multiport", "iprange", "comment", "length",
-                     "ttl", "mac", "limit", "conntrack", "state")
-SUPPORTED_TARGETS = "ACCEPT, DROP, RETURN, REJECT, LOG, or a user-defined chain"
+                     "ttl", "mac", "limit", "conntrack", "state", "mark", "connmark")
+SUPPORTED_TARGETS = ("ACCEPT, DROP, RETURN, REJECT, LOG, MARK, CONNMARK, NOTRACK, "
+                     "CT --notrack, or a user-defined chain")
 PLANNED_MATCHES = {
     "addrtype": "address types need the kernel's routing view, not supported yet",
     "set": "ipsets are not supported yet",
@@ -196,12 +197,22 @@ class RuleReader:
             return ir.RejectTarget(with_)
         if name == "LOG":
             return ir.LogTarget(**self.target_options)
+        if name == "MARK":
+            return ir.MarkTarget(*_require_target(self, "mark", _MARK_FORMS))
+        if name == "CONNMARK":
+            return _connmark_target(self)
+        if name in ("NOTRACK", "CT"):
+            if name == "CT" and not self.target_options.get("notrack"):
+                raise self.error(self.target_token, "CT needs --notrack",
+                                 "CT --notrack (zones, helpers, timeouts, events: not "
+                                 "supported yet)")
+            return ir.NotrackTarget(name)
         return self.target
 
 
 # Any other name is taken as a user chain; the validation pass reports it if none exists.
 _KNOWN_UNSUPPORTED_TARGETS = {
-    "MASQUERADE", "SNAT", "DNAT", "REDIRECT", "MARK", "CONNMARK", "NOTRACK", "CT", "TPROXY",
+    "MASQUERADE", "SNAT", "DNAT", "REDIRECT", "TPROXY",
     "NFQUEUE", "QUEUE", "TCPMSS", "TOS", "DSCP", "TTL", "CLASSIFY", "NFLOG", "ULOG", "TEE",
     "SET", "AUDIT", "CHECKSUM", "SECMARK", "CONNSECMARK", "TRACE", "IDLETIMER", "LED",
     "HMARK", "SYNPROXY", "NETMAP", "CLUSTERIP", "ECN",
@@ -528,6 +539,23 @@ def _limit_burst(reader: RuleReader, module: _Module, tok: Token, negate: bool) 
     _once(reader, module, "burst", tok, _parse_int(reader, arg, arg.value, 1, 10000, "burst"))
 
 
+def _mark_value(reader: RuleReader, tok: Token, masked: bool = True) -> tuple[int, int]:
+    """`value[/mask]` as iptables reads it (mask all ones when not given)."""
+    arg = reader.argument(tok)
+    value_text, slash, mask_text = arg.value.partition("/")
+    if slash and not masked:
+        raise reader.error(arg, f"{tok.value} takes no mask")
+    value = _parse_int(reader, arg, value_text, 0, 0xFFFFFFFF, "mark")
+    mask = _parse_int(reader, arg, mask_text, 0, 0xFFFFFFFF, "mask") if slash else 0xFFFFFFFF
+    return value, mask
+
+
+def _mark(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+    value, mask = _mark_value(reader, tok)
+    _once(reader, module, "mark", tok, ir.MarkMatch(value, mask, negate,
+                                                    module.name == "connmark"))
+
+
 _MODULE_OPTIONS: dict[str, dict[str, Callable]] = {
     "tcp": {
         "--sport": _port_option("sport"), "--source-port": _port_option("sport"),
@@ -555,6 +583,8 @@ _MODULE_OPTIONS: dict[str, dict[str, Callable]] = {
                   **{f"--ct{a}": _ct_address(a) for a in ir.ConntrackMatch.ADDRESSES},
                   **{f"--ct{p}": _ct_port(p) for p in ir.ConntrackMatch.PORTS}},
     "state": {"--state": _ct_state},
+    "mark": {"--mark": _mark},
+    "connmark": {"--mark": _mark},
 }
 
 
@@ -580,6 +610,8 @@ _BUILDERS: dict[str, Callable[[RuleReader, _Module], ir.Match]] = {
                                         burst=m.values.get("burst", 5)),
     "conntrack": _conntrack,
     "state": _conntrack,
+    "mark": lambda r, m: _require(r, m, "mark", "--mark"),
+    "connmark": lambda r, m: _require(r, m, "mark", "--mark"),
 }
 
 # --------------------------------------------------------------------------- target options
@@ -610,18 +642,99 @@ def _log_prefix(reader: RuleReader, tok: Token) -> None:
     reader.target_options["prefix"] = arg.value
 
 
-def _log_flag(key: str):
+def _flag(key: str):
     def handler(reader: RuleReader, tok: Token) -> None:
         reader.target_options[key] = True
     return handler
 
 
+def _xmark(form: str):
+    """The forms of MARK and CONNMARK that set bits, as the (value, mask) of --set-xmark
+    (libxt_MARK's arithmetic)."""
+    def handler(reader: RuleReader, tok: Token) -> None:
+        if "mark" in reader.target_options:
+            raise reader.error(tok, "only one of " + _MARK_FORMS + " per rule")
+        value, mask = _mark_value(reader, tok, masked=form in ("set-xmark", "set-mark"))
+        reader.target_options["mark"] = {
+            "set-xmark": (value, mask), "set-mark": (value, value | mask),
+            "and-mark": (0, ~value & 0xFFFFFFFF), "or-mark": (value, value),
+            "xor-mark": (value, 0)}[form]
+    return handler
+
+
+_MARK_FORMS = "--set-xmark, --set-mark, --and-mark, --or-mark, --xor-mark"
+
+
+def _require_target(reader: RuleReader, key: str, options: str):
+    if key not in reader.target_options:
+        raise reader.error(reader.target_token,
+                           f"{reader.target_token.value} needs one of {options}")
+    return reader.target_options[key]
+
+
+def _connmark_copy(mode: ir.ConnmarkMode):
+    def handler(reader: RuleReader, tok: Token) -> None:
+        if "mark" in reader.target_options or "mode" in reader.target_options:
+            raise reader.error(tok, "only one of " + _CONNMARK_FORMS + " per rule")
+        reader.target_options["mode"] = mode
+    return handler
+
+
+def _connmark_mask(*keys: str):
+    def handler(reader: RuleReader, tok: Token) -> None:
+        arg = reader.argument(tok)
+        mask = _parse_int(reader, arg, arg.value, 0, 0xFFFFFFFF, "mask")
+        reader.target_options.update(dict.fromkeys(keys, mask))
+    return handler
+
+
+_CONNMARK_FORMS = _MARK_FORMS + ", --save-mark, --restore-mark"
+
+
+def _connmark_target(reader: RuleReader) -> ir.ConnmarkTarget:
+    options = reader.target_options
+    masks = {k: options[k] for k in ("ctmask", "nfmask") if k in options}
+    if "mark" in options:
+        if masks:
+            raise reader.error(reader.target_token, "--mask, --ctmask and --nfmask go "
+                               "with --save-mark or --restore-mark")
+        value, ctmask = options["mark"]
+        return ir.ConnmarkTarget(ir.ConnmarkMode.SET, value, ctmask)
+    return ir.ConnmarkTarget(_require_target(reader, "mode", _CONNMARK_FORMS), **masks)
+
+
+def _unsupported_option(why: str, supported: str):
+    def handler(reader: RuleReader, tok: Token) -> None:
+        raise reader.error(tok, why, supported)
+    return handler
+
+
+_MARK_OPTIONS = {f"--{form}": _xmark(form)
+                 for form in ("set-xmark", "set-mark", "and-mark", "or-mark", "xor-mark")}
+
 _TARGET_OPTIONS: dict[str, dict[str, Callable]] = {
     "REJECT": {"--reject-with": _reject_with},
     "LOG": {
         "--log-level": _log_level, "--log-prefix": _log_prefix,
-        "--log-tcp-sequence": _log_flag("tcp_sequence"),
-        "--log-tcp-options": _log_flag("tcp_options"),
-        "--log-ip-options": _log_flag("ip_options"), "--log-uid": _log_flag("uid"),
+        "--log-tcp-sequence": _flag("tcp_sequence"),
+        "--log-tcp-options": _flag("tcp_options"),
+        "--log-ip-options": _flag("ip_options"), "--log-uid": _flag("uid"),
+    },
+    "MARK": _MARK_OPTIONS,
+    "CONNMARK": {
+        **_MARK_OPTIONS,
+        "--save-mark": _connmark_copy(ir.ConnmarkMode.SAVE),
+        "--restore-mark": _connmark_copy(ir.ConnmarkMode.RESTORE),
+        "--mask": _connmark_mask("ctmask", "nfmask"),
+        "--ctmask": _connmark_mask("ctmask"), "--nfmask": _connmark_mask("nfmask"),
+        **dict.fromkeys(("--left-shift-mark", "--right-shift-mark"), _unsupported_option(
+            "shifting marks is not supported yet", _CONNMARK_FORMS + " with masks")),
+    },
+    "NOTRACK": {},
+    "CT": {
+        "--notrack": _flag("notrack"),
+        **dict.fromkeys(("--zone", "--zone-orig", "--zone-reply", "--helper", "--ctevents",
+                         "--expevents", "--timeout", "--notrack-tmpl"), _unsupported_option(
+            "only CT --notrack is supported yet", "CT --notrack, NOTRACK")),
     },
 }

@@ -98,6 +98,17 @@ def _limit(m: ir.LimitMatch) -> list[str]:
     return parts
 
 
+def _masked(value: int, mask: int) -> str:
+    return f"0x{value:x}" if mask == 0xFFFFFFFF else f"0x{value:x}/0x{mask:x}"
+
+
+def _connmark(t: ir.ConnmarkTarget) -> list[str]:
+    if t.mode is ir.ConnmarkMode.SET:
+        return ["-j CONNMARK", f"--set-xmark 0x{t.value:x}/0x{t.ctmask:x}"]
+    return ["-j CONNMARK", f"--{t.mode.value}-mark --nfmask 0x{t.nfmask:x} "
+            f"--ctmask 0x{t.ctmask:x}"]
+
+
 _MULTIPORT_OPTION = {"src": "--sports", "dst": "--dports", "any": "--ports"}
 
 _MATCHES: dict[type, Callable] = {
@@ -121,6 +132,8 @@ _MATCHES: dict[type, Callable] = {
                                   + ":".join(f"{b:02x}" for b in m.address)],
     ir.LimitMatch: _limit,
     ir.ConntrackMatch: _conntrack,
+    ir.MarkMatch: lambda m: [f"-m {'connmark' if m.connection else 'mark'}",
+                             f"{_neg(m.negate)}--mark {_masked(m.value, m.mask)}"],
 }
 
 
@@ -144,6 +157,10 @@ _TARGETS: dict[type, Callable] = {
     ir.JumpTarget: lambda t: [f"-{'g' if t.goto else 'j'} {t.chain}"],
     ir.RejectTarget: lambda t: [f"-j REJECT --reject-with {t.with_.value}"],
     ir.LogTarget: _log,
+    ir.MarkTarget: lambda t: [f"-j MARK --set-xmark 0x{t.value:x}/0x{t.mask:x}"],
+    ir.ConnmarkTarget: _connmark,
+    ir.NotrackTarget: lambda t: ["-j NOTRACK" if t.spelling == "NOTRACK"
+                                 else "-j CT --notrack"],
 }
 
 

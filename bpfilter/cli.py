@@ -125,8 +125,8 @@ def _print_summary(result, output: Path) -> None:
                       for c in t.chains}
     reached: dict[tuple[str, str], list[str]] = {}
     for stage in result.stages:
-        for name, hooks in stage.reached:
-            reached.setdefault((stage.table, name), []).extend(h.value for h in hooks)
+        for key, hooks in stage.reached:
+            reached.setdefault(key, []).extend(h.value for h in hooks)
     as_data = {chain for s in result.stages for chain, _n in s.classification.data_chains}
     segments = {s.chain for st in result.stages for s in st.classification.segments}
     chains = Table(title=f"{result.parsed.source}: chains", title_justify="left")
@@ -140,7 +140,8 @@ def _print_summary(result, output: Path) -> None:
                            chain.policy.value if chain.policy else "-",
                            str(len(chain.rules)),
                            str(compiled_rules.get((table.name, chain.name), 0)),
-                           ", ".join(reached.get((table.name, chain.name), ["not reached"])),
+                           ", ".join(reached.get((table.name, chain.name), [
+                               "nothing to run" if chain.builtin else "not reached"])),
                            _compiled_as((table.name, chain.name), as_data, segments)
                            if (table.name, chain.name) in reached else "-")
     console.print(chains)
@@ -271,15 +272,15 @@ def conntrack_cmd(iface: Optional[str], flush: bool) -> None:
         console.print(f"flushed: {conntable.flush(paths)} connection(s) forgotten")
         return
     table = Table(title=f"connections (read by rulesets on {users})", title_justify="left")
-    for col in ("proto", "state", "timeout", "src", "dst", "sport", "dport", ""):
-        table.add_column(col, justify="right" if col in ("timeout", "sport", "dport")
+    for col in ("proto", "state", "timeout", "src", "dst", "sport", "dport", "mark", ""):
+        table.add_column(col, justify="right" if col in ("timeout", "sport", "dport", "mark")
                          else "left")
     rows = sorted(conntable.connections(paths), key=lambda c: (c.proto, c.src, c.sport))
     for c in rows:
         table.add_row(c.proto, c.state, str(c.timeout_s), c.src, c.dst,
                       f"id {c.sport}" if c.proto == "icmp" else str(c.sport),
                       f"type {c.dport}" if c.proto == "icmp" else str(c.dport),
-                      "" if c.replied else "[UNREPLIED]")
+                      str(c.mark), "" if c.replied else "[UNREPLIED]")
     console.print(table)
     use = conntable.table_use(paths)
     console.print(f"{len(rows)} connection(s); the table holds {use.entries:,} of "
@@ -315,7 +316,10 @@ def _human(value: int, exact: bool) -> str:
 @click.option("-n", "--numeric", is_flag=True, help="Accepted for iptables habits: "
               "addresses and ports are always numeric.")
 @click.option("-x", "--exact", is_flag=True, help="Exact counter values, no K/M units.")
-def list_cmd(iface: Optional[str], verbose: bool, numeric: bool, exact: bool) -> None:
+@click.option("-t", "--table", "only", type=click.Choice(["raw", "mangle", "filter"]),
+              help="Only this table (default: every table the ruleset has).")
+def list_cmd(iface: Optional[str], verbose: bool, numeric: bool, exact: bool,
+             only: Optional[str]) -> None:
     """The running rules per chain, with their counters, like `iptables -L -v`."""
     from bpfilter.deploy import LiveCounters
     from bpfilter.frontend.iptables.save import rule_text
@@ -323,7 +327,7 @@ def list_cmd(iface: Optional[str], verbose: bool, numeric: bool, exact: bool) ->
     for paths, d, ruleset in _deployed(iface):
         console.print(f"[bold]{d.iface}[/] ({d.where}, {d.source})")
         with LiveCounters(paths, d) as live:
-            for table in ruleset.tables:
+            for table in (t for t in ruleset.tables if only in (None, t.name)):
                 for chain in table.chains:
                     if not chain.rules and not chain.builtin:
                         continue

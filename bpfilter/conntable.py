@@ -57,7 +57,7 @@ def remove_table(paths: Paths) -> None:
 
 # struct bf_ct_key and struct bf_ct_entry (templates/conntrack.h); addresses in host order.
 _KEY = struct.Struct("<IIHHI")
-_ENTRY = struct.Struct("<QBBBBBB2x")
+_ENTRY = struct.Struct("<QBBBBBB2xI4x")
 TCP_STATES = ("NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT",
               "LAST_ACK", "TIME_WAIT", "CLOSE", "SYN_SENT2")
 _PROTOCOLS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp",
@@ -76,6 +76,7 @@ class Connection:
     sport: int  # for ICMP: the query's identifier
     dport: int  # for ICMP: the query's type
     replied: bool
+    mark: int = 0  # CONNMARK's
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def connections(paths: Paths) -> Iterator[Connection]:
             if value is None:
                 continue
             a0, a1, p0, p1, proto = _KEY.unpack(key)
-            expires, orig, replied, tcp, *_ = _ENTRY.unpack(value)
+            expires, orig, replied, tcp, *_, mark = _ENTRY.unpack(value)
             if expires <= now:
                 continue
             ends = [(a0, p0), (a1, p1)]
@@ -120,7 +121,7 @@ def connections(paths: Paths) -> Iterator[Connection]:
                              TCP_STATES[tcp] if proto == socket.IPPROTO_TCP and tcp < 10
                              else "-", (expires - now) // 1_000_000_000,
                              str(ipaddress.IPv4Address(src)), str(ipaddress.IPv4Address(dst)),
-                             sport, dport, bool(replied))
+                             sport, dport, bool(replied), mark)
     finally:
         table.close()
 

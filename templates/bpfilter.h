@@ -38,7 +38,11 @@ enum bf_out { BF_OUT_PASS = XDP_PASS, BF_OUT_DROP = XDP_DROP };
 
 enum bf_verdict { BF_CONTINUE = 0, BF_ACCEPT = 1, BF_DROP = 2, BF_REJECT = 3 };
 /* The netfilter hook a packet is in (struct bf_pkt.hook). */
-enum bf_hook { BF_HOOK_NONE = 0, BF_HOOK_INPUT = 1, BF_HOOK_FORWARD = 2, BF_HOOK_OUTPUT = 3 };
+enum bf_hook { BF_HOOK_NONE = 0, BF_HOOK_INPUT = 1, BF_HOOK_FORWARD = 2, BF_HOOK_OUTPUT = 3,
+	       BF_HOOK_PREROUTING = 4, BF_HOOK_POSTROUTING = 5 };
+/* Where a packet has no interface of a direction (struct bf_pkt.noif): no output one
+ * before the routing decision, no input one when this host made it. */
+enum bf_noif { BF_NO_IN = 1, BF_NO_OUT = 2 };
 /* bf_ifmatch's bits that name `-i` patterns, and `-o` patterns (set at FORWARD). */
 #ifndef BF_IFBITS_IN
 #define BF_IFBITS_IN (~0ULL)
@@ -67,10 +71,14 @@ struct bf_pkt {
 	__u8 ct_dir;        /* 1: the packet goes the connection's reply way */
 	__u8 hook;          /* enum bf_hook */
 	__u8 ip_df;         /* the IP header's don't-fragment flag */
+	__u8 noif;          /* enum bf_noif */
 	__u32 ct_orig[2];   /* the connection's original source and destination */
 	__u16 ct_port[2];   /* and ports (ICMP: the identifier, the query type << 8) */
 	__u8 ct_proto;
+	__u8 ct_mark_set;   /* CONNMARK changed ct_mark: the entry takes it */
 	__u32 gen;          /* the live generation of the maps (0 or 1) */
+	__u32 mark;         /* the packet's (skb->mark at TC; XDP has none: from 0) */
+	__u32 ct_mark;      /* its connection's */
 	__u8 smac[6], dmac[6];
 };
 
@@ -741,8 +749,24 @@ static __always_inline int bf_reject_icmp(struct bf_ctx *ctx, const struct bf_pk
 	return bf_transmit(ctx);
 }
 
+#ifdef BF_TC
+/* The skb's mark. The barrier gives each access its own view of the context: clang would
+ * otherwise keep ctx + offsetof(mark) from one access for the next, and the verifier
+ * refuses a context pointer that moved. */
+static __always_inline __u32 *bf_skb_mark(struct __sk_buff *skb)
+{
+	asm volatile("" : "+r"(skb));
+	return &skb->mark;
+}
+#endif
+
 static __always_inline int bf_verdict(struct bf_ctx *ctx, struct bf_pkt *p, int verdict)
 {
+#ifdef BF_TC
+	/* The stack sees the mark the rules set (routing by fwmark, sockets). XDP runs before
+	 * there is an skb to carry it: there it lives only as long as the program. */
+	*bf_skb_mark(ctx) = p->mark;
+#endif
 	switch (verdict) {
 	case BF_DROP:
 		return BF_OUT_DROP;

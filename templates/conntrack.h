@@ -3,25 +3,29 @@
  * nf_conntrack decides it.
  *
  * One entry per connection, keyed by its two endpoints in a canonical order, remembering
- * which endpoint opened it. The stage program tracks arriving packets; a fixed program at
- * TC egress (ct_egress.c) tracks the host's own, which XDP never sees. Both share the map,
- * which is pinned per interface and outlives ruleset swaps.
+ * which endpoint opened it. The ingress program tracks arriving packets, the egress program
+ * the host's own, which XDP never sees. Both share the map, which is pinned per namespace
+ * and outlives ruleset swaps.
  *
- * As in the kernel, a packet of a known connection moves its state before any rule runs,
- * while a new connection is remembered only once INPUT accepted its first packet (the
- * kernel confirms it after the filter hooks). TCP follows nf_conntrack's state table
+ * As in the kernel, a packet of a known connection moves its state after the raw table's
+ * rules and before the others' (NOTRACK in raw keeps a packet out), while a new connection
+ * is remembered only once its first packet has walked every hook (the kernel confirms it
+ * at the end of INPUT or POSTROUTING). TCP follows nf_conntrack's state table
  * (tcp_conntracks[]) without its window checks: an out-of-window segment is not INVALID
  * here. Checksums are not verified for INVALID either.
  */
 #pragma once
 
+/* NOTRACK sets the state whether or not the ruleset reads it. BF_CT_CONN: the states of a
+ * packet that has a connection (the kernel's nf_ct_get() is not NULL), which connmark
+ * reads and CONNMARK writes. */
+enum bf_ct_state { BF_CT_INVALID = 1, BF_CT_NEW = 2, BF_CT_RELATED = 4, BF_CT_ESTABLISHED = 8,
+		   BF_CT_UNTRACKED = 16, BF_CT_CONN = 2 | 4 | 8 };
+
 #if BF_CONNTRACK
 
 #define BF_CT_MAX 65536
 #define BF_SEC 1000000000ULL
-
-enum bf_ct_state { BF_CT_INVALID = 1, BF_CT_NEW = 2, BF_CT_RELATED = 4, BF_CT_ESTABLISHED = 8,
-		   BF_CT_UNTRACKED = 16 };
 
 /* nf_conntrack's TCP states; IV and IG are the table's "invalid" and "ignore". */
 enum { sNO, sSS, sSR, sES, sFW, sCW, sLA, sTW, sCL, sS2, sIV, sIG };
@@ -41,6 +45,8 @@ struct bf_ct_entry {
 	__u8 last_dir;   /* direction and kind of the last segment that moved or was */
 	__u8 last_kind;  /* ignored (proto.tcp.last_dir, last_index) */
 	__u8 pad[2];
+	__u32 mark;      /* CONNMARK's */
+	__u32 pad2;
 };
 
 struct {
@@ -322,6 +328,7 @@ static __always_inline __u8 bf_ct_related(void *data, void *end, struct bf_pkt *
 	if (!e || e->expires <= now)
 		return BF_CT_INVALID;
 	bf_ct_note(p, &key, e->orig, from == e->orig);
+	p->ct_mark = e->mark;
 	return BF_CT_RELATED;
 }
 
@@ -356,6 +363,7 @@ static __always_inline void bf_ct_classify(void *data, void *end, struct bf_pkt 
 		state = bf_ct_follow(p, e, from, now);
 		if (state) {
 			p->ct_state = state;
+			p->ct_mark = e->mark;
 			bf_ct_note(p, &key, orig, from != orig);
 			return;
 		}
@@ -376,19 +384,53 @@ __noinline int bf_ct_track(struct bf_ctx *ctx, struct bf_pkt *p)
 	return 0;
 }
 
+/* The key of the packet's connection from what bf_ct_note() kept of it (for an ICMP error,
+ * the connection it quotes). */
+static __always_inline void bf_ct_conn_key(const struct bf_pkt *p, struct bf_ct_key *key)
+{
+	__u8 from;
+
+	if (p->ct_proto == IPPROTO_ICMP) {
+		key->proto = IPPROTO_ICMP;
+		key->addr[0] = p->ct_orig[0];
+		key->addr[1] = p->ct_orig[1];
+		key->port[0] = p->ct_port[0];
+		key->port[1] = p->ct_port[1] >> 8;
+		return;
+	}
+	bf_ct_endpoints(key, &from, p->ct_proto, p->ct_orig[0], p->ct_port[0], p->ct_orig[1],
+			p->ct_port[1]);
+}
+
 /* __nf_conntrack_confirm(): the packet was let through, remember its new connection. (Not
  * after a REJECT: the kernel's reset or ICMP error carries the connection in the reply
- * direction, and __nf_conntrack_confirm() does not confirm from there.) */
+ * direction, and __nf_conntrack_confirm() does not confirm from there.) A known
+ * connection whose mark CONNMARK changed keeps it, whatever the verdict: the kernel
+ * writes it at once. */
 __noinline int bf_ct_confirm(const struct bf_pkt *p, int verdict)
 {
 	struct bf_ct_key key = {};
 	struct bf_ct_entry e = {};
 	__u8 from;
 
-	if (!p || p->ct_create == sNO || verdict == BF_DROP || verdict == BF_REJECT)
+	if (!p)
+		return 0;
+	if (p->ct_create == sNO) {
+		struct bf_ct_entry *known;
+
+		if (!p->ct_mark_set)
+			return 0;
+		bf_ct_conn_key(p, &key);
+		known = bpf_map_lookup_elem(&bf_conntrack, &key);
+		if (known)
+			known->mark = p->ct_mark;
+		return 0;
+	}
+	if (verdict == BF_DROP || verdict == BF_REJECT)
 		return 0;
 	bf_ct_key_of(p, &key, &from);
 	e.orig = from;
+	e.mark = p->ct_mark;
 	e.tcp = p->ct_create;
 	e.last_kind = bf_tcp_kind(p->tcp_flags);
 	e.expires = bf_now() + bf_ct_timeout(p, &e);

@@ -68,7 +68,7 @@ def test_field_bitsets_follow_prefixes_negation_and_ranges():
     finally:
         classify.CLASSIFY_MIN = classify_min
     n = len(result.entries)
-    tables = classifier_tables(result, list(range(n)), [0] * n, {}, MatchContext())
+    tables = classifier_tables(result, list(range(n)), [0] * n, MatchContext())
     saddr = {(addr >> 24, addr >> 16 & 0xFF, length): tables.bitsets[cls]
              for addr, length, cls in tables.saddr}
     assert saddr[(10, 1, 16)] & 0b11 == 0b01  # in 10/8, and in 10.1/16: the negation fails

@@ -243,3 +243,60 @@ def test_a_reject_at_output_sends_its_reply_through_output(kernel, build_root, r
     sent = Ether() / IP(src="198.19.0.1", dst="192.0.2.1") / UDP(dport=53)
     with _load(rules, build_root, f"out-reject-{verdict}") as loaded:
         assert loaded.program(EGRESS).test_run(bytes(sent)).retval == verdict
+
+
+def _load_text(text: str, build_root, name: str, attach=None) -> LoadedRuleset:
+    from bpfilter.codegen import Attach
+
+    return LoadedRuleset(compile_ruleset(text, name, build_root / name, verify=False,
+                                         attach=attach or Attach.XDP))
+
+
+MARKS = """*mangle
+:PREROUTING ACCEPT [0:0]
+-A PREROUTING -p udp -j MARK --set-xmark 0x5/0xff
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+-A INPUT -m mark --mark 0x5/0xf -j ACCEPT
+-A INPUT -j DROP
+COMMIT
+"""
+
+
+@pytest.mark.parametrize("attach", ["xdp", "tc"])
+def test_a_mark_set_in_mangle_is_read_in_filter_and_given_to_the_stack_at_tc(
+        kernel, build_root, attach):
+    from bpfilter.codegen import Attach
+
+    tcp = Ether() / IP(src="192.0.2.1", dst="198.18.0.1") / TCP(dport=22)
+    with _load_text(MARKS, build_root, f"marks-{attach}", Attach(attach)) as loaded:
+        program = loaded.program()
+        passed = program.test_run(bytes(_udp()), ingress_ifindex=LO, mark=0x100)
+        dropped = program.test_run(bytes(tcp), ingress_ifindex=LO, mark=0x100)
+    if attach == "xdp":
+        assert (passed.retval, dropped.retval) == (XDP_PASS, XDP_DROP)
+    else:
+        assert (passed.retval, dropped.retval) == (0, 2)  # TC_ACT_OK, TC_ACT_SHOT
+        assert passed.mark == 0x105  # (0x100 & ~0xff) ^ 0x5: the stack routes by it
+
+
+def test_notrack_keeps_packets_out_of_the_connection_table(kernel, build_root):
+    """raw's rules run before connection tracking: they see no connection (INVALID), and
+    a packet they NOTRACK is UNTRACKED for the rest and never remembered."""
+    text = """*raw
+:PREROUTING ACCEPT [0:0]
+-A PREROUTING -p udp -m conntrack --ctstate INVALID -j NOTRACK
+COMMIT
+*filter
+:INPUT DROP [0:0]
+-A INPUT -p udp -m state --state UNTRACKED -j ACCEPT
+-A INPUT -p tcp -m conntrack --ctstate NEW -j ACCEPT
+COMMIT
+"""
+    syn = Ether() / IP(src="192.0.2.1", dst="198.18.0.1") / TCP(dport=22, flags="S")
+    with _load_text(text, build_root, "notrack") as loaded:
+        assert _run(loaded, _udp()) == XDP_PASS
+        assert len(list(loaded.map("bf_conntrack").keys())) == 0
+        assert _run(loaded, syn) == XDP_PASS
+        assert len(list(loaded.map("bf_conntrack").keys())) == 1

@@ -139,6 +139,7 @@ def _address_dimension(entries: tuple[Entry, ...], dim: str,
 
 def _entry_bytes(entry: Entry, slot: int, run: int, segment_of: dict[str, int],
                  ctx: MatchContext) -> bytes:
+    """`segment_of`: the segment number of each data chain of the entry's table."""
     target = entry.target
     action, reject_with, jump = _ACTIONS["none"], 0, 0
     if isinstance(target, ir.VerdictTarget):
@@ -189,8 +190,7 @@ def _entry_bytes(entry: Entry, slot: int, run: int, segment_of: dict[str, int],
 
 
 def classifier_tables(classification: Classification, entry_slots: list[int],
-                      entry_runs: list[int], segment_of: dict[str, int],
-                      ctx: MatchContext) -> ClassifierTables:
+                      entry_runs: list[int], ctx: MatchContext) -> ClassifierTables:
     """`entry_slots`: the counter slot of each entry's rule; `entry_runs`: the folded-run
     number of each entry that is a run (else unused)."""
     entries = classification.entries
@@ -201,7 +201,12 @@ def classifier_tables(classification: Classification, entry_slots: list[int],
     saddr = _address_dimension(entries, "saddr", classes)
     daddr = _address_dimension(entries, "daddr", classes)
     no_ports = [classes.id(_split(entries, d)[0]) for d in ("sport", "dport")]  # free only
-    packed = tuple(_entry_bytes(e, entry_slots[i], entry_runs[i], segment_of, ctx)
+    segment_of: dict[str, dict[str, int]] = {}
+    for (table, chain), number in classification.data_chains:
+        segment_of.setdefault(table, {})[chain] = number
+    tables = [s.chain[0] for s in classification.segments for _e in s.entries]
+    packed = tuple(_entry_bytes(e, entry_slots[i], entry_runs[i],
+                                segment_of.get(tables[i], {}), ctx)
                    for i, e in enumerate(entries))
     bounds, start = [], 0
     for segment in classification.segments:

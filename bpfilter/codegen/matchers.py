@@ -62,15 +62,15 @@ def _address(m: ir.AddressMatch, ctx: MatchContext) -> list[str]:
     return [ctx.require(_in_network(field_, m.network), m.negate)]
 
 
-# Where a packet has no interface of that direction: the kernel compares the pattern
-# with an empty name, which only a bare `+` matches.
-_NO_INTERFACE = {"in": "BF_HOOK_OUTPUT", "out": "BF_HOOK_INPUT"}
+# Where a packet has no interface of that direction (before routing, or made by this host)
+# the kernel compares the pattern with an empty name, which only a bare `+` matches.
+_NO_INTERFACE = {"in": "BF_NO_IN", "out": "BF_NO_OUT"}
 
 
 def _interface(m: ir.InterfaceMatch, ctx: MatchContext) -> list[str]:
     expr = f"(p->ifbits >> {ctx.if_pattern(m)}) & 1"
     if ir.InterfaceMatch(m.direction, m.name).matches(""):
-        expr = f"p->hook == {_NO_INTERFACE[m.direction]} || ({expr})"
+        expr = f"(p->noif & {_NO_INTERFACE[m.direction]}) || ({expr})"
     return [ctx.require(expr, m.negate)]
 
 
@@ -175,8 +175,8 @@ _CT_TUPLE = {"origsrc": "p->ct_orig[0]", "origdst": "p->ct_orig[1]",
 
 
 def _conntrack(m: ir.ConntrackMatch, ctx: MatchContext) -> list[str]:
-    """xt_conntrack: the state first; an INVALID packet has no connection, and then the
-    match holds only if it had a state condition (which held)."""
+    """xt_conntrack: the state first; an INVALID or UNTRACKED packet has no connection,
+    and then the match holds only if it had a state condition (which held)."""
     ctx.conntrack = True
     lines = []
     if m.states:
@@ -197,10 +197,20 @@ def _conntrack(m: ir.ConntrackMatch, ctx: MatchContext) -> list[str]:
         spec = getattr(m, name)
         if spec is not None:
             others.append(_holds(_in_range(_CT_TUPLE[name], spec.ports), spec.negate))
-    has_connection = f"!(p->ct_state & {CT_BITS['INVALID']})"
+    has_connection = "(p->ct_state & BF_CT_CONN)"
     if m.states:
         return lines + [ctx.require(f"!{has_connection} || ({' && '.join(others)})")]
     return [ctx.require(f"{has_connection} && {' && '.join(others)}")]
+
+
+def _mark(m: ir.MarkMatch, ctx: MatchContext) -> list[str]:
+    field_ = "p->ct_mark" if m.connection else "p->mark"
+    expr = f"({field_} & 0x{m.mask:x}) == 0x{m.value:x}"
+    if not m.connection:
+        return [ctx.require(expr, m.negate)]
+    ctx.conntrack = True
+    # No connection, no match, negated or not (xt_connmark).
+    return [ctx.require(f"(p->ct_state & BF_CT_CONN) && {_holds(expr, m.negate)}")]
 
 
 def _comment(m: ir.CommentMatch, ctx: MatchContext) -> list[str]:
@@ -223,6 +233,7 @@ GENERATORS: dict[type, Callable[..., list[str]]] = {
     ir.LimitMatch: _limit,
     ir.CommentMatch: _comment,
     ir.ConntrackMatch: _conntrack,
+    ir.MarkMatch: _mark,
 }
 
 

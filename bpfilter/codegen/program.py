@@ -15,10 +15,10 @@ import jinja2
 from bpfilter import ir
 from bpfilter.codegen.classifier import ClassifierTables, classifier_tables
 from bpfilter.codegen.matchers import MatchContext, match_lines
-from bpfilter.codegen.targets import return_lines, target_lines
+from bpfilter.codegen.targets import return_lines, target_lines, uses_conntrack
 from bpfilter.passes.classify import MAX_DEPTH, Segment, entry_rules
 from bpfilter.passes.fold import PrefixRun, RuleItem
-from bpfilter.passes.stages import EGRESS_HOOKS, INGRESS_HOOKS, ChainRef, Stage
+from bpfilter.passes.stages import ChainRef, Stage
 from bpfilter.resources import resource_dir
 
 # The runtime the generated programs include: packet parsing, maps, targets; the classifier.
@@ -133,8 +133,8 @@ def _c_comment(text: str) -> str:
     return text.replace("*/", "* /")
 
 
-def _function_name(index: int, chain: str) -> str:
-    return f"bf_chain_{index}_" + re.sub(r"[^A-Za-z0-9_]", "_", chain)[:40]
+def _function_name(index: int, table: str, chain: str) -> str:
+    return f"bf_chain_{index}_{table}_" + re.sub(r"[^A-Za-z0-9_]", "_", chain)[:40]
 
 
 INGRESS, EGRESS = "bf_ingress", "bf_egress"
@@ -148,10 +148,12 @@ def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
     follow is left out."""
     ctx = MatchContext()
     # Folded runs, with their chain's rule slots and where they are (see FoldedRun).
-    runs: list[tuple[PrefixRun, tuple[int, ...], str, bool]] = []
-    refs = {ref.chain.name: ref for stage in stages for ref in stage.chains}
-    functions = {name: _function_name(i, name) for i, name in enumerate(refs)}
-    code = {name: _chain_code(ref, functions, runs, ctx) for name, ref in refs.items()}
+    runs: list[tuple[PrefixRun, tuple[int, ...], tuple[str, str], bool]] = []
+    refs = {ref.key: ref for stage in stages for ref in stage.chains}
+    functions: dict[str, dict[str, str]] = {}  # per table, per chain
+    for i, (table, name) in enumerate(refs):
+        functions.setdefault(table, {})[name] = _function_name(i, table, name)
+    code = {key: _chain_code(ref, functions[ref.table], runs, ctx) for key, ref in refs.items()}
     tables, sizes = _classifier(stages[0], runs, ctx)
     defines = dict(
         source=_c_comment(source), tc=attach is Attach.TC, conntrack=ctx.conntrack,
@@ -165,21 +167,24 @@ def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
     for stage, (name, egress) in zip(stages, ((INGRESS, False), (EGRESS, True))):
         if egress and not stage.hooks and not ctx.conntrack:
             continue
+        # Per hook, the chain before connection tracking (raw's) and those after it.
+        raw = {h.name.lower(): functions["raw"][h.value] if "raw" in stage.tables(h) else None
+               for h in ir.Hook}
+        entries = {h.name.lower(): [functions[t][h.value] for t in stage.tables(h) if t != "raw"]
+                   for h in ir.Hook}
         text = _environment().get_template("stage.c.j2").render(
-            **defines, program=name, egress=egress, table=stage.table,
-            hooks=", ".join(h.value for h in stage.hooks),
-            chains=[code[ref.chain.name] for ref in stage.chains],
-            entries={h.name.lower(): functions[h.value] if h in stage.hooks else None
-                     for h in (*INGRESS_HOOKS, *EGRESS_HOOKS)})
+            **defines, program=name, egress=egress,
+            walks="; ".join(f"{h.value} ({', '.join(t)})" for h, t in stage.walks),
+            chains=[code[ref.key] for ref in stage.chains], raw=raw, entries=entries)
         programs.append(ProgramSource(name, stage.hooks, egress, text))
     prefixes = tuple((number, net, slots[index]) for number, (run, slots, *_) in enumerate(runs)
                      if run.uniform_length is None for net, index in run.prefixes)
     exact = tuple((number, int(net.network_address), slots[index])
                   for number, (run, slots, *_) in enumerate(runs)
                   if run.uniform_length is not None for net, index in run.prefixes)
-    folded = tuple(FoldedRun(stages[0].table, chain, run.indexes[0], run.indexes[-1], number,
+    folded = tuple(FoldedRun(table, chain, run.indexes[0], run.indexes[-1], number,
                              run.uniform_length, run.direction, data)
-                   for number, (run, _slots, chain, data) in enumerate(runs))
+                   for number, (run, _slots, (table, chain), data) in enumerate(runs))
     return GeneratedProgram(tuple(programs), tuple(ctx.if_patterns), tuple(ctx.limits),
                             nslots, prefixes, exact, tables, sizes, folded, attach,
                             ctx.conntrack)
@@ -187,7 +192,8 @@ def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
 
 def _chain_code(ref: ChainRef, functions: dict[str, str], runs: list,
                 ctx: MatchContext) -> dict:
-    """What the template renders of one chain: its rules, split into parts if long."""
+    """What the template renders of one chain: its rules, split into parts if long.
+    `functions`: the C function of each chain of its table."""
     chain = ref.chain
     parted = len(ref.items) > PART_RULES
     to_policy = "return BF_POLICY;" if parted else "goto policy;"
@@ -210,7 +216,7 @@ def _chain_code(ref: ChainRef, functions: dict[str, str], runs: list,
         else:
             ctx.skip = f"run{len(runs)}"
             lines = _run_lines(item, len(runs), chain.builtin, functions, to_policy, ctx)
-            runs.append((item, ref.rule_slots, chain.name, False))
+            runs.append((item, ref.rule_slots, ref.key, False))
             title = f"run {len(runs) - 1}: {len(item.prefixes)} prefixes in one lookup"
             origin = item.rules[0].origin
         rules.append({"title": title, "origin": _c_comment(str(origin)),
@@ -227,7 +233,8 @@ def _chain_code(ref: ChainRef, functions: dict[str, str], runs: list,
                 f"return BF_{chain.policy.value};"]
     else:
         tail = ["return BF_CONTINUE;"]
-    return {"name": _c_comment(chain.name), "function": functions[chain.name],
+    return {"name": _c_comment(f"{ref.table} {chain.name}"),
+            "function": functions[chain.name],
             "origin": chain.origin and _c_comment(str(chain.origin)),
             "rules": [] if parted else rules, "parts": parts, "tail": tail}
 
@@ -256,10 +263,8 @@ def _classifier(stage: Stage, runs: list, ctx: MatchContext):
             entry_slots.append(slots[entry_rules(entry)[0]])
             entry_runs.append(len(runs))
             if isinstance(entry.item, PrefixRun):
-                runs.append((entry.item, slots, segment.chain[1], True))
-    segment_of = {chain: number for (_table, chain), number in classification.data_chains}
-    tables = classifier_tables(classification, entry_slots, entry_runs,
-                               segment_of, ctx)
+                runs.append((entry.item, slots, segment.chain, True))
+    tables = classifier_tables(classification, entry_slots, entry_runs, ctx)
     sizes = {"entries": room(len(entry_slots)), "classes": room(len(tables.bitsets)),
              "prefixes": room(max(len(tables.saddr), len(tables.daddr))),
              "segments": room(len(tables.segments)), "depth": MAX_DEPTH,
@@ -273,6 +278,7 @@ def _rule_lines(matches, target, slot: str, builtin: bool, functions, to_policy:
     lines = []
     for match in matches:
         lines.extend(match_lines(match, ctx))
+    ctx.conntrack |= uses_conntrack(target)
     return lines + target_lines(target, slot, builtin, functions, to_policy)
 
 

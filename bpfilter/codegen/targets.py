@@ -12,13 +12,19 @@ _REJECT_CODES = "BF_REJECT_TCP_RESET"
 def target_lines(target: Optional[ir.Target], slot: str, builtin: bool,
                  functions: dict[str, str], to_policy: str) -> list[str]:
     """`to_policy` leaves for the built-in chain's policy: a goto in the chain function,
-    a return code from a part of a long chain."""
+    a return code from a part of a long chain. `functions`: the C function of each chain
+    of the rule's table."""
     lines = [f"bf_count({slot}, p);"]
     if isinstance(target, ir.LogTarget):
         lines.append(f"bf_log_packet({slot}, p);")
     if target is None:
         return lines
     return lines + _TARGETS[type(target)](target, builtin, functions, to_policy)
+
+
+def uses_conntrack(target: Optional[ir.Target]) -> bool:
+    """Targets that read or write the packet's connection."""
+    return isinstance(target, ir.ConnmarkTarget)
 
 
 def _verdict(t: ir.VerdictTarget, builtin: bool, functions, to_policy: str) -> list[str]:
@@ -53,10 +59,34 @@ def _log(t: ir.LogTarget, builtin: bool, functions, to_policy: str) -> list[str]
     return []  # the event needs the slot: see target_lines
 
 
+def _mark(t: ir.MarkTarget, builtin: bool, functions, to_policy: str) -> list[str]:
+    return [f"p->mark = (p->mark & 0x{~t.mask & 0xFFFFFFFF:x}) ^ 0x{t.value:x};"]
+
+
+def _connmark(t: ir.ConnmarkTarget, builtin: bool, functions, to_policy: str) -> list[str]:
+    keep_ct, keep_nf = ~t.ctmask & 0xFFFFFFFF, ~t.nfmask & 0xFFFFFFFF
+    if t.mode is ir.ConnmarkMode.RESTORE:
+        change = f"p->mark = (p->mark & 0x{keep_nf:x}) ^ (p->ct_mark & 0x{t.ctmask:x});"
+    else:
+        bits = (f"0x{t.value:x}" if t.mode is ir.ConnmarkMode.SET
+                else f"(p->mark & 0x{t.nfmask:x})")
+        change = (f"p->ct_mark = (p->ct_mark & 0x{keep_ct:x}) ^ {bits}; "
+                  "p->ct_mark_set = 1;")
+    # A packet with no connection (INVALID, UNTRACKED) is left alone (xt_connmark).
+    return [f"if (p->ct_state & BF_CT_CONN) {{ {change} }}"]
+
+
+def _notrack(t: ir.NotrackTarget, builtin: bool, functions, to_policy: str) -> list[str]:
+    return ["p->ct_state = BF_CT_UNTRACKED;"]
+
+
 _TARGETS: dict[type, Callable[..., list[str]]] = {
     ir.VerdictTarget: _verdict,
     ir.ReturnTarget: _return,
     ir.JumpTarget: _jump,
     ir.RejectTarget: _reject,
     ir.LogTarget: _log,
+    ir.MarkTarget: _mark,
+    ir.ConnmarkTarget: _connmark,
+    ir.NotrackTarget: _notrack,
 }

@@ -31,6 +31,7 @@ class TestRunResult:
     retval: int
     data: bytes
     duration_ns: int
+    mark: int = 0  # the skb's mark as the program left it (TC)
 
 
 @dataclass(frozen=True)
@@ -172,14 +173,15 @@ class Program:
                              info.xlated_prog_len // 8, info.jited_prog_len)
 
     def test_run(self, packet: bytes, ingress_ifindex: int = 0, repeat: int = 1,
-                 flags: int = 0, out_size: Optional[int] = None) -> TestRunResult:
+                 flags: int = 0, out_size: Optional[int] = None,
+                 mark: int = 0) -> TestRunResult:
         """Run the program on one packet with BPF_PROG_TEST_RUN, in its own context: an
-        XDP frame, or an skb that came in on `ingress_ifindex` (TC)."""
+        XDP frame, or an skb with `mark` that came in on `ingress_ifindex` (TC)."""
         data_in = ctypes.create_string_buffer(packet, len(packet))
         live = flags != 0
         data_out = None if live else ctypes.create_string_buffer(out_size or len(packet) + 1024)
         if self._skb_context:
-            ctx = SkBuff(ingress_ifindex=ingress_ifindex, ifindex=ingress_ifindex)
+            ctx = SkBuff(mark=mark, ingress_ifindex=ingress_ifindex, ifindex=ingress_ifindex)
         else:
             ctx = XdpMd(0, len(packet), 0, ingress_ifindex, 0, 0)
         opts = TestRunOpts()
@@ -191,12 +193,19 @@ class Program:
             opts.data_size_out = len(data_out)
         opts.ctx_in = ctypes.cast(ctypes.pointer(ctx), ctypes.c_void_p)
         opts.ctx_size_in = ctypes.sizeof(ctx)
+        # The kernel hands back its whole __sk_buff or refuses (ENOSPC).
+        ctx_out = SkBuff.from_buffer(ctypes.create_string_buffer(256)) \
+            if self._skb_context else None
+        if ctx_out is not None:
+            opts.ctx_out = ctypes.addressof(ctx_out)
+            opts.ctx_size_out = 256
         opts.repeat = repeat
         opts.flags = flags
         check(lib().bpf_prog_test_run_opts(self.fd, ctypes.byref(opts)),
               f"test run of {self.name}")
         data = data_out.raw[:opts.data_size_out] if data_out is not None else b""
-        return TestRunResult(opts.retval, data, opts.duration)
+        return TestRunResult(opts.retval, data, opts.duration,
+                             ctx_out.mark if ctx_out is not None else 0)
 
 
 class Object:

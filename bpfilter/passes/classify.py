@@ -46,6 +46,10 @@ _L4_NEEDS = {ir.TcpMatch: 20, ir.UdpMatch: 8, ir.IcmpMatch: 8, ir.MultiportMatch
 _L4_PROTOCOLS = {ir.TcpMatch: {6}, ir.UdpMatch: {17}, ir.IcmpMatch: {1},
                  ir.MultiportMatch: {6, 17, 33, 132, 136}}
 
+# What an entry's action can be (codegen/classifier.py); no target is a rule that counts.
+_ENTRY_TARGETS = (ir.VerdictTarget, ir.RejectTarget, ir.ReturnTarget, ir.JumpTarget,
+                  ir.LogTarget, type(None))
+
 DIMENSIONS = ("proto", "saddr", "daddr", "sport", "dport")
 
 
@@ -179,6 +183,8 @@ def _entry(item: Union[RuleItem, PrefixRun], data: set[str]) -> Optional[Entry]:
             return None  # fragments, MAC addresses: rare, they stay code
     if l4_module is not None and not protocols & _L4_PROTOCOLS[l4_module]:
         return None
+    if not isinstance(target, _ENTRY_TARGETS):
+        return None  # MARK, CONNMARK, NOTRACK change the packet: code
     jump = None
     if isinstance(target, ir.JumpTarget):
         if target.chain not in data:

@@ -15,32 +15,50 @@ Folds = dict[tuple[str, str], tuple[ChainItem, ...]]
 class ChainRef:
     """A chain reachable from a stage, and the counter slot of each of its rules."""
 
+    table: str
     chain: ir.Chain
     rule_slots: tuple[int, ...]
     policy_slot: int  # -1 for user-defined chains
     items: tuple[ChainItem, ...] = ()  # as code generation takes them (runs, segments)
 
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.table, self.chain.name
 
-# The hooks one program at an interface's ingress runs: after the routing decision the
-# kernel takes, a packet for this host walks INPUT, one it routes on walks FORWARD.
-INGRESS_HOOKS = (ir.Hook.INPUT, ir.Hook.FORWARD)
-# The hooks the program at its egress runs: only there does a host's own packet show.
-EGRESS_HOOKS = (ir.Hook.OUTPUT,)
+
+# The tables whose built-in chains a hook runs, in the kernel's priority order (raw -300,
+# connection tracking -200 between raw and the rest, mangle -150, filter 0).
+TABLE_ORDER = ("raw", "mangle", "filter")
+# The hooks one program at an interface's ingress runs: every packet walks PREROUTING;
+# after the routing decision the kernel takes, one for this host walks INPUT, one it routes
+# on FORWARD and then POSTROUTING (decided here, where its marks are known).
+INGRESS_HOOKS = (ir.Hook.PREROUTING, ir.Hook.INPUT, ir.Hook.FORWARD, ir.Hook.POSTROUTING)
+# The hooks the program at its egress runs for the host's own packets: only there do they
+# show.
+EGRESS_HOOKS = (ir.Hook.OUTPUT, ir.Hook.POSTROUTING)
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One program: the built-in chains of its hooks and every chain they reach, callees
-    first."""
+    """One program: per hook, the built-in chains it walks, and every chain they reach,
+    callees first."""
 
-    hooks: tuple[ir.Hook, ...]  # those whose built-in chain the table has
-    table: str
+    # (hook, the tables whose built-in chain of that hook runs, in order); only hooks with
+    # at least one
+    walks: tuple[tuple[ir.Hook, tuple[str, ...]], ...]
     chains: tuple[ChainRef, ...]
     classification: Classification = Classification()
     # Every chain a packet can walk in this program, with the hooks it is reached from.
-    reached: tuple[tuple[str, tuple[ir.Hook, ...]], ...] = ()
+    reached: tuple[tuple[tuple[str, str], tuple[ir.Hook, ...]], ...] = ()
     # Per classifier segment, the counter slots of its chain's rules.
     segment_slots: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def hooks(self) -> tuple[ir.Hook, ...]:
+        return tuple(hook for hook, _tables in self.walks)
+
+    def tables(self, hook: ir.Hook) -> tuple[str, ...]:
+        return dict(self.walks).get(hook, ())
 
 
 def counter_slots(ruleset: ir.Ruleset,
@@ -99,12 +117,16 @@ def _reachable(table: ir.Table, entry: str, folds: Folds | None = None) -> list[
 
 def _runs_anything(table: ir.Table, hook: ir.Hook) -> bool:
     """An empty built-in chain whose policy is ACCEPT changes no packet: no program need
-    run it (only its policy counter then stays at zero)."""
+    run it (only its policy counter then stays at zero). The filter table's INPUT and
+    FORWARD run even so: their policy counters are what `list` is most read for."""
     chain = table.chain(hook.value)
-    return chain is not None and (bool(chain.rules) or chain.policy is not ir.Verdict.ACCEPT)
+    if chain is None:
+        return False
+    return (bool(chain.rules) or chain.policy is not ir.Verdict.ACCEPT
+            or (table.name == "filter" and hook in (ir.Hook.INPUT, ir.Hook.FORWARD)))
 
 
-def plan_stages(ruleset: ir.Ruleset, table_name: str = "filter", folds: Folds | None = None,
+def plan_stages(ruleset: ir.Ruleset, folds: Folds | None = None,
                 slots: dict[tuple[str, str, int], int] | None = None,
                 classification: Classification = Classification()) -> tuple[Stage, ...]:
     """One program at ingress (always, if only to pass everything) and one at egress
@@ -112,32 +134,36 @@ def plan_stages(ruleset: ir.Ruleset, table_name: str = "filter", folds: Folds | 
     They share the counter slots and the classification: one set of maps serves both."""
     folds = fold_chains(ruleset) if folds is None else folds
     slots = counter_slots(ruleset, folds) if slots is None else slots
-    table = ruleset.table(table_name)
-    if table is None:
-        table = ir.Table(table_name, ())
+    tables = [ruleset.table(name) for name in TABLE_ORDER if ruleset.table(name) is not None]
     segment_slots = tuple(
-        tuple(slots[(*s.chain, i)] for i in range(len(table.chain(s.chain[1]).rules)))
+        tuple(slots[(*s.chain, i)]
+              for i in range(len(ruleset.table(s.chain[0]).chain(s.chain[1]).rules)))
         for s in classification.segments)
-    ingress = tuple(h for h in INGRESS_HOOKS if table.chain(h.value) is not None)
-    egress = tuple(h for h in EGRESS_HOOKS if _runs_anything(table, h))
-    return tuple(_stage(table, hooks, folds, slots, classification, segment_slots)
-                 for hooks in (ingress, egress))
+    stages = []
+    for hooks in (INGRESS_HOOKS, EGRESS_HOOKS):
+        walks = tuple((hook, names) for hook in hooks
+                      if (names := tuple(t.name for t in tables if _runs_anything(t, hook))))
+        stages.append(_stage(ruleset, walks, folds, slots, classification, segment_slots))
+    return tuple(stages)
 
 
-def _stage(table: ir.Table, present: tuple[ir.Hook, ...], folds: Folds,
-           slots: dict[tuple[str, str, int], int], classification: Classification,
+def _stage(ruleset: ir.Ruleset, walks: tuple[tuple[ir.Hook, tuple[str, ...]], ...],
+           folds: Folds, slots: dict[tuple[str, str, int], int],
+           classification: Classification,
            segment_slots: tuple[tuple[int, ...], ...]) -> Stage:
-    names: dict[str, None] = {}  # ordered: callees first across the hooks too
-    reached: dict[str, tuple[ir.Hook, ...]] = {}
-    for hook in present:
-        names.update(dict.fromkeys(_reachable(table, hook.value, folds)))
-        for name in _reachable(table, hook.value):
-            reached[name] = reached.get(name, ()) + (hook,)
+    keys: dict[tuple[str, str], None] = {}  # ordered: callees first across the hooks too
+    reached: dict[tuple[str, str], tuple[ir.Hook, ...]] = {}
+    for hook, names in walks:
+        for name in names:
+            table = ruleset.table(name)
+            keys.update(dict.fromkeys((name, c) for c in _reachable(table, hook.value, folds)))
+            for chain in _reachable(table, hook.value):
+                reached[(name, chain)] = reached.get((name, chain), ()) + (hook,)
     refs = []
-    for name in names:
-        chain = table.chain(name)
-        rule_slots = tuple(slots[(table.name, name, i)] for i in range(len(chain.rules)))
-        refs.append(ChainRef(chain, rule_slots, slots.get((table.name, name, -1), -1),
-                             folds[(table.name, name)]))
-    return Stage(present, table.name, tuple(refs), classification, tuple(reached.items()),
-                 segment_slots)
+    for table_name, name in keys:
+        chain = ruleset.table(table_name).chain(name)
+        rule_slots = tuple(slots[(table_name, name, i)] for i in range(len(chain.rules)))
+        refs.append(ChainRef(table_name, chain, rule_slots,
+                             slots.get((table_name, name, -1), -1),
+                             folds[(table_name, name)]))
+    return Stage(walks, tuple(refs), classification, tuple(reached.items()), segment_slots)

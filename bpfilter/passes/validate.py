@@ -7,9 +7,10 @@ from typing import Callable, Optional
 from bpfilter import ir
 from bpfilter.errors import InputError
 from bpfilter.passes.calls import CHAIN_LEVEL_MAX, MAX_FRAMES, chain_levels
+from bpfilter.passes.stages import TABLE_ORDER
 
 # The tables the compiler places (nat comes with NAT; security has no use without SELinux).
-COMPILED_TABLES = ("raw", "mangle", "filter")
+COMPILED_TABLES = TABLE_ORDER
 # Targets the kernel accepts in one table only (xt_target.table).
 _TARGET_TABLES = {ir.RejectTarget: ("REJECT", "filter"),
                   ir.NotrackTarget: ("NOTRACK", "raw")}

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from rich.console import Console
 from rich.table import Table
 from scapy.layers.inet import ICMP, IP, TCP
@@ -24,6 +25,9 @@ from pyroute2 import Conntrack
 from bpfilter import conntable, deploy, netns, state
 from bpfilter.codegen import Attach
 from bpfilter.frontend import parse_ruleset
+from bpfilter.frontend.iptables.names import BUILTIN_CHAINS
+from bpfilter.frontend.iptables.save import save
+from bpfilter.passes.validate import COMPILED_TABLES
 from bpfilter.testbed import VethBed
 from tests.conftest import EXAMPLES
 from tests.conformance.rulesets import kinds
@@ -84,6 +88,17 @@ def _settled(count: Callable[[], int]) -> int:
         value = again
 
 
+def whole(text: str) -> str:
+    """The ruleset with every table bpfilter compiles: iptables-restore replaces only the
+    tables its input has (a raw table of the previous ruleset would stay), while
+    bpfilter's apply replaces the whole ruleset."""
+    present = {t.name for t in parse_ruleset(text).tables}
+    empty = "".join(f"*{table}\n" + "".join(f":{chain} ACCEPT [0:0]\n"
+                                             for chain in BUILTIN_CHAINS[table]) + "COMMIT\n"
+                    for table in COMPILED_TABLES if table not in present)
+    return text + empty
+
+
 class MirrorPair:
     def __init__(self, build_dir: Path, attach: Attach = Attach.XDP, forward: bool = False):
         """`forward`: the servers route on to a far namespace (bpfilter then runs on both
@@ -113,7 +128,7 @@ class MirrorPair:
             paths = state.Paths("eth0", state.netns_id())
             if paths.conntrack.exists():
                 conntable.flush(paths)
-        netns.run("iptables-legacy-restore", netns=self.kernel.server, input=text)
+        netns.run("iptables-legacy-restore", netns=self.kernel.server, input=whole(text))
         # bpfilter does not track TCP windows (templates/conntrack.h): compare it with a
         # kernel that does not mark out-of-window segments INVALID either.
         netns.sysctl(self.kernel.server, "net.netfilter.nf_conntrack_tcp_be_liberal", "1")
@@ -191,3 +206,15 @@ def check_example(pair: MirrorPair, name: str, cases: Callable, count: int,
         check(pair, text, ruleset, [case], sent)
 
     run()
+
+
+def check_generated(pair: MirrorPair, data, strategy, cases: Callable, count: int,
+                    sent: bool = False) -> None:
+    """A ruleset drawn from `strategy` loaded on both sides, and `count` cases drawn from
+    `cases(ruleset)` (within a test given `data=st.data()`)."""
+    ruleset = data.draw(strategy, label="ruleset")
+    text = save(ruleset)
+    pair.load(text)
+    drawn = data.draw(st.lists(cases(ruleset), min_size=count, max_size=count),
+                      label="cases")
+    check(pair, text, ruleset, drawn, sent)

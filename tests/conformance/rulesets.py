@@ -179,6 +179,80 @@ def rulesets(draw, most: int = 10, hook: str = "INPUT") -> ir.Ruleset:
     return ir.Ruleset(ir.Family.IPV4, (ir.Table("filter", tuple(builtins + chains)),))
 
 
+# Marks are built bit by bit (0x1, 0x2, 0x10) and read back whole or in part, so that the
+# order and the masks of MARK, CONNMARK and `-m mark` all show in the verdicts.
+MARKS = [0x0, 0x1, 0x2, 0x3, 0x10, 0x11, 0x13]
+MARK_MASKS = [0xFFFFFFFF, 0x3, 0x13, 0x10]
+# The built-in chains a packet walks, table by table, in the kernel's order: one the host
+# receives, one it sends.
+PATHS = {
+    "INPUT": (("raw", "PREROUTING"), ("mangle", "PREROUTING"), ("mangle", "INPUT"),
+              ("filter", "INPUT")),
+    "OUTPUT": (("raw", "OUTPUT"), ("mangle", "OUTPUT"), ("filter", "OUTPUT"),
+               ("mangle", "POSTROUTING")),
+}
+
+
+@st.composite
+def _mark_match(draw) -> ir.MarkMatch:
+    mask = draw(st.sampled_from(MARK_MASKS))
+    return ir.MarkMatch(draw(st.sampled_from(MARKS)) & mask, mask, draw(st.booleans()),
+                        connection=draw(st.integers(0, 2)) == 0)
+
+
+@st.composite
+def _layer_target(draw, table: str, matches):
+    """What a rule of `table` does: mostly marks and connection marks (read by later
+    rules), NOTRACK in raw, the usual targets in filter (REJECT only there, as the kernel
+    requires)."""
+    if table == "filter" and draw(st.booleans()):
+        return draw(_target(matches, [], True))
+    kind = draw(st.sampled_from(["MARK"] * 3 + ["CONNMARK"] * 2 + ["ACCEPT", "DROP", "none"]
+                                + (["NOTRACK"] * 2 if table == "raw" else [])))
+    if kind == "MARK":
+        value, mask = draw(st.sampled_from([(0x1, 0x1), (0x2, 0x2), (0x10, 0x10),
+                                            (0x0, 0xFFFFFFFE), (0x1, 0xFFFFFFFF),
+                                            (0x3, 0x0)]))
+        return ir.MarkTarget(value, mask)
+    if kind == "CONNMARK":
+        mode = draw(st.sampled_from(list(ir.ConnmarkMode)))
+        if mode is ir.ConnmarkMode.SET:
+            return ir.ConnmarkTarget(mode, draw(st.sampled_from(MARKS)),
+                                     draw(st.sampled_from(MARK_MASKS)))
+        mask = draw(st.sampled_from(MARK_MASKS))
+        return ir.ConnmarkTarget(mode, ctmask=mask, nfmask=mask)
+    if kind == "NOTRACK":
+        return ir.NotrackTarget(draw(st.sampled_from(["NOTRACK", "CT"])))
+    if kind == "none":
+        return None
+    return ir.VerdictTarget(ir.Verdict(kind))
+
+
+@st.composite
+def layered(draw, hook: str = "INPUT", most: int = 4) -> ir.Ruleset:
+    """Rules in every table a packet meets on its way to INPUT (or out of OUTPUT): marks
+    set in one table and read in a later one, connection marks kept across packets,
+    NOTRACK read back as UNTRACKED."""
+    origin = ir.Origin("<generated>", 0)
+    chains: dict[str, list[ir.Chain]] = {"raw": [], "mangle": [], "filter": []}
+    for table, name in PATHS[hook]:
+        rules = []
+        for _ in range(draw(st.integers(0 if table != "filter" else 1, most))):
+            # Often no match but the mark's: a mark set for most packets, read later.
+            matches = draw(_matches(hook)) if draw(st.booleans()) else ()
+            if draw(st.integers(0, 2)):
+                matches += (draw(_mark_match()),)
+            rules.append(ir.Rule(matches, draw(_layer_target(table, matches)), origin))
+        policy = (draw(st.sampled_from(list(ir.Verdict))) if table == "filter"
+                  else draw(st.sampled_from([ir.Verdict.ACCEPT] * 9 + [ir.Verdict.DROP])))
+        chains[table].append(ir.Chain(name, tuple(rules), policy))
+    tables = []
+    for table, _name in PATHS[hook]:
+        if table not in (t.name for t in tables):
+            tables.append(ir.Table(table, tuple(chains[table])))
+    return ir.Ruleset(ir.Family.IPV4, tuple(tables))
+
+
 def kinds(ruleset: ir.Ruleset) -> set[str]:
     """The match and target kinds a ruleset uses, for the agreement table."""
     names = {ir.AddressMatch: "-s/-d", ir.InterfaceMatch: "-i", ir.ProtocolMatch: "-p",
@@ -187,12 +261,16 @@ def kinds(ruleset: ir.Ruleset) -> set[str]:
              ir.MultiportMatch: "multiport", ir.IpRangeMatch: "iprange",
              ir.LengthMatch: "length", ir.TtlMatch: "ttl", ir.MacSourceMatch: "mac",
              ir.CommentMatch: "comment", ir.LimitMatch: "limit",
-             ir.ConntrackMatch: "conntrack",
+             ir.ConntrackMatch: "conntrack", ir.MarkMatch: "mark",
              ir.VerdictTarget: "ACCEPT/DROP", ir.RejectTarget: "REJECT",
-             ir.LogTarget: "LOG", ir.ReturnTarget: "RETURN"}
+             ir.LogTarget: "LOG", ir.ReturnTarget: "RETURN", ir.MarkTarget: "MARK",
+             ir.ConnmarkTarget: "CONNMARK", ir.NotrackTarget: "NOTRACK"}
     found = set()
-    for _t, _c, rule in ruleset.rules():
-        found |= {names[type(m)] for m in rule.matches}
+    for table, _c, rule in ruleset.rules():
+        found |= {"connmark" if getattr(m, "connection", False) else names[type(m)]
+                  for m in rule.matches}
+        if table.name != "filter":
+            found.add(f"{table.name} table")
         if isinstance(rule.target, ir.JumpTarget):
             found.add("-g" if rule.target.goto else "-j chain")
         elif rule.target is not None:

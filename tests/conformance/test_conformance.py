@@ -9,11 +9,11 @@ from hypothesis import strategies as st
 
 from bpfilter.codegen import Attach
 from bpfilter.passes import classify
-from bpfilter.frontend.iptables.save import save
-from tests.conformance.harness import SETTINGS, MirrorPair, check, check_example
-from tests.conformance.rulesets import large_acls, rulesets
+from tests.conformance.harness import SETTINGS, MirrorPair, check_example, check_generated
+from tests.conformance.rulesets import large_acls, layered, rulesets
 from tests.packets import frames, interesting
 GENERATED_RULESETS = 100
+LAYERED_RULESETS = 30
 LARGE_ACLS = 15
 LARGE_MIXED = 10
 FRAMES_PER_RULESET = 20
@@ -50,44 +50,46 @@ def as_data(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("name", ["host-firewall.v4", "user-chains.v4", "stateful-host.v4"])
+EXAMPLES = ["host-firewall.v4", "user-chains.v4", "stateful-host.v4", "marks.v4"]
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
 def test_examples_conform(mirror, name, as_data):
     _examples_conform(mirror, name)
 
 
-@pytest.mark.parametrize("name", ["host-firewall.v4", "user-chains.v4", "stateful-host.v4"])
+@pytest.mark.parametrize("name", EXAMPLES)
 def test_examples_conform_at_tc(tc_mirror, name):
     _examples_conform(tc_mirror, name)
 
 
+def _frames(ruleset):
+    return frames(interesting(ruleset), ("eth0",))
+
+
 def _examples_conform(mirror: MirrorPair, name: str) -> None:
-    check_example(mirror, name, lambda ruleset: frames(interesting(ruleset), ("eth0",)),
-                  FRAMES_PER_EXAMPLE)
+    check_example(mirror, name, _frames, FRAMES_PER_EXAMPLE)
 
 
 @settings(max_examples=GENERATED_RULESETS, **SETTINGS)
 @given(data=st.data())
 def test_generated_rulesets_conform(mirror, as_data, data):
-    ruleset = data.draw(rulesets(), label="ruleset")
-    text = save(ruleset)
-    mirror.load(text)
-    case_frames = data.draw(st.lists(frames(interesting(ruleset), ("eth0",)),
-                                     min_size=FRAMES_PER_RULESET,
-                                     max_size=FRAMES_PER_RULESET), label="frames")
-    check(mirror, text, ruleset, case_frames)
+    check_generated(mirror, data, rulesets(), _frames, FRAMES_PER_RULESET)
+
+
+@settings(max_examples=LAYERED_RULESETS, **SETTINGS)
+@given(data=st.data())
+def test_generated_raw_mangle_filter_rulesets_conform(mirror, as_data, data):
+    """raw PREROUTING, mangle PREROUTING, mangle INPUT, filter INPUT: marks and
+    connection marks carried between tables and packets, NOTRACK."""
+    check_generated(mirror, data, layered(), _frames, FRAMES_PER_RULESET)
 
 
 @settings(max_examples=LARGE_ACLS, **SETTINGS)
 @given(data=st.data())
 def test_large_generated_acls_conform(mirror, data):
     """Long address lists, which bpfilter folds into map lookups."""
-    ruleset = data.draw(large_acls(), label="ruleset")
-    text = save(ruleset)
-    mirror.load(text)
-    case_frames = data.draw(st.lists(frames(interesting(ruleset), ("eth0",)),
-                                     min_size=FRAMES_PER_RULESET,
-                                     max_size=FRAMES_PER_RULESET), label="frames")
-    check(mirror, text, ruleset, case_frames)
+    check_generated(mirror, data, large_acls(), _frames, FRAMES_PER_RULESET)
 
 
 @settings(max_examples=LARGE_MIXED, **SETTINGS)
@@ -97,10 +99,4 @@ def test_large_mixed_rulesets_conform(mirror, monkeypatch, data):
     bitsets of several words. Generated rules mix kinds the classifier leaves to code
     (MAC, fragments) more densely than real rulesets, so short segments are allowed."""
     monkeypatch.setattr(classify, "SEGMENT_MIN", 2)
-    ruleset = data.draw(rulesets(most=400), label="ruleset")
-    text = save(ruleset)
-    mirror.load(text)
-    case_frames = data.draw(st.lists(frames(interesting(ruleset), ("eth0",)),
-                                     min_size=FRAMES_PER_RULESET * 2,
-                                     max_size=FRAMES_PER_RULESET * 2), label="frames")
-    check(mirror, text, ruleset, case_frames)
+    check_generated(mirror, data, rulesets(most=400), _frames, FRAMES_PER_RULESET * 2)

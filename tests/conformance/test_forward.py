@@ -12,9 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bpfilter.codegen import Attach
-from bpfilter.frontend.iptables.save import save
 from bpfilter.testbed import FAR_NET
-from tests.conformance.harness import SETTINGS, MirrorPair, check, check_example
+from tests.conformance.harness import SETTINGS, MirrorPair, check_example, check_generated
 from tests.conformance.rulesets import rulesets
 from tests.packets import frames, interesting
 
@@ -57,9 +56,5 @@ def test_router_example_conforms(router):
 @settings(max_examples=GENERATED_RULESETS, **SETTINGS)
 @given(data=st.data())
 def test_generated_forward_rulesets_conform(router, data):
-    ruleset = data.draw(rulesets(hook="FORWARD"), label="ruleset")
-    text = save(ruleset)
-    router.load(text)
-    case_frames = data.draw(st.lists(routed_frames(ruleset), min_size=FRAMES_PER_RULESET,
-                                     max_size=FRAMES_PER_RULESET), label="frames")
-    check(router, text, ruleset, case_frames)
+    check_generated(router, data, rulesets(hook="FORWARD"), routed_frames,
+                    FRAMES_PER_RULESET)

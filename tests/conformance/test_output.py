@@ -13,12 +13,12 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, UDP
 
 from bpfilter.codegen import Attach
-from bpfilter.frontend.iptables.save import save
-from tests.conformance.harness import SETTINGS, MirrorPair, check, check_example
-from tests.conformance.rulesets import rulesets
+from tests.conformance.harness import SETTINGS, MirrorPair, check_example, check_generated
+from tests.conformance.rulesets import layered, rulesets
 from tests.packets import LOCAL, frames, interesting
 
 GENERATED_RULESETS = 25
+LAYERED_RULESETS = 15
 PACKETS_PER_RULESET = 16
 PACKETS_PER_EXAMPLE = 60
 
@@ -51,16 +51,21 @@ def sent_packets(draw, ruleset):
     return IP(bytes(packet))
 
 
-def test_locked_down_example_conforms(sender):
-    check_example(sender, "locked-down.v4", sent_packets, PACKETS_PER_EXAMPLE, sent=True)
+@pytest.mark.parametrize("name", ["locked-down.v4", "marks.v4"])
+def test_examples_conform(sender, name):
+    check_example(sender, name, sent_packets, PACKETS_PER_EXAMPLE, sent=True)
 
 
 @settings(max_examples=GENERATED_RULESETS, **SETTINGS)
 @given(data=st.data())
 def test_generated_output_rulesets_conform(sender, data):
-    ruleset = data.draw(rulesets(hook="OUTPUT"), label="ruleset")
-    text = save(ruleset)
-    sender.load(text)
-    packets = data.draw(st.lists(sent_packets(ruleset), min_size=PACKETS_PER_RULESET,
-                                 max_size=PACKETS_PER_RULESET), label="packets")
-    check(sender, text, ruleset, packets, sent=True)
+    check_generated(sender, data, rulesets(hook="OUTPUT"), sent_packets,
+                    PACKETS_PER_RULESET, sent=True)
+
+
+@settings(max_examples=LAYERED_RULESETS, **SETTINGS)
+@given(data=st.data())
+def test_generated_raw_mangle_filter_rulesets_conform(sender, data):
+    """raw OUTPUT, mangle OUTPUT, filter OUTPUT, mangle POSTROUTING."""
+    check_generated(sender, data, layered(hook="OUTPUT"), sent_packets,
+                    PACKETS_PER_RULESET, sent=True)

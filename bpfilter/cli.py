@@ -109,6 +109,26 @@ def compile_cmd(rules: str, output: Optional[Path], emit: str, ignore_unsupporte
     for error in skipped:
         _show_input_error(error, text, label="skipped")
     _print_summary(result, output)
+    if Attach(attach) is Attach.XDP:
+        _warn_unseen_marks(result.ruleset)
+
+
+def _warn_unseen_marks(ruleset) -> None:
+    """At XDP there is no skb yet: the marks rules set stay within bpfilter's programs.
+    Marks are mostly set for policy routing, so say it rather than let routes differ."""
+    from bpfilter import ir
+
+    setters = [rule.origin for _t, _c, rule in ruleset.rules()
+               if isinstance(rule.target, ir.MarkTarget) or (
+                   isinstance(rule.target, ir.ConnmarkTarget)
+                   and rule.target.mode is ir.ConnmarkMode.RESTORE)]
+    if setters:
+        lines = ", ".join(str(o.line) for o in setters[:5]) + (" ..." if len(setters) > 5
+                                                              else "")
+        console.print(f"[yellow]warning: rules set packet marks (lines {lines}); at XDP "
+                      "only bpfilter's own rules see them, not the kernel's routing "
+                      "(ip rule fwmark), sockets or tc. At TC (apply --mode tc, compile "
+                      "--attach tc) the skb carries them.[/]")
 
 
 def _compiled_as(chain: tuple[str, str], as_data: set, segments: set) -> str:
@@ -193,7 +213,7 @@ def apply(rules: str, iface: str, mode: Optional[str], output: Optional[Path]) -
     operation switches to it. If anything fails the running ruleset is left untouched and
     the command exits non-zero (2 for bad input).
     """
-    from bpfilter import deploy
+    from bpfilter import deploy, state
     from bpfilter.codegen import Attach
     from bpfilter.loader.xdp import XdpMode
 
@@ -221,6 +241,11 @@ def apply(rules: str, iface: str, mode: Optional[str], output: Optional[Path]) -
     console.print(f"{verb} {iface} ({d.where}): {d.rules} rules from {d.source}, program "
                   f"{d.prog_id}; switch {report.switch_ns / 1e6:.2f} ms, "
                   f"total {report.total_s:.2f} s")
+    # The text test spares parsing again the (large) rulesets that set no marks.
+    if d.mode != state.TC_MODE and "MARK" in text:
+        from bpfilter.frontend import parse_ruleset
+
+        _warn_unseen_marks(parse_ruleset(text, source))
 
 
 @main.command()

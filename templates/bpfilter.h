@@ -454,6 +454,16 @@ static __always_inline int bf_parse(struct bf_ctx *ctx, struct bf_pkt *p)
 	return 0;
 }
 
+#ifdef BF_TC
+/* At TC the kernel routes the skb with the mark the rules gave it (`ip rule fwmark`). */
+#define BF_ROUTE_MARK(p) ((p)->mark)
+#define BF_ROUTE_FLAGS (BPF_FIB_LOOKUP_SKIP_NEIGH | BPF_FIB_LOOKUP_MARK)
+#else
+/* After XDP the kernel routes the packet with no mark, whatever bpfilter's rules set. */
+#define BF_ROUTE_MARK(p) 0
+#define BF_ROUTE_FLAGS BPF_FIB_LOOKUP_SKIP_NEIGH
+#endif
+
 /* Where the kernel routes a packet that is not for this host, as ip_route_input() and
  * ip_forward() decide before the FORWARD hook: the output interface, or 0 when the packet
  * never reaches FORWARD (a martian source, forwarding off on the input interface, no
@@ -481,7 +491,8 @@ __noinline __u32 bf_route(struct bf_ctx *ctx, const struct bf_pkt *p)
 	fib.ipv4_src = bpf_htonl(p->saddr);
 	fib.ipv4_dst = bpf_htonl(p->daddr);
 	fib.ifindex = p->ifindex;
-	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
+	fib.mark = BF_ROUTE_MARK(p);
+	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), BF_ROUTE_FLAGS);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && !p->ip_df) {
 		/* Fragmented after the hook: look again with a length that fits, for the
 		 * interface (a failed MTU check does not report it). */
@@ -489,7 +500,8 @@ __noinline __u32 bf_route(struct bf_ctx *ctx, const struct bf_pkt *p)
 		fib.ipv4_src = bpf_htonl(p->saddr);
 		fib.ipv4_dst = bpf_htonl(p->daddr);
 		fib.ifindex = p->ifindex;
-		rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
+		fib.mark = BF_ROUTE_MARK(p);
+		rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), BF_ROUTE_FLAGS);
 	}
 	return rc == BPF_FIB_LKUP_RET_SUCCESS ? fib.ifindex : 0;
 }

@@ -83,8 +83,9 @@ def udp_to_closed_port(ns: str, addr: str, port: int = 9) -> str:
         except ConnectionRefusedError:
             return "refused (ICMP error delivered)"
         except OSError as exc:
-            return "refused (ICMP error delivered)" if exc.errno == errno.ECONNREFUSED \
-                else "timed out"
+            return {errno.ECONNREFUSED: "refused (ICMP error delivered)",
+                    errno.EHOSTUNREACH: "unreachable (ICMP error delivered)"}.get(
+                        exc.errno, "timed out")
     except PermissionError:
         return "not permitted"
     finally:

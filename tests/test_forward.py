@@ -54,3 +54,44 @@ def test_router_agrees_with_the_kernel(kernel, build_root, kernel_outcomes, atta
     with sockets.bpfilter_bed(build_root / f"fwd-{attach.value}", ROUTER, "router.v4", attach,
                               "bpfr", forward=True) as (bed, _reports):
         assert _scenarios(bed) == kernel_outcomes
+
+
+# Policy routing by a mark the ruleset sets: UDP to port 9 is marked in mangle PREROUTING
+# and the router's table for that mark prohibits the far network, so the kernel answers
+# "administratively prohibited" before FORWARD, whose DROP it never reaches. bpfilter at TC hands
+# the mark to the skb and routes with it too; at XDP the kernel never sees the mark
+# (README: Marks), so only TC is compared.
+MARKED = """*mangle
+:PREROUTING ACCEPT [0:0]
+-A PREROUTING -p udp -m udp --dport 9 -j MARK --set-xmark 0x1/0xffffffff
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A FORWARD -p udp -m udp --dport 9 -j DROP
+COMMIT
+"""
+
+
+def _marked_scenarios(bed: VethBed) -> dict[str, str]:
+    netns.run("ip", "rule", "add", "fwmark", "0x1", "lookup", "100", netns=bed.server)
+    netns.run("ip", "route", "add", "prohibit", FAR_NET, "table", "100", netns=bed.server)
+    netns.run("ip", "route", "replace", SERVER_ADDR, "dev", "eth0", netns=bed.client)
+    netns.run("ip", "route", "replace", FAR_NET, "via", SERVER_ADDR, "dev", "eth0",
+              "onlink", netns=bed.client)
+    return {"marked UDP": sockets.udp_to_closed_port(bed.client, FAR_HOST, 9),
+            "unmarked UDP": sockets.udp_to_closed_port(bed.client, FAR_HOST, 53)}
+
+
+marked_outcomes = sockets.kernel_outcomes_fixture(MARKED, _marked_scenarios, "bpfm",
+                                                  forward=True)
+
+
+def test_a_mark_routes_forwarded_packets_as_in_the_kernel(kernel, build_root,
+                                                          marked_outcomes):
+    assert marked_outcomes == {"marked UDP": "unreachable (ICMP error delivered)",
+                               "unmarked UDP": "refused (ICMP error delivered)"}
+    with sockets.bpfilter_bed(build_root / "fwd-mark", MARKED, "marked", Attach.TC,
+                              "bpfm", forward=True) as (bed, _reports):
+        assert _marked_scenarios(bed) == marked_outcomes

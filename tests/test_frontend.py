@@ -180,3 +180,16 @@ def test_address_edits_are_recognised_from_the_changed_lines_only():
     assert address_edit(old, old.replace("COMMIT", "-A INPUT -p tcp -j DROP\nCOMMIT")) is None
     other = address_edit(old, old.replace("COMMIT", "-A INPUT -s 10.0.0.9/32 -j ACCEPT\nCOMMIT"))
     assert other.before == "-j DROP" and other.rest == "-j ACCEPT"  # apply compiles this one
+
+
+def test_marks_set_at_xdp_are_announced(tmp_path):
+    """At XDP the kernel never sees a mark (no skb yet): compile says so, and not at TC."""
+    rules = tmp_path / "marks.v4"
+    rules.write_text("*mangle\n:PREROUTING ACCEPT [0:0]\n"
+                     "-A PREROUTING -p tcp -j MARK --set-xmark 0x1/0xffffffff\nCOMMIT\n")
+    at = {attach: CliRunner().invoke(main, ["compile", str(rules), "--emit", "c",
+                                            "--attach", attach, "-o", str(tmp_path / attach)])
+          for attach in ("xdp", "tc")}
+    assert at["xdp"].exit_code == at["tc"].exit_code == 0, at["xdp"].output
+    assert "warning: rules set packet marks (lines 3)" in " ".join(at["xdp"].output.split())
+    assert "warning" not in at["tc"].output

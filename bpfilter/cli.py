@@ -260,11 +260,17 @@ def status(all_namespaces: bool) -> None:
         table.add_column(col)
     rows = 0
     for paths, d in state.deployments(all_namespaces):
-        running = deploy.running_program_id(paths) if paths.netns == state.netns_id() \
-            else d.prog_id
-        health = "attached" if running == d.prog_id else \
-            ("[red]link gone[/]" if running is None else f"[red]runs {running}[/]")
-        table.add_row(d.iface, str(d.netns), d.hook, d.mode, str(d.prog_id), d.applied_at,
+        expected = (d.prog_id, d.egress_prog_id or None)
+        # Links of another namespace cannot be opened from here: its state is taken as is.
+        running = tuple(deploy.running_program_id(paths, egress) for egress in (False, True)) \
+            if paths.netns == state.netns_id() else expected
+        health = "attached" if running == expected else "[red]" + "; ".join(
+            f"{side} {'link gone' if now is None else f'runs {now}'}"
+            for side, now, want in zip(("ingress", "egress"), running, expected)
+            if now != want) + "[/]"
+        program = str(d.prog_id) + (f" + {d.egress_prog_id} (egress)" if d.egress_prog_id
+                                    else "")
+        table.add_row(d.iface, str(d.netns), d.hook, d.mode, program, d.applied_at,
                       str(d.rules), d.source, d.sha256[:12], health)
         rows += 1
     if rows:
@@ -404,7 +410,8 @@ def detach(iface: str) -> None:
         d = deploy.detach(iface)
     except KernelError as exc:
         _fail(exc)
-    console.print(f"detached program {d.prog_id} from {iface}")
+    egress = f" and egress program {d.egress_prog_id}" if d.egress_prog_id else ""
+    console.print(f"detached program {d.prog_id}{egress} from {iface}")
 
 
 @main.command()

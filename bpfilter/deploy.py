@@ -341,10 +341,10 @@ def detach(iface: str) -> state.Deployment:
     return deployment
 
 
-def running_program_id(paths: state.Paths) -> Optional[int]:
-    """The program the pinned link runs now, or None if it is gone."""
+def running_program_id(paths: state.Paths, egress: bool = False) -> Optional[int]:
+    """The program the pinned ingress (or egress) link runs now, or None if it is gone."""
     try:
-        link = Link.open_pinned(str(paths.link))
+        link = Link.open_pinned(str(paths.egress_link if egress else paths.link))
     except KernelError:
         return None
     try:

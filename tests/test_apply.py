@@ -200,3 +200,20 @@ def test_address_changes_only_rewrite_maps(bed, build_root, capsys):
     with capsys.disabled():
         print(f"\n10,000-rule ACL, one address added: live after {report.total_s * 1000:.0f} ms "
               f"(map update {report.switch_ns / 1e3:.0f} us), no recompile")
+
+
+def test_the_cli_on_a_ruleset_with_every_table(bed, build_root):
+    """examples/marks.v4 has raw, mangle and filter rules and an egress program: apply
+    warns that XDP keeps the marks from the kernel, status checks both programs, list
+    shows one table, detach names both programs."""
+    rules = str(EXAMPLES / "marks.v4")
+    applied = _cli(bed, "apply", rules, "-i", "eth0", "-o", str(build_root / "cli"))
+    assert applied.returncode == 0, applied.stderr
+    assert "warning: rules set packet marks" in " ".join(applied.stdout.split())
+    status = _cli(bed, "status").stdout
+    assert "(egress)" in status and "attached" in status, status
+    raw = _cli(bed, "list", "-t", "raw").stdout
+    assert "Chain PREROUTING (policy ACCEPT) (raw)" in raw, raw
+    assert "-j NOTRACK" in raw and "mangle" not in raw and "Chain INPUT" not in raw
+    detached = _cli(bed, "detach", "-i", "eth0")
+    assert detached.returncode == 0 and "and egress program" in detached.stdout

@@ -225,25 +225,40 @@ def _layer_target(draw, table: str, matches):
         return ir.NotrackTarget(draw(st.sampled_from(["NOTRACK", "CT"])))
     if kind == "none":
         return None
+    if kind == "DROP" and not any(isinstance(m, ir.ProtocolMatch) for m in matches):
+        return ir.MarkTarget(0x2, 0x2)  # a DROP of most packets would leave little to see
     return ir.VerdictTarget(ir.Verdict(kind))
 
 
+# A filter chain that tells a packet's final mark by how it is refused: one ICMP error per
+# mark value (and delivered for any other).
+_READOUT = tuple(ir.Rule((ir.MarkMatch(mark),), ir.RejectTarget(with_), ir.Origin("<readout>", 0))
+                 for mark, with_ in zip(MARKS, [w for w in ir.RejectWith
+                                                if w is not ir.RejectWith.TCP_RESET]))
+
+
 @st.composite
-def layered(draw, hook: str = "INPUT", most: int = 4) -> ir.Ruleset:
+def layered(draw, hook: str = "INPUT", most: int = 4, readout: bool = False) -> ir.Ruleset:
     """Rules in every table a packet meets on its way to INPUT (or out of OUTPUT): marks
     set in one table and read in a later one, connection marks kept across packets,
-    NOTRACK read back as UNTRACKED."""
+    NOTRACK read back as UNTRACKED. With `readout` the filter chain only reports each
+    packet's mark (see _READOUT), so that every MARK and CONNMARK shows in the outcome."""
     origin = ir.Origin("<generated>", 0)
     chains: dict[str, list[ir.Chain]] = {"raw": [], "mangle": [], "filter": []}
     for table, name in PATHS[hook]:
+        if readout and table == "filter":
+            chains[table].append(ir.Chain(name, _READOUT, ir.Verdict.ACCEPT))
+            continue
         rules = []
         for _ in range(draw(st.integers(0 if table != "filter" else 1, most))):
             # Often no match but the mark's: a mark set for most packets, read later.
-            matches = draw(_matches(hook)) if draw(st.booleans()) else ()
+            matches = draw(_matches(hook)) if draw(st.integers(0, 2 if readout else 1)) == 0 \
+                else ()
             if draw(st.integers(0, 2)):
                 matches += (draw(_mark_match()),)
             rules.append(ir.Rule(matches, draw(_layer_target(table, matches)), origin))
         policy = (draw(st.sampled_from(list(ir.Verdict))) if table == "filter"
+                  else ir.Verdict.ACCEPT if readout
                   else draw(st.sampled_from([ir.Verdict.ACCEPT] * 9 + [ir.Verdict.DROP])))
         chains[table].append(ir.Chain(name, tuple(rules), policy))
     tables = []

@@ -14,6 +14,7 @@ from tests.conformance.rulesets import large_acls, layered, rulesets
 from tests.packets import frames, interesting
 GENERATED_RULESETS = 100
 LAYERED_RULESETS = 30
+READOUT_RULESETS = 60
 LARGE_ACLS = 15
 LARGE_MIXED = 10
 FRAMES_PER_RULESET = 20
@@ -83,6 +84,14 @@ def test_generated_raw_mangle_filter_rulesets_conform(mirror, as_data, data):
     """raw PREROUTING, mangle PREROUTING, mangle INPUT, filter INPUT: marks and
     connection marks carried between tables and packets, NOTRACK."""
     check_generated(mirror, data, layered(), _frames, FRAMES_PER_RULESET)
+
+
+@settings(max_examples=READOUT_RULESETS, **SETTINGS)
+@given(data=st.data())
+def test_generated_marks_conform_to_the_bit(mirror, data):
+    """The same, with filter INPUT refusing each mark value its own way: every packet's
+    final mark shows, so each MARK, CONNMARK and mask on its way counts."""
+    check_generated(mirror, data, layered(readout=True), _frames, FRAMES_PER_RULESET)
 
 
 @settings(max_examples=LARGE_ACLS, **SETTINGS)

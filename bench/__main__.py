@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from scapy.layers.inet import IP, UDP
 
-from bench.contenders import CONTENDERS, RULESETS, Setup, contenders
+from bench.contenders import CONTENDERS, HOOKS, RULESETS, Setup, contenders
 from bpfilter import netns
 from bpfilter.compiler import compile_ruleset
 from bpfilter.runner import LoadedRuleset
@@ -32,11 +32,17 @@ from bpfilter.traffic import Generator
 
 console = Console()
 PACKET = IP(src="192.0.2.1", dst=SERVER_ADDR) / UDP(sport=1234, dport=9)  # 64-byte frame
+# For the rulesets whose packet the server routes on: to a host of the far network.
+ROUTED = IP(src="198.51.100.9", dst="203.0.113.7") / UDP(sport=1234, dport=9)
 
 
-def _mpps(setup: Setup, build: Path, seconds: float) -> float:
+def _packet(ruleset: str) -> IP:
+    return ROUTED if HOOKS[ruleset] == "forward" else PACKET
+
+
+def _mpps(setup: Setup, build: Path, seconds: float, packet: IP) -> float:
     bed = setup.bed
-    frame = bed.frame(PACKET)
+    frame = bed.frame(packet)
     with netns.entered(bed.client), Generator(build / "generator") as gen:
         gen.send(frame, bed.client_index, 1000)  # warm-up
         count, burst = 2000, gen.send(frame, bed.client_index, 2000)
@@ -48,15 +54,16 @@ def _mpps(setup: Setup, build: Path, seconds: float) -> float:
                                  for _ in range(3))
 
 
-def _ns_per_packet(text: str, build: Path, server: str) -> float:
+def _ns_per_packet(text: str, build: Path, bed, packet: IP) -> float:
     """bpfilter's program alone, under BPF_PROG_TEST_RUN (no stack, no veth), loaded in
-    the server's namespace, where the bench address is local."""
-    frame = bytes(IP(src="192.0.2.1", dst=SERVER_ADDR) / UDP(sport=1234, dport=9))
-    frame = b"\x00" * 12 + b"\x08\x00" + frame
+    the server's namespace, where the bench address is local (or routed on, through the
+    server's eth0 where the packet comes in)."""
+    frame = b"\x00" * 12 + b"\x08\x00" + bytes(packet)
     compilation = compile_ruleset(text, "bench", build / "test-run", verify=False)
-    with netns.entered(server), LoadedRuleset(compilation) as loaded:
+    with netns.entered(bed.server), LoadedRuleset(compilation) as loaded:
         program = loaded.program()
-        return program.test_run(frame, ingress_ifindex=1, repeat=200_000).duration_ns
+        return program.test_run(frame, ingress_ifindex=bed.server_index,
+                                repeat=200_000).duration_ns
 
 
 def _map_bytes(setup: Setup) -> int:
@@ -108,11 +115,12 @@ def _measure(ruleset: str, ns: list[int], only: tuple[str, ...], seconds: float,
         for name in names:
             status.update(f"{ruleset}, N={n}: {name}")
             with found[name](build / f"{ruleset}-{name.split()[0]}-{n}", n) as setup:
-                row = {"mpps": _mpps(setup, build, seconds), **setup.extra}
+                row = {"mpps": _mpps(setup, build, seconds, _packet(ruleset)), **setup.extra}
                 if name == "bpfilter XDP":
                     row["map_bytes"] = _map_bytes(setup)
                     row["ns_per_packet"] = _ns_per_packet(
-                        RULESETS[ruleset](n), build / f"{ruleset}-{n}", setup.bed.server)
+                        RULESETS[ruleset](n), build / f"{ruleset}-{n}", setup.bed,
+                        _packet(ruleset))
             results[name][str(n)] = row
             console.print(f"[dim]{ruleset} N={n:>6} {name:<20} {row['mpps']:.3f} Mpps[/]")
     return results
@@ -121,7 +129,8 @@ def _measure(ruleset: str, ns: list[int], only: tuple[str, ...], seconds: float,
 def _print(ruleset: str, results: dict, ns: list[int]) -> None:
     names = list(results)
     what = {"acl": "the ACL: N blocked hosts, then the matching rule",
-            "mixed": "mixed matches: N rules, then the matching rule"}[ruleset]
+            "mixed": "mixed matches: N rules, then the matching rule",
+            "forward": "a router: the ACL in FORWARD, the packet routed on"}[ruleset]
     table = Table(title=f"Mpps, 64-byte UDP, one flow; {what}", title_justify="left")
     table.add_column("N", justify="right")
     for name in names:

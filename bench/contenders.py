@@ -1,5 +1,7 @@
 """The filters bench/ compares, each set up on a fresh testbed server with the same
-N-rule ACL: N rules a test packet does not match, then the one it does (`-p udp -j DROP`)."""
+N-rule ACL: N rules a test packet does not match, then the one it does (`-p udp -j DROP`).
+The `forward` ruleset is the ACL in FORWARD, on a server that routes the packet on to a
+far network (testbed `forward=True`)."""
 
 from __future__ import annotations
 
@@ -59,21 +61,28 @@ def mixed(n: int) -> str:
     return "\n".join(["*filter", *chains, *body, "-A INPUT -p udp -j DROP", "COMMIT"]) + "\n"
 
 
-RULESETS: dict[str, Callable[[int], str]] = {"acl": acl, "mixed": mixed}
+def routed(n: int) -> str:
+    """The ACL in FORWARD, for a packet the server routes on."""
+    return acl(n).replace("-A INPUT ", "-A FORWARD ")
 
 
-def nft_linear(n: int) -> str:
+RULESETS: dict[str, Callable[[int], str]] = {"acl": acl, "mixed": mixed, "forward": routed}
+# The hook each ruleset's packet walks: the server receives it, or routes it on.
+HOOKS = {"acl": "input", "mixed": "input", "forward": "forward"}
+
+
+def nft_linear(n: int, hook: str = "input") -> str:
     rules = "".join(f"    ip saddr {blocked(i)} tcp dport 22 drop\n" for i in range(n))
-    return ("table ip bench {\n  chain input {\n"
-            "    type filter hook input priority filter; policy accept;\n"
+    return (f"table ip bench {{\n  chain {hook} {{\n"
+            f"    type filter hook {hook} priority filter; policy accept;\n"
             f"{rules}    meta l4proto udp drop\n  }}\n}}\n")
 
 
-def nft_set(n: int) -> str:
+def nft_set(n: int, hook: str = "input") -> str:
     elements = ", ".join(blocked(i) for i in range(n))
     return ("table ip bench {\n  set blocked { type ipv4_addr; "
-            f"elements = {{ {elements} }} }}\n  chain input {{\n"
-            "    type filter hook input priority filter; policy accept;\n"
+            f"elements = {{ {elements} }} }}\n  chain {hook} {{\n"
+            f"    type filter hook {hook} priority filter; policy accept;\n"
             "    ip saddr @blocked tcp dport 22 drop\n    meta l4proto udp drop\n  }\n}\n")
 
 
@@ -86,8 +95,9 @@ class Setup:
 
 
 @contextmanager
-def _kernel_filter(build: Path, n: int, load: Callable[[str, int], None]) -> Iterator[Setup]:
-    with VethBed(build, prefix="bench", server_xdp=True) as bed:
+def _kernel_filter(build: Path, n: int, load: Callable[[str, int], None],
+                   forward: bool) -> Iterator[Setup]:
+    with VethBed(build, prefix="bench", server_xdp=True, forward=forward) as bed:
         start = time.perf_counter()
         load(bed.server, n)
         setup = Setup(bed)
@@ -99,15 +109,16 @@ def _restore(tool: str, ruleset: Callable[[int], str]) -> Callable[[str, int], N
     return lambda ns, n: netns.run(tool, netns=ns, input=ruleset(n))
 
 
-def _nft(text: Callable[[int], str]) -> Callable[[str, int], None]:
-    return lambda ns, n: netns.run("nft", "-f", "-", netns=ns, input=text(n))
+def _nft(text: Callable[[int, str], str], hook: str) -> Callable[[str, int], None]:
+    return lambda ns, n: netns.run("nft", "-f", "-", netns=ns, input=text(n, hook))
 
 
 @contextmanager
 def _bpfilter(build: Path, n: int, ruleset: Callable[[int], str],
-              attach: Attach) -> Iterator[Setup]:
+              attach: Attach, forward: bool) -> Iterator[Setup]:
     # At TC, the server needs an XDP program for veth to take the generator's frames.
-    with VethBed(build, prefix="bench", server_xdp=attach is Attach.TC) as bed:
+    with VethBed(build, prefix="bench", server_xdp=attach is Attach.TC,
+                 forward=forward) as bed:
         with netns.entered(bed.server):
             report = deploy.apply(ruleset(n), f"bench-{n}", "eth0", build / f"rules-{n}",
                                   attach=attach)
@@ -122,8 +133,8 @@ def _bpfilter(build: Path, n: int, ruleset: Callable[[int], str],
 
 
 @contextmanager
-def xdp_drop_all(build: Path, n: int) -> Iterator[Setup]:
-    with VethBed(build, prefix="bench") as bed:
+def xdp_drop_all(build: Path, n: int, forward: bool = False) -> Iterator[Setup]:
+    with VethBed(build, prefix="bench", forward=forward) as bed:
         source = (resource_dir("templates") / "xdp_drop.c").read_text()
         path, _cached = build_source("bpfilter_xdp_drop", source, build / "drop")
         with Object(path) as obj, netns.entered(bed.server):
@@ -136,29 +147,32 @@ def xdp_drop_all(build: Path, n: int) -> Iterator[Setup]:
 
 
 @contextmanager
-def stack_only(build: Path, n: int) -> Iterator[Setup]:
-    with VethBed(build, prefix="bench", server_xdp=True) as bed:
+def stack_only(build: Path, n: int, forward: bool = False) -> Iterator[Setup]:
+    with VethBed(build, prefix="bench", server_xdp=True, forward=forward) as bed:
         yield Setup(bed)
 
 
 def contenders(ruleset: str) -> dict[str, Callable[[Path, int], object]]:
-    """The contenders for one of RULESETS. nftables gets the ACL in its own syntax, linear
-    and as a set; the mixed ruleset has no nft translation yet (iptables-nft stands for
-    the nf_tables back-end there)."""
-    text = RULESETS[ruleset]
+    """The contenders for one of RULESETS. nftables gets the ACLs in its own syntax,
+    linear and as a set; the mixed ruleset has no nft translation yet (iptables-nft
+    stands for the nf_tables back-end there)."""
+    text, hook = RULESETS[ruleset], HOOKS[ruleset]
+    forward = hook == "forward"
     found: dict[str, Callable[[Path, int], object]] = {
-        "XDP drop-all": xdp_drop_all,
-        "bpfilter XDP": lambda b, n: _bpfilter(b, n, text, Attach.XDP),
-        "bpfilter TC": lambda b, n: _bpfilter(b, n, text, Attach.TC),
+        "XDP drop-all": lambda b, n: xdp_drop_all(b, n, forward),
+        "bpfilter XDP": lambda b, n: _bpfilter(b, n, text, Attach.XDP, forward),
+        "bpfilter TC": lambda b, n: _bpfilter(b, n, text, Attach.TC, forward),
         "iptables-legacy": lambda b, n: _kernel_filter(
-            b, n, _restore("iptables-legacy-restore", text)),
+            b, n, _restore("iptables-legacy-restore", text), forward),
         "iptables-nft": lambda b, n: _kernel_filter(
-            b, n, _restore("iptables-nft-restore", text)),
+            b, n, _restore("iptables-nft-restore", text), forward),
     }
-    if ruleset == "acl":
-        found["nft (linear rules)"] = lambda b, n: _kernel_filter(b, n, _nft(nft_linear))
-        found["nft (one set)"] = lambda b, n: _kernel_filter(b, n, _nft(nft_set))
-    found["no filter (stack)"] = stack_only
+    if ruleset != "mixed":
+        found["nft (linear rules)"] = lambda b, n: _kernel_filter(
+            b, n, _nft(nft_linear, hook), forward)
+        found["nft (one set)"] = lambda b, n: _kernel_filter(b, n, _nft(nft_set, hook),
+                                                             forward)
+    found["no filter (stack)"] = lambda b, n: stack_only(b, n, forward)
     return found
 
 

@@ -57,7 +57,8 @@ def remove_table(paths: Paths) -> None:
 
 # struct bf_ct_key and struct bf_ct_entry (templates/conntrack.h); addresses in host order.
 _KEY = struct.Struct("<IIHHI")
-_ENTRY = struct.Struct("<QBBBBBB2xI4x")
+_ENTRY = struct.Struct("<QBBBBBBBBIH2xIII" + "IIIIBB2x" * 2 + "4x")
+_MARK = 9  # the field's place in _ENTRY
 TCP_STATES = ("NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT",
               "LAST_ACK", "TIME_WAIT", "CLOSE", "SYN_SENT2")
 _PROTOCOLS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp",
@@ -108,7 +109,8 @@ def connections(paths: Paths) -> Iterator[Connection]:
             if value is None:
                 continue
             a0, a1, p0, p1, proto = _KEY.unpack(key)
-            expires, orig, replied, tcp, *_, mark = _ENTRY.unpack(value)
+            fields = _ENTRY.unpack(value)
+            (expires, orig, replied, tcp), mark = fields[:4], fields[_MARK]
             if expires <= now:
                 continue
             ends = [(a0, p0), (a1, p1)]

@@ -62,6 +62,8 @@ struct bf_pkt {
 	__u32 tcp_seq, tcp_ack;
 	__u16 sport, dport;
 	__u16 icmp_id;      /* ICMP queries and their answers */
+	__u16 tcp_win;
+	__u8 tcp_wscale, tcp_optflags; /* a SYN's options (conntrack.h: bf_tcp_options) */
 	__u16 frag_off;     /* in 8-byte units; 0 for whole packets and first fragments */
 	__u16 l4_off;       /* from the start of the frame */
 	__u8 proto, ttl, tos, tcp_flags, tcp_doff, icmp_type, icmp_code;
@@ -436,6 +438,7 @@ static __always_inline int bf_parse(struct bf_ctx *ctx, struct bf_pkt *p)
 			p->tcp_ack = bpf_ntohl(th->ack_seq);
 			p->tcp_doff = l4[12] >> 4;
 			p->tcp_flags = l4[13];
+			p->tcp_win = bpf_ntohs(th->window);
 		} else if (p->proto == IPPROTO_ICMP && p->l4_len >= 2 && (void *)(l4 + 2) <= end) {
 			p->icmp_type = l4[0];
 			p->icmp_code = l4[1];

@@ -11,8 +11,8 @@
  * rules and before the others' (NOTRACK in raw keeps a packet out), while a new connection
  * is remembered only once its first packet has walked every hook (the kernel confirms it
  * at the end of INPUT or POSTROUTING). TCP follows nf_conntrack's state table
- * (tcp_conntracks[]) without its window checks: an out-of-window segment is not INVALID
- * here. Checksums are not verified for INVALID either.
+ * (tcp_conntracks[]) and its window tracking (tcp_in_window(), SACK blocks aside).
+ * Checksums are not verified for INVALID.
  */
 #pragma once
 
@@ -36,17 +36,35 @@ struct bf_ct_key {
 	__u32 proto;
 };
 
+/* What nf_conntrack's window tracking keeps of each direction (struct ip_ct_tcp_state). */
+struct bf_tcp_dir {
+	__u32 end;    /* max of seq + len */
+	__u32 maxend; /* max of ack + max(win, 1) */
+	__u32 maxwin; /* max(win) */
+	__u32 maxack; /* max of ack */
+	__u8 scale;   /* window scale factor */
+	__u8 flags;   /* BF_TCPF_* */
+	__u8 pad[2];
+};
+
+/* IP_CT_TCP_FLAG_*, and the two bits of last_flags beyond them, with the kernel's values. */
+enum { BF_TCPF_WSCALE = 0x01, BF_TCPF_SACK = 0x02, BF_TCPF_CLOSE_INIT = 0x04,
+       BF_TCPF_LIBERAL = 0x08, BF_TCPF_UNACKED = 0x10, BF_TCPF_MAXACK = 0x20,
+       BF_TCPF_CHALLENGE = 0x40, BF_TCPF_SIMOPEN = 0x80 };
+
 struct bf_ct_entry {
 	__u64 expires;   /* bf_now(), CLOCK_MONOTONIC */
 	__u8 orig;       /* the endpoint that opened the connection */
 	__u8 replied;    /* a packet went the other way (IPS_SEEN_REPLY) */
 	__u8 tcp;        /* TCP state */
-	__u8 closing;    /* a FIN started closing it (IP_CT_TCP_FLAG_CLOSE_INIT) */
-	__u8 last_dir;   /* direction and kind of the last segment that moved or was */
-	__u8 last_kind;  /* ignored (proto.tcp.last_dir, last_index) */
-	__u8 pad[2];
+	__u8 assured;    /* IPS_ASSURED */
+	/* proto.tcp.last_*: the last segment that moved the connection or was ignored */
+	__u8 last_dir, last_kind, last_wscale, last_flags;
 	__u32 mark;      /* CONNMARK's */
-	__u32 pad2;
+	__u16 last_win;
+	__u8 pad[2];
+	__u32 last_seq, last_end, last_ack;
+	struct bf_tcp_dir seen[2]; /* the original direction, the reply direction */
 };
 
 struct {
@@ -209,32 +227,315 @@ static __always_inline __u8 bf_ct_first(const struct bf_pkt *p, __u8 *tcp)
 	return BF_CT_NEW;
 }
 
-/* tcp_packet() on a segment of a known connection (its window checks aside): move the
- * entry; 0 when the segment is invalid, 1 when it is let through without moving it,
- * 2 when it reopens a closed connection (the entry is dropped and the segment starts a
- * new one), 3 when it moved the entry. */
-static __always_inline int bf_tcp_follow(const struct bf_pkt *p, struct bf_ct_entry *e,
-					 __u32 dir)
-{
-	__u32 kind = bf_tcp_kind(p->tcp_flags), old = e->tcp & 15;
-	__u8 next = bf_tcp_next[dir & 1][kind][old];
+#define bf_before(a, b) ((__s32)((__u32)(a) - (__u32)(b)) < 0)
+#define bf_after(a, b) bf_before(b, a)
 
-	if (next == sIV)
-		return 0;
-	if (next == sSS && old >= sTW) {
-		if (e->closing || (e->last_dir == dir && e->last_kind == 4))
-			return 2;
-		next = sIG;
-	}
-	if (next == sIG) {
-		e->last_dir = dir;
-		e->last_kind = kind;
+/* tcp_options(), one option per bpf_loop() step (a loop the verifier would otherwise walk
+ * through every way the options could be laid out): window scale and SACK permitted. */
+struct bf_tcp_opts {
+	__u8 bytes[40];
+	__u32 length, at;
+	__u8 scale, found;
+};
+
+static long bf_tcp_option(__u32 n, void *ctx)
+{
+	struct bf_tcp_opts *o = ctx;
+	__u32 at = o->at, size;
+	__u8 kind;
+
+	if (at >= o->length || at >= 39)
 		return 1;
+	kind = o->bytes[at];
+	if (kind == 0) /* end of options */
+		return 1;
+	if (kind == 1) { /* no-operation */
+		o->at = at + 1;
+		return 0;
 	}
-	e->last_dir = dir;
+	size = o->bytes[at + 1];
+	if (size < 2 || size > o->length - at)
+		return 1;
+	if (kind == 4 && size == 2) {
+		o->found |= BF_TCPF_SACK;
+	} else if (kind == 3 && size == 3 && at < 38) {
+		o->scale = o->bytes[at + 2] > 14 ? 14 : o->bytes[at + 2];
+		o->found |= BF_TCPF_WSCALE;
+	}
+	o->at = at + size;
+	return 0;
+}
+
+/* A SYN's options into p->tcp_wscale and p->tcp_optflags. */
+static __always_inline void bf_tcp_options(struct bf_ctx *ctx, struct bf_pkt *p)
+{
+	struct bf_tcp_opts o = {};
+	__u32 length = p->tcp_doff * 4 - 20;
+
+	if (length < 1 || length > 40)
+		return;
+	o.length = length;
+#ifdef BF_TC
+	if (bpf_skb_load_bytes(ctx, p->l4_off + 20, o.bytes, length))
+		return;
+#else
+	if (bpf_xdp_load_bytes(ctx, p->l4_off + 20, o.bytes, length))
+		return;
+#endif
+	bpf_loop(20, bf_tcp_option, &o, 0);
+	p->tcp_wscale = o.scale;
+	p->tcp_optflags = o.found;
+}
+
+/* tcp_options() into a direction's state (which a SYN without options leaves alone). */
+static __always_inline void bf_tcp_take_options(struct bf_tcp_dir *d, const struct bf_pkt *p)
+{
+	if (p->tcp_doff <= 5)
+		return;
+	d->scale = p->tcp_wscale;
+	d->flags = (d->flags & BF_TCPF_LIBERAL) | p->tcp_optflags;
+}
+
+/* segment_seq_plus_len() */
+static __always_inline __u32 bf_tcp_end(const struct bf_pkt *p)
+{
+	return p->tcp_seq + (p->l4_len - p->tcp_doff * 4) + !!(p->tcp_flags & 0x02) +
+	       !!(p->tcp_flags & 0x01);
+}
+
+/* tcp_init_sender(): a SYN/ACK, or a SYN from the reply direction. */
+static __always_inline void bf_tcp_init_sender(struct bf_tcp_dir *s, struct bf_tcp_dir *r,
+					       const struct bf_pkt *p, __u32 end, __u32 dir)
+{
+	s->end = s->maxend = end;
+	s->maxwin = p->tcp_win ? p->tcp_win : 1;
+	bf_tcp_take_options(s, p);
+	/* RFC 1323: scaling only when both sides offered it. */
+	if (dir && !(s->flags & BF_TCPF_WSCALE && r->flags & BF_TCPF_WSCALE)) {
+		s->scale = 0;
+		r->scale = 0;
+	}
+}
+
+enum { BF_TCP_ACCEPT, BF_TCP_IGNORE, BF_TCP_INVALID };
+
+/* nf_tcp_log_invalid(): a connection picked up mid-stream lets everything through. */
+static __always_inline int bf_tcp_refuse(const struct bf_tcp_dir *s, int result)
+{
+	return s->flags & BF_TCPF_LIBERAL ? BF_TCP_ACCEPT : result;
+}
+
+static __always_inline __u32 bf_maxackwin(const struct bf_tcp_dir *s)
+{
+	return s->maxwin > 66000 ? s->maxwin : 66000; /* MAXACKWINDOW() */
+}
+
+/* tcp_in_window() (SACK blocks aside: the ack alone bounds what was acknowledged). */
+static __always_inline int bf_tcp_window(const struct bf_pkt *p, struct bf_ct_entry *e,
+					 __u32 dir, __u32 kind, __u32 end)
+{
+	struct bf_tcp_dir *s = &e->seen[dir & 1], *r = &e->seen[!(dir & 1)];
+	__u32 seq = p->tcp_seq, ack = p->tcp_ack, sack = ack, win = p->tcp_win, swin;
+	__u8 flags = p->tcp_flags; /* FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10 */
+
+	if (s->maxwin == 0) {
+		if (flags & 0x02) {
+			bf_tcp_init_sender(s, r, p, end, dir);
+			if (!(flags & 0x10))
+				return BF_TCP_ACCEPT; /* simultaneous open */
+		} else {
+			/* Picked up mid-stream: take what the segment says. */
+			s->end = end;
+			swin = win << (s->scale & 15);
+			s->maxwin = swin ? swin : 1;
+			s->maxend = end + s->maxwin;
+			if (r->maxwin == 0)
+				r->end = r->maxend = sack;
+			else if (sack == r->end + 1)
+				r->end++; /* likely the answer to a keep-alive */
+		}
+	} else if ((flags & 0x02) && bf_after(end, s->end) && (e->tcp == sSS || e->tcp == sSR)) {
+		bf_tcp_init_sender(s, r, p, end, dir); /* a SYN again, with larger numbers */
+		if (dir && !(flags & 0x10))
+			return BF_TCP_ACCEPT;
+	}
+	if (!(flags & 0x10) || ((flags & 0x14) == 0x14 && ack == 0))
+		ack = sack = r->end; /* no ACK, or a broken stack's RST/ACK with ack 0 */
+	if ((flags & 0x04) && seq == 0 && e->tcp == sSS)
+		seq = end = s->end; /* a RST answering a SYN */
+	if (!bf_before(seq, s->maxend + 1)) {
+		__u32 overshot = end - s->maxend + 1;
+
+		if (r->maxwin && bf_after(end, s->end - r->maxwin - 1) &&
+		    bf_after(sack, r->end - bf_maxackwin(s) - 1) && overshot <= r->maxwin &&
+		    bf_before(sack, r->end + 1)) {
+			/* more than the window allows, but acknowledgeable */
+			s->end = end;
+			s->flags |= BF_TCPF_UNACKED;
+			return bf_tcp_refuse(s, BF_TCP_IGNORE);
+		}
+		return bf_tcp_refuse(s, BF_TCP_INVALID); /* beyond the receiver's window */
+	}
+	if (!bf_before(sack, r->end + 1))
+		return bf_tcp_refuse(s, BF_TCP_INVALID); /* acknowledges what was never sent */
+	if (r->maxwin && !bf_after(end, s->end - r->maxwin - 1))
+		return bf_tcp_refuse(s, BF_TCP_IGNORE); /* old data again */
+	if (!bf_after(sack, r->end - bf_maxackwin(s) - 1))
+		return bf_tcp_refuse(s, BF_TCP_IGNORE); /* a very late acknowledgement */
+	if (!(flags & 0x02))
+		win <<= s->scale & 15;
+	swin = win + (sack - ack);
+	if (s->maxwin < swin)
+		s->maxwin = swin;
+	if (bf_after(end, s->end)) {
+		s->end = end;
+		s->flags |= BF_TCPF_UNACKED;
+	}
+	if (flags & 0x10) {
+		if (!(s->flags & BF_TCPF_MAXACK)) {
+			s->maxack = ack;
+			s->flags |= BF_TCPF_MAXACK;
+		} else if (bf_after(ack, s->maxack)) {
+			s->maxack = ack;
+		}
+	}
+	if (r->maxwin != 0 && bf_after(end, s->maxend))
+		r->maxwin += end - s->maxend;
+	if (bf_after(sack + win, r->maxend - 1)) {
+		r->maxend = sack + win;
+		if (win == 0)
+			r->maxend++;
+	}
+	if (ack == r->end)
+		r->flags &= ~BF_TCPF_UNACKED;
+	if (kind == 3) { /* what the retransmission count compares (the count: timeouts) */
+		e->last_dir = dir;
+		e->last_seq = seq;
+		e->last_ack = ack;
+		e->last_end = end;
+		e->last_win = p->tcp_win;
+	}
+	return BF_TCP_ACCEPT;
+}
+
+/* nf_ct_tcp_state_reset() */
+static __always_inline void bf_tcp_dir_reset(struct bf_tcp_dir *d)
+{
+	d->end = d->maxend = d->maxwin = d->maxack = 0;
+	d->scale = 0;
+	d->flags &= BF_TCPF_LIBERAL;
+}
+
+/* nf_conntrack_tcp_packet() on a segment of a known connection: move the entry; 0 when the
+ * segment is invalid, 1 when it is let through without moving it, 2 when it reopens a
+ * closed connection (the entry is dropped and the segment starts a new one), 3 when it
+ * moved the entry. Global: the verifier checks its many branches once, not once per
+ * path of the caller. */
+__noinline int bf_tcp_follow(const struct bf_pkt *p, struct bf_ct_entry *e, __u32 dir)
+{
+	__u32 kind, old, end;
+	__u8 next;
+	int result;
+
+	if (!p || !e)
+		return 0;
+	kind = bf_tcp_kind(p->tcp_flags);
+	old = e->tcp & 15;
+	end = bf_tcp_end(p);
+	next = bf_tcp_next[dir & 1][kind][old];
+	switch (next) {
+	case sSS:
+		if (old < sTW)
+			break;
+		if (((e->seen[0].flags | e->seen[1].flags) & BF_TCPF_CLOSE_INIT) ||
+		    (e->last_dir == dir && e->last_kind == 4))
+			return 2;
+		/* fall through: ignored */
+	case sIG:
+		if (kind == 1 && e->last_kind == 0 && e->last_dir != dir &&
+		    p->tcp_ack == e->last_end) {
+			/* A SYN/ACK to a SYN that was ignored: both ends agree, get in step with
+			 * them from what the SYN said. */
+			struct bf_tcp_dir *syn = &e->seen[e->last_dir & 1];
+
+			old = sSS;
+			next = sSR;
+			syn->end = syn->maxend = e->last_end;
+			syn->maxwin = e->last_win ? e->last_win : 1;
+			syn->scale = e->last_wscale;
+			e->last_flags &= ~BF_TCPF_CHALLENGE;
+			syn->flags = e->last_flags;
+			bf_tcp_dir_reset(&e->seen[dir & 1]);
+			break;
+		}
+		e->last_kind = kind;
+		e->last_dir = dir;
+		e->last_seq = p->tcp_seq;
+		e->last_end = end;
+		e->last_win = p->tcp_win;
+		if (kind == 0 && dir == 0) {
+			e->last_flags = p->tcp_optflags;
+			e->last_wscale = p->tcp_wscale;
+			if (old == sLA) /* the answer may be a challenge ACK (RFC 5961) */
+				e->last_flags |= BF_TCPF_CHALLENGE;
+		}
+		if (old == sSS && kind == 3 && dir)
+			e->last_ack = p->tcp_ack; /* a challenge ACK answering the SYN */
+		return 1;
+	case sIV:
+		return 0;
+	case sTW:
+		if (old == sLA && kind == 3 && e->last_dir != dir && e->last_kind == 0 &&
+		    (e->last_flags & BF_TCPF_CHALLENGE)) {
+			e->last_flags &= ~BF_TCPF_CHALLENGE; /* a challenge ACK, not the last one */
+			return 1;
+		}
+		break;
+	case sS2:
+		e->last_flags |= BF_TCPF_SIMOPEN;
+		break;
+	case sSR:
+		if (dir && kind == 3 && (e->last_flags & BF_TCPF_SIMOPEN))
+			next = sES;
+		break;
+	case sCL:
+		if (kind != 4)
+			break;
+		if (old == sFW || old == sCW || old == sLA || old == sTW || old == sCL)
+			goto moved; /* closing already: nothing left to check it against */
+		if ((e->seen[!(dir & 1)].flags & BF_TCPF_MAXACK) && e->last_kind != 0) {
+			__u32 maxack = e->seen[!(dir & 1)].maxack, seq = p->tcp_seq;
+			int established = old == sES && e->assured;
+
+			if (seq == 0 && !established)
+				break;
+			if (bf_before(seq, maxack))
+				return 0; /* a reset from before what was acknowledged */
+			if (!established || seq == maxack)
+				break;
+			if (e->last_kind == 3 && e->last_dir == dir && seq == e->last_end)
+				break; /* the reset that follows the data */
+			next = old; /* inexact: wait for a challenge ACK */
+		}
+		if (((e->replied && e->last_kind == 0) || (!e->assured && e->last_kind == 3)) &&
+		    p->tcp_ack == e->last_end)
+			goto moved; /* a reset to a SYN or ACK let through unchecked */
+		if (old == sSS && e->last_kind == 3 && e->last_dir == 1 && p->tcp_seq == e->last_ack)
+			goto moved; /* a reset to a challenge ACK */
+		break;
+	}
+	result = bf_tcp_window(p, e, dir, kind, end);
+	if (result == BF_TCP_IGNORE)
+		return 1;
+	if (result == BF_TCP_INVALID)
+		return 0;
+moved:
 	e->last_kind = kind;
-	if (next == sFW && old != sFW)
-		e->closing = 1;
+	e->last_dir = dir;
+	if (next != old && next == sFW)
+		e->seen[dir & 1].flags |= BF_TCPF_CLOSE_INIT;
+	if (e->replied && !e->assured && (old == sSR || old == sES) && next == sES)
+		e->assured = 1;
 	e->tcp = next;
 	return 3;
 }
@@ -355,6 +656,7 @@ static __always_inline void bf_ct_classify(void *data, void *end, struct bf_pkt 
 		p->ct_state = bf_ct_related(data, end, p, now);
 		return;
 	}
+
 	bf_ct_key_of(p, &key, &from);
 	e = bpf_map_lookup_elem(&bf_conntrack, &key);
 	if (e && e->expires > now) {
@@ -380,8 +682,31 @@ __noinline int bf_ct_track(struct bf_ctx *ctx, struct bf_pkt *p)
 {
 	if (!p)
 		return 0;
+	if (p->proto == IPPROTO_TCP && (p->tcp_flags & 0x02) && p->tcp_doff > 5 &&
+	    p->tcp_doff * 4 <= p->l4_len)
+		bf_tcp_options(ctx, p);
 	bf_ct_classify((void *)(long)ctx->data, (void *)(long)ctx->data_end, p);
 	return 0;
+}
+
+/* tcp_new(), and the new connection's first segment through tcp_in_window(): done when
+ * the connection is confirmed, as nothing of it outlives the packet before. */
+static __always_inline void bf_tcp_new(const struct bf_pkt *p, struct bf_ct_entry *e)
+{
+	struct bf_tcp_dir *s = &e->seen[0];
+	__u32 end = bf_tcp_end(p);
+
+	s->end = end;
+	s->maxwin = p->tcp_win ? p->tcp_win : 1;
+	if (p->ct_create == sSS) {
+		s->maxend = end;
+		bf_tcp_take_options(s, p);
+	} else {
+		/* Picked up mid-stream: the window is a guess, so every check gives way. */
+		s->maxend = end + s->maxwin;
+		e->seen[0].flags = e->seen[1].flags = BF_TCPF_SACK | BF_TCPF_LIBERAL;
+	}
+	bf_tcp_window(p, e, 0, bf_tcp_kind(p->tcp_flags), end);
 }
 
 /* The key of the packet's connection from what bf_ct_note() kept of it (for an ICMP error,
@@ -431,6 +756,8 @@ __noinline int bf_ct_confirm(const struct bf_pkt *p, int verdict)
 	bf_ct_key_of(p, &key, &from);
 	e.orig = from;
 	e.mark = p->ct_mark;
+	if (p->proto == IPPROTO_TCP)
+		bf_tcp_new(p, &e);
 	e.tcp = p->ct_create;
 	e.last_kind = bf_tcp_kind(p->tcp_flags);
 	e.expires = bf_now() + bf_ct_timeout(p, &e);

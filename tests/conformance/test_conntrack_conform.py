@@ -2,16 +2,12 @@
 (every flag combination iptables sees in practice), UDP datagrams, ICMP queries and ICMP
 errors quoting the server's own answers, sent to bpfilter and to iptables-legacy on
 mirror servers, whose stacks answer them (RST, ICMP errors, echo replies) and so move the
-connections on. Each frame must meet the same fate on both.
-
-The kernel side runs with nf_conntrack_tcp_be_liberal=1 (see harness.py): bpfilter does
-not track TCP windows, so out-of-window segments are its one known difference, left out
-here by that setting."""
+connections on. Each frame must meet the same fate on both. Sequence numbers here are
+fixed, not the server's: test_tcp_windows.py follows each server's answers."""
 
 from __future__ import annotations
 
 import itertools
-import socket
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
@@ -19,9 +15,8 @@ from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from bpfilter import netns
 from bpfilter.testbed import SERVER_ADDR
-from tests.conformance.harness import MirrorPair
+from tests.conformance.harness import listening_pair
 
 RULESET = """*filter
 :INPUT ACCEPT [0:0]
@@ -49,22 +44,8 @@ def mirror(tmp_path_factory):
     from tests.conftest import need_kernel
 
     need_kernel()
-    pair = MirrorPair(tmp_path_factory.mktemp("conntrack-conformance"))
-    listeners = []
-    try:
-        pair.load(RULESET)
-        for server in (pair.kernel.server, pair.bpf.server):
-            # Port 22 answers SYNs with SYN/ACK (8080 with RST): handshakes move states.
-            # Never again, though: a retransmission would land in a later frame's window.
-            netns.sysctl(server, "net.ipv4.tcp_synack_retries", "0")
-            with netns.entered(server):
-                listeners.append(socket.create_server((SERVER_ADDR, 22)))
+    with listening_pair(tmp_path_factory.mktemp("conntrack-conformance"), RULESET) as pair:
         yield pair
-        pair.print_table()
-    finally:
-        for listener in listeners:
-            listener.close()
-        pair.close()
 
 
 @st.composite

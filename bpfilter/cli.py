@@ -281,11 +281,13 @@ def status(all_namespaces: bool) -> None:
 
 @main.command("conntrack")
 @click.option("-i", "--iface", help="The table the ruleset on this interface reads.")
+@click.option("-L", "--list", "list_", is_flag=True,
+              help="Accepted for conntrack habits: listing is what this does unless -F.")
 @click.option("-F", "--flush", is_flag=True, help="Forget every connection, as conntrack -F.")
-def conntrack_cmd(iface: Optional[str], flush: bool) -> None:
+def conntrack_cmd(iface: Optional[str], list_: bool, flush: bool) -> None:
     """The connections bpfilter tracks, like `conntrack -L`: protocol, TCP state, seconds
-    left, and the endpoints as the side that opened it sees them ([UNREPLIED] until the
-    other side answered). There is one table per network namespace, as in the kernel,
+    left, the endpoints as the side that opened it sees them, the connection's mark
+    (CONNMARK), and [UNREPLIED] until the other side answered. There is one table per network namespace, as in the kernel,
     shared by the interfaces whose ruleset reads the connection state; none until one
     does. Also how full the table is, and how many connections its LRU pushed out to
     make room (none, unless the table is too small for the traffic)."""

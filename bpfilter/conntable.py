@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from bpfilter.errors import KernelError
 from bpfilter.loader.libbpf import possible_cpus
 from bpfilter.loader.objects import Map
 from bpfilter.runner import CONNTRACK_MAPS, LoadedRuleset
@@ -26,10 +27,22 @@ TABLE = "bf_conntrack"
 
 
 def open_shared(paths: Paths) -> dict[str, Map]:
-    """The pinned maps by name (none yet: {}); close them."""
+    """The pinned maps by name (none yet: {}); close them. A table another version of
+    bpfilter pinned, with entries of another layout, is refused: the verifier would
+    refuse the programs anyway, with a message that does not say why."""
     if not paths.conntrack.exists():
         return {}
-    return {name: Map.open_pinned(str(paths.conntrack / name)) for name in CONNTRACK_MAPS}
+    maps = {name: Map.open_pinned(str(paths.conntrack / name)) for name in CONNTRACK_MAPS}
+    table = maps[TABLE]
+    if (table.key_size, table.value_size) != (_KEY.size, _ENTRY.size):
+        for m in maps.values():
+            m.close()
+        raise KernelError(
+            f"the connection table pinned at {paths.conntrack} was made by another version "
+            f"of bpfilter ({table.value_size}-byte entries; this one uses {_ENTRY.size}): "
+            "its connections cannot carry over. Detach the rulesets that use it (bpfilter "
+            "status lists them), then apply again.")
+    return maps
 
 
 def pin_table(paths: Paths, loaded: LoadedRuleset) -> Callable[[], None]:

@@ -5,6 +5,7 @@ testbed. Every connection attempt must end the same way on both."""
 from __future__ import annotations
 
 import socket
+import subprocess
 import sys
 
 import pytest
@@ -64,7 +65,7 @@ def test_stateful_firewall_agrees_with_the_kernel(kernel, build_root, kernel_out
                               attach, "bpfk") as (bed, _reports):
         assert _scenarios(bed) == kernel_outcomes
         listing = netns.run("env", "COLUMNS=200", sys.executable, "-m", "bpfilter",
-                            "conntrack", netns=bed.server).stdout
+                            "conntrack", "-L", netns=bed.server).stdout
         # Oriented from the side that opened each connection, as conntrack -L does.
         opened = [line for line in listing.splitlines()
                   if f"│ {SERVER_ADDR} │ {CLIENT_ADDR} │" in line]
@@ -175,3 +176,23 @@ def test_tracking_stops_with_the_last_stateful_ruleset(kernel, build_root):
             assert paths.egress_link.exists() and conntable.table_use(paths).entries == 1
             deploy.detach("eth0")
             assert not paths.conntrack.exists()
+
+
+def test_a_table_of_another_layout_is_refused_clearly(kernel, namespace):
+    """A connection table pinned by another version of bpfilter (other entries) cannot be
+    shared: apply says so instead of passing on the verifier's refusal."""
+    from bpfilter import conntable, state
+    from bpfilter.errors import KernelError
+
+    with netns.entered(namespace("bpft-oldct")):
+        paths = state.Paths("eth0", state.netns_id())
+        paths.conntrack.mkdir(parents=True)
+        try:
+            for name, spec in (("bf_conntrack", "type lru_hash key 16 value 16 entries 64"),
+                               ("bf_ct_created", "type percpu_array key 4 value 8 entries 1")):
+                subprocess.run(["bpftool", "map", "create", str(paths.conntrack / name),
+                                *spec.split(), "name", name], check=True)
+            with pytest.raises(KernelError, match="made by another version of bpfilter"):
+                conntable.open_shared(paths)
+        finally:
+            state.remove_tree(paths.conntrack)

@@ -786,6 +786,10 @@ static __always_inline int bf_verdict(struct bf_ctx *ctx, struct bf_pkt *p, int 
 	case BF_DROP:
 		return BF_OUT_DROP;
 	case BF_REJECT:
+		/* Said, not left to clang to find out: a program without REJECT rules then has
+		 * no reply code, which the verifier would check (~130k instructions) for nothing. */
+		if (!BF_REJECTS)
+			return BF_OUT_DROP;
 		if (p->reject_with == BF_REJECT_TCP_RESET)
 			return bf_reject_tcp(ctx, p);
 		return bf_reject_icmp(ctx, p, p->reject_with);

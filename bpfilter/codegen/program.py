@@ -173,7 +173,7 @@ def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
         entries = {h.name.lower(): [functions[t][h.value] for t in stage.tables(h) if t != "raw"]
                    for h in ir.Hook}
         text = _environment().get_template("stage.c.j2").render(
-            **defines, program=name, egress=egress,
+            **defines, program=name, egress=egress, rejects=_rejects(stage),
             walks="; ".join(f"{h.value} ({', '.join(t)})" for h, t in stage.walks),
             chains=[code[ref.key] for ref in stage.chains], raw=raw, entries=entries)
         programs.append(ProgramSource(name, stage.hooks, egress, text))
@@ -237,6 +237,14 @@ def _chain_code(ref: ChainRef, functions: dict[str, str], runs: list,
             "function": functions[chain.name],
             "origin": chain.origin and _c_comment(str(chain.origin)),
             "rules": [] if parted else rules, "parts": parts, "tail": tail}
+
+
+def _rejects(stage: Stage) -> bool:
+    """Whether a packet can meet a REJECT in this program: a rule of a chain it runs as
+    code, or a classifier entry."""
+    return any(isinstance(rule.target, ir.RejectTarget)
+               for ref in stage.chains for rule in ref.chain.rules) or any(
+        isinstance(entry.target, ir.RejectTarget) for entry in stage.classification.entries)
 
 
 def _pattern_bits(ctx: MatchContext, direction: str) -> str:

@@ -287,9 +287,9 @@ def status(all_namespaces: bool) -> None:
 def conntrack_cmd(iface: Optional[str], list_: bool, flush: bool) -> None:
     """The connections bpfilter tracks, like `conntrack -L`: protocol, TCP state, seconds
     left, the endpoints as the side that opened it sees them, the connection's mark
-    (CONNMARK), and [UNREPLIED] until the other side answered. There is one table per network namespace, as in the kernel,
-    shared by the interfaces whose ruleset reads the connection state; none until one
-    does. Also how full the table is, and how many connections its LRU pushed out to
+    (CONNMARK), and [UNREPLIED] until the other side answered. There is one table per
+    network namespace, as in the kernel, shared by the interfaces whose ruleset reads
+    the connection state; none until one does. Also how full the table is, and how many connections its LRU pushed out to
     make room (none, unless the table is too small for the traffic)."""
     from bpfilter import conntable, state
 

@@ -619,6 +619,14 @@ static __always_inline void bf_put_iphdr(struct iphdr *ip, const struct bf_pkt *
 	ip->check = ~bf_fold(bf_sum(ip, sizeof(*ip), (void *)(ip + 1), 10));
 }
 
+/* The sequence number after a TCP segment (segment_seq_plus_len()): what a reset answering
+ * it acknowledges, and what connection tracking expects next from its sender. */
+static __always_inline __u32 bf_tcp_end(const struct bf_pkt *p)
+{
+	return p->tcp_seq + (p->l4_len - p->tcp_doff * 4) + !!(p->tcp_flags & 0x02) +
+	       !!(p->tcp_flags & 0x01);
+}
+
 /* nf_send_reset(): a bare RST from the rejected packet's destination. */
 static __always_inline int bf_reject_tcp(struct bf_ctx *ctx, const struct bf_pkt *p)
 {
@@ -645,8 +653,7 @@ static __always_inline int bf_reject_tcp(struct bf_ctx *ctx, const struct bf_pkt
 		th->seq = bpf_htonl(p->tcp_ack);
 	} else {
 		th->ack = 1;
-		th->ack_seq = bpf_htonl(p->tcp_seq + !!(p->tcp_flags & 0x02) +
-					!!(p->tcp_flags & 0x01) + p->l4_len - p->tcp_doff * 4);
+		th->ack_seq = bpf_htonl(bf_tcp_end(p));
 	}
 	th->check = ~bf_fold(bf_sum(th, sizeof(*th), (void *)(th + 1), 10) +
 			     bf_pseudo_sum(p, IPPROTO_TCP, sizeof(*th)));

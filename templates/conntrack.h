@@ -296,13 +296,6 @@ static __always_inline void bf_tcp_take_options(struct bf_tcp_dir *d, const stru
 	d->flags = (d->flags & BF_TCPF_LIBERAL) | p->tcp_optflags;
 }
 
-/* segment_seq_plus_len() */
-static __always_inline __u32 bf_tcp_end(const struct bf_pkt *p)
-{
-	return p->tcp_seq + (p->l4_len - p->tcp_doff * 4) + !!(p->tcp_flags & 0x02) +
-	       !!(p->tcp_flags & 0x01);
-}
-
 /* tcp_init_sender(): a SYN/ACK, or a SYN from the reply direction. */
 static __always_inline void bf_tcp_init_sender(struct bf_tcp_dir *s, struct bf_tcp_dir *r,
 					       const struct bf_pkt *p, __u32 end, __u32 dir)

@@ -410,24 +410,42 @@ class Rule:
         return next((m for m in self.matches if isinstance(m, kind)), None)
 
 
+# The priority of connection tracking at every hook (NF_IP_PRI_CONNTRACK): base chains
+# below it see packets before they are tracked.
+CONNTRACK_PRIORITY = -200
+
+
 @dataclass(frozen=True)
 class Chain:
+    """A base chain (built-in in iptables' words) has a policy and the hook it runs at;
+    base chains of one hook run in priority order, lowest first, across tables."""
+
     name: str
     rules: tuple[Rule, ...] = ()
-    policy: Optional[Verdict] = None  # None for user-defined chains
+    policy: Optional[Verdict] = None  # None for user-defined (regular) chains
     counters: Optional[Counters] = None
     origin: Optional[Origin] = None
+    hook: Optional[Hook] = None  # None: no hook runs it (user chains, tables not compiled)
+    priority: int = 0
 
     @property
     def builtin(self) -> bool:
         return self.policy is not None
 
+    @property
+    def before_tracking(self) -> bool:
+        return self.priority < CONNTRACK_PRIORITY
+
 
 @dataclass(frozen=True)
 class Table:
+    """`xtables`: an iptables table, whose name fixes its chains and the targets it takes
+    (xt_target.table: REJECT only in filter, ...); nftables tables are named freely."""
+
     name: str
     chains: tuple[Chain, ...]
     origin: Optional[Origin] = None
+    xtables: bool = True
 
     def chain(self, name: str) -> Optional[Chain]:
         return self._by_name.get(name)

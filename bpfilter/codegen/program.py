@@ -138,6 +138,14 @@ def _function_name(index: int, table: str, chain: str) -> str:
 
 
 INGRESS, EGRESS = "bf_ingress", "bf_egress"
+# Where the kernel tracks connections (the first packet's hook on each path).
+TRACKING_HOOKS = (ir.Hook.PREROUTING, ir.Hook.OUTPUT)
+
+
+def _base_name(key: tuple[str, str], hook: ir.Hook) -> str:
+    """iptables' built-in chains by their table alone; nftables' as table/chain."""
+    table, chain = key
+    return table if chain == hook.value else f"{table}/{chain}"
 
 
 def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
@@ -167,15 +175,18 @@ def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
     for stage, (name, egress) in zip(stages, ((INGRESS, False), (EGRESS, True))):
         if egress and not stage.hooks and not ctx.conntrack:
             continue
-        # Per hook, the chain before connection tracking (raw's) and those after it.
-        raw = {h.name.lower(): functions["raw"][h.value] if "raw" in stage.tables(h) else None
-               for h in ir.Hook}
-        entries = {h.name.lower(): [functions[t][h.value] for t in stage.tables(h) if t != "raw"]
-                   for h in ir.Hook}
+        # Per hook, the base chains before connection tracking and those after it.
+        early, entries = {}, {}
+        for hook in ir.Hook:
+            bases = [(functions[t][c], refs[(t, c)].chain.before_tracking
+                      and hook in TRACKING_HOOKS) for t, c in stage.base_chains(hook)]
+            early[hook.name.lower()] = [f for f, before in bases if before]
+            entries[hook.name.lower()] = [f for f, before in bases if not before]
         text = _environment().get_template("stage.c.j2").render(
             **defines, program=name, egress=egress, rejects=_rejects(stage),
-            walks="; ".join(f"{h.value} ({', '.join(t)})" for h, t in stage.walks),
-            chains=[code[ref.key] for ref in stage.chains], raw=raw, entries=entries)
+            walks="; ".join(f"{h.value} ({', '.join(_base_name(k, h) for k in keys)})"
+                            for h, keys in stage.walks),
+            chains=[code[ref.key] for ref in stage.chains], early=early, entries=entries)
         programs.append(ProgramSource(name, stage.hooks, egress, text))
     prefixes = tuple((number, net, slots[index]) for number, (run, slots, *_) in enumerate(runs)
                      if run.uniform_length is None for net, index in run.prefixes)

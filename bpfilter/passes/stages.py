@@ -26,9 +26,6 @@ class ChainRef:
         return self.table, self.chain.name
 
 
-# The tables whose built-in chains a hook runs, in the kernel's priority order (raw -300,
-# connection tracking -200 between raw and the rest, mangle -150, filter 0).
-TABLE_ORDER = ("raw", "mangle", "filter")
 # The hooks one program at an interface's ingress runs: every packet walks PREROUTING;
 # after the routing decision the kernel takes, one for this host walks INPUT, one it routes
 # on FORWARD and then POSTROUTING (decided here, where its marks are known).
@@ -40,12 +37,12 @@ EGRESS_HOOKS = (ir.Hook.OUTPUT, ir.Hook.POSTROUTING)
 
 @dataclass(frozen=True)
 class Stage:
-    """One program: per hook, the built-in chains it walks, and every chain they reach,
+    """One program: per hook, the base chains it walks, and every chain they reach,
     callees first."""
 
-    # (hook, the tables whose built-in chain of that hook runs, in order); only hooks with
-    # at least one
-    walks: tuple[tuple[ir.Hook, tuple[str, ...]], ...]
+    # (hook, the (table, chain) of each base chain that runs there, in priority order);
+    # only hooks with at least one
+    walks: tuple[tuple[ir.Hook, tuple[tuple[str, str], ...]], ...]
     chains: tuple[ChainRef, ...]
     classification: Classification = Classification()
     # Every chain a packet can walk in this program, with the hooks it is reached from.
@@ -57,7 +54,7 @@ class Stage:
     def hooks(self) -> tuple[ir.Hook, ...]:
         return tuple(hook for hook, _tables in self.walks)
 
-    def tables(self, hook: ir.Hook) -> tuple[str, ...]:
+    def base_chains(self, hook: ir.Hook) -> tuple[tuple[str, str], ...]:
         return dict(self.walks).get(hook, ())
 
 
@@ -115,15 +112,23 @@ def _reachable(table: ir.Table, entry: str, folds: Folds | None = None) -> list[
     return list(order)
 
 
-def _runs_anything(table: ir.Table, hook: ir.Hook) -> bool:
-    """An empty built-in chain whose policy is ACCEPT changes no packet: no program need
-    run it (only its policy counter then stays at zero). The filter table's INPUT and
-    FORWARD run even so: their policy counters are what `list` is most read for."""
-    chain = table.chain(hook.value)
-    if chain is None:
-        return False
+def _runs_anything(table: ir.Table, chain: ir.Chain) -> bool:
+    """An empty base chain whose policy is ACCEPT changes no packet: no program need run
+    it (only its policy counter then stays at zero). iptables' filter INPUT and FORWARD
+    run even so: their policy counters are what `list` is most read for."""
     return (bool(chain.rules) or chain.policy is not ir.Verdict.ACCEPT
-            or (table.name == "filter" and hook in (ir.Hook.INPUT, ir.Hook.FORWARD)))
+            or (table.xtables and table.name == "filter"
+                and chain.hook in (ir.Hook.INPUT, ir.Hook.FORWARD)))
+
+
+def _base_chains(ruleset: ir.Ruleset, hook: ir.Hook) -> tuple[tuple[str, str], ...]:
+    """The base chains that run at `hook`, lowest priority first (file order among equal
+    ones)."""
+    found = [(chain.priority, table.name, chain.name) for table in ruleset.tables
+             for chain in table.chains
+             if chain.hook is hook and chain.builtin and _runs_anything(table, chain)]
+    return tuple((table, chain) for _priority, table, chain in
+                 sorted(found, key=lambda found: found[0]))
 
 
 def plan_stages(ruleset: ir.Ruleset, folds: Folds | None = None,
@@ -134,30 +139,29 @@ def plan_stages(ruleset: ir.Ruleset, folds: Folds | None = None,
     They share the counter slots and the classification: one set of maps serves both."""
     folds = fold_chains(ruleset) if folds is None else folds
     slots = counter_slots(ruleset, folds) if slots is None else slots
-    tables = [ruleset.table(name) for name in TABLE_ORDER if ruleset.table(name) is not None]
     segment_slots = tuple(
         tuple(slots[(*s.chain, i)]
               for i in range(len(ruleset.table(s.chain[0]).chain(s.chain[1]).rules)))
         for s in classification.segments)
     stages = []
     for hooks in (INGRESS_HOOKS, EGRESS_HOOKS):
-        walks = tuple((hook, names) for hook in hooks
-                      if (names := tuple(t.name for t in tables if _runs_anything(t, hook))))
+        walks = tuple((hook, keys) for hook in hooks if (keys := _base_chains(ruleset, hook)))
         stages.append(_stage(ruleset, walks, folds, slots, classification, segment_slots))
     return tuple(stages)
 
 
-def _stage(ruleset: ir.Ruleset, walks: tuple[tuple[ir.Hook, tuple[str, ...]], ...],
+def _stage(ruleset: ir.Ruleset,
+           walks: tuple[tuple[ir.Hook, tuple[tuple[str, str], ...]], ...],
            folds: Folds, slots: dict[tuple[str, str, int], int],
            classification: Classification,
            segment_slots: tuple[tuple[int, ...], ...]) -> Stage:
     keys: dict[tuple[str, str], None] = {}  # ordered: callees first across the hooks too
     reached: dict[tuple[str, str], tuple[ir.Hook, ...]] = {}
-    for hook, names in walks:
-        for name in names:
+    for hook, bases in walks:
+        for name, base in bases:
             table = ruleset.table(name)
-            keys.update(dict.fromkeys((name, c) for c in _reachable(table, hook.value, folds)))
-            for chain in _reachable(table, hook.value):
+            keys.update(dict.fromkeys((name, c) for c in _reachable(table, base, folds)))
+            for chain in _reachable(table, base):
                 reached[(name, chain)] = reached.get((name, chain), ()) + (hook,)
     refs = []
     for table_name, name in keys:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 from bpfilter import ir
 from bpfilter.errors import InputError
 from bpfilter.passes.calls import CHAIN_LEVEL_MAX, MAX_FRAMES, chain_levels
-from bpfilter.passes.stages import TABLE_ORDER
-
-# The tables the compiler places (nat comes with NAT; security has no use without SELinux).
-COMPILED_TABLES = TABLE_ORDER
+# The iptables tables the compiler places (nat comes with NAT; security has no use without
+# SELinux).
+COMPILED_TABLES = ("raw", "mangle", "filter")
 # Targets the kernel accepts in one table only (xt_target.table).
 _TARGET_TABLES = {ir.RejectTarget: ("REJECT", "filter"),
                   ir.NotrackTarget: ("NOTRACK", "raw")}
@@ -44,9 +44,11 @@ def validate(ruleset: ir.Ruleset,
                     keep.append(rule)
                 else:
                     unsupported(problem)
-            chains.append(ir.Chain(chain.name, tuple(keep), chain.policy, chain.counters,
-                                   chain.origin))
-        tables.append(ir.Table(table.name, tuple(chains), table.origin))
+            # A table not compiled has no rules left, and its chains run nowhere.
+            runs = not table.xtables or table.name in COMPILED_TABLES
+            chains.append(dataclasses.replace(chain, rules=tuple(keep),
+                                              hook=chain.hook if runs else None))
+        tables.append(dataclasses.replace(table, chains=tuple(chains)))
     result = ir.Ruleset(ruleset.family, tuple(tables), ruleset.source)
     for table in result.tables:
         _check_loops(table)
@@ -55,6 +57,8 @@ def validate(ruleset: ir.Ruleset,
 
 
 def _unsupported_rule(table: ir.Table, rule: ir.Rule) -> Optional[InputError]:
+    if not table.xtables:
+        return None
     if table.name not in COMPILED_TABLES:
         return _error_at(rule.origin, f"*{table.name}",
                          f"rules in table '{table.name}' are not supported yet",

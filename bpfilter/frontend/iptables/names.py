@@ -64,3 +64,11 @@ BUILTIN_CHAINS = {
     "raw": ("PREROUTING", "OUTPUT"),
     "security": ("INPUT", "FORWARD", "OUTPUT"),
 }
+
+# Each table's priority at its hooks (NF_IP_PRI_*); nat's depends on the hook.
+TABLE_PRIORITIES = {"raw": -300, "mangle": -150, "filter": 0, "security": 50}
+NAT_PRIORITIES = {"PREROUTING": -100, "OUTPUT": -100, "INPUT": 100, "POSTROUTING": 100}
+
+
+def builtin_priority(table: str, chain: str) -> int:
+    return NAT_PRIORITIES[chain] if table == "nat" else TABLE_PRIORITIES[table]

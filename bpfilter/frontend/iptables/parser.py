@@ -94,7 +94,9 @@ def _table(node: lark.Tree, source: str) -> ir.Table:
             declared[builtin] = ir.Chain(builtin, (), ir.Verdict.ACCEPT)
             rules[builtin] = []
     chains = tuple(
-        ir.Chain(c.name, tuple(rules[c.name]), c.policy, c.counters, c.origin)
+        ir.Chain(c.name, tuple(rules[c.name]), c.policy, c.counters, c.origin,
+                 *((ir.Hook(c.name), names.builtin_priority(name, c.name)) if c.builtin
+                   else ()))
         for c in declared.values()
     )
     return ir.Table(name, chains, origin)

@@ -134,7 +134,8 @@ def _c_comment(text: str) -> str:
 
 
 def _function_name(index: int, table: str, chain: str) -> str:
-    return f"bf_chain_{index}_{table}_" + re.sub(r"[^A-Za-z0-9_]", "_", chain)[:40]
+    plain = lambda name: re.sub(r"[^A-Za-z0-9_]", "_", name)[:40]  # noqa: E731
+    return f"bf_chain_{index}_{plain(table)}_{plain(chain)}"
 
 
 INGRESS, EGRESS = "bf_ingress", "bf_egress"

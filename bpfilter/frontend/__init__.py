@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import re
+
 from bpfilter.frontend.iptables.parser import parse_iptables_save
+from bpfilter.frontend.nft.parser import parse_nft
 from bpfilter.ir import Ruleset
+
+# iptables-save text has a `*table` line before anything else that is not a comment; an
+# nftables ruleset starts with a table block or a command.
+_IPTABLES = re.compile(r"\A(?:[ \t]*(?:#[^\n]*)?\n)*[ \t]*\*", re.MULTILINE)
+
+
+def dialect(text: str) -> str:
+    """"iptables" or "nft", told by content."""
+    return "iptables" if _IPTABLES.match(text) else "nft"
 
 
 def parse_ruleset(text: str, source: str = "<stdin>") -> Ruleset:
-    """Pick the front-end by content. Only iptables-save text exists so far."""
-    return parse_iptables_save(text, source)
+    """Pick the front-end by content."""
+    if dialect(text) == "iptables":
+        return parse_iptables_save(text, source)
+    return parse_nft(text, source)
 
 
-__all__ = ["parse_ruleset", "parse_iptables_save"]
+__all__ = ["dialect", "parse_ruleset", "parse_iptables_save", "parse_nft"]

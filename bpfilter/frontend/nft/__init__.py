@@ -1,0 +1,1 @@
+"""The nftables dialect: `nft list ruleset` text to IR (parser) and back (save)."""

@@ -1,0 +1,61 @@
+"""Names nftables accepts for numbers, spelled as `nft list ruleset` prints them."""
+
+from __future__ import annotations
+
+from bpfilter import ir
+
+FAMILIES = ("ip", "ip6", "inet", "arp", "bridge", "netdev")
+# The words that open a block when a `{` follows them.
+BLOCKS = ("table", "chain", "set", "map", "flowtable")
+
+HOOKS = {"prerouting": ir.Hook.PREROUTING, "input": ir.Hook.INPUT,
+         "forward": ir.Hook.FORWARD, "output": ir.Hook.OUTPUT,
+         "postrouting": ir.Hook.POSTROUTING}
+HOOK_NAMES = {hook: name for name, hook in HOOKS.items()}
+
+# nft's standard priority names (ip family).
+PRIORITIES = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "security": 50,
+              "srcnat": 100}
+
+PROTOCOLS = {"icmp": 1, "igmp": 2, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "ah": 51,
+             "icmpv6": 58, "ipv6-icmp": 58, "sctp": 132, "udplite": 136}
+PROTOCOL_NAMES = {1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 47: "gre", 50: "esp", 51: "ah",
+                  132: "sctp", 136: "udplite"}
+
+# nft's icmp_type names; a type alone matches every code.
+ICMP_TYPES = {
+    "echo-reply": 0, "destination-unreachable": 3, "source-quench": 4, "redirect": 5,
+    "echo-request": 8, "router-advertisement": 9, "router-solicitation": 10,
+    "time-exceeded": 11, "parameter-problem": 12, "timestamp-request": 13,
+    "timestamp-reply": 14, "info-request": 15, "info-reply": 16,
+    "address-mask-request": 17, "address-mask-reply": 18,
+}
+ICMP_TYPE_NAMES = {number: name for name, number in ICMP_TYPES.items()}
+# icmp_code names (`icmp code port-unreachable`).
+ICMP_CODES = {"net-unreachable": 0, "host-unreachable": 1, "prot-unreachable": 2,
+              "port-unreachable": 3, "frag-needed": 4, "net-prohibited": 9,
+              "host-prohibited": 10, "admin-prohibited": 13}
+
+REJECT_CODES = {
+    "net-unreachable": ir.RejectWith.NET_UNREACHABLE,
+    "host-unreachable": ir.RejectWith.HOST_UNREACHABLE,
+    "prot-unreachable": ir.RejectWith.PROT_UNREACHABLE,
+    "port-unreachable": ir.RejectWith.PORT_UNREACHABLE,
+    "net-prohibited": ir.RejectWith.NET_PROHIBITED,
+    "host-prohibited": ir.RejectWith.HOST_PROHIBITED,
+    "admin-prohibited": ir.RejectWith.ADMIN_PROHIBITED,
+}
+REJECT_NAMES = {value: name for name, value in REJECT_CODES.items()}
+
+TCP_FLAGS = {"fin": 0x01, "syn": 0x02, "rst": 0x04, "psh": 0x08, "ack": 0x10, "urg": 0x20,
+             "ecn": 0x40, "cwr": 0x80}
+
+CT_STATES = {"invalid": "INVALID", "new": "NEW", "related": "RELATED",
+             "established": "ESTABLISHED", "untracked": "UNTRACKED"}
+
+LOG_LEVELS = {"emerg": 0, "alert": 1, "crit": 2, "err": 3, "warn": 4, "notice": 5,
+              "info": 6, "debug": 7}
+LOG_LEVEL_NAMES = {number: name for name, number in LOG_LEVELS.items()}
+
+LIMIT_UNITS = {"second": "sec", "minute": "min", "hour": "hour", "day": "day"}
+LIMIT_UNIT_NAMES = {unit: name for name, unit in LIMIT_UNITS.items()}

@@ -1,0 +1,398 @@
+"""nftables ruleset text (`nft list ruleset`, `nft -f` scripts) -> IR.
+
+The grammar (grammar/nft.lark) gives statements, blocks and anonymous sets; this module
+reads the structure (tables, chains, sets, commands) and leaves each rule's words to
+rule.py. Only what the IR can run is accepted: family ip (inet, ip6 and netdev tables
+need IPv6 and device hooks, not compiled yet), filter and route chains at the five IP
+hooks; anything else is an error at its line and column.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Union
+
+import lark
+
+from bpfilter import ir
+from bpfilter.errors import InputError
+from bpfilter.frontend.nft import names
+from bpfilter.frontend.nft.rule import NamedSet, RuleReader, SetLiteral, Word
+from bpfilter.resources import resource_dir
+
+
+class _Braces:
+    """Post-lexer: a `{` after a table, chain, set or map header (`table ip t {`,
+    `add chain ip t c {`) opens a block whose lines are statements; any other `{` opens an
+    anonymous set, inside which a newline does not end the statement."""
+
+    always_accept = ("LBRACE", "RBRACE", "_NL")
+
+    def process(self, stream: Iterator[lark.Token]) -> Iterator[lark.Token]:
+        stack: list[str] = []  # "block" | "set"
+        line: list[str] = []  # the words of the statement so far
+        for tok in stream:
+            if tok.type == "_NL" or tok.value == ";":
+                if stack and stack[-1] == "set":
+                    continue
+                line = []
+            elif tok.type == "LBRACE":
+                words = [w for w in line if w != "{"]
+                header = (words[:1] and words[0] in names.BLOCKS) or (
+                    words[:2] and words[0] in ("add", "create")
+                    and words[1] in names.BLOCKS)
+                kind = "block" if header and "{" not in line and not (
+                    stack and stack[-1] == "set") else "set"
+                stack.append(kind)
+                tok = lark.Token.new_borrow_pos("LBLOCK" if kind == "block" else "LSET",
+                                                tok.value, tok)
+                line = [] if kind == "block" else line + ["{"]
+            elif tok.type == "RBRACE":
+                kind = stack.pop() if stack else "block"
+                tok = lark.Token.new_borrow_pos("RBLOCK" if kind == "block" else "RSET",
+                                                tok.value, tok)
+                if kind == "block":
+                    line = []
+            else:
+                line.append(tok.value)
+            yield tok
+
+
+@functools.cache
+def _grammar() -> lark.Lark:
+    text = (resource_dir("grammar") / "nft.lark").read_text()
+    return lark.Lark(text, parser="lalr", postlex=_Braces(), propagate_positions=True)
+
+
+Item = Union[Word, SetLiteral]
+
+
+@dataclass
+class Statement:
+    words: list[Item]
+    block: Optional[list["Statement"]]
+    line: int
+    column: int
+
+
+@dataclass
+class _Chain:
+    name: str
+    origin: ir.Origin
+    hook: Optional[ir.Hook] = None
+    priority: int = 0
+    policy: Optional[ir.Verdict] = None
+    nat: bool = False
+    rules: list[ir.Rule] = field(default_factory=list)
+    counters: Optional[ir.Counters] = None
+
+
+@dataclass
+class _Table:
+    name: str
+    origin: ir.Origin
+    chains: dict[str, _Chain] = field(default_factory=dict)
+    sets: dict[str, NamedSet] = field(default_factory=dict)
+    anonymous: int = 0  # chains made for rules with several statements
+
+
+def _items(children, source: str) -> list[Item]:
+    items: list[Item] = []
+    for child in children:
+        if isinstance(child, lark.Tree):
+            elements: list[list[Item]] = [[]]
+            for part in _items(child.children[1:-1], source):
+                if isinstance(part, Word) and part.value == ",":
+                    elements.append([])
+                else:
+                    elements[-1].append(part)
+            opening = child.children[0]
+            items.append(SetLiteral(tuple(tuple(e) for e in elements if e),
+                                    Word(opening.value, opening.line, opening.column)))
+        elif child.type in ("LSET", "RSET"):
+            continue
+        else:
+            value = child.value
+            if child.type == "STRING":
+                value = child.value[1:-1].replace('\\"', '"')
+            items.append(Word(value, child.line, child.column, child.type == "STRING"))
+    return items
+
+
+def _statements(tree: lark.Tree, source: str) -> list[Statement]:
+    result = []
+    for node in tree.children:
+        if not isinstance(node, lark.Tree) or node.data != "statement":
+            continue
+        block = node.children[-1] if isinstance(node.children[-1], lark.Tree) and \
+            node.children[-1].data == "block" else None
+        words = _items(node.children[:-1] if block is not None else node.children, source)
+        first = words[0].word if isinstance(words[0], SetLiteral) else words[0]
+        result.append(Statement(words, _statements(block, source) if block is not None
+                                else None, first.line, first.column))
+    return result
+
+
+class NftReader:
+    def __init__(self, source: str):
+        self.source = source
+        self.tables: dict[str, _Table] = {}
+
+    def error(self, word: Word, why: str, supported: Optional[str] = None) -> InputError:
+        return InputError(self.source, word.line, word.value, why, supported, word.column)
+
+    def _word(self, statement: Statement, index: int, what: str) -> Word:
+        if index >= len(statement.words) or not isinstance(statement.words[index], Word):
+            last = statement.words[min(index, len(statement.words)) - 1]
+            last = last.word if isinstance(last, SetLiteral) else last
+            raise self.error(last, f"{what} expected after this")
+        return statement.words[index]
+
+    # ------------------------------------------------------------------ top level
+
+    def read(self, statements: list[Statement]) -> None:
+        for statement in statements:
+            head = statement.words[0]
+            verb = head.value if isinstance(head, Word) else ""
+            if verb == "table":
+                table = self._table_header(statement, 1)
+                self._table_body(table, statement.block or [])
+            elif verb in ("add", "create", "insert"):
+                self._command(statement)
+            elif verb == "flush" and len(statement.words) == 2 and \
+                    statement.words[1].value == "ruleset":
+                self.tables.clear()
+            else:
+                raise self.error(head, "unknown or unsupported command",
+                                 "table blocks, add/create/insert commands, flush ruleset")
+
+    def _family_and_name(self, statement: Statement, index: int) -> tuple[Word, int]:
+        """`[family] name` at `index`: the name word, and where the statement goes on."""
+        first = self._word(statement, index, "a table name")
+        if first.value in names.FAMILIES:
+            if first.value != "ip":
+                raise self.error(first, f"tables of family {first.value} are not "
+                                 "supported yet (they filter IPv6 or run at device hooks)",
+                                 "family ip")
+            return self._word(statement, index + 1, "a table name"), index + 2
+        return first, index + 1
+
+    def _table_header(self, statement: Statement, index: int) -> _Table:
+        name, _ = self._family_and_name(statement, index)
+        if name.value not in self.tables:
+            self.tables[name.value] = _Table(name.value,
+                                             ir.Origin(self.source, name.line, name.column))
+        return self.tables[name.value]
+
+    def _table_body(self, table: _Table, body: list[Statement]) -> None:
+        for statement in body:
+            head = statement.words[0]
+            kind = head.value if isinstance(head, Word) else ""
+            if kind == "chain":
+                chain = self._chain(table, self._word(statement, 1, "a chain name"))
+                self._chain_body(table, chain, statement.block or [])
+            elif kind in ("set", "map"):
+                self._set(table, self._word(statement, 1, "a set name"), statement)
+            elif kind in ("flags", "comment"):
+                continue
+            else:
+                raise self.error(head, "unexpected in a table", "chain, set, map")
+
+    def _command(self, statement: Statement) -> None:
+        verb, what = statement.words[0], self._word(statement, 1, "table, chain, rule, ...")
+        if what.value == "table":
+            table = self._table_header(statement, 2)
+            self._table_body(table, statement.block or [])
+            return
+        if what.value not in ("chain", "rule", "set", "map", "element"):
+            raise self.error(what, "unsupported command",
+                             "add table, add chain, add rule, insert rule, add set, "
+                             "add map, add element")
+        name, at = self._family_and_name(statement, 2)
+        table = self.tables.get(name.value)
+        if table is None:
+            raise self.error(name, f"no table '{name.value}' (add it first)")
+        target = self._word(statement, at, f"a {what.value} name")
+        if what.value == "chain":
+            self._chain_body(table, self._chain(table, target), statement.block or [])
+        elif what.value in ("set", "map"):
+            self._set(table, target, statement)
+        elif what.value == "element":
+            named = self._named(table, target)
+            named.add(statement.words[at + 1:], self)
+        else:
+            chain = table.chains.get(target.value)
+            if chain is None:
+                raise self.error(target, f"no chain '{target.value}' in table "
+                                 f"'{table.name}'")
+            words = statement.words[at + 1:]
+            if words[:1] and isinstance(words[0], Word) and words[0].value in (
+                    "position", "handle", "index"):
+                raise self.error(words[0], "rule positions are not supported",
+                                 "add rule (append) and insert rule (prepend)")
+            rules = self._rules(table, chain, words, statement)
+            if verb.value == "insert":
+                chain.rules[0:0] = rules
+            else:
+                chain.rules.extend(rules)
+
+    def _named(self, table: _Table, word: Word) -> NamedSet:
+        named = table.sets.get(word.value)
+        if named is None:
+            raise self.error(word, f"no set or map '{word.value}' in table '{table.name}'")
+        return named
+
+    # ------------------------------------------------------------------ chains, sets
+
+    def _chain(self, table: _Table, name: Word) -> _Chain:
+        if name.value not in table.chains:
+            table.chains[name.value] = _Chain(
+                name.value, ir.Origin(self.source, name.line, name.column))
+        return table.chains[name.value]
+
+    def _chain_body(self, table: _Table, chain: _Chain, body: list[Statement]) -> None:
+        for statement in body:
+            head = statement.words[0]
+            kind = head.value if isinstance(head, Word) else ""
+            if kind == "type":
+                self._chain_type(chain, statement)
+            elif kind == "policy":
+                policy = self._word(statement, 1, "accept or drop")
+                if policy.value not in ("accept", "drop"):
+                    raise self.error(policy, "unknown policy", "accept, drop")
+                chain.policy = ir.Verdict(policy.value.upper())
+            elif kind == "comment" and len(statement.words) == 2:
+                continue
+            else:
+                chain.rules.extend(self._rules(table, chain, statement.words, statement))
+
+    def _chain_type(self, chain: _Chain, statement: Statement) -> None:
+        words = [w for w in statement.words if isinstance(w, Word)]
+        kind = self._word(statement, 1, "a chain type")
+        if kind.value not in ("filter", "route", "nat"):
+            raise self.error(kind, "unknown chain type", "filter, route, nat")
+        chain.nat = kind.value == "nat"
+        at = 2
+        while at < len(words):
+            key = words[at]
+            if key.value == "hook":
+                hook = self._word(statement, at + 1, "a hook")
+                if hook.value not in names.HOOKS:
+                    raise self.error(hook, "hook not supported",
+                                     ", ".join(names.HOOKS))
+                chain.hook = names.HOOKS[hook.value]
+                at += 2
+            elif key.value == "priority":
+                chain.priority, at = self._priority(words, at + 1, statement)
+            elif key.value == "device":
+                raise self.error(key, "device hooks are not supported yet",
+                                 "chains at prerouting, input, forward, output, "
+                                 "postrouting")
+            else:
+                raise self.error(key, "unexpected in a chain's type", "hook, priority")
+        if chain.hook is None:
+            raise self.error(kind, "a base chain needs a hook", ", ".join(names.HOOKS))
+        if chain.policy is None:
+            chain.policy = ir.Verdict.ACCEPT
+
+    def _priority(self, words: list[Word], at: int, statement: Statement) -> tuple[int, int]:
+        first = self._word(statement, at, "a priority")
+        value = names.PRIORITIES.get(first.value)
+        if value is None:
+            try:
+                value = int(first.value, 0)
+            except ValueError:
+                raise self.error(first, "unknown priority",
+                                 ", ".join(names.PRIORITIES) + " or a number") from None
+        at += 1
+        if at + 1 < len(words) and words[at].value in ("+", "-"):
+            offset = int(words[at + 1].value, 0)
+            value += offset if words[at].value == "+" else -offset
+            at += 2
+        elif at < len(words) and words[at].value[:1] in "+-" and words[at].value[1:].isdigit():
+            value += int(words[at].value)
+            at += 1
+        return value, at
+
+    def _set(self, table: _Table, name: Word, statement: Statement) -> None:
+        kind = statement.words[0] if statement.words[0].value in ("set", "map") else \
+            statement.words[1]
+        named = table.sets.setdefault(name.value, NamedSet(name.value, kind.value == "map",
+                                                            name))
+        for line in statement.block or []:
+            head = line.words[0]
+            if not isinstance(head, Word):
+                continue
+            if head.value == "type":
+                named.set_type(line.words[1:], self)
+            elif head.value == "elements":
+                named.add(line.words[2:], self)
+            elif head.value in ("flags", "size", "comment", "policy", "auto-merge",
+                                "counter"):
+                continue
+            else:
+                raise self.error(head, "not supported in a set",
+                                 "type, flags, elements, size, comment, auto-merge")
+
+    # ------------------------------------------------------------------ rules
+
+    def _rules(self, table: _Table, chain: _Chain, words: list[Item],
+               statement: Statement) -> list[ir.Rule]:
+        if chain.nat:
+            first = words[0].word if isinstance(words[0], SetLiteral) else words[0]
+            raise self.error(first, f"rules in NAT chain '{chain.name}' are not supported "
+                             "yet", "filter and route chains")
+        origin = ir.Origin(self.source, statement.line, statement.column)
+        reader = RuleReader(words, self.source, table.sets, table.name)
+        rules, statements = reader.read(origin)
+        if statements is None:
+            return rules
+        # Several statements (log then drop, a mark then accept): a chain of their own,
+        # called when the rule matches, runs them in order.
+        if any(isinstance(s.target, ir.ReturnTarget) or
+               (isinstance(s.target, ir.JumpTarget) and s.target.goto) for s in statements):
+            raise self.error(reader.first_statement,
+                             "return or goto after another statement is not supported",
+                             "one statement and then accept, drop, reject or jump")
+        table.anonymous += 1
+        name = f"{chain.name}#{table.anonymous}"  # '#' can be no nft chain's name
+        table.chains[name] = _Chain(name, origin, rules=list(statements))
+        return [ir.Rule(r.matches, ir.JumpTarget(name), r.origin, r.counters) for r in rules]
+
+    def ruleset(self) -> ir.Ruleset:
+        tables = []
+        for table in self.tables.values():
+            chains = []
+            for chain in table.chains.values():
+                base = chain.hook is not None and not chain.nat
+                chains.append(ir.Chain(chain.name, tuple(chain.rules),
+                                       chain.policy if base else None, chain.counters,
+                                       chain.origin, chain.hook if base else None,
+                                       chain.priority))
+            tables.append(ir.Table(table.name, tuple(chains), table.origin, xtables=False))
+        return ir.Ruleset(ir.Family.IPV4, tuple(tables), self.source)
+
+
+def parse_nft(text: str, source: str = "<stdin>") -> ir.Ruleset:
+    try:
+        tree = _grammar().parse(text if text.endswith("\n") else text + "\n")
+    except lark.exceptions.UnexpectedInput as exc:
+        raise _syntax_error(exc, text, source) from None
+    reader = NftReader(source)
+    reader.read(_statements(tree, source))
+    return reader.ruleset()
+
+
+def _syntax_error(exc: lark.exceptions.UnexpectedInput, text: str, source: str) -> InputError:
+    line = getattr(exc, "line", 0) or 0
+    column = getattr(exc, "column", 0) or 0
+    token = getattr(exc, "token", None)
+    if isinstance(exc, lark.exceptions.UnexpectedCharacters):
+        bad = text.splitlines()[line - 1][column - 1:].split()[0] if line else "?"
+        return InputError(source, line, bad, "unexpected character", None, column)
+    if token is None or token.type == "$END":
+        return InputError(source, max(1, len(text.rstrip("\n").splitlines())),
+                          "<end of file>", "a '{' is not closed by '}'")
+    return InputError(source, line, token.value.strip() or "<newline>", "unexpected here",
+                      None, column)

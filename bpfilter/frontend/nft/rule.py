@@ -1,0 +1,683 @@
+"""Reads one nftables rule's words into IR rules.
+
+An nft rule is a row of expressions and statements evaluated left to right: relational
+expressions (`tcp dport 22`, `ip saddr { a, b }`) must hold, then statements run (`counter`,
+`log`, `meta mark set`, a verdict). The IR's rule is matches and one target, so:
+- a set on the right of `==` is a choice: one IR rule per element (elements of an nft set
+  never overlap, so at most one of them matches and effects run at most once); `!=` a set
+  is every `!=` at once; a verdict map is one rule per element with its verdict;
+- `tcp dport`, `udp sport` and `icmp type` imply their protocol, as in nft;
+- several statements become a chain of their own (parser.py).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import socket
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Optional, Union
+
+from bpfilter import ir
+from bpfilter.errors import InputError
+from bpfilter.frontend.nft import names
+
+if TYPE_CHECKING:
+    from bpfilter.frontend.nft.parser import NftReader
+
+
+@dataclass(frozen=True)
+class Word:
+    value: str
+    line: int
+    column: int
+    quoted: bool = False
+
+
+@dataclass(frozen=True)
+class SetLiteral:
+    """`{ a, b . c, d : accept }`: each element is the words between commas."""
+
+    elements: tuple[tuple[Union[Word, "SetLiteral"], ...], ...]
+    word: Word  # the opening brace
+
+
+Item = Union[Word, SetLiteral]
+
+
+@dataclass
+class NamedSet:
+    name: str
+    is_map: bool
+    word: Word
+    elements: list[tuple[Item, ...]] = field(default_factory=list)
+
+    def set_type(self, words: list[Item], reader: "NftReader") -> None:
+        """The key type is read from the elements themselves; the type is only checked
+        for being one the reader can tell apart."""
+        for word in words:
+            if isinstance(word, Word) and word.value not in KEY_TYPES and \
+                    word.value not in (".", ":", "verdict"):
+                raise reader.error(word, "set type not supported",
+                                   ", ".join(KEY_TYPES) + " (and concatenations)")
+
+    def add(self, words: list[Item], reader: "NftReader") -> None:
+        for word in words:
+            if not isinstance(word, SetLiteral):
+                raise reader.error(word, "elements expected in braces", "{ a, b }")
+            self.elements.extend(word.elements)
+
+
+KEY_TYPES = ("ipv4_addr", "inet_service", "inet_proto", "ifname", "mark", "icmp_type",
+             "ct_state", "ether_addr")
+
+VERDICT_WORDS = ("accept", "drop", "return", "jump", "goto", "reject", "continue", "queue")
+_OPS = ("==", "!=", "<", ">", "<=", ">=")
+_WORD_OPS = {"eq": "==", "ne": "!=", "lt": "<", "gt": ">", "le": "<=", "ge": ">="}
+
+# The selectors a rule can test: nft's words for them, after an optional `meta`.
+SELECTORS = {
+    ("ip", "saddr"), ("ip", "daddr"), ("ip", "protocol"), ("ip", "ttl"), ("ip", "length"),
+    ("ip", "frag-off"), ("tcp", "sport"), ("tcp", "dport"), ("tcp", "flags"),
+    ("udp", "sport"), ("udp", "dport"), ("icmp", "type"), ("icmp", "code"),
+    ("meta", "l4proto"), ("meta", "iifname"), ("meta", "oifname"), ("meta", "iif"),
+    ("meta", "oif"), ("meta", "mark"), ("meta", "length"), ("ct", "state"), ("ct", "mark"),
+    ("ct", "direction"), ("ether", "saddr"),
+}
+_META_SHORT = ("iifname", "oifname", "iif", "oif", "mark", "l4proto", "length")
+SUPPORTED = ("ip saddr|daddr|protocol|ttl|length|frag-off, tcp sport|dport|flags, "
+             "udp sport|dport, icmp type|code, meta l4proto|iifname|oifname|iif|oif|mark|"
+             "length, ct state|mark|direction, ether saddr, counter, limit, log, comment, "
+             "meta mark set, ct mark set, notrack, accept, drop, reject, return, jump, goto")
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """One way a rule's expression can hold: matches, and a verdict when it came from a
+    verdict map."""
+
+    matches: tuple[ir.Match, ...]
+    target: Optional[ir.Target] = None
+
+
+class RuleReader:
+    def __init__(self, words: list[Item], source: str, sets: dict[str, NamedSet],
+                 table: str):
+        self.words = words
+        self.pos = 0
+        self.source = source
+        self.sets = sets
+        self.table = table
+        self.groups: list[list[_Choice]] = []  # AND of ORs
+        self.statements: list[ir.Target] = []
+        self.counters: Optional[ir.Counters] = None
+        self.comment: Optional[str] = None
+        self.first_statement: Optional[Word] = None
+        self.verdict_map = False
+
+    # ----------------------------------------------------------------- words
+
+    def error(self, word: Item, why: str, supported: Optional[str] = None) -> InputError:
+        word = word.word if isinstance(word, SetLiteral) else word
+        return InputError(self.source, word.line, word.value, why, supported, word.column)
+
+    def peek(self, ahead: int = 0) -> Optional[Item]:
+        at = self.pos + ahead
+        return self.words[at] if at < len(self.words) else None
+
+    def peek_value(self, ahead: int = 0) -> Optional[str]:
+        word = self.peek(ahead)
+        return word.value if isinstance(word, Word) else None
+
+    def next(self, what: str) -> Item:
+        word = self.peek()
+        if word is None:
+            raise self.error(self.words[-1], f"{what} expected after this")
+        self.pos += 1
+        return word
+
+    def next_word(self, what: str) -> Word:
+        word = self.next(what)
+        if not isinstance(word, Word):
+            raise self.error(word, f"{what} expected, not a set")
+        return word
+
+    def comma_list(self, what: str) -> list[Word]:
+        """`a,b,c` (the grammar gives the commas as words of their own)."""
+        words = [self.next_word(what)]
+        while self.peek_value() == ",":
+            self.pos += 1
+            words.append(self.next_word(what))
+        return words
+
+    # ----------------------------------------------------------------- the rule
+
+    def read(self, origin: ir.Origin) -> tuple[list[ir.Rule], Optional[list[ir.Rule]]]:
+        """The IR rules for this nft rule, and with several statements, those statements
+        as the rules of the chain they go to (the rules then have no target yet)."""
+        while self.peek() is not None:
+            self._item()
+        matches_tail = (ir.CommentMatch(self.comment),) if self.comment is not None else ()
+        single = self.statements[0] if len(self.statements) == 1 else None
+        rules = []
+        for combination in itertools.product(*self.groups):
+            matches = _merge(tuple(m for choice in combination for m in choice.matches))
+            target = next((c.target for c in combination if c.target is not None), single)
+            rules.append(ir.Rule(matches + matches_tail, target, origin, self.counters))
+        if len(self.statements) <= 1:
+            return rules, None
+        return rules, [ir.Rule((), s, origin) for s in self.statements]
+
+    def _item(self) -> None:
+        word = self.next("an expression or statement")
+        if isinstance(word, SetLiteral):
+            raise self.error(word, "a set needs an expression on its left",
+                             "ip saddr { ... }, tcp dport { ... }")
+        value = word.value
+        if value != "comment" and self.statements and any(isinstance(s, (ir.VerdictTarget, ir.RejectTarget,
+                                                   ir.ReturnTarget, ir.JumpTarget))
+                                   for s in self.statements):
+            raise self.error(word, "nothing can follow a verdict")
+        if value == "counter":
+            self._counter()
+        elif value == "comment":
+            self.comment = self.next_word("a comment string").value
+        elif value == "limit":
+            self._expression_slot(word)
+            self.groups.append([_Choice((self._limit(),))])
+        elif value in VERDICT_WORDS:
+            self._statement(word, self._verdict(word))
+        elif value == "log":
+            self._statement(word, self._log())
+        elif value == "notrack":
+            self._statement(word, ir.NotrackTarget())
+        elif self._is_mark_set(word):
+            self._statement(word, self._mark_set(word))
+        elif value == "vmap":
+            raise self.error(word, "a verdict map needs an expression on its left")
+        else:
+            self._expression_slot(word)
+            self.pos -= 1
+            self.groups.append(self._relation())
+
+    def _statement(self, word: Word, target: ir.Target) -> None:
+        if self.verdict_map:
+            raise self.error(word, "a verdict map ends the rule")
+        if self.first_statement is None:
+            self.first_statement = word
+        self.statements.append(target)
+
+    def _expression_slot(self, word: Word) -> None:
+        if self.statements or self.verdict_map:
+            raise self.error(word, "a match after a statement is not supported",
+                             "matches first, then statements")
+
+    # ----------------------------------------------------------------- statements
+
+    def _counter(self) -> None:
+        if self.peek_value() == "packets":
+            self.pos += 1
+            packets = self._int(self.next_word("a packet count"))
+            if self.next_word("bytes").value != "bytes":
+                raise self.error(self.words[self.pos - 1], "expected 'bytes'")
+            self.counters = ir.Counters(packets, self._int(self.next_word("a byte count")))
+        else:
+            self.counters = self.counters or ir.Counters()
+
+    def _limit(self) -> ir.LimitMatch:
+        rate = self.next_word("rate")
+        if rate.value != "rate":
+            raise self.error(rate, "expected 'rate'", "limit rate N/second")
+        if self.peek_value() == "over":
+            raise self.error(self.peek(), "limit rate over is not supported yet",
+                             "limit rate N/unit [burst N packets]")
+        spec = self.next_word("a rate")
+        text = spec.value
+        if "/" not in text and self.peek_value() is not None and \
+                self.peek_value().startswith("/"):
+            text += self.next_word("a unit").value
+        count, _, unit = text.partition("/")
+        if unit not in names.LIMIT_UNITS or not count.isdigit() or int(count) == 0:
+            raise self.error(spec, "rate expected as N/unit (packets)",
+                             "N/second, N/minute, N/hour, N/day")
+        burst = 5
+        if self.peek_value() == "burst":
+            self.pos += 1
+            burst = self._int(self.next_word("a burst size"))
+            packets = self.next_word("packets")
+            if packets.value != "packets":
+                raise self.error(packets, "byte bursts are not supported", "burst N packets")
+        return ir.LimitMatch(int(count), names.LIMIT_UNITS[unit], burst)
+
+    def _verdict(self, word: Word) -> ir.Target:
+        value = word.value
+        if value in ("accept", "drop"):
+            return ir.VerdictTarget(ir.Verdict(value.upper()))
+        if value == "return":
+            return ir.ReturnTarget()
+        if value in ("jump", "goto"):
+            return ir.JumpTarget(self.next_word("a chain name").value, value == "goto")
+        if value == "reject":
+            return self._reject()
+        raise self.error(word, f"verdict '{value}' is not supported",
+                         "accept, drop, reject, return, jump, goto")
+
+    def _reject(self) -> ir.RejectTarget:
+        if self.peek_value() != "with":
+            return ir.RejectTarget(ir.RejectWith.PORT_UNREACHABLE)
+        self.pos += 1
+        kind = self.next_word("icmp or tcp")
+        if kind.value == "tcp":
+            reset = self.next_word("reset")
+            if reset.value != "reset":
+                raise self.error(reset, "expected 'reset'")
+            return ir.RejectTarget(ir.RejectWith.TCP_RESET)
+        if kind.value != "icmp":
+            raise self.error(kind, "reject type not supported", "icmp, tcp reset")
+        if self.peek_value() == "type":
+            self.pos += 1
+        code = self.next_word("an ICMP code")
+        if code.value not in names.REJECT_CODES:
+            raise self.error(code, "unknown ICMP code", ", ".join(names.REJECT_CODES))
+        return ir.RejectTarget(names.REJECT_CODES[code.value])
+
+    def _log(self) -> ir.LogTarget:
+        prefix, level = "", 4
+        while self.peek_value() in ("prefix", "level", "flags", "group"):
+            key = self.next_word("a log option")
+            if key.value == "prefix":
+                prefix = self.next_word("a prefix string").value
+            elif key.value == "level":
+                word = self.next_word("a log level")
+                if word.value not in names.LOG_LEVELS:
+                    raise self.error(word, "unknown log level", ", ".join(names.LOG_LEVELS))
+                level = names.LOG_LEVELS[word.value]
+            elif key.value == "flags":
+                self.comma_list("log flags")
+            else:
+                raise self.error(key, "log groups (nflog) are not supported",
+                                 "log [prefix S] [level L]")
+        return ir.LogTarget(prefix, level)
+
+    def _is_mark_set(self, word: Word) -> bool:
+        if word.value in ("meta", "ct"):
+            return self.peek_value() == "mark" and self.peek_value(1) == "set"
+        return word.value == "mark" and self.peek_value() == "set"
+
+    def _mark_set(self, word: Word) -> ir.Target:
+        """`meta mark set V`, `meta mark set meta mark | V` (and & ^), `meta mark set ct
+        mark`, `ct mark set V`, `ct mark set meta mark`."""
+        connection = word.value == "ct"
+        if word.value in ("meta", "ct"):
+            self.pos += 1  # mark
+        self.pos += 1  # set
+        source = self.next_word("a mark value")
+        if source.value in ("meta", "ct", "mark"):
+            other_ct = source.value == "ct"
+            if source.value != "mark":
+                self.next_word("mark")
+            if other_ct == connection:
+                return self._mark_arith(source, connection)
+            if connection:
+                return ir.ConnmarkTarget(ir.ConnmarkMode.SAVE)
+            return ir.ConnmarkTarget(ir.ConnmarkMode.RESTORE)
+        value = self._int(source)
+        if connection:
+            return ir.ConnmarkTarget(ir.ConnmarkMode.SET, value)
+        return ir.MarkTarget(value)
+
+    def _mark_arith(self, word: Word, connection: bool) -> ir.Target:
+        op = self.next_word("| & ^ or 'or', 'and', 'xor'")
+        value = self._int(self.next_word("a mark value"))
+        op_value = {"or": "|", "and": "&", "xor": "^"}.get(op.value, op.value)
+        # As (value, mask) of mark = (mark & ~mask) ^ value.
+        if op_value == "|":
+            mark, mask = value, value
+        elif op_value == "&":
+            mark, mask = 0, ~value & 0xFFFFFFFF
+        elif op_value == "^":
+            mark, mask = value, 0
+        else:
+            raise self.error(op, "unsupported mark arithmetic", "|, &, ^")
+        if connection:
+            return ir.ConnmarkTarget(ir.ConnmarkMode.SET, mark, mask)
+        return ir.MarkTarget(mark, mask)
+
+    # ----------------------------------------------------------------- expressions
+
+    def _selector(self) -> tuple[str, Word]:
+        word = self.next_word("an expression")
+        first = word.value
+        if first in _META_SHORT or first == "mark":
+            return f"meta {first}", word
+        second = self.next_word(f"a field of '{first}'").value if first in (
+            "ip", "tcp", "udp", "icmp", "meta", "ct", "ether") else ""
+        if (first, second) not in SELECTORS:
+            raise self.error(word, f"'{first}{' ' + second if second else ''}' is not "
+                             "supported", SUPPORTED)
+        return f"{first} {second}", word
+
+    def _relation(self) -> list[_Choice]:
+        selectors = [self._selector()]
+        while self.peek_value() == ".":
+            self.pos += 1
+            selectors.append(self._selector())
+        mask = None
+        if self.peek_value() in ("&", "and"):
+            self.pos += 1
+            mask = self._flags_or_int(selectors[0][0], self._operand())
+        op = "implicit"
+        if self.peek_value() in _OPS or self.peek_value() in _WORD_OPS or \
+                self.peek_value() == "!":
+            op = self.next_word("an operator").value
+            op = _WORD_OPS.get(op, op)
+        rhs = self.next("a value")
+        if isinstance(rhs, Word) and rhs.value == "vmap":
+            return self._vmap(selectors, op, mask)
+        elements = self._elements(rhs)
+        if elements is None:
+            return [_Choice(self._compare(selectors[0], op, mask, self._value_words(rhs)))]
+        if op not in ("implicit", "==", "!="):
+            raise self.error(rhs, f"'{op}' a set is not supported", "==, !=")
+        if op == "!=" and len(selectors) > 1:
+            raise self.error(rhs, "!= a set of concatenations is not supported")
+        return self._in_set(selectors, op, mask, elements, rhs)
+
+    def _operand(self) -> list[Word]:
+        """A mask: `0xff`, `fin,syn`, or `(fin|syn)`."""
+        if self.peek_value() != "(":
+            return self.comma_list("a mask")
+        self.pos += 1
+        words = []
+        while self.peek_value() != ")":
+            word = self.next_word("')'")
+            if word.value != "|":
+                words.append(word)
+        self.pos += 1
+        return words
+
+    def _value_words(self, first: Word) -> list[Word]:
+        words = [first]
+        while self.peek_value() == ",":
+            self.pos += 1
+            words.append(self.next_word("a value"))
+        if self.peek_value() == "/":  # tcp flags syn / syn,ack
+            self.pos += 1
+            words.append(Word("/", first.line, first.column))
+            words.extend(self.comma_list("a mask"))
+        return words
+
+    def _elements(self, rhs: Item) -> Optional[list[tuple[Item, ...]]]:
+        if isinstance(rhs, SetLiteral):
+            return list(rhs.elements)
+        if rhs.value.startswith("@"):
+            named = self.sets.get(rhs.value[1:])
+            if named is None:
+                raise self.error(rhs, f"no set '{rhs.value[1:]}' in table '{self.table}'")
+            return named.elements
+        if rhs.value.startswith("$"):
+            raise self.error(rhs, "variables are not supported (nft -f expands them; "
+                             "give `nft list ruleset` output)")
+        return None
+
+    def _in_set(self, selectors, op, mask, elements, rhs) -> list[_Choice]:
+        kind = selectors[0][0]
+        words = [self._element_words(e, len(selectors)) for e in elements]
+        if len(selectors) == 1:
+            native = self._set_match(kind, [w[0] for w in words], op == "!=")
+            if native is not None:
+                return [_Choice(native)]
+        if op == "!=":
+            return [_Choice(tuple(m for w in words
+                                  for m in self._compare(selectors[0], "!=", mask, w[0])))]
+        return [_Choice(tuple(m for sel, part in zip(selectors, w)
+                              for m in self._compare(sel, "==", mask, part)))
+                for w in words]
+
+    def _element_words(self, element: tuple[Item, ...], parts: int,
+                       verdict: bool = False) -> list[list[Word]]:
+        """An element's parts (split at the concatenation's dots), each its words."""
+        split: list[list[Word]] = [[]]
+        for word in element:
+            if isinstance(word, SetLiteral):
+                raise self.error(word, "nested sets are not supported")
+            if word.value == "." and len(split) < parts:
+                split.append([])
+            else:
+                split[-1].append(word)
+        if len(split) != parts or not all(split):
+            raise self.error(element[0], f"element expected with {parts} parts joined by "
+                             "' . '")
+        return split
+
+    def _vmap(self, selectors, op, mask) -> list[_Choice]:
+        if op != "implicit":
+            raise self.error(self.words[self.pos - 1], "vmap takes no operator")
+        table = self.next("a verdict map")
+        elements = self._elements(table)
+        if elements is None:
+            raise self.error(table, "a verdict map expected", "vmap { key : verdict }, "
+                             "vmap @map")
+        choices = []
+        for element in elements:
+            colon = next((i for i, w in enumerate(element)
+                          if isinstance(w, Word) and w.value == ":"), None)
+            if colon is None:
+                raise self.error(element[0], "map element expected as 'key : verdict'")
+            key, verdict = element[:colon], element[colon + 1:]
+            parts = self._element_words(key, len(selectors))
+            sub = RuleReader(list(verdict), self.source, self.sets, self.table)
+            target = sub._verdict(sub.next_word("a verdict"))
+            if sub.peek() is not None:
+                raise self.error(sub.peek(), "one verdict per map element")
+            matches = tuple(m for sel, part in zip(selectors, parts)
+                            for m in self._compare(sel, "==", mask, part))
+            choices.append(_Choice(matches, target))
+        self.verdict_map = True
+        return choices
+
+    # ----------------------------------------------------------------- one comparison
+
+    def _set_match(self, kind: str, values: list[list[Word]],
+                   negate: bool) -> Optional[tuple[ir.Match, ...]]:
+        """Sets the IR takes whole: ports (multiport), connection states."""
+        if kind in ("tcp sport", "tcp dport", "udp sport", "udp dport"):
+            proto, field_ = kind.split()
+            ports = tuple(self._port_range(v[0]) for v in values)
+            return (ir.ProtocolMatch(names.PROTOCOLS[proto]),
+                    ir.MultiportMatch("src" if field_ == "sport" else "dst", ports, negate))
+        if kind == "ct state":
+            return (self._states([w for v in values for w in v], negate),)
+        return None
+
+    def _compare(self, selector: tuple[str, Word], op: str, mask: Optional[int],
+                 words: list[Word]) -> tuple[ir.Match, ...]:
+        kind, where = selector
+        negate = op in ("!=", "!")
+        first = words[0]
+        if mask is not None and kind not in ("meta mark", "ct mark", "ip frag-off",
+                                             "tcp flags"):
+            raise self.error(where, f"a mask on '{kind}' is not supported")
+        if op in ("<", ">", "<=", ">=") and kind not in ("ip ttl", "ip length", "meta length",
+                                                         "tcp sport", "tcp dport",
+                                                         "udp sport", "udp dport"):
+            raise self.error(where, f"'{op}' on '{kind}' is not supported", "==, !=")
+        if kind in ("ip saddr", "ip daddr"):
+            return (self._address("src" if kind == "ip saddr" else "dst", first, negate),)
+        if kind in ("ip protocol", "meta l4proto"):
+            return (ir.ProtocolMatch(self._protocol(first), negate),)
+        if kind in ("tcp sport", "tcp dport", "udp sport", "udp dport"):
+            proto, field_ = kind.split()
+            spec = ir.PortSpec(self._ordered(self._port_range(first), op, 65535), negate)
+            module = ir.TcpMatch if proto == "tcp" else ir.UdpMatch
+            return (ir.ProtocolMatch(names.PROTOCOLS[proto]),
+                    module(**{field_: spec}))
+        if kind == "tcp flags":
+            return (ir.ProtocolMatch(6), ir.TcpMatch(flags=self._tcp_flags(words, op, mask)))
+        if kind == "icmp type":
+            icmp_type = names.ICMP_TYPES.get(first.value)
+            if icmp_type is None:
+                icmp_type = self._int(first, "an ICMP type", names.ICMP_TYPES)
+            return (ir.ProtocolMatch(1), ir.IcmpMatch(icmp_type, negate=negate))
+        if kind == "icmp code":
+            raise self.error(where, "icmp code is supported only with an icmp type "
+                             "before it", "icmp type T icmp code C")
+        if kind in ("meta iifname", "meta oifname", "meta iif", "meta oif"):
+            name = first.value.replace("*", "+") if first.value.endswith("*") else first.value
+            if name.startswith("@") or not name:
+                raise self.error(first, "an interface name expected")
+            return (ir.InterfaceMatch("in" if "i" == kind.split()[1][0] else "out", name,
+                                      negate),)
+        if kind in ("meta mark", "ct mark"):
+            return (ir.MarkMatch(self._int(first), 0xFFFFFFFF if mask is None else mask,
+                                 negate, kind == "ct mark"),)
+        if kind in ("meta length", "ip length"):
+            return (ir.LengthMatch(self._ordered(self._range(first, 65535), op, 65535),
+                                   negate),)
+        if kind == "ip ttl":
+            return (self._ttl(first, op),)
+        if kind == "ip frag-off":
+            if mask != 0x1FFF or self._int(first) != 0 or op not in ("!=", "=="):
+                raise self.error(where, "only 'ip frag-off & 0x1fff != 0' (later fragments) "
+                                 "and '== 0' are supported")
+            return (ir.FragmentMatch(negate=op == "=="),)
+        if kind == "ct state":
+            return (self._states(words, negate),)
+        if kind == "ct direction":
+            if first.value not in ("original", "reply"):
+                raise self.error(first, "unknown direction", "original, reply")
+            return (ir.ConntrackMatch((), negate, direction=first.value.upper()),)
+        if kind == "ether saddr":
+            try:
+                address = bytes(int(b, 16) for b in first.value.split(":"))
+            except ValueError:
+                address = b""
+            if len(address) != 6:
+                raise self.error(first, "a MAC address expected", "aa:bb:cc:dd:ee:ff")
+            return (ir.MacSourceMatch(address, negate),)
+        raise self.error(where, f"'{kind}' is not supported", SUPPORTED)
+
+    def _address(self, direction: str, word: Word, negate: bool) -> ir.Match:
+        text = word.value
+        try:
+            if "-" in text:
+                low, high = (ipaddress.IPv4Address(p) for p in text.split("-", 1))
+                spec = ir.AddressRangeSpec(low, high, negate)
+                return ir.IpRangeMatch(**{direction: spec})
+            return ir.AddressMatch(direction, ipaddress.IPv4Network(text, strict=False),
+                                   negate)
+        except ValueError:
+            raise self.error(word, "an IPv4 address, prefix or range expected",
+                             "192.0.2.1, 192.0.2.0/24, 192.0.2.1-192.0.2.9") from None
+
+    def _protocol(self, word: Word) -> int:
+        if word.value in names.PROTOCOLS:
+            return names.PROTOCOLS[word.value]
+        return self._int(word, "a protocol", names.PROTOCOLS)
+
+    def _port_range(self, word: Word) -> ir.Range:
+        return self._range(word, 65535, port=True)
+
+    def _range(self, word: Word, top: int, port: bool = False) -> ir.Range:
+        low, _, high = word.value.partition("-")
+
+        def number(text: str) -> int:
+            if port and not text.isdigit():
+                try:
+                    return socket.getservbyname(text)
+                except OSError:
+                    raise self.error(word, "unknown service name") from None
+            return self._int(Word(text, word.line, word.column))
+
+        low_value = number(low)
+        high_value = number(high) if high else low_value
+        if not 0 <= low_value <= high_value <= top:
+            raise self.error(word, f"a value or range within 0-{top} expected")
+        return ir.Range(low_value, high_value)
+
+    def _ordered(self, value: ir.Range, op: str, top: int) -> ir.Range:
+        if op in ("implicit", "==", "!="):
+            return value
+        if not value.single:
+            raise self.error(self.words[self.pos - 1], f"'{op}' needs a single value")
+        n = value.low
+        bounds = {"<": (0, n - 1), "<=": (0, n), ">": (n + 1, top), ">=": (n, top)}[op]
+        if bounds[0] > bounds[1]:
+            raise self.error(self.words[self.pos - 1], "this comparison never holds")
+        return ir.Range(*bounds)
+
+    def _ttl(self, word: Word, op: str) -> ir.TtlMatch:
+        value = self._int(word)
+        if op in ("implicit", "=="):
+            return ir.TtlMatch("eq", value)
+        if op == "!=":
+            return ir.TtlMatch("eq", value, True)
+        if op in ("<", ">"):
+            return ir.TtlMatch("lt" if op == "<" else "gt", value)
+        return ir.TtlMatch("gt" if op == "<=" else "lt", value, True)
+
+    def _states(self, words: list[Word], negate: bool) -> ir.ConntrackMatch:
+        states = set()
+        for word in words:
+            if word.value not in names.CT_STATES:
+                raise self.error(word, "unknown connection state", ", ".join(names.CT_STATES))
+            states.add(names.CT_STATES[word.value])
+        return ir.ConntrackMatch(tuple(s for s in ir.ConntrackMatch.STATES if s in states),
+                                 negate)
+
+    def _flag_bits(self, words: list[Word]) -> int:
+        bits = 0
+        for word in words:
+            if word.value in names.TCP_FLAGS:
+                bits |= names.TCP_FLAGS[word.value]
+            else:
+                bits |= self._int(word, "a TCP flag", names.TCP_FLAGS)
+        return bits
+
+    def _flags_or_int(self, kind: str, words: list[Word]) -> int:
+        if kind == "tcp flags":
+            return self._flag_bits(words)
+        if len(words) != 1:
+            raise self.error(words[1], "one mask value expected")
+        return self._int(words[0])
+
+    def _tcp_flags(self, words: list[Word], op: str, mask: Optional[int]) -> ir.TcpFlagsSpec:
+        """nft's forms: `F / M` is (flags & M) == F; `& M == F` the same; `== F` all eight
+        bits; a bare `F` (or `!= F`, `! F`) whether any of F is set (or none)."""
+        if any(w.value == "/" for w in words):
+            cut = next(i for i, w in enumerate(words) if w.value == "/")
+            comp, mask = self._flag_bits(words[:cut]), self._flag_bits(words[cut + 1:])
+            return ir.TcpFlagsSpec(mask, comp, op == "!=")
+        value = self._flag_bits(words)
+        if mask is not None:
+            return ir.TcpFlagsSpec(mask, value, op == "!=")
+        if op in ("==",):
+            return ir.TcpFlagsSpec(0xFF, value)
+        if op in ("implicit",):  # any of them set: not (none of them set)
+            return ir.TcpFlagsSpec(value, 0, True)
+        return ir.TcpFlagsSpec(value, 0)  # != F and ! F: none of them set
+
+    def _int(self, word: Word, what: str = "a number", known=None) -> int:
+        try:
+            return int(word.value, 0)
+        except ValueError:
+            raise self.error(word, f"{what} expected",
+                             ", ".join(known) if known else None) from None
+
+
+def _merge(matches: tuple[ir.Match, ...]) -> tuple[ir.Match, ...]:
+    """The protocol an expression implies once (nft tests it once per rule as well), and
+    one TCP, UDP or ICMP match of the fields given (`tcp dport 22 tcp flags syn`)."""
+    merged: list[ir.Match] = []
+    for match in matches:
+        if match in merged and isinstance(match, ir.ProtocolMatch):
+            continue
+        same = next((i for i, m in enumerate(merged) if type(m) is type(match)
+                     and isinstance(m, (ir.TcpMatch, ir.UdpMatch))), None)
+        if same is not None:
+            fields = {k: v for k, v in vars(match).items() if v is not None}
+            if not any(getattr(merged[same], k) is not None for k in fields):
+                merged[same] = replace(merged[same], **fields)
+                continue
+        merged.append(match)
+    return tuple(merged)

@@ -83,7 +83,8 @@ def main() -> None:
                    "after the kernel has built its packet buffer).")
 def compile_cmd(rules: str, output: Optional[Path], emit: str, ignore_unsupported: bool,
                 no_verify: bool, attach: str) -> None:
-    """Compile RULES (iptables-save text; '-' reads stdin) into BPF programs.
+    """Compile RULES (iptables-save text or an nftables ruleset, told apart by content;
+    '-' reads stdin) into BPF programs.
 
     Exits 2 on input it cannot compile, naming file, line, token and what works instead.
     """
@@ -111,6 +112,41 @@ def compile_cmd(rules: str, output: Optional[Path], emit: str, ignore_unsupporte
     _print_summary(result, output)
     if Attach(attach) is Attach.XDP:
         _warn_unseen_marks(result.ruleset)
+
+
+@main.command("translate")
+@click.argument("rules", metavar="RULES", type=str)
+@click.option("--to", "to", type=click.Choice(["nft", "iptables"]), required=True,
+              help="The syntax to print: nft (an `nft -f` ruleset, family ip) or iptables "
+                   "(iptables-save text).")
+def translate_cmd(rules: str, to: str) -> None:
+    """Print RULES (iptables-save text or an nftables ruleset; '-' reads stdin) in the
+    other syntax, rule for rule.
+
+    \b
+      bpfilter translate rules.v4 --to nft > rules.nft
+      nft list ruleset | bpfilter translate - --to iptables
+
+    What the other syntax cannot say is an error naming the rule (exit 2), never a
+    silent change. nft sets and verdict maps come out as one rule per element.
+    """
+    from bpfilter.frontend import parse_ruleset
+    from bpfilter.frontend.iptables.save import save
+    from bpfilter.frontend.nft.save import save_nft
+    from bpfilter.passes import validate
+    from bpfilter.passes.xtables import to_xtables
+
+    text, source = _read_rules(rules)
+    try:
+        ruleset = validate(parse_ruleset(text, source))
+        if to == "nft":
+            output = save_nft(ruleset)
+        else:
+            output = save(validate(to_xtables(ruleset)))
+    except InputError as exc:
+        _show_input_error(exc, text)
+        sys.exit(EXIT_INPUT)
+    sys.stdout.write(output)
 
 
 def _warn_unseen_marks(ruleset) -> None:

@@ -132,17 +132,24 @@ class TcpFlagsSpec:
     negate: bool = False
 
 
+# `partial_header` on the matches below says what a packet too short for them meets. False
+# (xtables): the whole header is read first, and a shorter one drops the packet (hotdrop).
+# True (nftables): each field is read on its own, and one beyond the packet fails the match.
+
+
 @dataclass(frozen=True)
 class TcpMatch:
     sport: Optional[PortSpec] = None
     dport: Optional[PortSpec] = None
     flags: Optional[TcpFlagsSpec] = None
+    partial_header: bool = False
 
 
 @dataclass(frozen=True)
 class UdpMatch:
     sport: Optional[PortSpec] = None
     dport: Optional[PortSpec] = None
+    partial_header: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,6 +159,7 @@ class IcmpMatch:
     icmp_type: int
     codes: Range = Range(0, 255)
     negate: bool = False
+    partial_header: bool = False
 
     ANY = 255
 
@@ -163,6 +171,7 @@ class MultiportMatch:
     direction: str  # "src" | "dst" | "any"
     ports: tuple[Range, ...]
     negate: bool = False
+    partial_header: bool = False
 
 
 @dataclass(frozen=True)

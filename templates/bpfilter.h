@@ -68,6 +68,7 @@ struct bf_pkt {
 	__u16 l4_off;       /* from the start of the frame */
 	__u8 proto, ttl, tos, tcp_flags, tcp_doff, icmp_type, icmp_code;
 	__u8 reject_with;
+	__u8 th_flags;      /* TCP flags of a segment of at least 14 bytes (nft reads them) */
 	__u8 ct_state;      /* enum bf_ct_state (conntrack.h) */
 	__u8 ct_create;     /* the TCP state of an entry to create if INPUT accepts */
 	__u8 ct_dir;        /* 1: the packet goes the connection's reply way */
@@ -426,11 +427,14 @@ static __always_inline int bf_parse(struct bf_ctx *ctx, struct bf_pkt *p)
 	if (p->frag_off == 0) {
 		__u8 *l4 = (__u8 *)ip + hlen;
 
-		/* Ports sit in the first 4 bytes for every protocol multiport accepts. */
-		if (p->l4_len >= 4 && (void *)(l4 + 4) <= end) {
+		/* Ports sit in the first 4 bytes for every protocol multiport accepts;
+		 * nftables reads each one that is there. */
+		if (p->l4_len >= 2 && (void *)(l4 + 2) <= end)
 			p->sport = ((__u16)l4[0] << 8) | l4[1];
+		if (p->l4_len >= 4 && (void *)(l4 + 4) <= end)
 			p->dport = ((__u16)l4[2] << 8) | l4[3];
-		}
+		if (p->proto == IPPROTO_TCP && p->l4_len >= 14 && (void *)(l4 + 14) <= end)
+			p->th_flags = l4[13];
 		if (p->proto == IPPROTO_TCP && p->l4_len >= 20 && (void *)(l4 + 20) <= end) {
 			struct tcphdr *th = (void *)l4;
 

@@ -19,7 +19,8 @@ REQUIRE_KERNEL = os.environ.get("BPFILTER_REQUIRE_KERNEL") == "1"
 def _kernel_problem() -> str | None:
     if os.geteuid() != 0:
         return "needs root (CAP_BPF, CAP_NET_ADMIN)"
-    for tool in ("clang", "bpftool", "ip", "iptables-legacy-restore"):
+    for tool in ("clang", "bpftool", "ip", "iptables-legacy-restore", "nft",
+                 "iptables-restore-translate"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
     if not Path("/sys/kernel/btf/vmlinux").exists():

@@ -92,24 +92,40 @@ def _header(ctx: MatchContext, need: int, evil_tcp_offset: bool = False) -> list
     return lines
 
 
+def _field(ctx: MatchContext, end: int) -> list[str]:
+    """nftables reads a transport field of a whole first fragment that has it; a packet
+    without it fails the match (NFT_BREAK)."""
+    return [f"if (p->frag_off || p->l4_len < {end}) goto {ctx.skip};"]
+
+
+# Where each field a partial-header match reads ends, from the transport header's start.
+_FIELD_ENDS = {"p->sport": 2, "p->dport": 4, "p->th_flags": 14}
+
+
 def _port_lines(m, ctx: MatchContext) -> list[str]:
     lines = []
     for spec, value in ((m.sport, "p->sport"), (m.dport, "p->dport")):
         if spec is not None:
+            if m.partial_header:
+                lines += _field(ctx, _FIELD_ENDS[value])
             lines.append(ctx.require(_in_range(value, spec.ports), spec.negate))
     return lines
 
 
 def _tcp(m: ir.TcpMatch, ctx: MatchContext) -> list[str]:
-    lines = _header(ctx, 20, evil_tcp_offset=True) + _port_lines(m, ctx)
+    lines = ([] if m.partial_header else _header(ctx, 20, evil_tcp_offset=True)) + \
+        _port_lines(m, ctx)
     if m.flags is not None:
-        lines.append(ctx.require(f"(p->tcp_flags & 0x{m.flags.mask:02x}) == 0x{m.flags.comp:02x}",
+        flags = "p->th_flags" if m.partial_header else "p->tcp_flags"
+        if m.partial_header:
+            lines += _field(ctx, _FIELD_ENDS[flags])
+        lines.append(ctx.require(f"({flags} & 0x{m.flags.mask:02x}) == 0x{m.flags.comp:02x}",
                                  m.flags.negate))
     return lines
 
 
 def _udp(m: ir.UdpMatch, ctx: MatchContext) -> list[str]:
-    return _header(ctx, 8) + _port_lines(m, ctx)
+    return ([] if m.partial_header else _header(ctx, 8)) + _port_lines(m, ctx)
 
 
 def _icmp(m: ir.IcmpMatch, ctx: MatchContext) -> list[str]:
@@ -119,13 +135,17 @@ def _icmp(m: ir.IcmpMatch, ctx: MatchContext) -> list[str]:
         codes = "" if m.codes == ir.Range(0, 255) else \
             " && " + _in_range("p->icmp_code", m.codes, top=255)
         expr = f"p->icmp_type == {m.icmp_type}{codes}"
-    return _header(ctx, 8) + [ctx.require(expr, m.negate)]
+    # bf_parse reads type and code together: nftables' type alone needs one byte less.
+    head = _field(ctx, 2) if m.partial_header else _header(ctx, 8)
+    return head + [ctx.require(expr, m.negate)]
 
 
 def _multiport(m: ir.MultiportMatch, ctx: MatchContext) -> list[str]:
     values = {"src": ["p->sport"], "dst": ["p->dport"], "any": ["p->sport", "p->dport"]}
     tests = [f"({_in_range(v, r)})" for r in m.ports for v in values[m.direction]]
-    return _header(ctx, 4) + [ctx.require(" || ".join(tests), m.negate)]
+    head = _field(ctx, _FIELD_ENDS[values[m.direction][-1]]) if m.partial_header \
+        else _header(ctx, 4)
+    return head + [ctx.require(" || ".join(tests), m.negate)]
 
 
 def _iprange(m: ir.IpRangeMatch, ctx: MatchContext) -> list[str]:

@@ -151,6 +151,8 @@ def _entry(item: Union[RuleItem, PrefixRun], data: set[str]) -> Optional[Entry]:
                 return None
             checks.append(match)
         elif kind in _L4_NEEDS:
+            if match.partial_header:
+                return None  # nftables' field-by-field reads: code
             if l4_module is not None or seen_module:
                 return None  # the kernel's order between two header reads matters
             l4_module, need = kind, _L4_NEEDS[kind]

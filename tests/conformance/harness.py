@@ -1,5 +1,5 @@
-"""Mirror namespaces: the kernel's iptables-legacy on one server, bpfilter on the other,
-the same frames sent to both over real veths.
+"""Mirror namespaces: the kernel's iptables-legacy (or nftables, for an nftables ruleset)
+on one server, bpfilter on the other, the same frames sent to both over real veths.
 
 What is compared is what an outside observer sees: whether the server's stack delivered
 the frame (Ip:InDelivers) and which replies came back (bpfilter's REJECT replies, or the
@@ -26,7 +26,7 @@ from pyroute2 import Conntrack
 
 from bpfilter import conntable, deploy, netns, state
 from bpfilter.codegen import Attach
-from bpfilter.frontend import parse_ruleset
+from bpfilter.frontend import dialect, parse_ruleset
 from bpfilter.frontend.iptables.names import BUILTIN_CHAINS
 from bpfilter.frontend.iptables.save import save
 from bpfilter.passes.validate import COMPILED_TABLES
@@ -135,7 +135,14 @@ class MirrorPair:
             paths = state.Paths("eth0", state.netns_id())
             if paths.conntrack.exists():
                 conntable.flush(paths)
-        netns.run("iptables-legacy-restore", netns=self.kernel.server, input=whole(text))
+        if dialect(text) == "nft":
+            netns.run("iptables-legacy-restore", netns=self.kernel.server, input=whole(""))
+            netns.run("nft", "-f", "-", netns=self.kernel.server,
+                      input="flush ruleset\n" + text)
+        else:
+            netns.run("nft", "flush", "ruleset", netns=self.kernel.server)
+            netns.run("iptables-legacy-restore", netns=self.kernel.server,
+                      input=whole(text))
         with netns.entered(self.bpf.server):
             for iface in self.ifaces:
                 deploy.apply(text, "<conformance>", iface, self.build_dir / "rules",
@@ -159,7 +166,7 @@ class MirrorPair:
         return kernel, ours
 
     def table(self) -> Table:
-        table = Table(title=f"conformance with iptables-legacy ({self.loads} rulesets, "
+        table = Table(title=f"conformance with the kernel ({self.loads} rulesets, "
                             f"bpfilter at {self.attach.name})",
                       title_justify="left")
         for col in ("rules using", "cases", "agree", "%"):
@@ -197,10 +204,10 @@ def check(pair: MirrorPair, text: str, ruleset, cases, sent: bool = False) -> No
 
 
 def check_example(pair: MirrorPair, name: str, cases: Callable, count: int,
-                  sent: bool = False) -> None:
-    """An example from examples/ loaded on both sides, and `count` cases drawn from
-    `cases(ruleset)`."""
-    text = (EXAMPLES / name).read_text()
+                  sent: bool = False, text: str | None = None) -> None:
+    """An example from examples/ (or `text`, a rewriting of it) loaded on both sides, and
+    `count` cases drawn from `cases(ruleset)`."""
+    text = (EXAMPLES / name).read_text() if text is None else text
     ruleset = parse_ruleset(text, name)
     pair.load(text)
 
@@ -213,11 +220,11 @@ def check_example(pair: MirrorPair, name: str, cases: Callable, count: int,
 
 
 def check_generated(pair: MirrorPair, data, strategy, cases: Callable, count: int,
-                    sent: bool = False) -> None:
-    """A ruleset drawn from `strategy` loaded on both sides, and `count` cases drawn from
-    `cases(ruleset)` (within a test given `data=st.data()`)."""
+                    sent: bool = False, render: Callable = save) -> None:
+    """A ruleset drawn from `strategy` loaded on both sides as `render` writes it, and
+    `count` cases drawn from `cases(ruleset)` (within a test given `data=st.data()`)."""
     ruleset = data.draw(strategy, label="ruleset")
-    text = save(ruleset)
+    text = render(ruleset)
     pair.load(text)
     drawn = data.draw(st.lists(cases(ruleset), min_size=count, max_size=count),
                       label="cases")

@@ -7,7 +7,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpfilter.codegen import Attach
 from bpfilter.passes import classify
 from tests.conformance.harness import SETTINGS, MirrorPair, check_example, check_generated
 from tests.conformance.rulesets import large_acls, layered, rulesets
@@ -19,36 +18,6 @@ LARGE_ACLS = 15
 LARGE_MIXED = 10
 FRAMES_PER_RULESET = 20
 FRAMES_PER_EXAMPLE = 60
-
-
-def _mirror(tmp_path_factory, attach: Attach):
-    from tests.conftest import need_kernel
-
-    need_kernel()
-    pair = MirrorPair(tmp_path_factory.mktemp(f"conformance-{attach.value}"), attach)
-    yield pair
-    pair.print_table()
-    pair.close()
-
-
-@pytest.fixture(scope="module")
-def mirror(tmp_path_factory):
-    yield from _mirror(tmp_path_factory, Attach.XDP)
-
-
-@pytest.fixture(scope="module")
-def tc_mirror(tmp_path_factory):
-    yield from _mirror(tmp_path_factory, Attach.TC)
-
-
-@pytest.fixture(params=["code", "data"])
-def as_data(request, monkeypatch):
-    """Both ways bpfilter compiles a chain: straight-line code, and classifier data
-    (forced here even for small rulesets, which would otherwise stay code)."""
-    if request.param == "data":
-        monkeypatch.setattr(classify, "CLASSIFY_MIN", 0)
-        monkeypatch.setattr(classify, "SEGMENT_MIN", 1)
-    return request.param
 
 
 EXAMPLES = ["host-firewall.v4", "user-chains.v4", "stateful-host.v4", "marks.v4"]

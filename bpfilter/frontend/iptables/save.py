@@ -6,6 +6,7 @@ import re
 from typing import Callable, Optional
 
 from bpfilter import ir
+from bpfilter.errors import InputError
 from bpfilter.frontend.iptables import names
 
 _PLAIN = re.compile(r"[A-Za-z0-9_-]+")
@@ -164,9 +165,21 @@ _TARGETS: dict[type, Callable] = {
 }
 
 
+# The base options: iptables takes each at most once in a rule.
+_BASE_OPTIONS = {ir.AddressMatch: lambda m: f"-{m.direction[0]}",
+                 ir.InterfaceMatch: lambda m: "-i" if m.direction == "in" else "-o",
+                 ir.ProtocolMatch: lambda m: "-p", ir.FragmentMatch: lambda m: "-f"}
+
+
 def rule_text(chain: str, rule: ir.Rule) -> str:
     """One rule as `-A CHAIN ...`, without counters."""
     parts = [f"-A {chain}"]
+    options = [_BASE_OPTIONS[type(m)](m) for m in rule.matches if type(m) in _BASE_OPTIONS]
+    twice = next((o for o in options if options.count(o) > 1), None)
+    if twice is not None:
+        raise InputError(rule.origin.file, rule.origin.line, twice,
+                         f"iptables takes {twice} once in a rule, and this rule needs it "
+                         "twice (a '!=' set?)", column=rule.origin.column)
     for match in rule.matches:
         parts.extend(_MATCHES[type(match)](match))
     if rule.target is not None:

@@ -346,19 +346,47 @@ class NftReader:
         origin = ir.Origin(self.source, statement.line, statement.column)
         reader = RuleReader(words, self.source, table.sets, table.name)
         rules, statements = reader.read(origin)
-        if statements is None:
-            return rules
-        # Several statements (log then drop, a mark then accept): a chain of their own,
-        # called when the rule matches, runs them in order.
-        if any(isinstance(s.target, ir.ReturnTarget) or
-               (isinstance(s.target, ir.JumpTarget) and s.target.goto) for s in statements):
-            raise self.error(reader.first_statement,
-                             "return or goto after another statement is not supported",
-                             "one statement and then accept, drop, reject or jump")
+        if statements is not None:
+            # Several statements (log then drop, a mark then accept): a chain of their
+            # own, called when the rule matches, runs them in order.
+            if any(not _once(s.target) for s in statements[:-1]) or any(
+                    isinstance(s.target, ir.ReturnTarget) or
+                    (isinstance(s.target, ir.JumpTarget) and s.target.goto)
+                    for s in statements):
+                raise self.error(reader.first_statement,
+                                 "return or goto after another statement is not supported",
+                                 "statements, then accept, drop, reject or jump")
+            body = self._add_chain(table, chain, origin, statements)
+            rules = [ir.Rule(r.matches, ir.JumpTarget(body), r.origin, r.counters)
+                     for r in rules]
+        if reader.may_overlap and len(rules) > 1 and \
+                not all(_final(r.target) for r in rules):
+            # A packet in several elements of the set must meet the statements once: the
+            # elements' rules go on to them by goto, from a chain the rule calls.
+            bodies: dict[ir.Target, str] = {}
+            choices = [ir.Rule(r.matches, self._goto(table, chain, r, bodies), r.origin,
+                               r.counters) for r in rules]
+            rules = [ir.Rule((), ir.JumpTarget(self._add_chain(table, chain, origin, choices)),
+                             origin)]
+        return rules
+
+    def _goto(self, table: _Table, chain: _Chain, rule: ir.Rule,
+              bodies: dict[ir.Target, str]) -> ir.Target:
+        if _final(rule.target):
+            return rule.target
+        if isinstance(rule.target, ir.JumpTarget):
+            return ir.JumpTarget(rule.target.chain, goto=True)
+        if rule.target not in bodies:
+            bodies[rule.target] = self._add_chain(table, chain, rule.origin,
+                                                  [ir.Rule((), rule.target, rule.origin)])
+        return ir.JumpTarget(bodies[rule.target], goto=True)
+
+    def _add_chain(self, table: _Table, chain: _Chain, origin: ir.Origin,
+                   rules: list[ir.Rule]) -> str:
         table.anonymous += 1
         name = f"{chain.name}#{table.anonymous}"  # '#' can be no nft chain's name
-        table.chains[name] = _Chain(name, origin, rules=list(statements))
-        return [ir.Rule(r.matches, ir.JumpTarget(name), r.origin, r.counters) for r in rules]
+        table.chains[name] = _Chain(name, origin, rules=list(rules))
+        return name
 
     def ruleset(self) -> ir.Ruleset:
         tables = []
@@ -372,6 +400,17 @@ class NftReader:
                                        chain.priority))
             tables.append(ir.Table(table.name, tuple(chains), table.origin, xtables=False))
         return ir.Ruleset(ir.Family.IPV4, tuple(tables), self.source)
+
+
+def _final(target: Optional[ir.Target]) -> bool:
+    """Ends the chain's walk for the packet: the next rules are not reached."""
+    return isinstance(target, (ir.VerdictTarget, ir.RejectTarget, ir.ReturnTarget)) or (
+        isinstance(target, ir.JumpTarget) and target.goto)
+
+
+def _once(target: Optional[ir.Target]) -> bool:
+    """A statement after which the rule goes on."""
+    return not _final(target) and not isinstance(target, ir.JumpTarget)
 
 
 def parse_nft(text: str, source: str = "<stdin>") -> ir.Ruleset:

@@ -84,6 +84,9 @@ SELECTORS = {
     ("meta", "oif"), ("meta", "mark"), ("meta", "length"), ("ct", "state"), ("ct", "mark"),
     ("ct", "direction"), ("ether", "saddr"),
 }
+# A connection tuple's fields (`ct original saddr`) -> ConntrackMatch's (`origsrc`).
+_TUPLE_FIELDS = {"saddr": "src", "daddr": "dst", "protocol": "", "proto-src": "srcport",
+                 "proto-dst": "dstport"}
 _META_SHORT = ("iifname", "oifname", "iif", "oif", "mark", "l4proto", "length")
 SUPPORTED = ("ip saddr|daddr|protocol|ttl|length|frag-off, tcp sport|dport|flags, "
              "udp sport|dport, icmp type|code, meta l4proto|iifname|oifname|iif|oif|mark|"
@@ -114,6 +117,9 @@ class RuleReader:
         self.comment: Optional[str] = None
         self.first_statement: Optional[Word] = None
         self.verdict_map = False
+        # A set of concatenations (`ip saddr . tcp dport { ... }`) may hold elements that
+        # overlap: a packet can match several of its rules.
+        self.may_overlap = False
 
     # ----------------------------------------------------------------- words
 
@@ -143,9 +149,9 @@ class RuleReader:
         return word
 
     def comma_list(self, what: str) -> list[Word]:
-        """`a,b,c` (the grammar gives the commas as words of their own)."""
+        """`a,b,c` or `a | b | c` (the grammar gives commas and bars as words)."""
         words = [self.next_word(what)]
-        while self.peek_value() == ",":
+        while self.peek_value() in (",", "|"):
             self.pos += 1
             words.append(self.next_word(what))
         return words
@@ -327,18 +333,23 @@ class RuleReader:
         return ir.MarkTarget(value)
 
     def _mark_arith(self, word: Word, connection: bool) -> ir.Target:
-        op = self.next_word("| & ^ or 'or', 'and', 'xor'")
-        value = self._int(self.next_word("a mark value"))
-        op_value = {"or": "|", "and": "&", "xor": "^"}.get(op.value, op.value)
-        # As (value, mask) of mark = (mark & ~mask) ^ value.
-        if op_value == "|":
-            mark, mask = value, value
-        elif op_value == "&":
-            mark, mask = 0, ~value & 0xFFFFFFFF
-        elif op_value == "^":
-            mark, mask = value, 0
-        else:
-            raise self.error(op, "unsupported mark arithmetic", "|, &, ^")
+        """`mark & A | B ^ C ...` as the (value, mask) of mark = (mark & ~mask) ^ value,
+        applying each operation in turn to the identity (0, 0)."""
+        mark, mask = 0, 0
+        while True:
+            op = self.next_word("| & ^ or 'or', 'and', 'xor'")
+            value = self._int(self.next_word("a mark value"))
+            op_value = {"or": "|", "and": "&", "xor": "^"}.get(op.value, op.value)
+            if op_value == "|":
+                mark, mask = mark | value, mask | value
+            elif op_value == "&":
+                mark, mask = mark & value, (mask | ~value) & 0xFFFFFFFF
+            elif op_value == "^":
+                mark ^= value
+            else:
+                raise self.error(op, "unsupported mark arithmetic", "|, &, ^")
+            if self.peek_value() not in ("|", "&", "^", "or", "and", "xor"):
+                break
         if connection:
             return ir.ConnmarkTarget(ir.ConnmarkMode.SET, mark, mask)
         return ir.MarkTarget(mark, mask)
@@ -348,6 +359,17 @@ class RuleReader:
     def _selector(self) -> tuple[str, Word]:
         word = self.next_word("an expression")
         first = word.value
+        if first == "ct" and self.peek_value() == "protocol":  # the original direction's
+            self.pos += 1
+            return "ct original protocol", word
+        if first == "ct" and self.peek_value() in ("original", "reply"):
+            direction = self.next_word("original or reply").value
+            key = self.next_word("a field of the connection's tuple")
+            if self.peek_value(-1) == "ip":  # ct original ip saddr
+                key = self.next_word("saddr or daddr")
+            if key.value not in _TUPLE_FIELDS:
+                raise self.error(key, "not supported", ", ".join(_TUPLE_FIELDS))
+            return f"ct {direction} {key.value}", word
         if first in _META_SHORT or first == "mark":
             return f"meta {first}", word
         second = self.next_word(f"a field of '{first}'").value if first in (
@@ -381,6 +403,7 @@ class RuleReader:
             raise self.error(rhs, f"'{op}' a set is not supported", "==, !=")
         if op == "!=" and len(selectors) > 1:
             raise self.error(rhs, "!= a set of concatenations is not supported")
+        self.may_overlap |= len(selectors) > 1
         return self._in_set(selectors, op, mask, elements, rhs)
 
     def _operand(self) -> list[Word]:
@@ -398,7 +421,7 @@ class RuleReader:
 
     def _value_words(self, first: Word) -> list[Word]:
         words = [first]
-        while self.peek_value() == ",":
+        while self.peek_value() in (",", "|"):
             self.pos += 1
             words.append(self.next_word("a value"))
         if self.peek_value() == "/":  # tcp flags syn / syn,ack
@@ -474,6 +497,7 @@ class RuleReader:
                             for m in self._compare(sel, "==", mask, part))
             choices.append(_Choice(matches, target))
         self.verdict_map = True
+        self.may_overlap |= len(selectors) > 1
         return choices
 
     # ----------------------------------------------------------------- one comparison
@@ -485,7 +509,8 @@ class RuleReader:
             proto, field_ = kind.split()
             ports = tuple(self._port_range(v[0]) for v in values)
             return (ir.ProtocolMatch(names.PROTOCOLS[proto]),
-                    ir.MultiportMatch("src" if field_ == "sport" else "dst", ports, negate))
+                    ir.MultiportMatch("src" if field_ == "sport" else "dst", ports, negate,
+                                      partial_header=True))
         if kind == "ct state":
             return (self._states([w for v in values for w in v], negate),)
         return None
@@ -511,17 +536,18 @@ class RuleReader:
             spec = ir.PortSpec(self._ordered(self._port_range(first), op, 65535), negate)
             module = ir.TcpMatch if proto == "tcp" else ir.UdpMatch
             return (ir.ProtocolMatch(names.PROTOCOLS[proto]),
-                    module(**{field_: spec}))
+                    module(**{field_: spec}, partial_header=True))
         if kind == "tcp flags":
-            return (ir.ProtocolMatch(6), ir.TcpMatch(flags=self._tcp_flags(words, op, mask)))
+            return (ir.ProtocolMatch(6), ir.TcpMatch(flags=self._tcp_flags(words, op, mask),
+                                                     partial_header=True))
         if kind == "icmp type":
             icmp_type = names.ICMP_TYPES.get(first.value)
             if icmp_type is None:
                 icmp_type = self._int(first, "an ICMP type", names.ICMP_TYPES)
-            return (ir.ProtocolMatch(1), ir.IcmpMatch(icmp_type, negate=negate))
+            return (ir.ProtocolMatch(1), ir.IcmpMatch(icmp_type, negate=negate,
+                                                      partial_header=True))
         if kind == "icmp code":
-            raise self.error(where, "icmp code is supported only with an icmp type "
-                             "before it", "icmp type T icmp code C")
+            return self._icmp_code(where, first, negate)
         if kind in ("meta iifname", "meta oifname", "meta iif", "meta oif"):
             name = first.value.replace("*", "+") if first.value.endswith("*") else first.value
             if name.startswith("@") or not name:
@@ -543,10 +569,14 @@ class RuleReader:
             return (ir.FragmentMatch(negate=op == "=="),)
         if kind == "ct state":
             return (self._states(words, negate),)
+        if kind.startswith(("ct original ", "ct reply ")):
+            return (self._tuple(kind, first, negate),)
         if kind == "ct direction":
             if first.value not in ("original", "reply"):
                 raise self.error(first, "unknown direction", "original, reply")
-            return (ir.ConntrackMatch((), negate, direction=first.value.upper()),)
+            # A packet with no connection has no direction: != one is the other.
+            other = {"original": "reply", "reply": "original"}[first.value]
+            return (ir.ConntrackMatch((), direction=(other if negate else first.value).upper()),)
         if kind == "ether saddr":
             try:
                 address = bytes(int(b, 16) for b in first.value.split(":"))
@@ -556,6 +586,34 @@ class RuleReader:
                 raise self.error(first, "a MAC address expected", "aa:bb:cc:dd:ee:ff")
             return (ir.MacSourceMatch(address, negate),)
         raise self.error(where, f"'{kind}' is not supported", SUPPORTED)
+
+    def _icmp_code(self, where: Word, word: Word, negate: bool) -> tuple[ir.Match, ...]:
+        """`icmp type T icmp code C`: the code narrows the type's match just before it
+        (the IR's ICMP match is a type and a range of codes)."""
+        last = self.groups[-1] if self.groups else []
+        icmp = last[0].matches[-1] if len(last) == 1 and last[0].matches else None
+        if negate or not isinstance(icmp, ir.IcmpMatch) or icmp.negate or \
+                icmp.codes != ir.Range(0, 255):
+            raise self.error(where, "icmp code is supported only right after an icmp type",
+                             "icmp type T icmp code C")
+        code = names.ICMP_CODES.get(word.value)
+        codes = ir.Range(code, code) if code is not None else self._range(word, 255)
+        last[0] = _Choice(last[0].matches[:-1] + (replace(icmp, codes=codes),))
+        return ()
+
+    def _tuple(self, kind: str, word: Word, negate: bool) -> ir.ConntrackMatch:
+        _ct, direction, key = kind.split()
+        if key == "protocol":
+            return ir.ConntrackMatch((), protocol=ir.ProtocolMatch(self._protocol(word), negate))
+        name = ("orig" if direction == "original" else "repl") + _TUPLE_FIELDS[key]
+        if key.startswith("proto-"):
+            value = ir.PortSpec(self._port_range(word), negate)
+        else:
+            match = self._address("src", word, negate)
+            if not isinstance(match, ir.AddressMatch):
+                raise self.error(word, "an address or prefix expected")
+            value = ir.ConntrackAddress(match.network, negate)
+        return ir.ConntrackMatch((), **{name: value})
 
     def _address(self, direction: str, word: Word, negate: bool) -> ir.Match:
         text = word.value
@@ -675,7 +733,8 @@ def _merge(matches: tuple[ir.Match, ...]) -> tuple[ir.Match, ...]:
         same = next((i for i, m in enumerate(merged) if type(m) is type(match)
                      and isinstance(m, (ir.TcpMatch, ir.UdpMatch))), None)
         if same is not None:
-            fields = {k: v for k, v in vars(match).items() if v is not None}
+            fields = {k: v for k, v in vars(match).items()
+                      if v is not None and k != "partial_header"}
             if not any(getattr(merged[same], k) is not None for k in fields):
                 merged[same] = replace(merged[same], **fields)
                 continue

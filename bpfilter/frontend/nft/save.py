@@ -1,0 +1,268 @@
+"""IR -> nftables text (`nft -f` input, block form, family ip), for `translate --to nft`.
+
+Spelled so that nft 1.0 reads it back and parser.py reads it to the same rules. What nft
+cannot say is an error naming the rule, never a silent change.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Optional
+
+from bpfilter import ir
+from bpfilter.errors import InputError
+from bpfilter.frontend.nft import names
+
+# x_tables' chains in nft: the type each table's base chains are.
+_XTABLES_TYPES = {"nat": "nat"}
+_MANGLE_OUTPUT = ("mangle", "OUTPUT")  # the kernel reroutes after it: a route chain
+
+
+def _untranslatable(rule: ir.Rule, why: str) -> InputError:
+    origin = rule.origin
+    return InputError(origin.file, origin.line, "rule", f"cannot be said in nft: {why}",
+                      column=origin.column)
+
+
+def _ne(negate: bool) -> str:
+    return "!= " if negate else ""
+
+
+def _string(text: str) -> str:
+    return json.dumps(text)
+
+
+def _range(r: ir.Range) -> str:
+    return str(r.low) if r.single else f"{r.low}-{r.high}"
+
+
+def _network(net: ir.IPNetwork) -> str:
+    return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
+
+
+def _protocol(number: int) -> str:
+    return names.PROTOCOL_NAMES.get(number, str(number))
+
+
+def _flags(bits: int) -> str:
+    return "|".join(n for n, b in names.TCP_FLAGS.items() if bits & b) if bits else "0x0"
+
+
+def _mark_value(value: int) -> str:
+    return f"0x{value:08x}"
+
+
+def _ports(proto: str, m) -> list[str]:
+    parts = []
+    for name in ("sport", "dport"):
+        spec = getattr(m, name)
+        if spec is not None:
+            parts.append(f"{proto} {name} {_ne(spec.negate)}{_range(spec.ports)}")
+    return parts
+
+
+def _tcp(m: ir.TcpMatch, rule: ir.Rule) -> list[str]:
+    parts = _ports("tcp", m)
+    if m.flags is not None:
+        op = "!=" if m.flags.negate else "=="
+        parts.append(f"tcp flags & ({_flags(m.flags.mask)}) {op} {_flags(m.flags.comp)}")
+    return parts
+
+
+def _icmp(m: ir.IcmpMatch, rule: ir.Rule) -> list[str]:
+    if m.icmp_type == ir.IcmpMatch.ANY:
+        return [f"ip protocol {_ne(m.negate)}icmp"]
+    kind = names.ICMP_TYPE_NAMES.get(m.icmp_type, str(m.icmp_type))
+    if m.codes == ir.Range(0, 255):
+        return [f"icmp type {_ne(m.negate)}{kind}"]
+    if m.negate:
+        raise _untranslatable(rule, "nft has no negation of an ICMP type and code together")
+    return [f"icmp type {kind}", f"icmp code {_range(m.codes)}"]
+
+
+def _l4_name(rule: ir.Rule) -> str:
+    protocol = next((m.protocol for m in rule.matches
+                     if isinstance(m, ir.ProtocolMatch) and not m.negate), None)
+    if protocol not in (6, 17):
+        raise _untranslatable(rule, "ports of protocols other than tcp and udp")
+    return _protocol(protocol)
+
+
+def _multiport(m: ir.MultiportMatch, rule: ir.Rule) -> list[str]:
+    proto = _l4_name(rule)
+    ports = "{ " + ", ".join(_range(r) for r in m.ports) + " }"
+    fields = {"src": ("sport",), "dst": ("dport",), "any": ("sport", "dport")}[m.direction]
+    if m.negate or len(fields) == 1:
+        # Neither port in the list: both `!=`.
+        return [f"{proto} {f} {_ne(m.negate)}{ports}" for f in fields]
+    # Either port in the list: pairs (sport in it, any dport), then (sport outside it,
+    # dport in it), which never overlap.
+    inside = [(r.low, r.high) for r in sorted(m.ports, key=lambda r: r.low)]
+    outside, low = [], 0
+    for start, end in inside:
+        if start > low:
+            outside.append(ir.Range(low, start - 1))
+        low = max(low, end + 1)
+    if low <= 65535:
+        outside.append(ir.Range(low, 65535))
+    pairs = [f"{_range(r)} . 0-65535" for r in m.ports] + \
+        [f"{_range(o)} . {_range(r)}" for o in outside for r in m.ports]
+    return [f"{proto} sport . {proto} dport {{ " + ", ".join(pairs) + " }"]
+
+
+def _interface(m: ir.InterfaceMatch, rule: ir.Rule) -> list[str]:
+    if m.name == "+":  # every interface, and none (nft refuses an all-wildcard name)
+        if m.negate:
+            raise _untranslatable(rule, "'! -i +' never matches; nft has no spelling for it")
+        return []
+    key = "iifname" if m.direction == "in" else "oifname"
+    return [f"{key} {_ne(m.negate)}" + _string(m.name[:-1] + "*" if m.is_prefix else m.name)]
+
+
+def _iprange(m: ir.IpRangeMatch, rule: ir.Rule) -> list[str]:
+    return [f"ip {field} {_ne(spec.negate)}{spec.low}-{spec.high}"
+            for field, spec in (("saddr", m.src), ("daddr", m.dst)) if spec is not None]
+
+
+def _ttl(m: ir.TtlMatch, rule: ir.Rule) -> list[str]:
+    op = {("eq", False): "", ("eq", True): "!= ", ("lt", False): "< ", ("lt", True): ">= ",
+          ("gt", False): "> ", ("gt", True): "<= "}[(m.op, m.negate)]
+    return [f"ip ttl {op}{m.value}"]
+
+
+def _conntrack(m: ir.ConntrackMatch, rule: ir.Rule) -> list[str]:
+    parts = []
+    if m.states:
+        parts.append(f"ct state {_ne(m.negate)}" +
+                     ",".join(s.lower() for s in m.states))
+    if m.direction is not None:
+        parts.append(f"ct direction {m.direction.lower()}")
+    if m.protocol is not None:
+        parts.append(f"ct original protocol {_ne(m.protocol.negate)}"
+                     f"{_protocol(m.protocol.protocol)}")
+    for name in ir.ConntrackMatch.ADDRESSES:
+        spec = getattr(m, name)
+        if spec is not None:
+            way = "original" if name.startswith("orig") else "reply"
+            field = {"src": "saddr", "dst": "daddr"}[name[4:]]
+            parts.append(f"ct {way} {field} {_ne(spec.negate)}{_network(spec.network)}")
+    for name in ir.ConntrackMatch.PORTS:
+        spec = getattr(m, name)
+        if spec is not None:
+            if m.protocol is None and not any(
+                    isinstance(o, ir.ConntrackMatch) and o.protocol is not None
+                    for o in rule.matches):
+                raise _untranslatable(rule, "nft reads a connection's ports only after its "
+                                     "protocol (--ctproto)")
+            way = "original" if name.startswith("orig") else "reply"
+            field = "proto-src" if "src" in name else "proto-dst"
+            parts.append(f"ct {way} {field} {_ne(spec.negate)}{_range(spec.ports)}")
+    return parts
+
+
+def _mark(m: ir.MarkMatch, rule: ir.Rule) -> list[str]:
+    key = "ct mark" if m.connection else "meta mark"
+    if m.mask == 0xFFFFFFFF:
+        return [f"{key} {_ne(m.negate)}{_mark_value(m.value)}"]
+    op = "!=" if m.negate else "=="
+    return [f"{key} & {_mark_value(m.mask)} {op} {_mark_value(m.value)}"]
+
+
+_MATCHES: dict[type, Callable[..., list[str]]] = {
+    ir.AddressMatch: lambda m, r: [f"ip {'saddr' if m.direction == 'src' else 'daddr'} "
+                                   f"{_ne(m.negate)}{_network(m.network)}"],
+    ir.InterfaceMatch: _interface,
+    ir.ProtocolMatch: lambda m, r: [f"ip protocol {_ne(m.negate)}{_protocol(m.protocol)}"],
+    ir.FragmentMatch: lambda m, r: [f"ip frag-off & 0x1fff {'==' if m.negate else '!='} 0"],
+    ir.TcpMatch: _tcp,
+    ir.UdpMatch: lambda m, r: _ports("udp", m),
+    ir.IcmpMatch: _icmp,
+    ir.MultiportMatch: _multiport,
+    ir.IpRangeMatch: _iprange,
+    ir.CommentMatch: lambda m, r: [],  # printed last, where nft wants it
+    ir.LengthMatch: lambda m, r: [f"meta length {_ne(m.negate)}{_range(m.length)}"],
+    ir.TtlMatch: _ttl,
+    ir.MacSourceMatch: lambda m, r: ["ether saddr " + _ne(m.negate) +
+                                     ":".join(f"{b:02x}" for b in m.address)],
+    ir.LimitMatch: lambda m, r: [f"limit rate {m.count}/{names.LIMIT_UNIT_NAMES[m.unit]} "
+                                 f"burst {m.burst} packets"],
+    ir.ConntrackMatch: _conntrack,
+    ir.MarkMatch: _mark,
+}
+
+
+def _set_mark(key: str, value: int, mask: int) -> str:
+    """(key & ~mask) ^ value, the shortest way nft says it."""
+    if mask == 0xFFFFFFFF:
+        return f"{key} set {_mark_value(value)}"
+    keep = ~mask & 0xFFFFFFFF
+    return f"{key} set {key} & {_mark_value(keep)} ^ {_mark_value(value)}"
+
+
+def _target(target: Optional[ir.Target], rule: ir.Rule) -> list[str]:
+    if target is None:
+        return []
+    if isinstance(target, ir.VerdictTarget):
+        return [target.verdict.value.lower()]
+    if isinstance(target, ir.ReturnTarget):
+        return ["return"]
+    if isinstance(target, ir.JumpTarget):
+        return [f"{'goto' if target.goto else 'jump'} {target.chain}"]
+    if isinstance(target, ir.RejectTarget):
+        if target.with_ is ir.RejectWith.TCP_RESET:
+            return ["reject with tcp reset"]
+        return [f"reject with icmp type {names.REJECT_NAMES[target.with_]}"]
+    if isinstance(target, ir.LogTarget):
+        words = ["log"]
+        if target.prefix:
+            words.append(f"prefix {_string(target.prefix)}")
+        if target.level != 4:
+            words.append(f"level {names.LOG_LEVEL_NAMES[target.level]}")
+        return [" ".join(words)]
+    if isinstance(target, ir.MarkTarget):
+        return [_set_mark("meta mark", target.value, target.mask)]
+    if isinstance(target, ir.ConnmarkTarget):
+        if target.mode is ir.ConnmarkMode.SET:
+            return [_set_mark("ct mark", target.value, target.ctmask)]
+        if (target.ctmask, target.nfmask) != (0xFFFFFFFF, 0xFFFFFFFF):
+            raise _untranslatable(rule, "nft cannot combine a packet's and a connection's "
+                                 "mark under masks")
+        return ["ct mark set meta mark" if target.mode is ir.ConnmarkMode.SAVE
+                else "meta mark set ct mark"]
+    if isinstance(target, ir.NotrackTarget):
+        return ["notrack"]
+    raise _untranslatable(rule, f"no nft statement for {type(target).__name__}")
+
+
+def rule_text(rule: ir.Rule) -> str:
+    parts: list[str] = []
+    for match in rule.matches:
+        parts += _MATCHES[type(match)](match, rule)
+    parts.append("counter")
+    parts += _target(rule.target, rule)
+    comment = rule.find(ir.CommentMatch)
+    if comment is not None:
+        parts.append(f"comment {_string(comment.text)}")
+    return " ".join(parts)
+
+
+def _chain_type(table: ir.Table, chain: ir.Chain) -> str:
+    if table.xtables and (table.name, chain.name) == _MANGLE_OUTPUT:
+        return "route"
+    return _XTABLES_TYPES.get(table.name, "filter") if table.xtables else "filter"
+
+
+def save_nft(ruleset: ir.Ruleset) -> str:
+    lines = []
+    for table in ruleset.tables:
+        lines.append(f"table ip {table.name} {{")
+        for chain in table.chains:
+            lines.append(f"\tchain {chain.name} {{")
+            if chain.builtin and chain.hook is not None:
+                lines.append(f"\t\ttype {_chain_type(table, chain)} hook "
+                             f"{names.HOOK_NAMES[chain.hook]} priority {chain.priority}; "
+                             f"policy {chain.policy.value.lower()};")
+            lines += [f"\t\t{rule_text(rule)}" for rule in chain.rules]
+            lines.append("\t}")
+        lines.append("}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,79 @@
+"""Regroups a ruleset's chains into iptables' fixed tables (for `translate --to
+iptables`): IR -> IR.
+
+nftables names its tables and orders base chains by priority; iptables has one table per
+priority (raw -300, mangle -150, filter 0) whose built-in chains are named after their
+hooks. Each base chain becomes the built-in chain of its priority's table, and the chains
+it reaches go with it. What has no place there is an error naming the chain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional
+
+from bpfilter import ir
+from bpfilter.errors import InputError
+
+TABLES = {-300: "raw", -150: "mangle", 0: "filter"}
+_HOOKS = {"raw": (ir.Hook.PREROUTING, ir.Hook.OUTPUT),
+          "mangle": tuple(ir.Hook),
+          "filter": (ir.Hook.INPUT, ir.Hook.FORWARD, ir.Hook.OUTPUT)}
+_ORDER = ("raw", "mangle", "filter")
+_NAME = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def _error(chain: ir.Chain, why: str, supported: Optional[str] = None) -> InputError:
+    origin = chain.origin or ir.Origin("<input>", 0)
+    return InputError(origin.file, origin.line, chain.name, why, supported, origin.column)
+
+
+def to_xtables(ruleset: ir.Ruleset) -> ir.Ruleset:
+    if all(t.xtables for t in ruleset.tables):
+        return ruleset
+    chains: dict[str, dict[str, ir.Chain]] = {name: {} for name in _ORDER}
+    for table in ruleset.tables:
+        renames = {c.name: _NAME.sub("-", c.name) for c in table.chains if not c.builtin}
+        for base in (c for c in table.chains if c.builtin and c.hook is not None):
+            target = TABLES.get(base.priority)
+            if target is None:
+                raise _error(base, f"no iptables table runs at priority {base.priority}",
+                             "priorities raw (-300), mangle (-150), filter (0)")
+            if base.hook not in _HOOKS[target]:
+                raise _error(base, f"iptables' {target} table has no {base.hook.value} "
+                             "chain")
+            if base.hook.value in chains[target]:
+                raise _error(base, f"a second base chain at {base.hook.value} priority "
+                             f"{base.priority}: iptables' {target} table has one")
+            chains[target][base.hook.value] = _renamed(
+                base, base.hook.value, renames)
+            for name in _reached(table, base.name):
+                chain = table.chain(name)
+                new = renames[name]
+                if new in chains[target] and chains[target][new].origin != chain.origin:
+                    raise _error(chain, f"two chains named '{new}' would meet in iptables' "
+                                 f"{target} table")
+                chains[target][new] = _renamed(chain, new, renames)
+    tables = tuple(ir.Table(name, tuple(chains[name].values())) for name in _ORDER
+                   if chains[name])
+    return ir.Ruleset(ruleset.family, tables, ruleset.source)
+
+
+def _renamed(chain: ir.Chain, name: str, renames: dict[str, str]) -> ir.Chain:
+    rules = tuple(
+        dataclasses.replace(r, target=dataclasses.replace(r.target,
+                                                          chain=renames[r.target.chain]))
+        if isinstance(r.target, ir.JumpTarget) else r for r in chain.rules)
+    return dataclasses.replace(chain, name=name, rules=rules)
+
+
+def _reached(table: ir.Table, entry: str) -> list[str]:
+    seen: dict[str, None] = {}
+    todo = [entry]
+    while todo:
+        for rule in table.chain(todo.pop()).rules:
+            if isinstance(rule.target, ir.JumpTarget) and rule.target.chain not in seen:
+                seen[rule.target.chain] = None
+                todo.append(rule.target.chain)
+    return list(seen)

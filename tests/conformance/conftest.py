@@ -1,0 +1,40 @@
+"""Mirror pairs shared by the conformance modules: one per module and attach point."""
+
+from __future__ import annotations
+
+import pytest
+
+from bpfilter.codegen import Attach
+from bpfilter.passes import classify
+from tests.conformance.harness import MirrorPair
+
+
+def _mirror(request, tmp_path_factory, attach: Attach):
+    from tests.conftest import need_kernel
+
+    need_kernel()
+    name = request.module.__name__.rsplit(".", 1)[-1]
+    pair = MirrorPair(tmp_path_factory.mktemp(f"{name}-{attach.value}"), attach)
+    yield pair
+    pair.print_table()
+    pair.close()
+
+
+@pytest.fixture(scope="module")
+def mirror(request, tmp_path_factory):
+    yield from _mirror(request, tmp_path_factory, Attach.XDP)
+
+
+@pytest.fixture(scope="module")
+def tc_mirror(request, tmp_path_factory):
+    yield from _mirror(request, tmp_path_factory, Attach.TC)
+
+
+@pytest.fixture(params=["code", "data"])
+def as_data(request, monkeypatch):
+    """Both ways bpfilter compiles a chain: straight-line code, and classifier data
+    (forced here even for small rulesets, which would otherwise stay code)."""
+    if request.param == "data":
+        monkeypatch.setattr(classify, "CLASSIFY_MIN", 0)
+        monkeypatch.setattr(classify, "SEGMENT_MIN", 1)
+    return request.param

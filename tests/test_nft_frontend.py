@@ -1,0 +1,195 @@
+"""The nftables front-end and the translations: same rules as iptables' own translator
+reads them, round trips through `translate`, and errors with line and column."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from click.testing import CliRunner
+
+from bpfilter import ir, netns
+from bpfilter.cli import main
+from bpfilter.errors import InputError
+from bpfilter.frontend import dialect, parse_ruleset
+from bpfilter.frontend.iptables.save import save
+from bpfilter.frontend.nft.save import save_nft
+from bpfilter.passes import validate
+from bpfilter.passes.xtables import to_xtables
+from tests.conftest import EXAMPLES
+
+IPTABLES_EXAMPLES = sorted(EXAMPLES.glob("*.v4"))
+
+
+def _plain(ruleset: ir.Ruleset) -> list:
+    """Rules as (table, chain, matches, target), with what only spelling tells apart
+    (-m state or conntrack, NOTRACK or CT, nft's field-by-field header reads) made equal,
+    and the matches as a set: nft's translator moves `-p` before the addresses."""
+    def plain(match):
+        if isinstance(match, ir.ConntrackMatch):
+            return dataclasses.replace(match, module="conntrack")
+        if hasattr(match, "partial_header"):
+            return dataclasses.replace(match, partial_header=False)
+        return match
+
+    def target(t):
+        return ir.NotrackTarget() if isinstance(t, ir.NotrackTarget) else t
+
+    return [(table.name, chain.name, frozenset(map(plain, rule.matches)), target(rule.target))
+            for table, chain, rule in ruleset.rules()]
+
+
+def _translated(text: str) -> str:
+    return netns.run("iptables-restore-translate", "-f", "/dev/stdin", input=text).stdout
+
+
+@pytest.mark.parametrize("path", IPTABLES_EXAMPLES, ids=lambda p: p.name)
+def test_reads_iptables_restore_translate_as_iptables_rules(kernel, path):
+    """iptables' own translation of each example reads to the example's rules."""
+    text = path.read_text()
+    if path.name == "acl-1000.v4":
+        text = "\n".join(text.splitlines()[:60]) + "\nCOMMIT\n"
+    assert _plain(parse_ruleset(_translated(text))) == _plain(parse_ruleset(text))
+
+
+@pytest.mark.parametrize("path", IPTABLES_EXAMPLES, ids=lambda p: p.name)
+def test_translate_to_nft_round_trips(kernel, namespace, path):
+    """`translate --to nft` prints what the kernel's nft accepts, and reads back to the
+    same rules."""
+    ruleset = parse_ruleset(path.read_text(), path.name)
+    text = save_nft(ruleset)
+    netns.run("nft", "-c", "-f", "-", netns=namespace(), input=text)
+    assert _plain(parse_ruleset(text)) == _plain(ruleset)
+
+
+def test_translate_to_iptables_regroups_tables(kernel, namespace):
+    """nft tables of any name become iptables' raw and filter tables by priority, and
+    iptables-restore accepts the result."""
+    text = """table ip early {
+    chain pre { type filter hook prerouting priority raw; policy accept;
+        udp dport 53 notrack }
+}
+table ip fw {
+    chain in { type filter hook input priority 0; policy drop;
+        ct state established accept
+        tcp dport { 22, 80 } jump web
+        log prefix "dropped: " drop }
+    chain web { ip saddr 10.0.0.0/8 accept }
+}
+"""
+    result = CliRunner().invoke(main, ["translate", "-", "--to", "iptables"], input=text)
+    assert result.exit_code == 0, result.output
+    netns.run("iptables-legacy-restore", "--test", netns=namespace(), input=result.output)
+    ruleset = parse_ruleset(result.output)
+    assert [t.name for t in ruleset.tables] == ["raw", "filter"]
+    assert ruleset.table("filter").chain("INPUT").policy is ir.Verdict.DROP
+    assert [c.name for c in ruleset.table("filter").chains][:3] == ["INPUT", "web", "in-1"]
+
+
+def test_dialect_by_content_and_stdin(kernel, tmp_path):
+    text = (EXAMPLES / "host-firewall.nft").read_text()
+    assert dialect(text) == "nft"
+    assert dialect((EXAMPLES / "marks.v4").read_text()) == "iptables"
+    result = CliRunner().invoke(main, ["compile", "-", "--emit", "c", "-o",
+                                       str(tmp_path)], input=text)
+    assert result.exit_code == 0, result.output
+    assert "filter/input" in (tmp_path / "bf_ingress.c").read_text()
+
+
+def test_sets_maps_and_statements_become_rules():
+    ruleset = validate(parse_ruleset((EXAMPLES / "host-firewall.nft").read_text()))
+    table = ruleset.table("filter")
+    rules = table.chain("input").rules
+    # `tcp dport vmap { 22 : jump ssh, 80 : accept, 443 : accept, 23 : drop }`
+    vmap = [r for r in rules if r.origin.line == 23]
+    assert [r.target for r in vmap] == [ir.JumpTarget("ssh"),
+                                        ir.VerdictTarget(ir.Verdict.ACCEPT),
+                                        ir.VerdictTarget(ir.Verdict.ACCEPT),
+                                        ir.VerdictTarget(ir.Verdict.DROP)]
+    # `ip saddr @blocklist log ... drop`: one rule per element, to one chain of both
+    blocked = [r for r in rules if r.origin.line == 21]
+    assert len(blocked) == 3 and len({r.target for r in blocked}) == 1
+    body = table.chain(blocked[0].target.chain)
+    assert [type(r.target) for r in body.rules] == [ir.LogTarget, ir.VerdictTarget]
+    early = ruleset.table("early").chain("pre")
+    assert (early.hook, early.priority, early.before_tracking) == (ir.Hook.PREROUTING,
+                                                                   -300, True)
+
+
+def test_overlapping_concatenations_run_statements_once():
+    """Elements of a set of concatenations may overlap: their rules go to the statement
+    by goto from a chain of their own, so a packet in two of them logs once."""
+    text = """table ip t {
+  chain c { type filter hook input priority 0;
+    ip saddr . tcp dport { 10.0.0.0/8 . 22, 10.1.0.0/16 . 20-30 } log prefix "x" }
+}"""
+    chain = parse_ruleset(text).table("t")
+    first = chain.chain("c").rules
+    assert len(first) == 1 and isinstance(first[0].target, ir.JumpTarget)
+    choices = chain.chain(first[0].target.chain).rules
+    assert [r.target.goto for r in choices] == [True, True]
+    assert len({r.target.chain for r in choices}) == 1
+
+
+BAD = {
+    "family inet": ("table inet f {\n  chain c { type filter hook input priority 0; }\n}\n",
+                    1, 7, "family inet are not supported yet"),
+    "unknown expression": ("table ip f {\n  chain c {\n    meta skuid 0 drop\n  }\n}\n",
+                           3, 5, "'meta skuid' is not supported"),
+    "limit over": ("table ip f {\n chain c {\n  limit rate over 5/second drop\n }\n}\n",
+                   3, 14, "limit rate over is not supported yet"),
+    "nat chain": ("table ip n {\n chain p { type nat hook postrouting priority 100; }\n"
+                  " chain p { masquerade }\n}\n", 3, 12, "NAT chain 'p'"),
+    "device hook": ("table ip f {\n chain c { type filter hook ingress priority 0; }\n}\n",
+                    2, 29, "hook not supported"),
+    "unclosed": ("table ip f {\n chain c {\n  tcp dport 22 accept\n", 3, 0, "not closed"),
+    "variable": ("table ip f {\n chain c {\n  ip saddr $admins accept\n }\n}\n", 3, 12,
+                 "variables are not supported"),
+    "match after statement": ("table ip f {\n chain c {\n  counter log tcp dport 22 drop\n"
+                              " }\n}\n", 3, 15, "a match after a statement"),
+    "unknown set": ("table ip f {\n chain c {\n  ip saddr @nope drop\n }\n}\n", 3, 12,
+                    "no set 'nope'"),
+    "bad address": ("add table ip f\nadd chain ip f c\nadd rule ip f c ip saddr 10.0.0.300 drop\n",
+                    3, 26, "an IPv4 address"),
+    "jump to missing chain": ("table ip f {\n chain c {\n  jump nowhere\n }\n}\n", 3, 3,
+                              "no chain 'nowhere'"),
+    "goto after statement": ("table ip f {\n chain c {\n  log goto d\n }\n chain d { }\n}\n",
+                             3, 3, "return or goto after another statement"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_nft_input_names_line_and_column(name):
+    text, line, column, why = BAD[name]
+    with pytest.raises(InputError) as caught:
+        validate(parse_ruleset(text, "rules.nft"))
+    assert (caught.value.file, caught.value.line) == ("rules.nft", line), str(caught.value)
+    assert caught.value.column == column, str(caught.value)
+    assert why in str(caught.value)
+
+
+def test_cli_reports_nft_errors_with_exit_2(tmp_path):
+    path = tmp_path / "bad.nft"
+    path.write_text(BAD["unknown expression"][0])
+    result = CliRunner().invoke(main, ["compile", str(path), "--emit", "c"])
+    assert result.exit_code == 2
+    assert "bad.nft:3:5" in result.output and "meta skuid" in result.output
+
+
+def test_translate_refuses_what_the_other_side_cannot_say():
+    result = CliRunner().invoke(main, ["translate", str(EXAMPLES / "host-firewall.nft"),
+                                       "--to", "iptables"])
+    assert result.exit_code == 2
+    assert "iptables takes -s once in a rule" in " ".join(result.output.split())
+    text = "*mangle\n:INPUT ACCEPT [0:0]\n" \
+        "-A INPUT -j CONNMARK --save-mark --nfmask 0xff --ctmask 0xff\nCOMMIT\n"
+    result = CliRunner().invoke(main, ["translate", "-", "--to", "nft"], input=text)
+    assert result.exit_code == 2 and "cannot be said in nft" in " ".join(result.output.split())
+
+
+def test_to_xtables_refuses_two_base_chains_at_one_place():
+    text = """table ip a { chain i { type filter hook input priority 0; } }
+table ip b { chain i { type filter hook input priority 0; } }"""
+    with pytest.raises(InputError, match="a second base chain at INPUT"):
+        to_xtables(parse_ruleset(text))
+    assert "-A" not in save(to_xtables(parse_ruleset(text.splitlines()[0])))

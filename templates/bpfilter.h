@@ -443,9 +443,11 @@ static __always_inline int bf_parse(struct bf_ctx *ctx, struct bf_pkt *p)
 			p->tcp_doff = l4[12] >> 4;
 			p->tcp_flags = l4[13];
 			p->tcp_win = bpf_ntohs(th->window);
-		} else if (p->proto == IPPROTO_ICMP && p->l4_len >= 2 && (void *)(l4 + 2) <= end) {
+		} else if (p->proto == IPPROTO_ICMP && p->l4_len >= 1 && (void *)(l4 + 1) <= end) {
+			/* nftables reads the type of a 1-byte message. */
 			p->icmp_type = l4[0];
-			p->icmp_code = l4[1];
+			if (p->l4_len >= 2 && (void *)(l4 + 2) <= end)
+				p->icmp_code = l4[1];
 			if (p->l4_len >= 8 && (void *)(l4 + 8) <= end)
 				p->icmp_id = ((__u16)l4[4] << 8) | l4[5];
 		}

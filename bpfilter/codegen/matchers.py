@@ -135,8 +135,8 @@ def _icmp(m: ir.IcmpMatch, ctx: MatchContext) -> list[str]:
         codes = "" if m.codes == ir.Range(0, 255) else \
             " && " + _in_range("p->icmp_code", m.codes, top=255)
         expr = f"p->icmp_type == {m.icmp_type}{codes}"
-    # bf_parse reads type and code together: nftables' type alone needs one byte less.
-    head = _field(ctx, 2) if m.partial_header else _header(ctx, 8)
+    head = _field(ctx, 1 if m.codes == ir.Range(0, 255) else 2) if m.partial_header \
+        else _header(ctx, 8)
     return head + [ctx.require(expr, m.negate)]
 
 

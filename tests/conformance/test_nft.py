@@ -9,8 +9,14 @@ from hypothesis import strategies as st
 
 from bpfilter import netns
 from bpfilter.errors import InputError
+from bpfilter.frontend import parse_ruleset
+from bpfilter.frontend.iptables.save import save
 from bpfilter.frontend.nft.save import save_nft
-from tests.conformance.harness import SETTINGS, check_example, check_generated
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
+
+from tests.conformance.harness import SETTINGS, check, check_example, check_generated
 from tests.conformance.rulesets import layered, rulesets
 from tests.conftest import EXAMPLES as FOLDER
 from tests.conformance.test_conformance import EXAMPLES, _frames
@@ -45,10 +51,10 @@ def test_translated_examples_conform(mirror, name, tmp_path):
 
 
 def _nft(ruleset) -> str:
-    """The generated ruleset in nft, as `translate --to nft` prints it (a ruleset with
-    what nft cannot say, e.g. CONNMARK under masks, is drawn again)."""
+    """The generated ruleset in nft, as `translate --to nft` prints its iptables-save text
+    (a ruleset with what nft cannot say, e.g. CONNMARK under masks, is drawn again)."""
     try:
-        return save_nft(ruleset)
+        return save_nft(parse_ruleset(save(ruleset)))
     except InputError:
         reject()
 
@@ -69,3 +75,34 @@ def test_generated_layered_nft_rulesets_conform(mirror, data):
     refused its own way at the end, so every packet's final mark shows."""
     check_generated(mirror, data, layered(readout=True), _frames, FRAMES_PER_RULESET,
                     render=_nft)
+
+
+TRUNCATED = """table ip t {
+    chain input {
+        type filter hook input priority filter; policy accept;
+        tcp flags syn accept
+        tcp dport 22 drop
+        tcp sport 22 accept
+        ip protocol tcp drop
+        udp dport 53 accept
+        udp sport 53 drop
+        icmp type echo-request icmp code 0 drop
+        icmp type echo-request accept
+        ip protocol icmp drop
+    }
+}
+"""
+
+
+def test_truncated_transport_headers_conform(mirror):
+    """nft reads each field of a transport header where it is: a TCP segment of 14 bytes
+    has its flags, one of 2 its source port. Every length up to the whole header, each
+    field's end turning the verdict over."""
+    mirror.load(TRUNCATED)
+    ruleset = parse_ruleset(TRUNCATED)
+    headers = {6: bytes(TCP(sport=22, dport=22, flags="S")),
+               17: bytes(UDP(sport=53, dport=53)), 1: bytes(ICMP(type=8, code=0))}
+    cases = [("eth0", Ether() / IP(src="192.0.2.9", dst="198.18.0.1", proto=proto) /
+              Raw(header[:length]))
+             for proto, header in headers.items() for length in range(len(header) + 1)]
+    check(mirror, TRUNCATED, ruleset, cases)

@@ -278,7 +278,7 @@ def apply(rules: str, iface: str, mode: Optional[str], output: Optional[Path]) -
                   f"{d.prog_id}; switch {report.switch_ns / 1e6:.2f} ms, "
                   f"total {report.total_s:.2f} s")
     # The text test spares parsing again the (large) rulesets that set no marks.
-    if d.mode != state.TC_MODE and "MARK" in text:
+    if d.mode != state.TC_MODE and ("MARK" in text or "mark set" in text):
         from bpfilter.frontend import parse_ruleset
 
         _warn_unseen_marks(parse_ruleset(text, source))
@@ -385,13 +385,16 @@ def _human(value: int, exact: bool) -> str:
 @click.option("-n", "--numeric", is_flag=True, help="Accepted for iptables habits: "
               "addresses and ports are always numeric.")
 @click.option("-x", "--exact", is_flag=True, help="Exact counter values, no K/M units.")
-@click.option("-t", "--table", "only", type=click.Choice(["raw", "mangle", "filter"]),
-              help="Only this table (default: every table the ruleset has).")
+@click.option("-t", "--table", "only", metavar="TABLE",
+              help="Only this table: raw, mangle or filter, or an nftables table's name "
+                   "(default: every table the ruleset has).")
 def list_cmd(iface: Optional[str], verbose: bool, numeric: bool, exact: bool,
              only: Optional[str]) -> None:
-    """The running rules per chain, with their counters, like `iptables -L -v`."""
+    """The running rules per chain, with their counters, like `iptables -L -v` (an
+    nftables ruleset's rules in nft's words)."""
     from bpfilter.deploy import LiveCounters
     from bpfilter.frontend.iptables.save import rule_text
+    from bpfilter.frontend.nft.save import rule_text as nft_rule_text
 
     for paths, d, ruleset in _deployed(iface):
         console.print(f"[bold]{d.iface}[/] ({d.where}, {d.source})")
@@ -418,9 +421,9 @@ def list_cmd(iface: Optional[str], verbose: bool, numeric: bool, exact: bool,
                         c = live(table.name, chain.name, index)
                         counts = [_human(c.packets, exact), _human(c.bytes, exact)] \
                             if verbose else []
-                        out.add_row(str(index + 1), *counts,
-                                    rule_text(chain.name, rule).removeprefix(
-                                        f"-A {chain.name} "))
+                        text = rule_text(chain.name, rule).removeprefix(
+                            f"-A {chain.name} ") if table.xtables else nft_rule_text(rule)
+                        out.add_row(str(index + 1), *counts, text)
                     console.print(out if chain.rules else "")
 
 
@@ -428,14 +431,19 @@ def list_cmd(iface: Optional[str], verbose: bool, numeric: bool, exact: bool,
 @click.option("-i", "--iface", help="Only this interface.")
 @click.option("-c", "--counters", is_flag=True, help="Include packet and byte counters.")
 def save(iface: Optional[str], counters: bool) -> None:
-    """The running ruleset as iptables-save text (with -c, its live counters)."""
+    """The running ruleset as iptables-save text, or an nftables one as nft text (with -c,
+    its live counters)."""
     from bpfilter.deploy import LiveCounters
     from bpfilter.frontend.iptables.save import save as save_text
+    from bpfilter.frontend.nft.save import save_nft
 
     for paths, d, ruleset in _deployed(iface):
         click.echo(f"# bpfilter ruleset on {d.iface}, applied {d.applied_at} from {d.source}")
         with LiveCounters(paths, d) as live:
-            click.echo(save_text(ruleset, counters=counters, live=live), nl=False)
+            if all(t.xtables for t in ruleset.tables):
+                click.echo(save_text(ruleset, counters=counters, live=live), nl=False)
+            else:
+                click.echo(save_nft(ruleset, live if counters else None), nl=False)
 
 
 @main.command()

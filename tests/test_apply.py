@@ -217,3 +217,24 @@ def test_the_cli_on_a_ruleset_with_every_table(bed, build_root):
     assert "-j NOTRACK" in raw and "mangle" not in raw and "Chain INPUT" not in raw
     detached = _cli(bed, "detach", "-i", "eth0")
     assert detached.returncode == 0 and "and egress program" in detached.stdout
+
+
+def test_the_cli_on_an_nftables_ruleset(bed, build_root):
+    """An nftables ruleset from stdin: apply, list in nft's words, save as nft text with
+    its counters (which the kernel's nft accepts), detach."""
+    applied = netns.run("sh", "-c", f"{sys.executable} -m bpfilter apply - -i eth0 -o "
+                        f"{build_root / 'nft-cli'} < {EXAMPLES / 'host-firewall.nft'}",
+                        netns=bed.server, check=False)
+    assert applied.returncode == 0, applied.stderr
+    assert "warning: rules set packet marks" in " ".join(applied.stdout.split())
+    assert not _ssh_from_elsewhere(bed)  # 192.0.2.0/24 is the blocklist: dropped
+    admin = bed.send(bed.frame(IP(src="203.0.113.5", dst=SERVER_ADDR) / TCP(dport=22,
+                                                                           flags="S")))
+    assert admin and TCP in admin[0]  # the server's stack answers: accepted
+    listed = _cli(bed, "list", "-v", "-t", "filter").stdout
+    assert "Chain input (policy DROP" in listed and "ct state related,established" in listed
+    saved = _cli(bed, "save", "-c").stdout
+    assert "counter packets" in saved and "table ip early" in saved, saved
+    netns.run("nft", "-c", "-f", "-", netns=bed.server, input=saved)
+    detached = _cli(bed, "detach", "-i", "eth0")
+    assert detached.returncode == 0

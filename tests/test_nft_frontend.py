@@ -83,7 +83,7 @@ table ip fw {
     ruleset = parse_ruleset(result.output)
     assert [t.name for t in ruleset.tables] == ["raw", "filter"]
     assert ruleset.table("filter").chain("INPUT").policy is ir.Verdict.DROP
-    assert [c.name for c in ruleset.table("filter").chains][:3] == ["INPUT", "web", "in-1"]
+    assert [c.name for c in ruleset.table("filter").chains][:3] == ["INPUT", "web", "in.1"]
 
 
 def test_dialect_by_content_and_stdin(kernel, tmp_path):

@@ -383,8 +383,10 @@ class NftReader:
 
     def _add_chain(self, table: _Table, chain: _Chain, origin: ir.Origin,
                    rules: list[ir.Rule]) -> str:
-        table.anonymous += 1
-        name = f"{chain.name}#{table.anonymous}"  # '#' can be no nft chain's name
+        name = ""
+        while not name or name in table.chains:
+            table.anonymous += 1
+            name = f"{chain.name}.{table.anonymous}"  # a name nft and iptables both take
         table.chains[name] = _Chain(name, origin, rules=list(rules))
         return name
 

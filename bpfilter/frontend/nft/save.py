@@ -234,11 +234,12 @@ def _target(target: Optional[ir.Target], rule: ir.Rule) -> list[str]:
     raise _untranslatable(rule, f"no nft statement for {type(target).__name__}")
 
 
-def rule_text(rule: ir.Rule) -> str:
+def rule_text(rule: ir.Rule, counters: Optional[ir.Counters] = None) -> str:
     parts: list[str] = []
     for match in rule.matches:
         parts += _MATCHES[type(match)](match, rule)
-    parts.append("counter")
+    parts.append("counter" if counters is None else
+                 f"counter packets {counters.packets} bytes {counters.bytes}")
     parts += _target(rule.target, rule)
     comment = rule.find(ir.CommentMatch)
     if comment is not None:
@@ -252,7 +253,9 @@ def _chain_type(table: ir.Table, chain: ir.Chain) -> str:
     return _XTABLES_TYPES.get(table.name, "filter") if table.xtables else "filter"
 
 
-def save_nft(ruleset: ir.Ruleset) -> str:
+def save_nft(ruleset: ir.Ruleset,
+             live: Optional[Callable[[str, str, int], ir.Counters]] = None) -> str:
+    """The ruleset in nft; `live(table, chain, index)` adds counters to the rules."""
     lines = []
     for table in ruleset.tables:
         lines.append(f"table ip {table.name} {{")
@@ -262,7 +265,8 @@ def save_nft(ruleset: ir.Ruleset) -> str:
                 lines.append(f"\t\ttype {_chain_type(table, chain)} hook "
                              f"{names.HOOK_NAMES[chain.hook]} priority {chain.priority}; "
                              f"policy {chain.policy.value.lower()};")
-            lines += [f"\t\t{rule_text(rule)}" for rule in chain.rules]
+            lines += [f"\t\t{rule_text(rule, live and live(table.name, chain.name, i))}"
+                      for i, rule in enumerate(chain.rules)]
             lines.append("\t}")
         lines.append("}")
     return "\n".join(lines) + "\n"

@@ -4,6 +4,7 @@ reads them, round trips through `translate`, and errors with line and column."""
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 import pytest
 from click.testing import CliRunner
@@ -193,3 +194,36 @@ table ip b { chain i { type filter hook input priority 0; } }"""
     with pytest.raises(InputError, match="a second base chain at INPUT"):
         to_xtables(parse_ruleset(text))
     assert "-A" not in save(to_xtables(parse_ruleset(text.splitlines()[0])))
+
+
+NFT_RULESETS = {"host-firewall.nft": lambda: (EXAMPLES / "host-firewall.nft").read_text(),
+                **{p.name: (lambda p=p: _translated(p.read_text()))
+                   for p in IPTABLES_EXAMPLES if p.name != "acl-1000.v4"}}
+
+
+@pytest.mark.parametrize("name", sorted(NFT_RULESETS))
+def test_nft_json_reads_as_the_text_does(kernel, namespace, name):
+    """The kernel's own `nft -j list ruleset` of each ruleset reads to the rules its
+    text does (as many of each: the kernel lists a set's elements in its own order)."""
+    text = NFT_RULESETS[name]()
+    space = namespace()
+    netns.run("nft", "-f", "-", netns=space, input=text)
+    document = netns.run("nft", "-j", "list", "ruleset", netns=space).stdout
+    assert dialect(document) == "nft-json"
+    assert Counter(_plain(parse_ruleset(document, "ruleset.json"))) == \
+        Counter(_plain(parse_ruleset(text)))
+
+
+def test_nft_json_errors_point_into_the_json(tmp_path):
+    document = ('{"nftables": [{"table": {"family": "ip", "name": "t"}},\n'
+                ' {"chain": {"family": "ip", "table": "t", "name": "c", "type": "filter", '
+                '"hook": "input", "prio": 0, "policy": "accept"}},\n'
+                ' {"rule": {"family": "ip", "table": "t", "chain": "c", "expr": '
+                '[{"match": {"op": "==", "left": {"fib": {"result": "type"}}, '
+                '"right": "local"}}, {"drop": null}]}}]}\n')
+    with pytest.raises(InputError) as caught:
+        parse_ruleset(document, "ruleset.json")
+    assert (caught.value.line, caught.value.column) == (3, 2), str(caught.value)
+    assert "fib" in str(caught.value)
+    with pytest.raises(InputError, match="not valid JSON"):
+        parse_ruleset('{"nftables": [}', "ruleset.json")

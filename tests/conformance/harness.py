@@ -135,10 +135,11 @@ class MirrorPair:
             paths = state.Paths("eth0", state.netns_id())
             if paths.conntrack.exists():
                 conntable.flush(paths)
-        if dialect(text) == "nft":
+        if dialect(text) != "iptables":
             netns.run("iptables-legacy-restore", netns=self.kernel.server, input=whole(""))
-            netns.run("nft", "-f", "-", netns=self.kernel.server,
-                      input="flush ruleset\n" + text)
+            netns.run("nft", "flush", "ruleset", netns=self.kernel.server)
+            netns.run("nft", *(("-j",) if dialect(text) == "nft-json" else ()), "-f", "-",
+                      netns=self.kernel.server, input=text)
         else:
             netns.run("nft", "flush", "ruleset", netns=self.kernel.server)
             netns.run("iptables-legacy-restore", netns=self.kernel.server,

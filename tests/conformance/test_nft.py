@@ -43,6 +43,14 @@ def test_nft_examples_conform_at_tc(tc_mirror, name):
     check_example(tc_mirror, name, _frames, FRAMES_PER_EXAMPLE)
 
 
+def test_nft_json_example_conforms(mirror, namespace):
+    """The example as `nft -j list ruleset` prints it, loaded as JSON on both sides."""
+    space = namespace()
+    netns.run("nft", "-f", str(FOLDER / "host-firewall.nft"), netns=space)
+    document = netns.run("nft", "-j", "list", "ruleset", netns=space).stdout
+    check_example(mirror, "host-firewall.nft", _frames, FRAMES_PER_EXAMPLE, text=document)
+
+
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_translated_examples_conform(mirror, name, tmp_path):
     """Each iptables example as iptables-restore-translate writes it in nft."""

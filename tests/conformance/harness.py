@@ -221,11 +221,13 @@ def check_example(pair: MirrorPair, name: str, cases: Callable, count: int,
 
 
 def check_generated(pair: MirrorPair, data, strategy, cases: Callable, count: int,
-                    sent: bool = False, render: Callable = save) -> None:
-    """A ruleset drawn from `strategy` loaded on both sides as `render` writes it, and
-    `count` cases drawn from `cases(ruleset)` (within a test given `data=st.data()`)."""
-    ruleset = data.draw(strategy, label="ruleset")
-    text = render(ruleset)
+                    sent: bool = False, render: Callable | None = save) -> None:
+    """A ruleset drawn from `strategy` loaded on both sides as `render` writes it (or as
+    drawn, text, without one), and `count` cases drawn from `cases(ruleset)` (within a
+    test given `data=st.data()`)."""
+    drawn = data.draw(strategy, label="ruleset")
+    text = drawn if render is None else render(drawn)
+    ruleset = parse_ruleset(text, "<generated>")
     pair.load(text)
     drawn = data.draw(st.lists(cases(ruleset), min_size=count, max_size=count),
                       label="cases")

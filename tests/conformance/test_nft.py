@@ -17,6 +17,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from tests.conformance.harness import SETTINGS, check, check_example, check_generated
+from tests.conformance.nft_rulesets import nft_rulesets
 from tests.conformance.rulesets import layered, rulesets
 from tests.conftest import EXAMPLES as FOLDER
 from tests.conformance.test_conformance import EXAMPLES, _frames
@@ -24,6 +25,7 @@ from tests.conformance.test_conformance import EXAMPLES, _frames
 NFT_EXAMPLES = ["host-firewall.nft"]
 GENERATED_RULESETS = 40
 LAYERED_RULESETS = 30
+NFT_RULESETS = 60
 FRAMES_PER_RULESET = 20
 FRAMES_PER_EXAMPLE = 60
 
@@ -83,6 +85,15 @@ def test_generated_layered_nft_rulesets_conform(mirror, data):
     refused its own way at the end, so every packet's final mark shows."""
     check_generated(mirror, data, layered(readout=True), _frames, FRAMES_PER_RULESET,
                     render=_nft)
+
+
+@settings(max_examples=NFT_RULESETS, **SETTINGS)
+@given(data=st.data())
+def test_generated_nft_native_rulesets_conform(mirror, data):
+    """nft as nft users write it: tables with base chains at one hook and several
+    priorities, named and anonymous sets, `!=` sets, verdict maps, concatenations, rules
+    with several statements, goto and return (tests/conformance/nft_rulesets.py)."""
+    check_generated(mirror, data, nft_rulesets(), _frames, FRAMES_PER_RULESET, render=None)
 
 
 TRUNCATED = """table ip t {

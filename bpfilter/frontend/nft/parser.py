@@ -9,6 +9,7 @@ hooks; anything else is an error at its line and column.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
@@ -356,7 +357,7 @@ class NftReader:
                 raise self.error(reader.first_statement,
                                  "return or goto after another statement is not supported",
                                  "statements, then accept, drop, reject or jump")
-            body = self._add_chain(table, chain, origin, statements)
+            body = self._add_chain(table, chain, origin, _guarded(statements))
             rules = [ir.Rule(r.matches, ir.JumpTarget(body), r.origin, r.counters)
                      for r in rules]
         if reader.may_overlap and len(rules) > 1 and \
@@ -402,6 +403,23 @@ class NftReader:
                                        chain.priority))
             tables.append(ir.Table(table.name, tuple(chains), table.origin, xtables=False))
         return ir.Ruleset(ir.Family.IPV4, tuple(tables), self.source)
+
+
+# A packet with a connection (not INVALID, not UNTRACKED).
+_HAS_CONNECTION = ir.ConntrackMatch(("NEW", "RELATED", "ESTABLISHED"))
+
+
+def _guarded(statements: list[ir.Rule]) -> list[ir.Rule]:
+    """`meta mark set ct mark` reads the connection's mark: without a connection nft
+    stops the rule there (NFT_BREAK), so the statements after it need one."""
+    guard: tuple[ir.Match, ...] = ()
+    result = []
+    for statement in statements:
+        result.append(dataclasses.replace(statement, matches=guard + statement.matches))
+        if isinstance(statement.target, ir.ConnmarkTarget) and \
+                statement.target.mode is ir.ConnmarkMode.RESTORE:
+            guard = (_HAS_CONNECTION,)
+    return result
 
 
 def _final(target: Optional[ir.Target]) -> bool:

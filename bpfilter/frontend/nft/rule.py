@@ -568,7 +568,7 @@ class RuleReader:
                                  "and '== 0' are supported")
             return (ir.FragmentMatch(negate=op == "=="),)
         if kind == "ct state":
-            return (self._states(words, negate),)
+            return self._state_compare(words, op)
         if kind.startswith(("ct original ", "ct reply ")):
             return (self._tuple(kind, first, negate),)
         if kind == "ct direction":
@@ -674,6 +674,18 @@ class RuleReader:
             return ir.TtlMatch("lt" if op == "<" else "gt", value)
         return ir.TtlMatch("gt" if op == "<=" else "lt", value, True)
 
+    def _state_compare(self, words: list[Word], op: str) -> tuple[ir.Match, ...]:
+        """A packet's connection state is one bit of a mask. Bare `a,b` asks whether any
+        of them is set and `! a,b` whether none is: one state in or out of the list.
+        `==` and `!=` compare the whole mask, which one bit equals only for a list of
+        one: `== a,b` never holds and `!= a,b` always does (as nft 1.0 compiles them)."""
+        match = self._states(words, op == "!")
+        if op in ("implicit", "!") or len(match.states) == 1:
+            return (replace(match, negate=op in ("!", "!="))),
+        if op == "==":
+            return (ir.ConntrackMatch(ir.ConntrackMatch.STATES, negate=True),)
+        return ()
+
     def _states(self, words: list[Word], negate: bool) -> ir.ConntrackMatch:
         states = set()
         for word in words:
@@ -700,8 +712,9 @@ class RuleReader:
         return self._int(words[0])
 
     def _tcp_flags(self, words: list[Word], op: str, mask: Optional[int]) -> ir.TcpFlagsSpec:
-        """nft's forms: `F / M` is (flags & M) == F; `& M == F` the same; `== F` all eight
-        bits; a bare `F` (or `!= F`, `! F`) whether any of F is set (or none)."""
+        """nft's forms: `F / M` is (flags & M) == F; `& M == F` the same; `== F` and
+        `!= F` compare all eight bits; a bare `F` asks whether any of F is set, `! F`
+        whether none is (as nft 1.0 compiles them)."""
         if any(w.value == "/" for w in words):
             cut = next(i for i, w in enumerate(words) if w.value == "/")
             comp, mask = self._flag_bits(words[:cut]), self._flag_bits(words[cut + 1:])
@@ -709,11 +722,11 @@ class RuleReader:
         value = self._flag_bits(words)
         if mask is not None:
             return ir.TcpFlagsSpec(mask, value, op == "!=")
-        if op in ("==",):
-            return ir.TcpFlagsSpec(0xFF, value)
-        if op in ("implicit",):  # any of them set: not (none of them set)
+        if op in ("==", "!="):
+            return ir.TcpFlagsSpec(0xFF, value, op == "!=")
+        if op == "implicit":  # any of them set: not (none of them set)
             return ir.TcpFlagsSpec(value, 0, True)
-        return ir.TcpFlagsSpec(value, 0)  # != F and ! F: none of them set
+        return ir.TcpFlagsSpec(value, 0)  # ! F: none of them set
 
     def _int(self, word: Word, what: str = "a number", known=None) -> int:
         try:

@@ -133,8 +133,11 @@ def _ttl(m: ir.TtlMatch, rule: ir.Rule) -> list[str]:
 def _conntrack(m: ir.ConntrackMatch, rule: ir.Rule) -> list[str]:
     parts = []
     if m.states:
-        parts.append(f"ct state {_ne(m.negate)}" +
-                     ",".join(s.lower() for s in m.states))
+        # `!= a,b` would compare the whole mask (always true): a set says "none of".
+        states = [s.lower() for s in m.states]
+        listed = states[0] if len(states) == 1 else (
+            "{ " + ", ".join(states) + " }" if m.negate else ",".join(states))
+        parts.append(f"ct state {_ne(m.negate)}{listed}")
     if m.direction is not None:
         parts.append(f"ct direction {m.direction.lower()}")
     if m.protocol is not None:

@@ -220,6 +220,9 @@ class LimitMatch:
     count: int
     unit: str  # "sec" | "min" | "hour" | "day"
     burst: int = 5
+    # Limits of one bucket name spend one bucket: an nft rule made into several IR rules
+    # (one per element of a set) still has one limit. None: a bucket of its own.
+    bucket: Optional[str] = None
 
     UNIT_SECONDS = {"sec": 1, "min": 60, "hour": 3600, "day": 86400}
 

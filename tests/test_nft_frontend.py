@@ -31,6 +31,8 @@ def _plain(ruleset: ir.Ruleset) -> list:
             return dataclasses.replace(match, module="conntrack")
         if hasattr(match, "partial_header"):
             return dataclasses.replace(match, partial_header=False)
+        if isinstance(match, ir.LimitMatch):
+            return dataclasses.replace(match, bucket=None)
         return match
 
     def target(t):
@@ -227,3 +229,16 @@ def test_nft_json_errors_point_into_the_json(tmp_path):
     assert "fib" in str(caught.value)
     with pytest.raises(InputError, match="not valid JSON"):
         parse_ruleset('{"nftables": [}', "ruleset.json")
+
+
+def test_a_set_of_elements_keeps_one_limit(tmp_path):
+    """One nft rule is one token bucket, however many IR rules its set becomes."""
+    from bpfilter.compiler import compile_ruleset
+
+    text = """table ip t {
+  chain c { type filter hook input priority 0;
+    ip saddr { 192.0.2.1, 192.0.2.2, 192.0.2.3 } limit rate 1/second accept
+    ip saddr { 192.0.2.1, 192.0.2.2 } limit rate 1/second accept }
+}"""
+    compilation = compile_ruleset(text, "t.nft", tmp_path, emit="c")
+    assert len(compilation.code.limits) == 2

@@ -175,8 +175,7 @@ def _entry_bytes(entry: Entry, slot: int, run: int, segment_of: dict[str, int],
             ctx.conntrack = True
         elif isinstance(check, ir.LimitMatch):
             checks |= _CHECK["limit"]
-            limit = (len(ctx.limits), check.interval_ns, check.interval_ns * check.burst)
-            ctx.limits.append(check)
+            limit = (ctx.limit(check), check.interval_ns, check.interval_ns * check.burst)
     fold, mask = 0, 0
     item = entry.item
     if isinstance(item, PrefixRun):

@@ -27,6 +27,16 @@ class MatchContext:
     def require(self, expr: str, negate: bool = False) -> str:
         return f"if ({'' if negate else '!'}({expr})) goto {self.skip};"
 
+    def limit(self, match: ir.LimitMatch) -> int:
+        """The match's token bucket: its own, or the one its bucket name shares."""
+        if match.bucket is not None:
+            shared = next((i for i, m in enumerate(self.limits) if m.bucket == match.bucket),
+                          None)
+            if shared is not None:
+                return shared
+        self.limits.append(match)
+        return len(self.limits) - 1
+
     def if_pattern(self, match: ir.InterfaceMatch) -> int:
         plain = ir.InterfaceMatch(match.direction, match.name)
         if plain not in self.if_patterns:
@@ -174,8 +184,7 @@ def _mac(m: ir.MacSourceMatch, ctx: MatchContext) -> list[str]:
 
 
 def _limit(m: ir.LimitMatch, ctx: MatchContext) -> list[str]:
-    index = len(ctx.limits)
-    ctx.limits.append(m)
+    index = ctx.limit(m)
     cost = m.interval_ns
     return [ctx.require(f"bf_limit(p, {index}, {cost}ULL, {cost * m.burst}ULL)")]
 

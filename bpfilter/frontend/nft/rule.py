@@ -253,7 +253,8 @@ class RuleReader:
             packets = self.next_word("packets")
             if packets.value != "packets":
                 raise self.error(packets, "byte bursts are not supported", "burst N packets")
-        return ir.LimitMatch(int(count), names.LIMIT_UNITS[unit], burst)
+        return ir.LimitMatch(int(count), names.LIMIT_UNITS[unit], burst,
+                             bucket=f"{self.source}:{rate.line}:{rate.column}")
 
     def _verdict(self, word: Word) -> ir.Target:
         value = word.value

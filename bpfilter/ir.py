@@ -154,12 +154,14 @@ class UdpMatch:
 
 @dataclass(frozen=True)
 class IcmpMatch:
-    """ICMP type and code range; type 255 ("any") matches every ICMP packet."""
+    """ICMP (or ICMPv6) type and code range; type 255 ("any") matches every ICMP
+    packet."""
 
     icmp_type: int
     codes: Range = Range(0, 255)
     negate: bool = False
     partial_header: bool = False
+    version: int = 4  # 6: ICMPv6's types and codes (ip6tables -m icmp6)
 
     ANY = 255
 
@@ -337,10 +339,22 @@ class RejectWith(enum.Enum):
     HOST_PROHIBITED = "icmp-host-prohibited"
     ADMIN_PROHIBITED = "icmp-admin-prohibited"
     TCP_RESET = "tcp-reset"
+    # ICMPv6 destination unreachable (type 1), by code
+    ICMP6_NO_ROUTE = "icmp6-no-route"
+    ICMP6_ADM_PROHIBITED = "icmp6-adm-prohibited"
+    ICMP6_ADDR_UNREACHABLE = "icmp6-addr-unreachable"
+    ICMP6_PORT_UNREACHABLE = "icmp6-port-unreachable"
 
     @property
     def icmp_code(self) -> Optional[int]:
         return _REJECT_ICMP_CODES.get(self)
+
+    @property
+    def family(self) -> Optional[Family]:
+        """The family whose packets the reply is for; None for a TCP reset (either)."""
+        if self is RejectWith.TCP_RESET:
+            return None
+        return Family.IPV6 if self.value.startswith("icmp6") else Family.IPV4
 
 
 _REJECT_ICMP_CODES = {
@@ -458,6 +472,7 @@ class Table:
     chains: tuple[Chain, ...]
     origin: Optional[Origin] = None
     xtables: bool = True
+    family: Family = Family.IPV4
 
     def chain(self, name: str) -> Optional[Chain]:
         return self._by_name.get(name)

@@ -19,7 +19,8 @@ def _words(text: str) -> list[list[str]]:
             if line.strip() and not line.lstrip().startswith("#")]
 
 
-@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.v4")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted([*EXAMPLES.glob("*.v4"), *EXAMPLES.glob("*.v6")]),
+                         ids=lambda p: p.name)
 def test_examples_round_trip(path):
     text = path.read_text()
     assert _words(save(parse_ruleset(text, path.name))) == _words(text)

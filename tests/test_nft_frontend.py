@@ -242,3 +242,59 @@ def test_a_set_of_elements_keeps_one_limit(tmp_path):
 }"""
     compilation = compile_ruleset(text, "t.nft", tmp_path, emit="c")
     assert len(compilation.code.limits) == 2
+
+
+V6 = EXAMPLES / "host-firewall.v6"
+
+
+def test_ip6tables_reads_as_its_own_translator_and_ours_print_it(kernel, namespace):
+    """ip6tables-save text: read as ip6tables-restore-translate's nft reads; printed in
+    nft (which the kernel's nft takes) and back in ip6tables-save text (which
+    ip6tables-restore takes), each reading to the same rules."""
+    text = V6.read_text()
+    rules = _plain(parse_ruleset(text, V6.name))
+    theirs = netns.run("ip6tables-restore-translate", "-f", str(V6)).stdout
+    assert _plain(parse_ruleset(theirs)) == rules
+    runner = CliRunner()
+    nft = runner.invoke(main, ["translate", str(V6), "--to", "nft"])
+    assert nft.exit_code == 0, nft.output
+    assert "table ip6 filter" in nft.output and "icmpv6 type nd-neighbor-solicit" in nft.output
+    space = namespace()
+    netns.run("nft", "-c", "-f", "-", netns=space, input=nft.output)
+    assert _plain(parse_ruleset(nft.output)) == rules
+    back = runner.invoke(main, ["translate", "-", "--to", "iptables"], input=nft.output)
+    assert back.exit_code == 0, back.output
+    netns.run("ip6tables-legacy-restore", "--test", netns=space, input=back.output)
+    assert dialect(back.output) == "ip6tables"
+    assert _plain(parse_ruleset(back.output)) == rules
+
+
+def test_ipv6_is_read_but_not_compiled_yet(tmp_path):
+    result = CliRunner().invoke(main, ["compile", str(V6), "--emit", "c", "-o",
+                                       str(tmp_path)])
+    assert result.exit_code == 2
+    assert "IPv6 rulesets are not compiled yet" in " ".join(result.output.split())
+
+
+BAD6 = {
+    "icmp in ip6tables": ("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -p icmp -m icmp "
+                          "--icmp-type 8 -s ::1 -j DROP\nCOMMIT\n", 3, "an IPv4 match"),
+    "-f in ip6tables": ("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -s ::/0 -f -j DROP\nCOMMIT\n",
+                        3, "ip6tables has no -f"),
+    "IPv4 reject in ip6tables": ("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -d ::1 -j REJECT "
+                                 "--reject-with icmp-host-prohibited\nCOMMIT\n", 3,
+                                 "unknown reject type for this family"),
+    "ip in an ip6 table": ("table ip6 t {\n chain c {\n  ip saddr 10.0.0.1 drop\n }\n}\n", 3,
+                           "'ip' in a table of family ip6"),
+    "IPv4 address in an ip6 table": ("table ip6 t {\n chain c {\n  ip6 saddr 10.0.0.1 drop\n"
+                                     " }\n}\n", 3, "an IPv6 address"),
+    "inet family": ("table inet t {\n}\n", 1, "family inet are not supported yet"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD6))
+def test_bad_ipv6_input_names_its_line(name):
+    text, line, why = BAD6[name]
+    with pytest.raises(InputError) as caught:
+        parse_ruleset(text, "rules.v6")
+    assert caught.value.line == line and why in str(caught.value), str(caught.value)

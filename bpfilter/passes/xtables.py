@@ -32,6 +32,14 @@ def _error(chain: ir.Chain, why: str, supported: Optional[str] = None) -> InputE
 def to_xtables(ruleset: ir.Ruleset) -> ir.Ruleset:
     if all(t.xtables for t in ruleset.tables):
         return ruleset
+    families = {t.family for t in ruleset.tables}
+    if len(families) > 1:
+        table = next(t for t in ruleset.tables if t.family is not ruleset.tables[0].family)
+        origin = table.origin or ir.Origin(ruleset.source, 0)
+        raise InputError(origin.file, origin.line, table.name, "iptables and ip6tables "
+                         "rulesets are separate files: translate the ip and the ip6 tables "
+                         "apart", column=origin.column)
+    family = families.pop() if families else ir.Family.IPV4
     chains: dict[str, dict[str, ir.Chain]] = {name: {} for name in _ORDER}
     for table in ruleset.tables:
         renames = {c.name: _NAME.sub("-", c.name) for c in table.chains if not c.builtin}
@@ -55,9 +63,9 @@ def to_xtables(ruleset: ir.Ruleset) -> ir.Ruleset:
                     raise _error(chain, f"two chains named '{new}' would meet in iptables' "
                                  f"{target} table")
                 chains[target][new] = _renamed(chain, new, renames)
-    tables = tuple(ir.Table(name, tuple(chains[name].values())) for name in _ORDER
-                   if chains[name])
-    return ir.Ruleset(ruleset.family, tables, ruleset.source)
+    tables = tuple(ir.Table(name, tuple(chains[name].values()), family=family)
+                   for name in _ORDER if chains[name])
+    return ir.Ruleset(family, tables, ruleset.source)
 
 
 def _renamed(chain: ir.Chain, name: str, renames: dict[str, str]) -> ir.Chain:

@@ -135,7 +135,7 @@ class MirrorPair:
             paths = state.Paths("eth0", state.netns_id())
             if paths.conntrack.exists():
                 conntable.flush(paths)
-        if dialect(text) != "iptables":
+        if dialect(text).startswith("nft"):
             netns.run("iptables-legacy-restore", netns=self.kernel.server, input=whole(""))
             netns.run("nft", "flush", "ruleset", netns=self.kernel.server)
             netns.run("nft", *(("-j",) if dialect(text) == "nft-json" else ()), "-f", "-",

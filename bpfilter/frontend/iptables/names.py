@@ -37,6 +37,24 @@ ICMP_TYPES = {
     "address-mask-reply": (18, 0, 255),
 }
 
+# ip6tables' ICMPv6 names: (type, lowest code, highest code).
+ICMP6_TYPES = {
+    "destination-unreachable": (1, 0, 255), "no-route": (1, 0, 0),
+    "communication-prohibited": (1, 1, 1), "beyond-scope": (1, 2, 2),
+    "address-unreachable": (1, 3, 3), "port-unreachable": (1, 4, 4),
+    "failed-policy": (1, 5, 5), "reject-route": (1, 6, 6),
+    "packet-too-big": (2, 0, 255), "time-exceeded": (3, 0, 255),
+    "ttl-exceeded": (3, 0, 255), "ttl-zero-during-transit": (3, 0, 0),
+    "ttl-zero-during-reassembly": (3, 1, 1), "parameter-problem": (4, 0, 255),
+    "bad-header": (4, 0, 0), "unknown-header-type": (4, 1, 1),
+    "unknown-option": (4, 2, 2), "echo-request": (128, 0, 255), "ping": (128, 0, 255),
+    "echo-reply": (129, 0, 255), "pong": (129, 0, 255),
+    "router-solicitation": (133, 0, 255), "router-advertisement": (134, 0, 255),
+    "neighbour-solicitation": (135, 0, 255), "neighbor-solicitation": (135, 0, 255),
+    "neighbour-advertisement": (136, 0, 255), "neighbor-advertisement": (136, 0, 255),
+    "redirect": (137, 0, 255),
+}
+
 TCP_FLAGS = {"FIN": 0x01, "SYN": 0x02, "RST": 0x04, "PSH": 0x08, "ACK": 0x10, "URG": 0x20}
 TCP_FLAGS_ALL = 0x3F
 
@@ -50,7 +68,11 @@ REJECT_ALIASES = {
     "proto-unreach": "icmp-proto-unreachable", "port-unreach": "icmp-port-unreachable",
     "net-prohib": "icmp-net-prohibited", "host-prohib": "icmp-host-prohibited",
     "admin-prohib": "icmp-admin-prohibited", "tcp-rst": "tcp-reset",
+    "no-route": "icmp6-no-route", "adm-prohibited": "icmp6-adm-prohibited",
+    "addr-unreach": "icmp6-addr-unreachable",
 }
+# ip6tables' meaning of a name iptables gives another.
+REJECT_ALIASES6 = {"port-unreach": "icmp6-port-unreachable"}
 
 LIMIT_UNITS = {
     "s": "sec", "sec": "sec", "second": "sec", "m": "min", "min": "min", "minute": "min",

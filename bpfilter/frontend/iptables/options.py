@@ -25,8 +25,14 @@ class Token:
     column: int
 
 
-SUPPORTED_MATCHES = ("tcp", "udp", "icmp", "multiport", "iprange", "comment", "length",
-                     "ttl", "mac", "limit", "conntrack", "state", "mark", "connmark")
+SUPPORTED_MATCHES = ("tcp", "udp", "icmp", "icmp6", "multiport", "iprange", "comment",
+                     "length", "ttl", "hl", "mac", "limit", "conntrack", "state", "mark",
+                     "connmark")
+# Modules of one family only: iptables' ICMP and TTL, ip6tables' ICMPv6 and hop limit.
+_FAMILY_MODULES = {"icmp": (ir.Family.IPV4, "icmp6"), "ttl": (ir.Family.IPV4, "hl"),
+                   "icmp6": (ir.Family.IPV6, "icmp"), "hl": (ir.Family.IPV6, "ttl")}
+# The module a protocol loads by itself (`-p tcp --dport 22`).
+_PROTOCOL_MODULES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp6"}
 SUPPORTED_TARGETS = ("ACCEPT, DROP, RETURN, REJECT, LOG, MARK, CONNMARK, NOTRACK, "
                      "CT --notrack, or a user-defined chain")
 PLANNED_MATCHES = {
@@ -45,11 +51,13 @@ class _Module:
 
 
 class RuleReader:
-    def __init__(self, tokens: list[Token], file: str, table: str):
+    def __init__(self, tokens: list[Token], file: str, table: str,
+                 family: ir.Family = ir.Family.IPV4):
         self.tokens = tokens
         self.pos = 0
         self.file = file
         self.table = table
+        self.family = family
         self.base: dict[str, ir.Match] = {}
         self.modules: list[_Module] = []
         self.target: Optional[ir.Target] = None
@@ -129,8 +137,9 @@ class RuleReader:
         proto = self.base.get("proto")
         if not isinstance(proto, ir.ProtocolMatch) or proto.negate:
             return None
-        name = names.PROTOCOL_NAMES.get(proto.protocol)
-        if name in ("tcp", "udp", "icmp") and opt in _MODULE_OPTIONS[name]:
+        name = _PROTOCOL_MODULES.get(proto.protocol)
+        if name is not None and opt in _MODULE_OPTIONS[name] and \
+                _FAMILY_MODULES.get(name, (self.family,))[0] is self.family:
             tok = Token(name, 0, 0)
             module = _Module(name, tok)
             self.modules.append(module)
@@ -145,11 +154,17 @@ class RuleReader:
         if name not in _MODULE_OPTIONS:
             raise self.error(tok, f"unknown or unsupported match module '{name}'",
                              ", ".join(SUPPORTED_MATCHES))
-        if name in ("tcp", "udp", "icmp"):
+        family, other = _FAMILY_MODULES.get(name, (self.family, name))
+        if family is not self.family:
+            raise self.error(tok, f"'-m {name}' is an IPv{family.value[-1]} match; this is "
+                             f"an IPv{self.family.value[-1]} ruleset", f"-m {other}")
+        number = next((n for n, m in _PROTOCOL_MODULES.items() if m == name), None)
+        if number is not None:
             proto = self.base.get("proto")
             if not (isinstance(proto, ir.ProtocolMatch) and not proto.negate
-                    and proto.protocol == names.PROTOCOLS[name]):
-                raise self.error(tok, f"'-m {name}' needs '-p {name}' before it "
+                    and proto.protocol == number):
+                raise self.error(tok, f"'-m {name}' needs "
+                                 f"'-p {names.PROTOCOL_NAMES[number]}' before it "
                                  "(the kernel refuses the rule otherwise)")
         self.modules.append(_Module(name, tok))
 
@@ -187,7 +202,9 @@ class RuleReader:
             return None
         name = self.target_token.value
         if name == "REJECT":
-            with_ = self.target_options.get("with", ir.RejectWith.PORT_UNREACHABLE)
+            with_ = self.target_options.get("with", ir.RejectWith.ICMP6_PORT_UNREACHABLE
+                                            if self.family is ir.Family.IPV6
+                                            else ir.RejectWith.PORT_UNREACHABLE)
             if with_ is ir.RejectWith.TCP_RESET:
                 proto = self.base.get("proto")
                 if not (isinstance(proto, ir.ProtocolMatch) and proto.protocol == 6
@@ -222,18 +239,22 @@ _KNOWN_UNSUPPORTED_TARGETS = {
 
 
 def _parse_network(reader: RuleReader, tok: Token) -> ir.IPNetwork:
+    v6 = reader.family is ir.Family.IPV6
     try:
-        return ipaddress.IPv4Network(tok.value, strict=False)
+        return (ipaddress.IPv6Network if v6 else ipaddress.IPv4Network)(tok.value,
+                                                                         strict=False)
     except ValueError:
-        raise reader.error(tok, "not an IPv4 address or prefix",
+        raise reader.error(tok, f"not an IPv{6 if v6 else 4} address or prefix",
+                           "x:y::z or x:y::/len" if v6 else
                            "a.b.c.d or a.b.c.d/len (host names are not resolved)") from None
 
 
-def _parse_address(reader: RuleReader, tok: Token, text: str) -> ipaddress.IPv4Address:
+def _parse_address(reader: RuleReader, tok: Token, text: str) -> ir.IPAddress:
+    v6 = reader.family is ir.Family.IPV6
     try:
-        return ipaddress.IPv4Address(text)
+        return (ipaddress.IPv6Address if v6 else ipaddress.IPv4Address)(text)
     except ValueError:
-        raise reader.error(tok, f"'{text}' is not an IPv4 address") from None
+        raise reader.error(tok, f"'{text}' is not an IPv{6 if v6 else 4} address") from None
 
 
 def _parse_int(reader: RuleReader, tok: Token, text: str, low: int, high: int,
@@ -338,6 +359,9 @@ def _base_protocol(reader: RuleReader, tok: Token, negate: bool) -> None:
 
 
 def _base_fragment(reader: RuleReader, tok: Token, negate: bool) -> None:
+    if reader.family is ir.Family.IPV6:
+        raise reader.error(tok, "ip6tables has no -f (IPv6 fragments are an extension "
+                           "header: -m frag, not supported yet)")
     reader.base["frag"] = ir.FragmentMatch(negate)
 
 
@@ -386,18 +410,23 @@ def _tcp_option(reader: RuleReader, module: _Module, tok: Token, negate: bool) -
                        "--sport --dport --tcp-flags --syn")
 
 
-def _icmp_type(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
-    arg = reader.argument(tok)
-    if arg.value in names.ICMP_TYPES:
-        icmp_type, low, high = names.ICMP_TYPES[arg.value]
-    else:
-        type_text, _, code_text = arg.value.partition("/")
-        icmp_type = _parse_int(reader, arg, type_text, 0, 255, "ICMP type")
-        if code_text:
-            low = high = _parse_int(reader, arg, code_text, 0, 255, "ICMP code")
+def _icmp_type(version: int):
+    known = names.ICMP6_TYPES if version == 6 else names.ICMP_TYPES
+
+    def handler(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+        arg = reader.argument(tok)
+        if arg.value in known:
+            icmp_type, low, high = known[arg.value]
         else:
-            low, high = 0, 255
-    _once(reader, module, "type", tok, ir.IcmpMatch(icmp_type, ir.Range(low, high), negate))
+            type_text, _, code_text = arg.value.partition("/")
+            icmp_type = _parse_int(reader, arg, type_text, 0, 255, "ICMP type")
+            if code_text:
+                low = high = _parse_int(reader, arg, code_text, 0, 255, "ICMP code")
+            else:
+                low, high = 0, 255
+        _once(reader, module, "type", tok,
+              ir.IcmpMatch(icmp_type, ir.Range(low, high), negate, version=version))
+    return handler
 
 
 def _multiport(direction: str):
@@ -566,7 +595,8 @@ _MODULE_OPTIONS: dict[str, dict[str, Callable]] = {
         "--sport": _port_option("sport"), "--source-port": _port_option("sport"),
         "--dport": _port_option("dport"), "--destination-port": _port_option("dport"),
     },
-    "icmp": {"--icmp-type": _icmp_type},
+    "icmp": {"--icmp-type": _icmp_type(4)},
+    "icmp6": {"--icmpv6-type": _icmp_type(6)},
     "multiport": {
         "--sports": _multiport("src"), "--source-ports": _multiport("src"),
         "--dports": _multiport("dst"), "--destination-ports": _multiport("dst"),
@@ -576,6 +606,7 @@ _MODULE_OPTIONS: dict[str, dict[str, Callable]] = {
     "comment": {"--comment": _comment},
     "length": {"--length": _length},
     "ttl": {"--ttl-eq": _ttl("eq"), "--ttl-lt": _ttl("lt"), "--ttl-gt": _ttl("gt")},
+    "hl": {"--hl-eq": _ttl("eq"), "--hl-lt": _ttl("lt"), "--hl-gt": _ttl("gt")},
     "mac": {"--mac-source": _mac_source},
     "limit": {"--limit": _limit, "--limit-burst": _limit_burst},
     "conntrack": {"--ctstate": _ct_state, "--ctdir": _ct_direction,
@@ -599,12 +630,14 @@ _BUILDERS: dict[str, Callable[[RuleReader, _Module], ir.Match]] = {
                                     m.values.get("flags")),
     "udp": lambda r, m: ir.UdpMatch(m.values.get("sport"), m.values.get("dport")),
     "icmp": lambda r, m: m.values.get("type") or ir.IcmpMatch(ir.IcmpMatch.ANY),
+    "icmp6": lambda r, m: _require(r, m, "type", "--icmpv6-type"),
     "multiport": lambda r, m: _require(r, m, "ports", "--sports, --dports or --ports"),
     "iprange": lambda r, m: ir.IpRangeMatch(m.values.get("src"), m.values.get("dst"))
     if m.values else _require(r, m, "src", "--src-range or --dst-range"),
     "comment": lambda r, m: ir.CommentMatch(_require(r, m, "text", "--comment")),
     "length": lambda r, m: _require(r, m, "length", "--length"),
     "ttl": lambda r, m: _require(r, m, "ttl", "--ttl-eq, --ttl-lt or --ttl-gt"),
+    "hl": lambda r, m: _require(r, m, "ttl", "--hl-eq, --hl-lt or --hl-gt"),
     "mac": lambda r, m: _require(r, m, "mac", "--mac-source"),
     "limit": lambda r, m: ir.LimitMatch(*m.values.get("rate", (3, "hour")),
                                         burst=m.values.get("burst", 5)),
@@ -619,12 +652,12 @@ _BUILDERS: dict[str, Callable[[RuleReader, _Module], ir.Match]] = {
 
 def _reject_with(reader: RuleReader, tok: Token) -> None:
     arg = reader.argument(tok)
-    value = names.REJECT_ALIASES.get(arg.value, arg.value)
-    try:
-        reader.target_options["with"] = ir.RejectWith(value)
-    except ValueError:
-        raise reader.error(arg, "unknown reject type",
-                           ", ".join(w.value for w in ir.RejectWith)) from None
+    aliases = names.REJECT_ALIASES6 if reader.family is ir.Family.IPV6 else {}
+    value = aliases.get(arg.value) or names.REJECT_ALIASES.get(arg.value, arg.value)
+    usable = [w.value for w in ir.RejectWith if w.family in (None, reader.family)]
+    if value not in usable:
+        raise reader.error(arg, "unknown reject type for this family", ", ".join(usable))
+    reader.target_options["with"] = ir.RejectWith(value)
 
 
 def _log_level(reader: RuleReader, tok: Token) -> None:

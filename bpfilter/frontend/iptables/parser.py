@@ -46,22 +46,24 @@ def _arguments(args: lark.Token | None, source: str) -> list[Token]:
     return tokens
 
 
-def parse_iptables_save(text: str, source: str = "<stdin>") -> ir.Ruleset:
+def parse_iptables_save(text: str, source: str = "<stdin>",
+                        family: ir.Family = ir.Family.IPV4) -> ir.Ruleset:
+    """iptables-save text, or ip6tables-save text with `family` IPV6."""
     try:
         tree = _grammar().parse(text if text.endswith("\n") else text + "\n")
     except lark.exceptions.UnexpectedInput as exc:
         raise _syntax_error(exc, text, source) from None
     tables: list[ir.Table] = []
     for node in tree.children:
-        table = _table(node, source)
+        table = _table(node, source, family)
         if any(t.name == table.name for t in tables):
             raise InputError(source, table.origin.line, "*" + table.name,
                              "table appears twice in one file")
         tables.append(table)
-    return ir.Ruleset(ir.Family.IPV4, tuple(tables), source)
+    return ir.Ruleset(family, tuple(tables), source)
 
 
-def _table(node: lark.Tree, source: str) -> ir.Table:
+def _table(node: lark.Tree, source: str, family: ir.Family) -> ir.Table:
     header = node.children[0]
     name = header.value[1:]
     origin = ir.Origin(source, header.line, header.column)
@@ -82,7 +84,7 @@ def _table(node: lark.Tree, source: str) -> ir.Table:
             declared[chain.name] = chain
             rules[chain.name] = []
         else:
-            chain_tok, rule = _rule(child, source, name)
+            chain_tok, rule = _rule(child, source, name, family)
             if chain_tok.value not in declared:
                 raise InputError(source, chain_tok.line, chain_tok.value,
                                  f"no chain '{chain_tok.value}' declared before this rule "
@@ -99,7 +101,7 @@ def _table(node: lark.Tree, source: str) -> ir.Table:
                    else ()))
         for c in declared.values()
     )
-    return ir.Table(name, chains, origin)
+    return ir.Table(name, chains, origin, family=family)
 
 
 def _chain_decl(node: lark.Tree, source: str, builtins: tuple[str, ...]) -> ir.Chain:
@@ -122,13 +124,14 @@ def _chain_decl(node: lark.Tree, source: str, builtins: tuple[str, ...]) -> ir.C
     return ir.Chain(name, (), None, counters, origin)
 
 
-def _rule(node: lark.Tree, source: str, table: str) -> tuple[lark.Token, ir.Rule]:
+def _rule(node: lark.Tree, source: str, table: str,
+          family: ir.Family) -> tuple[lark.Token, ir.Rule]:
     children = list(node.children)
     counters = _counters(children.pop(0)) if children[0].type == "COUNTERS" else None
     append, chain = children[0], children[1]
     tokens = _arguments(children[2] if len(children) > 2 else None, source)
     origin = ir.Origin(source, append.line, append.column)
-    matches, target = RuleReader(tokens, source, table).read()
+    matches, target = RuleReader(tokens, source, table, family).read()
     return chain, ir.Rule(matches, target, origin, counters)
 
 

@@ -51,12 +51,14 @@ def _ports(module: str, m) -> list[str]:
 
 
 def _icmp(m: ir.IcmpMatch) -> list[str]:
-    if m.icmp_type == ir.IcmpMatch.ANY:
+    if m.icmp_type == ir.IcmpMatch.ANY and m.version == 4:
         spec = "any"
     elif m.codes == ir.Range(0, 255):
         spec = str(m.icmp_type)
     else:
         spec = f"{m.icmp_type}/{m.codes.low}"
+    if m.version == 6:
+        return ["-m icmp6", f"{_neg(m.negate)}--icmpv6-type {spec}"]
     return ["-m icmp", f"{_neg(m.negate)}--icmp-type {spec}"]
 
 
@@ -165,14 +167,18 @@ _TARGETS: dict[type, Callable] = {
 }
 
 
+# ip6tables' name for TTL: the hop limit.
+_HOP_LIMIT = lambda m: ["-m hl", f"{_neg(m.negate)}--hl-{m.op} {m.value}"]  # noqa: E731
+
 # The base options: iptables takes each at most once in a rule.
 _BASE_OPTIONS = {ir.AddressMatch: lambda m: f"-{m.direction[0]}",
                  ir.InterfaceMatch: lambda m: "-i" if m.direction == "in" else "-o",
                  ir.ProtocolMatch: lambda m: "-p", ir.FragmentMatch: lambda m: "-f"}
 
 
-def rule_text(chain: str, rule: ir.Rule) -> str:
-    """One rule as `-A CHAIN ...`, without counters."""
+def rule_text(chain: str, rule: ir.Rule, family: ir.Family = ir.Family.IPV4) -> str:
+    """One rule as `-A CHAIN ...` (as ip6tables-save writes it for IPV6), without
+    counters."""
     parts = [f"-A {chain}"]
     options = [_BASE_OPTIONS[type(m)](m) for m in rule.matches if type(m) in _BASE_OPTIONS]
     twice = next((o for o in options if options.count(o) > 1), None)
@@ -181,7 +187,9 @@ def rule_text(chain: str, rule: ir.Rule) -> str:
                          f"iptables takes {twice} once in a rule, and this rule needs it "
                          "twice (a '!=' set?)", column=rule.origin.column)
     for match in rule.matches:
-        parts.extend(_MATCHES[type(match)](match))
+        printer = _HOP_LIMIT if isinstance(match, ir.TtlMatch) and \
+            family is ir.Family.IPV6 else _MATCHES[type(match)]
+        parts.extend(printer(match))
     if rule.target is not None:
         parts.extend(_TARGETS[type(rule.target)](rule.target))
     return " ".join(parts)
@@ -200,6 +208,8 @@ def save(ruleset: ir.Ruleset, counters: bool = False,
     chain policy); without it the counters read from the input are printed.
     """
     lines = []
+    if any(t.family is ir.Family.IPV6 for t in ruleset.tables):
+        lines.append("# ip6tables-save text, written by bpfilter")  # read back as IPv6
     for table in ruleset.tables:
         lines.append(f"*{table.name}")
         for chain in table.chains:
@@ -208,7 +218,7 @@ def save(ruleset: ir.Ruleset, counters: bool = False,
             lines.append(f":{chain.name} {policy} {_counter_text(chain_counters)}")
         for chain in table.chains:
             for index, rule in enumerate(chain.rules):
-                text = rule_text(chain.name, rule)
+                text = rule_text(chain.name, rule, table.family)
                 if counters:
                     rule_counters = live(table.name, chain.name, index) if live \
                         else rule.counters

@@ -5,6 +5,8 @@ from __future__ import annotations
 from bpfilter import ir
 
 FAMILIES = ("ip", "ip6", "inet", "arp", "bridge", "netdev")
+IP_FAMILIES = {"ip": ir.Family.IPV4, "ip6": ir.Family.IPV6}
+FAMILY_NAMES = {family: name for name, family in IP_FAMILIES.items()}
 # The words that open a block when a `{` follows them.
 BLOCKS = ("table", "chain", "set", "map", "flowtable")
 
@@ -20,7 +22,7 @@ PRIORITIES = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "securit
 PROTOCOLS = {"icmp": 1, "igmp": 2, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "ah": 51,
              "icmpv6": 58, "ipv6-icmp": 58, "sctp": 132, "udplite": 136}
 PROTOCOL_NAMES = {1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 47: "gre", 50: "esp", 51: "ah",
-                  132: "sctp", 136: "udplite"}
+                  58: "ipv6-icmp", 132: "sctp", 136: "udplite"}
 
 # nft's icmp_type names; a type alone matches every code.
 ICMP_TYPES = {
@@ -35,6 +37,27 @@ ICMP_TYPE_NAMES = {number: name for name, number in ICMP_TYPES.items()}
 ICMP_CODES = {"net-unreachable": 0, "host-unreachable": 1, "prot-unreachable": 2,
               "port-unreachable": 3, "frag-needed": 4, "net-prohibited": 9,
               "host-prohibited": 10, "admin-prohibited": 13}
+
+# icmpv6_type names
+ICMP6_TYPES = {
+    "destination-unreachable": 1, "packet-too-big": 2, "time-exceeded": 3,
+    "parameter-problem": 4, "echo-request": 128, "echo-reply": 129,
+    "mld-listener-query": 130, "mld-listener-report": 131, "mld-listener-done": 132,
+    "mld-listener-reduction": 132, "nd-router-solicit": 133, "nd-router-advert": 134,
+    "nd-neighbor-solicit": 135, "nd-neighbor-advert": 136, "nd-redirect": 137,
+    "router-renumbering": 138, "ind-neighbor-solicit": 141, "ind-neighbor-advert": 142,
+    "mld2-listener-report": 143,
+}
+ICMP6_TYPE_NAMES = {number: name for name, number in ICMP6_TYPES.items()}
+ICMP6_CODES = {"no-route": 0, "admin-prohibited": 1, "addr-unreachable": 3,
+               "port-unreachable": 4, "policy-fail": 5, "reject-route": 6}
+REJECT6_CODES = {
+    "no-route": ir.RejectWith.ICMP6_NO_ROUTE,
+    "admin-prohibited": ir.RejectWith.ICMP6_ADM_PROHIBITED,
+    "addr-unreachable": ir.RejectWith.ICMP6_ADDR_UNREACHABLE,
+    "port-unreachable": ir.RejectWith.ICMP6_PORT_UNREACHABLE,
+}
+REJECT6_NAMES = {value: name for name, value in REJECT6_CODES.items()}
 
 REJECT_CODES = {
     "net-unreachable": ir.RejectWith.NET_UNREACHABLE,

@@ -2,9 +2,9 @@
 
 The grammar (grammar/nft.lark) gives statements, blocks and anonymous sets; this module
 reads the structure (tables, chains, sets, commands) and leaves each rule's words to
-rule.py. Only what the IR can run is accepted: family ip (inet, ip6 and netdev tables
-need IPv6 and device hooks, not compiled yet), filter and route chains at the five IP
-hooks; anything else is an error at its line and column.
+rule.py. Only what the IR can say is accepted: families ip and ip6 (inet tables filter
+both at once, netdev ones run at device hooks: not yet), filter and route chains at the
+five IP hooks; anything else is an error at its line and column.
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ class _Chain:
 class _Table:
     name: str
     origin: ir.Origin
+    family: ir.Family
     chains: dict[str, _Chain] = field(default_factory=dict)
     sets: dict[str, NamedSet] = field(default_factory=dict)
     anonymous: int = 0  # chains made for rules with several statements
@@ -138,7 +139,7 @@ def _statements(tree: lark.Tree, source: str) -> list[Statement]:
 class NftReader:
     def __init__(self, source: str):
         self.source = source
-        self.tables: dict[str, _Table] = {}
+        self.tables: dict[tuple[ir.Family, str], _Table] = {}
 
     def error(self, word: Word, why: str, supported: Optional[str] = None) -> InputError:
         return InputError(self.source, word.line, word.value, why, supported, word.column)
@@ -168,23 +169,27 @@ class NftReader:
                 raise self.error(head, "unknown or unsupported command",
                                  "table blocks, add/create/insert commands, flush ruleset")
 
-    def _family_and_name(self, statement: Statement, index: int) -> tuple[Word, int]:
-        """`[family] name` at `index`: the name word, and where the statement goes on."""
+    def _family_and_name(self, statement: Statement,
+                         index: int) -> tuple[ir.Family, Word, int]:
+        """`[family] name` at `index`: the family, the name word, and where the statement
+        goes on."""
         first = self._word(statement, index, "a table name")
         if first.value in names.FAMILIES:
-            if first.value != "ip":
+            if first.value not in names.IP_FAMILIES:
                 raise self.error(first, f"tables of family {first.value} are not "
-                                 "supported yet (they filter IPv6 or run at device hooks)",
-                                 "family ip")
-            return self._word(statement, index + 1, "a table name"), index + 2
-        return first, index + 1
+                                 "supported yet (inet filters both IPv4 and IPv6; netdev, "
+                                 "arp and bridge run at device hooks)", "families ip, ip6")
+            return (names.IP_FAMILIES[first.value],
+                    self._word(statement, index + 1, "a table name"), index + 2)
+        return ir.Family.IPV4, first, index + 1
 
     def _table_header(self, statement: Statement, index: int) -> _Table:
-        name, _ = self._family_and_name(statement, index)
-        if name.value not in self.tables:
-            self.tables[name.value] = _Table(name.value,
-                                             ir.Origin(self.source, name.line, name.column))
-        return self.tables[name.value]
+        family, name, _ = self._family_and_name(statement, index)
+        key = (family, name.value)
+        if key not in self.tables:
+            self.tables[key] = _Table(name.value, ir.Origin(self.source, name.line,
+                                                            name.column), family)
+        return self.tables[key]
 
     def _table_body(self, table: _Table, body: list[Statement]) -> None:
         for statement in body:
@@ -210,8 +215,8 @@ class NftReader:
             raise self.error(what, "unsupported command",
                              "add table, add chain, add rule, insert rule, add set, "
                              "add map, add element")
-        name, at = self._family_and_name(statement, 2)
-        table = self.tables.get(name.value)
+        family, name, at = self._family_and_name(statement, 2)
+        table = self.tables.get((family, name.value))
         if table is None:
             raise self.error(name, f"no table '{name.value}' (add it first)")
         target = self._word(statement, at, f"a {what.value} name")
@@ -345,7 +350,7 @@ class NftReader:
             raise self.error(first, f"rules in NAT chain '{chain.name}' are not supported "
                              "yet", "filter and route chains")
         origin = ir.Origin(self.source, statement.line, statement.column)
-        reader = RuleReader(words, self.source, table.sets, table.name)
+        reader = RuleReader(words, self.source, table.sets, table.name, table.family)
         rules, statements = reader.read(origin)
         if statements is not None:
             # Several statements (log then drop, a mark then accept): a chain of their
@@ -401,8 +406,11 @@ class NftReader:
                                        chain.policy if base else None, chain.counters,
                                        chain.origin, chain.hook if base else None,
                                        chain.priority))
-            tables.append(ir.Table(table.name, tuple(chains), table.origin, xtables=False))
-        return ir.Ruleset(ir.Family.IPV4, tuple(tables), self.source)
+            tables.append(ir.Table(table.name, tuple(chains), table.origin, xtables=False,
+                                   family=table.family))
+        v6 = tables and all(t.family is ir.Family.IPV6 for t in tables)
+        return ir.Ruleset(ir.Family.IPV6 if v6 else ir.Family.IPV4, tuple(tables),
+                          self.source)
 
 
 # A packet with a connection (not INVALID, not UNTRACKED).

@@ -87,9 +87,14 @@ SELECTORS = {
 # A connection tuple's fields (`ct original saddr`) -> ConntrackMatch's (`origsrc`).
 _TUPLE_FIELDS = {"saddr": "src", "daddr": "dst", "protocol": "", "proto-src": "srcport",
                  "proto-dst": "dstport"}
+# IPv6's names for the fields the IR shares with IPv4 (the hop limit is the TTL; the
+# transport protocol is meta l4proto in both, past IPv6's extension headers).
+_V6_SELECTORS = {("ip6", "saddr"): "ip saddr", ("ip6", "daddr"): "ip daddr",
+                 ("ip6", "hoplimit"): "ip ttl", ("icmpv6", "type"): "icmp type",
+                 ("icmpv6", "code"): "icmp code"}
 _META_SHORT = ("iifname", "oifname", "iif", "oif", "mark", "l4proto", "length")
-SUPPORTED = ("ip saddr|daddr|protocol|ttl|length|frag-off, tcp sport|dport|flags, "
-             "udp sport|dport, icmp type|code, meta l4proto|iifname|oifname|iif|oif|mark|"
+SUPPORTED = ("ip saddr|daddr|protocol|ttl|length|frag-off, ip6 saddr|daddr|hoplimit, "
+             "tcp sport|dport|flags, udp sport|dport, icmp type|code, icmpv6 type|code, meta l4proto|iifname|oifname|iif|oif|mark|"
              "length, ct state|mark|direction, ether saddr, counter, limit, log, comment, "
              "meta mark set, ct mark set, notrack, accept, drop, reject, return, jump, goto")
 
@@ -105,8 +110,10 @@ class _Choice:
 
 class RuleReader:
     def __init__(self, words: list[Item], source: str, sets: dict[str, NamedSet],
-                 table: str):
+                 table: str, family: ir.Family = ir.Family.IPV4):
         self.words = words
+        self.family = family
+        self.v6 = family is ir.Family.IPV6
         self.pos = 0
         self.source = source
         self.sets = sets
@@ -271,7 +278,8 @@ class RuleReader:
 
     def _reject(self) -> ir.RejectTarget:
         if self.peek_value() != "with":
-            return ir.RejectTarget(ir.RejectWith.PORT_UNREACHABLE)
+            return ir.RejectTarget(ir.RejectWith.ICMP6_PORT_UNREACHABLE if self.v6
+                                   else ir.RejectWith.PORT_UNREACHABLE)
         self.pos += 1
         kind = self.next_word("icmp or tcp")
         if kind.value == "tcp":
@@ -279,14 +287,16 @@ class RuleReader:
             if reset.value != "reset":
                 raise self.error(reset, "expected 'reset'")
             return ir.RejectTarget(ir.RejectWith.TCP_RESET)
-        if kind.value != "icmp":
-            raise self.error(kind, "reject type not supported", "icmp, tcp reset")
+        icmp = "icmpv6" if self.v6 else "icmp"
+        if kind.value != icmp:
+            raise self.error(kind, "reject type not supported", f"{icmp}, tcp reset")
         if self.peek_value() == "type":
             self.pos += 1
         code = self.next_word("an ICMP code")
-        if code.value not in names.REJECT_CODES:
-            raise self.error(code, "unknown ICMP code", ", ".join(names.REJECT_CODES))
-        return ir.RejectTarget(names.REJECT_CODES[code.value])
+        known = names.REJECT6_CODES if self.v6 else names.REJECT_CODES
+        if code.value not in known:
+            raise self.error(code, "unknown ICMP code", ", ".join(known))
+        return ir.RejectTarget(known[code.value])
 
     def _log(self) -> ir.LogTarget:
         prefix, level = "", 4
@@ -366,7 +376,7 @@ class RuleReader:
         if first == "ct" and self.peek_value() in ("original", "reply"):
             direction = self.next_word("original or reply").value
             key = self.next_word("a field of the connection's tuple")
-            if self.peek_value(-1) == "ip":  # ct original ip saddr
+            if key.value in ("ip", "ip6"):  # ct original ip saddr
                 key = self.next_word("saddr or daddr")
             if key.value not in _TUPLE_FIELDS:
                 raise self.error(key, "not supported", ", ".join(_TUPLE_FIELDS))
@@ -374,8 +384,15 @@ class RuleReader:
         if first in _META_SHORT or first == "mark":
             return f"meta {first}", word
         second = self.next_word(f"a field of '{first}'").value if first in (
-            "ip", "tcp", "udp", "icmp", "meta", "ct", "ether") else ""
-        if (first, second) not in SELECTORS:
+            "ip", "ip6", "tcp", "udp", "icmp", "icmpv6", "meta", "ct", "ether") else ""
+        if first in ("ip", "icmp", "ip6", "icmpv6") and \
+                (first in ("ip6", "icmpv6")) != self.v6:
+            raise self.error(word, f"'{first}' in a table of family "
+                             f"{'ip6' if self.v6 else 'ip'}", "ip6, icmpv6" if self.v6
+                             else "ip, icmp")
+        if self.v6 and (first, second) in _V6_SELECTORS:
+            return _V6_SELECTORS[(first, second)], word
+        if (first, second) not in SELECTORS or (self.v6 and first == "ip"):
             raise self.error(word, f"'{first}{' ' + second if second else ''}' is not "
                              "supported", SUPPORTED)
         return f"{first} {second}", word
@@ -490,7 +507,8 @@ class RuleReader:
                 raise self.error(element[0], "map element expected as 'key : verdict'")
             key, verdict = element[:colon], element[colon + 1:]
             parts = self._element_words(key, len(selectors))
-            sub = RuleReader(list(verdict), self.source, self.sets, self.table)
+            sub = RuleReader(list(verdict), self.source, self.sets, self.table,
+                             self.family)
             target = sub._verdict(sub.next_word("a verdict"))
             if sub.peek() is not None:
                 raise self.error(sub.peek(), "one verdict per map element")
@@ -542,11 +560,13 @@ class RuleReader:
             return (ir.ProtocolMatch(6), ir.TcpMatch(flags=self._tcp_flags(words, op, mask),
                                                      partial_header=True))
         if kind == "icmp type":
-            icmp_type = names.ICMP_TYPES.get(first.value)
+            known = names.ICMP6_TYPES if self.v6 else names.ICMP_TYPES
+            icmp_type = known.get(first.value)
             if icmp_type is None:
-                icmp_type = self._int(first, "an ICMP type", names.ICMP_TYPES)
-            return (ir.ProtocolMatch(1), ir.IcmpMatch(icmp_type, negate=negate,
-                                                      partial_header=True))
+                icmp_type = self._int(first, "an ICMP type", known)
+            return (ir.ProtocolMatch(58 if self.v6 else 1),
+                    ir.IcmpMatch(icmp_type, negate=negate, partial_header=True,
+                                 version=6 if self.v6 else 4))
         if kind == "icmp code":
             return self._icmp_code(where, first, negate)
         if kind in ("meta iifname", "meta oifname", "meta iif", "meta oif"):
@@ -597,7 +617,7 @@ class RuleReader:
                 icmp.codes != ir.Range(0, 255):
             raise self.error(where, "icmp code is supported only right after an icmp type",
                              "icmp type T icmp code C")
-        code = names.ICMP_CODES.get(word.value)
+        code = (names.ICMP6_CODES if self.v6 else names.ICMP_CODES).get(word.value)
         codes = ir.Range(code, code) if code is not None else self._range(word, 255)
         last[0] = _Choice(last[0].matches[:-1] + (replace(icmp, codes=codes),))
         return ()
@@ -618,16 +638,19 @@ class RuleReader:
 
     def _address(self, direction: str, word: Word, negate: bool) -> ir.Match:
         text = word.value
+        address = ipaddress.IPv6Address if self.v6 else ipaddress.IPv4Address
+        network = ipaddress.IPv6Network if self.v6 else ipaddress.IPv4Network
         try:
             if "-" in text:
-                low, high = (ipaddress.IPv4Address(p) for p in text.split("-", 1))
+                low, high = (address(p) for p in text.split("-", 1))
                 spec = ir.AddressRangeSpec(low, high, negate)
                 return ir.IpRangeMatch(**{direction: spec})
-            return ir.AddressMatch(direction, ipaddress.IPv4Network(text, strict=False),
-                                   negate)
+            return ir.AddressMatch(direction, network(text, strict=False), negate)
         except ValueError:
-            raise self.error(word, "an IPv4 address, prefix or range expected",
-                             "192.0.2.1, 192.0.2.0/24, 192.0.2.1-192.0.2.9") from None
+            raise self.error(word, f"an IPv{6 if self.v6 else 4} address, prefix or range "
+                             "expected", "2001:db8::1, 2001:db8::/32, 2001:db8::1-2001:db8::9"
+                             if self.v6 else "192.0.2.1, 192.0.2.0/24, 192.0.2.1-192.0.2.9"
+                             ) from None
 
     def _protocol(self, word: Word) -> int:
         if word.value in names.PROTOCOLS:

@@ -70,14 +70,17 @@ def _tcp(m: ir.TcpMatch, rule: ir.Rule) -> list[str]:
 
 
 def _icmp(m: ir.IcmpMatch, rule: ir.Rule) -> list[str]:
-    if m.icmp_type == ir.IcmpMatch.ANY:
+    v6 = m.version == 6
+    if m.icmp_type == ir.IcmpMatch.ANY and not v6:
         return [f"ip protocol {_ne(m.negate)}icmp"]
-    kind = names.ICMP_TYPE_NAMES.get(m.icmp_type, str(m.icmp_type))
+    key = "icmpv6" if v6 else "icmp"
+    kind = (names.ICMP6_TYPE_NAMES if v6 else names.ICMP_TYPE_NAMES).get(m.icmp_type,
+                                                                      str(m.icmp_type))
     if m.codes == ir.Range(0, 255):
-        return [f"icmp type {_ne(m.negate)}{kind}"]
+        return [f"{key} type {_ne(m.negate)}{kind}"]
     if m.negate:
         raise _untranslatable(rule, "nft has no negation of an ICMP type and code together")
-    return [f"icmp type {kind}", f"icmp code {_range(m.codes)}"]
+    return [f"{key} type {kind}", f"{key} code {_range(m.codes)}"]
 
 
 def _l4_name(rule: ir.Rule) -> str:
@@ -214,6 +217,8 @@ def _target(target: Optional[ir.Target], rule: ir.Rule) -> list[str]:
     if isinstance(target, ir.RejectTarget):
         if target.with_ is ir.RejectWith.TCP_RESET:
             return ["reject with tcp reset"]
+        if target.with_.family is ir.Family.IPV6:
+            return [f"reject with icmpv6 type {names.REJECT6_NAMES[target.with_]}"]
         return [f"reject with icmp type {names.REJECT_NAMES[target.with_]}"]
     if isinstance(target, ir.LogTarget):
         words = ["log"]
@@ -237,10 +242,24 @@ def _target(target: Optional[ir.Target], rule: ir.Rule) -> list[str]:
     raise _untranslatable(rule, f"no nft statement for {type(target).__name__}")
 
 
-def rule_text(rule: ir.Rule, counters: Optional[ir.Counters] = None) -> str:
+# What an ip6 table says instead (the transport protocol past IPv6's extension headers is
+# meta l4proto; the TTL is the hop limit).
+_IP6_WORDS = (("ip protocol", "meta l4proto"), ("ip saddr", "ip6 saddr"),
+              ("ip daddr", "ip6 daddr"), ("ip ttl", "ip6 hoplimit"),
+              ("ct original ip ", "ct original ip6 "))
+
+
+def rule_text(rule: ir.Rule, counters: Optional[ir.Counters] = None,
+              family: ir.Family = ir.Family.IPV4) -> str:
     parts: list[str] = []
     for match in rule.matches:
-        parts += _MATCHES[type(match)](match, rule)
+        words = _MATCHES[type(match)](match, rule)
+        if family is ir.Family.IPV6:
+            if isinstance(match, ir.FragmentMatch):
+                raise _untranslatable(rule, "IPv6 fragments are an extension header")
+            for old, new in _IP6_WORDS:
+                words = [w.replace(old, new) for w in words]
+        parts += words
     parts.append("counter" if counters is None else
                  f"counter packets {counters.packets} bytes {counters.bytes}")
     parts += _target(rule.target, rule)
@@ -261,14 +280,15 @@ def save_nft(ruleset: ir.Ruleset,
     """The ruleset in nft; `live(table, chain, index)` adds counters to the rules."""
     lines = []
     for table in ruleset.tables:
-        lines.append(f"table ip {table.name} {{")
+        lines.append(f"table {names.FAMILY_NAMES[table.family]} {table.name} {{")
         for chain in table.chains:
             lines.append(f"\tchain {chain.name} {{")
             if chain.builtin and chain.hook is not None:
                 lines.append(f"\t\ttype {_chain_type(table, chain)} hook "
                              f"{names.HOOK_NAMES[chain.hook]} priority {chain.priority}; "
                              f"policy {chain.policy.value.lower()};")
-            lines += [f"\t\t{rule_text(rule, live and live(table.name, chain.name, i))}"
+            lines += ["\t\t" + rule_text(rule, live and live(table.name, chain.name, i),
+                                         table.family)
                       for i, rule in enumerate(chain.rules)]
             lines.append("\t}")
         lines.append("}")

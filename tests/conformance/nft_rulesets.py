@@ -112,8 +112,23 @@ def _rule(draw, hook: str, callees: list[str], named_set: bool, base: bool,
 
 
 @st.composite
+def _netdev(draw) -> str:
+    """A netdev table on the servers' eth0: rules each with an IPv4 expression (bpfilter
+    takes no others there), no connection state (none exists yet at ingress)."""
+    rules = []
+    for rule in draw(st.lists(_rule("ingress", [], False, True, False), max_size=5)):
+        if "ct " in rule or "notrack" in rule:
+            continue
+        rules.append(rule if rule.startswith(("ip ", "icmp ")) else "meta protocol ip " + rule)
+    priority = draw(st.sampled_from([-500, 0, 10]))
+    return "\n".join(["table netdev edge {", "\tchain ingress {",
+                      f'\t\ttype filter hook ingress device "eth0" priority {priority}; '
+                      "policy accept;"] + [f"\t\t{r}" for r in rules] + ["\t}", "}"])
+
+
+@st.composite
 def nft_rulesets(draw) -> str:
-    tables = []
+    tables = [draw(_netdev())] if draw(st.integers(0, 3)) == 0 else []
     used: set[tuple[str, int]] = set()
     for number in range(draw(st.integers(1, 3))):
         named_set = draw(st.booleans())

@@ -22,7 +22,7 @@ from tests.conformance.rulesets import layered, rulesets
 from tests.conftest import EXAMPLES as FOLDER
 from tests.conformance.test_conformance import EXAMPLES, _frames
 
-NFT_EXAMPLES = ["host-firewall.nft"]
+NFT_EXAMPLES = ["host-firewall.nft", "edge.nft"]
 GENERATED_RULESETS = 40
 LAYERED_RULESETS = 30
 NFT_RULESETS = 60

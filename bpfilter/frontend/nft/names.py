@@ -5,8 +5,10 @@ from __future__ import annotations
 from bpfilter import ir
 
 FAMILIES = ("ip", "ip6", "inet", "arp", "bridge", "netdev")
-IP_FAMILIES = {"ip": ir.Family.IPV4, "ip6": ir.Family.IPV6}
-FAMILY_NAMES = {family: name for name, family in IP_FAMILIES.items()}
+# The families bpfilter reads, and the packets each sees (a netdev table: what the device
+# receives, of which bpfilter takes the IPv4 packets).
+TABLE_FAMILIES = {"ip": ir.Family.IPV4, "ip6": ir.Family.IPV6, "netdev": ir.Family.IPV4}
+FAMILY_NAMES = {ir.Family.IPV4: "ip", ir.Family.IPV6: "ip6"}
 # The words that open a block when a `{` follows them.
 BLOCKS = ("table", "chain", "set", "map", "flowtable")
 
@@ -14,6 +16,10 @@ HOOKS = {"prerouting": ir.Hook.PREROUTING, "input": ir.Hook.INPUT,
          "forward": ir.Hook.FORWARD, "output": ir.Hook.OUTPUT,
          "postrouting": ir.Hook.POSTROUTING}
 HOOK_NAMES = {hook: name for name, hook in HOOKS.items()}
+# A netdev chain runs where the device hands a frame to the stack, before PREROUTING's
+# chains: at PREROUTING below any priority an IP table can have.
+NETDEV_HOOKS = {"ingress": ir.Hook.PREROUTING}
+NETDEV_PRIORITY = -(1 << 20)
 
 # nft's standard priority names (ip family).
 PRIORITIES = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "security": 50,

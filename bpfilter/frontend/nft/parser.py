@@ -87,13 +87,14 @@ class _Chain:
     nat: bool = False
     rules: list[ir.Rule] = field(default_factory=list)
     counters: Optional[ir.Counters] = None
+    device: Optional[str] = None  # a netdev chain's
 
 
 @dataclass
 class _Table:
     name: str
     origin: ir.Origin
-    family: ir.Family
+    kind: str  # "ip", "ip6" or "netdev"
     chains: dict[str, _Chain] = field(default_factory=dict)
     sets: dict[str, NamedSet] = field(default_factory=dict)
     anonymous: int = 0  # chains made for rules with several statements
@@ -139,7 +140,7 @@ def _statements(tree: lark.Tree, source: str) -> list[Statement]:
 class NftReader:
     def __init__(self, source: str):
         self.source = source
-        self.tables: dict[tuple[ir.Family, str], _Table] = {}
+        self.tables: dict[tuple[str, str], _Table] = {}
 
     def error(self, word: Word, why: str, supported: Optional[str] = None) -> InputError:
         return InputError(self.source, word.line, word.value, why, supported, word.column)
@@ -169,19 +170,17 @@ class NftReader:
                 raise self.error(head, "unknown or unsupported command",
                                  "table blocks, add/create/insert commands, flush ruleset")
 
-    def _family_and_name(self, statement: Statement,
-                         index: int) -> tuple[ir.Family, Word, int]:
+    def _family_and_name(self, statement: Statement, index: int) -> tuple[str, Word, int]:
         """`[family] name` at `index`: the family, the name word, and where the statement
         goes on."""
         first = self._word(statement, index, "a table name")
         if first.value in names.FAMILIES:
-            if first.value not in names.IP_FAMILIES:
+            if first.value not in names.TABLE_FAMILIES:
                 raise self.error(first, f"tables of family {first.value} are not "
-                                 "supported yet (inet filters both IPv4 and IPv6; netdev, "
-                                 "arp and bridge run at device hooks)", "families ip, ip6")
-            return (names.IP_FAMILIES[first.value],
-                    self._word(statement, index + 1, "a table name"), index + 2)
-        return ir.Family.IPV4, first, index + 1
+                                 "supported yet (inet filters both IPv4 and IPv6; arp and "
+                                 "bridge see other frames)", "families ip, ip6, netdev")
+            return first.value, self._word(statement, index + 1, "a table name"), index + 2
+        return "ip", first, index + 1
 
     def _table_header(self, statement: Statement, index: int) -> _Table:
         family, name, _ = self._family_and_name(statement, index)
@@ -262,7 +261,7 @@ class NftReader:
             head = statement.words[0]
             kind = head.value if isinstance(head, Word) else ""
             if kind == "type":
-                self._chain_type(chain, statement)
+                self._chain_type(table, chain, statement)
             elif kind == "policy":
                 policy = self._word(statement, 1, "accept or drop")
                 if policy.value not in ("accept", "drop"):
@@ -273,8 +272,9 @@ class NftReader:
             else:
                 chain.rules.extend(self._rules(table, chain, statement.words, statement))
 
-    def _chain_type(self, chain: _Chain, statement: Statement) -> None:
+    def _chain_type(self, table: _Table, chain: _Chain, statement: Statement) -> None:
         words = [w for w in statement.words if isinstance(w, Word)]
+        hooks = names.NETDEV_HOOKS if table.kind == "netdev" else names.HOOKS
         kind = self._word(statement, 1, "a chain type")
         if kind.value not in ("filter", "route", "nat"):
             raise self.error(kind, "unknown chain type", "filter, route, nat")
@@ -284,21 +284,24 @@ class NftReader:
             key = words[at]
             if key.value == "hook":
                 hook = self._word(statement, at + 1, "a hook")
-                if hook.value not in names.HOOKS:
-                    raise self.error(hook, "hook not supported",
-                                     ", ".join(names.HOOKS))
-                chain.hook = names.HOOKS[hook.value]
+                if hook.value not in hooks:
+                    raise self.error(hook, f"hook not supported in a {table.kind} table",
+                                     ", ".join(hooks))
+                chain.hook = hooks[hook.value]
                 at += 2
             elif key.value == "priority":
                 chain.priority, at = self._priority(words, at + 1, statement)
-            elif key.value == "device":
-                raise self.error(key, "device hooks are not supported yet",
-                                 "chains at prerouting, input, forward, output, "
-                                 "postrouting")
+            elif key.value == "device" and table.kind == "netdev":
+                chain.device = self._word(statement, at + 1, "a device name").value
+                at += 2
             else:
-                raise self.error(key, "unexpected in a chain's type", "hook, priority")
+                raise self.error(key, "unexpected in a chain's type",
+                                 "hook, device, priority" if table.kind == "netdev"
+                                 else "hook, priority")
         if chain.hook is None:
-            raise self.error(kind, "a base chain needs a hook", ", ".join(names.HOOKS))
+            raise self.error(kind, "a base chain needs a hook", ", ".join(hooks))
+        if table.kind == "netdev" and chain.device is None:
+            raise self.error(kind, "a netdev chain needs its device", 'device "eth0"')
         if chain.policy is None:
             chain.policy = ir.Verdict.ACCEPT
 
@@ -350,8 +353,14 @@ class NftReader:
             raise self.error(first, f"rules in NAT chain '{chain.name}' are not supported "
                              "yet", "filter and route chains")
         origin = ir.Origin(self.source, statement.line, statement.column)
-        reader = RuleReader(words, self.source, table.sets, table.name, table.family)
+        reader = RuleReader(words, self.source, table.sets, table.name,
+                            names.TABLE_FAMILIES[table.kind])
         rules, statements = reader.read(origin)
+        if chain.device is not None and not reader.ipv4_only:
+            first = words[0].word if isinstance(words[0], SetLiteral) else words[0]
+            raise self.error(first, "in a netdev chain this rule also sees ARP and IPv6 "
+                             "frames, which bpfilter does not filter yet",
+                             "rules with an ip or icmp expression, or meta protocol ip")
         if statements is not None:
             # Several statements (log then drop, a mark then accept): a chain of their
             # own, called when the rule matches, runs them in order.
@@ -375,6 +384,25 @@ class NftReader:
             rules = [ir.Rule((), ir.JumpTarget(self._add_chain(table, chain, origin, choices)),
                              origin)]
         return rules
+
+    def _at_prerouting(self, chain: _Chain) -> ir.Chain:
+        """A netdev ingress chain as the first of PREROUTING's chains, for packets that
+        came in on its device. Its rules are IPv4's (above); a drop policy would drop the
+        rest too, which bpfilter does not see."""
+        if chain.policy is not ir.Verdict.ACCEPT:
+            raise InputError(self.source, chain.origin.line, chain.name,
+                             "a netdev chain's drop policy also drops ARP and IPv6 frames, "
+                             "which bpfilter does not filter yet", "policy accept, with "
+                             "drop rules", chain.origin.column)
+        device = ir.InterfaceMatch("in", chain.device)
+        # Before anything with a state (a limit's bucket), after a leading address: a
+        # blocklist's rules stay one address lookup (passes/fold.py).
+        rules = tuple(dataclasses.replace(r, matches=(
+            r.matches[:1] + (device,) + r.matches[1:]
+            if r.matches and isinstance(r.matches[0], ir.AddressMatch)
+            else (device,) + r.matches)) for r in chain.rules)
+        return ir.Chain(chain.name, rules, chain.policy, chain.counters, chain.origin,
+                        ir.Hook.PREROUTING, names.NETDEV_PRIORITY + chain.priority)
 
     def _goto(self, table: _Table, chain: _Chain, rule: ir.Rule,
               bodies: dict[ir.Target, str]) -> ir.Target:
@@ -405,9 +433,10 @@ class NftReader:
                 chains.append(ir.Chain(chain.name, tuple(chain.rules),
                                        chain.policy if base else None, chain.counters,
                                        chain.origin, chain.hook if base else None,
-                                       chain.priority))
+                                       chain.priority) if chain.device is None
+                              else self._at_prerouting(chain))
             tables.append(ir.Table(table.name, tuple(chains), table.origin, xtables=False,
-                                   family=table.family))
+                                   family=names.TABLE_FAMILIES[table.kind]))
         v6 = tables and all(t.family is ir.Family.IPV6 for t in tables)
         return ir.Ruleset(ir.Family.IPV6 if v6 else ir.Family.IPV4, tuple(tables),
                           self.source)

@@ -82,7 +82,7 @@ SELECTORS = {
     ("udp", "sport"), ("udp", "dport"), ("icmp", "type"), ("icmp", "code"),
     ("meta", "l4proto"), ("meta", "iifname"), ("meta", "oifname"), ("meta", "iif"),
     ("meta", "oif"), ("meta", "mark"), ("meta", "length"), ("ct", "state"), ("ct", "mark"),
-    ("ct", "direction"), ("ether", "saddr"),
+    ("ct", "direction"), ("ether", "saddr"), ("meta", "protocol"),
 }
 # A connection tuple's fields (`ct original saddr`) -> ConntrackMatch's (`origsrc`).
 _TUPLE_FIELDS = {"saddr": "src", "daddr": "dst", "protocol": "", "proto-src": "srcport",
@@ -124,6 +124,7 @@ class RuleReader:
         self.comment: Optional[str] = None
         self.first_statement: Optional[Word] = None
         self.verdict_map = False
+        self.ipv4_only = False  # an ip or icmp expression: IPv4 packets only (netdev)
         # A set of concatenations (`ip saddr . tcp dport { ... }`) may hold elements that
         # overlap: a packet can match several of its rules.
         self.may_overlap = False
@@ -392,6 +393,7 @@ class RuleReader:
                              else "ip, icmp")
         if self.v6 and (first, second) in _V6_SELECTORS:
             return _V6_SELECTORS[(first, second)], word
+        self.ipv4_only |= first in ("ip", "icmp")
         if (first, second) not in SELECTORS or (self.v6 and first == "ip"):
             raise self.error(word, f"'{first}{' ' + second if second else ''}' is not "
                              "supported", SUPPORTED)
@@ -583,6 +585,12 @@ class RuleReader:
                                    negate),)
         if kind == "ip ttl":
             return (self._ttl(first, op),)
+        if kind == "meta protocol":
+            if first.value not in ("ip", "0x0800", "2048") or op not in ("implicit", "=="):
+                raise self.error(first, "only meta protocol ip is supported (bpfilter "
+                                 "filters IPv4 packets)", "meta protocol ip")
+            self.ipv4_only = True
+            return ()
         if kind == "ip frag-off":
             if mask != 0x1FFF or self._int(first) != 0 or op not in ("!=", "=="):
                 raise self.error(where, "only 'ip frag-off & 0x1fff != 0' (later fragments) "

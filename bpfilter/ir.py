@@ -225,6 +225,7 @@ class LimitMatch:
     # Limits of one bucket name spend one bucket: an nft rule made into several IR rules
     # (one per element of a set) still has one limit. None: a bucket of its own.
     bucket: Optional[str] = None
+    over: bool = False  # nft's `limit rate over`: holds when the bucket has no token
 
     UNIT_SECONDS = {"sec": 1, "min": 60, "hour": 3600, "day": 86400}
 

@@ -139,8 +139,8 @@ BAD = {
                     1, 7, "family inet are not supported yet"),
     "unknown expression": ("table ip f {\n  chain c {\n    meta skuid 0 drop\n  }\n}\n",
                            3, 5, "'meta skuid' is not supported"),
-    "limit over": ("table ip f {\n chain c {\n  limit rate over 5/second drop\n }\n}\n",
-                   3, 14, "limit rate over is not supported yet"),
+    "byte limit": ("table ip f {\n chain c {\n  limit rate 10 kbytes/second drop\n }\n}\n",
+                   3, 14, "rate expected as N/unit (packets)"),
     "nat chain": ("table ip n {\n chain p { type nat hook postrouting priority 100; }\n"
                   " chain p { masquerade }\n}\n", 3, 12, "NAT chain 'p'"),
     "device hook": ("table ip f {\n chain c { type filter hook ingress priority 0; }\n}\n",

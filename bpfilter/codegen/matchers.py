@@ -186,7 +186,7 @@ def _mac(m: ir.MacSourceMatch, ctx: MatchContext) -> list[str]:
 def _limit(m: ir.LimitMatch, ctx: MatchContext) -> list[str]:
     index = ctx.limit(m)
     cost = m.interval_ns
-    return [ctx.require(f"bf_limit(p, {index}, {cost}ULL, {cost * m.burst}ULL)")]
+    return [ctx.require(f"bf_limit(p, {index}, {cost}ULL, {cost * m.burst}ULL)", m.over)]
 
 
 # enum bf_ct_state (templates/conntrack.h)

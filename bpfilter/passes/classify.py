@@ -178,7 +178,7 @@ def _entry(item: Union[RuleItem, PrefixRun], data: set[str]) -> Optional[Entry]:
             seen_module = True
         elif kind is ir.LimitMatch:
             rest = [m for m in matches[position + 1:] if not isinstance(m, ir.CommentMatch)]
-            if rest:
+            if rest or match.over:
                 return None  # the bucket is spent only when every match before it held
             checks.append(match)
         else:

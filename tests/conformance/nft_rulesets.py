@@ -40,7 +40,7 @@ def _match(draw, named_set: bool) -> str:
                 _set(draw, ["192.0.2.53", "203.0.113.7", "198.18.0.1", "10.1.2.3"])
         return f"ip {field} {ne}{value}"
     if kind == "port":
-        proto = draw(st.sampled_from(["tcp", "udp"]))
+        proto = draw(st.sampled_from(["tcp", "udp", "th"]))
         field = draw(st.sampled_from(["sport", "dport"]))
         value = draw(st.one_of(st.sampled_from(PORTS), st.just(None)))
         return f"{proto} {field} {ne}{value or _set(draw, ['22', '53', '80', '443'])}"
@@ -87,6 +87,9 @@ def _one_protocol(matches: list[str]) -> list[str]:
 def _rule(draw, hook: str, callees: list[str], named_set: bool, base: bool,
           early: bool) -> str:
     parts = _one_protocol(draw(st.lists(_match(named_set), max_size=3)))
+    if draw(st.integers(0, 5)) == 0:
+        parts.append("limit rate " + draw(st.sampled_from(["", "over "])) + "2/minute burst "
+                     + draw(st.sampled_from(["1", "3"])) + " packets")
     if draw(st.booleans()):
         parts.append("counter")
     if draw(st.integers(0, 4)) == 0:

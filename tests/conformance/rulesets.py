@@ -13,6 +13,9 @@ from hypothesis import strategies as st
 
 from bpfilter import ir
 
+# The replies an IPv4 ruleset can ask REJECT for.
+IPV4_REJECTS = [w for w in ir.RejectWith if w.family in (None, ir.Family.IPV4)]
+
 NETS = ["192.0.2.0/24", "192.0.2.53/32", "198.51.100.0/24", "10.0.0.0/8", "0.0.0.0/1",
         "203.0.113.0/25"]
 DST_NETS = ["198.18.0.0/16", "198.18.0.1/32", "198.19.0.0/16"]
@@ -142,7 +145,7 @@ def _target(draw, matches, callees: list[str], builtin: bool):
     if kind in ("ACCEPT", "DROP"):
         return ir.VerdictTarget(ir.Verdict(kind))
     if kind == "REJECT":
-        options = list(ir.RejectWith)
+        options = list(IPV4_REJECTS)
         if proto is None or proto.protocol != TCP or proto.negate:
             options.remove(ir.RejectWith.TCP_RESET)
         return ir.RejectTarget(draw(st.sampled_from(options)))
@@ -233,7 +236,7 @@ def _layer_target(draw, table: str, matches):
 # A filter chain that tells a packet's final mark by how it is refused: one ICMP error per
 # mark value (and delivered for any other).
 _READOUT = tuple(ir.Rule((ir.MarkMatch(mark),), ir.RejectTarget(with_), ir.Origin("<readout>", 0))
-                 for mark, with_ in zip(MARKS, [w for w in ir.RejectWith
+                 for mark, with_ in zip(MARKS, [w for w in IPV4_REJECTS
                                                 if w is not ir.RejectWith.TCP_RESET]))
 
 

@@ -186,6 +186,13 @@ def rule_text(chain: str, rule: ir.Rule, family: ir.Family = ir.Family.IPV4) -> 
         raise InputError(rule.origin.file, rule.origin.line, twice,
                          f"iptables takes {twice} once in a rule, and this rule needs it "
                          "twice (a '!=' set?)", column=rule.origin.column)
+    if any(isinstance(m, ir.LimitMatch) and m.over for m in rule.matches):
+        raise InputError(rule.origin.file, rule.origin.line, "limit rate over",
+                         "iptables' limit has no 'over'", column=rule.origin.column)
+    if any(isinstance(m, ir.MultiportMatch) for m in rule.matches) and "-p" not in options:
+        raise InputError(rule.origin.file, rule.origin.line, "th",
+                         "iptables reads ports of a protocol given with -p only",
+                         column=rule.origin.column)
     for match in rule.matches:
         printer = _HOP_LIMIT if isinstance(match, ir.TtlMatch) and \
             family is ir.Family.IPV6 else _MATCHES[type(match)]

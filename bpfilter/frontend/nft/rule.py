@@ -82,7 +82,8 @@ SELECTORS = {
     ("udp", "sport"), ("udp", "dport"), ("icmp", "type"), ("icmp", "code"),
     ("meta", "l4proto"), ("meta", "iifname"), ("meta", "oifname"), ("meta", "iif"),
     ("meta", "oif"), ("meta", "mark"), ("meta", "length"), ("ct", "state"), ("ct", "mark"),
-    ("ct", "direction"), ("ether", "saddr"), ("meta", "protocol"),
+    ("ct", "direction"), ("ether", "saddr"), ("meta", "protocol"), ("th", "sport"),
+    ("th", "dport"),
 }
 # A connection tuple's fields (`ct original saddr`) -> ConntrackMatch's (`origsrc`).
 _TUPLE_FIELDS = {"saddr": "src", "daddr": "dst", "protocol": "", "proto-src": "srcport",
@@ -94,8 +95,9 @@ _V6_SELECTORS = {("ip6", "saddr"): "ip saddr", ("ip6", "daddr"): "ip daddr",
                  ("icmpv6", "code"): "icmp code"}
 _META_SHORT = ("iifname", "oifname", "iif", "oif", "mark", "l4proto", "length")
 SUPPORTED = ("ip saddr|daddr|protocol|ttl|length|frag-off, ip6 saddr|daddr|hoplimit, "
-             "tcp sport|dport|flags, udp sport|dport, icmp type|code, icmpv6 type|code, meta l4proto|iifname|oifname|iif|oif|mark|"
-             "length, ct state|mark|direction, ether saddr, counter, limit, log, comment, "
+             "tcp sport|dport|flags, udp sport|dport, th sport|dport, icmp type|code, "
+             "icmpv6 type|code, meta l4proto|iifname|oifname|iif|oif|mark|length|protocol, "
+             "ct state|mark|direction, ether saddr, counter, limit [over], log, comment, "
              "meta mark set, ct mark set, notrack, accept, drop, reject, return, jump, goto")
 
 
@@ -242,9 +244,8 @@ class RuleReader:
         rate = self.next_word("rate")
         if rate.value != "rate":
             raise self.error(rate, "expected 'rate'", "limit rate N/second")
-        if self.peek_value() == "over":
-            raise self.error(self.peek(), "limit rate over is not supported yet",
-                             "limit rate N/unit [burst N packets]")
+        over = self.peek_value() == "over"
+        self.pos += over
         spec = self.next_word("a rate")
         text = spec.value
         if "/" not in text and self.peek_value() is not None and \
@@ -262,7 +263,7 @@ class RuleReader:
             if packets.value != "packets":
                 raise self.error(packets, "byte bursts are not supported", "burst N packets")
         return ir.LimitMatch(int(count), names.LIMIT_UNITS[unit], burst,
-                             bucket=f"{self.source}:{rate.line}:{rate.column}")
+                             bucket=f"{self.source}:{rate.line}:{rate.column}", over=over)
 
     def _verdict(self, word: Word) -> ir.Target:
         value = word.value
@@ -385,7 +386,7 @@ class RuleReader:
         if first in _META_SHORT or first == "mark":
             return f"meta {first}", word
         second = self.next_word(f"a field of '{first}'").value if first in (
-            "ip", "ip6", "tcp", "udp", "icmp", "icmpv6", "meta", "ct", "ether") else ""
+            "ip", "ip6", "tcp", "udp", "icmp", "icmpv6", "meta", "ct", "ether", "th") else ""
         if first in ("ip", "icmp", "ip6", "icmpv6") and \
                 (first in ("ip6", "icmpv6")) != self.v6:
             raise self.error(word, f"'{first}' in a table of family "
@@ -526,12 +527,15 @@ class RuleReader:
     def _set_match(self, kind: str, values: list[list[Word]],
                    negate: bool) -> Optional[tuple[ir.Match, ...]]:
         """Sets the IR takes whole: ports (multiport), connection states."""
-        if kind in ("tcp sport", "tcp dport", "udp sport", "udp dport"):
+        if kind in ("tcp sport", "tcp dport", "udp sport", "udp dport", "th sport",
+                    "th dport"):
             proto, field_ = kind.split()
-            ports = tuple(self._port_range(v[0]) for v in values)
-            return (ir.ProtocolMatch(names.PROTOCOLS[proto]),
-                    ir.MultiportMatch("src" if field_ == "sport" else "dst", ports, negate,
-                                      partial_header=True))
+            ports = ir.MultiportMatch("src" if field_ == "sport" else "dst",
+                                      tuple(self._port_range(v[0]) for v in values), negate,
+                                      partial_header=True)
+            # th: the two ports' place in any transport header, whichever protocol
+            return (ports,) if proto == "th" else (ir.ProtocolMatch(names.PROTOCOLS[proto]),
+                                                   ports)
         if kind == "ct state":
             return (self._states([w for v in values for w in v], negate),)
         return None
@@ -546,12 +550,16 @@ class RuleReader:
             raise self.error(where, f"a mask on '{kind}' is not supported")
         if op in ("<", ">", "<=", ">=") and kind not in ("ip ttl", "ip length", "meta length",
                                                          "tcp sport", "tcp dport",
-                                                         "udp sport", "udp dport"):
+                                                         "udp sport", "udp dport",
+                                                         "th sport", "th dport"):
             raise self.error(where, f"'{op}' on '{kind}' is not supported", "==, !=")
         if kind in ("ip saddr", "ip daddr"):
             return (self._address("src" if kind == "ip saddr" else "dst", first, negate),)
         if kind in ("ip protocol", "meta l4proto"):
             return (ir.ProtocolMatch(self._protocol(first), negate),)
+        if kind in ("th sport", "th dport"):
+            return self._set_match(kind, [[Word(_range_text(self._ordered(
+                self._port_range(first), op, 65535)), first.line, first.column)]], negate)
         if kind in ("tcp sport", "tcp dport", "udp sport", "udp dport"):
             proto, field_ = kind.split()
             spec = ir.PortSpec(self._ordered(self._port_range(first), op, 65535), negate)
@@ -766,6 +774,10 @@ class RuleReader:
         except ValueError:
             raise self.error(word, f"{what} expected",
                              ", ".join(known) if known else None) from None
+
+
+def _range_text(r: ir.Range) -> str:
+    return str(r.low) if r.single else f"{r.low}-{r.high}"
 
 
 def _merge(matches: tuple[ir.Match, ...]) -> tuple[ir.Match, ...]:

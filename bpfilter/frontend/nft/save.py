@@ -84,11 +84,10 @@ def _icmp(m: ir.IcmpMatch, rule: ir.Rule) -> list[str]:
 
 
 def _l4_name(rule: ir.Rule) -> str:
+    """tcp or udp, else th: the ports' place in any transport header."""
     protocol = next((m.protocol for m in rule.matches
                      if isinstance(m, ir.ProtocolMatch) and not m.negate), None)
-    if protocol not in (6, 17):
-        raise _untranslatable(rule, "ports of protocols other than tcp and udp")
-    return _protocol(protocol)
+    return _protocol(protocol) if protocol in (6, 17) else "th"
 
 
 def _multiport(m: ir.MultiportMatch, rule: ir.Rule) -> list[str]:
@@ -155,11 +154,10 @@ def _conntrack(m: ir.ConntrackMatch, rule: ir.Rule) -> list[str]:
     for name in ir.ConntrackMatch.PORTS:
         spec = getattr(m, name)
         if spec is not None:
-            if m.protocol is None and not any(
-                    isinstance(o, ir.ConntrackMatch) and o.protocol is not None
-                    for o in rule.matches):
+            if not any(isinstance(o, ir.ConntrackMatch) and o.protocol is not None
+                       and not o.protocol.negate for o in rule.matches):
                 raise _untranslatable(rule, "nft reads a connection's ports only after its "
-                                     "protocol (--ctproto)")
+                                      "protocol (--ctproto, not negated)")
             way = "original" if name.startswith("orig") else "reply"
             field = "proto-src" if "src" in name else "proto-dst"
             parts.append(f"ct {way} {field} {_ne(spec.negate)}{_range(spec.ports)}")
@@ -190,7 +188,8 @@ _MATCHES: dict[type, Callable[..., list[str]]] = {
     ir.TtlMatch: _ttl,
     ir.MacSourceMatch: lambda m, r: ["ether saddr " + _ne(m.negate) +
                                      ":".join(f"{b:02x}" for b in m.address)],
-    ir.LimitMatch: lambda m, r: [f"limit rate {m.count}/{names.LIMIT_UNIT_NAMES[m.unit]} "
+    ir.LimitMatch: lambda m, r: [f"limit rate {'over ' if m.over else ''}"
+                                 f"{m.count}/{names.LIMIT_UNIT_NAMES[m.unit]} "
                                  f"burst {m.burst} packets"],
     ir.ConntrackMatch: _conntrack,
     ir.MarkMatch: _mark,

@@ -325,8 +325,9 @@ def conntrack_cmd(iface: Optional[str], list_: bool, flush: bool) -> None:
     left, the endpoints as the side that opened it sees them, the connection's mark
     (CONNMARK), and [UNREPLIED] until the other side answered. There is one table per
     network namespace, as in the kernel, shared by the interfaces whose ruleset reads
-    the connection state; none until one does. Also how full the table is, and how many connections its LRU pushed out to
-    make room (none, unless the table is too small for the traffic)."""
+    the connection state; none until one does. Also how full the table is, and how many
+    connections its LRU pushed out to make room (none, unless the table is too small for
+    the traffic)."""
     from bpfilter import conntable, state
 
     found = [(p, d) for p, d in state.deployments() if iface in (None, d.iface)
@@ -468,12 +469,13 @@ def detach(iface: str) -> None:
 def demo(rules: Optional[Path], output: Path) -> None:
     """Run a ruleset on a throwaway veth pair with real packets, and show what happened.
 
-    Without RULES it uses the bundled examples/host-firewall.v4. Two network namespaces
-    are created, joined by a veth pair; the ruleset is attached at XDP on the server side,
-    the client sends a scripted set of frames, and the verdicts, replies and per-rule
-    counters are printed. Everything is removed afterwards, also on failure.
+    Without RULES it uses the bundled examples/host-firewall.v4; RULES may be an nftables
+    ruleset too (examples/host-firewall.nft), the frames are the same. Two network
+    namespaces are created, joined by a veth pair; the ruleset is attached at XDP on the
+    server side, the client sends a scripted set of frames, and the verdicts, replies and
+    per-rule counters are printed. Everything is removed afterwards, also on failure.
     """
-    from bpfilter.demo import host_firewall_probes, rule_label, run_demo, verdict
+    from bpfilter.demo import deciding, host_firewall_probes, rule_label, run_demo, verdict
     from bpfilter.resources import resource_dir
 
     rules = rules or resource_dir("examples") / "host-firewall.v4"
@@ -490,7 +492,7 @@ def demo(rules: Optional[Path], output: Path) -> None:
     for col in ("#", "frame", "decided by", "verdict", "came back"):
         verdicts.add_column(col)
     for number, obs in enumerate(result.observations, 1):
-        decided = rule_label(ruleset, *obs.rules[-1]) if obs.rules else \
+        decided = rule_label(ruleset, *deciding(ruleset, obs.rules)) if obs.rules else \
             "no rule (left to the kernel)"
         verdicts.add_row(str(number), f"{obs.probe.what}\n[dim]{obs.probe.packet.summary()}[/]",
                          decided, verdict(ruleset, obs.rules), obs.reply)
@@ -506,12 +508,14 @@ def _print_counters(ruleset, counters) -> None:
     table = Table(title="counters (like iptables -L -v)", title_justify="left")
     for col in ("chain", "#", "pkts", "bytes", "rule"):
         table.add_column(col, justify="right" if col in ("#", "pkts", "bytes") else "left")
-    for (chain, index), c in counters.items():
-        if index < 0 and c.packets == 0:
+    for (table_name, chain, index), c in sorted(counters.items(),
+                                                key=lambda kv: (kv[0][0], kv[0][1],
+                                                                kv[0][2] < 0, kv[0][2])):
+        if c.packets == 0 and (index < 0 or table_name != "filter"):
             continue
-        label = rule_label(ruleset, chain, index)
-        table.add_row(chain, "policy" if index < 0 else str(index + 1), str(c.packets),
-                      str(c.bytes), label.removeprefix(f"-A {chain} "))
+        where = chain if table_name == "filter" else f"{table_name}/{chain}"
+        table.add_row(where, "policy" if index < 0 else str(index + 1), str(c.packets),
+                      str(c.bytes), rule_label(ruleset, table_name, chain, index))
     console.print(table)
 
 

@@ -18,6 +18,7 @@ from scapy.packet import Packet
 from bpfilter import deploy, ir, netns, state
 from bpfilter.frontend import parse_ruleset
 from bpfilter.frontend.iptables.save import rule_text
+from bpfilter.frontend.nft.save import rule_text as nft_rule_text
 from bpfilter.testbed import SERVER_ADDR, VethBed
 
 
@@ -47,7 +48,7 @@ def host_firewall_probes() -> list[Probe]:
 @dataclass
 class Observation:
     probe: Probe
-    rules: list[tuple[str, int]]  # (chain, rule index or -1 for policy) that counted it
+    rules: list[tuple[str, str, int]]  # (table, chain, rule index or -1) that counted it
     reply: str
 
 
@@ -56,7 +57,7 @@ class DemoResult:
     ruleset: ir.Ruleset
     report: deploy.ApplyReport
     observations: list[Observation]
-    counters: dict[tuple[str, int], ir.Counters]
+    counters: dict[tuple[str, str, int], ir.Counters]
 
 
 def run_demo(rules_path: Path, build_dir: Path, probes: list[Probe],
@@ -72,16 +73,16 @@ def run_demo(rules_path: Path, build_dir: Path, probes: list[Probe],
             try:
                 paths = state.Paths("eth0", state.netns_id())
                 with deploy.LiveCounters(paths, report.deployment) as live:
-                    keys = [(c, i) for t, c, i, _s in report.deployment.slots if t == "filter"]
+                    keys = [(t, c, i) for t, c, i, _s in report.deployment.slots]
                     observations = []
                     for probe in probes:
-                        before = {k: live("filter", *k).packets for k in keys}
+                        before = {k: live(*k).packets for k in keys}
                         replies = bed.send(bed.frame(probe.packet))
-                        after = {k: live("filter", *k).packets for k in keys}
+                        after = {k: live(*k).packets for k in keys}
                         counted = [k for k in keys if after[k] != before[k]]
                         observations.append(Observation(probe, counted,
                                                         _describe(replies)))
-                    totals = {k: live("filter", *k) for k in keys}
+                    totals = {k: live(*k) for k in keys}
             finally:
                 deploy.detach("eth0")
                 say("detached; removing the namespaces")
@@ -101,13 +102,31 @@ def _describe(replies: list[IP]) -> str:
     return "nothing"
 
 
-def verdict(ruleset: ir.Ruleset, rules: list[tuple[str, int]]) -> str:
-    """What the deciding (last counted) rule did with the frame."""
+def _target(ruleset: ir.Ruleset, key: tuple[str, str, int]):
+    table, chain, index = key
+    c = ruleset.table(table).chain(chain)
+    return c.policy if index < 0 else c.rules[index].target
+
+
+def deciding(ruleset: ir.Ruleset, rules: list[tuple[str, str, int]]) -> tuple[str, str, int]:
+    """The rule that decided: one that dropped or rejected the frame (nothing runs after
+    it), else the last counted one that accepted it (a verdict or a policy; an accepted
+    frame goes on to the next table's chains), else the last counted."""
+    def ends(key, kinds) -> bool:
+        target = _target(ruleset, key)
+        verdict = target.verdict if isinstance(target, ir.VerdictTarget) else target
+        return isinstance(target, ir.RejectTarget) or verdict in kinds
+
+    dropped = [k for k in rules if ends(k, (ir.Verdict.DROP,))]
+    accepted = [k for k in rules if ends(k, (ir.Verdict.ACCEPT,))]
+    return (dropped or accepted or rules)[-1]
+
+
+def verdict(ruleset: ir.Ruleset, rules: list[tuple[str, str, int]]) -> str:
+    """What the deciding rule did with the frame."""
     if not rules:
         return "left to the kernel"
-    chain, index = rules[-1]
-    c = ruleset.table("filter").chain(chain)
-    target = c.policy if index < 0 else c.rules[index].target
+    target = _target(ruleset, deciding(ruleset, rules))
     if isinstance(target, ir.Verdict):
         return target.value
     if isinstance(target, ir.VerdictTarget):
@@ -117,9 +136,12 @@ def verdict(ruleset: ir.Ruleset, rules: list[tuple[str, int]]) -> str:
     return type(target).__name__
 
 
-def rule_label(ruleset: ir.Ruleset, chain: str, index: int) -> str:
-    table = ruleset.table("filter")
-    c = table.chain(chain)
+def rule_label(ruleset: ir.Ruleset, table: str, chain: str, index: int) -> str:
+    """The rule in its ruleset's words (iptables' or nft's)."""
+    t = ruleset.table(table)
+    c = t.chain(chain)
     if index < 0:
         return f"policy {c.policy.value} of {chain}"
-    return rule_text(chain, c.rules[index])
+    if t.xtables:
+        return rule_text(chain, c.rules[index], t.family).removeprefix(f"-A {chain} ")
+    return nft_rule_text(c.rules[index], family=t.family)

@@ -25,3 +25,19 @@ def test_host_firewall_on_a_real_veth_pair(kernel, build_root):
     assert sum(c.packets for c in result.counters.values()) >= len(host_firewall_probes())
     left = set(netns.run("ip", "netns", "list").stdout.split()) - before
     assert not [name for name in left if name.startswith("bpfd-")]  # the demo's own
+
+
+def test_the_demo_on_an_nftables_ruleset(kernel, build_root):
+    """The same frames through examples/host-firewall.nft: the deciding rules named in
+    nft's words, across its two tables."""
+    from bpfilter.demo import deciding, rule_label
+
+    result = run_demo(EXAMPLES / "host-firewall.nft", build_root / "demo-nft",
+                      host_firewall_probes(), lambda _msg: None)
+    seen = {obs.probe.what: obs for obs in result.observations}
+    assert verdict(result.ruleset, seen["SSH from the admin network"].rules) == "ACCEPT"
+    blocked = seen["SSH from elsewhere"]  # 192.0.2.0/24 is the blocklist: log, then drop
+    assert (verdict(result.ruleset, blocked.rules), blocked.reply) == ("DROP", "nothing")
+    assert rule_label(result.ruleset, *deciding(result.ruleset, blocked.rules)) == \
+        "counter drop"
+    assert any(t == "early" for t, _c, _i in result.counters)

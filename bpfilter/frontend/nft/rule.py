@@ -190,9 +190,8 @@ class RuleReader:
             raise self.error(word, "a set needs an expression on its left",
                              "ip saddr { ... }, tcp dport { ... }")
         value = word.value
-        if value != "comment" and self.statements and any(isinstance(s, (ir.VerdictTarget, ir.RejectTarget,
-                                                   ir.ReturnTarget, ir.JumpTarget))
-                                   for s in self.statements):
+        ends = (ir.VerdictTarget, ir.RejectTarget, ir.ReturnTarget, ir.JumpTarget)
+        if value != "comment" and any(isinstance(s, ends) for s in self.statements):
             raise self.error(word, "nothing can follow a verdict")
         if value == "counter":
             self._counter()

@@ -19,7 +19,8 @@ import lark
 from bpfilter import ir
 from bpfilter.errors import InputError
 from bpfilter.frontend.nft import names
-from bpfilter.frontend.nft.rule import NamedSet, RuleReader, SetLiteral, Word
+from bpfilter.frontend.nft.rule import NamedSet, RuleReader
+from bpfilter.frontend.nft.words import SetLiteral, Word
 from bpfilter.resources import resource_dir
 
 

@@ -12,37 +12,18 @@ expressions (`tcp dport 22`, `ip saddr { a, b }`) must hold, then statements run
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
-import socket
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Optional
 
 from bpfilter import ir
 from bpfilter.errors import InputError
 from bpfilter.frontend.nft import names
+from bpfilter.frontend.nft.compare import TUPLE_FIELDS, SUPPORTED, Comparisons
+from bpfilter.frontend.nft.words import Item, SetLiteral, Word
 
 if TYPE_CHECKING:
     from bpfilter.frontend.nft.parser import NftReader
-
-
-@dataclass(frozen=True)
-class Word:
-    value: str
-    line: int
-    column: int
-    quoted: bool = False
-
-
-@dataclass(frozen=True)
-class SetLiteral:
-    """`{ a, b . c, d : accept }`: each element is the words between commas."""
-
-    elements: tuple[tuple[Union[Word, "SetLiteral"], ...], ...]
-    word: Word  # the opening brace
-
-
-Item = Union[Word, SetLiteral]
 
 
 @dataclass
@@ -85,21 +66,12 @@ SELECTORS = {
     ("ct", "direction"), ("ether", "saddr"), ("meta", "protocol"), ("th", "sport"),
     ("th", "dport"),
 }
-# A connection tuple's fields (`ct original saddr`) -> ConntrackMatch's (`origsrc`).
-_TUPLE_FIELDS = {"saddr": "src", "daddr": "dst", "protocol": "", "proto-src": "srcport",
-                 "proto-dst": "dstport"}
 # IPv6's names for the fields the IR shares with IPv4 (the hop limit is the TTL; the
 # transport protocol is meta l4proto in both, past IPv6's extension headers).
 _V6_SELECTORS = {("ip6", "saddr"): "ip saddr", ("ip6", "daddr"): "ip daddr",
                  ("ip6", "hoplimit"): "ip ttl", ("icmpv6", "type"): "icmp type",
                  ("icmpv6", "code"): "icmp code"}
 _META_SHORT = ("iifname", "oifname", "iif", "oif", "mark", "l4proto", "length")
-SUPPORTED = ("ip saddr|daddr|protocol|ttl|length|frag-off, ip6 saddr|daddr|hoplimit, "
-             "tcp sport|dport|flags, udp sport|dport, th sport|dport, icmp type|code, "
-             "icmpv6 type|code, meta l4proto|iifname|oifname|iif|oif|mark|length|protocol, "
-             "ct state|mark|direction, ether saddr, counter, limit [over], log, comment, "
-             "meta mark set, ct mark set, notrack, accept, drop, reject, return, jump, goto")
-
 
 @dataclass(frozen=True)
 class _Choice:
@@ -110,7 +82,7 @@ class _Choice:
     target: Optional[ir.Target] = None
 
 
-class RuleReader:
+class RuleReader(Comparisons):
     def __init__(self, words: list[Item], source: str, sets: dict[str, NamedSet],
                  table: str, family: ir.Family = ir.Family.IPV4):
         self.words = words
@@ -244,7 +216,8 @@ class RuleReader:
         if rate.value != "rate":
             raise self.error(rate, "expected 'rate'", "limit rate N/second")
         over = self.peek_value() == "over"
-        self.pos += over
+        if over:
+            self.pos += 1
         spec = self.next_word("a rate")
         text = spec.value
         if "/" not in text and self.peek_value() is not None and \
@@ -379,8 +352,8 @@ class RuleReader:
             key = self.next_word("a field of the connection's tuple")
             if key.value in ("ip", "ip6"):  # ct original ip saddr
                 key = self.next_word("saddr or daddr")
-            if key.value not in _TUPLE_FIELDS:
-                raise self.error(key, "not supported", ", ".join(_TUPLE_FIELDS))
+            if key.value not in TUPLE_FIELDS:
+                raise self.error(key, "not supported", ", ".join(TUPLE_FIELDS))
             return f"ct {direction} {key.value}", word
         if first in _META_SHORT or first == "mark":
             return f"meta {first}", word
@@ -477,8 +450,7 @@ class RuleReader:
                               for m in self._compare(sel, "==", mask, part)))
                 for w in words]
 
-    def _element_words(self, element: tuple[Item, ...], parts: int,
-                       verdict: bool = False) -> list[list[Word]]:
+    def _element_words(self, element: tuple[Item, ...], parts: int) -> list[list[Word]]:
         """An element's parts (split at the concatenation's dots), each its words."""
         split: list[list[Word]] = [[]]
         for word in element:
@@ -521,108 +493,6 @@ class RuleReader:
         self.may_overlap |= len(selectors) > 1
         return choices
 
-    # ----------------------------------------------------------------- one comparison
-
-    def _set_match(self, kind: str, values: list[list[Word]],
-                   negate: bool) -> Optional[tuple[ir.Match, ...]]:
-        """Sets the IR takes whole: ports (multiport), connection states."""
-        if kind in ("tcp sport", "tcp dport", "udp sport", "udp dport", "th sport",
-                    "th dport"):
-            proto, field_ = kind.split()
-            ports = ir.MultiportMatch("src" if field_ == "sport" else "dst",
-                                      tuple(self._port_range(v[0]) for v in values), negate,
-                                      partial_header=True)
-            # th: the two ports' place in any transport header, whichever protocol
-            return (ports,) if proto == "th" else (ir.ProtocolMatch(names.PROTOCOLS[proto]),
-                                                   ports)
-        if kind == "ct state":
-            return (self._states([w for v in values for w in v], negate),)
-        return None
-
-    def _compare(self, selector: tuple[str, Word], op: str, mask: Optional[int],
-                 words: list[Word]) -> tuple[ir.Match, ...]:
-        kind, where = selector
-        negate = op in ("!=", "!")
-        first = words[0]
-        if mask is not None and kind not in ("meta mark", "ct mark", "ip frag-off",
-                                             "tcp flags"):
-            raise self.error(where, f"a mask on '{kind}' is not supported")
-        if op in ("<", ">", "<=", ">=") and kind not in ("ip ttl", "ip length", "meta length",
-                                                         "tcp sport", "tcp dport",
-                                                         "udp sport", "udp dport",
-                                                         "th sport", "th dport"):
-            raise self.error(where, f"'{op}' on '{kind}' is not supported", "==, !=")
-        if kind in ("ip saddr", "ip daddr"):
-            return (self._address("src" if kind == "ip saddr" else "dst", first, negate),)
-        if kind in ("ip protocol", "meta l4proto"):
-            return (ir.ProtocolMatch(self._protocol(first), negate),)
-        if kind in ("th sport", "th dport"):
-            return self._set_match(kind, [[Word(_range_text(self._ordered(
-                self._port_range(first), op, 65535)), first.line, first.column)]], negate)
-        if kind in ("tcp sport", "tcp dport", "udp sport", "udp dport"):
-            proto, field_ = kind.split()
-            spec = ir.PortSpec(self._ordered(self._port_range(first), op, 65535), negate)
-            module = ir.TcpMatch if proto == "tcp" else ir.UdpMatch
-            return (ir.ProtocolMatch(names.PROTOCOLS[proto]),
-                    module(**{field_: spec}, partial_header=True))
-        if kind == "tcp flags":
-            return (ir.ProtocolMatch(6), ir.TcpMatch(flags=self._tcp_flags(words, op, mask),
-                                                     partial_header=True))
-        if kind == "icmp type":
-            known = names.ICMP6_TYPES if self.v6 else names.ICMP_TYPES
-            icmp_type = known.get(first.value)
-            if icmp_type is None:
-                icmp_type = self._int(first, "an ICMP type", known)
-            return (ir.ProtocolMatch(58 if self.v6 else 1),
-                    ir.IcmpMatch(icmp_type, negate=negate, partial_header=True,
-                                 version=6 if self.v6 else 4))
-        if kind == "icmp code":
-            return self._icmp_code(where, first, negate)
-        if kind in ("meta iifname", "meta oifname", "meta iif", "meta oif"):
-            name = first.value.replace("*", "+") if first.value.endswith("*") else first.value
-            if name.startswith("@") or not name:
-                raise self.error(first, "an interface name expected")
-            return (ir.InterfaceMatch("in" if "i" == kind.split()[1][0] else "out", name,
-                                      negate),)
-        if kind in ("meta mark", "ct mark"):
-            return (ir.MarkMatch(self._int(first), 0xFFFFFFFF if mask is None else mask,
-                                 negate, kind == "ct mark"),)
-        if kind in ("meta length", "ip length"):
-            return (ir.LengthMatch(self._ordered(self._range(first, 65535), op, 65535),
-                                   negate),)
-        if kind == "ip ttl":
-            return (self._ttl(first, op),)
-        if kind == "meta protocol":
-            if first.value not in ("ip", "0x0800", "2048") or op not in ("implicit", "=="):
-                raise self.error(first, "only meta protocol ip is supported (bpfilter "
-                                 "filters IPv4 packets)", "meta protocol ip")
-            self.ipv4_only = True
-            return ()
-        if kind == "ip frag-off":
-            if mask != 0x1FFF or self._int(first) != 0 or op not in ("!=", "=="):
-                raise self.error(where, "only 'ip frag-off & 0x1fff != 0' (later fragments) "
-                                 "and '== 0' are supported")
-            return (ir.FragmentMatch(negate=op == "=="),)
-        if kind == "ct state":
-            return self._state_compare(words, op)
-        if kind.startswith(("ct original ", "ct reply ")):
-            return (self._tuple(kind, first, negate),)
-        if kind == "ct direction":
-            if first.value not in ("original", "reply"):
-                raise self.error(first, "unknown direction", "original, reply")
-            # A packet with no connection has no direction: != one is the other.
-            other = {"original": "reply", "reply": "original"}[first.value]
-            return (ir.ConntrackMatch((), direction=(other if negate else first.value).upper()),)
-        if kind == "ether saddr":
-            try:
-                address = bytes(int(b, 16) for b in first.value.split(":"))
-            except ValueError:
-                address = b""
-            if len(address) != 6:
-                raise self.error(first, "a MAC address expected", "aa:bb:cc:dd:ee:ff")
-            return (ir.MacSourceMatch(address, negate),)
-        raise self.error(where, f"'{kind}' is not supported", SUPPORTED)
-
     def _icmp_code(self, where: Word, word: Word, negate: bool) -> tuple[ir.Match, ...]:
         """`icmp type T icmp code C`: the code narrows the type's match just before it
         (the IR's ICMP match is a type and a range of codes)."""
@@ -636,148 +506,6 @@ class RuleReader:
         codes = ir.Range(code, code) if code is not None else self._range(word, 255)
         last[0] = _Choice(last[0].matches[:-1] + (replace(icmp, codes=codes),))
         return ()
-
-    def _tuple(self, kind: str, word: Word, negate: bool) -> ir.ConntrackMatch:
-        _ct, direction, key = kind.split()
-        if key == "protocol":
-            return ir.ConntrackMatch((), protocol=ir.ProtocolMatch(self._protocol(word), negate))
-        name = ("orig" if direction == "original" else "repl") + _TUPLE_FIELDS[key]
-        if key.startswith("proto-"):
-            value = ir.PortSpec(self._port_range(word), negate)
-        else:
-            match = self._address("src", word, negate)
-            if not isinstance(match, ir.AddressMatch):
-                raise self.error(word, "an address or prefix expected")
-            value = ir.ConntrackAddress(match.network, negate)
-        return ir.ConntrackMatch((), **{name: value})
-
-    def _address(self, direction: str, word: Word, negate: bool) -> ir.Match:
-        text = word.value
-        address = ipaddress.IPv6Address if self.v6 else ipaddress.IPv4Address
-        network = ipaddress.IPv6Network if self.v6 else ipaddress.IPv4Network
-        try:
-            if "-" in text:
-                low, high = (address(p) for p in text.split("-", 1))
-                spec = ir.AddressRangeSpec(low, high, negate)
-                return ir.IpRangeMatch(**{direction: spec})
-            return ir.AddressMatch(direction, network(text, strict=False), negate)
-        except ValueError:
-            raise self.error(word, f"an IPv{6 if self.v6 else 4} address, prefix or range "
-                             "expected", "2001:db8::1, 2001:db8::/32, 2001:db8::1-2001:db8::9"
-                             if self.v6 else "192.0.2.1, 192.0.2.0/24, 192.0.2.1-192.0.2.9"
-                             ) from None
-
-    def _protocol(self, word: Word) -> int:
-        if word.value in names.PROTOCOLS:
-            return names.PROTOCOLS[word.value]
-        return self._int(word, "a protocol", names.PROTOCOLS)
-
-    def _port_range(self, word: Word) -> ir.Range:
-        return self._range(word, 65535, port=True)
-
-    def _range(self, word: Word, top: int, port: bool = False) -> ir.Range:
-        low, _, high = word.value.partition("-")
-
-        def number(text: str) -> int:
-            if port and not text.isdigit():
-                try:
-                    return socket.getservbyname(text)
-                except OSError:
-                    raise self.error(word, "unknown service name") from None
-            return self._int(Word(text, word.line, word.column))
-
-        low_value = number(low)
-        high_value = number(high) if high else low_value
-        if not 0 <= low_value <= high_value <= top:
-            raise self.error(word, f"a value or range within 0-{top} expected")
-        return ir.Range(low_value, high_value)
-
-    def _ordered(self, value: ir.Range, op: str, top: int) -> ir.Range:
-        if op in ("implicit", "==", "!="):
-            return value
-        if not value.single:
-            raise self.error(self.words[self.pos - 1], f"'{op}' needs a single value")
-        n = value.low
-        bounds = {"<": (0, n - 1), "<=": (0, n), ">": (n + 1, top), ">=": (n, top)}[op]
-        if bounds[0] > bounds[1]:
-            raise self.error(self.words[self.pos - 1], "this comparison never holds")
-        return ir.Range(*bounds)
-
-    def _ttl(self, word: Word, op: str) -> ir.TtlMatch:
-        value = self._int(word)
-        if op in ("implicit", "=="):
-            return ir.TtlMatch("eq", value)
-        if op == "!=":
-            return ir.TtlMatch("eq", value, True)
-        if op in ("<", ">"):
-            return ir.TtlMatch("lt" if op == "<" else "gt", value)
-        return ir.TtlMatch("gt" if op == "<=" else "lt", value, True)
-
-    def _state_compare(self, words: list[Word], op: str) -> tuple[ir.Match, ...]:
-        """A packet's connection state is one bit of a mask. Bare `a,b` asks whether any
-        of them is set and `! a,b` whether none is: one state in or out of the list.
-        `==` and `!=` compare the whole mask, which one bit equals only for a list of
-        one: `== a,b` never holds and `!= a,b` always does (as nft 1.0 compiles them)."""
-        match = self._states(words, op == "!")
-        if op in ("implicit", "!") or len(match.states) == 1:
-            return (replace(match, negate=op in ("!", "!="))),
-        if op == "==":
-            return (ir.ConntrackMatch(ir.ConntrackMatch.STATES, negate=True),)
-        return ()
-
-    def _states(self, words: list[Word], negate: bool) -> ir.ConntrackMatch:
-        states = set()
-        for word in words:
-            if word.value not in names.CT_STATES:
-                raise self.error(word, "unknown connection state", ", ".join(names.CT_STATES))
-            states.add(names.CT_STATES[word.value])
-        return ir.ConntrackMatch(tuple(s for s in ir.ConntrackMatch.STATES if s in states),
-                                 negate)
-
-    def _flag_bits(self, words: list[Word]) -> int:
-        bits = 0
-        for word in words:
-            if word.value in names.TCP_FLAGS:
-                bits |= names.TCP_FLAGS[word.value]
-            else:
-                bits |= self._int(word, "a TCP flag", names.TCP_FLAGS)
-        return bits
-
-    def _flags_or_int(self, kind: str, words: list[Word]) -> int:
-        if kind == "tcp flags":
-            return self._flag_bits(words)
-        if len(words) != 1:
-            raise self.error(words[1], "one mask value expected")
-        return self._int(words[0])
-
-    def _tcp_flags(self, words: list[Word], op: str, mask: Optional[int]) -> ir.TcpFlagsSpec:
-        """nft's forms: `F / M` is (flags & M) == F; `& M == F` the same; `== F` and
-        `!= F` compare all eight bits; a bare `F` asks whether any of F is set, `! F`
-        whether none is (as nft 1.0 compiles them)."""
-        if any(w.value == "/" for w in words):
-            cut = next(i for i, w in enumerate(words) if w.value == "/")
-            comp, mask = self._flag_bits(words[:cut]), self._flag_bits(words[cut + 1:])
-            return ir.TcpFlagsSpec(mask, comp, op == "!=")
-        value = self._flag_bits(words)
-        if mask is not None:
-            return ir.TcpFlagsSpec(mask, value, op == "!=")
-        if op in ("==", "!="):
-            return ir.TcpFlagsSpec(0xFF, value, op == "!=")
-        if op == "implicit":  # any of them set: not (none of them set)
-            return ir.TcpFlagsSpec(value, 0, True)
-        return ir.TcpFlagsSpec(value, 0)  # ! F: none of them set
-
-    def _int(self, word: Word, what: str = "a number", known=None) -> int:
-        try:
-            return int(word.value, 0)
-        except ValueError:
-            raise self.error(word, f"{what} expected",
-                             ", ".join(known) if known else None) from None
-
-
-def _range_text(r: ir.Range) -> str:
-    return str(r.low) if r.single else f"{r.low}-{r.high}"
-
 
 def _merge(matches: tuple[ir.Match, ...]) -> tuple[ir.Match, ...]:
     """The protocol an expression implies once (nft tests it once per rule as well), and

@@ -1,0 +1,26 @@
+"""The words of an nft statement, as the grammar gives them: a word or string with its
+position, and an anonymous set of elements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+
+@dataclass(frozen=True)
+class Word:
+    value: str
+    line: int
+    column: int
+    quoted: bool = False
+
+
+@dataclass(frozen=True)
+class SetLiteral:
+    """`{ a, b . c, d : accept }`: each element is the words between commas."""
+
+    elements: tuple[tuple[Union[Word, "SetLiteral"], ...], ...]
+    word: Word  # the opening brace
+
+
+Item = Union[Word, SetLiteral]

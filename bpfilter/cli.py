@@ -394,8 +394,7 @@ def list_cmd(iface: Optional[str], verbose: bool, numeric: bool, exact: bool,
     """The running rules per chain, with their counters, like `iptables -L -v` (an
     nftables ruleset's rules in nft's words)."""
     from bpfilter.deploy import LiveCounters
-    from bpfilter.frontend.iptables.save import rule_text
-    from bpfilter.frontend.nft.save import rule_text as nft_rule_text
+    from bpfilter.frontend import rule_words
 
     for paths, d, ruleset in _deployed(iface):
         console.print(f"[bold]{d.iface}[/] ({d.where}, {d.source})")
@@ -422,9 +421,8 @@ def list_cmd(iface: Optional[str], verbose: bool, numeric: bool, exact: bool,
                         c = live(table.name, chain.name, index)
                         counts = [_human(c.packets, exact), _human(c.bytes, exact)] \
                             if verbose else []
-                        text = rule_text(chain.name, rule).removeprefix(
-                            f"-A {chain.name} ") if table.xtables else nft_rule_text(rule)
-                        out.add_row(str(index + 1), *counts, text)
+                        out.add_row(str(index + 1), *counts,
+                                    rule_words(table, chain.name, rule))
                     console.print(out if chain.rules else "")
 
 

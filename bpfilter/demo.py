@@ -16,9 +16,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.packet import Packet
 
 from bpfilter import deploy, ir, netns, state
-from bpfilter.frontend import parse_ruleset
-from bpfilter.frontend.iptables.save import rule_text
-from bpfilter.frontend.nft.save import rule_text as nft_rule_text
+from bpfilter.frontend import parse_ruleset, rule_words
 from bpfilter.testbed import SERVER_ADDR, VethBed
 
 
@@ -142,6 +140,4 @@ def rule_label(ruleset: ir.Ruleset, table: str, chain: str, index: int) -> str:
     c = t.chain(chain)
     if index < 0:
         return f"policy {c.policy.value} of {chain}"
-    if t.xtables:
-        return rule_text(chain, c.rules[index], t.family).removeprefix(f"-A {chain} ")
-    return nft_rule_text(c.rules[index], family=t.family)
+    return rule_words(t, chain, c.rules[index])

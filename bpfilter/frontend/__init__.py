@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 
 from bpfilter.frontend.iptables.parser import parse_iptables_save
+from bpfilter.frontend.iptables.save import rule_text
 from bpfilter.frontend.nft.jsonformat import parse_nft_json
 from bpfilter.frontend.nft.parser import parse_nft
-from bpfilter.ir import Family, Ruleset
+from bpfilter.frontend.nft.save import rule_text as nft_rule_text
+from bpfilter.ir import Family, Rule, Ruleset, Table
 
 # iptables-save text has a `*table` line before anything else that is not a comment; an
 # nftables ruleset starts with a table block or a command.
@@ -38,4 +40,12 @@ def parse_ruleset(text: str, source: str = "<stdin>") -> Ruleset:
     return parse_nft_json(text, source) if kind == "nft-json" else parse_nft(text, source)
 
 
-__all__ = ["dialect", "parse_ruleset", "parse_iptables_save", "parse_nft", "parse_nft_json"]
+def rule_words(table: Table, chain: str, rule: Rule) -> str:
+    """A rule in its ruleset's own words: iptables' options, or nft's expressions."""
+    if table.xtables:
+        return rule_text(chain, rule, table.family).removeprefix(f"-A {chain} ")
+    return nft_rule_text(rule, family=table.family)
+
+
+__all__ = ["dialect", "parse_ruleset", "parse_iptables_save", "parse_nft", "parse_nft_json",
+           "rule_words"]

@@ -35,6 +35,8 @@ def validate(ruleset: ir.Ruleset,
     tables = []
     for table in ruleset.tables:
         chains = []
+        # A table not compiled has no rules left, and its chains run nowhere.
+        runs = not table.xtables or table.name in COMPILED_TABLES
         for chain in table.chains:
             _check_jumps(table, chain)
             keep = []
@@ -44,8 +46,6 @@ def validate(ruleset: ir.Ruleset,
                     keep.append(rule)
                 else:
                     unsupported(problem)
-            # A table not compiled has no rules left, and its chains run nowhere.
-            runs = not table.xtables or table.name in COMPILED_TABLES
             chains.append(dataclasses.replace(chain, rules=tuple(keep),
                                               hook=chain.hook if runs else None))
         tables.append(dataclasses.replace(table, chains=tuple(chains)))

@@ -41,16 +41,19 @@ class Comparisons:
         """Sets the IR takes whole: ports (multiport), connection states."""
         if kind in ("tcp sport", "tcp dport", "udp sport", "udp dport", "th sport",
                     "th dport"):
-            proto, field_ = kind.split()
-            ports = ir.MultiportMatch("src" if field_ == "sport" else "dst",
-                                      tuple(self._port_range(v[0]) for v in values), negate,
-                                      partial_header=True)
-            # th: the two ports' place in any transport header, whichever protocol
-            return (ports,) if proto == "th" else (ir.ProtocolMatch(names.PROTOCOLS[proto]),
-                                                   ports)
+            return self._ports(kind, [self._port_range(v[0]) for v in values], negate)
         if kind == "ct state":
             return (self._states([w for v in values for w in v], negate),)
         return None
+
+    def _ports(self, kind: str, ports: list[ir.Range],
+               negate: bool) -> tuple[ir.Match, ...]:
+        """Ports in a list, of tcp or udp, or with th of any transport header."""
+        proto, field_ = kind.split()
+        match = ir.MultiportMatch("src" if field_ == "sport" else "dst", tuple(ports),
+                                  negate, partial_header=True)
+        return (match,) if proto == "th" else (ir.ProtocolMatch(names.PROTOCOLS[proto]),
+                                               match)
 
     def _compare(self, selector: tuple[str, Word], op: str, mask: Optional[int],
                  words: list[Word]) -> tuple[ir.Match, ...]:
@@ -70,8 +73,8 @@ class Comparisons:
         if kind in ("ip protocol", "meta l4proto"):
             return (ir.ProtocolMatch(self._protocol(first), negate),)
         if kind in ("th sport", "th dport"):
-            return self._set_match(kind, [[Word(_range_text(self._ordered(
-                self._port_range(first), op, 65535)), first.line, first.column)]], negate)
+            return self._ports(kind, [self._ordered(self._port_range(first), op, 65535)],
+                               negate)
         if kind in ("tcp sport", "tcp dport", "udp sport", "udp dport"):
             proto, field_ = kind.split()
             spec = ir.PortSpec(self._ordered(self._port_range(first), op, 65535), negate)
@@ -272,7 +275,3 @@ class Comparisons:
         except ValueError:
             raise self.error(word, f"{what} expected",
                              ", ".join(known) if known else None) from None
-
-
-def _range_text(r: ir.Range) -> str:
-    return str(r.low) if r.single else f"{r.low}-{r.high}"

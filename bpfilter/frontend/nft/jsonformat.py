@@ -9,16 +9,22 @@ command it was read as.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from typing import Any
 
 from bpfilter import ir
 from bpfilter.errors import InputError
-from bpfilter.frontend.nft.parser import parse_nft
+from bpfilter.frontend.nft.parser import grammar, parse_nft
 
-_PLAIN = re.compile(r"[A-Za-z0-9_./:@$*%\[\]-]+")
 _KEYWORD_VALUES = ("accept", "drop", "return", "continue")
+
+
+@functools.cache
+def _plain() -> re.Pattern:
+    """What the text grammar reads as one word (grammar/nft.lark's WORD): written bare."""
+    return re.compile(grammar().get_terminal("WORD").pattern.to_regexp())
 
 
 def _value(value: Any) -> str:
@@ -27,7 +33,7 @@ def _value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return str(value)
     if isinstance(value, str):
-        return value if _PLAIN.fullmatch(value) else json.dumps(value)
+        return value if _plain().fullmatch(value) else json.dumps(value)
     if isinstance(value, list):  # flags: ["established", "related"]
         return ",".join(_value(v) for v in value)
     return _expr(value)

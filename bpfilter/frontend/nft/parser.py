@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional
 
 import lark
 
@@ -20,7 +20,7 @@ from bpfilter import ir
 from bpfilter.errors import InputError
 from bpfilter.frontend.nft import names
 from bpfilter.frontend.nft.rule import NamedSet, RuleReader
-from bpfilter.frontend.nft.words import SetLiteral, Word
+from bpfilter.frontend.nft.words import Item, SetLiteral, Word, error_at, word_of
 from bpfilter.resources import resource_dir
 
 
@@ -62,12 +62,9 @@ class _Braces:
 
 
 @functools.cache
-def _grammar() -> lark.Lark:
+def grammar() -> lark.Lark:
     text = (resource_dir("grammar") / "nft.lark").read_text()
     return lark.Lark(text, parser="lalr", postlex=_Braces(), propagate_positions=True)
-
-
-Item = Union[Word, SetLiteral]
 
 
 @dataclass
@@ -132,7 +129,7 @@ def _statements(tree: lark.Tree, source: str) -> list[Statement]:
         block = node.children[-1] if isinstance(node.children[-1], lark.Tree) and \
             node.children[-1].data == "block" else None
         words = _items(node.children[:-1] if block is not None else node.children, source)
-        first = words[0].word if isinstance(words[0], SetLiteral) else words[0]
+        first = word_of(words[0])
         result.append(Statement(words, _statements(block, source) if block is not None
                                 else None, first.line, first.column))
     return result
@@ -143,14 +140,13 @@ class NftReader:
         self.source = source
         self.tables: dict[tuple[str, str], _Table] = {}
 
-    def error(self, word: Word, why: str, supported: Optional[str] = None) -> InputError:
-        return InputError(self.source, word.line, word.value, why, supported, word.column)
+    def error(self, word: Item, why: str, supported: Optional[str] = None) -> InputError:
+        return error_at(self.source, word, why, supported)
 
     def _word(self, statement: Statement, index: int, what: str) -> Word:
         if index >= len(statement.words) or not isinstance(statement.words[index], Word):
-            last = statement.words[min(index, len(statement.words)) - 1]
-            last = last.word if isinstance(last, SetLiteral) else last
-            raise self.error(last, f"{what} expected after this")
+            raise self.error(statement.words[min(index, len(statement.words)) - 1],
+                             f"{what} expected after this")
         return statement.words[index]
 
     # ------------------------------------------------------------------ top level
@@ -350,25 +346,23 @@ class NftReader:
     def _rules(self, table: _Table, chain: _Chain, words: list[Item],
                statement: Statement) -> list[ir.Rule]:
         if chain.nat:
-            first = words[0].word if isinstance(words[0], SetLiteral) else words[0]
-            raise self.error(first, f"rules in NAT chain '{chain.name}' are not supported "
+            raise self.error(words[0], f"rules in NAT chain '{chain.name}' are not supported "
                              "yet", "filter and route chains")
         origin = ir.Origin(self.source, statement.line, statement.column)
         reader = RuleReader(words, self.source, table.sets, table.name,
                             names.TABLE_FAMILIES[table.kind])
         rules, statements = reader.read(origin)
         if chain.device is not None and not reader.ipv4_only:
-            first = words[0].word if isinstance(words[0], SetLiteral) else words[0]
-            raise self.error(first, "in a netdev chain this rule also sees ARP and IPv6 "
+            raise self.error(words[0], "in a netdev chain this rule also sees ARP and IPv6 "
                              "frames, which bpfilter does not filter yet",
                              "rules with an ip or icmp expression, or meta protocol ip")
         if statements is not None:
             # Several statements (log then drop, a mark then accept): a chain of their
-            # own, called when the rule matches, runs them in order.
-            if any(not _once(s.target) for s in statements[:-1]) or any(
-                    isinstance(s.target, ir.ReturnTarget) or
-                    (isinstance(s.target, ir.JumpTarget) and s.target.goto)
-                    for s in statements):
+            # own, called when the rule matches, runs them in order. Only the last can be
+            # a verdict (rule.py); return or goto there would leave the wrong chain.
+            last = statements[-1].target
+            if isinstance(last, ir.ReturnTarget) or (isinstance(last, ir.JumpTarget)
+                                                     and last.goto):
                 raise self.error(reader.first_statement,
                                  "return or goto after another statement is not supported",
                                  "statements, then accept, drop, reject or jump")
@@ -466,14 +460,9 @@ def _final(target: Optional[ir.Target]) -> bool:
         isinstance(target, ir.JumpTarget) and target.goto)
 
 
-def _once(target: Optional[ir.Target]) -> bool:
-    """A statement after which the rule goes on."""
-    return not _final(target) and not isinstance(target, ir.JumpTarget)
-
-
 def parse_nft(text: str, source: str = "<stdin>") -> ir.Ruleset:
     try:
-        tree = _grammar().parse(text if text.endswith("\n") else text + "\n")
+        tree = grammar().parse(text if text.endswith("\n") else text + "\n")
     except lark.exceptions.UnexpectedInput as exc:
         raise _syntax_error(exc, text, source) from None
     reader = NftReader(source)

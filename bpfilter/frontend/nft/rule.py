@@ -20,7 +20,7 @@ from bpfilter import ir
 from bpfilter.errors import InputError
 from bpfilter.frontend.nft import names
 from bpfilter.frontend.nft.compare import TUPLE_FIELDS, SUPPORTED, Comparisons
-from bpfilter.frontend.nft.words import Item, SetLiteral, Word
+from bpfilter.frontend.nft.words import Item, SetLiteral, Word, error_at
 
 if TYPE_CHECKING:
     from bpfilter.frontend.nft.parser import NftReader
@@ -73,6 +73,7 @@ _V6_SELECTORS = {("ip6", "saddr"): "ip saddr", ("ip6", "daddr"): "ip daddr",
                  ("icmpv6", "code"): "icmp code"}
 _META_SHORT = ("iifname", "oifname", "iif", "oif", "mark", "l4proto", "length")
 
+
 @dataclass(frozen=True)
 class _Choice:
     """One way a rule's expression can hold: matches, and a verdict when it came from a
@@ -106,8 +107,7 @@ class RuleReader(Comparisons):
     # ----------------------------------------------------------------- words
 
     def error(self, word: Item, why: str, supported: Optional[str] = None) -> InputError:
-        word = word.word if isinstance(word, SetLiteral) else word
-        return InputError(self.source, word.line, word.value, why, supported, word.column)
+        return error_at(self.source, word, why, supported)
 
     def peek(self, ahead: int = 0) -> Optional[Item]:
         at = self.pos + ahead
@@ -446,9 +446,12 @@ class RuleReader(Comparisons):
         if op == "!=":
             return [_Choice(tuple(m for w in words
                                   for m in self._compare(selectors[0], "!=", mask, w[0])))]
-        return [_Choice(tuple(m for sel, part in zip(selectors, w)
-                              for m in self._compare(sel, "==", mask, part)))
-                for w in words]
+        return [_Choice(self._element_matches(selectors, mask, w)) for w in words]
+
+    def _element_matches(self, selectors, mask, parts) -> tuple[ir.Match, ...]:
+        """A packet whose fields equal an element's parts."""
+        return tuple(m for sel, part in zip(selectors, parts)
+                     for m in self._compare(sel, "==", mask, part))
 
     def _element_words(self, element: tuple[Item, ...], parts: int) -> list[list[Word]]:
         """An element's parts (split at the concatenation's dots), each its words."""
@@ -486,9 +489,7 @@ class RuleReader(Comparisons):
             target = sub._verdict(sub.next_word("a verdict"))
             if sub.peek() is not None:
                 raise self.error(sub.peek(), "one verdict per map element")
-            matches = tuple(m for sel, part in zip(selectors, parts)
-                            for m in self._compare(sel, "==", mask, part))
-            choices.append(_Choice(matches, target))
+            choices.append(_Choice(self._element_matches(selectors, mask, parts), target))
         self.verdict_map = True
         self.may_overlap |= len(selectors) > 1
         return choices
@@ -507,9 +508,10 @@ class RuleReader(Comparisons):
         last[0] = _Choice(last[0].matches[:-1] + (replace(icmp, codes=codes),))
         return ()
 
+
 def _merge(matches: tuple[ir.Match, ...]) -> tuple[ir.Match, ...]:
     """The protocol an expression implies once (nft tests it once per rule as well), and
-    one TCP, UDP or ICMP match of the fields given (`tcp dport 22 tcp flags syn`)."""
+    one TCP or UDP match of the fields given (`tcp dport 22 tcp flags syn`)."""
     merged: list[ir.Match] = []
     for match in matches:
         if match in merged and isinstance(match, ir.ProtocolMatch):

@@ -4,7 +4,9 @@ position, and an anonymous set of elements."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
+
+from bpfilter.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -24,3 +26,14 @@ class SetLiteral:
 
 
 Item = Union[Word, SetLiteral]
+
+
+def word_of(item: Item) -> Word:
+    """Where an item is: a set by its opening brace."""
+    return item.word if isinstance(item, SetLiteral) else item
+
+
+def error_at(source: str, item: Item, why: str,
+             supported: Optional[str] = None) -> InputError:
+    word = word_of(item)
+    return InputError(source, word.line, word.value, why, supported, word.column)

@@ -177,7 +177,7 @@ def _compiled_as(chain: tuple[str, str], as_data: set, segments: set) -> str:
 def _print_summary(result, output: Path) -> None:
     from bpfilter.passes.validate import COMPILED_TABLES
 
-    compiled_rules = {(t.name, c.name): len(c.rules) for t in result.ruleset.tables
+    compiled_rules = {(t.key, c.name): len(c.rules) for t in result.ruleset.tables
                       for c in t.chains}
     reached: dict[tuple[str, str], list[str]] = {}
     for stage in result.stages:
@@ -192,14 +192,14 @@ def _print_summary(result, output: Path) -> None:
         for chain in table.chains:
             if not chain.rules and table.name not in COMPILED_TABLES:
                 continue
-            chains.add_row(table.name, chain.name,
+            key = table.key, chain.name
+            chains.add_row(table.key, chain.name,
                            chain.policy.value if chain.policy else "-",
                            str(len(chain.rules)),
-                           str(compiled_rules.get((table.name, chain.name), 0)),
-                           ", ".join(reached.get((table.name, chain.name), [
+                           str(compiled_rules.get(key, 0)),
+                           ", ".join(reached.get(key, [
                                "nothing to run" if chain.builtin else "not reached"])),
-                           _compiled_as((table.name, chain.name), as_data, segments)
-                           if (table.name, chain.name) in reached else "-")
+                           _compiled_as(key, as_data, segments) if key in reached else "-")
     console.print(chains)
 
     programs = Table(title="programs", title_justify="left")
@@ -387,8 +387,8 @@ def _human(value: int, exact: bool) -> str:
               "addresses and ports are always numeric.")
 @click.option("-x", "--exact", is_flag=True, help="Exact counter values, no K/M units.")
 @click.option("-t", "--table", "only", metavar="TABLE",
-              help="Only this table: raw, mangle or filter, or an nftables table's name "
-                   "(default: every table the ruleset has).")
+              help="Only this table: raw, mangle or filter (ip6tables' as well), or an "
+                   "nftables table's name (default: every table the ruleset has).")
 def list_cmd(iface: Optional[str], verbose: bool, numeric: bool, exact: bool,
              only: Optional[str]) -> None:
     """The running rules per chain, with their counters, like `iptables -L -v` (an
@@ -403,14 +403,14 @@ def list_cmd(iface: Optional[str], verbose: bool, numeric: bool, exact: bool,
                 for chain in table.chains:
                     if not chain.rules and not chain.builtin:
                         continue
-                    policy = live(table.name, chain.name, -1)
+                    policy = live(table.key, chain.name, -1)
                     head = f"Chain {chain.name} "
                     head += (f"(policy {chain.policy.value}" + (
                         f" {_human(policy.packets, exact)} packets, "
                         f"{_human(policy.bytes, exact)} bytes)" if verbose else ")")
                              if chain.builtin else "(user-defined)")
                     console.print(f"[bold]{head}[/]" + (
-                        "" if table.name == "filter" else f" [dim]({table.name})[/]"))
+                        "" if table.key == "filter" else f" [dim]({table.key})[/]"))
                     out = Table(box=None, pad_edge=False)
                     out.add_column("num", justify="right")
                     if verbose:
@@ -418,7 +418,7 @@ def list_cmd(iface: Optional[str], verbose: bool, numeric: bool, exact: bool,
                         out.add_column("bytes", justify="right")
                     out.add_column("rule")
                     for index, rule in enumerate(chain.rules):
-                        c = live(table.name, chain.name, index)
+                        c = live(table.key, chain.name, index)
                         counts = [_human(c.packets, exact), _human(c.bytes, exact)] \
                             if verbose else []
                         out.add_row(str(index + 1), *counts,

@@ -50,17 +50,6 @@ def _timed(timings: dict[str, float], phase: str):
         timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
 
 
-def _refuse_ipv6(ruleset: ir.Ruleset) -> None:
-    """The front-ends read IPv6 rulesets (translate prints them); programs filter IPv4."""
-    for table in ruleset.tables:
-        if table.family is ir.Family.IPV6:
-            origin = table.origin or ir.Origin(ruleset.source, 0)
-            raise InputError(origin.file, origin.line, table.name,
-                             "IPv6 rulesets are not compiled yet (bpfilter translate "
-                             "reads them)", "IPv4 rulesets: iptables-save, nft tables of "
-                             "family ip", origin.column)
-
-
 def compile_ruleset(text: str, source: str, out_dir: Path, emit: str = "obj",
                     verify: bool = True,
                     on_unsupported: Optional[Callable[[InputError], None]] = None,
@@ -77,7 +66,6 @@ def compile_ruleset(text: str, source: str, out_dir: Path, emit: str = "obj",
 
     with _timed(timings, "parse"):
         parsed = parse_ruleset(text, source)
-    _refuse_ipv6(parsed)
     with _timed(timings, "passes"):
         ruleset = validate(parsed, skip if on_unsupported is not None else None)
         folds, classification = classify(ruleset, fold_chains(ruleset))

@@ -39,7 +39,8 @@ def open_shared(paths: Paths) -> dict[str, Map]:
             m.close()
         raise KernelError(
             f"the connection table pinned at {paths.conntrack} was made by another version "
-            f"of bpfilter ({table.value_size}-byte entries; this one uses {_ENTRY.size}): "
+            f"of bpfilter ({table.key_size}-byte keys, {table.value_size}-byte entries; this "
+            f"one uses {_KEY.size} and {_ENTRY.size}): "
             "its connections cannot carry over. Detach the rulesets that use it (bpfilter "
             "status lists them), then apply again.")
     return maps
@@ -68,14 +69,21 @@ def remove_table(paths: Paths) -> None:
         remove_tree(paths.conntrack)
 
 
-# struct bf_ct_key and struct bf_ct_entry (templates/conntrack.h); addresses in host order.
-_KEY = struct.Struct("<IIHHI")
+# struct bf_ct_key and struct bf_ct_entry (templates/conntrack.h); addresses in host order,
+# four words each (an IPv4 address in the first).
+_KEY = struct.Struct("<4I4IHHBB2x")
 _ENTRY = struct.Struct("<QBBBBBBBBIH2xIII" + "IIIIBB2x" * 2 + "4x")
 _MARK = 9  # the field's place in _ENTRY
 TCP_STATES = ("NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT",
               "LAST_ACK", "TIME_WAIT", "CLOSE", "SYN_SENT2")
 _PROTOCOLS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp",
-              socket.IPPROTO_ICMP: "icmp"}
+              socket.IPPROTO_ICMP: "icmp", socket.IPPROTO_ICMPV6: "icmpv6"}
+
+
+def _address(words: tuple[int, ...], family: int) -> str:
+    if family == 6:
+        return str(ipaddress.IPv6Address(sum(w << (96 - 32 * i) for i, w in enumerate(words))))
+    return str(ipaddress.IPv4Address(words[0]))
 
 
 @dataclass(frozen=True)
@@ -121,21 +129,23 @@ def connections(paths: Paths) -> Iterator[Connection]:
             value = table.lookup(key)
             if value is None:
                 continue
-            a0, a1, p0, p1, proto = _KEY.unpack(key)
+            fields = _KEY.unpack(key)
+            a0, a1 = _address(fields[0:4], fields[11]), _address(fields[4:8], fields[11])
+            p0, p1, proto = fields[8:11]
             fields = _ENTRY.unpack(value)
             (expires, orig, replied, tcp), mark = fields[:4], fields[_MARK]
             if expires <= now:
                 continue
             ends = [(a0, p0), (a1, p1)]
-            if proto == socket.IPPROTO_ICMP:  # endpoint 0 asked; the ports are id, type
+            if proto in (socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6):
+                # endpoint 0 asked; the ports are id, type
                 (src, sport), (dst, _) = ends
                 dport = p1
             else:
                 (src, sport), (dst, dport) = ends[orig], ends[1 - orig]
             yield Connection(_PROTOCOLS.get(proto, str(proto)),
                              TCP_STATES[tcp] if proto == socket.IPPROTO_TCP and tcp < 10
-                             else "-", (expires - now) // 1_000_000_000,
-                             str(ipaddress.IPv4Address(src)), str(ipaddress.IPv4Address(dst)),
+                             else "-", (expires - now) // 1_000_000_000, src, dst,
                              sport, dport, bool(replied), mark)
     finally:
         table.close()

@@ -366,6 +366,10 @@ _REJECT_ICMP_CODES = {
     RejectWith.NET_PROHIBITED: 9,
     RejectWith.HOST_PROHIBITED: 10,
     RejectWith.ADMIN_PROHIBITED: 13,
+    RejectWith.ICMP6_NO_ROUTE: 0,
+    RejectWith.ICMP6_ADM_PROHIBITED: 1,
+    RejectWith.ICMP6_ADDR_UNREACHABLE: 3,
+    RejectWith.ICMP6_PORT_UNREACHABLE: 4,
 }
 
 
@@ -475,6 +479,12 @@ class Table:
     xtables: bool = True
     family: Family = Family.IPV4
 
+    @property
+    def key(self) -> str:
+        """What tells the table apart in a ruleset of both families: an ip and an ip6 table
+        may share a name (iptables' and ip6tables' filter)."""
+        return self.name if self.family is Family.IPV4 else f"ip6 {self.name}"
+
     def chain(self, name: str) -> Optional[Chain]:
         return self._by_name.get(name)
 
@@ -494,8 +504,9 @@ class Ruleset:
     tables: tuple[Table, ...] = field(default_factory=tuple)
     source: str = "<input>"
 
-    def table(self, name: str) -> Optional[Table]:
-        return next((t for t in self.tables if t.name == name), None)
+    def table(self, key: str) -> Optional[Table]:
+        """The table of this key (Table.key: its name, for an IPv4 table)."""
+        return next((t for t in self.tables if t.key == key), None)
 
     def rules(self):
         """Every rule with its table and chain, in file order."""

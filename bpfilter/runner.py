@@ -19,7 +19,7 @@ from bpfilter.loader.objects import Map, Object, Program
 CLASSIFIER_MAPS = ("bf_cls_bits", "bf_cls_proto", "bf_cls_sport", "bf_cls_dport",
                    "bf_cls_saddr", "bf_cls_daddr", "bf_cls_entries", "bf_cls_segments")
 STAGE_MAPS = ("bf_counters", "bf_ifmatch", "bf_limits", "bf_log", "bf_prefixes", "bf_exact",
-              "bf_local", "bf_gen")
+              "bf_local", "bf_local6", "bf_gen")
 # The connection table (templates/conntrack.h): one per network namespace.
 CONNTRACK_MAPS = ("bf_conntrack", "bf_ct_created")
 # The maps that hold two generations (see templates/bpfilter.h).
@@ -34,22 +34,25 @@ def stage_maps(program) -> tuple[str, ...]:
 
 def generation_maps(program) -> tuple[str, ...]:
     return GENERATION_MAPS + (CLASSIFIER_MAPS if program.classifier is not None else ())
-RT_TABLE_LOCAL, RTN_LOCAL, RTN_BROADCAST = 255, 2, 3
+RT_TABLE_LOCAL, RTN_LOCAL, RTN_BROADCAST, RTN_ANYCAST = 255, 2, 3, 4
+# The routes of the `local` table the kernel delivers to INPUT by, per family.
+_DELIVERED = {socket.AF_INET: (RTN_LOCAL, RTN_BROADCAST), socket.AF_INET6: (RTN_LOCAL, RTN_ANYCAST)}
+# bf_local6's values (templates/bpfilter.h: enum bf_local6)
+_LOCAL6_ROUTE, _LOCAL6_ADDRESS = 1, 2
 
 
-def local_destinations() -> list[tuple[int, int]]:
-    """(address, prefix length) of the local and broadcast routes of the current network
-    namespace's `local` table: where the kernel delivers packets to INPUT."""
+def local_destinations(family: int = socket.AF_INET) -> list[tuple[ir.IPNetwork, int]]:
+    """The current network namespace's `local` table routes that deliver to INPUT (local
+    and broadcast for IPv4, local and anycast for IPv6), each with its route type."""
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
-        routes = ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_LOCAL)
+        routes = ipr.get_routes(family=family, table=RT_TABLE_LOCAL)
     found = []
     for route in routes:
-        if route["type"] in (RTN_LOCAL, RTN_BROADCAST):
-            dst = route.get_attr("RTA_DST")
-            if dst is not None:
-                found.append((int(ipaddress.IPv4Address(dst)), route["dst_len"]))
+        dst = route.get_attr("RTA_DST")
+        if route["type"] in _DELIVERED[family] and dst is not None:
+            found.append((ipaddress.ip_network(f"{dst}/{route['dst_len']}"), route["type"]))
     return found
 
 
@@ -181,8 +184,15 @@ class LoadedRuleset:
             fill_classifier(self.code, {name: self.map(name) for name in CLASSIFIER_MAPS},
                             gen=0)
         local = self.map("bf_local")
-        for address, length in local_destinations():
-            local.update(struct.pack("<I", length) + struct.pack(">I", address), b"\x01")
+        for network, _kind in local_destinations():
+            local.update(struct.pack("<I", network.prefixlen) + network.network_address.packed,
+                         b"\x01")
+        local6 = self.map("bf_local6")
+        for network, kind in local_destinations(socket.AF_INET6):
+            # An address of this host: ICMPv6 errors come from it (icmp6_send()).
+            address = kind == RTN_LOCAL and network.prefixlen == 128
+            local6.update(struct.pack("<I", network.prefixlen) + network.network_address.packed,
+                          bytes([_LOCAL6_ADDRESS if address else _LOCAL6_ROUTE]))
 
     def counters(self, table: str, chain: str, index: int) -> ir.Counters:
         """Counters of a rule (index -1: the chain policy), summed over CPUs."""

@@ -1,7 +1,9 @@
 """A client and a server namespace joined by a veth pair, for the demo and the tests.
 
-The server owns 198.18.0.0/15 (a local route, so any address in it is local) and routes
-everything else back through the client (100.64.0.2). The client runs a pass-through XDP program
+The server owns 198.18.0.0/15 and 2001:db8:1::/48 (local routes, so any address in them is
+local) and routes everything else back through the client (100.64.0.2, 2001:db8:ff::2,
+a neighbour it knows: the client has no IPv6 stack to answer neighbour discovery, nor to
+send anything of its own). The client runs a pass-through XDP program
 (veth hands XDP_TX frames, i.e. bpfilter's REJECT replies, only to a peer that runs XDP) and
 sends frames from a raw socket. After each frame it sends an ARP request: the server
 handles it after the frame, so its answer says the frame has been dealt with, without
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from scapy.layers.inet import IP
+from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Packet
 
@@ -33,6 +36,8 @@ from bpfilter.runner import LoadedRuleset
 # The client must not be inside the server's local range: it is the server's gateway.
 SERVER_ADDR, CLIENT_ADDR = "198.18.0.1", "100.64.0.2"
 SERVER_NET = "198.18.0.0/15"
+SERVER_ADDR6, CLIENT_ADDR6 = "2001:db8:1::1", "2001:db8:ff::2"
+SERVER_NET6 = "2001:db8:1::/48"
 PASS_ALL = "*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n"
 FAR_NET = "203.0.113.0/24"
 ROUTER_LINK, FAR_LINK = "192.0.2.1", "192.0.2.2"  # the server's eth1, the far end
@@ -46,12 +51,21 @@ _FORWARD_GRACE = 0.02
 _LOOPBACK_GRACE = 0.01
 
 
+def network_layer(frame: Packet) -> Optional[Packet]:
+    """A frame's IPv4 or IPv6 packet (None for others: ARP)."""
+    for layer in (IP, IPv6):
+        if layer in frame:
+            return frame[layer]
+    return None
+
+
 def _answer_everyone(namespace: str, ifname: str) -> None:
     """Deterministic answers: no reverse-path filter (the tests send from any source) and
     no per-destination ICMP rate limit."""
     for key in ("all", "default", ifname):
         netns.sysctl(namespace, f"net.ipv4.conf.{key}.rp_filter", "0")
     netns.sysctl(namespace, "net.ipv4.icmp_ratelimit", "0")
+    netns.sysctl(namespace, "net.ipv6.icmp.ratelimit", "0")
 
 
 def _drain(sock: socket.socket) -> None:
@@ -104,6 +118,13 @@ class VethBed:
         _answer_everyone(self.server, "eth0")
         self.server_index, self.server_mac = netns.link_info(self.server, "eth0")
         self.client_index, self.client_mac = netns.link_info(self.client, "eth0")
+        netns.sysctl(self.client, "net.ipv6.conf.all.disable_ipv6", "1")
+        srv("ip", "-6", "addr", "add", f"{SERVER_ADDR6}/128", "dev", "eth0", "nodad")
+        srv("ip", "-6", "route", "add", "local", SERVER_NET6, "dev", "lo")
+        srv("ip", "-6", "route", "add", CLIENT_ADDR6, "dev", "eth0")
+        srv("ip", "-6", "route", "add", "default", "via", CLIENT_ADDR6, "dev", "eth0")
+        srv("ip", "-6", "neigh", "replace", CLIENT_ADDR6, "lladdr", self.client_mac,
+            "dev", "eth0", "nud", "permanent")
         self._passthrough = LoadedRuleset(compile_ruleset(
             PASS_ALL, "<pass-through>", build_dir / "pass-through", verify=False))
         if server_xdp:
@@ -154,20 +175,21 @@ class VethBed:
     def frame(self, packet: Packet) -> bytes:
         return bytes(Ether(src=self.client_mac, dst=self.server_mac) / packet)
 
-    def send(self, frame: bytes) -> list[IP]:
-        """Send one frame; the IPv4 packets that came back to its source address."""
+    def send(self, frame: bytes) -> list[Packet]:
+        """Send one frame; the IPv4 or IPv6 packets that came back to its source address."""
         _drain(self.sock)
         self.sock.send(frame)
         self.sock.send(self._arp)
-        source = Ether(frame)[IP].src if IP in Ether(frame) else None
-        replies: list[IP] = []
+        source = network_layer(Ether(frame))
+        source = source.src if source is not None else None
+        replies: list[Packet] = []
         give_up = time.monotonic() + 1.0
         grace_end: Optional[float] = None  # set by the ARP answer
         for packet in _incoming(self.sock, lambda: grace_end or give_up):
             if ARP in packet and packet[ARP].op == 2 and grace_end is None:
                 grace_end = time.monotonic() + self._grace
-            elif IP in packet and packet[IP].dst == source:
-                replies.append(packet[IP])
+            elif (layer := network_layer(packet)) is not None and layer.dst == source:
+                replies.append(layer)
         return replies
 
     def send_from_server(self, packet: bytes) -> list[IP]:
@@ -203,8 +225,12 @@ class VethBed:
         return counters
 
     def delivered(self) -> int:
-        """IPv4 packets the server's stack delivered locally (IpInDelivers)."""
-        return self.snmp()["Ip:InDelivers"]
+        """IPv4 and IPv6 packets the server's stack delivered locally (Ip:InDelivers,
+        Ip6InDelivers)."""
+        with netns.entered(self.server), open("/proc/thread-self/net/snmp6") as snmp6:
+            ipv6 = next(int(line.split()[1]) for line in snmp6
+                        if line.startswith("Ip6InDelivers "))
+        return self.snmp()["Ip:InDelivers"] + ipv6
 
     def forwarded(self) -> int:
         """IPv4 packets the far namespace received (0 without one)."""

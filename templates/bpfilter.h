@@ -1,14 +1,16 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /* bpfilter runtime shared by every generated stage program.
  *
- * The generated program defines BF_NSLOTS, BF_NLIMITS, BF_NIFPATTERNS, BF_NPREFIXES and BF_NEXACT before including
- * this file: capacities, rounded up so that a ruleset that differs only in the contents of
- * its maps compiles to the same program.
+ * The generated program defines BF_NSLOTS, BF_NLIMITS, BF_NIFPATTERNS, BF_NPREFIXES and
+ * BF_NEXACT before including this file: capacities, rounded up so that a ruleset that
+ * differs only in the contents of its maps compiles to the same program; and BF_IPV6 when
+ * it filters IPv6 (without it IPv6 frames are the kernel's).
  *
  * Every map that depends on the ruleset's contents (counters, token buckets, folded runs)
  * holds two generations, and bf_gen says which one is live: `apply` of a ruleset that
  * compiles to the running program writes the other generation, then flips bf_gen, one
- * atomic map update, so no packet sees half of an update. Packets are parsed once into struct bf_pkt; the chain functions only read it.
+ * atomic map update, so no packet sees half of an update. Packets are parsed once into
+ * struct bf_pkt; the chain functions only read it.
  */
 #pragma once
 
@@ -17,9 +19,19 @@
 #include <bpf/bpf_endian.h>
 
 #define BF_ETH_P_IP 0x0800
+#define BF_ETH_P_IPV6 0x86DD
+#ifndef IPPROTO_ICMPV6
+#define IPPROTO_ICMPV6 58 /* a macro of the UAPI headers, not in vmlinux.h */
+#endif
 #define BF_IP_DF 0x4000
 #define BF_TTL 64 /* net.ipv4.ip_default_ttl, what the kernel's replies carry */
 #define BF_ICMP_QUOTE_MAX 548 /* 576 - IP header - ICMP header, as icmp_send() quotes */
+#define BF_ICMP6_QUOTE_MAX 1232 /* 1280 - IPv6 header - ICMPv6 header (icmp6_send()) */
+#ifndef BF_IPV6
+#define BF_IPV6 0
+#endif
+/* An IPv6 packet, in a program that filters IPv6 (else never: the branches go). */
+#define BF_FAMILY6(p) (BF_IPV6 && (p)->family == 6)
 #define BF_CSUM_MAX_WORDS 1500 /* L4 checksums are verified up to 3000 bytes (the verifier
                                 * allows 8192 jumps in one path) */
 
@@ -56,7 +68,10 @@ enum bf_part_result { BF_NEXT = 4, BF_POLICY = 5 };
 struct bf_pkt {
 	__u64 len;          /* IP total length: what iptables counts as bytes */
 	__u64 ifbits;       /* bit k set: the interface pattern k matches (BF_IFBITS_IN/OUT) */
-	__u32 saddr, daddr; /* host byte order */
+	/* Host byte order. An IPv6 address is four words, the most significant first; an
+	 * IPv4 address is the first word, the others 0 (connection keys hold both). */
+	union { __u32 saddr; __u32 src[4]; };
+	union { __u32 daddr; __u32 dst[4]; };
 	__u32 ifindex;
 	__u32 l4_len;       /* bytes after the IP header, within tot_len */
 	__u32 tcp_seq, tcp_ack;
@@ -75,7 +90,9 @@ struct bf_pkt {
 	__u8 hook;          /* enum bf_hook */
 	__u8 ip_df;         /* the IP header's don't-fragment flag */
 	__u8 noif;          /* enum bf_noif */
-	__u32 ct_orig[2];   /* the connection's original source and destination */
+	__u8 family;        /* 4 or 6 */
+	__u8 l4_unknown;    /* IPv6: the header chain could not be followed to its end */
+	__u32 ct_orig[2][4]; /* the connection's original source and destination */
 	__u16 ct_port[2];   /* and ports (ICMP: the identifier, the query type << 8) */
 	__u8 ct_proto;
 	__u8 ct_mark_set;   /* CONNMARK changed ct_mark: the entry takes it */
@@ -83,6 +100,11 @@ struct bf_pkt {
 	__u32 mark;         /* the packet's (skb->mark at TC; XDP has none: from 0) */
 	__u32 ct_mark;      /* its connection's */
 	__u8 smac[6], dmac[6];
+};
+
+/* An address as struct bf_pkt holds it, for what a global function fills in. */
+struct bf_addr {
+	__u32 w[4];
 };
 
 struct bf_counter {
@@ -190,13 +212,46 @@ static __always_inline int bf_local_route(__u32 addr)
 	return bpf_map_lookup_elem(&bf_local, &key) != 0;
 }
 
+/* IPv6's local table (local and anycast routes), as bf_local holds IPv4's. The value says
+ * whether the route is an address of this host (a /128): an ICMPv6 error comes from it. */
+struct bf_local6_key {
+	__u32 prefixlen;
+	__be32 addr[4];
+};
+
+enum bf_local6 { BF_LOCAL6_ROUTE = 1, BF_LOCAL6_ADDRESS = 2 };
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct bf_local6_key);
+	__type(value, __u8);
+} bf_local6 SEC(".maps");
+
+/* What bf_local6 says of an IPv6 address (host order words): 0 when it is not local. */
+static __always_inline __u8 bf_local6_route(const __u32 *addr)
+{
+	struct bf_local6_key key = { .prefixlen = 128 };
+	__u8 *kind;
+	int i;
+
+	for (i = 0; i < 4; i++)
+		key.addr[i] = bpf_htonl(addr[i]);
+	kind = bpf_map_lookup_elem(&bf_local6, &key);
+	return kind ? *kind : 0;
+}
+
 static __always_inline int bf_local_destination(const struct bf_pkt *p)
 {
 	struct bf_local_memo *memo;
 	__u32 zero = 0;
 	int local;
 
-	/* Multicast and limited broadcast are delivered locally when anyone listens. */
+	/* Multicast (and IPv4's limited broadcast) is delivered locally when anyone
+	 * listens. */
+	if (BF_FAMILY6(p))
+		return (p->dst[0] >> 24) == 0xff || bf_local6_route(p->dst);
 	if ((p->daddr >> 28) == 0xe || p->daddr == 0xffffffff)
 		return 1;
 	memo = bpf_map_lookup_elem(&bf_local_memo, &zero);
@@ -347,13 +402,25 @@ static __always_inline __u64 bf_sum(void *start, __u32 len, void *end, __u32 max
 	return sum;
 }
 
-/* The TCP/UDP pseudo-header, the addresses as the packet has them (a reply swaps them,
- * which leaves the sum unchanged). */
+/* The 16-bit words of an address of `words` 32-bit words (host order), summed. */
+static __always_inline __u64 bf_addr_sum(const __u32 *a, int words)
+{
+	__u64 sum = 0;
+	int i;
+
+	for (i = 0; i < words; i++)
+		sum += (bpf_htonl(a[i]) & 0xffff) + (bpf_htonl(a[i]) >> 16);
+	return sum;
+}
+
+/* The pseudo-header (TCP and UDP; every IPv6 protocol), the addresses as the packet has
+ * them (a reply swaps them, which leaves the sum unchanged). */
 static __always_inline __u64 bf_pseudo_sum(const struct bf_pkt *p, __u8 proto, __u16 len)
 {
-	return (bpf_htonl(p->saddr) & 0xffff) + (bpf_htonl(p->saddr) >> 16) +
-	       (bpf_htonl(p->daddr) & 0xffff) + (bpf_htonl(p->daddr) >> 16) +
-	       bpf_htons(proto) + bpf_htons(len);
+	int words = BF_FAMILY6(p) ? 4 : 1;
+
+	return bf_addr_sum(p->src, words) + bf_addr_sum(p->dst, words) + bpf_htons(proto) +
+	       bpf_htons(len);
 }
 
 /* The IPv4 header checksum as ip_rcv() verifies it. Almost every header has no options:
@@ -379,26 +446,43 @@ static __always_inline __u32 bf_l3_len(struct bf_ctx *ctx, void *ip, void *end)
 #endif
 }
 
-/* Parse Ethernet + IPv4 as ip_rcv() checks them; anything the kernel would drop before
- * netfilter (or that is not IPv4) is left to the kernel: returns -1. */
-static __always_inline int bf_parse(struct bf_ctx *ctx, struct bf_pkt *p)
+/* The transport header's fields: `l4` is where it starts, p->l4_len how much of it the
+ * IP packet holds. Ports sit in the first 4 bytes for every protocol multiport accepts;
+ * nftables reads each field that is there, so each is read on its own. */
+static __always_inline void bf_parse_l4(struct bf_pkt *p, __u8 *l4, void *end)
 {
-	void *data, *end;
-	struct ethhdr *eth;
-	struct iphdr *ip;
+	__u8 icmp = BF_FAMILY6(p) ? IPPROTO_ICMPV6 : IPPROTO_ICMP;
+
+	if (p->l4_len >= 2 && (void *)(l4 + 2) <= end)
+		p->sport = ((__u16)l4[0] << 8) | l4[1];
+	if (p->l4_len >= 4 && (void *)(l4 + 4) <= end)
+		p->dport = ((__u16)l4[2] << 8) | l4[3];
+	if (p->proto == IPPROTO_TCP && p->l4_len >= 14 && (void *)(l4 + 14) <= end)
+		p->th_flags = l4[13];
+	if (p->proto == IPPROTO_TCP && p->l4_len >= 20 && (void *)(l4 + 20) <= end) {
+		struct tcphdr *th = (void *)l4;
+
+		p->tcp_seq = bpf_ntohl(th->seq);
+		p->tcp_ack = bpf_ntohl(th->ack_seq);
+		p->tcp_doff = l4[12] >> 4;
+		p->tcp_flags = l4[13];
+		p->tcp_win = bpf_ntohs(th->window);
+	} else if (p->proto == icmp && p->l4_len >= 1 && (void *)(l4 + 1) <= end) {
+		/* nftables reads the type of a 1-byte message. */
+		p->icmp_type = l4[0];
+		if (p->l4_len >= 2 && (void *)(l4 + 2) <= end)
+			p->icmp_code = l4[1];
+		if (p->l4_len >= 8 && (void *)(l4 + 8) <= end)
+			p->icmp_id = ((__u16)l4[4] << 8) | l4[5];
+	}
+}
+
+/* IPv4 as ip_rcv() checks it; -1 for what the kernel drops before netfilter. */
+static __always_inline int bf_parse4(struct bf_ctx *ctx, struct bf_pkt *p, struct iphdr *ip,
+				     void *end)
+{
 	__u32 hlen, tot;
 
-#ifdef BF_TC
-	/* An skb may hold part of the packet outside its linear data, where no pointer
-	 * reaches: pull what the program reads (nothing to do when it is there already). */
-	bpf_skb_pull_data(ctx, ctx->len < BF_TC_LINEAR ? ctx->len : BF_TC_LINEAR);
-#endif
-	data = (void *)(long)ctx->data;
-	end = (void *)(long)ctx->data_end;
-	eth = data;
-	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(BF_ETH_P_IP))
-		return -1;
-	ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > end || ip->version != 4 || ip->ihl < 5)
 		return -1;
 	hlen = ip->ihl * 4;
@@ -409,10 +493,7 @@ static __always_inline int bf_parse(struct bf_ctx *ctx, struct bf_pkt *p)
 		return -1;
 	if (bf_header_sum(ip, hlen, end) != 0xffff)
 		return -1;
-
-	__builtin_memcpy(p->smac, eth->h_source, 6);
-	__builtin_memcpy(p->dmac, eth->h_dest, 6);
-	p->ifindex = ctx->ingress_ifindex;
+	p->family = 4;
 	p->len = tot;
 	p->saddr = bpf_ntohl(ip->saddr);
 	p->daddr = bpf_ntohl(ip->daddr);
@@ -422,36 +503,123 @@ static __always_inline int bf_parse(struct bf_ctx *ctx, struct bf_pkt *p)
 	p->frag_off = bpf_ntohs(ip->frag_off) & 0x1fff;
 	p->ip_df = !!(bpf_ntohs(ip->frag_off) & BF_IP_DF);
 	p->l4_len = tot - hlen;
-	p->l4_off = sizeof(*eth) + hlen;
+	p->l4_off = sizeof(struct ethhdr) + hlen;
+	if (p->frag_off == 0)
+		bf_parse_l4(p, (__u8 *)ip + hlen, end);
+	return 0;
+}
 
-	if (p->frag_off == 0) {
-		__u8 *l4 = (__u8 *)ip + hlen;
+#if BF_IPV6
+/* ::1 */
+static __always_inline int bf_ip6_loopback(const __u32 *a)
+{
+	return a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == 1;
+}
 
-		/* Ports sit in the first 4 bytes for every protocol multiport accepts;
-		 * nftables reads each one that is there. */
-		if (p->l4_len >= 2 && (void *)(l4 + 2) <= end)
-			p->sport = ((__u16)l4[0] << 8) | l4[1];
-		if (p->l4_len >= 4 && (void *)(l4 + 4) <= end)
-			p->dport = ((__u16)l4[2] << 8) | l4[3];
-		if (p->proto == IPPROTO_TCP && p->l4_len >= 14 && (void *)(l4 + 14) <= end)
-			p->th_flags = l4[13];
-		if (p->proto == IPPROTO_TCP && p->l4_len >= 20 && (void *)(l4 + 20) <= end) {
-			struct tcphdr *th = (void *)l4;
+/* The extension headers ipv6_find_hdr() walks through to the transport header: hop-by-hop,
+ * routing, fragment, AH, destination options. */
+static __always_inline int bf_ip6_ext(__u8 next)
+{
+	return next == 0 || next == 43 || next == 44 || next == 51 || next == 60;
+}
 
-			p->tcp_seq = bpf_ntohl(th->seq);
-			p->tcp_ack = bpf_ntohl(th->ack_seq);
-			p->tcp_doff = l4[12] >> 4;
-			p->tcp_flags = l4[13];
-			p->tcp_win = bpf_ntohs(th->window);
-		} else if (p->proto == IPPROTO_ICMP && p->l4_len >= 1 && (void *)(l4 + 1) <= end) {
-			/* nftables reads the type of a 1-byte message. */
-			p->icmp_type = l4[0];
-			if (p->l4_len >= 2 && (void *)(l4 + 2) <= end)
-				p->icmp_code = l4[1];
-			if (p->l4_len >= 8 && (void *)(l4 + 8) <= end)
-				p->icmp_id = ((__u16)l4[4] << 8) | l4[5];
-		}
+/* Headers followed at most; a longer chain is one bpfilter cannot follow (l4_unknown). */
+#define BF_IP6_EXT_MAX 8
+
+/* IPv6 as ip6_rcv_core() checks it, then the header chain as ipv6_find_hdr() follows it
+ * for ip6tables and nftables: p->proto is the transport protocol, p->frag_off the
+ * fragment's offset (a later fragment ends the chain). -1 for what the kernel drops
+ * before netfilter. */
+static __always_inline int bf_parse6(struct bf_ctx *ctx, struct bf_pkt *p,
+				     struct ipv6hdr *ip6, void *end)
+{
+	__u32 off = sizeof(*ip6), cut = 0, i;
+	__u8 next;
+
+	if ((void *)(ip6 + 1) > end || ip6->version != 6)
+		return -1;
+	p->len = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
+	/* A zero payload length is a jumbogram's, which only a hop-by-hop option makes. */
+	if ((ip6->payload_len == 0 && ip6->nexthdr != 0) || p->len > bf_l3_len(ctx, ip6, end))
+		return -1;
+	for (i = 0; i < 4; i++) {
+		p->src[i] = bpf_ntohl(ip6->saddr.in6_u.u6_addr32[i]);
+		p->dst[i] = bpf_ntohl(ip6->daddr.in6_u.u6_addr32[i]);
 	}
+	/* Multicast sources, loopback addresses from a device, interface-local (or scope 0)
+	 * multicast destinations. */
+	if ((p->src[0] >> 24) == 0xff || bf_ip6_loopback(p->src) || bf_ip6_loopback(p->dst) ||
+	    ((p->dst[0] >> 24) == 0xff && ((p->dst[0] >> 16) & 0xf) <= 1))
+		return -1;
+	p->family = 6;
+	p->ip_df = 1; /* routers never fragment IPv6 */
+	p->ttl = ip6->hop_limit;
+	p->tos = (ip6->priority << 4) | (ip6->flow_lbl[0] >> 4);
+	next = ip6->nexthdr;
+	for (i = 0; i < BF_IP6_EXT_MAX && bf_ip6_ext(next); i++) {
+		__u8 *h = (__u8 *)ip6 + (off & 0x7ff);
+
+		if (off >= 0x800 || off + 8 > p->len || (void *)(h + 8) > end)
+			break;
+		if (next == 44) {
+			__u16 field = ((__u16)h[2] << 8) | h[3];
+
+			next = h[0];
+			off += 8;
+			p->frag_off = field >> 3;
+			if (p->frag_off)
+				break;
+			/* Connection tracking's defragmenter takes a whole datagram in one
+			 * fragment ("atomic") out of its fragment header before any table. */
+			if (BF_CONNTRACK && !(field & 1))
+				cut = 8;
+			continue;
+		}
+		off += next == 51 ? (h[1] + 2) * 4 : (h[1] + 1) * 8;
+		next = h[0];
+	}
+	/* ipv6_find_hdr() fails: a truncated or too long chain; a later fragment of a
+	 * packet whose first fragment has more extension headers. */
+	p->l4_unknown = bf_ip6_ext(next) && next != 59 ? 1 : 0;
+	p->proto = next;
+	p->l4_len = off < p->len ? p->len - off : 0;
+	p->len -= cut;
+	p->l4_off = sizeof(struct ethhdr) + (off & 0x7ff);
+	if (!p->frag_off && !p->l4_unknown && off < 0x800)
+		bf_parse_l4(p, (__u8 *)ip6 + (off & 0x7ff), end);
+	return 0;
+}
+#endif
+
+/* Parse Ethernet and IPv4 (or IPv6 with BF_IPV6): anything the kernel would drop before
+ * netfilter, or that is of another protocol, is left to the kernel: returns -1. */
+static __always_inline int bf_parse(struct bf_ctx *ctx, struct bf_pkt *p)
+{
+	void *data, *end;
+	struct ethhdr *eth;
+
+#ifdef BF_TC
+	/* An skb may hold part of the packet outside its linear data, where no pointer
+	 * reaches: pull what the program reads (nothing to do when it is there already). */
+	bpf_skb_pull_data(ctx, ctx->len < BF_TC_LINEAR ? ctx->len : BF_TC_LINEAR);
+#endif
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > end)
+		return -1;
+#if BF_IPV6
+	if (eth->h_proto == bpf_htons(BF_ETH_P_IPV6)) {
+		if (bf_parse6(ctx, p, (void *)(eth + 1), end))
+			return -1;
+	} else
+#endif
+	if (eth->h_proto != bpf_htons(BF_ETH_P_IP) || bf_parse4(ctx, p, (void *)(eth + 1), end))
+		return -1;
+
+	__builtin_memcpy(p->smac, eth->h_source, 6);
+	__builtin_memcpy(p->dmac, eth->h_dest, 6);
+	p->ifindex = ctx->ingress_ifindex;
 	{
 		__u32 zero = 0;
 		__u32 *gen = bpf_map_lookup_elem(&bf_gen, &zero);
@@ -473,32 +641,57 @@ static __always_inline int bf_parse(struct bf_ctx *ctx, struct bf_pkt *p)
 #define BF_ROUTE_FLAGS BPF_FIB_LOOKUP_SKIP_NEIGH
 #endif
 
+/* The lookup's addresses: the packet's, or (`back`) none to its source (the way back,
+ * with the source left for the lookup to choose). */
+static __always_inline void bf_fib_addresses(struct bpf_fib_lookup *fib, const struct bf_pkt *p,
+					     int back)
+{
+	int i;
+
+	if (BF_FAMILY6(p)) {
+		fib->family = 10; /* AF_INET6 */
+		for (i = 0; i < 4; i++) {
+			fib->ipv6_src[i] = back ? 0 : bpf_htonl(p->src[i]);
+			fib->ipv6_dst[i] = bpf_htonl(back ? p->src[i] : p->dst[i]);
+		}
+		return;
+	}
+	fib->family = 2; /* AF_INET */
+	fib->ipv4_src = back ? 0 : bpf_htonl(p->saddr);
+	fib->ipv4_dst = bpf_htonl(back ? p->saddr : p->daddr);
+}
+
+/* Sources the kernel never routes on: IPv4's martians (ip_route_input_slow(),
+ * fib_validate_source(): this host's own addresses, multicast, broadcast, 0/8, 127/8);
+ * for IPv6 what ip6_forward() refuses (multicast, loopback, link-local sources) and
+ * link-local destinations, which stay on their link. */
+static __always_inline int bf_unroutable(const struct bf_pkt *p)
+{
+	if (BF_FAMILY6(p))
+		return (p->src[0] >> 22) == 0x3fa || (p->dst[0] >> 22) == 0x3fa;
+	return (p->saddr >> 28) == 0xe || p->saddr == 0xffffffff || (p->saddr >> 24) == 0 ||
+	       (p->saddr >> 24) == 127 || bf_local_route(p->saddr);
+}
+
 /* Where the kernel routes a packet that is not for this host, as ip_route_input() and
- * ip_forward() decide before the FORWARD hook: the output interface, or 0 when the packet
- * never reaches FORWARD (a martian source, forwarding off on the input interface, no
- * unicast route, TTL spent, too big with DF set: the kernel drops it or answers with an
- * ICMP error first).
+ * ip_forward() (ip6_forward()) decide before the FORWARD hook: the output interface, or 0
+ * when the packet never reaches FORWARD (a martian source, forwarding off on the input
+ * interface, no unicast route, TTL or hop limit spent, too big with DF set or for IPv6:
+ * the kernel drops it or answers with an ICMP error first).
  * Global, so its lookup's 64 bytes are not on the stack the chains share. */
 __noinline __u32 bf_route(struct bf_ctx *ctx, const struct bf_pkt *p)
 {
 	struct bpf_fib_lookup fib = {};
 	long rc;
 
-	if (!p || p->ttl <= 1)
+	if (!p || p->ttl <= 1 || bf_unroutable(p))
 		return 0;
-	/* Martian sources (ip_route_input_slow(), fib_validate_source()): this host's own
-	 * addresses, multicast, broadcast, 0/8, 127/8. */
-	if ((p->saddr >> 28) == 0xe || p->saddr == 0xffffffff || (p->saddr >> 24) == 0 ||
-	    (p->saddr >> 24) == 127 || bf_local_route(p->saddr))
-		return 0;
-	fib.family = 2; /* AF_INET */
+	bf_fib_addresses(&fib, p, 0);
 	fib.tos = p->tos;
 	fib.l4_protocol = p->proto;
 	fib.sport = bpf_htons(p->sport);
 	fib.dport = bpf_htons(p->dport);
 	fib.tot_len = p->len;
-	fib.ipv4_src = bpf_htonl(p->saddr);
-	fib.ipv4_dst = bpf_htonl(p->daddr);
 	fib.ifindex = p->ifindex;
 	fib.mark = BF_ROUTE_MARK(p);
 	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), BF_ROUTE_FLAGS);
@@ -506,8 +699,7 @@ __noinline __u32 bf_route(struct bf_ctx *ctx, const struct bf_pkt *p)
 		/* Fragmented after the hook: look again with a length that fits, for the
 		 * interface (a failed MTU check does not report it). */
 		fib.tot_len = 20;
-		fib.ipv4_src = bpf_htonl(p->saddr);
-		fib.ipv4_dst = bpf_htonl(p->daddr);
+		bf_fib_addresses(&fib, p, 0);
 		fib.ifindex = p->ifindex;
 		fib.mark = BF_ROUTE_MARK(p);
 		rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), BF_ROUTE_FLAGS);
@@ -515,27 +707,48 @@ __noinline __u32 bf_route(struct bf_ctx *ctx, const struct bf_pkt *p)
 	return rc == BPF_FIB_LKUP_RET_SUCCESS ? fib.ifindex : 0;
 }
 
-/* The address an ICMP error about this packet comes from: the packet's destination at
- * INPUT; at FORWARD, as icmp_send() picks for a packet it did not deliver, the source the
- * route back to the sender prefers. At OUTPUT the destination too: the kernel's own error
- * comes from the host's address, but it reaches lo already routed; one that comes in
- * from an own address is a martian (OUTPUT still sees the kernel's source: stage.c.j2).
- * 0 if there is none. Global, as bf_route(). */
-__noinline __u32 bf_error_source(struct bf_ctx *ctx, const struct bf_pkt *p)
+/* The address an ICMP error about this packet comes from, into `from` (host order words):
+ * the packet's destination at INPUT (for IPv6 only an address of this host: icmp6_send()
+ * picks a source as for any packet otherwise, which only a host that forwards can look
+ * up); at FORWARD, as icmp_send() picks for a
+ * packet it did not deliver, the source the route back to the sender prefers. At OUTPUT
+ * the destination too: the kernel's own error comes from the host's address, but it
+ * reaches lo already routed; one that comes in from an own address is a martian (OUTPUT
+ * still sees the kernel's source: stage.c.j2). 0 if there is none. Global, as
+ * bf_route(). */
+__noinline int bf_error_source(struct bf_ctx *ctx, const struct bf_pkt *p,
+			       struct bf_addr *from)
 {
 	struct bpf_fib_lookup fib = {};
+	int i;
 
-	if (!p)
+	if (!p || !from)
 		return 0;
-	if (p->hook != BF_HOOK_FORWARD)
-		return p->daddr;
-	fib.family = 2; /* AF_INET */
-	fib.ipv4_dst = bpf_htonl(p->saddr);
+	if (p->hook != BF_HOOK_FORWARD &&
+	    (!BF_FAMILY6(p) || bf_local6_route(p->dst) == BF_LOCAL6_ADDRESS)) {
+		for (i = 0; i < 4; i++)
+			from->w[i] = p->dst[i];
+		return 1;
+	}
+	bf_fib_addresses(&fib, p, 1);
 	fib.ifindex = p->ifindex;
 	if (bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT |
-			   BPF_FIB_LOOKUP_SKIP_NEIGH | BPF_FIB_LOOKUP_SRC))
-		return 0;
-	return bpf_ntohl(fib.ipv4_src);
+			   BPF_FIB_LOOKUP_SKIP_NEIGH | BPF_FIB_LOOKUP_SRC)) {
+		/* IPv6's lookup needs forwarding on (BPF_FIB_LKUP_RET_FWD_DISABLED): a host
+		 * answers from the local destination itself, as IPv4 does. */
+		if (!BF_FAMILY6(p) || p->hook == BF_HOOK_FORWARD)
+			return 0;
+		for (i = 0; i < 4; i++)
+			from->w[i] = p->dst[i];
+		return 1;
+	}
+	if (!BF_FAMILY6(p)) {
+		from->w[0] = bpf_ntohl(fib.ipv4_src);
+		return from->w[0] != 0;
+	}
+	for (i = 0; i < 4; i++)
+		from->w[i] = bpf_ntohl(fib.ipv6_src[i]);
+	return 1;
 }
 
 /* The barrier keeps clang from folding this into 32-bit pointer arithmetic, which the
@@ -584,7 +797,7 @@ static __always_inline void bf_swap_eth(struct ethhdr *eth, const struct bf_pkt 
 	__builtin_memcpy(eth->h_dest, p->smac, 6);
 	__builtin_memcpy(eth->h_source, p->dmac, 6);
 #endif
-	eth->h_proto = bpf_htons(BF_ETH_P_IP);
+	eth->h_proto = bpf_htons(BF_FAMILY6(p) ? BF_ETH_P_IPV6 : BF_ETH_P_IP);
 }
 
 /* Resize the frame to `want` bytes for a reply; NULL unless its first `need` bytes are
@@ -625,6 +838,63 @@ static __always_inline void bf_put_iphdr(struct iphdr *ip, const struct bf_pkt *
 	ip->check = ~bf_fold(bf_sum(ip, sizeof(*ip), (void *)(ip + 1), 10));
 }
 
+/* An IPv6 header from `from` back to the packet's source, as ip6_xmit() writes it for the
+ * kernel's replies (traffic class and flow label 0). */
+static __always_inline void bf_put_ip6hdr(struct ipv6hdr *ip6, const struct bf_pkt *p,
+					  const __u32 *from, __u16 payload, __u8 proto)
+{
+	int i;
+
+	*(__be32 *)ip6 = bpf_htonl(0x60000000);
+	ip6->payload_len = bpf_htons(payload);
+	ip6->nexthdr = proto;
+	ip6->hop_limit = BF_TTL;
+	for (i = 0; i < 4; i++) {
+		ip6->saddr.in6_u.u6_addr32[i] = bpf_htonl(from[i]);
+		ip6->daddr.in6_u.u6_addr32[i] = bpf_htonl(p->src[i]);
+	}
+}
+
+/* Addresses in the order of their words (IPv4's have one); negative, 0, positive. */
+static __always_inline int bf_addr_cmp(const __u32 *a, const __u32 *b, int words)
+{
+	int i;
+
+	for (i = 0; i < words; i++)
+		if (a[i] != b[i])
+			return a[i] < b[i] ? -1 : 1;
+	return 0;
+}
+
+/* `a` within [low, high] (-m iprange on IPv6 addresses). */
+static __always_inline int bf_addr_in(const __u32 *a, const __u32 *low, const __u32 *high)
+{
+	return bf_addr_cmp(a, low, 4) >= 0 && bf_addr_cmp(a, high, 4) <= 0;
+}
+
+static __always_inline void bf_addr_copy(__u32 *to, const __u32 *from, int words)
+{
+	/* Word by word: clang makes a loop of variable length a memcpy(), which BPF has not. */
+	to[0] = from[0];
+	if (words == 4) {
+		to[1] = from[1];
+		to[2] = from[2];
+		to[3] = from[3];
+	}
+}
+
+/* The words of the packet's family's addresses. */
+#define BF_ADDR_WORDS(p) (BF_FAMILY6(p) ? 4 : 1)
+
+/* The ICMP protocol of the packet's family. */
+#define BF_ICMP_PROTO(p) (BF_FAMILY6(p) ? IPPROTO_ICMPV6 : IPPROTO_ICMP)
+
+/* :: */
+static __always_inline int bf_ip6_unspecified(const __u32 *a)
+{
+	return (a[0] | a[1] | a[2] | a[3]) == 0;
+}
+
 /* The sequence number after a TCP segment (segment_seq_plus_len()): what a reset answering
  * it acknowledges, and what connection tracking expects next from its sender. */
 static __always_inline __u32 bf_tcp_end(const struct bf_pkt *p)
@@ -633,23 +903,38 @@ static __always_inline __u32 bf_tcp_end(const struct bf_pkt *p)
 	       !!(p->tcp_flags & 0x01);
 }
 
-/* nf_send_reset(): a bare RST from the rejected packet's destination. */
+/* nf_send_reset() / nf_send_reset6(): a bare RST from the rejected packet's destination
+ * (for IPv6 only between unicast addresses). */
 static __always_inline int bf_reject_tcp(struct bf_ctx *ctx, const struct bf_pkt *p)
 {
-	__u32 want = sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct tcphdr);
+	int v6 = BF_FAMILY6(p);
+	__u32 want = sizeof(struct ethhdr) + sizeof(struct tcphdr) +
+		     (v6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr));
 	struct ethhdr *eth;
-	struct iphdr *ip;
 	struct tcphdr *th;
 
 	if (p->frag_off || p->l4_len < sizeof(struct tcphdr) || (p->tcp_flags & 0x04))
 		return BF_OUT_DROP;
+	if (v6 && ((p->dst[0] >> 24) == 0xff || bf_ip6_unspecified(p->src)))
+		return BF_OUT_DROP;
 	eth = bf_reply_frame(ctx, want, want);
 	if (!eth)
 		return BF_OUT_DROP;
-	ip = (void *)(eth + 1);
-	th = (void *)(ip + 1);
 	bf_swap_eth(eth, p);
-	bf_put_iphdr(ip, p, p->daddr, 0, sizeof(*ip) + sizeof(*th), BF_IP_DF, IPPROTO_TCP);
+	if (v6) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+		bf_put_ip6hdr(ip6, p, p->dst, sizeof(*th), IPPROTO_TCP);
+		th = (void *)(ip6 + 1);
+	} else {
+		struct iphdr *ip = (void *)(eth + 1);
+
+		bf_put_iphdr(ip, p, p->daddr, 0, sizeof(*ip) + sizeof(*th), BF_IP_DF,
+			     IPPROTO_TCP);
+		th = (void *)(ip + 1);
+	}
+	if ((void *)(th + 1) > (void *)(long)ctx->data_end)
+		return BF_OUT_DROP;
 	__builtin_memset(th, 0, sizeof(*th));
 	th->source = bpf_htons(p->dport);
 	th->dest = bpf_htons(p->sport);
@@ -678,7 +963,8 @@ static __always_inline int bf_icmp_is_error(__u8 type)
  *
  * A global (non-static) function: the verifier checks it once, on its own, instead of once
  * per path that reaches a REJECT, which would multiply the cost of its loop.
- * `shape` packs l4_off (bits 0-7), the protocol (8-15) and l4_len (16-31). */
+ * `shape` packs l4_off (bits 0-7), the protocol (8-15) and l4_len (16-31); `pseudo` is the
+ * pseudo-header's sum for the protocols whose checksum covers it, else 0. */
 __attribute__((noinline)) int bf_l4_checksum_ok(struct bf_ctx *ctx, __u32 shape, __u64 pseudo)
 {
 	void *end = (void *)(long)ctx->data_end;
@@ -714,66 +1000,116 @@ __attribute__((noinline)) int bf_l4_checksum_ok(struct bf_ctx *ctx, __u32 shape,
 			return 1;
 	}
 	sum = bf_sum(l4, len, end, BF_CSUM_MAX_WORDS);
-	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP)
-		sum += pseudo;
-	return bf_fold(sum) == 0xffff;
+	return bf_fold(sum + pseudo) == 0xffff;
 }
 
-/* The ICMP checksum of a reply: `len` bytes from the ICMP header. Global, like above. */
-__attribute__((noinline)) int bf_icmp_reply_checksum(struct bf_ctx *ctx, __u32 len)
+/* The ICMP checksum of a reply: `len` bytes from the ICMP header, which starts `l3` bytes
+ * after the Ethernet header, plus `pseudo` (ICMPv6's pseudo-header). Global, like above. */
+__attribute__((noinline)) int bf_icmp_reply_checksum(struct bf_ctx *ctx, __u32 l3, __u32 len,
+						     __u64 pseudo)
 {
-	void *icmp = (void *)(long)ctx->data + sizeof(struct ethhdr) + sizeof(struct iphdr);
+	void *icmp = (void *)(long)ctx->data + sizeof(struct ethhdr) + (l3 & 0x3f);
 
 	return (__u16)~bf_fold(bf_sum(icmp, len, (void *)(long)ctx->data_end,
-				      (sizeof(struct icmphdr) + BF_ICMP_QUOTE_MAX) / 2));
+				      (sizeof(struct icmphdr) + BF_ICMP6_QUOTE_MAX) / 2) + pseudo);
 }
 
-/* icmp_send(ICMP_DEST_UNREACH): the error quotes the rejected packet from its IP header. */
-static __always_inline int bf_reject_icmp(struct bf_ctx *ctx, const struct bf_pkt *p, __u8 code)
+/* Whether icmp_send() / icmp6_send() answer the packet at all: never a later fragment,
+ * an ICMP error (or a message too short to tell), a packet to a multicast or broadcast
+ * address, or for IPv6 from the unspecified one; nor (nf_send_unreach()) one whose
+ * checksum is wrong. */
+static __always_inline int bf_icmp_answers(struct bf_ctx *ctx, const struct bf_pkt *p)
 {
-	__u32 head = sizeof(struct iphdr) + sizeof(struct icmphdr);
-	__u32 quote = p->len < BF_ICMP_QUOTE_MAX ? p->len : BF_ICMP_QUOTE_MAX;
-	__u32 want = sizeof(struct ethhdr) + head + quote;
-	struct ethhdr *eth;
-	struct iphdr *ip;
-	struct icmphdr *ic;
-	__u32 saddr;
+	__u64 pseudo = 0;
 
 	if (p->frag_off)
+		return 0;
+	if (BF_FAMILY6(p)) {
+		if (p->l4_unknown || p->l4_off > 0xff || (p->dst[0] >> 24) == 0xff ||
+		    bf_ip6_unspecified(p->src))
+			return 0;
+		if (p->proto == IPPROTO_ICMPV6 && (p->l4_len < 1 || p->icmp_type < 128))
+			return 0;
+		pseudo = bf_pseudo_sum(p, p->proto, p->l4_len);
+	} else {
+		if (p->proto == IPPROTO_ICMP && (p->l4_len < 1 || bf_icmp_is_error(p->icmp_type)))
+			return 0;
+		if ((p->daddr >> 28) == 0xe || p->daddr == 0xffffffff)
+			return 0;
+		if (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP)
+			pseudo = bf_pseudo_sum(p, p->proto, p->l4_len);
+	}
+	return bf_l4_checksum_ok(ctx, p->l4_off | (p->proto << 8) | (p->l4_len << 16), pseudo);
+}
+
+/* icmp_send(ICMP_DEST_UNREACH) or icmp6_send(ICMPV6_DEST_UNREACH): the error quotes the
+ * rejected packet from its IP header. Global: its frame is not on the stack the chains
+ * share with the program's. */
+__noinline int bf_reject_icmp(struct bf_ctx *ctx, const struct bf_pkt *p, __u8 code)
+{
+	__u32 l3, max, quote, head, want;
+	struct bf_addr from = {};
+	struct ethhdr *eth;
+	struct icmphdr *ic;
+	__u64 pseudo = 0;
+	int v6;
+
+	if (!p)
 		return BF_OUT_DROP;
-	if (p->proto == IPPROTO_ICMP && (p->l4_len < 1 || bf_icmp_is_error(p->icmp_type)))
-		return BF_OUT_DROP;
-	if ((p->daddr >> 28) == 0xe || p->daddr == 0xffffffff)
-		return BF_OUT_DROP;
-	if (!bf_l4_checksum_ok(ctx, p->l4_off | (p->proto << 8) | (p->l4_len << 16),
-			       bf_pseudo_sum(p, p->proto, p->l4_len)))
-		return BF_OUT_DROP;
-	saddr = bf_error_source(ctx, p);
-	if (!saddr)
+	v6 = BF_FAMILY6(p);
+	l3 = v6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr);
+	max = v6 ? BF_ICMP6_QUOTE_MAX : BF_ICMP_QUOTE_MAX;
+	quote = p->len < max ? p->len : max;
+	head = l3 + sizeof(struct icmphdr);
+	want = sizeof(struct ethhdr) + head + quote;
+	if (!bf_icmp_answers(ctx, p) || !bf_error_source(ctx, p, &from))
 		return BF_OUT_DROP;
 	if (p->hook == BF_HOOK_FORWARD) {
 		/* The error quotes the packet as FORWARD saw it: its TTL already decremented. */
-		struct iphdr *orig = (void *)(long)ctx->data + sizeof(struct ethhdr);
+		void *orig = (void *)(long)ctx->data + sizeof(struct ethhdr);
+		void *end = (void *)(long)ctx->data_end;
 
-		if ((void *)(orig + 1) > (void *)(long)ctx->data_end)
-			return BF_OUT_DROP;
-		orig->ttl--;
-		orig->check = bf_fold((__u64)orig->check + bpf_htons(0x0100));
+		if (v6) {
+			struct ipv6hdr *ip6 = orig;
+
+			if ((void *)(ip6 + 1) > end)
+				return BF_OUT_DROP;
+			ip6->hop_limit--;
+		} else {
+			struct iphdr *ip = orig;
+
+			if ((void *)(ip + 1) > end)
+				return BF_OUT_DROP;
+			ip->ttl--;
+			ip->check = bf_fold((__u64)ip->check + bpf_htons(0x0100));
+		}
 	}
 	if (bf_grow_head(ctx, head))
 		return BF_OUT_DROP;
-	eth = bf_reply_frame(ctx, want, sizeof(*eth) + head);
+	eth = bf_reply_frame(ctx, want, sizeof(*eth) + sizeof(struct ipv6hdr) +
+				       sizeof(*ic));
 	if (!eth)
 		return BF_OUT_DROP;
-	ip = (void *)(eth + 1);
-	ic = (void *)(ip + 1);
 	bf_swap_eth(eth, p);
-	bf_put_iphdr(ip, p, saddr, (p->tos & 0x1e) | 0xc0, head + quote, 0, IPPROTO_ICMP);
-	ic->type = 3;
+	if (v6) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+		bf_put_ip6hdr(ip6, p, from.w, sizeof(*ic) + quote, IPPROTO_ICMPV6);
+		ic = (void *)(ip6 + 1);
+		pseudo = bf_addr_sum(from.w, 4) + bf_addr_sum(p->src, 4) +
+			 bpf_htons(IPPROTO_ICMPV6) + bpf_htons(sizeof(*ic) + quote);
+	} else {
+		struct iphdr *ip = (void *)(eth + 1);
+
+		bf_put_iphdr(ip, p, from.w[0], (p->tos & 0x1e) | 0xc0, head + quote, 0,
+			     IPPROTO_ICMP);
+		ic = (void *)(ip + 1);
+	}
+	ic->type = v6 ? 1 : 3;
 	ic->code = code;
 	ic->checksum = 0;
 	ic->un.gateway = 0;
-	ic->checksum = bf_icmp_reply_checksum(ctx, sizeof(*ic) + quote);
+	ic->checksum = bf_icmp_reply_checksum(ctx, l3, sizeof(*ic) + quote, pseudo);
 	return bf_transmit(ctx);
 }
 

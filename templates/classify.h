@@ -317,10 +317,24 @@ __noinline long bf_cls_step(struct bf_walk *w)
 	return 0;
 }
 
+/* The walk's state. Not on the stack, which the program, its chains and the walk's own
+ * frames share (512 bytes), and which a walk with its copy of the packet would fill: a CPU
+ * runs one program at a time (softirqs are off while one runs), so one walk per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bf_walk);
+} bf_cls_walk SEC(".maps");
+
 static long bf_cls_loop(__u32 i, void *ctx)
 {
-	struct bf_walk *w = ctx;
-	__u32 candidate = w->candidate;
+	__u32 zero = 0, candidate;
+	struct bf_walk *w = bpf_map_lookup_elem(&bf_cls_walk, &zero);
+
+	if (!w)
+		return 1;
+	candidate = w->candidate;
 
 	if (candidate) {
 		w->candidate = 0;
@@ -334,31 +348,33 @@ static long bf_cls_loop(__u32 i, void *ctx)
  * chain functions, so that the loop is verified once rather than at every segment. */
 __noinline int bf_classify(struct bf_pkt *p, __u32 segment)
 {
-	struct bf_walk w = { .result = BF_DROP };
-	__u32 gen, ports;
+	__u32 gen, ports, zero = 0;
+	struct bf_walk *w = bpf_map_lookup_elem(&bf_cls_walk, &zero);
 
-	if (!p)
+	if (!p || !w)
 		return BF_DROP;
-	w.pkt = *p;
+	__builtin_memset(w, 0, sizeof(*w));
+	w->result = BF_DROP;
+	w->pkt = *p;
 	gen = p->gen;
 	ports = p->l4_len >= 4;
 
-	w.cls[0] = bf_cls_class(&bf_cls_proto, gen * 256 + p->proto);
-	w.cls[1] = bf_cls_addr(&bf_cls_saddr, gen, p->saddr);
-	w.cls[2] = bf_cls_addr(&bf_cls_daddr, gen, p->daddr);
-	w.cls[3] = bf_cls_class(&bf_cls_sport, gen * BF_CLS_PORTS +
+	w->cls[0] = bf_cls_class(&bf_cls_proto, gen * 256 + p->proto);
+	w->cls[1] = bf_cls_addr(&bf_cls_saddr, gen, p->saddr);
+	w->cls[2] = bf_cls_addr(&bf_cls_daddr, gen, p->daddr);
+	w->cls[3] = bf_cls_class(&bf_cls_sport, gen * BF_CLS_PORTS +
 				(ports ? p->sport : BF_CLS_NO_PORTS));
-	w.cls[4] = bf_cls_class(&bf_cls_dport, gen * BF_CLS_PORTS +
+	w->cls[4] = bf_cls_class(&bf_cls_dport, gen * BF_CLS_PORTS +
 				(ports ? p->dport : BF_CLS_NO_PORTS));
 	/* Classes 0-3: entries needing more than 3, 7, 19 L4 bytes, and none. */
-	w.cls[5] = p->l4_len < 4 ? 0 : p->l4_len < 8 ? 1 : p->l4_len < 20 ? 2 : 3;
-	if (!bf_cls_enter(&w, segment))
+	w->cls[5] = p->l4_len < 4 ? 0 : p->l4_len < 8 ? 1 : p->l4_len < 20 ? 2 : 3;
+	if (!bf_cls_enter(w, segment))
 		return BF_DROP;
 	/* Every step scans a word or tries a candidate, so this bound is never reached by a
 	 * ruleset the compiler accepted; if it were, the packet is dropped (fail closed). */
-	bpf_loop(BF_CLS_STEPS, bf_cls_loop, &w, 0);
-	p->reject_with = w.pkt.reject_with;
-	return w.result;
+	bpf_loop(BF_CLS_STEPS, bf_cls_loop, NULL, 0);
+	p->reject_with = w->pkt.reject_with;
+	return w->result;
 }
 
 #endif

@@ -31,9 +31,11 @@ enum bf_ct_state { BF_CT_INVALID = 1, BF_CT_NEW = 2, BF_CT_RELATED = 4, BF_CT_ES
 enum { sNO, sSS, sSR, sES, sFW, sCW, sLA, sTW, sCL, sS2, sIV, sIG };
 
 struct bf_ct_key {
-	__u32 addr[2]; /* endpoint 0 sorts before endpoint 1 */
-	__u16 port[2]; /* ports; for ICMP queries the identifier */
-	__u32 proto;
+	__u32 addr[2][4]; /* endpoint 0 sorts before endpoint 1 (struct bf_pkt's layout) */
+	__u16 port[2];    /* ports; for ICMP queries the identifier */
+	__u8 proto;
+	__u8 family;      /* 4 or 6 */
+	__u8 pad[2];
 };
 
 /* What nf_conntrack's window tracking keeps of each direction (struct ip_ct_tcp_state). */
@@ -137,44 +139,64 @@ static __always_inline int bf_tcp_flags_valid(__u8 flags)
 }
 
 static __always_inline void bf_ct_endpoints(struct bf_ct_key *key, __u8 *from, __u8 proto,
-					    __u32 saddr, __u16 sport, __u32 daddr, __u16 dport)
+					    const __u32 *saddr, __u16 sport, const __u32 *daddr,
+					    __u16 dport, int words)
 {
-	int swap = saddr > daddr || (saddr == daddr && sport > dport);
+	int order = bf_addr_cmp(saddr, daddr, words);
+	int swap = order > 0 || (order == 0 && sport > dport);
 
 	key->proto = proto;
-	key->addr[0] = swap ? daddr : saddr;
-	key->addr[1] = swap ? saddr : daddr;
+	key->family = words == 4 ? 6 : 4;
+	bf_addr_copy(key->addr[0], swap ? daddr : saddr, words);
+	bf_addr_copy(key->addr[1], swap ? saddr : daddr, words);
 	key->port[0] = swap ? dport : sport;
 	key->port[1] = swap ? sport : dport;
 	*from = swap;
 }
 
-/* The query types nf_conntrack_proto_icmp tracks, and the replies to them. */
-static __always_inline int bf_icmp_query(__u8 type)
+/* The query types nf_conntrack_proto_icmp (icmpv6) tracks, and the replies to them: echo,
+ * timestamp, information, address mask; ICMPv6's echo and node information. */
+static __always_inline int bf_icmp_query(__u8 type, int v6)
 {
+	if (v6)
+		return type == 128 || type == 139;
 	return type == 8 || type == 13 || type == 15 || type == 17;
 }
 
-static __always_inline int bf_icmp_answer(__u8 type)
+static __always_inline int bf_icmp_answer(__u8 type, int v6)
 {
+	if (v6)
+		return type == 129 || type == 140;
 	return type == 0 || type == 14 || type == 16 || type == 18;
 }
 
-static __always_inline int bf_icmp_error_type(__u8 type)
+/* The errors that quote a packet: RELATED to its connection. */
+static __always_inline int bf_icmp_error_type(__u8 type, int v6)
 {
+	if (v6)
+		return type >= 1 && type <= 4;
 	return type == 3 || type == 4 || type == 5 || type == 11 || type == 12;
+}
+
+/* Neighbour discovery and multicast listener messages: nf_conntrack_icmpv6 leaves them
+ * untracked (noct_valid_new[]), so that no rule about connections stops them. */
+static __always_inline int bf_icmp6_untracked(__u8 type)
+{
+	return (type >= 130 && type <= 136) || type == 143;
 }
 
 /* An ICMP query and its answer: endpoint 0 asks. Its tuple holds the query type, so a
  * query each way between two hosts is two connections, as in the kernel. */
 static __always_inline void bf_ct_icmp_key(struct bf_ct_key *key, __u8 *from, __u8 type,
-					   __u16 id, __u32 saddr, __u32 daddr)
+					   __u16 id, const __u32 *saddr, const __u32 *daddr,
+					   int words)
 {
-	int answer = bf_icmp_answer(type);
+	int v6 = words == 4, answer = bf_icmp_answer(type, v6);
 
-	key->proto = IPPROTO_ICMP;
-	key->addr[0] = answer ? daddr : saddr;
-	key->addr[1] = answer ? saddr : daddr;
+	key->proto = v6 ? IPPROTO_ICMPV6 : IPPROTO_ICMP;
+	key->family = v6 ? 6 : 4;
+	bf_addr_copy(key->addr[0], answer ? daddr : saddr, words);
+	bf_addr_copy(key->addr[1], answer ? saddr : daddr, words);
 	key->port[0] = id;
 	key->port[1] = !answer ? type : type == 0 ? 8 : type - 1;
 	*from = answer;
@@ -186,15 +208,16 @@ static __always_inline void bf_ct_key_of(const struct bf_pkt *p, struct bf_ct_ke
 {
 	__u16 sport = 0, dport = 0;
 
-	if (p->proto == IPPROTO_ICMP) {
-		bf_ct_icmp_key(key, from, p->icmp_type, p->icmp_id, p->saddr, p->daddr);
+	if (p->proto == BF_ICMP_PROTO(p)) {
+		bf_ct_icmp_key(key, from, p->icmp_type, p->icmp_id, p->src, p->dst,
+			       BF_ADDR_WORDS(p));
 		return;
 	}
 	if (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP) {
 		sport = p->sport;
 		dport = p->dport;
 	}
-	bf_ct_endpoints(key, from, p->proto, p->saddr, sport, p->daddr, dport);
+	bf_ct_endpoints(key, from, p->proto, p->src, sport, p->dst, dport, BF_ADDR_WORDS(p));
 }
 
 static __always_inline __u64 bf_ct_timeout(const struct bf_pkt *p, const struct bf_ct_entry *e)
@@ -203,7 +226,7 @@ static __always_inline __u64 bf_ct_timeout(const struct bf_pkt *p, const struct 
 		return (__u64)bf_tcp_timeout[e->tcp & 15] * BF_SEC;
 	if (p->proto == IPPROTO_UDP)
 		return (e->replied ? 120 : 30) * BF_SEC;
-	if (p->proto == IPPROTO_ICMP)
+	if (p->proto == BF_ICMP_PROTO(p))
 		return 30 * BF_SEC;
 	return 600 * BF_SEC;
 }
@@ -221,7 +244,7 @@ static __always_inline __u8 bf_ct_first(const struct bf_pkt *p, __u8 *tcp)
 		*tcp = next; /* sSS, or sES for a connection picked up mid-stream (tcp_loose) */
 		return BF_CT_NEW;
 	}
-	if (p->proto == IPPROTO_ICMP && !bf_icmp_query(p->icmp_type))
+	if (p->proto == BF_ICMP_PROTO(p) && !bf_icmp_query(p->icmp_type, BF_FAMILY6(p)))
 		return BF_CT_INVALID;
 	*tcp = sES; /* any non-zero value: create one */
 	return BF_CT_NEW;
@@ -555,8 +578,10 @@ static __always_inline __u8 bf_ct_follow(const struct bf_pkt *p, struct bf_ct_en
 			e->expires = 0;
 			return state;
 		}
-	} else if (p->proto == IPPROTO_ICMP) {
-		if (dir ? !bf_icmp_answer(p->icmp_type) : !bf_icmp_query(p->icmp_type))
+	} else if (p->proto == BF_ICMP_PROTO(p)) {
+		int v6 = BF_FAMILY6(p);
+
+		if (dir ? !bf_icmp_answer(p->icmp_type, v6) : !bf_icmp_query(p->icmp_type, v6))
 			return BF_CT_INVALID;
 	}
 	if (dir && !e->replied)
@@ -573,10 +598,10 @@ static __always_inline __u8 bf_ct_follow(const struct bf_pkt *p, struct bf_ct_en
 static __always_inline void bf_ct_note(struct bf_pkt *p, const struct bf_ct_key *key,
 				       __u8 orig, __u8 dir)
 {
-	p->ct_orig[0] = orig ? key->addr[1] : key->addr[0];
-	p->ct_orig[1] = orig ? key->addr[0] : key->addr[1];
+	bf_addr_copy(p->ct_orig[0], key->addr[orig ? 1 : 0], 4);
+	bf_addr_copy(p->ct_orig[1], key->addr[orig ? 0 : 1], 4);
 	p->ct_proto = key->proto;
-	if (key->proto == IPPROTO_ICMP) {
+	if (key->proto == IPPROTO_ICMP || key->proto == IPPROTO_ICMPV6) {
 		p->ct_port[0] = key->port[0];
 		p->ct_port[1] = key->port[1] << 8;
 	} else {
@@ -586,47 +611,84 @@ static __always_inline void bf_ct_note(struct bf_pkt *p, const struct bf_ct_key 
 	p->ct_dir = dir;
 }
 
-/* RELATED: an ICMP error quoting a packet of a live connection, sent to that packet's
- * source (nf_conntrack_inet_error()). It goes the other way from the packet it quotes. */
-static __always_inline __u8 bf_ct_related(void *data, void *end, struct bf_pkt *p, __u64 now)
+/* The key of the connection of a packet an ICMP error quotes: its addresses (`saddr`,
+ * `daddr`), protocol, and transport header at `l4`. 0 if what it needs is not there. */
+static __always_inline int bf_ct_quoted_key(struct bf_ct_key *key, __u8 *from, __u8 proto,
+					    const __u32 *saddr, const __u32 *daddr, __u8 *l4,
+					    void *end, int words)
 {
-	struct iphdr *inner = data + (p->l4_off & 0x7f) + 8; /* l4_off < 128: a bound kept */
+	__u16 sport = 0, dport = 0;
+
+	if (proto == (words == 4 ? IPPROTO_ICMPV6 : IPPROTO_ICMP)) {
+		if ((void *)(l4 + 6) > end)
+			return 0;
+		bf_ct_icmp_key(key, from, l4[0], ((__u16)l4[4] << 8) | l4[5], saddr, daddr,
+			       words);
+		return 1;
+	}
+	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
+		if ((void *)(l4 + 4) > end)
+			return 0;
+		sport = ((__u16)l4[0] << 8) | l4[1];
+		dport = ((__u16)l4[2] << 8) | l4[3];
+	}
+	bf_ct_endpoints(key, from, proto, saddr, sport, daddr, dport, words);
+	return 1;
+}
+
+/* RELATED: an ICMP error quoting a packet of a live connection, sent to that packet's
+ * source (nf_conntrack_inet_error()). It goes the other way from the packet it quotes.
+ * (An IPv6 packet quoted with extension headers is not followed: INVALID.) Global: its
+ * key is not on the stack bf_ct_track() adds to the chains'. */
+__noinline int bf_ct_related(struct bf_ctx *ctx, struct bf_pkt *p)
+{
+	void *end = (void *)(long)ctx->data_end, *quoted;
 	struct bf_ct_key key = {};
 	struct bf_ct_entry *e;
-	__u16 sport = 0, dport = 0;
-	__u8 *l4, from;
+	__u32 saddr[4] = {}, daddr[4] = {};
+	__u8 *l4, from, proto;
+	int words, i;
 
-	asm volatile("" : "+r"(inner));
-	if ((void *)(inner + 1) > end || inner->ihl < 5)
+	if (!p)
 		return BF_CT_INVALID;
-	l4 = (__u8 *)inner + (inner->ihl & 0xf) * 4;
-	asm volatile("" : "+r"(l4));
-	if (bpf_ntohl(inner->saddr) != p->daddr)
-		return BF_CT_INVALID;
-	if (inner->protocol == IPPROTO_ICMP) {
-		if ((void *)(l4 + 6) > end)
+	words = BF_ADDR_WORDS(p);
+	/* l4_off < 256: a bound kept */
+	quoted = (void *)(long)ctx->data + (p->l4_off & 0xff) + 8;
+	asm volatile("" : "+r"(quoted));
+	if (BF_FAMILY6(p)) {
+		struct ipv6hdr *inner = quoted;
+
+		if ((void *)(inner + 1) > end)
 			return BF_CT_INVALID;
-		bf_ct_icmp_key(&key, &from, l4[0], ((__u16)l4[4] << 8) | l4[5],
-			       bpf_ntohl(inner->saddr), bpf_ntohl(inner->daddr));
-	} else {
-		if (inner->protocol == IPPROTO_TCP || inner->protocol == IPPROTO_UDP) {
-			if ((void *)(l4 + 4) > end)
-				return BF_CT_INVALID;
-			sport = ((__u16)l4[0] << 8) | l4[1];
-			dport = ((__u16)l4[2] << 8) | l4[3];
+		for (i = 0; i < 4; i++) {
+			saddr[i] = bpf_ntohl(inner->saddr.in6_u.u6_addr32[i]);
+			daddr[i] = bpf_ntohl(inner->daddr.in6_u.u6_addr32[i]);
 		}
-		bf_ct_endpoints(&key, &from, inner->protocol, bpf_ntohl(inner->saddr), sport,
-				bpf_ntohl(inner->daddr), dport);
+		proto = inner->nexthdr;
+		l4 = (__u8 *)(inner + 1);
+	} else {
+		struct iphdr *inner = quoted;
+
+		if ((void *)(inner + 1) > end || inner->ihl < 5)
+			return BF_CT_INVALID;
+		saddr[0] = bpf_ntohl(inner->saddr);
+		daddr[0] = bpf_ntohl(inner->daddr);
+		proto = inner->protocol;
+		l4 = (__u8 *)inner + (inner->ihl & 0xf) * 4;
 	}
+	asm volatile("" : "+r"(l4));
+	if (bf_addr_cmp(saddr, p->dst, words) != 0 ||
+	    !bf_ct_quoted_key(&key, &from, proto, saddr, daddr, l4, end, words))
+		return BF_CT_INVALID;
 	e = bpf_map_lookup_elem(&bf_conntrack, &key);
-	if (!e || e->expires <= now)
+	if (!e || e->expires <= bf_now())
 		return BF_CT_INVALID;
 	bf_ct_note(p, &key, e->orig, from == e->orig);
 	p->ct_mark = e->mark;
 	return BF_CT_RELATED;
 }
 
-static __always_inline void bf_ct_classify(void *data, void *end, struct bf_pkt *p)
+static __always_inline void bf_ct_classify(struct bf_ctx *ctx, struct bf_pkt *p)
 {
 	struct bf_ct_key key = {};
 	struct bf_ct_entry *e;
@@ -641,13 +703,19 @@ static __always_inline void bf_ct_classify(void *data, void *end, struct bf_pkt 
 		return;
 	}
 	if ((p->proto == IPPROTO_UDP && p->l4_len < 8) ||
-	    (p->proto == IPPROTO_ICMP && p->l4_len < 8)) {
+	    (p->proto == BF_ICMP_PROTO(p) && p->l4_len < 8) || p->l4_unknown) {
 		p->ct_state = BF_CT_INVALID;
 		return;
 	}
-	if (p->proto == IPPROTO_ICMP && bf_icmp_error_type(p->icmp_type)) {
-		p->ct_state = bf_ct_related(data, end, p, now);
-		return;
+	if (p->proto == BF_ICMP_PROTO(p)) {
+		if (bf_icmp_error_type(p->icmp_type, BF_FAMILY6(p))) {
+			p->ct_state = bf_ct_related(ctx, p);
+			return;
+		}
+		if (BF_FAMILY6(p) && bf_icmp6_untracked(p->icmp_type)) {
+			p->ct_state = BF_CT_UNTRACKED;
+			return;
+		}
 	}
 
 	bf_ct_key_of(p, &key, &from);
@@ -678,7 +746,7 @@ __noinline int bf_ct_track(struct bf_ctx *ctx, struct bf_pkt *p)
 	if (p->proto == IPPROTO_TCP && (p->tcp_flags & 0x02) && p->tcp_doff > 5 &&
 	    p->tcp_doff * 4 <= p->l4_len)
 		bf_tcp_options(ctx, p);
-	bf_ct_classify((void *)(long)ctx->data, (void *)(long)ctx->data_end, p);
+	bf_ct_classify(ctx, p);
 	return 0;
 }
 
@@ -708,16 +776,17 @@ static __always_inline void bf_ct_conn_key(const struct bf_pkt *p, struct bf_ct_
 {
 	__u8 from;
 
-	if (p->ct_proto == IPPROTO_ICMP) {
-		key->proto = IPPROTO_ICMP;
-		key->addr[0] = p->ct_orig[0];
-		key->addr[1] = p->ct_orig[1];
+	if (p->ct_proto == BF_ICMP_PROTO(p)) {
+		key->proto = p->ct_proto;
+		key->family = BF_FAMILY6(p) ? 6 : 4;
+		bf_addr_copy(key->addr[0], p->ct_orig[0], 4);
+		bf_addr_copy(key->addr[1], p->ct_orig[1], 4);
 		key->port[0] = p->ct_port[0];
 		key->port[1] = p->ct_port[1] >> 8;
 		return;
 	}
 	bf_ct_endpoints(key, &from, p->ct_proto, p->ct_orig[0], p->ct_port[0], p->ct_orig[1],
-			p->ct_port[1]);
+			p->ct_port[1], BF_ADDR_WORDS(p));
 }
 
 /* __nf_conntrack_confirm(): the packet was let through, remember its new connection. (Not

@@ -23,6 +23,7 @@ class MatchContext:
     if_patterns: list[ir.InterfaceMatch] = field(default_factory=list)
     limits: list[ir.LimitMatch] = field(default_factory=list)
     conntrack: bool = False  # a rule reads the connection state
+    family: ir.Family = ir.Family.IPV4  # of the chain being generated
 
     def require(self, expr: str, negate: bool = False) -> str:
         return f"if ({'' if negate else '!'}({expr})) goto {self.skip};"
@@ -58,9 +59,17 @@ def _in_range(value: str, r: ir.Range, top: int = 65535) -> str:
 
 
 def _in_network(value: str, network: ir.IPNetwork) -> str:
-    mask = int(network.netmask)
-    net = int(network.network_address)
-    return "1" if mask == 0 else f"({value} & 0x{mask:08x}) == 0x{net:08x}"
+    """`value` names an address of struct bf_pkt's layout: four words, of which an IPv4
+    address uses the first."""
+    words = network.max_prefixlen // 32
+    mask, net = int(network.netmask), int(network.network_address)
+    tests = []
+    for i in range(words):
+        shift = 32 * (words - 1 - i)
+        word_mask, word = (mask >> shift) & 0xFFFFFFFF, (net >> shift) & 0xFFFFFFFF
+        if word_mask:
+            tests.append(f"({value}[{i}] & 0x{word_mask:08x}) == 0x{word:08x}")
+    return " && ".join(tests) or "1"
 
 
 def _holds(expr: str, negate: bool) -> str:
@@ -68,7 +77,7 @@ def _holds(expr: str, negate: bool) -> str:
 
 
 def _address(m: ir.AddressMatch, ctx: MatchContext) -> list[str]:
-    field_ = "p->saddr" if m.direction == "src" else "p->daddr"
+    field_ = "p->src" if m.direction == "src" else "p->dst"
     return [ctx.require(_in_network(field_, m.network), m.negate)]
 
 
@@ -85,7 +94,12 @@ def _interface(m: ir.InterfaceMatch, ctx: MatchContext) -> list[str]:
 
 
 def _protocol(m: ir.ProtocolMatch, ctx: MatchContext) -> list[str]:
-    return [ctx.require(f"p->proto == {m.protocol}", m.negate)]
+    lines = []
+    if ctx.family is ir.Family.IPV6:
+        # ip6_packet_match(): no transport header found is a hotdrop, or for a later
+        # fragment no match.
+        lines.append(f"if (p->l4_unknown) {{ if (p->frag_off) goto {ctx.skip}; {HOTDROP} }}")
+    return lines + [ctx.require(f"p->proto == {m.protocol}", m.negate)]
 
 
 def _fragment(m: ir.FragmentMatch, ctx: MatchContext) -> list[str]:
@@ -158,12 +172,23 @@ def _multiport(m: ir.MultiportMatch, ctx: MatchContext) -> list[str]:
     return head + [ctx.require(" || ".join(tests), m.negate)]
 
 
+def _words(address: ir.IPAddress) -> str:
+    """An IPv6 address as the four host-order words struct bf_pkt holds."""
+    return ", ".join(f"0x{(int(address) >> shift) & 0xFFFFFFFF:08x}"
+                     for shift in (96, 64, 32, 0))
+
+
 def _iprange(m: ir.IpRangeMatch, ctx: MatchContext) -> list[str]:
     lines = []
-    for spec, value in ((m.src, "p->saddr"), (m.dst, "p->daddr")):
-        if spec is not None:
-            lines.append(ctx.require(f"{value} >= 0x{int(spec.low):08x}u && "
-                                     f"{value} <= 0x{int(spec.high):08x}u", spec.negate))
+    for spec, v4, v6 in ((m.src, "p->saddr", "p->src"), (m.dst, "p->daddr", "p->dst")):
+        if spec is None:
+            continue
+        if spec.low.version == 6:
+            expr = (f"bf_addr_in({v6}, (const __u32[]){{{_words(spec.low)}}}, "
+                    f"(const __u32[]){{{_words(spec.high)}}})")
+        else:
+            expr = f"{v4} >= 0x{int(spec.low):08x}u && {v4} <= 0x{int(spec.high):08x}u"
+        lines.append(ctx.require(expr, spec.negate))
     return lines
 
 

@@ -164,8 +164,13 @@ def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
         functions.setdefault(table, {})[name] = _function_name(i, table, name)
     code = {key: _chain_code(ref, functions[ref.table], runs, ctx) for key, ref in refs.items()}
     tables, sizes = _classifier(stages[0], runs, ctx)
+    families = {ref.family for ref in refs.values()}
     defines = dict(
         source=_c_comment(source), tc=attach is Attach.TC, conntrack=ctx.conntrack,
+        ipv6=ir.Family.IPV6 in families,
+        # Each base chain runs for its family's packets; with one family in the program
+        # the parser lets only that one's in (IPv6 ones only when it filters IPv6).
+        guard=len(families) > 1 or ir.Family.IPV6 in families,
         nslots=capacity(nslots), nlimits=capacity(len(ctx.limits)),
         nifpatterns=len(ctx.if_patterns),
         nprefixes=capacity(sum(len(r.prefixes) for r, *_ in runs if r.uniform_length is None)),
@@ -176,11 +181,13 @@ def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
     for stage, (name, egress) in zip(stages, ((INGRESS, False), (EGRESS, True))):
         if egress and not stage.hooks and not ctx.conntrack:
             continue
-        # Per hook, the base chains before connection tracking and those after it.
+        # Per hook, the base chains (function, family's IP version) before connection
+        # tracking and those after it.
         early, entries = {}, {}
         for hook in ir.Hook:
-            bases = [(functions[t][c], refs[(t, c)].chain.before_tracking
-                      and hook in TRACKING_HOOKS) for t, c in stage.base_chains(hook)]
+            bases = [((functions[t][c], 6 if refs[(t, c)].family is ir.Family.IPV6 else 4),
+                      refs[(t, c)].chain.before_tracking and hook in TRACKING_HOOKS)
+                     for t, c in stage.base_chains(hook)]
             early[hook.name.lower()] = [f for f, before in bases if before]
             entries[hook.name.lower()] = [f for f, before in bases if not before]
         text = _environment().get_template("stage.c.j2").render(
@@ -207,6 +214,7 @@ def _chain_code(ref: ChainRef, functions: dict[str, str], runs: list,
     """What the template renders of one chain: its rules, split into parts if long.
     `functions`: the C function of each chain of its table."""
     chain = ref.chain
+    ctx.family = ref.family
     parted = len(ref.items) > PART_RULES
     to_policy = "return BF_POLICY;" if parted else "goto policy;"
     rules = []

@@ -234,7 +234,7 @@ def _data_chains(table: ir.Table, folds: Folds, walkable: set[str]) -> set[str]:
             if (c.rules or not c.builtin) and c.name in walkable}  # jump targets may be empty
     while True:
         keep = {name for name in data
-                if all(_entry(i, data) is not None for i in folds[(table.name, name)])}
+                if all(_entry(i, data) is not None for i in folds[(table.key, name)])}
         depths = _depths(table, keep)
         keep = {name for name in keep if depths[name] < MAX_DEPTH}
         if keep == data:
@@ -251,6 +251,8 @@ def classify(ruleset: ir.Ruleset, folds: Folds) -> tuple[Folds, Classification]:
     segments: list[Segment] = []
     data_chains: list[tuple[tuple[str, str], int]] = []
     for table in ruleset.tables:
+        if table.family is not ir.Family.IPV4:
+            continue  # the classifier's tries hold IPv4 addresses
         # Chains where a classifier walk still fits on the call stack (unreached ones are
         # not compiled).
         levels = chain_levels(table)
@@ -260,7 +262,7 @@ def classify(ruleset: ir.Ruleset, folds: Folds) -> tuple[Folds, Classification]:
         # Data chains first, so that their segment numbers are stable and known.
         ordered = sorted(table.chains, key=lambda c: c.name not in data)
         for chain in ordered:
-            key = (table.name, chain.name)
+            key = (table.key, chain.name)
             if chain.name in data:
                 entries = tuple(_entry(i, data) for i in folds[key])
                 data_chains.append((key, len(segments)))

@@ -132,5 +132,8 @@ def fold_rules(rules: tuple[ir.Rule, ...]) -> tuple[Item, ...]:
 
 
 def fold_chains(ruleset: ir.Ruleset) -> dict[tuple[str, str], tuple[Item, ...]]:
-    """fold_rules for every chain, by (table, chain)."""
-    return {(t.name, c.name): fold_rules(c.rules) for t in ruleset.tables for c in t.chains}
+    """fold_rules for every chain, by (table key, chain). The lookups hold IPv4 addresses:
+    IPv6 chains stay rule by rule."""
+    return {(t.key, c.name): fold_rules(c.rules) if t.family is ir.Family.IPV4
+            else tuple(RuleItem(rule, i) for i, rule in enumerate(c.rules))
+            for t in ruleset.tables for c in t.chains}

@@ -15,11 +15,12 @@ Folds = dict[tuple[str, str], tuple[ChainItem, ...]]
 class ChainRef:
     """A chain reachable from a stage, and the counter slot of each of its rules."""
 
-    table: str
+    table: str  # its Table.key
     chain: ir.Chain
     rule_slots: tuple[int, ...]
     policy_slot: int  # -1 for user-defined chains
     items: tuple[ChainItem, ...] = ()  # as code generation takes them (runs, segments)
+    family: ir.Family = ir.Family.IPV4  # the packets it sees
 
     @property
     def key(self) -> tuple[str, str]:
@@ -70,8 +71,8 @@ def counter_slots(ruleset: ir.Ruleset,
     folded: list[tuple[str, str, int]] = []
     for table in ruleset.tables:
         for chain in table.chains:
-            for item in folds[(table.name, chain.name)]:
-                key = table.name, chain.name
+            for item in folds[(table.key, chain.name)]:
+                key = table.key, chain.name
                 if isinstance(item, PrefixRun):
                     folded.extend((*key, i) for i in item.indexes)
                 elif isinstance(item, Segment):
@@ -81,7 +82,7 @@ def counter_slots(ruleset: ir.Ruleset,
     for table in ruleset.tables:
         for chain in table.chains:
             if chain.builtin:
-                slots[(table.name, chain.name, -1)] = len(slots)
+                slots[(table.key, chain.name, -1)] = len(slots)
     for key in folded:
         slots[key] = len(slots)
     return slots
@@ -98,7 +99,7 @@ def _reachable(table: ir.Table, entry: str, folds: Folds | None = None) -> list[
             return [r.target for r in table.chain(name).rules]
         return [item.rule.target if isinstance(item, RuleItem) else
                 item.target if isinstance(item, PrefixRun) else None
-                for item in folds[(table.name, name)]]
+                for item in folds[(table.key, name)]]
 
     def visit(name: str) -> None:
         if name in order:
@@ -124,7 +125,7 @@ def _runs_anything(table: ir.Table, chain: ir.Chain) -> bool:
 def _base_chains(ruleset: ir.Ruleset, hook: ir.Hook) -> tuple[tuple[str, str], ...]:
     """The base chains that run at `hook`, lowest priority first (file order among equal
     ones)."""
-    found = [(chain.priority, table.name, chain.name) for table in ruleset.tables
+    found = [(chain.priority, table.key, chain.name) for table in ruleset.tables
              for chain in table.chains
              if chain.hook is hook and chain.builtin and _runs_anything(table, chain)]
     return tuple((table, chain) for _priority, table, chain in
@@ -169,5 +170,5 @@ def _stage(ruleset: ir.Ruleset,
         rule_slots = tuple(slots[(table_name, name, i)] for i in range(len(chain.rules)))
         refs.append(ChainRef(table_name, chain, rule_slots,
                              slots.get((table_name, name, -1), -1),
-                             folds[(table_name, name)]))
+                             folds[(table_name, name)], ruleset.table(table_name).family))
     return Stage(walks, tuple(refs), classification, tuple(reached.items()), segment_slots)

@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 from rich.console import Console
 from rich.table import Table
 from scapy.layers.inet import ICMP, IP, TCP
+from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
+from scapy.packet import Packet
 
 from pyroute2 import Conntrack
 
@@ -47,12 +49,15 @@ class Outcome:
     forwarded: bool = False  # the far namespace received it (beds that forward)
 
 
-def _kind(reply: IP) -> str:
+def _kind(reply: Packet) -> str:
+    if IPv6 in reply and reply[IPv6].nh == 58:
+        message = bytes(reply[IPv6].payload)
+        return f"ICMPv6 {message[0]}/{message[1]}"
     if TCP in reply:
         return f"TCP {reply[TCP].flags}"
     if ICMP in reply:
         return f"ICMP {reply[ICMP].type}/{reply[ICMP].code}"
-    return f"IP proto {reply.proto}"
+    return f"IP proto {reply[IPv6].nh if IPv6 in reply else reply.proto}"
 
 
 def observe(bed: VethBed, frame: Ether) -> Outcome:
@@ -99,7 +104,7 @@ def whole(text: str) -> str:
     """The ruleset with every table bpfilter compiles: iptables-restore replaces only the
     tables its input has (a raw table of the previous ruleset would stay), while
     bpfilter's apply replaces the whole ruleset."""
-    present = {t.name for t in parse_ruleset(text).tables}
+    present = {t.name for t in parse_ruleset(text).tables} if text else set()
     empty = "".join(f"*{table}\n" + "".join(f":{chain} ACCEPT [0:0]\n"
                                              for chain in BUILTIN_CHAINS[table]) + "COMMIT\n"
                     for table in COMPILED_TABLES if table not in present)
@@ -135,15 +140,17 @@ class MirrorPair:
             paths = state.Paths("eth0", state.netns_id())
             if paths.conntrack.exists():
                 conntable.flush(paths)
-        if dialect(text).startswith("nft"):
-            netns.run("iptables-legacy-restore", netns=self.kernel.server, input=whole(""))
-            netns.run("nft", "flush", "ruleset", netns=self.kernel.server)
-            netns.run("nft", *(("-j",) if dialect(text) == "nft-json" else ()), "-f", "-",
+        # The kernel side's three front-ends: the one the ruleset is for gets it, the others
+        # are emptied (a ruleset replaces the whole previous one, as bpfilter's apply).
+        kind = dialect(text)
+        netns.run("nft", "flush", "ruleset", netns=self.kernel.server)
+        for restore, its_kind in (("iptables-legacy-restore", "iptables"),
+                                  ("ip6tables-legacy-restore", "ip6tables")):
+            netns.run(restore, netns=self.kernel.server,
+                      input=whole(text if kind == its_kind else ""))
+        if kind.startswith("nft"):
+            netns.run("nft", *(("-j",) if kind == "nft-json" else ()), "-f", "-",
                       netns=self.kernel.server, input=text)
-        else:
-            netns.run("nft", "flush", "ruleset", netns=self.kernel.server)
-            netns.run("iptables-legacy-restore", netns=self.kernel.server,
-                      input=whole(text))
         with netns.entered(self.bpf.server):
             for iface in self.ifaces:
                 deploy.apply(text, "<conformance>", iface, self.build_dir / "rules",
@@ -199,7 +206,8 @@ def check(pair: MirrorPair, text: str, ruleset, cases, sent: bool = False) -> No
         packet = case if sent else case[1]
         kernel, ours = (pair.compare_sent if sent else pair.compare)(packet, used)
         origin = "" if sent else f", from {packet.src}"
-        assert ours == kernel, (f"{packet.summary()} (ttl {packet[IP].ttl}, {len(packet)} "
+        hops = packet[IP].ttl if IP in packet else packet[IPv6].hlim
+        assert ours == kernel, (f"{packet.summary()} (ttl {hops}, {len(packet)} "
                                 f"bytes{origin}): kernel {kernel}, bpfilter {ours}\n"
                                 f"ruleset:\n{text}")
 

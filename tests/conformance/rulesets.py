@@ -8,6 +8,7 @@ disagree by timing alone (each has its own bucket), not by semantics.
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
@@ -19,6 +20,35 @@ IPV4_REJECTS = [w for w in ir.RejectWith if w.family in (None, ir.Family.IPV4)]
 NETS = ["192.0.2.0/24", "192.0.2.53/32", "198.51.100.0/24", "10.0.0.0/8", "0.0.0.0/1",
         "203.0.113.0/25"]
 DST_NETS = ["198.18.0.0/16", "198.18.0.1/32", "198.19.0.0/16"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """What generated rules of one address family draw from."""
+
+    family: ir.Family
+    nets: tuple[str, ...]  # sources (destinations at OUTPUT)
+    dst_nets: tuple[str, ...]  # within the testbed server's local range
+    icmp: int  # the ICMP protocol's number
+    icmp_types: tuple[tuple[int, int, int], ...]  # (type, lowest code, highest code)
+    rejects: tuple[ir.RejectWith, ...]
+    range_starts: tuple[str, ...]  # -m iprange
+    lengths: tuple[int, ...]  # -m length
+
+
+V4 = Family(ir.Family.IPV4, tuple(NETS), tuple(DST_NETS), 1,
+            ((8, 0, 255), (0, 0, 255), (3, 3, 3), (3, 0, 255), (255, 0, 255), (11, 0, 255)),
+            tuple(IPV4_REJECTS), ("192.0.2.10", "192.0.2.53", "198.51.100.1"),
+            (20, 28, 40, 60, 100, 1000, 1500))
+# The testbed's server owns 2001:db8:1::/48 (tests/packets.py: LOCAL6).
+V6 = Family(ir.Family.IPV6, ("2001:db8:abcd::/48", "2001:db8:abcd::53/128", "2001:db8::/32",
+                             "2001:db8:ff::/64", "::/1", "2001:db8:abcd:8000::/49"),
+            ("2001:db8:1::/64", "2001:db8:1::1/128", "2001:db8:1:8000::/49"), 58,
+            ((128, 0, 255), (129, 0, 255), (1, 4, 4), (1, 0, 255), (255, 0, 255),
+             (135, 0, 255), (3, 0, 255)),
+            tuple(w for w in ir.RejectWith if w.family in (None, ir.Family.IPV6)),
+            ("2001:db8:abcd::10", "2001:db8:abcd::53", "2001:db8:ff::1"),
+            (40, 48, 60, 80, 100, 1000, 1500))
 PORTS = [0, 1, 22, 53, 80, 443, 1024, 8080, 65535]
 MACS = [b"\x02\x00\x00\x00\x00\x66", b"\x02\x00\x00\x00\x00\x01"]
 IFACES = ["eth0", "eth+", "lan0", "wan+", "+"]
@@ -37,7 +67,7 @@ def _ports(draw):
 
 
 @st.composite
-def _conntrack(draw, negate: bool) -> ir.ConntrackMatch:
+def _conntrack(draw, negate: bool, fam: Family = V4) -> ir.ConntrackMatch:
     """States, and with -m conntrack sometimes a direction or a tuple address too."""
     module = draw(st.sampled_from(["conntrack", "conntrack", "state"]))
     states = draw(st.lists(st.sampled_from(ir.ConntrackMatch.STATES[:4]),
@@ -48,11 +78,11 @@ def _conntrack(draw, negate: bool) -> ir.ConntrackMatch:
         if draw(st.booleans()) or not (states or direction):
             name = draw(st.sampled_from(ir.ConntrackMatch.ADDRESSES))
             addresses[name] = ir.ConntrackAddress(
-                ipaddress.IPv4Network(draw(st.sampled_from(NETS + DST_NETS))),
+                ipaddress.ip_network(draw(st.sampled_from(fam.nets + fam.dst_nets))),
                 draw(st.booleans()))
         if draw(st.integers(0, 3)) == 0:
-            addresses["protocol"] = ir.ProtocolMatch(draw(st.sampled_from([TCP, UDP, ICMP])),
-                                                     draw(st.booleans()))
+            addresses["protocol"] = ir.ProtocolMatch(
+                draw(st.sampled_from([TCP, UDP, fam.icmp])), draw(st.booleans()))
         if draw(st.integers(0, 2)) == 0:
             addresses[draw(st.sampled_from(ir.ConntrackMatch.PORTS))] = draw(_ports())
     return ir.ConntrackMatch(tuple(s for s in ir.ConntrackMatch.STATES if s in states),
@@ -60,20 +90,20 @@ def _conntrack(draw, negate: bool) -> ir.ConntrackMatch:
 
 
 @st.composite
-def _matches(draw, hook: str = "INPUT") -> tuple[ir.Match, ...]:
+def _matches(draw, hook: str = "INPUT", fam: Family = V4) -> tuple[ir.Match, ...]:
     """For a chain `hook` reaches: `-o` means something at FORWARD and OUTPUT; OUTPUT has
     no input interface (iptables refuses `-i` and `--mac-source` there) and sends from
     the host's addresses."""
     found: list[ir.Match] = []
     outbound = hook == "OUTPUT"
-    sources, destinations = (DST_NETS, NETS) if outbound else (NETS, DST_NETS)
-    proto = draw(st.sampled_from([None, TCP, TCP, UDP, UDP, ICMP, 47]))
+    sources, destinations = (fam.dst_nets, fam.nets) if outbound else (fam.nets, fam.dst_nets)
+    proto = draw(st.sampled_from([None, TCP, TCP, UDP, UDP, fam.icmp, 47]))
     proto_negated = proto is not None and draw(st.integers(0, 5)) == 0
     if draw(st.booleans()):
-        found.append(ir.AddressMatch("src", ipaddress.IPv4Network(
+        found.append(ir.AddressMatch("src", ipaddress.ip_network(
             draw(st.sampled_from(sources))), draw(st.booleans())))
     if draw(st.integers(0, 3)) == 0:
-        found.append(ir.AddressMatch("dst", ipaddress.IPv4Network(
+        found.append(ir.AddressMatch("dst", ipaddress.ip_network(
             draw(st.sampled_from(destinations))), draw(st.booleans())))
     if not outbound and draw(st.integers(0, 3)) == 0:
         found.append(ir.InterfaceMatch("in", draw(st.sampled_from(IFACES)),
@@ -102,23 +132,21 @@ def _matches(draw, hook: str = "INPUT") -> tuple[ir.Match, ...]:
             found.append(ir.MultiportMatch(draw(st.sampled_from(["src", "dst", "any"])),
                                            tuple(ir.Range(p, p) for p in ports),
                                            draw(st.booleans())))
-    if proto == ICMP and not proto_negated and draw(st.booleans()):
-        icmp_type, low, high = draw(st.sampled_from(
-            [(8, 0, 255), (0, 0, 255), (3, 3, 3), (3, 0, 255), (255, 0, 255), (11, 0, 255)]))
-        found.append(ir.IcmpMatch(icmp_type, ir.Range(low, high), draw(st.booleans())))
+    if proto == fam.icmp and not proto_negated and draw(st.booleans()):
+        icmp_type, low, high = draw(st.sampled_from(fam.icmp_types))
+        found.append(ir.IcmpMatch(icmp_type, ir.Range(low, high), draw(st.booleans()),
+                                  version=4 if fam is V4 else 6))
     extras = draw(st.lists(st.sampled_from(["iprange", "length", "ttl", "comment", "limit",
                                             "conntrack"] + ([] if outbound else ["mac"])),
                            max_size=2, unique=True))
     for extra in extras:
         negate = draw(st.booleans())
         if extra == "iprange":
-            low = ipaddress.IPv4Address(draw(st.sampled_from(["192.0.2.10", "192.0.2.53",
-                                                              "198.51.100.1"])))
+            low = ipaddress.ip_address(draw(st.sampled_from(fam.range_starts)))
             found.append(ir.IpRangeMatch(src=ir.AddressRangeSpec(
                 low, low + draw(st.sampled_from([0, 5, 100])), negate)))
         elif extra == "length":
-            found.append(ir.LengthMatch(_range(draw, [20, 28, 40, 60, 100, 1000, 1500], 65535),
-                                        negate))
+            found.append(ir.LengthMatch(_range(draw, list(fam.lengths), 65535), negate))
         elif extra == "ttl":
             op = draw(st.sampled_from(["eq", "lt", "gt"]))
             found.append(ir.TtlMatch(op, draw(st.sampled_from([1, 2, 64, 128])),
@@ -128,7 +156,7 @@ def _matches(draw, hook: str = "INPUT") -> tuple[ir.Match, ...]:
         elif extra == "comment":
             found.append(ir.CommentMatch("generated rule"))
         elif extra == "conntrack":
-            found.append(draw(_conntrack(negate)))
+            found.append(draw(_conntrack(negate, fam)))
         elif hook != "FORWARD":
             # Not at FORWARD: the router runs the ruleset on both interfaces, each with
             # buckets of its own, where the kernel has one (README, known differences).
@@ -138,7 +166,7 @@ def _matches(draw, hook: str = "INPUT") -> tuple[ir.Match, ...]:
 
 
 @st.composite
-def _target(draw, matches, callees: list[str], builtin: bool):
+def _target(draw, matches, callees: list[str], builtin: bool, fam: Family = V4):
     proto = next((m for m in matches if isinstance(m, ir.ProtocolMatch)), None)
     choices = ["ACCEPT", "DROP", "REJECT", "LOG", "none", "RETURN"]
     if callees:
@@ -147,7 +175,7 @@ def _target(draw, matches, callees: list[str], builtin: bool):
     if kind in ("ACCEPT", "DROP"):
         return ir.VerdictTarget(ir.Verdict(kind))
     if kind == "REJECT":
-        options = list(IPV4_REJECTS)
+        options = list(fam.rejects)
         if proto is None or proto.protocol != TCP or proto.negate:
             options.remove(ir.RejectWith.TCP_RESET)
         return ir.RejectTarget(draw(st.sampled_from(options)))
@@ -161,27 +189,29 @@ def _target(draw, matches, callees: list[str], builtin: bool):
 
 
 @st.composite
-def rulesets(draw, most: int = 10, hook: str = "INPUT") -> ir.Ruleset:
+def rulesets(draw, most: int = 10, hook: str = "INPUT", fam: Family = V4) -> ir.Ruleset:
     """INPUT (or FORWARD, or OUTPUT) with 1 to `most` rules, and up to two user chains of
-    up to `most` / 2; the other built-in chains empty."""
+    up to `most` / 2; the other built-in chains empty. `fam`: an iptables or an ip6tables
+    ruleset."""
     origin = ir.Origin("<generated>", 0)
     names = [f"U{i}" for i in range(draw(st.integers(0, 2)))]
     chains = []
     for position, name in enumerate(names):  # U0 may call U1, never the reverse: no loops
         rules = []
         for _ in range(draw(st.integers(1, max(1, most // 2)))):
-            matches = draw(_matches(hook))
-            rules.append(ir.Rule(matches, draw(_target(matches, names[position + 1:], False)),
-                                 origin))
+            matches = draw(_matches(hook, fam))
+            rules.append(ir.Rule(matches, draw(_target(matches, names[position + 1:], False,
+                                                       fam)), origin))
         chains.append(ir.Chain(name, tuple(rules)))
     rules = []
     for _ in range(draw(st.integers(1, most))):
-        matches = draw(_matches(hook))
-        rules.append(ir.Rule(matches, draw(_target(matches, names, True)), origin))
+        matches = draw(_matches(hook, fam))
+        rules.append(ir.Rule(matches, draw(_target(matches, names, True, fam)), origin))
     filled = ir.Chain(hook, tuple(rules), draw(st.sampled_from(list(ir.Verdict))))
     builtins = [filled if name == hook else ir.Chain(name, (), ir.Verdict.ACCEPT)
                 for name in ("INPUT", "FORWARD", "OUTPUT")]
-    return ir.Ruleset(ir.Family.IPV4, (ir.Table("filter", tuple(builtins + chains)),))
+    return ir.Ruleset(fam.family, (ir.Table("filter", tuple(builtins + chains),
+                                            family=fam.family),))
 
 
 # Marks are built bit by bit (0x1, 0x2, 0x10) and read back whole or in part, so that the

@@ -92,6 +92,7 @@ struct bf_pkt {
 	__u8 noif;          /* enum bf_noif */
 	__u8 family;        /* 4 or 6 */
 	__u8 l4_unknown;    /* IPv6: the header chain could not be followed to its end */
+	__u8 defragged;     /* IPv6: bytes of fragment header conntrack's defragmenter took out */
 	__u32 ct_orig[2][4]; /* the connection's original source and destination */
 	__u16 ct_port[2];   /* and ports (ICMP: the identifier, the query type << 8) */
 	__u8 ct_proto;
@@ -539,8 +540,9 @@ static __always_inline int bf_parse6(struct bf_ctx *ctx, struct bf_pkt *p,
 	if ((void *)(ip6 + 1) > end || ip6->version != 6)
 		return -1;
 	p->len = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
-	/* A zero payload length is a jumbogram's, which only a hop-by-hop option makes. */
-	if ((ip6->payload_len == 0 && ip6->nexthdr != 0) || p->len > bf_l3_len(ctx, ip6, end))
+	/* A zero payload length behind a hop-by-hop header is a jumbogram's (left to the
+	 * kernel); elsewhere it is an empty payload. */
+	if ((ip6->payload_len == 0 && ip6->nexthdr == 0) || p->len > bf_l3_len(ctx, ip6, end))
 		return -1;
 	for (i = 0; i < 4; i++) {
 		p->src[i] = bpf_ntohl(ip6->saddr.in6_u.u6_addr32[i]);
@@ -584,6 +586,7 @@ static __always_inline int bf_parse6(struct bf_ctx *ctx, struct bf_pkt *p,
 	p->proto = next;
 	p->l4_len = off < p->len ? p->len - off : 0;
 	p->len -= cut;
+	p->defragged = cut;
 	p->l4_off = sizeof(struct ethhdr) + (off & 0x7ff);
 	if (!p->frag_off && !p->l4_unknown && off < 0x800)
 		bf_parse_l4(p, (__u8 *)ip6 + (off & 0x7ff), end);
@@ -1059,7 +1062,9 @@ __noinline int bf_reject_icmp(struct bf_ctx *ctx, const struct bf_pkt *p, __u8 c
 	v6 = BF_FAMILY6(p);
 	l3 = v6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr);
 	max = v6 ? BF_ICMP6_QUOTE_MAX : BF_ICMP_QUOTE_MAX;
-	quote = p->len < max ? p->len : max;
+	/* (The kernel quotes an atomic fragment without its fragment header; this one keeps
+	 * it: below its transport header the skb cannot be cut.) */
+	quote = p->len + p->defragged < max ? p->len + p->defragged : max;
 	head = l3 + sizeof(struct icmphdr);
 	want = sizeof(struct ethhdr) + head + quote;
 	if (!bf_icmp_answers(ctx, p) || !bf_error_source(ctx, p, &from))

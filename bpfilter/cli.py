@@ -30,6 +30,26 @@ def _read_rules(path: str) -> tuple[str, str]:
         sys.exit(EXIT_INPUT)
 
 
+def _read_all(paths: tuple[str, ...]) -> tuple[str, str]:
+    """One ruleset from one file, or from an iptables-save and an ip6tables-save file
+    (both families at once)."""
+    from bpfilter.frontend import combine, dialect
+
+    texts = [_read_rules(path) for path in paths]
+    if len(texts) > 1 and not all(dialect(*t).endswith("tables") for t in texts):
+        err_console.print("[red]bpfilter: several RULES files must each be iptables-save or "
+                          "ip6tables-save text (an nftables ruleset holds both families "
+                          "in one file)[/]")
+        sys.exit(EXIT_INPUT)
+    return combine(texts)
+
+
+# RULES of compile, apply, translate: IPv4 and IPv6 rules may come in two files.
+_RULES_HELP = ("RULES: iptables-save text (or ip6tables-save text, or one file of each "
+               "for both families) or an nftables ruleset, told apart by content; '-' "
+               "reads stdin.")
+
+
 def _show_input_error(error: InputError, text: Optional[str], label: str = "error") -> None:
     err_console.print(f"[bold red]bpfilter: {label}:[/] {error}", highlight=False,
                       markup=True)
@@ -67,8 +87,8 @@ def main() -> None:
     """
 
 
-@main.command("compile")
-@click.argument("rules", metavar="RULES", type=str)
+@main.command("compile", epilog=_RULES_HELP)
+@click.argument("rules", metavar="RULES...", nargs=-1, required=True)
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
               help="Where the .c and .o files go [default: build/<name of RULES>].")
 @click.option("--emit", type=click.Choice(["c", "obj"]), default="obj", show_default=True,
@@ -81,19 +101,23 @@ def main() -> None:
 @click.option("--attach", type=click.Choice(["xdp", "tc"]), default="xdp", show_default=True,
               help="Build programs for XDP or for TC ingress (the same verdicts; TC runs "
                    "after the kernel has built its packet buffer).")
-def compile_cmd(rules: str, output: Optional[Path], emit: str, ignore_unsupported: bool,
-                no_verify: bool, attach: str) -> None:
-    """Compile RULES (iptables-save text or an nftables ruleset, told apart by content;
-    '-' reads stdin) into BPF programs.
+def compile_cmd(rules: tuple[str, ...], output: Optional[Path], emit: str,
+                ignore_unsupported: bool, no_verify: bool, attach: str) -> None:
+    """Compile RULES into BPF programs.
+
+    \b
+      bpfilter compile rules.v4
+      bpfilter compile rules.v4 rules.v6      # both families, one program
+      nft list ruleset | bpfilter compile -
 
     Exits 2 on input it cannot compile, naming file, line, token and what works instead.
     """
     from bpfilter.codegen import Attach
     from bpfilter.compiler import compile_ruleset
 
-    text, source = _read_rules(rules)
+    text, source = _read_all(rules)
     if output is None:
-        stem = "stdin" if rules == "-" else Path(rules).name.replace(".", "_")
+        stem = "stdin" if rules[0] == "-" else Path(rules[0]).name.replace(".", "_")
         output = Path("build") / stem
     skipped: list[InputError] = []
     try:
@@ -114,14 +138,13 @@ def compile_cmd(rules: str, output: Optional[Path], emit: str, ignore_unsupporte
         _warn_unseen_marks(result.ruleset)
 
 
-@main.command("translate")
-@click.argument("rules", metavar="RULES", type=str)
+@main.command("translate", epilog=_RULES_HELP)
+@click.argument("rules", metavar="RULES...", nargs=-1, required=True)
 @click.option("--to", "to", type=click.Choice(["nft", "iptables"]), required=True,
               help="The syntax to print: nft (an `nft -f` ruleset, family ip) or iptables "
                    "(iptables-save text).")
-def translate_cmd(rules: str, to: str) -> None:
-    """Print RULES (iptables-save text or an nftables ruleset; '-' reads stdin) in the
-    other syntax, rule for rule.
+def translate_cmd(rules: tuple[str, ...], to: str) -> None:
+    """Print RULES in the other syntax, rule for rule.
 
     \b
       bpfilter translate rules.v4 --to nft > rules.nft
@@ -136,7 +159,7 @@ def translate_cmd(rules: str, to: str) -> None:
     from bpfilter.passes import validate
     from bpfilter.passes.xtables import to_xtables
 
-    text, source = _read_rules(rules)
+    text, source = _read_all(rules)
     try:
         ruleset = validate(parse_ruleset(text, source))
         if to == "nft":
@@ -233,8 +256,8 @@ def _print_summary(result, output: Path) -> None:
 MODES = click.Choice(["native", "generic", "offload", "tc"])
 
 
-@main.command()
-@click.argument("rules", type=str)
+@main.command(epilog=_RULES_HELP)
+@click.argument("rules", metavar="RULES...", nargs=-1, required=True)
 @click.option("-i", "--iface", required=True, help="The interface to filter arriving packets on.")
 @click.option("--mode", type=MODES, help="XDP mode (native, generic, offload), or tc: at TC "
               "ingress instead of XDP. Default: where the interface's ruleset runs now, else "
@@ -242,8 +265,10 @@ MODES = click.Choice(["native", "generic", "offload", "tc"])
               "native XDP.")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
               help="Where the .c and .o files go [default: build/<iface>].")
-def apply(rules: str, iface: str, mode: Optional[str], output: Optional[Path]) -> None:
-    """Compile RULES and make them live on IFACE, replacing what runs there atomically.
+def apply(rules: tuple[str, ...], iface: str, mode: Optional[str],
+          output: Optional[Path]) -> None:
+    """Compile RULES and make them live on IFACE, replacing what runs there atomically
+    (`apply rules.v4 rules.v6 -i eth0`: both families).
 
     The new ruleset is compiled, loaded, verified and its maps filled before one kernel
     operation switches to it. If anything fails the running ruleset is left untouched and
@@ -253,7 +278,7 @@ def apply(rules: str, iface: str, mode: Optional[str], output: Optional[Path]) -
     from bpfilter.codegen import Attach
     from bpfilter.loader.xdp import XdpMode
 
-    text, source = _read_rules(rules)
+    text, source = _read_all(rules)
     tc = mode == "tc"
     try:
         with console.status("applying…") as status:

@@ -215,19 +215,24 @@ def save(ruleset: ir.Ruleset, counters: bool = False,
     chain policy); without it the counters read from the input are printed.
     """
     lines = []
-    if any(t.family is ir.Family.IPV6 for t in ruleset.tables):
-        lines.append("# ip6tables-save text, written by bpfilter")  # read back as IPv6
+    families = {t.family for t in ruleset.tables}
     for table in ruleset.tables:
+        # What the text is read back as: ip6tables' header before IPv6 tables, and where
+        # both families share the text, iptables' before IPv4 ones (frontend's sections).
+        if table.family in families and (table.family is ir.Family.IPV6 or len(families) > 1):
+            tool = "ip6tables" if table.family is ir.Family.IPV6 else "iptables"
+            lines.append(f"# {tool}-save text, written by bpfilter")
+        families.discard(table.family)
         lines.append(f"*{table.name}")
         for chain in table.chains:
-            chain_counters = live(table.name, chain.name, -1) if live else chain.counters
+            chain_counters = live(table.key, chain.name, -1) if live else chain.counters
             policy = chain.policy.value if chain.policy else "-"
             lines.append(f":{chain.name} {policy} {_counter_text(chain_counters)}")
         for chain in table.chains:
             for index, rule in enumerate(chain.rules):
                 text = rule_text(chain.name, rule, table.family)
                 if counters:
-                    rule_counters = live(table.name, chain.name, index) if live \
+                    rule_counters = live(table.key, chain.name, index) if live \
                         else rule.counters
                     text = f"{_counter_text(rule_counters)} {text}"
                 lines.append(text)

@@ -41,6 +41,8 @@ SERVER_NET6 = "2001:db8:1::/48"
 PASS_ALL = "*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n"
 FAR_NET = "203.0.113.0/24"
 ROUTER_LINK, FAR_LINK = "192.0.2.1", "192.0.2.2"  # the server's eth1, the far end
+FAR_NET6 = "2001:db8:f::/48"
+ROUTER_LINK6, FAR_LINK6 = "2001:db8:e::1", "2001:db8:e::2"
 # XDP_TX frames are flushed at the end of the server's NAPI poll, possibly after the ARP
 # answer that was handled in the same poll; a forwarded frame's answer comes from the far
 # namespace, which runs after the server.
@@ -57,6 +59,13 @@ def network_layer(frame: Packet) -> Optional[Packet]:
         if layer in frame:
             return frame[layer]
     return None
+
+
+def _quiet(namespace: str) -> None:
+    """No router solicitations from the interfaces a namespace gets next: they would be
+    delivered (or counted as received) between two test frames."""
+    for key in ("all", "default"):
+        netns.sysctl(namespace, f"net.ipv6.conf.{key}.router_solicitations", "0")
 
 
 def _answer_everyone(namespace: str, ifname: str) -> None:
@@ -95,7 +104,7 @@ class VethBed:
         self._passthrough: Optional[LoadedRuleset] = None
         self._links: list[XdpLink] = []
         self.sock: Optional[socket.socket] = None
-        self._raw: Optional[socket.socket] = None
+        self._raw: dict[int, socket.socket] = {}  # per address family
         self._loopback: Optional[socket.socket] = None
         try:
             self._setup(build_dir, prefix, server_xdp)
@@ -108,6 +117,7 @@ class VethBed:
     def _setup(self, build_dir: Path, prefix: str, server_xdp: bool) -> None:
         self.server = self._namespace(f"{prefix}-server")
         self.client = self._namespace(f"{prefix}-client")
+        _quiet(self.server)
         netns.veth("eth0", self.server, "eth0", self.client)
         srv = lambda *a: netns.run(*a, netns=self.server)  # noqa: E731
         srv("ip", "addr", "add", f"{SERVER_ADDR}/32", "dev", "eth0")
@@ -138,6 +148,7 @@ class VethBed:
 
     def _setup_far(self, prefix: str) -> None:
         self.far = self._namespace(f"{prefix}-far")
+        _quiet(self.far)
         netns.veth("eth1", self.server, "eth0", self.far)
         srv = lambda *a: netns.run(*a, netns=self.server)  # noqa: E731
         far = lambda *a: netns.run(*a, netns=self.far)  # noqa: E731
@@ -153,6 +164,16 @@ class VethBed:
             "nud", "permanent")
         far("ip", "neigh", "replace", ROUTER_LINK, "lladdr", router_mac, "dev", "eth0",
             "nud", "permanent")
+        srv("ip", "-6", "addr", "add", f"{ROUTER_LINK6}/64", "dev", "eth1", "nodad")
+        far("ip", "-6", "addr", "add", f"{FAR_LINK6}/64", "dev", "eth0", "nodad")
+        far("ip", "-6", "route", "add", "local", FAR_NET6, "dev", "lo")
+        far("ip", "-6", "route", "add", "default", "via", ROUTER_LINK6, "dev", "eth0")
+        srv("ip", "-6", "route", "add", FAR_NET6, "via", FAR_LINK6, "dev", "eth1")
+        srv("ip", "-6", "neigh", "replace", FAR_LINK6, "lladdr", far_mac, "dev", "eth1",
+            "nud", "permanent")
+        far("ip", "-6", "neigh", "replace", ROUTER_LINK6, "lladdr", router_mac, "dev",
+            "eth0", "nud", "permanent")
+        netns.sysctl(self.server, "net.ipv6.conf.all.forwarding", "1")
         netns.sysctl(self.server, "net.ipv4.ip_forward", "1")
         netns.sysctl(self.server, "net.ipv4.conf.eth1.rp_filter", "0")
         _answer_everyone(self.far, "eth0")
@@ -192,25 +213,29 @@ class VethBed:
                 replies.append(layer)
         return replies
 
-    def send_from_server(self, packet: bytes) -> list[IP]:
-        """The server sends an IPv4 packet itself (a raw socket: it walks OUTPUT); the
-        packets that then came into the server through lo for its source address (a
+    def send_from_server(self, packet: bytes) -> list[Packet]:
+        """The server sends an IPv4 or IPv6 packet itself (a raw socket: it walks OUTPUT);
+        the packets that then came into the server through lo for its source address (a
         REJECT at OUTPUT answers that way). A send OUTPUT refuses may fail (EPERM)."""
-        if self._raw is None:
+        family = socket.AF_INET6 if packet[0] >> 4 == 6 else socket.AF_INET
+        if self._loopback is None:
             with netns.entered(self.server):
-                self._raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
                 self._loopback = socket.socket(socket.AF_PACKET, socket.SOCK_RAW,
                                                socket.htons(3))
                 self._loopback.bind(("lo", 0))
+        if family not in self._raw:
+            with netns.entered(self.server):  # IPPROTO_RAW: the header is the packet's
+                self._raw[family] = socket.socket(family, socket.SOCK_RAW,
+                                                  socket.IPPROTO_RAW)
         _drain(self._loopback)
-        source = IP(packet).src
+        sent = (IPv6 if family == socket.AF_INET6 else IP)(packet)
         try:
-            self._raw.sendto(packet, (IP(packet).dst, 0))
+            self._raw[family].sendto(packet, (sent.dst, 0))
         except PermissionError:
             pass
         end = time.monotonic() + _LOOPBACK_GRACE
-        return [frame[IP] for frame in _incoming(self._loopback, lambda: end)
-                if IP in frame and frame[IP].dst == source]
+        return [layer for frame in _incoming(self._loopback, lambda: end)
+                if (layer := network_layer(frame)) is not None and layer.dst == sent.src]
 
     def snmp(self, namespace: Optional[str] = None) -> dict[str, int]:
         """The server's (or another namespace's) /proc/net/snmp, as
@@ -224,24 +249,35 @@ class VethBed:
                 counters[header[0] + name] = int(value)
         return counters
 
-    def delivered(self) -> int:
-        """IPv4 and IPv6 packets the server's stack delivered locally (Ip:InDelivers,
-        Ip6InDelivers)."""
-        with netns.entered(self.server), open("/proc/thread-self/net/snmp6") as snmp6:
-            ipv6 = next(int(line.split()[1]) for line in snmp6
-                        if line.startswith("Ip6InDelivers "))
-        return self.snmp()["Ip:InDelivers"] + ipv6
+    def snmp6(self, namespace: Optional[str] = None) -> dict[str, int]:
+        """/proc/net/snmp6 of the server (or another namespace): {"Ip6InDelivers": n}."""
+        with netns.entered(namespace or self.server), \
+                open("/proc/thread-self/net/snmp6") as snmp6:
+            return {name: int(value) for name, value in (line.split() for line in snmp6)}
 
-    def forwarded(self) -> int:
-        """IPv4 packets the far namespace received (0 without one)."""
-        return self.snmp(self.far)["Ip:InReceives"] if self.far else 0
+    def _unicast(self, namespace: str, ipv6: bool) -> int:
+        """IPv4 (or IPv6 unicast) packets a namespace received: a neighbour's own IPv6
+        chatter (listener reports, duplicate address detection) is multicast. An IPv6
+        stack counts before it drops, even a disabled one (the client's)."""
+        if not ipv6:
+            return self.snmp(namespace)["Ip:InReceives"]
+        counters = self.snmp6(namespace)
+        return counters["Ip6InReceives"] - counters["Ip6InMcastPkts"]
 
-    def received(self) -> int:
-        """IPv4 packets the client received."""
-        return self.snmp(self.client)["Ip:InReceives"]
+    def delivered(self, ipv6: bool = False) -> int:
+        """IPv4 (or IPv6) packets the server's stack delivered locally."""
+        return self.snmp6()["Ip6InDelivers"] if ipv6 else self.snmp()["Ip:InDelivers"]
+
+    def forwarded(self, ipv6: bool = False) -> int:
+        """IPv4 (or IPv6) packets the far namespace received (0 without one)."""
+        return self._unicast(self.far, ipv6) if self.far else 0
+
+    def received(self, ipv6: bool = False) -> int:
+        """IPv4 (or IPv6) packets the client received."""
+        return self._unicast(self.client, ipv6)
 
     def close(self) -> None:
-        for sock in (self.sock, self._raw, self._loopback):
+        for sock in (self.sock, self._loopback, *self._raw.values()):
             if sock is not None:
                 sock.close()
         for link in self._links:

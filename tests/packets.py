@@ -14,6 +14,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from bpfilter import ir
+from bpfilter.testbed import FAR_NET, FAR_NET6
 
 LOCAL = ipaddress.IPv4Network("198.18.0.0/15")
 # The testbed server's IPv6 range (bpfilter/testbed.py) and what ip6_rcv_core() drops or no
@@ -204,3 +205,47 @@ def _with_next_header(ip, l4, number):
             last = last.payload
         last.nh = number
     return packet
+
+
+def family_frames(ruleset: ir.Ruleset, interfaces: tuple[str, ...] = ("eth0",)):
+    """frames() or frames6(), as the ruleset's family."""
+    values = interesting(ruleset)
+    ipv6 = ruleset.tables[0].family is ir.Family.IPV6
+    return (frames6 if ipv6 else frames)(values, interfaces)
+
+
+def _rebuilt(packet):
+    """A packet whose addresses changed, its checksums (which cover them) computed anew."""
+    for layer in packet.iterpayloads():
+        for name in ("chksum", "cksum"):
+            if name in layer.fields:
+                delattr(layer, name)
+    return packet.__class__(bytes(packet))
+
+
+@st.composite
+def routed_frames(draw, ruleset):
+    """Frames to the server's own range (INPUT) or, mostly, on to the far range. Not from
+    the far range: the kernel routes an ICMP error about such a frame there, bpfilter
+    sends it back where the frame came from (README, known differences)."""
+    iface, frame = draw(family_frames(ruleset))
+    layer = frame[IPv6] if IPv6 in frame else frame[IP]
+    far = ipaddress.ip_network(FAR_NET6 if IPv6 in frame else FAR_NET)
+    if ipaddress.ip_address(layer.src) in far:
+        layer.src = str(far.network_address - 1)
+    if draw(st.integers(0, 3)):
+        layer.dst = str(far.network_address + draw(st.integers(1, 254)))
+    return iface, _rebuilt(frame)
+
+
+@st.composite
+def sent_packets(draw, ruleset):
+    """A test frame turned around: from one of the server's addresses to the outside."""
+    _iface, frame = draw(family_frames(ruleset))
+    packet = frame[IPv6] if IPv6 in frame else frame[IP]
+    packet.src, packet.dst = packet.dst, packet.src
+    if TCP in packet or UDP in packet:
+        l4 = packet[TCP] if TCP in packet else packet[UDP]
+        l4.sport, l4.dport = l4.dport, l4.sport
+    assert ipaddress.ip_address(packet.src) in (LOCAL6 if IPv6 in frame else LOCAL)
+    return _rebuilt(packet)

@@ -30,6 +30,32 @@ def tc_mirror(request, tmp_path_factory):
     yield from _mirror(request, tmp_path_factory, Attach.TC)
 
 
+@pytest.fixture(scope="module")
+def router(tmp_path_factory):
+    """Mirrors whose servers route on to a far namespace (bpfilter on both interfaces)."""
+    from tests.conftest import need_kernel
+
+    need_kernel()
+    pair = MirrorPair(tmp_path_factory.mktemp("forward"), Attach.XDP, forward=True)
+    yield pair
+    pair.print_table()
+    pair.close()
+
+
+@pytest.fixture(scope="module", params=list(Attach), ids=[a.value for a in Attach])
+def sender(request, tmp_path_factory):
+    """Mirrors whose servers send packets themselves; at either attach point of the
+    ingress program, which tracks the answers."""
+    from tests.conftest import need_kernel
+
+    need_kernel()
+    pair = MirrorPair(tmp_path_factory.mktemp(f"output-{request.param.value}"),
+                      request.param)
+    yield pair
+    pair.print_table()
+    pair.close()
+
+
 @pytest.fixture(params=["code", "data"])
 def as_data(request, monkeypatch):
     """Both ways bpfilter compiles a chain: straight-line code, and classifier data

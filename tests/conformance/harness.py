@@ -7,6 +7,7 @@ stack's own answers to accepted frames)."""
 
 from __future__ import annotations
 
+import functools
 import socket
 import time
 from collections import defaultdict
@@ -26,9 +27,9 @@ from scapy.packet import Packet
 
 from pyroute2 import Conntrack
 
-from bpfilter import conntable, deploy, netns, state
+from bpfilter import conntable, deploy, ir, netns, state
 from bpfilter.codegen import Attach
-from bpfilter.frontend import dialect, parse_ruleset
+from bpfilter.frontend import dialect, parse_ruleset, xtables_sections
 from bpfilter.frontend.iptables.names import BUILTIN_CHAINS
 from bpfilter.frontend.iptables.save import save
 from bpfilter.passes.validate import COMPILED_TABLES
@@ -68,25 +69,27 @@ def observe_replies(bed: VethBed, frame: Ether) -> tuple[Outcome, list[IP]]:
     """The outcome, and the replies themselves (for a client that answers them)."""
     frame = frame.copy()
     frame.dst = bed.server_mac
-    before, passed = bed.delivered(), _forwarded(bed)
+    ipv6 = IPv6 in frame
+    before, passed = bed.delivered(ipv6), _forwarded(bed, ipv6)
     replies = bed.send(bytes(frame))
-    return (Outcome(bed.delivered() > before, tuple(sorted(_kind(r) for r in replies)),
-                    _forwarded(bed) > passed), replies)
+    return (Outcome(bed.delivered(ipv6) > before, tuple(sorted(_kind(r) for r in replies)),
+                    _forwarded(bed, ipv6) > passed), replies)
 
 
 def observe_sent(bed: VethBed, packet: IP) -> Outcome:
     """The server sends the packet itself: did the client receive it, and which replies
     came back into the server."""
-    before = _settled(bed.received)
+    received = functools.partial(bed.received, IPv6 in packet)
+    before = _settled(received)
     replies = bed.send_from_server(bytes(packet))
-    return Outcome(_settled(bed.received) > before,
+    return Outcome(_settled(received) > before,
                    tuple(sorted(_kind(r) for r in replies)))
 
 
-def _forwarded(bed: VethBed) -> int:
+def _forwarded(bed: VethBed, ipv6: bool) -> int:
     """The far end handles a forwarded frame after the router, possibly after the
     router's ARP answer."""
-    return _settled(bed.forwarded) if bed.far is not None else 0
+    return _settled(functools.partial(bed.forwarded, ipv6)) if bed.far is not None else 0
 
 
 def _settled(count: Callable[[], int]) -> int:
@@ -143,11 +146,12 @@ class MirrorPair:
         # The kernel side's three front-ends: the one the ruleset is for gets it, the others
         # are emptied (a ruleset replaces the whole previous one, as bpfilter's apply).
         kind = dialect(text)
+        sections = xtables_sections(text) if kind.endswith("tables") else []
         netns.run("nft", "flush", "ruleset", netns=self.kernel.server)
-        for restore, its_kind in (("iptables-legacy-restore", "iptables"),
-                                  ("ip6tables-legacy-restore", "ip6tables")):
-            netns.run(restore, netns=self.kernel.server,
-                      input=whole(text if kind == its_kind else ""))
+        for restore, family in (("iptables-legacy-restore", ir.Family.IPV4),
+                                ("ip6tables-legacy-restore", ir.Family.IPV6)):
+            netns.run(restore, netns=self.kernel.server, input=whole("".join(
+                section for its, section in sections if its is family)))
         if kind.startswith("nft"):
             netns.run("nft", *(("-j",) if kind == "nft-json" else ()), "-f", "-",
                       netns=self.kernel.server, input=text)

@@ -5,47 +5,16 @@ forwarded, answered (by the far host, or by a REJECT) or dropped."""
 
 from __future__ import annotations
 
-import ipaddress
-
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpfilter.codegen import Attach
-from bpfilter.testbed import FAR_NET
-from tests.conformance.harness import SETTINGS, MirrorPair, check_example, check_generated
+from tests.conformance.harness import SETTINGS, check_example, check_generated
 from tests.conformance.rulesets import rulesets
-from tests.packets import frames, interesting
+from tests.packets import routed_frames
 
 GENERATED_RULESETS = 30
 FRAMES_PER_RULESET = 16
 FRAMES_PER_EXAMPLE = 80
-
-
-@pytest.fixture(scope="module")
-def router(tmp_path_factory):
-    from tests.conftest import need_kernel
-
-    need_kernel()
-    pair = MirrorPair(tmp_path_factory.mktemp("forward"), Attach.XDP, forward=True)
-    yield pair
-    pair.print_table()
-    pair.close()
-
-
-@st.composite
-def routed_frames(draw, ruleset):
-    """Frames to the server's own range (INPUT) or, mostly, on to the far range. Not from
-    the far range: the kernel routes an ICMP error about such a frame there, bpfilter
-    sends it back where the frame came from (README, known differences)."""
-    far = ipaddress.IPv4Network(FAR_NET)
-    iface, frame = draw(frames(interesting(ruleset), ("eth0",)).filter(
-        lambda case: ipaddress.IPv4Address(case[1]["IP"].src) not in far))
-    if draw(st.integers(0, 3)):
-        frame["IP"].dst = str(far.network_address + draw(st.integers(1, 254)))
-        del frame["IP"].chksum
-        frame = frame.__class__(bytes(frame))
-    return iface, frame
 
 
 def test_router_example_conforms(router):

@@ -6,11 +6,15 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bpfilter.frontend import combine
+from tests.conftest import EXAMPLES
 from tests.conformance.harness import SETTINGS, check_example, check_generated
 from tests.conformance.rulesets import V6, rulesets
-from tests.packets import frames6, interesting
+from tests.packets import frames, frames6, interesting, routed_frames, sent_packets
 
 GENERATED_RULESETS = 40
+FORWARD_RULESETS = 15
+OUTPUT_RULESETS = 10  # at each attach point
 FRAMES_PER_RULESET = 20
 FRAMES_PER_EXAMPLE = 60
 
@@ -27,7 +31,37 @@ def test_example_conforms_at_tc(tc_mirror):
     check_example(tc_mirror, "host-firewall.v6", _frames, FRAMES_PER_EXAMPLE)
 
 
+def test_both_families_on_one_interface(mirror):
+    """iptables' and ip6tables' firewalls in one program (`apply rules.v4 rules.v6`):
+    IPv4 frames meet the first, IPv6 frames the second, as in the kernel."""
+    text, _source = combine([((EXAMPLES / name).read_text(), name)
+                             for name in ("host-firewall.v4", "host-firewall.v6")])
+
+    def either(ruleset):
+        values = interesting(ruleset)
+        return st.one_of(frames(values, ("eth0",)), frames6(values, ("eth0",)))
+
+    check_example(mirror, "host-firewall.v4 + host-firewall.v6", either,
+                  2 * FRAMES_PER_EXAMPLE, text=text)
+
+
 @settings(max_examples=GENERATED_RULESETS, **SETTINGS)
 @given(data=st.data())
 def test_generated_rulesets_conform(mirror, data):
     check_generated(mirror, data, rulesets(fam=V6), _frames, FRAMES_PER_RULESET)
+
+
+@settings(max_examples=FORWARD_RULESETS, **SETTINGS)
+@given(data=st.data())
+def test_generated_forward_rulesets_conform(router, data):
+    """The servers route IPv6 on to the far namespace (2001:db8:f::/48)."""
+    check_generated(router, data, rulesets(hook="FORWARD", fam=V6), routed_frames,
+                    FRAMES_PER_RULESET)
+
+
+@settings(max_examples=OUTPUT_RULESETS, **SETTINGS)
+@given(data=st.data())
+def test_generated_output_rulesets_conform(sender, data):
+    """The servers send IPv6 packets themselves."""
+    check_generated(sender, data, rulesets(hook="OUTPUT", fam=V6), sent_packets,
+                    FRAMES_PER_RULESET, sent=True)

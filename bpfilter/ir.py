@@ -274,6 +274,15 @@ class ConntrackMatch:
 
 
 @dataclass(frozen=True)
+class FamilyMatch:
+    """The packet's address family: nft's `meta nfproto`, and what an `ip ...` or `ip6 ...`
+    expression implies in an inet table (whose chains see both families)."""
+
+    family: Family
+    negate: bool = False
+
+
+@dataclass(frozen=True)
 class MarkMatch:
     """`-m mark --mark V[/M]`: (the packet's mark & M) == V; `-m connmark` compares its
     connection's mark instead, and never holds for a packet with no connection."""
@@ -301,6 +310,7 @@ Match = Union[
     LimitMatch,
     ConntrackMatch,
     MarkMatch,
+    FamilyMatch,
 ]
 
 # --------------------------------------------------------------------------- targets
@@ -345,15 +355,33 @@ class RejectWith(enum.Enum):
     ICMP6_ADM_PROHIBITED = "icmp6-adm-prohibited"
     ICMP6_ADDR_UNREACHABLE = "icmp6-addr-unreachable"
     ICMP6_PORT_UNREACHABLE = "icmp6-port-unreachable"
+    # nft's icmpx: the ICMP or ICMPv6 error of the packet's family (inet tables)
+    ICMPX_PORT_UNREACHABLE = "icmpx-port-unreachable"
+    ICMPX_ADMIN_PROHIBITED = "icmpx-admin-prohibited"
+    ICMPX_NO_ROUTE = "icmpx-no-route"
+    ICMPX_HOST_UNREACHABLE = "icmpx-host-unreachable"
 
     @property
     def icmp_code(self) -> Optional[int]:
+        """The ICMP (or ICMPv6) code; None for a TCP reset and for icmpx (icmp_codes)."""
         return _REJECT_ICMP_CODES.get(self)
+
+    @classmethod
+    def of_family(cls, family: Family) -> list["RejectWith"]:
+        """The replies a table of one family can ask for (what ip(6)tables' REJECT
+        takes): its ICMP errors and the TCP reset."""
+        return [w for w in cls if w.family is family or w is cls.TCP_RESET]
+
+    @property
+    def icmp_codes(self) -> tuple[int, int]:
+        """An icmpx reply's codes: (for IPv4 packets, for IPv6 ones)."""
+        return _REJECT_ICMPX_CODES[self]
 
     @property
     def family(self) -> Optional[Family]:
-        """The family whose packets the reply is for; None for a TCP reset (either)."""
-        if self is RejectWith.TCP_RESET:
+        """The family whose packets the reply is for; None for a TCP reset or an icmpx
+        reply (either)."""
+        if self is RejectWith.TCP_RESET or self in _REJECT_ICMPX_CODES:
             return None
         return Family.IPV6 if self.value.startswith("icmp6") else Family.IPV4
 
@@ -370,6 +398,13 @@ _REJECT_ICMP_CODES = {
     RejectWith.ICMP6_ADM_PROHIBITED: 1,
     RejectWith.ICMP6_ADDR_UNREACHABLE: 3,
     RejectWith.ICMP6_PORT_UNREACHABLE: 4,
+}
+# nf_reject_inet's icmpx codes: (ICMP, ICMPv6)
+_REJECT_ICMPX_CODES = {
+    RejectWith.ICMPX_PORT_UNREACHABLE: (3, 4),
+    RejectWith.ICMPX_ADMIN_PROHIBITED: (13, 1),
+    RejectWith.ICMPX_NO_ROUTE: (0, 0),
+    RejectWith.ICMPX_HOST_UNREACHABLE: (1, 3),
 }
 
 
@@ -477,13 +512,15 @@ class Table:
     chains: tuple[Chain, ...]
     origin: Optional[Origin] = None
     xtables: bool = True
-    family: Family = Family.IPV4
+    family: Optional[Family] = Family.IPV4  # None: both (an nft inet table)
 
     @property
     def key(self) -> str:
         """What tells the table apart in a ruleset of both families: an ip and an ip6 table
-        may share a name (iptables' and ip6tables' filter)."""
-        return self.name if self.family is Family.IPV4 else f"ip6 {self.name}"
+        may share a name (iptables' and ip6tables' filter), and an inet one too."""
+        if self.family is Family.IPV4:
+            return self.name
+        return f"{'ip6' if self.family is Family.IPV6 else 'inet'} {self.name}"
 
     def chain(self, name: str) -> Optional[Chain]:
         return self._by_name.get(name)

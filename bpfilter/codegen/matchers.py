@@ -8,7 +8,7 @@ drops the packet there and then, as the kernel's hotdrop does, without counting 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 from bpfilter import ir
 
@@ -23,7 +23,7 @@ class MatchContext:
     if_patterns: list[ir.InterfaceMatch] = field(default_factory=list)
     limits: list[ir.LimitMatch] = field(default_factory=list)
     conntrack: bool = False  # a rule reads the connection state
-    family: ir.Family = ir.Family.IPV4  # of the chain being generated
+    family: Optional[ir.Family] = ir.Family.IPV4  # of the chain's packets (None: both)
 
     def require(self, expr: str, negate: bool = False) -> str:
         return f"if ({'' if negate else '!'}({expr})) goto {self.skip};"
@@ -95,7 +95,7 @@ def _interface(m: ir.InterfaceMatch, ctx: MatchContext) -> list[str]:
 
 def _protocol(m: ir.ProtocolMatch, ctx: MatchContext) -> list[str]:
     lines = []
-    if ctx.family is ir.Family.IPV6:
+    if ctx.family is not ir.Family.IPV4:
         # ip6_packet_match(): no transport header found is a hotdrop, or for a later
         # fragment no match.
         lines.append(f"if (p->l4_unknown) {{ if (p->frag_off) goto {ctx.skip}; {HOTDROP} }}")
@@ -271,6 +271,10 @@ def _comment(m: ir.CommentMatch, ctx: MatchContext) -> list[str]:
     return []
 
 
+def _family(m: ir.FamilyMatch, ctx: MatchContext) -> list[str]:
+    return [ctx.require(f"p->family == {6 if m.family is ir.Family.IPV6 else 4}", m.negate)]
+
+
 GENERATORS: dict[type, Callable[..., list[str]]] = {
     ir.AddressMatch: _address,
     ir.InterfaceMatch: _interface,
@@ -288,6 +292,7 @@ GENERATORS: dict[type, Callable[..., list[str]]] = {
     ir.CommentMatch: _comment,
     ir.ConntrackMatch: _conntrack,
     ir.MarkMatch: _mark,
+    ir.FamilyMatch: _family,
 }
 
 

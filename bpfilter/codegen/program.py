@@ -139,6 +139,8 @@ def _function_name(index: int, table: str, chain: str) -> str:
 
 
 INGRESS, EGRESS = "bf_ingress", "bf_egress"
+# The IP version of the packets a base chain runs for (None: every packet, an inet chain).
+_VERSIONS = {ir.Family.IPV4: 4, ir.Family.IPV6: 6, None: None}
 # Where the kernel tracks connections (the first packet's hook on each path).
 TRACKING_HOOKS = (ir.Hook.PREROUTING, ir.Hook.OUTPUT)
 
@@ -167,10 +169,10 @@ def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
     families = {ref.family for ref in refs.values()}
     defines = dict(
         source=_c_comment(source), tc=attach is Attach.TC, conntrack=ctx.conntrack,
-        ipv6=ir.Family.IPV6 in families,
-        # Each base chain runs for its family's packets; with one family in the program
-        # the parser lets only that one's in (IPv6 ones only when it filters IPv6).
-        guard=len(families) > 1 or ir.Family.IPV6 in families,
+        ipv6=bool(families - {ir.Family.IPV4}),
+        # Each base chain runs for its family's packets (an inet one for both); with IPv4
+        # chains alone the parser lets only IPv4 in.
+        guard=families != {ir.Family.IPV4},
         nslots=capacity(nslots), nlimits=capacity(len(ctx.limits)),
         nifpatterns=len(ctx.if_patterns),
         nprefixes=capacity(sum(len(r.prefixes) for r, *_ in runs if r.uniform_length is None)),
@@ -185,7 +187,7 @@ def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
         # tracking and those after it.
         early, entries = {}, {}
         for hook in ir.Hook:
-            bases = [((functions[t][c], 6 if refs[(t, c)].family is ir.Family.IPV6 else 4),
+            bases = [((functions[t][c], _VERSIONS[refs[(t, c)].family]),
                       refs[(t, c)].chain.before_tracking and hook in TRACKING_HOOKS)
                      for t, c in stage.base_chains(hook)]
             early[hook.name.lower()] = [f for f, before in bases if before]

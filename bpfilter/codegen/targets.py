@@ -50,8 +50,12 @@ def _jump(t: ir.JumpTarget, builtin: bool, functions, to_policy: str) -> list[st
 
 
 def _reject(t: ir.RejectTarget, builtin: bool, functions, to_policy: str) -> list[str]:
-    code = t.with_.icmp_code
-    value = _REJECT_CODES if code is None else str(code)
+    if t.with_.family is None and t.with_ is not ir.RejectWith.TCP_RESET:
+        v4, v6 = t.with_.icmp_codes  # icmpx: the packet's family's error
+        value = f"p->family == 6 ? {v6} : {v4}"
+    else:
+        code = t.with_.icmp_code
+        value = _REJECT_CODES if code is None else str(code)
     return [f"p->reject_with = {value};", "return BF_REJECT;"]
 
 

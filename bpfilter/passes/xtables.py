@@ -33,6 +33,12 @@ def to_xtables(ruleset: ir.Ruleset) -> ir.Ruleset:
     if all(t.xtables for t in ruleset.tables):
         return ruleset
     families = {t.family for t in ruleset.tables}
+    inet = next((t for t in ruleset.tables if t.family is None), None)
+    if inet is not None:
+        origin = inet.origin or ir.Origin(ruleset.source, 0)
+        raise InputError(origin.file, origin.line, inet.name, "an inet table filters both "
+                         "families, which iptables and ip6tables keep apart",
+                         "tables of family ip or ip6", origin.column)
     if len(families) > 1:
         table = next(t for t in ruleset.tables if t.family is not ruleset.tables[0].family)
         origin = table.origin or ir.Origin(ruleset.source, 0)

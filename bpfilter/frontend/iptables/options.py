@@ -654,7 +654,7 @@ def _reject_with(reader: RuleReader, tok: Token) -> None:
     arg = reader.argument(tok)
     aliases = names.REJECT_ALIASES6 if reader.family is ir.Family.IPV6 else {}
     value = aliases.get(arg.value) or names.REJECT_ALIASES.get(arg.value, arg.value)
-    usable = [w.value for w in ir.RejectWith if w.family in (None, reader.family)]
+    usable = [w.value for w in ir.RejectWith.of_family(reader.family)]
     if value not in usable:
         raise reader.error(arg, "unknown reject type for this family", ", ".join(usable))
     reader.target_options["with"] = ir.RejectWith(value)

@@ -32,6 +32,7 @@ class Comparisons:
     `self.error`."""
 
     v6: bool
+    family: Optional[ir.Family]
     ipv4_only: bool
     words: list[Item]
     pos: int
@@ -108,12 +109,8 @@ class Comparisons:
                                    negate),)
         if kind == "ip ttl":
             return (self._ttl(first, op),)
-        if kind == "meta protocol":
-            if first.value not in ("ip", "0x0800", "2048") or op not in ("implicit", "=="):
-                raise self.error(first, "only meta protocol ip is supported (bpfilter "
-                                 "filters IPv4 packets)", "meta protocol ip")
-            self.ipv4_only = True
-            return ()
+        if kind in ("meta protocol", "meta nfproto"):
+            return self._family_test(kind, first, op)
         if kind == "ip frag-off":
             if mask != 0x1FFF or self._int(first) != 0 or op not in ("!=", "=="):
                 raise self.error(where, "only 'ip frag-off & 0x1fff != 0' (later fragments) "
@@ -138,6 +135,23 @@ class Comparisons:
                 raise self.error(first, "a MAC address expected", "aa:bb:cc:dd:ee:ff")
             return (ir.MacSourceMatch(address, negate),)
         raise self.error(where, f"'{kind}' is not supported", SUPPORTED)
+
+    def _family_test(self, kind: str, word: Word, op: str) -> tuple[ir.Match, ...]:
+        """A test of the packet's family: a match in an inet table; in a table of one
+        family it always holds (nothing to test), or never, which is refused."""
+        known = names.FAMILY_WORDS[kind]
+        family = known.get(word.value.lower())
+        if family is None or op not in ("implicit", "==", "!="):
+            raise self.error(word, f"'{kind}' is compared with a family",
+                             ", ".join(f"{kind} {w}" for w in known))
+        negate = op == "!="
+        if self.family is None:
+            return (ir.FamilyMatch(family, negate),)
+        if (family is self.family) == negate:
+            raise self.error(word, "never true in a table of family "
+                             f"{names.FAMILY_NAMES[self.family]}")
+        self.ipv4_only |= family is ir.Family.IPV4
+        return ()
 
     def _tuple(self, kind: str, word: Word, negate: bool) -> ir.ConntrackMatch:
         _ct, direction, key = kind.split()

@@ -5,10 +5,19 @@ from __future__ import annotations
 from bpfilter import ir
 
 FAMILIES = ("ip", "ip6", "inet", "arp", "bridge", "netdev")
-# The families bpfilter reads, and the packets each sees (a netdev table: what the device
-# receives, of which bpfilter takes the IPv4 packets).
-TABLE_FAMILIES = {"ip": ir.Family.IPV4, "ip6": ir.Family.IPV6, "netdev": ir.Family.IPV4}
-FAMILY_NAMES = {ir.Family.IPV4: "ip", ir.Family.IPV6: "ip6"}
+# The families bpfilter reads, and the packets each sees (an inet table: both, None; a
+# netdev table: what the device receives, of which bpfilter takes the IPv4 packets).
+TABLE_FAMILIES = {"ip": ir.Family.IPV4, "ip6": ir.Family.IPV6, "inet": None,
+                  "netdev": ir.Family.IPV4}
+FAMILY_NAMES = {ir.Family.IPV4: "ip", ir.Family.IPV6: "ip6", None: "inet"}
+# What `meta protocol` (the EtherType) and `meta nfproto` compare with.
+FAMILY_WORDS = {
+    "meta protocol": {"ip": ir.Family.IPV4, "0x0800": ir.Family.IPV4, "2048": ir.Family.IPV4,
+                      "ip6": ir.Family.IPV6, "0x86dd": ir.Family.IPV6,
+                      "34525": ir.Family.IPV6},
+    "meta nfproto": {"ipv4": ir.Family.IPV4, "ipv6": ir.Family.IPV6},
+}
+NFPROTO_NAMES = {ir.Family.IPV4: "ipv4", ir.Family.IPV6: "ipv6"}
 # The words that open a block when a `{` follows them.
 BLOCKS = ("table", "chain", "set", "map", "flowtable")
 
@@ -64,6 +73,14 @@ REJECT6_CODES = {
     "port-unreachable": ir.RejectWith.ICMP6_PORT_UNREACHABLE,
 }
 REJECT6_NAMES = {value: name for name, value in REJECT6_CODES.items()}
+# icmpx: the error of the packet's family
+REJECTX_CODES = {
+    "port-unreachable": ir.RejectWith.ICMPX_PORT_UNREACHABLE,
+    "admin-prohibited": ir.RejectWith.ICMPX_ADMIN_PROHIBITED,
+    "no-route": ir.RejectWith.ICMPX_NO_ROUTE,
+    "host-unreachable": ir.RejectWith.ICMPX_HOST_UNREACHABLE,
+}
+REJECTX_NAMES = {value: name for name, value in REJECTX_CODES.items()}
 
 REJECT_CODES = {
     "net-unreachable": ir.RejectWith.NET_UNREACHABLE,

@@ -174,8 +174,8 @@ class NftReader:
         if first.value in names.FAMILIES:
             if first.value not in names.TABLE_FAMILIES:
                 raise self.error(first, f"tables of family {first.value} are not "
-                                 "supported yet (inet filters both IPv4 and IPv6; arp and "
-                                 "bridge see other frames)", "families ip, ip6, netdev")
+                                 "supported yet (arp and bridge see other frames)",
+                                 "families ip, ip6, inet, netdev")
             return first.value, self._word(statement, index + 1, "a table name"), index + 2
         return "ip", first, index + 1
 

@@ -49,8 +49,8 @@ class NamedSet:
             self.elements.extend(word.elements)
 
 
-KEY_TYPES = ("ipv4_addr", "inet_service", "inet_proto", "ifname", "mark", "icmp_type",
-             "ct_state", "ether_addr")
+KEY_TYPES = ("ipv4_addr", "ipv6_addr", "inet_service", "inet_proto", "ifname", "mark",
+             "icmp_type", "icmpv6_type", "ct_state", "ether_addr")
 
 VERDICT_WORDS = ("accept", "drop", "return", "jump", "goto", "reject", "continue", "queue")
 _OPS = ("==", "!=", "<", ">", "<=", ">=")
@@ -63,8 +63,8 @@ SELECTORS = {
     ("udp", "sport"), ("udp", "dport"), ("icmp", "type"), ("icmp", "code"),
     ("meta", "l4proto"), ("meta", "iifname"), ("meta", "oifname"), ("meta", "iif"),
     ("meta", "oif"), ("meta", "mark"), ("meta", "length"), ("ct", "state"), ("ct", "mark"),
-    ("ct", "direction"), ("ether", "saddr"), ("meta", "protocol"), ("th", "sport"),
-    ("th", "dport"),
+    ("ct", "direction"), ("ether", "saddr"), ("meta", "protocol"), ("meta", "nfproto"),
+    ("th", "sport"), ("th", "dport"),
 }
 # IPv6's names for the fields the IR shares with IPv4 (the hop limit is the TTL; the
 # transport protocol is meta l4proto in both, past IPv6's extension headers).
@@ -85,10 +85,14 @@ class _Choice:
 
 class RuleReader(Comparisons):
     def __init__(self, words: list[Item], source: str, sets: dict[str, NamedSet],
-                 table: str, family: ir.Family = ir.Family.IPV4):
+                 table: str, family: Optional[ir.Family] = ir.Family.IPV4):
         self.words = words
-        self.family = family
+        self.family = family  # the table's; None for an inet table (both)
+        # The family of the addresses and ICMP types being read: the table's, or in an
+        # inet table the one the expression names (ip, ip6, icmp, icmpv6).
         self.v6 = family is ir.Family.IPV6
+        # What the expressions imply in an inet table (`ip saddr` needs an IPv4 packet).
+        self.implied: list[ir.Match] = []
         self.pos = 0
         self.source = source
         self.sets = sets
@@ -149,7 +153,8 @@ class RuleReader(Comparisons):
         single = self.statements[0] if len(self.statements) == 1 else None
         rules = []
         for combination in itertools.product(*self.groups):
-            matches = _merge(tuple(m for choice in combination for m in choice.matches))
+            matches = _merge(tuple(self.implied) +
+                             tuple(m for choice in combination for m in choice.matches))
             target = next((c.target for c in combination if c.target is not None), single)
             rules.append(ir.Rule(matches + matches_tail, target, origin, self.counters))
         if len(self.statements) <= 1:
@@ -252,6 +257,8 @@ class RuleReader(Comparisons):
 
     def _reject(self) -> ir.RejectTarget:
         if self.peek_value() != "with":
+            if self.family is None:  # nft's default in an inet table
+                return ir.RejectTarget(ir.RejectWith.ICMPX_PORT_UNREACHABLE)
             return ir.RejectTarget(ir.RejectWith.ICMP6_PORT_UNREACHABLE if self.v6
                                    else ir.RejectWith.PORT_UNREACHABLE)
         self.pos += 1
@@ -261,13 +268,16 @@ class RuleReader(Comparisons):
             if reset.value != "reset":
                 raise self.error(reset, "expected 'reset'")
             return ir.RejectTarget(ir.RejectWith.TCP_RESET)
+        if self.family is None and kind.value in ("icmp", "icmpv6"):
+            self._family_of(kind)
         icmp = "icmpv6" if self.v6 else "icmp"
-        if kind.value != icmp:
-            raise self.error(kind, "reject type not supported", f"{icmp}, tcp reset")
+        if kind.value not in (icmp, "icmpx"):
+            raise self.error(kind, "reject type not supported", f"{icmp}, icmpx, tcp reset")
         if self.peek_value() == "type":
             self.pos += 1
         code = self.next_word("an ICMP code")
-        known = names.REJECT6_CODES if self.v6 else names.REJECT_CODES
+        known = names.REJECTX_CODES if kind.value == "icmpx" else \
+            names.REJECT6_CODES if self.v6 else names.REJECT_CODES
         if code.value not in known:
             raise self.error(code, "unknown ICMP code", ", ".join(known))
         return ir.RejectTarget(known[code.value])
@@ -351,7 +361,13 @@ class RuleReader(Comparisons):
             direction = self.next_word("original or reply").value
             key = self.next_word("a field of the connection's tuple")
             if key.value in ("ip", "ip6"):  # ct original ip saddr
+                if self.family is None:
+                    self._family_of(key)
                 key = self.next_word("saddr or daddr")
+            elif self.family is None and key.value in ("saddr", "daddr"):
+                raise self.error(key, "in an inet table the address needs its family",
+                                 f"ct {direction} ip {key.value}, "
+                                 f"ct {direction} ip6 {key.value}")
             if key.value not in TUPLE_FIELDS:
                 raise self.error(key, "not supported", ", ".join(TUPLE_FIELDS))
             return f"ct {direction} {key.value}", word
@@ -359,6 +375,8 @@ class RuleReader(Comparisons):
             return f"meta {first}", word
         second = self.next_word(f"a field of '{first}'").value if first in (
             "ip", "ip6", "tcp", "udp", "icmp", "icmpv6", "meta", "ct", "ether", "th") else ""
+        if first in ("ip", "icmp", "ip6", "icmpv6") and self.family is None:
+            self._family_of(word)
         if first in ("ip", "icmp", "ip6", "icmpv6") and \
                 (first in ("ip6", "icmpv6")) != self.v6:
             raise self.error(word, f"'{first}' in a table of family "
@@ -371,6 +389,14 @@ class RuleReader(Comparisons):
             raise self.error(word, f"'{first}{' ' + second if second else ''}' is not "
                              "supported", SUPPORTED)
         return f"{first} {second}", word
+
+    def _family_of(self, word: Word) -> None:
+        """In an inet table: `ip`, `icmp` (or `ip6`, `icmpv6`) reads that family's
+        packets, and the rule holds only for them (nft adds `meta nfproto` before)."""
+        self.v6 = word.value in ("ip6", "icmpv6")
+        implied = ir.FamilyMatch(ir.Family.IPV6 if self.v6 else ir.Family.IPV4)
+        if implied not in self.implied:
+            self.implied.append(implied)
 
     def _relation(self) -> list[_Choice]:
         selectors = [self._selector()]
@@ -486,6 +512,7 @@ class RuleReader(Comparisons):
             parts = self._element_words(key, len(selectors))
             sub = RuleReader(list(verdict), self.source, self.sets, self.table,
                              self.family)
+            sub.v6 = self.v6
             target = sub._verdict(sub.next_word("a verdict"))
             if sub.peek() is not None:
                 raise self.error(sub.peek(), "one verdict per map element")
@@ -514,7 +541,7 @@ def _merge(matches: tuple[ir.Match, ...]) -> tuple[ir.Match, ...]:
     one TCP or UDP match of the fields given (`tcp dport 22 tcp flags syn`)."""
     merged: list[ir.Match] = []
     for match in matches:
-        if match in merged and isinstance(match, ir.ProtocolMatch):
+        if match in merged and isinstance(match, (ir.ProtocolMatch, ir.FamilyMatch)):
             continue
         same = next((i for i, m in enumerate(merged) if type(m) is type(match)
                      and isinstance(m, (ir.TcpMatch, ir.UdpMatch))), None)

@@ -150,7 +150,9 @@ def _conntrack(m: ir.ConntrackMatch, rule: ir.Rule) -> list[str]:
         if spec is not None:
             way = "original" if name.startswith("orig") else "reply"
             field = {"src": "saddr", "dst": "daddr"}[name[4:]]
-            parts.append(f"ct {way} {field} {_ne(spec.negate)}{_network(spec.network)}")
+            family = "ip6" if spec.network.version == 6 else "ip"
+            parts.append(f"ct {way} {family} {field} {_ne(spec.negate)}"
+                         f"{_network(spec.network)}")
     for name in ir.ConntrackMatch.PORTS:
         spec = getattr(m, name)
         if spec is not None:
@@ -193,6 +195,8 @@ _MATCHES: dict[type, Callable[..., list[str]]] = {
                                  f"burst {m.burst} packets"],
     ir.ConntrackMatch: _conntrack,
     ir.MarkMatch: _mark,
+    ir.FamilyMatch: lambda m, r: [f"meta nfproto {_ne(m.negate)}"
+                                  f"{names.NFPROTO_NAMES[m.family]}"],
 }
 
 
@@ -216,6 +220,8 @@ def _target(target: Optional[ir.Target], rule: ir.Rule) -> list[str]:
     if isinstance(target, ir.RejectTarget):
         if target.with_ is ir.RejectWith.TCP_RESET:
             return ["reject with tcp reset"]
+        if target.with_ in names.REJECTX_NAMES:
+            return [f"reject with icmpx type {names.REJECTX_NAMES[target.with_]}"]
         if target.with_.family is ir.Family.IPV6:
             return [f"reject with icmpv6 type {names.REJECT6_NAMES[target.with_]}"]
         return [f"reject with icmp type {names.REJECT_NAMES[target.with_]}"]
@@ -244,15 +250,22 @@ def _target(target: Optional[ir.Target], rule: ir.Rule) -> list[str]:
 # What an ip6 table says instead (the transport protocol past IPv6's extension headers is
 # meta l4proto; the TTL is the hop limit).
 _IP6_WORDS = (("ip protocol", "meta l4proto"), ("ip saddr", "ip6 saddr"),
-              ("ip daddr", "ip6 daddr"), ("ip ttl", "ip6 hoplimit"),
-              ("ct original ip ", "ct original ip6 "))
+              ("ip daddr", "ip6 daddr"), ("ip ttl", "ip6 hoplimit"))
 
 
 def rule_text(rule: ir.Rule, counters: Optional[ir.Counters] = None,
-              family: ir.Family = ir.Family.IPV4) -> str:
+              family: Optional[ir.Family] = ir.Family.IPV4) -> str:
+    """One rule in nft's words, for a table of `family` (None: inet, where the rule's
+    family test tells which family's words its expressions take)."""
+    inet = family is None
+    if inet:
+        test = rule.find(ir.FamilyMatch)
+        family = test.family if test is not None and not test.negate else ir.Family.IPV4
     parts: list[str] = []
     for match in rule.matches:
         words = _MATCHES[type(match)](match, rule)
+        if inet:  # `ip protocol` would make the rule IPv4's
+            words = [w.replace("ip protocol", "meta l4proto") for w in words]
         if family is ir.Family.IPV6:
             if isinstance(match, ir.FragmentMatch):
                 raise _untranslatable(rule, "IPv6 fragments are an extension header")
@@ -286,7 +299,7 @@ def save_nft(ruleset: ir.Ruleset,
                 lines.append(f"\t\ttype {_chain_type(table, chain)} hook "
                              f"{names.HOOK_NAMES[chain.hook]} priority {chain.priority}; "
                              f"policy {chain.policy.value.lower()};")
-            lines += ["\t\t" + rule_text(rule, live and live(table.name, chain.name, i),
+            lines += ["\t\t" + rule_text(rule, live and live(table.key, chain.name, i),
                                          table.family)
                       for i, rule in enumerate(chain.rules)]
             lines.append("\t}")

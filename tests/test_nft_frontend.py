@@ -135,8 +135,13 @@ def test_overlapping_concatenations_run_statements_once():
 
 
 BAD = {
-    "family inet": ("table inet f {\n  chain c { type filter hook input priority 0; }\n}\n",
-                    1, 7, "family inet are not supported yet"),
+    "family bridge": ("table bridge f {\n  chain c { type filter hook input priority 0; }\n"
+                      "}\n", 1, 7, "family bridge are not supported yet"),
+    "address without family in inet": ("table inet f {\n chain c {\n  ct original saddr "
+                                       "10.0.0.1 drop\n }\n}\n", 3, 15,
+                                       "the address needs its family"),
+    "family never true": ("table ip f {\n chain c {\n  meta nfproto ipv6 drop\n }\n}\n",
+                          3, 16, "never true in a table of family ip"),
     "unknown expression": ("table ip f {\n  chain c {\n    meta skuid 0 drop\n  }\n}\n",
                            3, 5, "'meta skuid' is not supported"),
     "byte limit": ("table ip f {\n chain c {\n  limit rate 10 kbytes/second drop\n }\n}\n",
@@ -201,6 +206,7 @@ table ip b { chain i { type filter hook input priority 0; } }"""
 # Not edge.nft: nft 1.0.6's JSON leaves out a netdev chain's device (bpfilter then says
 # that it needs one).
 NFT_RULESETS = {"host-firewall.nft": lambda: (EXAMPLES / "host-firewall.nft").read_text(),
+                "dual-stack.nft": lambda: (EXAMPLES / "dual-stack.nft").read_text(),
                 **{p.name: (lambda p=p: _translated(p.read_text()))
                    for p in IPTABLES_EXAMPLES if p.name != "acl-1000.v4"}}
 
@@ -216,6 +222,36 @@ def test_nft_json_reads_as_the_text_does(kernel, namespace, name):
     assert dialect(document) == "nft-json"
     assert Counter(_plain(parse_ruleset(document, "ruleset.json"))) == \
         Counter(_plain(parse_ruleset(text)))
+
+
+def test_inet_rules_hold_for_the_family_they_name(kernel, namespace):
+    """In an inet table `ip ...` and `icmp ...` make a rule IPv4's (nft's implicit `meta
+    nfproto ipv4`), `ip6 ...` and `icmpv6 ...` IPv6's, the rest holds for both; bare
+    `reject` is icmpx's. translate keeps the table inet (nft accepts it, it reads back to
+    the same rules); iptables has no inet table."""
+    text = (EXAMPLES / "dual-stack.nft").read_text()
+    ruleset = parse_ruleset(text, "dual-stack.nft")
+    (table,) = ruleset.tables
+    assert table.family is None and table.key == "inet filter"
+    families = {rule.origin.line: rule.find(ir.FamilyMatch) for rule in
+                table.chain("input").rules}
+    lines = {words: number for number, words in enumerate(text.splitlines(), 1)}
+    line = next(n for w, n in lines.items() if "ip saddr @blocklist4" in w)
+    assert families[line] == ir.FamilyMatch(ir.Family.IPV4)
+    line = next(n for w, n in lines.items() if "icmpv6 type echo-request" in w)
+    assert families[line] == ir.FamilyMatch(ir.Family.IPV6)
+    line = next(n for w, n in lines.items() if "tcp dport { 80, 443 }" in w)
+    assert families[line] is None
+    assert table.chain("input").rules[-1].target == ir.RejectTarget(
+        ir.RejectWith.ICMPX_ADMIN_PROHIBITED)
+    runner = CliRunner()
+    nft = runner.invoke(main, ["translate", str(EXAMPLES / "dual-stack.nft"), "--to", "nft"])
+    assert nft.exit_code == 0 and "table inet filter" in nft.output, nft.output
+    netns.run("nft", "-c", "-f", "-", netns=namespace(), input=nft.output)
+    assert _plain(parse_ruleset(nft.output)) == _plain(ruleset)
+    refused = runner.invoke(main, ["translate", str(EXAMPLES / "dual-stack.nft"), "--to",
+                                   "iptables"])
+    assert refused.exit_code == 2 and "inet table" in refused.output
 
 
 def test_nft_json_errors_point_into_the_json(tmp_path):
@@ -271,11 +307,23 @@ def test_ip6tables_reads_as_its_own_translator_and_ours_print_it(kernel, namespa
     assert _plain(parse_ruleset(back.output)) == rules
 
 
-def test_ipv6_is_read_but_not_compiled_yet(tmp_path):
-    result = CliRunner().invoke(main, ["compile", str(V6), "--emit", "c", "-o",
-                                       str(tmp_path)])
+def test_both_families_compile_into_one_program(tmp_path):
+    """`compile rules.v4 rules.v6`: one program whose base chains each run for their own
+    family's packets."""
+    result = CliRunner().invoke(main, ["compile", str(EXAMPLES / "host-firewall.v4"),
+                                       str(V6), "--emit", "c", "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "ip6 filter" in result.output
+    source = (tmp_path / "bf_ingress.c").read_text()
+    assert "#define BF_IPV6 1" in source
+    assert "if (p->family == 4) {" in source and "if (p->family == 6) {" in source
+
+
+def test_several_files_must_be_iptables_save_text(tmp_path):
+    result = CliRunner().invoke(main, ["compile", str(V6), str(EXAMPLES / "edge.nft"),
+                                       "--emit", "c", "-o", str(tmp_path)])
     assert result.exit_code == 2
-    assert "IPv6 rulesets are not compiled yet" in " ".join(result.output.split())
+    assert "nftables ruleset holds both families" in " ".join(result.output.split())
 
 
 BAD6 = {
@@ -290,7 +338,6 @@ BAD6 = {
                            "'ip' in a table of family ip6"),
     "IPv4 address in an ip6 table": ("table ip6 t {\n chain c {\n  ip6 saddr 10.0.0.1 drop\n"
                                      " }\n}\n", 3, "an IPv6 address"),
-    "inet family": ("table inet t {\n}\n", 1, "family inet are not supported yet"),
     "netdev drop policy": ("table netdev t {\n chain c {\n  type filter hook ingress device "
                            "eth0 priority 0; policy drop;\n }\n}\n", 2,
                            "drop policy also drops ARP and IPv6"),

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from bpfilter import ir
 
 # The replies an IPv4 ruleset can ask REJECT for.
-IPV4_REJECTS = [w for w in ir.RejectWith if w.family in (None, ir.Family.IPV4)]
+IPV4_REJECTS = ir.RejectWith.of_family(ir.Family.IPV4)
 
 NETS = ["192.0.2.0/24", "192.0.2.53/32", "198.51.100.0/24", "10.0.0.0/8", "0.0.0.0/1",
         "203.0.113.0/25"]
@@ -46,7 +46,7 @@ V6 = Family(ir.Family.IPV6, ("2001:db8:abcd::/48", "2001:db8:abcd::53/128", "200
             ("2001:db8:1::/64", "2001:db8:1::1/128", "2001:db8:1:8000::/49"), 58,
             ((128, 0, 255), (129, 0, 255), (1, 4, 4), (1, 0, 255), (255, 0, 255),
              (135, 0, 255), (3, 0, 255)),
-            tuple(w for w in ir.RejectWith if w.family in (None, ir.Family.IPV6)),
+            tuple(ir.RejectWith.of_family(ir.Family.IPV6)),
             ("2001:db8:abcd::10", "2001:db8:abcd::53", "2001:db8:ff::1"),
             (40, 48, 60, 80, 100, 1000, 1500))
 PORTS = [0, 1, 22, 53, 80, 443, 1024, 8080, 65535]
@@ -311,7 +311,7 @@ def kinds(ruleset: ir.Ruleset) -> set[str]:
              ir.MultiportMatch: "multiport", ir.IpRangeMatch: "iprange",
              ir.LengthMatch: "length", ir.TtlMatch: "ttl", ir.MacSourceMatch: "mac",
              ir.CommentMatch: "comment", ir.LimitMatch: "limit",
-             ir.ConntrackMatch: "conntrack", ir.MarkMatch: "mark",
+             ir.ConntrackMatch: "conntrack", ir.MarkMatch: "mark", ir.FamilyMatch: "family",
              ir.VerdictTarget: "ACCEPT/DROP", ir.RejectTarget: "REJECT",
              ir.LogTarget: "LOG", ir.ReturnTarget: "RETURN", ir.MarkTarget: "MARK",
              ir.ConnmarkTarget: "CONNMARK", ir.NotrackTarget: "NOTRACK"}

@@ -6,7 +6,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpfilter.frontend import combine
+from bpfilter.frontend import combine, parse_ruleset
+from bpfilter.frontend.nft.save import save_nft
 from tests.conftest import EXAMPLES
 from tests.conformance.harness import SETTINGS, check_example, check_generated
 from tests.conformance.rulesets import V6, rulesets
@@ -31,18 +32,35 @@ def test_example_conforms_at_tc(tc_mirror):
     check_example(tc_mirror, "host-firewall.v6", _frames, FRAMES_PER_EXAMPLE)
 
 
+def test_example_as_nft_conforms(mirror):
+    """The same firewall as an nft table of family ip6, against the kernel's nftables."""
+    text = save_nft(parse_ruleset((EXAMPLES / "host-firewall.v6").read_text(),
+                                  "host-firewall.v6"))
+    check_example(mirror, "host-firewall.v6 as nft", _frames, FRAMES_PER_EXAMPLE, text=text)
+
+
+def _either(ruleset):
+    """IPv4 or IPv6 frames, for a ruleset of both families."""
+    values = interesting(ruleset)
+    return st.one_of(frames(values, ("eth0",)), frames6(values, ("eth0",)))
+
+
 def test_both_families_on_one_interface(mirror):
     """iptables' and ip6tables' firewalls in one program (`apply rules.v4 rules.v6`):
     IPv4 frames meet the first, IPv6 frames the second, as in the kernel."""
     text, _source = combine([((EXAMPLES / name).read_text(), name)
                              for name in ("host-firewall.v4", "host-firewall.v6")])
-
-    def either(ruleset):
-        values = interesting(ruleset)
-        return st.one_of(frames(values, ("eth0",)), frames6(values, ("eth0",)))
-
-    check_example(mirror, "host-firewall.v4 + host-firewall.v6", either,
+    check_example(mirror, "host-firewall.v4 + host-firewall.v6", _either,
                   2 * FRAMES_PER_EXAMPLE, text=text)
+
+
+def test_inet_table_conforms(mirror):
+    """One nft inet table for both families, against the kernel's nftables."""
+    check_example(mirror, "dual-stack.nft", _either, 2 * FRAMES_PER_EXAMPLE)
+
+
+def test_inet_table_conforms_at_tc(tc_mirror):
+    check_example(tc_mirror, "dual-stack.nft", _either, FRAMES_PER_EXAMPLE)
 
 
 @settings(max_examples=GENERATED_RULESETS, **SETTINGS)

@@ -340,10 +340,10 @@ BAD6 = {
                                      " }\n}\n", 3, "an IPv6 address"),
     "netdev drop policy": ("table netdev t {\n chain c {\n  type filter hook ingress device "
                            "eth0 priority 0; policy drop;\n }\n}\n", 2,
-                           "drop policy also drops ARP and IPv6"),
+                           "drop policy also drops ARP frames"),
     "netdev rule for every frame": ("table netdev t {\n chain c {\n  type filter hook ingress"
                                     " device eth0 priority 0;\n  tcp dport 22 drop\n }\n}\n",
-                                    4, "also sees ARP and IPv6 frames"),
+                                    4, "also sees ARP frames"),
     "netdev without device": ("table netdev t {\n chain c {\n  type filter hook ingress "
                               "priority 0;\n }\n}\n", 3, "needs its device"),
     "ingress in an ip table": ("table ip t {\n chain c {\n  type filter hook ingress "

@@ -57,7 +57,7 @@ Item = Union[RuleItem, PrefixRun]
 def _key(rule: ir.Rule):
     """What must be equal for two rules to fold: all but the leading prefix."""
     first = rule.matches[0] if rule.matches else None
-    if not isinstance(first, ir.AddressMatch) or first.negate:
+    if not isinstance(first, ir.AddressMatch) or first.negate or first.network.version != 4:
         return None
     if any(isinstance(m, ir.LimitMatch) for m in rule.matches):
         return None
@@ -133,7 +133,9 @@ def fold_rules(rules: tuple[ir.Rule, ...]) -> tuple[Item, ...]:
 
 def fold_chains(ruleset: ir.Ruleset) -> dict[tuple[str, str], tuple[Item, ...]]:
     """fold_rules for every chain, by (table key, chain). The lookups hold IPv4 addresses:
-    IPv6 chains stay rule by rule."""
-    return {(t.key, c.name): fold_rules(c.rules) if t.family is ir.Family.IPV4
+    IPv6 chains stay rule by rule. (In a table of both families an IPv4 rule tests the
+    family right after its address: an IPv6 packet the lookup finds by its first 32
+    bits fails there.)"""
+    return {(t.key, c.name): fold_rules(c.rules) if t.family is not ir.Family.IPV6
             else tuple(RuleItem(rule, i) for i, rule in enumerate(c.rules))
             for t in ruleset.tables for c in t.chains}

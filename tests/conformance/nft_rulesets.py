@@ -117,7 +117,8 @@ def _rule(draw, hook: str, callees: list[str], named_set: bool, base: bool,
 @st.composite
 def _netdev(draw) -> str:
     """A netdev table on the servers' eth0: rules each with an IPv4 expression (bpfilter
-    takes no others there), no connection state (none exists yet at ingress)."""
+    takes no rule for every frame there: it does not see ARP), no connection state (none
+    exists yet at ingress)."""
     rules = []
     for rule in draw(st.lists(_rule("ingress", [], False, True, False), max_size=5)):
         if "ct " in rule or "notrack" in rule:

@@ -13,9 +13,9 @@ from tests.conformance.harness import SETTINGS, check_example, check_generated
 from tests.conformance.rulesets import V6, rulesets
 from tests.packets import frames, frames6, interesting, routed_frames, sent_packets
 
-GENERATED_RULESETS = 40
-FORWARD_RULESETS = 15
-OUTPUT_RULESETS = 10  # at each attach point
+GENERATED_RULESETS = 30
+FORWARD_RULESETS = 10
+OUTPUT_RULESETS = 8  # at each attach point
 FRAMES_PER_RULESET = 20
 FRAMES_PER_EXAMPLE = 60
 
@@ -61,6 +61,11 @@ def test_inet_table_conforms(mirror):
 
 def test_inet_table_conforms_at_tc(tc_mirror):
     check_example(tc_mirror, "dual-stack.nft", _either, FRAMES_PER_EXAMPLE)
+
+
+def test_netdev_table_of_both_families_conforms(mirror):
+    """edge.nft's netdev chain drops IPv4 and IPv6 sources before the ip table's INPUT."""
+    check_example(mirror, "edge.nft", _either, FRAMES_PER_EXAMPLE)
 
 
 @settings(max_examples=GENERATED_RULESETS, **SETTINGS)

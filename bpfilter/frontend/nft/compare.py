@@ -33,7 +33,6 @@ class Comparisons:
 
     v6: bool
     family: Optional[ir.Family]
-    ipv4_only: bool
     words: list[Item]
     pos: int
 
@@ -150,7 +149,6 @@ class Comparisons:
         if (family is self.family) == negate:
             raise self.error(word, "never true in a table of family "
                              f"{names.FAMILY_NAMES[self.family]}")
-        self.ipv4_only |= family is ir.Family.IPV4
         return ()
 
     def _tuple(self, kind: str, word: Word, negate: bool) -> ir.ConntrackMatch:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from bpfilter import ir
 
 FAMILIES = ("ip", "ip6", "inet", "arp", "bridge", "netdev")
-# The families bpfilter reads, and the packets each sees (an inet table: both, None; a
-# netdev table: what the device receives, of which bpfilter takes the IPv4 packets).
-TABLE_FAMILIES = {"ip": ir.Family.IPV4, "ip6": ir.Family.IPV6, "inet": None,
-                  "netdev": ir.Family.IPV4}
+# The families bpfilter reads, and the packets each sees (None: both; a netdev table sees
+# what the device receives, of which bpfilter takes the IP packets).
+TABLE_FAMILIES = {"ip": ir.Family.IPV4, "ip6": ir.Family.IPV6, "inet": None, "netdev": None}
 FAMILY_NAMES = {ir.Family.IPV4: "ip", ir.Family.IPV6: "ip6", None: "inet"}
 # What `meta protocol` (the EtherType) and `meta nfproto` compare with.
 FAMILY_WORDS = {

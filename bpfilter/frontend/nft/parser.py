@@ -352,10 +352,11 @@ class NftReader:
         reader = RuleReader(words, self.source, table.sets, table.name,
                             names.TABLE_FAMILIES[table.kind])
         rules, statements = reader.read(origin)
-        if chain.device is not None and not reader.ipv4_only:
-            raise self.error(words[0], "in a netdev chain this rule also sees ARP and IPv6 "
-                             "frames, which bpfilter does not filter yet",
-                             "rules with an ip or icmp expression, or meta protocol ip")
+        if chain.device is not None and not all(_one_family(r) for r in rules):
+            raise self.error(words[0], "in a netdev chain this rule also sees ARP frames "
+                             "(and any other protocol), which bpfilter does not see",
+                             "rules with an ip, ip6, icmp or icmpv6 expression, or meta "
+                             "protocol ip or ip6")
         if statements is not None:
             # Several statements (log then drop, a mark then accept): a chain of their
             # own, called when the rule matches, runs them in order. Only the last can be
@@ -382,11 +383,11 @@ class NftReader:
 
     def _at_prerouting(self, chain: _Chain) -> ir.Chain:
         """A netdev ingress chain as the first of PREROUTING's chains, for packets that
-        came in on its device. Its rules are IPv4's (above); a drop policy would drop the
-        rest too, which bpfilter does not see."""
+        came in on its device. Its rules are IP rules (above); a drop policy would drop
+        the rest too, which bpfilter does not see."""
         if chain.policy is not ir.Verdict.ACCEPT:
             raise InputError(self.source, chain.origin.line, chain.name,
-                             "a netdev chain's drop policy also drops ARP and IPv6 frames, "
+                             "a netdev chain's drop policy also drops ARP frames, "
                              "which bpfilter does not filter yet", "policy accept, with "
                              "drop rules", chain.origin.column)
         device = ir.InterfaceMatch("in", chain.device)
@@ -452,6 +453,11 @@ def _guarded(statements: list[ir.Rule]) -> list[ir.Rule]:
                 statement.target.mode is ir.ConnmarkMode.RESTORE:
             guard = (_HAS_CONNECTION,)
     return result
+
+
+def _one_family(rule: ir.Rule) -> bool:
+    """The rule holds for packets of one IP family only."""
+    return any(isinstance(m, ir.FamilyMatch) and not m.negate for m in rule.matches)
 
 
 def _final(target: Optional[ir.Target]) -> bool:

@@ -103,7 +103,6 @@ class RuleReader(Comparisons):
         self.comment: Optional[str] = None
         self.first_statement: Optional[Word] = None
         self.verdict_map = False
-        self.ipv4_only = False  # an ip or icmp expression: IPv4 packets only (netdev)
         # A set of concatenations (`ip saddr . tcp dport { ... }`) may hold elements that
         # overlap: a packet can match several of its rules.
         self.may_overlap = False
@@ -153,8 +152,8 @@ class RuleReader(Comparisons):
         single = self.statements[0] if len(self.statements) == 1 else None
         rules = []
         for combination in itertools.product(*self.groups):
-            matches = _merge(tuple(self.implied) +
-                             tuple(m for choice in combination for m in choice.matches))
+            matches = _with_family(tuple(self.implied), _merge(
+                tuple(m for choice in combination for m in choice.matches)))
             target = next((c.target for c in combination if c.target is not None), single)
             rules.append(ir.Rule(matches + matches_tail, target, origin, self.counters))
         if len(self.statements) <= 1:
@@ -384,7 +383,6 @@ class RuleReader(Comparisons):
                              else "ip, icmp")
         if self.v6 and (first, second) in _V6_SELECTORS:
             return _V6_SELECTORS[(first, second)], word
-        self.ipv4_only |= first in ("ip", "icmp")
         if (first, second) not in SELECTORS or (self.v6 and first == "ip"):
             raise self.error(word, f"'{first}{' ' + second if second else ''}' is not "
                              "supported", SUPPORTED)
@@ -534,6 +532,17 @@ class RuleReader(Comparisons):
         codes = ir.Range(code, code) if code is not None else self._range(word, 255)
         last[0] = _Choice(last[0].matches[:-1] + (replace(icmp, codes=codes),))
         return ()
+
+
+def _with_family(implied: tuple[ir.Match, ...],
+                 matches: tuple[ir.Match, ...]) -> tuple[ir.Match, ...]:
+    """The family tests an inet rule's expressions imply, first; after a leading address
+    (an IPv4 prefix tested on an IPv6 packet's first 32 bits is then refused by the
+    family test), so that runs of addresses still fold into one lookup (passes/fold.py)."""
+    implied = tuple(m for m in implied if m not in matches)
+    if matches and isinstance(matches[0], ir.AddressMatch):
+        return matches[:1] + implied + matches[1:]
+    return implied + matches
 
 
 def _merge(matches: tuple[ir.Match, ...]) -> tuple[ir.Match, ...]:

@@ -277,7 +277,7 @@ def _update_maps(req: _Request, compilation: Compilation) -> ApplyReport:
     try:
         live = previous.live_gen
         new = 1 - live
-        fill_folded(program, maps["bf_prefixes"], maps["bf_exact"], new)
+        fill_folded(program, maps, new)
         fill_classifier(program, maps, new)
         for index, mask in interface_bits(program.if_patterns).items():
             maps["bf_ifmatch"].update(struct.pack("<I", index), struct.pack("<Q", mask))

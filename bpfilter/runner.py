@@ -18,12 +18,14 @@ from bpfilter.loader.objects import Map, Object, Program
 # The maps a stage program owns: pinned with it, so a running ruleset can be read later.
 CLASSIFIER_MAPS = ("bf_cls_bits", "bf_cls_proto", "bf_cls_sport", "bf_cls_dport",
                    "bf_cls_saddr", "bf_cls_daddr", "bf_cls_entries", "bf_cls_segments")
-STAGE_MAPS = ("bf_counters", "bf_ifmatch", "bf_limits", "bf_log", "bf_prefixes", "bf_exact",
-              "bf_local", "bf_local6", "bf_gen")
+STAGE_MAPS = ("bf_counters", "bf_ifmatch", "bf_limits", "bf_log", "bf_prefixes",
+              "bf_prefixes6", "bf_exact", "bf_local", "bf_local6", "bf_gen")
 # The connection table (templates/conntrack.h): one per network namespace.
 CONNTRACK_MAPS = ("bf_conntrack", "bf_ct_created")
 # The maps that hold two generations (see templates/bpfilter.h).
-GENERATION_MAPS = ("bf_counters", "bf_limits", "bf_prefixes", "bf_exact")
+GENERATION_MAPS = ("bf_counters", "bf_limits", "bf_prefixes", "bf_prefixes6", "bf_exact")
+# The maps of folded runs (templates/bpfilter.h).
+FOLDED_MAPS = ("bf_prefixes", "bf_prefixes6", "bf_exact")
 
 
 def stage_maps(program) -> tuple[str, ...]:
@@ -85,12 +87,14 @@ def _prefix_key(run: int, network: ir.IPNetwork, gen: int) -> bytes:
             + network.network_address.packed)
 
 
-def fill_folded(program, prefixes: Map, exact: Map, gen: int) -> None:
-    """Write the folded runs' entries of one generation."""
+def fill_folded(program, maps: dict[str, Map], gen: int) -> None:
+    """Write the folded runs' entries of one generation (maps: FOLDED_MAPS by name)."""
     for run, network, slot in program.prefixes:
-        prefixes.update(_prefix_key(run, network, gen), struct.pack("<I", slot))
+        trie = maps["bf_prefixes6" if network.version == 6 else "bf_prefixes"]
+        trie.update(_prefix_key(run, network, gen), struct.pack("<I", slot))
     for run, address, slot in program.exact:
-        exact.update(struct.pack("<II", run | gen << 16, address), struct.pack("<I", slot))
+        maps["bf_exact"].update(struct.pack("<II", run | gen << 16, address),
+                                struct.pack("<I", slot))
 
 
 def _fill_array(table: Map, gen: int, rows: list[bytes]) -> None:
@@ -122,8 +126,9 @@ def fill_classifier(program, maps: dict[str, Map], gen: int) -> None:
 
 def clear_generation(maps: dict[str, Map], gen: int) -> None:
     """Empty one generation: its folded-run entries go, its counters and buckets zeroed."""
-    trees = [("bf_prefixes", lambda k: (struct.unpack(">H", k[4:6])[0] >> 15)),
-             ("bf_exact", lambda k: struct.unpack("<I", k[:4])[0] >> 16)]
+    trees = [(name, lambda k: (struct.unpack(">H", k[4:6])[0] >> 15))
+             for name in ("bf_prefixes", "bf_prefixes6")]
+    trees.append(("bf_exact", lambda k: struct.unpack("<I", k[:4])[0] >> 16))
     # The classifier's arrays are rewritten whole or read only where the tables reach.
     trees += [(name, lambda k: struct.unpack("<I", k[4:8])[0])
               for name in ("bf_cls_saddr", "bf_cls_daddr") if name in maps]
@@ -179,7 +184,7 @@ class LoadedRuleset:
         ifmatch = self.map("bf_ifmatch")
         for index, mask in interface_bits(self.code.if_patterns, interfaces).items():
             ifmatch.update(struct.pack("<I", index), struct.pack("<Q", mask))
-        fill_folded(self.code, self.map("bf_prefixes"), self.map("bf_exact"), gen=0)
+        fill_folded(self.code, {name: self.map(name) for name in FOLDED_MAPS}, gen=0)
         if self.code.classifier is not None:
             fill_classifier(self.code, {name: self.map(name) for name in CLASSIFIER_MAPS},
                             gen=0)

@@ -175,6 +175,26 @@ struct {
 	__type(value, __u32);
 } bf_prefixes SEC(".maps");
 
+/* The same for runs of IPv6 prefixes (always a trie: their keys would not fit a hash of
+ * one length better). */
+#ifndef BF_NPREFIXES6
+#define BF_NPREFIXES6 64
+#endif
+
+struct bf_prefix6_key {
+	__u32 prefixlen; /* 16 bits of run number + the prefix length */
+	__be16 run;      /* generation << 15 | run */
+	__be32 addr[4];
+} __attribute__((packed));
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 2 * BF_NPREFIXES6);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct bf_prefix6_key);
+	__type(value, __u32);
+} bf_prefixes6 SEC(".maps");
+
 /* The destinations the kernel delivers locally (its `local` table: local and broadcast
  * routes), filled by the loader: INPUT sees only packets for these. */
 struct bf_local_key {
@@ -296,6 +316,19 @@ static __always_inline __u32 *bf_prefix_lookup(const struct bf_pkt *p, __u16 run
 	};
 
 	return bpf_map_lookup_elem(&bf_prefixes, &key);
+}
+
+static __always_inline __u32 *bf_prefix6_lookup(const struct bf_pkt *p, __u16 run,
+						const __u32 *addr)
+{
+	struct bf_prefix6_key key = {
+		.prefixlen = 16 + 128, .run = bpf_htons(run | (p->gen << 15)),
+	};
+	int i;
+
+	for (i = 0; i < 4; i++)
+		key.addr[i] = bpf_htonl(addr[i]);
+	return bpf_map_lookup_elem(&bf_prefixes6, &key);
 }
 
 struct {

@@ -8,6 +8,7 @@ import struct
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
@@ -300,3 +301,30 @@ COMMIT
         assert len(list(loaded.map("bf_conntrack").keys())) == 0
         assert _run(loaded, syn) == XDP_PASS
         assert len(list(loaded.map("bf_conntrack").keys())) == 1
+
+
+def test_ipv6_runs_fold_into_one_lookup_with_exact_counters(kernel, build_root, host):
+    """An ip6tables blocklist becomes one lookup in bf_prefixes6, and each packet counts
+    on its own rule, as ip6tables' linear walk would: a host, a /120 beside the hosts, the
+    addresses just outside both, and a packet of the other direction's run."""
+    netns.run("ip", "-6", "route", "add", "local", "2001:db8:1::/48", "dev", "lo", netns=host)
+    hosts = [f"2001:db8:abcd::{i:x}" for i in range(1, 20)]
+    rules = "".join(f"-A INPUT -s {h}/128 -j DROP\n" for h in hosts)
+    rules += "-A INPUT -s 2001:db8:abcd::100/120 -j DROP\n"
+    rules += "".join(f"-A INPUT -d 2001:db8:1::{i:x}/128 -j REJECT\n" for i in range(1, 10))
+    text = "# ip6tables-save\n*filter\n:INPUT ACCEPT [0:0]\n" + rules + "COMMIT\n"
+    with LoadedRuleset(compile_ruleset(text, "acl6", build_root / "acl6", verify=False)) \
+            as loaded:
+        assert loaded.code.source.count("bf_prefix6_lookup(p, ") == 2
+
+        def verdict(src: str, dst: str = "2001:db8:1::99") -> int:
+            frame = Ether() / IPv6(src=src, dst=dst) / UDP(dport=53)
+            return _run(loaded, frame)
+
+        assert verdict("2001:db8:abcd::7") == XDP_DROP
+        assert verdict("2001:db8:abcd::1ff") == XDP_DROP
+        assert verdict("2001:db8:abcd::14") == XDP_PASS
+        assert verdict("2001:db8:abcd::200") == XDP_PASS
+        assert verdict("2001:db8:ff::1", "2001:db8:1::3") == XDP_TX
+        counts = [loaded.counters("ip6 filter", "INPUT", i).packets for i in range(29)]
+    assert counts == [0] * 6 + [1] + [0] * 12 + [1] + [0] * 2 + [1] + [0] * 6

@@ -75,8 +75,9 @@ class GeneratedProgram:
     if_patterns: tuple[ir.InterfaceMatch, ...]
     limits: tuple[ir.LimitMatch, ...]
     nslots: int
-    # Folded runs: (run, prefix, slot) for the LPM trie, (run, address, slot) for the hash
-    # of runs whose prefixes share one length.
+    # Folded runs: (run, prefix, slot) for the LPM tries (bf_prefixes, IPv6's
+    # bf_prefixes6), (run, address, slot) for the hash of IPv4 runs whose prefixes share
+    # one length.
     prefixes: tuple[tuple[int, ir.IPNetwork, int], ...] = ()
     exact: tuple[tuple[int, int, int], ...] = ()
     classifier: ClassifierTables | None = None
@@ -175,7 +176,9 @@ def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
         guard=families != {ir.Family.IPV4},
         nslots=capacity(nslots), nlimits=capacity(len(ctx.limits)),
         nifpatterns=len(ctx.if_patterns),
-        nprefixes=capacity(sum(len(r.prefixes) for r, *_ in runs if r.uniform_length is None)),
+        nprefixes=capacity(sum(len(r.prefixes) for r, *_ in runs
+                               if r.uniform_length is None and r.version == 4)),
+        nprefixes6=capacity(sum(len(r.prefixes) for r, *_ in runs if r.version == 6)),
         nexact=capacity(sum(len(r.prefixes) for r, *_ in runs if r.uniform_length is not None)),
         ifbits_in=_pattern_bits(ctx, "in"), ifbits_out=_pattern_bits(ctx, "out"),
         classifier=sizes)
@@ -317,7 +320,9 @@ def _run_lines(run: PrefixRun, number: int, builtin: bool, functions, to_policy:
     """The lookup finds the one rule of the run that can match; the rest is that rule."""
     field = "p->saddr" if run.direction == "src" else "p->daddr"
     length = run.uniform_length
-    if length is None:
+    if run.version == 6:
+        lookup = f"bf_prefix6_lookup(p, {number}, p->{run.direction})"
+    elif length is None:
         lookup = f"bf_prefix_lookup(p, {number}, {field})"
     else:
         mask = (0xFFFFFFFF << (32 - length)) & 0xFFFFFFFF

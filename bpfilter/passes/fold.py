@@ -45,10 +45,16 @@ class PrefixRun:
         return tuple(index for _net, index in self.prefixes)
 
     @property
+    def version(self) -> int:
+        """The IP version of the run's prefixes (one for all)."""
+        return self.prefixes[0][0].version
+
+    @property
     def uniform_length(self) -> int | None:
-        """The prefix length all prefixes share (then a hash lookup will do), or None."""
+        """The prefix length all prefixes share (then a hash lookup will do), or None
+        (and always for IPv6 runs, which use a trie)."""
         lengths = {net.prefixlen for net, _slot in self.prefixes}
-        return lengths.pop() if len(lengths) == 1 else None
+        return lengths.pop() if len(lengths) == 1 and self.version == 4 else None
 
 
 Item = Union[RuleItem, PrefixRun]
@@ -57,11 +63,11 @@ Item = Union[RuleItem, PrefixRun]
 def _key(rule: ir.Rule):
     """What must be equal for two rules to fold: all but the leading prefix."""
     first = rule.matches[0] if rule.matches else None
-    if not isinstance(first, ir.AddressMatch) or first.negate or first.network.version != 4:
+    if not isinstance(first, ir.AddressMatch) or first.negate:
         return None
     if any(isinstance(m, ir.LimitMatch) for m in rule.matches):
         return None
-    return (first.direction, rule.matches[1:], rule.target)
+    return (first.direction, first.network.version, rule.matches[1:], rule.target)
 
 
 class _Disjoint:
@@ -132,10 +138,8 @@ def fold_rules(rules: tuple[ir.Rule, ...]) -> tuple[Item, ...]:
 
 
 def fold_chains(ruleset: ir.Ruleset) -> dict[tuple[str, str], tuple[Item, ...]]:
-    """fold_rules for every chain, by (table key, chain). The lookups hold IPv4 addresses:
-    IPv6 chains stay rule by rule. (In a table of both families an IPv4 rule tests the
-    family right after its address: an IPv6 packet the lookup finds by its first 32
-    bits fails there.)"""
-    return {(t.key, c.name): fold_rules(c.rules) if t.family is not ir.Family.IPV6
-            else tuple(RuleItem(rule, i) for i, rule in enumerate(c.rules))
-            for t in ruleset.tables for c in t.chains}
+    """fold_rules for every chain, by (table key, chain). (In a table of both families a
+    rule tests the family right after its address: a packet of the other family that the
+    lookup finds, by the first 32 bits of an IPv6 address or by an IPv4 one, fails
+    there.)"""
+    return {(t.key, c.name): fold_rules(c.rules) for t in ruleset.tables for c in t.chains}

@@ -328,30 +328,39 @@ def kinds(ruleset: ir.Ruleset) -> set[str]:
     return found
 
 
+# Where a large ACL's sources (and destinations, in the server's range) start, and the
+# prefix lengths of its hosts and networks, per family.
+_ACL_BASES = {ir.Family.IPV4: ("192.0.2.0", "198.18.0.0", [32, 32, 32, 30, 28, 24],
+                               ir.RejectWith.HOST_PROHIBITED),
+              ir.Family.IPV6: ("2001:db8:abcd::", "2001:db8:1::", [128, 128, 128, 126, 124,
+                                                                   120],
+                               ir.RejectWith.ICMP6_ADM_PROHIBITED)}
+
+
 @st.composite
-def large_acls(draw) -> ir.Ruleset:
+def large_acls(draw, fam: Family = V4) -> ir.Ruleset:
     """Long -s lists as real ACLs are: mostly hosts, some networks, some overlapping, in
     blocks with different targets and extra matches, so folding, and cutting runs where
     prefixes overlap, are exercised against the kernel."""
     origin = ir.Origin("<generated>", 0)
+    src_base, dst_base, lengths, reject = _ACL_BASES[fam.family]
     rules = []
     for _block in range(draw(st.integers(1, 4))):
         target = draw(st.sampled_from([ir.VerdictTarget(ir.Verdict.DROP),
                                        ir.VerdictTarget(ir.Verdict.ACCEPT),
-                                       ir.RejectTarget(ir.RejectWith.HOST_PROHIBITED)]))
+                                       ir.RejectTarget(reject)]))
         rest = draw(st.sampled_from([(), (ir.ProtocolMatch(TCP),),
                                      (ir.ProtocolMatch(UDP), ir.UdpMatch(
                                          dport=ir.PortSpec(ir.Range(53, 53))))]))
         direction = draw(st.sampled_from(["src", "src", "dst"]))
-        base = "192.0.2.0" if direction == "src" else "198.18.0.0"
+        base = ipaddress.ip_address(src_base if direction == "src" else dst_base)
         for _ in range(draw(st.integers(8, 300))):
-            length = draw(st.sampled_from([32, 32, 32, 30, 28, 24]))
+            length = draw(st.sampled_from(lengths))
             offset = draw(st.integers(0, 255)) if direction == "src" else \
                 draw(st.integers(0, 1023))
-            net = ipaddress.IPv4Network(
-                (int(ipaddress.IPv4Address(base)) + offset, length), strict=False)
+            net = ipaddress.ip_network((int(base) + offset, length), strict=False)
             rules.append(ir.Rule((ir.AddressMatch(direction, net),) + rest, target, origin))
     policy = draw(st.sampled_from(list(ir.Verdict)))
     chains = (ir.Chain("INPUT", tuple(rules), policy), ir.Chain("FORWARD", (), ir.Verdict.ACCEPT),
               ir.Chain("OUTPUT", (), ir.Verdict.ACCEPT))
-    return ir.Ruleset(ir.Family.IPV4, (ir.Table("filter", chains),))
+    return ir.Ruleset(fam.family, (ir.Table("filter", chains, family=fam.family),))

@@ -10,12 +10,13 @@ from bpfilter.frontend import combine, parse_ruleset
 from bpfilter.frontend.nft.save import save_nft
 from tests.conftest import EXAMPLES
 from tests.conformance.harness import SETTINGS, check_example, check_generated
-from tests.conformance.rulesets import V6, rulesets
+from tests.conformance.rulesets import V6, large_acls, rulesets
 from tests.packets import frames, frames6, interesting, routed_frames, sent_packets
 
 GENERATED_RULESETS = 30
 FORWARD_RULESETS = 10
 OUTPUT_RULESETS = 8  # at each attach point
+LARGE_ACLS = 8
 FRAMES_PER_RULESET = 20
 FRAMES_PER_EXAMPLE = 60
 
@@ -88,3 +89,11 @@ def test_generated_output_rulesets_conform(sender, data):
     """The servers send IPv6 packets themselves."""
     check_generated(sender, data, rulesets(hook="OUTPUT", fam=V6), sent_packets,
                     FRAMES_PER_RULESET, sent=True)
+
+
+@settings(max_examples=LARGE_ACLS, **SETTINGS)
+@given(data=st.data())
+def test_large_generated_acls_conform(mirror, data):
+    """Long lists of IPv6 sources or destinations, which bpfilter folds into one lookup
+    (bf_prefixes6), overlapping prefixes cutting the runs."""
+    check_generated(mirror, data, large_acls(V6), _frames, FRAMES_PER_RULESET)

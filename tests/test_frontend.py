@@ -222,3 +222,16 @@ def test_files_combined_keep_their_family():
     assert source == "a.v4 + b.v6"
     assert [t.family for t in parse_ruleset(text, source).tables] == [ir.Family.IPV4,
                                                                       ir.Family.IPV6]
+
+
+def test_too_many_rules_that_stay_code_are_refused(tmp_path):
+    """More functions than the kernel verifies (IPv6 rules that neither fold nor become
+    classifier data): exit 2 naming the chain, before clang."""
+    rules = "".join(f"-A INPUT -s 2001:db8::{i:x}/128 -p tcp -m tcp --dport {i % 900 + 1} "
+                    "-j DROP\n" for i in range(7400))
+    path = tmp_path / "big.v6"
+    path.write_text("*filter\n:INPUT ACCEPT [0:0]\n" + rules + "COMMIT\n")
+    result = CliRunner().invoke(main, ["compile", str(path), "--emit", "c", "-o",
+                                       str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "too many rules stay code" in " ".join(result.output.split())

@@ -13,6 +13,7 @@ from typing import Optional
 import jinja2
 
 from bpfilter import ir
+from bpfilter.errors import InputError
 from bpfilter.codegen.classifier import ClassifierTables, classifier_tables
 from bpfilter.codegen.matchers import MatchContext, match_lines
 from bpfilter.codegen.targets import return_lines, target_lines, uses_conntrack
@@ -26,6 +27,9 @@ RUNTIME_HEADERS = ("bpfilter.h", "classify.h", "conntrack.h")
 # Chains longer than this are split into functions of this many rules: clang's time grows
 # faster than linearly with the size of one function.
 PART_RULES = 32
+# The kernel verifies at most 256 functions in a program (BPF_MAX_SUBPROGS); the runtime
+# headers take a few dozen.
+MAX_CHAIN_FUNCTIONS = 224
 
 
 class Attach(enum.Enum):
@@ -195,6 +199,7 @@ def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
                      for t, c in stage.base_chains(hook)]
             early[hook.name.lower()] = [f for f, before in bases if before]
             entries[hook.name.lower()] = [f for f, before in bases if not before]
+        _check_size(stage, code)
         text = _environment().get_template("stage.c.j2").render(
             **defines, program=name, egress=egress, rejects=_rejects(stage),
             walks="; ".join(f"{h.value} ({', '.join(_base_name(k, h) for k in keys)})"
@@ -262,6 +267,25 @@ def _chain_code(ref: ChainRef, functions: dict[str, str], runs: list,
             "function": functions[chain.name],
             "origin": chain.origin and _c_comment(str(chain.origin)),
             "rules": [] if parted else rules, "parts": parts, "tail": tail}
+
+
+def _check_size(stage: Stage, code: dict) -> None:
+    """Refuse, naming the chain, a program with more functions than the kernel verifies
+    (rules that stay code: what neither folding nor the classifier takes)."""
+    functions = sum(max(1, len(code[ref.key]["parts"])) for ref in stage.chains)
+    if functions <= MAX_CHAIN_FUNCTIONS:
+        return
+    longest = max(stage.chains, key=lambda ref: len(code[ref.key]["parts"]))
+    origin = longest.chain.origin or next(
+        (r.origin for r in longest.chain.rules), ir.Origin("<input>", 0))
+    raise InputError(origin.file, origin.line, longest.chain.name,
+                     f"too many rules stay code: {functions} functions of {PART_RULES} "
+                     f"rules, the kernel verifies {MAX_CHAIN_FUNCTIONS} (chain "
+                     f"'{longest.chain.name}' has {len(longest.chain.rules)} rules; the "
+                     "classifier takes IPv4 chains only, IPv6 and inet ones fold only their "
+                     "address runs)",
+                     f"up to about {MAX_CHAIN_FUNCTIONS * PART_RULES} rules that stay code, "
+                     "or runs of rules differing only in their address", origin.column)
 
 
 def _rejects(stage: Stage) -> bool:

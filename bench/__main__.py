@@ -22,25 +22,30 @@ import click
 from rich.console import Console
 from rich.table import Table
 from scapy.layers.inet import IP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.packet import Packet
 
-from bench.contenders import CONTENDERS, HOOKS, RULESETS, Setup, contenders
+from bench.contenders import CONTENDERS, HOOKS, IPV6_RULESETS, RULESETS, Setup, contenders
 from bpfilter import netns
 from bpfilter.compiler import compile_ruleset
 from bpfilter.runner import LoadedRuleset
-from bpfilter.testbed import SERVER_ADDR
+from bpfilter.testbed import SERVER_ADDR, SERVER_ADDR6
 from bpfilter.traffic import Generator
 
 console = Console()
 PACKET = IP(src="192.0.2.1", dst=SERVER_ADDR) / UDP(sport=1234, dport=9)  # 64-byte frame
 # For the rulesets whose packet the server routes on: to a host of the far network.
 ROUTED = IP(src="198.51.100.9", dst="203.0.113.7") / UDP(sport=1234, dport=9)
+PACKET6 = IPv6(src="2001:db8::1", dst=SERVER_ADDR6) / UDP(sport=1234, dport=9)  # 66 bytes
 
 
-def _packet(ruleset: str) -> IP:
+def _packet(ruleset: str) -> Packet:
+    if ruleset in IPV6_RULESETS:
+        return PACKET6
     return ROUTED if HOOKS[ruleset] == "forward" else PACKET
 
 
-def _mpps(setup: Setup, build: Path, seconds: float, packet: IP) -> float:
+def _mpps(setup: Setup, build: Path, seconds: float, packet: Packet) -> float:
     bed = setup.bed
     frame = bed.frame(packet)
     with netns.entered(bed.client), Generator(build / "generator") as gen:
@@ -54,11 +59,11 @@ def _mpps(setup: Setup, build: Path, seconds: float, packet: IP) -> float:
                                  for _ in range(3))
 
 
-def _ns_per_packet(text: str, build: Path, bed, packet: IP) -> float:
+def _ns_per_packet(text: str, build: Path, bed, packet: Packet) -> float:
     """bpfilter's program alone, under BPF_PROG_TEST_RUN (no stack, no veth), loaded in
     the server's namespace, where the bench address is local (or routed on, through the
     server's eth0 where the packet comes in)."""
-    frame = b"\x00" * 12 + b"\x08\x00" + bytes(packet)
+    frame = b"\x00" * 12 + (b"\x86\xdd" if IPv6 in packet else b"\x08\x00") + bytes(packet)
     compilation = compile_ruleset(text, "bench", build / "test-run", verify=False)
     with netns.entered(bed.server), LoadedRuleset(compilation) as loaded:
         program = loaded.program()
@@ -130,7 +135,8 @@ def _print(ruleset: str, results: dict, ns: list[int]) -> None:
     names = list(results)
     what = {"acl": "the ACL: N blocked hosts, then the matching rule",
             "mixed": "mixed matches: N rules, then the matching rule",
-            "forward": "a router: the ACL in FORWARD, the packet routed on"}[ruleset]
+            "forward": "a router: the ACL in FORWARD, the packet routed on",
+            "acl6": "the ACL in IPv6 (the kernel's: ip6tables, nft ip6)"}[ruleset]
     table = Table(title=f"Mpps, 64-byte UDP, one flow; {what}", title_justify="left")
     table.add_column("N", justify="right")
     for name in names:

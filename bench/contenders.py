@@ -97,9 +97,10 @@ def nft_linear(n: int, hook: str = "input", v6: bool = False) -> str:
 
 
 def nft_set(n: int, hook: str = "input", v6: bool = False) -> str:
-    family, address = ("ip6", blocked6) if v6 else ("ip", blocked)
+    family, address, key = ("ip6", blocked6, "ipv6_addr") if v6 else ("ip", blocked,
+                                                                      "ipv4_addr")
     elements = ", ".join(address(i) for i in range(n))
-    return (f"table {family} bench {{\n  set blocked {{ type {family.replace('6', 'v6')}_addr; "
+    return (f"table {family} bench {{\n  set blocked {{ type {key}; "
             f"elements = {{ {elements} }} }}\n  chain {hook} {{\n"
             f"    type filter hook {hook} priority filter; policy accept;\n"
             f"    {family} saddr @blocked tcp dport 22 drop\n    meta l4proto udp drop\n"

@@ -41,7 +41,7 @@ def xtables_sections(text: str, source: str = "") -> list[tuple[Family, str]]:
     ip6tables-save's (`cat rules.v4 rules.v6`), each told by its header comment. A
     section keeps its lines where they were (the lines before it are left empty), so
     that positions in it are positions in the whole."""
-    starts = [m for m in _HEADER.finditer(text)]
+    starts = list(_HEADER.finditer(text))
     if len({m.group(1) for m in starts}) < 2:
         family = Family.IPV6 if dialect(text, source) == "ip6tables" else Family.IPV4
         return [(family, text)]

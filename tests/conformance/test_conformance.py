@@ -11,9 +11,9 @@ from bpfilter.passes import classify
 from tests.conformance.harness import SETTINGS, MirrorPair, check_example, check_generated
 from tests.conformance.rulesets import large_acls, layered, rulesets
 from tests.packets import frames, interesting
-GENERATED_RULESETS = 100
+GENERATED_RULESETS = 80
 LAYERED_RULESETS = 30
-READOUT_RULESETS = 60
+READOUT_RULESETS = 50
 LARGE_ACLS = 15
 LARGE_MIXED = 10
 FRAMES_PER_RULESET = 20

@@ -12,7 +12,7 @@ from tests.conformance.harness import SETTINGS, check_example, check_generated
 from tests.conformance.rulesets import rulesets
 from tests.packets import routed_frames
 
-GENERATED_RULESETS = 30
+GENERATED_RULESETS = 20
 FRAMES_PER_RULESET = 16
 FRAMES_PER_EXAMPLE = 80
 

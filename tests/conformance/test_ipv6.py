@@ -13,9 +13,9 @@ from tests.conformance.harness import SETTINGS, check_example, check_generated
 from tests.conformance.rulesets import V6, large_acls, rulesets
 from tests.packets import frames, frames6, interesting, routed_frames, sent_packets
 
-GENERATED_RULESETS = 30
-FORWARD_RULESETS = 10
-OUTPUT_RULESETS = 8  # at each attach point
+GENERATED_RULESETS = 25
+FORWARD_RULESETS = 8
+OUTPUT_RULESETS = 6  # at each attach point
 LARGE_ACLS = 8
 FRAMES_PER_RULESET = 20
 FRAMES_PER_EXAMPLE = 60

@@ -13,7 +13,7 @@ from tests.conformance.harness import SETTINGS, check_example, check_generated
 from tests.conformance.rulesets import layered, rulesets
 from tests.packets import sent_packets
 
-GENERATED_RULESETS = 25
+GENERATED_RULESETS = 20
 LAYERED_RULESETS = 15
 PACKETS_PER_RULESET = 16
 PACKETS_PER_EXAMPLE = 60

@@ -159,6 +159,69 @@ static __always_inline __u64 bf_ifbits(__u32 ifindex)
 	return bits ? *bits : 0;
 }
 
+/* Addresses in the order of their words (IPv4's have one); negative, 0, positive. */
+static __always_inline int bf_addr_cmp(const __u32 *a, const __u32 *b, int words)
+{
+	int i;
+
+	for (i = 0; i < words; i++)
+		if (a[i] != b[i])
+			return a[i] < b[i] ? -1 : 1;
+	return 0;
+}
+
+/* `a` within [low, high] (-m iprange on IPv6 addresses). */
+static __always_inline int bf_addr_in(const __u32 *a, const __u32 *low, const __u32 *high)
+{
+	return bf_addr_cmp(a, low, 4) >= 0 && bf_addr_cmp(a, high, 4) <= 0;
+}
+
+static __always_inline void bf_addr_copy(__u32 *to, const __u32 *from, int words)
+{
+	/* Word by word: clang makes a loop of variable length a memcpy(), which BPF has not. */
+	to[0] = from[0];
+	if (words == 4) {
+		to[1] = from[1];
+		to[2] = from[2];
+		to[3] = from[3];
+	}
+}
+
+/* The words of the packet's family's addresses. */
+#define BF_ADDR_WORDS(p) (BF_FAMILY6(p) ? 4 : 1)
+
+/* The ICMP protocol of the packet's family. */
+#define BF_ICMP_PROTO(p) (BF_FAMILY6(p) ? IPPROTO_ICMPV6 : IPPROTO_ICMP)
+
+/* An IPv6 address between network order (as headers and map keys hold it) and the host
+ * order words of struct bf_pkt. */
+static __always_inline void bf_ip6_host(__u32 *to, const __be32 *from)
+{
+	int i;
+
+	for (i = 0; i < 4; i++)
+		to[i] = bpf_ntohl(from[i]);
+}
+
+static __always_inline void bf_ip6_net(__be32 *to, const __u32 *from)
+{
+	int i;
+
+	for (i = 0; i < 4; i++)
+		to[i] = bpf_htonl(from[i]);
+}
+
+/* The LPM tries below: `entries` keys (network order, after a prefix length), each to a
+ * value. */
+#define BF_LPM_TRIE(name, entries, key_type, value_type)	\
+	struct {						\
+		__uint(type, BPF_MAP_TYPE_LPM_TRIE);		\
+		__uint(max_entries, entries);			\
+		__uint(map_flags, BPF_F_NO_PREALLOC);		\
+		__type(key, key_type);				\
+		__type(value, value_type);			\
+	} name SEC(".maps")
+
 /* Folded rule runs (passes/fold.py): (run, address prefix) -> the counter slot of the one
  * rule of the run whose prefix holds the address. */
 struct bf_prefix_key {
@@ -167,13 +230,7 @@ struct bf_prefix_key {
 	__be32 addr;
 } __attribute__((packed));
 
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 2 * BF_NPREFIXES);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct bf_prefix_key);
-	__type(value, __u32);
-} bf_prefixes SEC(".maps");
+BF_LPM_TRIE(bf_prefixes, 2 * BF_NPREFIXES, struct bf_prefix_key, __u32);
 
 /* The same for runs of IPv6 prefixes (always a trie: their keys would not fit a hash of
  * one length better). */
@@ -187,13 +244,7 @@ struct bf_prefix6_key {
 	__be32 addr[4];
 } __attribute__((packed));
 
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 2 * BF_NPREFIXES6);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct bf_prefix6_key);
-	__type(value, __u32);
-} bf_prefixes6 SEC(".maps");
+BF_LPM_TRIE(bf_prefixes6, 2 * BF_NPREFIXES6, struct bf_prefix6_key, __u32);
 
 /* The destinations the kernel delivers locally (its `local` table: local and broadcast
  * routes), filled by the loader: INPUT sees only packets for these. */
@@ -202,13 +253,7 @@ struct bf_local_key {
 	__be32 addr;
 };
 
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 4096);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct bf_local_key);
-	__type(value, __u8);
-} bf_local SEC(".maps");
+BF_LPM_TRIE(bf_local, 4096, struct bf_local_key, __u8);
 
 /* The last answer of bf_local on this CPU. A trie lookup costs about as much as the rest
  * of a short ruleset, and most packets go to the address the previous one went to;
@@ -242,23 +287,15 @@ struct bf_local6_key {
 
 enum bf_local6 { BF_LOCAL6_ROUTE = 1, BF_LOCAL6_ADDRESS = 2 };
 
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 4096);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct bf_local6_key);
-	__type(value, __u8);
-} bf_local6 SEC(".maps");
+BF_LPM_TRIE(bf_local6, 4096, struct bf_local6_key, __u8);
 
 /* What bf_local6 says of an IPv6 address (host order words): 0 when it is not local. */
 static __always_inline __u8 bf_local6_route(const __u32 *addr)
 {
 	struct bf_local6_key key = { .prefixlen = 128 };
 	__u8 *kind;
-	int i;
 
-	for (i = 0; i < 4; i++)
-		key.addr[i] = bpf_htonl(addr[i]);
+	bf_ip6_net(key.addr, addr);
 	kind = bpf_map_lookup_elem(&bf_local6, &key);
 	return kind ? *kind : 0;
 }
@@ -326,6 +363,8 @@ static __always_inline __u32 *bf_prefix6_lookup(const struct bf_pkt *p, __u16 ru
 	};
 	int i;
 
+	/* Field by field, not through bf_ip6_net(): the packed key's address is not aligned,
+	 * which only the member's own type tells clang. */
 	for (i = 0; i < 4; i++)
 		key.addr[i] = bpf_htonl(addr[i]);
 	return bpf_map_lookup_elem(&bf_prefixes6, &key);
@@ -577,10 +616,8 @@ static __always_inline int bf_parse6(struct bf_ctx *ctx, struct bf_pkt *p,
 	 * kernel); elsewhere it is an empty payload. */
 	if ((ip6->payload_len == 0 && ip6->nexthdr == 0) || p->len > bf_l3_len(ctx, ip6, end))
 		return -1;
-	for (i = 0; i < 4; i++) {
-		p->src[i] = bpf_ntohl(ip6->saddr.in6_u.u6_addr32[i]);
-		p->dst[i] = bpf_ntohl(ip6->daddr.in6_u.u6_addr32[i]);
-	}
+	bf_ip6_host(p->src, ip6->saddr.in6_u.u6_addr32);
+	bf_ip6_host(p->dst, ip6->daddr.in6_u.u6_addr32);
 	/* Multicast sources, loopback addresses from a device, interface-local (or scope 0)
 	 * multicast destinations. */
 	if ((p->src[0] >> 24) == 0xff || bf_ip6_loopback(p->src) || bf_ip6_loopback(p->dst) ||
@@ -682,14 +719,13 @@ static __always_inline int bf_parse(struct bf_ctx *ctx, struct bf_pkt *p)
 static __always_inline void bf_fib_addresses(struct bpf_fib_lookup *fib, const struct bf_pkt *p,
 					     int back)
 {
-	int i;
-
 	if (BF_FAMILY6(p)) {
 		fib->family = 10; /* AF_INET6 */
-		for (i = 0; i < 4; i++) {
-			fib->ipv6_src[i] = back ? 0 : bpf_htonl(p->src[i]);
-			fib->ipv6_dst[i] = bpf_htonl(back ? p->src[i] : p->dst[i]);
-		}
+		if (back)
+			__builtin_memset(fib->ipv6_src, 0, sizeof(fib->ipv6_src));
+		else
+			bf_ip6_net(fib->ipv6_src, p->src);
+		bf_ip6_net(fib->ipv6_dst, back ? p->src : p->dst);
 		return;
 	}
 	fib->family = 2; /* AF_INET */
@@ -699,8 +735,9 @@ static __always_inline void bf_fib_addresses(struct bpf_fib_lookup *fib, const s
 
 /* Sources the kernel never routes on: IPv4's martians (ip_route_input_slow(),
  * fib_validate_source(): this host's own addresses, multicast, broadcast, 0/8, 127/8);
- * for IPv6 what ip6_forward() refuses (multicast, loopback, link-local sources) and
- * link-local destinations, which stay on their link. */
+ * for IPv6 what ip6_forward() refuses, link-local sources (multicast and loopback ones
+ * bf_parse6() left to the kernel already), and link-local destinations, which stay on
+ * their link. */
 static __always_inline int bf_unroutable(const struct bf_pkt *p)
 {
 	if (BF_FAMILY6(p))
@@ -756,16 +793,12 @@ __noinline int bf_error_source(struct bf_ctx *ctx, const struct bf_pkt *p,
 			       struct bf_addr *from)
 {
 	struct bpf_fib_lookup fib = {};
-	int i;
 
 	if (!p || !from)
 		return 0;
 	if (p->hook != BF_HOOK_FORWARD &&
-	    (!BF_FAMILY6(p) || bf_local6_route(p->dst) == BF_LOCAL6_ADDRESS)) {
-		for (i = 0; i < 4; i++)
-			from->w[i] = p->dst[i];
-		return 1;
-	}
+	    (!BF_FAMILY6(p) || bf_local6_route(p->dst) == BF_LOCAL6_ADDRESS))
+		goto destination;
 	bf_fib_addresses(&fib, p, 1);
 	fib.ifindex = p->ifindex;
 	if (bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT |
@@ -774,16 +807,16 @@ __noinline int bf_error_source(struct bf_ctx *ctx, const struct bf_pkt *p,
 		 * answers from the local destination itself, as IPv4 does. */
 		if (!BF_FAMILY6(p) || p->hook == BF_HOOK_FORWARD)
 			return 0;
-		for (i = 0; i < 4; i++)
-			from->w[i] = p->dst[i];
-		return 1;
+		goto destination;
 	}
 	if (!BF_FAMILY6(p)) {
 		from->w[0] = bpf_ntohl(fib.ipv4_src);
 		return from->w[0] != 0;
 	}
-	for (i = 0; i < 4; i++)
-		from->w[i] = bpf_ntohl(fib.ipv6_src[i]);
+	bf_ip6_host(from->w, fib.ipv6_src);
+	return 1;
+destination:
+	bf_addr_copy(from->w, p->dst, 4);
 	return 1;
 }
 
@@ -879,51 +912,13 @@ static __always_inline void bf_put_iphdr(struct iphdr *ip, const struct bf_pkt *
 static __always_inline void bf_put_ip6hdr(struct ipv6hdr *ip6, const struct bf_pkt *p,
 					  const __u32 *from, __u16 payload, __u8 proto)
 {
-	int i;
-
 	*(__be32 *)ip6 = bpf_htonl(0x60000000);
 	ip6->payload_len = bpf_htons(payload);
 	ip6->nexthdr = proto;
 	ip6->hop_limit = BF_TTL;
-	for (i = 0; i < 4; i++) {
-		ip6->saddr.in6_u.u6_addr32[i] = bpf_htonl(from[i]);
-		ip6->daddr.in6_u.u6_addr32[i] = bpf_htonl(p->src[i]);
-	}
+	bf_ip6_net(ip6->saddr.in6_u.u6_addr32, from);
+	bf_ip6_net(ip6->daddr.in6_u.u6_addr32, p->src);
 }
-
-/* Addresses in the order of their words (IPv4's have one); negative, 0, positive. */
-static __always_inline int bf_addr_cmp(const __u32 *a, const __u32 *b, int words)
-{
-	int i;
-
-	for (i = 0; i < words; i++)
-		if (a[i] != b[i])
-			return a[i] < b[i] ? -1 : 1;
-	return 0;
-}
-
-/* `a` within [low, high] (-m iprange on IPv6 addresses). */
-static __always_inline int bf_addr_in(const __u32 *a, const __u32 *low, const __u32 *high)
-{
-	return bf_addr_cmp(a, low, 4) >= 0 && bf_addr_cmp(a, high, 4) <= 0;
-}
-
-static __always_inline void bf_addr_copy(__u32 *to, const __u32 *from, int words)
-{
-	/* Word by word: clang makes a loop of variable length a memcpy(), which BPF has not. */
-	to[0] = from[0];
-	if (words == 4) {
-		to[1] = from[1];
-		to[2] = from[2];
-		to[3] = from[3];
-	}
-}
-
-/* The words of the packet's family's addresses. */
-#define BF_ADDR_WORDS(p) (BF_FAMILY6(p) ? 4 : 1)
-
-/* The ICMP protocol of the packet's family. */
-#define BF_ICMP_PROTO(p) (BF_FAMILY6(p) ? IPPROTO_ICMPV6 : IPPROTO_ICMP)
 
 /* :: */
 static __always_inline int bf_ip6_unspecified(const __u32 *a)

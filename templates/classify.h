@@ -70,14 +70,8 @@ struct bf_cls_addr_key {
 		__type(key, __u32);				\
 		__type(value, value_type);			\
 	} name SEC(".maps")
-#define BF_CLS_TRIE(name)					\
-	struct {						\
-		__uint(type, BPF_MAP_TYPE_LPM_TRIE);		\
-		__uint(max_entries, 2 * BF_CLS_PREFIXES);	\
-		__uint(map_flags, BPF_F_NO_PREALLOC);		\
-		__type(key, struct bf_cls_addr_key);		\
-		__type(value, __u32);				\
-	} name SEC(".maps")
+#define BF_CLS_TRIE(name) \
+	BF_LPM_TRIE(name, 2 * BF_CLS_PREFIXES, struct bf_cls_addr_key, __u32)
 
 BF_CLS_ARRAY(bf_cls_bits, BF_CLS_CLASSES, struct bf_bits);
 BF_CLS_ARRAY(bf_cls_proto, 256, __u32);

@@ -647,7 +647,7 @@ __noinline int bf_ct_related(struct bf_ctx *ctx, struct bf_pkt *p)
 	struct bf_ct_entry *e;
 	__u32 saddr[4] = {}, daddr[4] = {};
 	__u8 *l4, from, proto;
-	int words, i;
+	int words;
 
 	if (!p)
 		return BF_CT_INVALID;
@@ -660,10 +660,8 @@ __noinline int bf_ct_related(struct bf_ctx *ctx, struct bf_pkt *p)
 
 		if ((void *)(inner + 1) > end)
 			return BF_CT_INVALID;
-		for (i = 0; i < 4; i++) {
-			saddr[i] = bpf_ntohl(inner->saddr.in6_u.u6_addr32[i]);
-			daddr[i] = bpf_ntohl(inner->daddr.in6_u.u6_addr32[i]);
-		}
+		bf_ip6_host(saddr, inner->saddr.in6_u.u6_addr32);
+		bf_ip6_host(daddr, inner->daddr.in6_u.u6_addr32);
 		proto = inner->nexthdr;
 		l4 = (__u8 *)(inner + 1);
 	} else {

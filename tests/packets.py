@@ -11,7 +11,7 @@ from scapy.layers.inet6 import (ICMPv6EchoRequest, ICMPv6ND_NS, ICMPv6NDOptSrcLL
                                 ICMPv6Unknown, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment,
                                 IPv6ExtHdrHopByHop)
 from scapy.layers.l2 import Ether
-from scapy.packet import Raw
+from scapy.packet import Packet, Raw
 
 from bpfilter import ir
 from bpfilter.testbed import FAR_NET, FAR_NET6
@@ -94,10 +94,7 @@ def _of_version(addresses: set[str], version: int) -> list[str]:
 def frames(draw, values: Interesting, interfaces: tuple[str, ...]):
     """(ingress interface name, frame bytes without destination MAC fixed up)."""
     iface = draw(st.sampled_from(interfaces))
-    sources = [a for a in _of_version(values.addresses, 4) if _usable_source(a)]
-    random_source = st.ip_addresses(v=4).map(str).filter(_usable_source)
-    src = draw(st.one_of(st.sampled_from(sources), random_source) if sources
-               else random_source)
+    src = _source(draw, values, 4)
     random_local = st.integers(1, LOCAL.num_addresses - 2).map(
         lambda i: str(LOCAL.network_address + i))
     local = [a for a in _of_version(values.addresses, 4)
@@ -110,27 +107,50 @@ def frames(draw, values: Interesting, interfaces: tuple[str, ...]):
                                   "tcp-truncated"]))
     ip = IP(src=src, dst=dst, ttl=ttl, id=draw(st.integers(0, 65535)),
             tos=draw(st.sampled_from([0, 0x10, 0xb8])))
-    if proto == "tcp":
-        l4 = TCP(sport=draw(ports), dport=draw(ports), flags=draw(st.integers(0, 0x3f)),
-                 seq=draw(st.integers(0, 2 ** 32 - 1)), ack=draw(st.integers(0, 2 ** 32 - 1)))
-    elif proto == "tcp-truncated":
-        ip.proto = 6
-        l4 = Raw(bytes(TCP(sport=draw(ports), dport=draw(ports)))[:draw(st.integers(0, 19))])
-    elif proto == "udp":
-        l4 = UDP(sport=draw(ports), dport=draw(ports))
-    elif proto == "icmp":
+    if proto == "icmp":
         icmp_type, code = draw(st.one_of(st.sampled_from(sorted(values.icmp)),
                                          st.tuples(st.integers(0, 20), st.integers(0, 4))))
         l4 = ICMP(type=icmp_type, code=code)
     else:
-        ip.proto = 47
-        l4 = Raw(b"\x00\x00\x08\x00")
-    packet = ip / l4
+        l4 = _transport(draw, proto, ports)
+        if proto in _RAW_PROTOCOLS:
+            ip.proto = _RAW_PROTOCOLS[proto]
+    packet = _padded(draw, ip / l4, values, proto != "tcp-truncated")
+    return iface, Ether(src=smac, dst="00:00:00:00:00:00") / packet
+
+
+# The protocol numbers of the transports _transport() gives as raw bytes.
+_RAW_PROTOCOLS = {"tcp-truncated": 6, "gre": 47}
+
+
+def _source(draw, values: Interesting, version: int) -> str:
+    """A source the ruleset mentions (or one beside), or any a reply can reach."""
+    sources = [a for a in _of_version(values.addresses, version) if _usable_source(a)]
+    random_source = st.ip_addresses(v=version).map(str).filter(_usable_source)
+    return draw(st.one_of(st.sampled_from(sources), random_source) if sources
+                else random_source)
+
+
+def _transport(draw, proto: str, ports) -> Packet:
+    """TCP (whole or cut short), UDP, or a GRE header as raw bytes."""
+    if proto == "tcp":
+        return TCP(sport=draw(ports), dport=draw(ports), flags=draw(st.integers(0, 0x3f)),
+                   seq=draw(st.integers(0, 2 ** 32 - 1)),
+                   ack=draw(st.integers(0, 2 ** 32 - 1)))
+    if proto == "tcp-truncated":
+        return Raw(bytes(TCP(sport=draw(ports), dport=draw(ports)))[:draw(st.integers(0, 19))])
+    if proto == "udp":
+        return UDP(sport=draw(ports), dport=draw(ports))
+    return Raw(b"\x00\x00\x08\x00")
+
+
+def _padded(draw, packet: Packet, values: Interesting, pad: bool) -> Packet:
+    """The packet, or (`pad`) grown to a length the ruleset mentions."""
     lengths = sorted(values.lengths | {len(packet)})
     target = draw(st.one_of(st.just(len(packet)), st.sampled_from(lengths)))
-    if proto != "tcp-truncated" and target > len(packet):
+    if pad and target > len(packet):
         packet = packet / Raw(b"\x00" * min(target - len(packet), 1400))
-    return iface, Ether(src=smac, dst="00:00:00:00:00:00") / packet
+    return packet
 
 
 # ICMPv6 messages a host answers or tracks, and errors (type < 128).
@@ -143,10 +163,7 @@ def frames6(draw, values: Interesting, interfaces: tuple[str, ...]):
     limits, TCP / UDP / ICMPv6 / other, sometimes behind extension headers (hop-by-hop,
     destination options, an atomic fragment), truncated TCP."""
     iface = draw(st.sampled_from(interfaces))
-    sources = [a for a in _of_version(values.addresses, 6) if _usable_source(a)]
-    random_source = st.ip_addresses(v=6).map(str).filter(_usable_source)
-    src = draw(st.one_of(st.sampled_from(sources), random_source) if sources
-               else random_source)
+    src = _source(draw, values, 6)
     random_local = st.integers(2, 2 ** 80 - 1).map(lambda i: str(LOCAL6.network_address + i))
     local = [a for a in _of_version(values.addresses, 6) if ipaddress.IPv6Address(a) in LOCAL6
              and ipaddress.IPv6Address(a) != LOCAL6.network_address]
@@ -167,24 +184,14 @@ def frames6(draw, values: Interesting, interfaces: tuple[str, ...]):
     ports = st.one_of(st.sampled_from(sorted(values.ports)), st.integers(0, 65535))
     proto = draw(st.sampled_from(["tcp", "tcp", "tcp", "udp", "udp", "icmp", "icmp",
                                   "gre", "tcp-truncated"]))
-    if proto == "tcp":
-        l4 = TCP(sport=draw(ports), dport=draw(ports), flags=draw(st.integers(0, 0x3f)),
-                 seq=draw(st.integers(0, 2 ** 32 - 1)), ack=draw(st.integers(0, 2 ** 32 - 1)))
-    elif proto == "tcp-truncated":
-        l4 = Raw(bytes(TCP(sport=draw(ports), dport=draw(ports)))[:draw(st.integers(0, 19))])
-    elif proto == "udp":
-        l4 = UDP(sport=draw(ports), dport=draw(ports))
-    elif proto == "icmp":
+    if proto == "icmp":
         icmp_type, code = draw(st.sampled_from(sorted(
             {(t, c) for t, c in values.icmp if t >= 128 or t <= 4} | set(_ICMP6))))
         l4 = _icmp6(icmp_type, code, dst)
     else:
-        l4 = Raw(b"\x00\x00\x08\x00")
-    packet = _with_next_header(ip, l4, {"tcp-truncated": 6, "gre": 47}.get(proto))
-    lengths = sorted(values.lengths | {len(packet)})
-    target = draw(st.one_of(st.just(len(packet)), st.sampled_from(lengths)))
-    if proto not in ("tcp-truncated", "icmp") and target > len(packet):
-        packet = packet / Raw(b"\x00" * min(target - len(packet), 1400))
+        l4 = _transport(draw, proto, ports)
+    packet = _padded(draw, _with_next_header(ip, l4, _RAW_PROTOCOLS.get(proto)), values,
+                     proto not in ("tcp-truncated", "icmp"))
     return iface, Ether(src=smac, dst="00:00:00:00:00:00") / packet
 
 

@@ -17,7 +17,7 @@ from bpfilter.frontend.nft.words import Item, Word
 
 SUPPORTED = ("ip saddr|daddr|protocol|ttl|length|frag-off, ip6 saddr|daddr|hoplimit, "
              "tcp sport|dport|flags, udp sport|dport, th sport|dport, icmp type|code, "
-             "icmpv6 type|code, meta l4proto|iifname|oifname|iif|oif|mark|length|protocol, "
+             "icmpv6 type|code, meta l4proto|iifname|oifname|iif|oif|mark|length|protocol|nfproto, "
              "ct state|mark|direction, ether saddr, counter, limit [over], log, comment, "
              "meta mark set, ct mark set, notrack, accept, drop, reject, return, jump, goto")
 

@@ -2,9 +2,9 @@
 
 The grammar (grammar/nft.lark) gives statements, blocks and anonymous sets; this module
 reads the structure (tables, chains, sets, commands) and leaves each rule's words to
-rule.py. Only what the IR can say is accepted: families ip and ip6 (inet tables filter
-both at once, netdev ones run at device hooks: not yet), filter and route chains at the
-five IP hooks; anything else is an error at its line and column.
+rule.py. Only what the IR can say is accepted: families ip, ip6, inet (both at once) and
+netdev (its ingress chain runs first at PREROUTING), filter and route chains at the five
+IP hooks; anything else is an error at its line and column.
 """
 
 from __future__ import annotations

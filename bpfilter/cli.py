@@ -8,13 +8,16 @@ from typing import Optional
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bpfilter import __version__
 from bpfilter.errors import BuildError, InputError, KernelError
 
 console = Console()
-err_console = Console(stderr=True)
+# Errors are not wrapped at 80 columns: a wrapped source line would no longer stand over its
+# caret, and a log or grep should find each message on one line.
+err_console = Console(stderr=True, soft_wrap=True)
 
 EXIT_INPUT = 2  # bad or unsupported input, as iptables-restore uses
 EXIT_FAILURE = 1
@@ -51,8 +54,8 @@ _RULES_HELP = ("RULES: iptables-save text (or ip6tables-save text, or one file o
 
 
 def _show_input_error(error: InputError, text: Optional[str], label: str = "error") -> None:
-    err_console.print(f"[bold red]bpfilter: {label}:[/] {error}", highlight=False,
-                      markup=True)
+    err_console.print(f"[bold red]bpfilter: {label}:[/] {escape(str(error))}",
+                      highlight=False)
     lines = text.splitlines() if text else []
     if 0 < error.line <= len(lines):
         line = lines[error.line - 1]

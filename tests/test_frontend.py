@@ -151,6 +151,22 @@ def test_cli_exits_2_with_position_and_alternatives(tmp_path):
     assert "recent" in result.output and "supported:" in result.output
 
 
+def test_errors_keep_their_lines_whole_under_a_long_path(tmp_path):
+    """A message is one line however long its file name, and the quoted rule stands over
+    its caret (CI's checkout path once wrapped a message in the middle of a phrase)."""
+    rules = tmp_path / ("d" * 70) / "rules.v4"
+    rules.parent.mkdir()
+    rule = "-A INPUT -s 10.0.0.0/8 -p tcp -m tcp --dport 22 -m comment --comment " + \
+        "x" * 40 + " -m recent --set"
+    rules.write_text(f"*filter\n:INPUT ACCEPT [0:0]\n{rule}\nCOMMIT\n")
+    result = CliRunner().invoke(main, ["compile", str(rules), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    message, quoted, caret = result.output.splitlines()[:3]
+    assert message.startswith(f"bpfilter: error: {rules}:3:") and "supported:" in message
+    assert quoted == f"  3 | {rule}"
+    assert quoted[caret.index("^"):].startswith("recent")
+
+
 def test_ignore_unsupported_lists_each_skipped_rule(tmp_path, kernel):
     rules = tmp_path / "rules.v4"
     rules.write_text("*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j RETURN\n"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -471,6 +473,60 @@ def save(iface: Optional[str], counters: bool) -> None:
                 click.echo(save_text(ruleset, counters=counters, live=live), nl=False)
             else:
                 click.echo(save_nft(ruleset, live if counters else None), nl=False)
+
+
+@main.command("log")
+@click.option("-i", "--iface", help="Only this interface's ruleset.")
+@click.option("-f", "--follow", is_flag=True,
+              help="Keep printing events as they come, across applies, until Ctrl-C.")
+@click.option("-n", "--count", type=click.IntRange(min=1),
+              help="Stop after this many events.")
+def log_cmd(iface: Optional[str], follow: bool, count: Optional[int]) -> None:
+    """Packets that LOG rules (nft's `log`) logged, one line each, as the kernel's LOG
+    target writes them to the kernel log: the rule's prefix, IN=, OUT=, MAC=, SRC=, DST=,
+    lengths, TTL, PROTO= and ports, TCP flags, ICMP type, MARK=.
+
+    Events wait in each ruleset's ring buffer (256 KiB; when it is full new events are
+    lost) until read: reading takes them out, so two readers share them. Fields the
+    kernel prints and bpfilter's packet record does not hold are left out (the IPv4 ID,
+    the IPv6 flow label, TCP's RES and URGP, an ICMP echo's sequence number, options)."""
+    from bpfilter import state
+    from bpfilter.logs import LogReader
+
+    names = dict(socket.if_nameindex())
+    seen = 0
+    boot = time.time() - time.monotonic()
+
+    def show(logged) -> None:
+        nonlocal seen
+        if count is not None and seen >= count:
+            return  # the rest of a batch past --count
+        seen += 1
+        when = time.strftime("%b %d %H:%M:%S", time.localtime(
+            boot + logged.event.timestamp_ns / 1e9))
+        click.echo(f"{when} {logged.line(names)}")
+
+    def sources():
+        return [(paths.generation(d.generation), d, ruleset)
+                for paths, d, ruleset in _deployed(iface)]
+
+    def generations():
+        """Cheaper than sources(), which parses the rulesets: an apply changes these."""
+        return [d.generation for _p, d in state.deployments() if iface in (None, d.iface)]
+
+    current = sources()
+    while True:
+        with LogReader(current, show) as reader:
+            reader.consume()
+            while follow and (count is None or seen < count):
+                reader.poll(200)
+                if [d.generation for _p, d, _r in current] != generations():
+                    reader.consume()  # what the old maps still hold, then the new ones
+                    current = sources()
+                    names = dict(socket.if_nameindex())
+                    break
+            else:
+                return
 
 
 @main.command()

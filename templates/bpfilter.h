@@ -73,6 +73,7 @@ struct bf_pkt {
 	union { __u32 saddr; __u32 src[4]; };
 	union { __u32 daddr; __u32 dst[4]; };
 	__u32 ifindex;
+	__u32 oifindex;     /* where it goes out: FORWARD's route, egress's device (LOG's OUT=) */
 	__u32 l4_len;       /* bytes after the IP header, within tot_len */
 	__u32 tcp_seq, tcp_ack;
 	__u16 sport, dport;
@@ -119,14 +120,23 @@ struct bf_limit {
 	__u64 last;   /* 0 until the first packet fills the bucket */
 };
 
+/* What LOG tells `bpfilter log` (bpfilter/logs.py reads this layout): the fields of the
+ * kernel's LOG line that the packet record holds. */
 struct bf_log_event {
 	__u64 timestamp_ns;
 	__u32 slot;
-	__u32 ifindex;
-	__u32 saddr, daddr;
+	__u32 ifindex, oifindex;
+	__u32 src[4], dst[4];
+	__u32 mark;
+	__u32 l4_len;
 	__u16 sport, dport;
 	__u16 len;
-	__u8 proto, ttl, tcp_flags, icmp_type, icmp_code, pad;
+	__u16 tcp_win;
+	__u16 icmp_id;
+	__u16 frag_off;
+	__u8 proto, ttl, tos, tcp_flags, icmp_type, icmp_code;
+	__u8 family, hook, egress, ip_df;
+	__u8 smac[6], dmac[6];
 };
 
 struct {
@@ -429,17 +439,33 @@ static __always_inline void bf_log_packet(__u32 slot, const struct bf_pkt *p)
 	e->timestamp_ns = bpf_ktime_get_ns();
 	e->slot = slot;
 	e->ifindex = p->ifindex;
-	e->saddr = p->saddr;
-	e->daddr = p->daddr;
+	e->oifindex = p->oifindex;
+	bf_addr_copy(e->src, p->src, 4);
+	bf_addr_copy(e->dst, p->dst, 4);
+	e->mark = p->mark;
+	e->l4_len = p->l4_len;
 	e->sport = p->sport;
 	e->dport = p->dport;
 	e->len = p->len;
+	e->tcp_win = p->tcp_win;
+	e->icmp_id = p->icmp_id;
+	e->frag_off = p->frag_off;
 	e->proto = p->proto;
 	e->ttl = p->ttl;
+	e->tos = p->tos;
 	e->tcp_flags = p->tcp_flags;
 	e->icmp_type = p->icmp_type;
 	e->icmp_code = p->icmp_code;
-	e->pad = 0;
+	e->family = p->family;
+	e->hook = p->hook;
+#ifdef BF_EGRESS
+	e->egress = 1;
+#else
+	e->egress = 0;
+#endif
+	e->ip_df = p->ip_df;
+	__builtin_memcpy(e->smac, p->smac, 6);
+	__builtin_memcpy(e->dmac, p->dmac, 6);
 	bpf_ringbuf_submit(e, 0);
 }
 

@@ -4,8 +4,6 @@ OUTPUT."""
 
 from __future__ import annotations
 
-import struct
-
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
@@ -14,6 +12,7 @@ from scapy.packet import Raw
 
 from bpfilter import netns
 from bpfilter.compiler import compile_ruleset
+from bpfilter.logs import LogEvent
 from bpfilter.passes import classify
 from bpfilter.runner import LoadedRuleset
 
@@ -81,14 +80,18 @@ def test_limit_is_a_token_bucket(kernel, build_root, as_data):
 def test_log_sends_an_event_and_continues(kernel, build_root, as_data):
     rules = "-A INPUT -p udp -j LOG --log-prefix \"seen \"\n-A INPUT -j DROP\n"
     with _load(rules, build_root, f"log-{as_data}") as loaded:
-        assert _run(loaded, _udp(ttl=33)) == XDP_DROP
+        frame = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / _udp(ttl=33)[IP]
+        assert _run(loaded, frame) == XDP_DROP
         events = loaded.map("bf_log").drain_ring()
     assert len(events) == 1
-    _ts, slot, ifindex, saddr, daddr, sport, dport, length, proto, ttl = struct.unpack_from(
-        "<QIIIIHHHBB", events[0])
+    event = LogEvent.from_bytes(events[0])
     rule = loaded.compilation.slots[("filter", "INPUT", 0)]
-    assert (slot, ifindex, proto, ttl, dport) == (rule, LO, 17, 33, 53)
-    assert saddr == 0xC0000201 and length == 28
+    assert (event.slot, event.ifindex, event.proto, event.ttl, event.dport) == (
+        rule, LO, 17, 33, 53)
+    assert str(event.src) == "192.0.2.1" and event.length == 28 and event.hook == "INPUT"
+    assert event.line("seen ", {LO: "lo"}) == (
+        "seen IN=lo OUT= MAC=02:00:00:00:00:02:02:00:00:00:00:01:08:00 SRC=192.0.2.1 "
+        "DST=198.18.0.1 LEN=28 TOS=0x00 PREC=0x00 TTL=33 PROTO=UDP SPT=53 DPT=53 LEN=8 ")
 
 
 def test_connection_states_as_code_and_as_data(kernel, build_root, as_data):

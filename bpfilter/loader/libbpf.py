@@ -117,6 +117,7 @@ _SIGNATURES = {
     "libbpf_set_print": (c_void_p, [PRINT_FN]),
     "ring_buffer__new": (c_void_p, [c_int, c_void_p, c_void_p, c_void_p]),
     "ring_buffer__poll": (c_int, [c_void_p, c_int]),
+    "ring_buffer__add": (c_int, [c_void_p, c_int, c_void_p, c_void_p]),
     "ring_buffer__consume": (c_int, [c_void_p]),
     "ring_buffer__free": (None, [c_void_p]),
 }

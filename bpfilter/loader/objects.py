@@ -7,12 +7,13 @@ their file descriptors, unless something else (a pin, an attachment) holds them.
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from bpfilter.errors import KernelError
 from bpfilter.loader.libbpf import (RING_SAMPLE_FN, MapInfo, ProgInfo, SkBuff, TestRunOpts,
@@ -120,19 +121,9 @@ class Map:
     def drain_ring(self) -> list[bytes]:
         """Every record waiting in a BPF_MAP_TYPE_RINGBUF map, oldest first."""
         records: list[bytes] = []
-
-        def collect(_ctx, data, size) -> int:
-            records.append(ctypes.string_at(data, size))
-            return 0
-
-        callback = RING_SAMPLE_FN(collect)
-        ring = lib().ring_buffer__new(self.fd, callback, None, None)
-        if not ring:
-            raise KernelError(f"cannot open ring buffer {self.name}")
-        try:
-            check(lib().ring_buffer__consume(ring), f"consume ring buffer {self.name}")
-        finally:
-            lib().ring_buffer__free(ring)
+        with RingBuffer() as ring:
+            ring.add(self, records.append)
+            ring.consume()
         return records
 
     def keys(self) -> Iterator[bytes]:
@@ -141,6 +132,57 @@ class Map:
         while lib().bpf_map_get_next_key(self.fd, key, nxt) == 0:
             key = ctypes.create_string_buffer(nxt.raw, self.key_size)
             yield nxt.raw
+
+
+class RingBuffer:
+    """Readers of BPF_MAP_TYPE_RINGBUF maps, each record handed to its map's callback.
+    Reading takes the records out: two readers of one map share its records. Close it, or
+    use `with`."""
+
+    def __init__(self):
+        self._ring: Optional[int] = None
+        self._callbacks: list = []  # the C side holds pointers to these
+
+    def add(self, ring_map: "Map", on_record: Callable[[bytes], None]) -> None:
+        def sample(_ctx, data, size) -> int:
+            on_record(ctypes.string_at(data, size))
+            return 0
+
+        callback = RING_SAMPLE_FN(sample)
+        self._callbacks.append(callback)
+        if self._ring is None:
+            self._ring = lib().ring_buffer__new(ring_map.fd, callback, None, None)
+            if not self._ring:
+                raise KernelError(f"cannot open ring buffer {ring_map.name}")
+        else:
+            check(lib().ring_buffer__add(self._ring, ring_map.fd, callback, None),
+                  f"add ring buffer {ring_map.name}")
+
+    def poll(self, timeout_ms: int) -> int:
+        """Wait up to `timeout_ms` for records and hand them on; how many there were."""
+        if self._ring is None:
+            return 0
+        found = lib().ring_buffer__poll(self._ring, timeout_ms)
+        if found == -errno.EINTR:
+            return 0  # a signal: the caller's to act on (Ctrl-C raises once this returns)
+        return check(found, "poll ring buffers")
+
+    def consume(self) -> int:
+        """Hand on every waiting record without waiting."""
+        if self._ring is None:
+            return 0
+        return check(lib().ring_buffer__consume(self._ring), "consume ring buffers")
+
+    def close(self) -> None:
+        if self._ring is not None:
+            lib().ring_buffer__free(self._ring)
+            self._ring = None
+
+    def __enter__(self) -> "RingBuffer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class Program:

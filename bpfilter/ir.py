@@ -27,8 +27,11 @@ class Family(enum.Enum):
 
 
 class Hook(enum.Enum):
-    """The netfilter hooks, in packet order."""
+    """The netfilter hooks, in packet order. INGRESS (nftables' netdev family) sees every
+    frame its device receives, of any protocol, before the IP stack; its chains' rules
+    name the device."""
 
+    INGRESS = "INGRESS"
     PREROUTING = "PREROUTING"
     INPUT = "INPUT"
     FORWARD = "FORWARD"
@@ -283,6 +286,19 @@ class FamilyMatch:
 
 
 @dataclass(frozen=True)
+class EtherTypeMatch:
+    """The frame's EtherType is one of these (nft's `ether type` and `meta protocol` in a
+    netdev chain, where frames of every protocol pass)."""
+
+    ethertypes: tuple[int, ...]
+    negate: bool = False
+
+
+# EtherTypes of the IP families: what a rule reading IP headers needs in a netdev chain.
+ETHERTYPE_IP, ETHERTYPE_IPV6 = 0x0800, 0x86DD
+
+
+@dataclass(frozen=True)
 class MarkMatch:
     """`-m mark --mark V[/M]`: (the packet's mark & M) == V; `-m connmark` compares its
     connection's mark instead, and never holds for a packet with no connection."""
@@ -311,6 +327,7 @@ Match = Union[
     ConntrackMatch,
     MarkMatch,
     FamilyMatch,
+    EtherTypeMatch,
 ]
 
 # --------------------------------------------------------------------------- targets
@@ -493,6 +510,7 @@ class Chain:
     origin: Optional[Origin] = None
     hook: Optional[Hook] = None  # None: no hook runs it (user chains, tables not compiled)
     priority: int = 0
+    device: Optional[str] = None  # an INGRESS chain runs for this device's frames only
 
     @property
     def builtin(self) -> bool:
@@ -514,13 +532,16 @@ class Table:
     xtables: bool = True
     family: Optional[Family] = Family.IPV4  # None: both (an nft inet table)
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """What tells the table apart in a ruleset of both families: an ip and an ip6 table
-        may share a name (iptables' and ip6tables' filter), and an inet one too."""
+        may share a name (iptables' and ip6tables' filter), and an inet or netdev one too."""
         if self.family is Family.IPV4:
             return self.name
-        return f"{'ip6' if self.family is Family.IPV6 else 'inet'} {self.name}"
+        if self.family is Family.IPV6:
+            return f"ip6 {self.name}"
+        netdev = any(chain.hook is Hook.INGRESS for chain in self.chains)
+        return f"{'netdev' if netdev else 'inet'} {self.name}"
 
     def chain(self, name: str) -> Optional[Chain]:
         return self._by_name.get(name)

@@ -5,7 +5,8 @@ and dump_ipv6_packet), for the fields bpfilter's packet record holds.
 Left out, because the record does not hold them: the IPv4 header's ID and CE/MF flags,
 the IPv6 flow label, TCP's RES and URGP, an ICMP echo's sequence number, the packet an
 ICMP error quotes, IP and TCP options, and the optional fields of --log-tcp-sequence,
---log-uid and the like."""
+--log-uid and the like. A netdev chain's frame of another protocol gets the kernel's line
+for an unknown protocol (ARP's own fields, which the kernel prints, are left out too)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from bpfilter.loader.objects import Map, RingBuffer
 from bpfilter.state import Deployment
 
 # struct bf_log_event (templates/bpfilter.h), C's padding at the end left out.
-_EVENT = struct.Struct("<QIII4I4IIIHHHHHHBBBBBBBBBB6s6s")
+_EVENT = struct.Struct("<QIII4I4IIIHHHHHHHBBBBBBBBBB6s6s")
 _HOOKS = {1: "INPUT", 2: "FORWARD", 3: "OUTPUT", 4: "PREROUTING", 5: "POSTROUTING"}
 _TCP_FLAGS = ((0x80, "CWR"), (0x40, "ECE"), (0x20, "URG"), (0x10, "ACK"), (0x08, "PSH"),
               (0x04, "RST"), (0x02, "SYN"), (0x01, "FIN"))
@@ -48,13 +49,14 @@ class LogEvent:
     tcp_window: int
     icmp_id: int
     frag_off: int
+    ethertype: int
     proto: int
     ttl: int
     tos: int
     tcp_flags: int
     icmp_type: int
     icmp_code: int
-    family: int  # 4 or 6
+    family: int  # 4 or 6; 0: another protocol (a netdev chain's frame)
     hook: str
     egress: bool  # logged by the program at TC egress
     dont_fragment: bool
@@ -65,12 +67,12 @@ class LogEvent:
     def from_bytes(cls, record: bytes) -> "LogEvent":
         (ts, slot, ifindex, oifindex, *words) = _EVENT.unpack_from(record)
         src, dst, rest = words[0:4], words[4:8], words[8:]
-        (mark, l4_len, sport, dport, length, window, icmp_id, frag_off, proto, ttl, tos,
-         flags, icmp_type, icmp_code, family, hook, egress, df, smac, dmac) = rest
+        (mark, l4_len, sport, dport, length, window, icmp_id, frag_off, ethertype, proto,
+         ttl, tos, flags, icmp_type, icmp_code, family, hook, egress, df, smac, dmac) = rest
         return cls(ts, slot, ifindex, oifindex, _address(family, src), _address(family, dst),
-                   mark, l4_len, sport, dport, length, window, icmp_id, frag_off, proto,
-                   ttl, tos, flags, icmp_type, icmp_code, family, _HOOKS.get(hook, "?"),
-                   bool(egress), bool(df), smac, dmac)
+                   mark, l4_len, sport, dport, length, window, icmp_id, frag_off, ethertype,
+                   proto, ttl, tos, flags, icmp_type, icmp_code, family,
+                   _HOOKS.get(hook, "?"), bool(egress), bool(df), smac, dmac)
 
     @property
     def incoming(self) -> bool:
@@ -85,10 +87,10 @@ class LogEvent:
         out = names.get(self.oifindex, "") if self.oifindex else ""
         words = [f"{prefix}IN={into}", f"OUT={out}"]
         if into:
-            ethertype = "08:00" if self.family == 4 else "86:dd"
-            words.append("MAC=" + ":".join(f"{b:02x}" for b in self.dmac + self.smac) +
-                         f":{ethertype}")
-        words += self._ip_words() + self._transport_words()
+            words.append("MAC=" + ":".join(f"{b:02x}" for b in self.dmac + self.smac +
+                                           self.ethertype.to_bytes(2, "big")))
+        if self.family:  # else a frame of another protocol: nf_log_unknown_packet's line
+            words += self._ip_words() + self._transport_words()
         if self.mark:
             words.append(f"MARK=0x{self.mark:x}")
         return " ".join(words) + " "

@@ -51,6 +51,8 @@ _FORWARD_GRACE = 0.02
 # A reply to the server's own packet comes back through lo as the send returns (the
 # kernel's REJECT at OUTPUT, bpfilter's from TC egress): a short wait is enough.
 _LOOPBACK_GRACE = 0.01
+# How long an unanswered ARP request is given (an answer comes within a millisecond).
+_ARP_WAIT = 0.2
 
 
 def network_layer(frame: Packet) -> Optional[Packet]:
@@ -212,6 +214,15 @@ class VethBed:
             elif (layer := network_layer(packet)) is not None and layer.dst == source:
                 replies.append(layer)
         return replies
+
+    def arp_answered(self, hwsrc: str, psrc: str = CLIENT_ADDR) -> bool:
+        """Whether the server answers an ARP request for its address from `hwsrc`."""
+        _drain(self.sock)
+        self.sock.send(bytes(Ether(src=hwsrc, dst="ff:ff:ff:ff:ff:ff") / ARP(
+            op=1, hwsrc=hwsrc, psrc=psrc, pdst=SERVER_ADDR)))
+        end = time.monotonic() + _ARP_WAIT
+        return any(ARP in frame and frame[ARP].op == 2 and frame[ARP].pdst == psrc
+                   for frame in _incoming(self.sock, lambda: end))
 
     def send_from_server(self, packet: bytes) -> list[Packet]:
         """The server sends an IPv4 or IPv6 packet itself (a raw socket: it walks OUTPUT);

@@ -98,6 +98,7 @@ struct bf_pkt {
 	__u16 ct_port[2];   /* and ports (ICMP: the identifier, the query type << 8) */
 	__u8 ct_proto;
 	__u8 ct_mark_set;   /* CONNMARK changed ct_mark: the entry takes it */
+	__u16 ethertype;    /* the frame's, host order (netdev chains see every protocol) */
 	__u32 gen;          /* the live generation of the maps (0 or 1) */
 	__u32 mark;         /* the packet's (skb->mark at TC; XDP has none: from 0) */
 	__u32 ct_mark;      /* its connection's */
@@ -134,6 +135,7 @@ struct bf_log_event {
 	__u16 tcp_win;
 	__u16 icmp_id;
 	__u16 frag_off;
+	__u16 ethertype;
 	__u8 proto, ttl, tos, tcp_flags, icmp_type, icmp_code;
 	__u8 family, hook, egress, ip_df;
 	__u8 smac[6], dmac[6];
@@ -450,6 +452,7 @@ static __always_inline void bf_log_packet(__u32 slot, const struct bf_pkt *p)
 	e->tcp_win = p->tcp_win;
 	e->icmp_id = p->icmp_id;
 	e->frag_off = p->frag_off;
+	e->ethertype = p->ethertype;
 	e->proto = p->proto;
 	e->ttl = p->ttl;
 	e->tos = p->tos;
@@ -707,15 +710,7 @@ static __always_inline int bf_parse(struct bf_ctx *ctx, struct bf_pkt *p)
 	eth = data;
 	if ((void *)(eth + 1) > end)
 		return -1;
-#if BF_IPV6
-	if (eth->h_proto == bpf_htons(BF_ETH_P_IPV6)) {
-		if (bf_parse6(ctx, p, (void *)(eth + 1), end))
-			return -1;
-	} else
-#endif
-	if (eth->h_proto != bpf_htons(BF_ETH_P_IP) || bf_parse4(ctx, p, (void *)(eth + 1), end))
-		return -1;
-
+	p->ethertype = bpf_ntohs(eth->h_proto);
 	__builtin_memcpy(p->smac, eth->h_source, 6);
 	__builtin_memcpy(p->dmac, eth->h_dest, 6);
 	p->ifindex = ctx->ingress_ifindex;
@@ -727,7 +722,20 @@ static __always_inline int bf_parse(struct bf_ctx *ctx, struct bf_pkt *p)
 	}
 	if (BF_NIFPATTERNS)
 		p->ifbits = bf_ifbits(p->ifindex) & BF_IFBITS_IN;
-	return 0;
+#if BF_IPV6
+	if (p->ethertype == BF_ETH_P_IPV6)
+		return bf_parse6(ctx, p, (void *)(eth + 1), end) ? -1 : 0;
+#endif
+	if (p->ethertype == BF_ETH_P_IP)
+		return bf_parse4(ctx, p, (void *)(eth + 1), end) ? -1 : 0;
+	/* Another protocol (or IPv6 in a program without IPv6 rules): only netdev chains
+	 * see it, with what skb->len is then (the frame past its Ethernet header). */
+#ifdef BF_TC
+	p->len = ctx->len - sizeof(*eth);
+#else
+	p->len = end - data - sizeof(*eth);
+#endif
+	return 1;
 }
 
 #ifdef BF_TC

@@ -338,12 +338,12 @@ BAD6 = {
                            "'ip' in a table of family ip6"),
     "IPv4 address in an ip6 table": ("table ip6 t {\n chain c {\n  ip6 saddr 10.0.0.1 drop\n"
                                      " }\n}\n", 3, "an IPv6 address"),
-    "netdev drop policy": ("table netdev t {\n chain c {\n  type filter hook ingress device "
-                           "eth0 priority 0; policy drop;\n }\n}\n", 2,
-                           "drop policy also drops ARP frames"),
-    "netdev rule for every frame": ("table netdev t {\n chain c {\n  type filter hook ingress"
-                                    " device eth0 priority 0;\n  tcp dport 22 drop\n }\n}\n",
-                                    4, "also sees ARP frames"),
+    "nfproto in netdev": ("table netdev t {\n chain c {\n  type filter hook ingress device"
+                          " eth0 priority 0;\n  meta nfproto ipv4 drop\n }\n}\n", 4,
+                          "nfproto is netdev"),
+    "not an EtherType": ("table netdev t {\n chain c {\n  type filter hook ingress device"
+                         " eth0 priority 0;\n  ether type 0x10 drop\n }\n}\n", 4,
+                         "an EtherType expected"),
     "netdev without device": ("table netdev t {\n chain c {\n  type filter hook ingress "
                               "priority 0;\n }\n}\n", 3, "needs its device"),
     "ingress in an ip table": ("table ip t {\n chain c {\n  type filter hook ingress "

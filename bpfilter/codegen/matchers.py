@@ -275,6 +275,11 @@ def _family(m: ir.FamilyMatch, ctx: MatchContext) -> list[str]:
     return [ctx.require(f"p->family == {6 if m.family is ir.Family.IPV6 else 4}", m.negate)]
 
 
+def _ethertype(m: ir.EtherTypeMatch, ctx: MatchContext) -> list[str]:
+    expr = " || ".join(f"p->ethertype == 0x{t:04x}" for t in m.ethertypes)
+    return [ctx.require(expr, m.negate)]
+
+
 GENERATORS: dict[type, Callable[..., list[str]]] = {
     ir.AddressMatch: _address,
     ir.InterfaceMatch: _interface,
@@ -293,6 +298,7 @@ GENERATORS: dict[type, Callable[..., list[str]]] = {
     ir.ConntrackMatch: _conntrack,
     ir.MarkMatch: _mark,
     ir.FamilyMatch: _family,
+    ir.EtherTypeMatch: _ethertype,
 }
 
 

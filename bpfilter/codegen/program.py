@@ -172,12 +172,13 @@ def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
     code = {key: _chain_code(ref, functions[ref.table], runs, ctx) for key, ref in refs.items()}
     tables, sizes = _classifier(stages[0], runs, ctx)
     families = {ref.family for ref in refs.values()}
+    # Each base chain runs for its family's packets (an inet one for both; with IPv4
+    # chains alone the parser lets only IPv4 in), a netdev one for its device's frames.
+    conditions = {ref.key: _condition(ref, families != {ir.Family.IPV4}, ctx)
+                  for ref in refs.values() if ref.chain.builtin}
     defines = dict(
         source=_c_comment(source), tc=attach is Attach.TC, conntrack=ctx.conntrack,
         ipv6=bool(families - {ir.Family.IPV4}),
-        # Each base chain runs for its family's packets (an inet one for both); with IPv4
-        # chains alone the parser lets only IPv4 in.
-        guard=families != {ir.Family.IPV4},
         nslots=capacity(nslots), nlimits=capacity(len(ctx.limits)),
         nifpatterns=len(ctx.if_patterns),
         nprefixes=capacity(sum(len(r.prefixes) for r, *_ in runs
@@ -190,11 +191,11 @@ def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
     for stage, (name, egress) in zip(stages, ((INGRESS, False), (EGRESS, True))):
         if egress and not stage.hooks and not ctx.conntrack:
             continue
-        # Per hook, the base chains (function, family's IP version) before connection
-        # tracking and those after it.
+        # Per hook, the base chains (function, the condition it runs on) before
+        # connection tracking and those after it.
         early, entries = {}, {}
         for hook in ir.Hook:
-            bases = [((functions[t][c], _VERSIONS[refs[(t, c)].family]),
+            bases = [((functions[t][c], conditions[(t, c)]),
                       refs[(t, c)].chain.before_tracking and hook in TRACKING_HOOKS)
                      for t, c in stage.base_chains(hook)]
             early[hook.name.lower()] = [f for f, before in bases if before]
@@ -217,6 +218,17 @@ def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
     return GeneratedProgram(tuple(programs), tuple(ctx.if_patterns), tuple(ctx.limits),
                             nslots, prefixes, exact, tables, sizes, folded, attach,
                             ctx.conntrack)
+
+
+def _condition(ref: ChainRef, guard: bool, ctx: MatchContext) -> Optional[str]:
+    """What a base chain's packets have, in C; None: every packet of the program."""
+    tests = []
+    if guard and ref.family is not None:
+        tests.append(f"p->family == {_VERSIONS[ref.family]}")
+    if ref.chain.device is not None:
+        index = ctx.if_pattern(ir.InterfaceMatch("in", ref.chain.device))
+        tests.append(f"(p->ifbits >> {index}) & 1")
+    return " && ".join(tests) or None
 
 
 def _chain_code(ref: ChainRef, functions: dict[str, str], runs: list,

@@ -27,10 +27,12 @@ class ChainRef:
         return self.table, self.chain.name
 
 
-# The hooks one program at an interface's ingress runs: every packet walks PREROUTING;
-# after the routing decision the kernel takes, one for this host walks INPUT, one it routes
-# on FORWARD and then POSTROUTING (decided here, where its marks are known).
-INGRESS_HOOKS = (ir.Hook.PREROUTING, ir.Hook.INPUT, ir.Hook.FORWARD, ir.Hook.POSTROUTING)
+# The hooks one program at an interface's ingress runs: every frame walks INGRESS (netdev
+# chains), every IP packet PREROUTING; after the routing decision the kernel takes, one
+# for this host walks INPUT, one it routes on FORWARD and then POSTROUTING (decided here,
+# where its marks are known).
+INGRESS_HOOKS = (ir.Hook.INGRESS, ir.Hook.PREROUTING, ir.Hook.INPUT, ir.Hook.FORWARD,
+                 ir.Hook.POSTROUTING)
 # The hooks the program at its egress runs for the host's own packets: only there do they
 # show.
 EGRESS_HOOKS = (ir.Hook.OUTPUT, ir.Hook.POSTROUTING)

@@ -36,8 +36,10 @@ def to_xtables(ruleset: ir.Ruleset) -> ir.Ruleset:
     inet = next((t for t in ruleset.tables if t.family is None), None)
     if inet is not None:
         origin = inet.origin or ir.Origin(ruleset.source, 0)
-        raise InputError(origin.file, origin.line, inet.name, "an inet table filters both "
-                         "families, which iptables and ip6tables keep apart",
+        why = ("a netdev table filters every frame at ingress, a hook iptables does not have"
+               if any(c.hook is ir.Hook.INGRESS for c in inet.chains) else
+               "an inet table filters both families, which iptables and ip6tables keep apart")
+        raise InputError(origin.file, origin.line, inet.name, why,
                          "tables of family ip or ip6", origin.column)
     if len(families) > 1:
         table = next(t for t in ruleset.tables if t.family is not ruleset.tables[0].family)

@@ -116,18 +116,22 @@ def _rule(draw, hook: str, callees: list[str], named_set: bool, base: bool,
 
 @st.composite
 def _netdev(draw) -> str:
-    """A netdev table on the servers' eth0: rules each with an IPv4 expression (bpfilter
-    takes no rule for every frame there: it does not see ARP), no connection state (none
-    exists yet at ingress)."""
+    """A netdev table on the servers' eth0, which sees ARP too: rules each with an IPv4
+    expression (a rule dropping ARP would make each frame wait for the ARP answer the
+    sender ends it with; examples/l2-guard.nft has rules for every frame), no connection
+    state (none exists yet at ingress). A drop policy lets ARP in first."""
     rules = []
     for rule in draw(st.lists(_rule("ingress", [], False, True, False), max_size=5)):
         if "ct " in rule or "notrack" in rule:
             continue
         rules.append(rule if rule.startswith(("ip ", "icmp ")) else "meta protocol ip " + rule)
     priority = draw(st.sampled_from([-500, 0, 10]))
+    policy = draw(st.sampled_from(["accept", "accept", "drop"]))
+    if policy == "drop":
+        rules.insert(0, "ether type arp accept")
     return "\n".join(["table netdev edge {", "\tchain ingress {",
                       f'\t\ttype filter hook ingress device "eth0" priority {priority}; '
-                      "policy accept;"] + [f"\t\t{r}" for r in rules] + ["\t}", "}"])
+                      f"policy {policy};"] + [f"\t\t{r}" for r in rules] + ["\t}", "}"])
 
 
 @st.composite

@@ -312,6 +312,7 @@ def kinds(ruleset: ir.Ruleset) -> set[str]:
              ir.LengthMatch: "length", ir.TtlMatch: "ttl", ir.MacSourceMatch: "mac",
              ir.CommentMatch: "comment", ir.LimitMatch: "limit",
              ir.ConntrackMatch: "conntrack", ir.MarkMatch: "mark", ir.FamilyMatch: "family",
+             ir.EtherTypeMatch: "ether type",
              ir.VerdictTarget: "ACCEPT/DROP", ir.RejectTarget: "REJECT",
              ir.LogTarget: "LOG", ir.ReturnTarget: "RETURN", ir.MarkTarget: "MARK",
              ir.ConnmarkTarget: "CONNMARK", ir.NotrackTarget: "NOTRACK"}

@@ -17,9 +17,11 @@ from bpfilter.frontend.nft.words import Item, Word
 
 SUPPORTED = ("ip saddr|daddr|protocol|ttl|length|frag-off, ip6 saddr|daddr|hoplimit, "
              "tcp sport|dport|flags, udp sport|dport, th sport|dport, icmp type|code, "
-             "icmpv6 type|code, meta l4proto|iifname|oifname|iif|oif|mark|length|protocol|nfproto, "
-             "ct state|mark|direction, ether saddr, counter, limit [over], log, comment, "
-             "meta mark set, ct mark set, notrack, accept, drop, reject, return, jump, goto")
+             "icmpv6 type|code, "
+             "meta l4proto|iifname|oifname|iif|oif|mark|length|protocol|nfproto, "
+             "ct state|mark|direction, ether saddr|type, counter, limit [over], log, "
+             "comment, meta mark set, ct mark set, notrack, accept, drop, reject, return, "
+             "jump, goto")
 
 
 # A connection tuple's fields (`ct original saddr`) -> ConntrackMatch's (`origsrc`).
@@ -108,7 +110,7 @@ class Comparisons:
                                    negate),)
         if kind == "ip ttl":
             return (self._ttl(first, op),)
-        if kind in ("meta protocol", "meta nfproto"):
+        if kind in ("meta protocol", "ether type", "meta nfproto"):
             return self._family_test(kind, first, op)
         if kind == "ip frag-off":
             if mask != 0x1FFF or self._int(first) != 0 or op not in ("!=", "=="):
@@ -138,8 +140,13 @@ class Comparisons:
     def _family_test(self, kind: str, word: Word, op: str) -> tuple[ir.Match, ...]:
         """A test of the packet's family: a match in an inet table; in a table of one
         family it always holds (nothing to test), or never, which is refused."""
-        known = names.FAMILY_WORDS[kind]
+        if self.frames and kind == "meta nfproto":
+            raise self.error(word, "in a netdev chain nfproto is netdev, never a family",
+                             "meta protocol ip, meta protocol ip6")
+        known = names.FAMILY_WORDS["meta protocol" if kind == "ether type" else kind]
         family = known.get(word.value.lower())
+        if family is None and self.frames and op in ("implicit", "==", "!="):
+            return (ir.EtherTypeMatch((self._ethertype(word),), op == "!="),)
         if family is None or op not in ("implicit", "==", "!="):
             raise self.error(word, f"'{kind}' is compared with a family",
                              ", ".join(f"{kind} {w}" for w in known))
@@ -150,6 +157,18 @@ class Comparisons:
             raise self.error(word, "never true in a table of family "
                              f"{names.FAMILY_NAMES[self.family]}")
         return ()
+
+    def _ethertype(self, word: Word) -> int:
+        value = names.ETHERTYPES.get(word.value.lower())
+        if value is None:
+            try:
+                value = int(word.value, 0)
+            except ValueError:
+                value = -1
+        if not 0x600 <= value <= 0xFFFF:
+            raise self.error(word, "an EtherType expected", ", ".join(names.ETHERTYPES) +
+                             ", or a number from 0x0600")
+        return value
 
     def _tuple(self, kind: str, word: Word, negate: bool) -> ir.ConntrackMatch:
         _ct, direction, key = kind.split()

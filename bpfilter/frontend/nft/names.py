@@ -5,8 +5,8 @@ from __future__ import annotations
 from bpfilter import ir
 
 FAMILIES = ("ip", "ip6", "inet", "arp", "bridge", "netdev")
-# The families bpfilter reads, and the packets each sees (None: both; a netdev table sees
-# what the device receives, of which bpfilter takes the IP packets).
+# The families bpfilter reads, and the IP packets each sees (None: both; a netdev table
+# sees every frame the device receives, IP or not).
 TABLE_FAMILIES = {"ip": ir.Family.IPV4, "ip6": ir.Family.IPV6, "inet": None, "netdev": None}
 FAMILY_NAMES = {ir.Family.IPV4: "ip", ir.Family.IPV6: "ip6", None: "inet"}
 # What `meta protocol` (the EtherType) and `meta nfproto` compare with.
@@ -23,11 +23,13 @@ BLOCKS = ("table", "chain", "set", "map", "flowtable")
 HOOKS = {"prerouting": ir.Hook.PREROUTING, "input": ir.Hook.INPUT,
          "forward": ir.Hook.FORWARD, "output": ir.Hook.OUTPUT,
          "postrouting": ir.Hook.POSTROUTING}
-HOOK_NAMES = {hook: name for name, hook in HOOKS.items()}
-# A netdev chain runs where the device hands a frame to the stack, before PREROUTING's
-# chains: at PREROUTING below any priority an IP table can have.
-NETDEV_HOOKS = {"ingress": ir.Hook.PREROUTING}
-NETDEV_PRIORITY = -(1 << 20)
+# A netdev chain runs where the device hands a frame to the stack, before PREROUTING.
+NETDEV_HOOKS = {"ingress": ir.Hook.INGRESS}
+HOOK_NAMES = {hook: name for name, hook in (HOOKS | NETDEV_HOOKS).items()}
+# The EtherTypes nft names (`ether type arp`, `meta protocol vlan`).
+ETHERTYPES = {"ip": ir.ETHERTYPE_IP, "arp": 0x0806, "ip6": ir.ETHERTYPE_IPV6,
+              "vlan": 0x8100, "8021ad": 0x88A8}
+ETHERTYPE_NAMES = {value: name for name, value in ETHERTYPES.items()}
 
 # nft's standard priority names (ip family).
 PRIORITIES = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "security": 50,

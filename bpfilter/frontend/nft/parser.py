@@ -350,13 +350,10 @@ class NftReader:
                              "yet", "filter and route chains")
         origin = ir.Origin(self.source, statement.line, statement.column)
         reader = RuleReader(words, self.source, table.sets, table.name,
-                            names.TABLE_FAMILIES[table.kind])
+                            names.TABLE_FAMILIES[table.kind], frames=table.kind == "netdev")
         rules, statements = reader.read(origin)
-        if chain.device is not None and not all(_one_family(r) for r in rules):
-            raise self.error(words[0], "in a netdev chain this rule also sees ARP frames "
-                             "(and any other protocol), which bpfilter does not see",
-                             "rules with an ip, ip6, icmp or icmpv6 expression, or meta "
-                             "protocol ip or ip6")
+        if table.kind == "netdev":
+            rules = [_ip_guarded(r) for r in rules]
         if statements is not None:
             # Several statements (log then drop, a mark then accept): a chain of their
             # own, called when the rule matches, runs them in order. Only the last can be
@@ -381,24 +378,10 @@ class NftReader:
                              origin)]
         return rules
 
-    def _at_prerouting(self, chain: _Chain) -> ir.Chain:
-        """A netdev ingress chain as the first of PREROUTING's chains, for packets that
-        came in on its device. Its rules are IP rules (above); a drop policy would drop
-        the rest too, which bpfilter does not see."""
-        if chain.policy is not ir.Verdict.ACCEPT:
-            raise InputError(self.source, chain.origin.line, chain.name,
-                             "a netdev chain's drop policy also drops ARP frames, "
-                             "which bpfilter does not filter yet", "policy accept, with "
-                             "drop rules", chain.origin.column)
-        device = ir.InterfaceMatch("in", chain.device)
-        # Before anything with a state (a limit's bucket), after a leading address: a
-        # blocklist's rules stay one address lookup (passes/fold.py).
-        rules = tuple(dataclasses.replace(r, matches=(
-            r.matches[:1] + (device,) + r.matches[1:]
-            if r.matches and isinstance(r.matches[0], ir.AddressMatch)
-            else (device,) + r.matches)) for r in chain.rules)
-        return ir.Chain(chain.name, rules, chain.policy, chain.counters, chain.origin,
-                        ir.Hook.PREROUTING, names.NETDEV_PRIORITY + chain.priority)
+    def _at_ingress(self, chain: _Chain) -> ir.Chain:
+        """A netdev ingress chain: every frame its device receives."""
+        return ir.Chain(chain.name, tuple(chain.rules), chain.policy, chain.counters,
+                        chain.origin, ir.Hook.INGRESS, chain.priority, chain.device)
 
     def _goto(self, table: _Table, chain: _Chain, rule: ir.Rule,
               bodies: dict[ir.Target, str]) -> ir.Target:
@@ -430,7 +413,7 @@ class NftReader:
                                        chain.policy if base else None, chain.counters,
                                        chain.origin, chain.hook if base else None,
                                        chain.priority) if chain.device is None
-                              else self._at_prerouting(chain))
+                              else self._at_ingress(chain))
             tables.append(ir.Table(table.name, tuple(chains), table.origin, xtables=False,
                                    family=names.TABLE_FAMILIES[table.kind]))
         v6 = tables and all(t.family is ir.Family.IPV6 for t in tables)
@@ -455,9 +438,24 @@ def _guarded(statements: list[ir.Rule]) -> list[ir.Rule]:
     return result
 
 
-def _one_family(rule: ir.Rule) -> bool:
-    """The rule holds for packets of one IP family only."""
-    return any(isinstance(m, ir.FamilyMatch) and not m.negate for m in rule.matches)
+# What a frame of any protocol has: its device, addresses, EtherType, length, mark, and
+# (at netdev ingress, before connection tracking) no connection: `ct state invalid`.
+_FRAME_MATCHES = (ir.InterfaceMatch, ir.MacSourceMatch, ir.EtherTypeMatch, ir.MarkMatch,
+                  ir.LimitMatch, ir.CommentMatch, ir.LengthMatch)
+
+
+def _ip_guarded(rule: ir.Rule) -> ir.Rule:
+    """A netdev rule that reads IP headers holds for IP frames only (nft's `meta l4proto`
+    and payload dependencies): without a family test of its own it gets an EtherType one."""
+    def frame_level(m: ir.Match) -> bool:
+        return isinstance(m, _FRAME_MATCHES) or (
+            isinstance(m, ir.ConntrackMatch) and m.only_states)
+
+    if all(frame_level(m) for m in rule.matches) or any(
+            isinstance(m, ir.FamilyMatch) and not m.negate for m in rule.matches):
+        return rule
+    guard = ir.EtherTypeMatch((ir.ETHERTYPE_IP, ir.ETHERTYPE_IPV6))
+    return dataclasses.replace(rule, matches=(guard,) + rule.matches)
 
 
 def _final(target: Optional[ir.Target]) -> bool:

@@ -63,7 +63,8 @@ SELECTORS = {
     ("udp", "sport"), ("udp", "dport"), ("icmp", "type"), ("icmp", "code"),
     ("meta", "l4proto"), ("meta", "iifname"), ("meta", "oifname"), ("meta", "iif"),
     ("meta", "oif"), ("meta", "mark"), ("meta", "length"), ("ct", "state"), ("ct", "mark"),
-    ("ct", "direction"), ("ether", "saddr"), ("meta", "protocol"), ("meta", "nfproto"),
+    ("ct", "direction"), ("ether", "saddr"), ("ether", "type"), ("meta", "protocol"),
+    ("meta", "nfproto"),
     ("th", "sport"), ("th", "dport"),
 }
 # IPv6's names for the fields the IR shares with IPv4 (the hop limit is the TTL; the
@@ -85,9 +86,11 @@ class _Choice:
 
 class RuleReader(Comparisons):
     def __init__(self, words: list[Item], source: str, sets: dict[str, NamedSet],
-                 table: str, family: Optional[ir.Family] = ir.Family.IPV4):
+                 table: str, family: Optional[ir.Family] = ir.Family.IPV4,
+                 frames: bool = False):
         self.words = words
         self.family = family  # the table's; None for an inet table (both)
+        self.frames = frames  # a netdev table's rules: frames of every protocol
         # The family of the addresses and ICMP types being read: the table's, or in an
         # inet table the one the expression names (ip, ip6, icmp, icmpv6).
         self.v6 = family is ir.Family.IPV6

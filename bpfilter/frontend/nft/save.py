@@ -197,7 +197,12 @@ _MATCHES: dict[type, Callable[..., list[str]]] = {
     ir.MarkMatch: _mark,
     ir.FamilyMatch: lambda m, r: [f"meta nfproto {_ne(m.negate)}"
                                   f"{names.NFPROTO_NAMES[m.family]}"],
+    # Both IP EtherTypes: what a netdev rule reading IP headers implies (nft adds it).
+    ir.EtherTypeMatch: lambda m, r: [] if m.ethertypes == _IP_ETHERTYPES else [
+        f"ether type {_ne(m.negate)}{names.ETHERTYPE_NAMES.get(t, f'0x{t:04x}')}"
+        for t in m.ethertypes],
 }
+_IP_ETHERTYPES = (ir.ETHERTYPE_IP, ir.ETHERTYPE_IPV6)
 
 
 def _set_mark(key: str, value: int, mask: int) -> str:
@@ -253,10 +258,14 @@ _IP6_WORDS = (("ip protocol", "meta l4proto"), ("ip saddr", "ip6 saddr"),
               ("ip daddr", "ip6 daddr"), ("ip ttl", "ip6 hoplimit"))
 
 
+def is_netdev(table: ir.Table) -> bool:
+    return any(chain.hook is ir.Hook.INGRESS for chain in table.chains)
+
+
 def rule_text(rule: ir.Rule, counters: Optional[ir.Counters] = None,
-              family: Optional[ir.Family] = ir.Family.IPV4) -> str:
-    """One rule in nft's words, for a table of `family` (None: inet, where the rule's
-    family test tells which family's words its expressions take)."""
+              family: Optional[ir.Family] = ir.Family.IPV4, netdev: bool = False) -> str:
+    """One rule in nft's words, for a table of `family` (None: inet or netdev, where the
+    rule's family test tells which family's words its expressions take)."""
     inet = family is None
     if inet:
         test = rule.find(ir.FamilyMatch)
@@ -266,6 +275,9 @@ def rule_text(rule: ir.Rule, counters: Optional[ir.Counters] = None,
         words = _MATCHES[type(match)](match, rule)
         if inet:  # `ip protocol` would make the rule IPv4's
             words = [w.replace("ip protocol", "meta l4proto") for w in words]
+        if netdev:  # there nfproto is netdev's: the EtherType tells the family
+            words = [w.replace("meta nfproto ipv4", "meta protocol ip").replace(
+                "meta nfproto ipv6", "meta protocol ip6") for w in words]
         if family is ir.Family.IPV6:
             if isinstance(match, ir.FragmentMatch):
                 raise _untranslatable(rule, "IPv6 fragments are an extension header")
@@ -292,15 +304,18 @@ def save_nft(ruleset: ir.Ruleset,
     """The ruleset in nft; `live(table, chain, index)` adds counters to the rules."""
     lines = []
     for table in ruleset.tables:
-        lines.append(f"table {names.FAMILY_NAMES[table.family]} {table.name} {{")
+        netdev = is_netdev(table)
+        family = "netdev" if netdev else names.FAMILY_NAMES[table.family]
+        lines.append(f"table {family} {table.name} {{")
         for chain in table.chains:
             lines.append(f"\tchain {chain.name} {{")
             if chain.builtin and chain.hook is not None:
+                device = "" if chain.device is None else f" device {_string(chain.device)}"
                 lines.append(f"\t\ttype {_chain_type(table, chain)} hook "
-                             f"{names.HOOK_NAMES[chain.hook]} priority {chain.priority}; "
-                             f"policy {chain.policy.value.lower()};")
+                             f"{names.HOOK_NAMES[chain.hook]}{device} priority "
+                             f"{chain.priority}; policy {chain.policy.value.lower()};")
             lines += ["\t\t" + rule_text(rule, live and live(table.key, chain.name, i),
-                                         table.family)
+                                         table.family, netdev)
                       for i, rule in enumerate(chain.rules)]
             lines.append("\t}")
         lines.append("}")

@@ -554,8 +554,8 @@ def demo(rules: Optional[Path], output: Path) -> None:
     Without RULES it uses the bundled examples/host-firewall.v4; RULES may be an nftables
     ruleset too (examples/host-firewall.nft), the frames are the same. Two network
     namespaces are created, joined by a veth pair; the ruleset is attached at XDP on the
-    server side, the client sends a scripted set of frames, and the verdicts, replies and
-    per-rule counters are printed. Everything is removed afterwards, also on failure.
+    server side, the client sends a scripted set of frames, and the verdicts, replies, LOG
+    lines and per-rule counters are printed. Everything is removed afterwards, also on failure.
     """
     from bpfilter.demo import deciding, host_firewall_probes, rule_label, run_demo, verdict
     from bpfilter.resources import resource_dir
@@ -581,6 +581,10 @@ def demo(rules: Optional[Path], output: Path) -> None:
     console.print(verdicts)
     console.print("[dim]An ACCEPTed frame goes on to the kernel's stack, which answers it "
                   "itself (no service listens in the demo namespace).[/]")
+    if result.logged:
+        console.print("[bold]what LOG rules logged[/] [dim](bpfilter log)[/]")
+        for line in result.logged:
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
     _print_counters(ruleset, result.counters)
 
 

@@ -2,12 +2,13 @@
 
 Two namespaces are joined by a veth pair (bpfilter.testbed); the ruleset is applied on the
 server side exactly as `bpfilter apply` does it; the client sends a scripted set of
-frames; what each frame met (the rule, the verdict, the reply) and the per-rule counters
-are shown; everything is removed again, also on failure or Ctrl-C.
+frames; what each frame met (the rule, the verdict, the reply), what LOG rules logged and
+the per-rule counters are shown; everything is removed again, also on failure or Ctrl-C.
 """
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,6 +18,7 @@ from scapy.packet import Packet
 
 from bpfilter import deploy, ir, netns, state
 from bpfilter.frontend import parse_ruleset, rule_words
+from bpfilter.logs import Logged, LogReader
 from bpfilter.testbed import SERVER_ADDR, VethBed
 
 
@@ -56,6 +58,7 @@ class DemoResult:
     report: deploy.ApplyReport
     observations: list[Observation]
     counters: dict[tuple[str, str, int], ir.Counters]
+    logged: list[str]  # LOG's lines, as `bpfilter log` prints them
 
 
 def run_demo(rules_path: Path, build_dir: Path, probes: list[Probe],
@@ -81,10 +84,16 @@ def run_demo(rules_path: Path, build_dir: Path, probes: list[Probe],
                         observations.append(Observation(probe, counted,
                                                         _describe(replies)))
                     totals = {k: live(*k) for k in keys}
+                logged: list[Logged] = []
+                with LogReader([(paths.generation(report.deployment.generation),
+                                 report.deployment, ruleset)], logged.append) as reader:
+                    reader.consume()
+                names = dict(socket.if_nameindex())
             finally:
                 deploy.detach("eth0")
                 say("detached; removing the namespaces")
-    return DemoResult(ruleset, report, observations, totals)
+    return DemoResult(ruleset, report, observations, totals,
+                      [entry.line(names) for entry in logged])
 
 
 def _describe(replies: list[IP]) -> str:

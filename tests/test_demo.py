@@ -23,6 +23,9 @@ def test_host_firewall_on_a_real_veth_pair(kernel, build_root):
     for dropped in ("a NULL scan", "from the blocked range", "TTL 1", "oversized datagram"):
         assert outcome[dropped] == ("DROP", "nothing"), dropped
     assert sum(c.packets for c in result.counters.values()) >= len(host_firewall_probes())
+    # The LOG before the REJECTs (5/min, burst 5) saw the TCP frames that reached it.
+    assert result.logged and all(line.startswith("bpfilter reject: IN=eth0 OUT= ")
+                                 and "PROTO=TCP" in line for line in result.logged)
     left = set(netns.run("ip", "netns", "list").stdout.split()) - before
     assert not [name for name in left if name.startswith("bpfd-")]  # the demo's own
 
@@ -41,3 +44,4 @@ def test_the_demo_on_an_nftables_ruleset(kernel, build_root):
     assert rule_label(result.ruleset, *deciding(result.ruleset, blocked.rules)) == \
         "counter drop"
     assert any(t == "early" for t, _c, _i in result.counters)
+    assert any(line.startswith("blocked: IN=eth0 ") for line in result.logged)

@@ -510,17 +510,22 @@ def log_cmd(iface: Optional[str], follow: bool, count: Optional[int]) -> None:
         return [(paths.generation(d.generation), d, ruleset)
                 for paths, d, ruleset in _deployed(iface)]
 
-    def generations():
-        """Cheaper than sources(), which parses the rulesets: an apply changes these."""
-        return [d.generation for _p, d in state.deployments() if iface in (None, d.iface)]
+    def versions():
+        """Cheaper than sources(), which parses the rulesets: an apply changes the maps'
+        generation, or (a change the running program takes in place) the ruleset."""
+        return [(d.generation, d.sha256) for _p, d in state.deployments()
+                if iface in (None, d.iface)]
 
     current = sources()
+    if follow:
+        err_console.print(f"[dim]bpfilter: following the LOG events of "
+                          f"{', '.join(d.iface for _p, d, _r in current)} (Ctrl-C stops)[/]")
     while True:
         with LogReader(current, show) as reader:
             reader.consume()
             while follow and (count is None or seen < count):
                 reader.poll(200)
-                if [d.generation for _p, d, _r in current] != generations():
+                if [(d.generation, d.sha256) for _p, d, _r in current] != versions():
                     reader.consume()  # what the old maps still hold, then the new ones
                     current = sources()
                     names = dict(socket.if_nameindex())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -101,3 +102,32 @@ def test_log_lines_agree_with_the_kernels(kernel_log, build_root):
     assert f"DST={SERVER_ADDR6}" not in lines[-3]  # written out in full, as the kernel does
     assert all(" OUT=eth1 " in line for line in lines[-2:])
     assert again.stdout == ""  # reading took them out
+
+
+def test_log_follows_an_apply(kernel, build_root):
+    """`log -f` goes on across an apply: a new program (new maps), and a change the
+    running program takes in place (only the LOG prefix differs: the same code)."""
+    rules = '*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -p udp -j LOG --log-prefix "{} "\nCOMMIT\n'
+    with VethBed(build_root / "follow", prefix="bpfl") as bed:
+        udp = bed.frame(IP(src=CLIENT_ADDR, dst=SERVER_ADDR) / UDP(dport=9))
+        with netns.entered(bed.server):
+            deploy.apply(rules.format("first"), "r", "eth0", build_root / "f1")
+        follower = subprocess.Popen(["ip", "netns", "exec", bed.server, sys.executable, "-m",
+                                     "bpfilter", "log", "-f", "-n", "3"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+        try:
+            assert "following the LOG events of eth0" in follower.stderr.readline()
+            for prefix, extra in (("first", ""), ("second", ""),
+                                  ("third", "-A INPUT -p tcp -j DROP\n")):
+                if prefix != "first":
+                    with netns.entered(bed.server):
+                        deploy.apply(rules.format(prefix).replace("COMMIT", extra + "COMMIT"),
+                                     "r", "eth0", build_root / f"f-{prefix}")
+                    time.sleep(0.5)  # the follower looks every 200 ms
+                bed.send(udp)
+            out, _err = follower.communicate(timeout=20)
+        finally:
+            follower.kill()
+            follower.wait()
+    assert [line.split()[3] for line in out.splitlines()] == ["first", "second", "third"]

@@ -16,10 +16,11 @@ from rich.table import Table
 from bpfilter import __version__
 from bpfilter.errors import BuildError, InputError, KernelError
 
-console = Console()
+# No emoji: a MAC address may hold ':cd:', a CD to rich (the demo's LOG lines, list).
+console = Console(emoji=False)
 # Errors are not wrapped at 80 columns: a wrapped source line would no longer stand over its
 # caret, and a log or grep should find each message on one line.
-err_console = Console(stderr=True, soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True, emoji=False)
 
 EXIT_INPUT = 2  # bad or unsupported input, as iptables-restore uses
 EXIT_FAILURE = 1

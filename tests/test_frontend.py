@@ -167,6 +167,17 @@ def test_errors_keep_their_lines_whole_under_a_long_path(tmp_path):
     assert quoted[caret.index("^"):].startswith("recent")
 
 
+def test_the_consoles_print_mac_addresses_as_they_are():
+    """rich reads ':cd:' as an emoji code; a MAC address (demo's LOG lines, `list` of
+    `-m mac` rules) must come out as it is."""
+    from bpfilter.cli import console, err_console
+
+    for out in (console, err_console):
+        with out.capture() as captured:
+            out.print("MAC=58:cd:26:dd:01", markup=False, highlight=False)
+        assert "58:cd:26" in captured.get()
+
+
 def test_ignore_unsupported_lists_each_skipped_rule(tmp_path, kernel):
     rules = tmp_path / "rules.v4"
     rules.write_text("*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j RETURN\n"

@@ -540,8 +540,12 @@ class Table:
             return self.name
         if self.family is Family.IPV6:
             return f"ip6 {self.name}"
-        netdev = any(chain.hook is Hook.INGRESS for chain in self.chains)
-        return f"{'netdev' if netdev else 'inet'} {self.name}"
+        return f"{'netdev' if self.netdev else 'inet'} {self.name}"
+
+    @functools.cached_property
+    def netdev(self) -> bool:
+        """nft's netdev family: its base chains run at INGRESS, on every frame."""
+        return any(chain.hook is Hook.INGRESS for chain in self.chains)
 
     def chain(self, name: str) -> Optional[Chain]:
         return self._by_name.get(name)

@@ -8,7 +8,6 @@ from bpfilter.frontend.iptables.parser import parse_iptables_save
 from bpfilter.frontend.iptables.save import rule_text
 from bpfilter.frontend.nft.jsonformat import parse_nft_json
 from bpfilter.frontend.nft.parser import parse_nft
-from bpfilter.frontend.nft.save import is_netdev
 from bpfilter.frontend.nft.save import rule_text as nft_rule_text
 from bpfilter.ir import Family, Rule, Ruleset, Table
 
@@ -84,7 +83,7 @@ def rule_words(table: Table, chain: str, rule: Rule) -> str:
     """A rule in its ruleset's own words: iptables' options, or nft's expressions."""
     if table.xtables:
         return rule_text(chain, rule, table.family).removeprefix(f"-A {chain} ")
-    return nft_rule_text(rule, family=table.family, netdev=is_netdev(table))
+    return nft_rule_text(rule, family=table.family, netdev=table.netdev)
 
 
 __all__ = ["combine", "dialect", "parse_ruleset", "xtables_sections", "parse_iptables_save",

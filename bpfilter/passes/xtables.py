@@ -37,7 +37,7 @@ def to_xtables(ruleset: ir.Ruleset) -> ir.Ruleset:
     if inet is not None:
         origin = inet.origin or ir.Origin(ruleset.source, 0)
         why = ("a netdev table filters every frame at ingress, a hook iptables does not have"
-               if any(c.hook is ir.Hook.INGRESS for c in inet.chains) else
+               if inet.netdev else
                "an inet table filters both families, which iptables and ip6tables keep apart")
         raise InputError(origin.file, origin.line, inet.name, why,
                          "tables of family ip or ip6", origin.column)

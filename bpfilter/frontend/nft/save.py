@@ -258,10 +258,6 @@ _IP6_WORDS = (("ip protocol", "meta l4proto"), ("ip saddr", "ip6 saddr"),
               ("ip daddr", "ip6 daddr"), ("ip ttl", "ip6 hoplimit"))
 
 
-def is_netdev(table: ir.Table) -> bool:
-    return any(chain.hook is ir.Hook.INGRESS for chain in table.chains)
-
-
 def rule_text(rule: ir.Rule, counters: Optional[ir.Counters] = None,
               family: Optional[ir.Family] = ir.Family.IPV4, netdev: bool = False) -> str:
     """One rule in nft's words, for a table of `family` (None: inet or netdev, where the
@@ -304,8 +300,7 @@ def save_nft(ruleset: ir.Ruleset,
     """The ruleset in nft; `live(table, chain, index)` adds counters to the rules."""
     lines = []
     for table in ruleset.tables:
-        netdev = is_netdev(table)
-        family = "netdev" if netdev else names.FAMILY_NAMES[table.family]
+        family = "netdev" if table.netdev else names.FAMILY_NAMES[table.family]
         lines.append(f"table {family} {table.name} {{")
         for chain in table.chains:
             lines.append(f"\tchain {chain.name} {{")
@@ -315,7 +310,7 @@ def save_nft(ruleset: ir.Ruleset,
                              f"{names.HOOK_NAMES[chain.hook]}{device} priority "
                              f"{chain.priority}; policy {chain.policy.value.lower()};")
             lines += ["\t\t" + rule_text(rule, live and live(table.key, chain.name, i),
-                                         table.family, netdev)
+                                         table.family, table.netdev)
                       for i, rule in enumerate(chain.rules)]
             lines.append("\t}")
         lines.append("}")

@@ -507,17 +507,16 @@ def log_cmd(iface: Optional[str], follow: bool, count: Optional[int]) -> None:
             boot + logged.event.timestamp_ns / 1e9))
         click.echo(f"{when} {logged.line(names)}")
 
-    def sources():
-        return [(paths.generation(d.generation), d, ruleset)
-                for paths, d, ruleset in _deployed(iface)]
+    def version(d) -> tuple[str, str]:
+        """What an apply changes: the maps' generation, or (a change the running program
+        takes in place) the ruleset."""
+        return d.generation, d.sha256
 
-    def versions():
-        """Cheaper than sources(), which parses the rulesets: an apply changes the maps'
-        generation, or (a change the running program takes in place) the ruleset."""
-        return [(d.generation, d.sha256) for _p, d in state.deployments()
-                if iface in (None, d.iface)]
+    def versions() -> list[tuple[str, str]]:
+        """Cheaper than _deployed(), which parses the rulesets."""
+        return [version(d) for _p, d in state.deployments() if iface in (None, d.iface)]
 
-    current = sources()
+    current = _deployed(iface)
     if follow:
         err_console.print(f"[dim]bpfilter: following the LOG events of "
                           f"{', '.join(d.iface for _p, d, _r in current)} (Ctrl-C stops)[/]")
@@ -526,9 +525,9 @@ def log_cmd(iface: Optional[str], follow: bool, count: Optional[int]) -> None:
             reader.consume()
             while follow and (count is None or seen < count):
                 reader.poll(200)
-                if [(d.generation, d.sha256) for _p, d, _r in current] != versions():
+                if [version(d) for _p, d, _r in current] != versions():
                     reader.consume()  # what the old maps still hold, then the new ones
-                    current = sources()
+                    current = _deployed(iface)
                     names = dict(socket.if_nameindex())
                     break
             else:

@@ -85,8 +85,8 @@ def run_demo(rules_path: Path, build_dir: Path, probes: list[Probe],
                                                         _describe(replies)))
                     totals = {k: live(*k) for k in keys}
                 logged: list[Logged] = []
-                with LogReader([(paths.generation(report.deployment.generation),
-                                 report.deployment, ruleset)], logged.append) as reader:
+                with LogReader([(paths, report.deployment, ruleset)],
+                               logged.append) as reader:
                     reader.consume()
                 names = dict(socket.if_nameindex())
             finally:

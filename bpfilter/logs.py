@@ -14,23 +14,22 @@ import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 from bpfilter import ir
 from bpfilter.loader.objects import Map, RingBuffer
-from bpfilter.state import Deployment
+from bpfilter.state import Deployment, Paths
 
 # struct bf_log_event (templates/bpfilter.h), C's padding at the end left out.
 _EVENT = struct.Struct("<QIII4I4IIIHHHHHHHBBBBBBBBBB6s6s")
 _HOOKS = {1: "INPUT", 2: "FORWARD", 3: "OUTPUT", 4: "PREROUTING", 5: "POSTROUTING"}
 _TCP_FLAGS = ((0x80, "CWR"), (0x40, "ECE"), (0x20, "URG"), (0x10, "ACK"), (0x08, "PSH"),
               (0x04, "RST"), (0x02, "SYN"), (0x01, "FIN"))
-_IP_DF = 0x4000
 _ICMP_ECHO = {4: (0, 8), 6: (128, 129)}  # echo request and reply, per family
-_ICMP_NAME = {4: "ICMP", 6: "ICMPv6"}
-_ICMP_PROTO = {4: 1, 6: 58}
-_UDP = {17: "UDP", 136: "UDPLITE"}
+# The transports the kernel's line spells out: their name there and the header bytes it
+# needs to read them (struct tcphdr, udphdr; icmphdr and icmp6hdr are 8 bytes too).
+_TRANSPORTS = {6: ("TCP", 20), 17: ("UDP", 8), 136: ("UDPLITE", 8)}
+_ICMP = {4: (1, "ICMP"), 6: (58, "ICMPv6")}  # per family: the protocol, its name
 
 
 @dataclass(frozen=True)
@@ -109,33 +108,26 @@ class LogEvent:
         return words
 
     def _transport_words(self) -> list[str]:
-        if self.proto == 6:
-            words = ["PROTO=TCP"]
-            if self.frag_off:
-                return words
-            if self.l4_len < 20:
-                return words + [f"INCOMPLETE [{self.l4_len} bytes]"]
+        icmp, icmp_name = _ICMP[self.family]
+        known = (icmp_name, 8) if self.proto == icmp else _TRANSPORTS.get(self.proto)
+        if known is None:
+            return [f"PROTO={self.proto}"]
+        name, header = known
+        words = [f"PROTO={name}"]
+        if self.frag_off:  # a later fragment: no header to read
+            return words
+        if self.l4_len < header:
+            return words + [f"INCOMPLETE [{self.l4_len} bytes]"]
+        if name == "TCP":
             return words + [f"SPT={self.sport}", f"DPT={self.dport}",
                             f"WINDOW={self.tcp_window}"] + [
-                name for bit, name in _TCP_FLAGS if self.tcp_flags & bit]
-        if self.proto in _UDP:
-            words = [f"PROTO={_UDP[self.proto]}"]
-            if self.frag_off:
-                return words
-            if self.l4_len < 8:
-                return words + [f"INCOMPLETE [{self.l4_len} bytes]"]
+                flag for bit, flag in _TCP_FLAGS if self.tcp_flags & bit]
+        if name.startswith("UDP"):
             return words + [f"SPT={self.sport}", f"DPT={self.dport}", f"LEN={self.l4_len}"]
-        if self.proto == _ICMP_PROTO[self.family]:
-            words = [f"PROTO={_ICMP_NAME[self.family]}"]
-            if self.frag_off:
-                return words
-            if self.l4_len < 8:
-                return words + [f"INCOMPLETE [{self.l4_len} bytes]"]
-            words += [f"TYPE={self.icmp_type}", f"CODE={self.icmp_code}"]
-            if self.icmp_type in _ICMP_ECHO[self.family]:
-                words.append(f"ID={self.icmp_id}")
-            return words
-        return [f"PROTO={self.proto}"]
+        words += [f"TYPE={self.icmp_type}", f"CODE={self.icmp_code}"]
+        if self.icmp_type in _ICMP_ECHO[self.family]:
+            words.append(f"ID={self.icmp_id}")
+        return words
 
 
 def _address(family: int, words) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -165,15 +157,16 @@ class Logged:
 class LogReader:
     """The LOG events of running rulesets, as their programs write them. Reading takes
     them out of the ring buffer: a second reader gets the events the first did not.
-    `sources`: (pinned maps directory, deployment, its ruleset) per interface."""
+    `sources`: (pins, deployment, its ruleset) per interface, as deploy keeps them."""
 
-    def __init__(self, sources: list[tuple[Path, Deployment, ir.Ruleset]],
+    def __init__(self, sources: list[tuple[Paths, Deployment, ir.Ruleset]],
                  on_event: Callable[[Logged], None]):
         self._maps: list[Map] = []
         self._ring = RingBuffer()
         try:
-            for pins, deployment, ruleset in sources:
-                ring = Map.open_pinned(str(pins / "bf_log"))
+            for paths, deployment, ruleset in sources:
+                ring = Map.open_pinned(str(paths.generation(deployment.generation) /
+                                           "bf_log"))
                 self._maps.append(ring)
                 self._ring.add(ring, _decoder(deployment, ruleset, on_event))
         except BaseException:
@@ -201,14 +194,15 @@ class LogReader:
 
 def _decoder(deployment: Deployment, ruleset: ir.Ruleset,
              on_event: Callable[[Logged], None]) -> Callable[[bytes], None]:
-    rules: dict[int, tuple[str, str, int]] = {}
+    rules: dict[int, tuple[tuple[str, str, int], Optional[ir.LogTarget]]] = {}
     for table, chain, index, slot in deployment.slots:
-        rules.setdefault(slot, (table, chain, index))
+        if slot not in rules:
+            rules[slot] = (table, chain, index), _log_target(ruleset, (table, chain, index))
 
     def decode(record: bytes) -> None:
         event = LogEvent.from_bytes(record)
-        key = rules.get(event.slot, ("", "", -1))
-        on_event(Logged(deployment.iface, key, _log_target(ruleset, key), event))
+        key, target = rules.get(event.slot, (("", "", -1), None))
+        on_event(Logged(deployment.iface, key, target, event))
     return decode
 
 

@@ -265,7 +265,7 @@ __noinline long bf_cls_step(struct bf_walk *w)
 {
 	__u32 gen, word, last, index, k;
 	struct bf_bits *b[6];
-	__u64 m;
+	__u64 first, m;
 
 	if (!w)
 		return 1;
@@ -283,17 +283,23 @@ __noinline long bf_cls_step(struct bf_walk *w)
 	}
 	word = w->pos / 64;
 	last = (w->end - 1) / 64;
-	m = ~0ULL << (w->pos % 64);
-	for (k = 0; k < BF_CLS_SCAN; k++, word++, m = ~0ULL) {
+	first = ~0ULL << (w->pos % 64);
+	m = 0;
+	/* `m` holds only what a word's bitsets gave: a window scanned without a hit must leave
+	 * it 0, or the next window's first entry would be tried without its field test (the
+	 * wrong verdicts past 2,048 entries: 32 words of 64). */
+	for (k = 0; k < BF_CLS_SCAN; k++) {
 		if (word > last) {
 			w->pos = w->end;
 			return 0;
 		}
 		__u32 i = word & (BF_CLS_WORDS - 1); /* a power of two: a bound clang keeps */
 
-		m &= b[0]->w[i] & b[1]->w[i] & b[2]->w[i] & ((b[3]->w[i] & b[4]->w[i]) | b[5]->w[i]);
+		m = (k ? ~0ULL : first) & b[0]->w[i] & b[1]->w[i] & b[2]->w[i] &
+		    ((b[3]->w[i] & b[4]->w[i]) | b[5]->w[i]);
 		if (m)
 			break;
+		word++;
 	}
 	if (!m) {
 		w->pos = word * 64;

@@ -331,3 +331,31 @@ def test_ipv6_runs_fold_into_one_lookup_with_exact_counters(kernel, build_root, 
         assert verdict("2001:db8:ff::1", "2001:db8:1::3") == XDP_TX
         counts = [loaded.counters("ip6 filter", "INPUT", i).packets for i in range(29)]
     assert counts == [0] * 6 + [1] + [0] * 12 + [1] + [0] * 2 + [1] + [0] * 6
+
+
+@pytest.mark.parametrize("count", [2047, 2048, 2049, 4097])
+def test_classified_chains_are_exact_past_every_scan_window(kernel, build_root, count):
+    """A step of the classifier's walk scans 32 words of 64 entries. A window scanned
+    without a hit once made the next window's first entry a candidate, tried without its
+    field test: past 2,048 rules, packets no rule matched were taken by rule 2,049 (and a
+    DROP policy let in what the next window's ACCEPT said). Exact counters at every
+    window's first and last entries, and for packets no rule matches."""
+    rules = "".join(f"-A INPUT -p udp -m udp --dport {1024 + i} -j DROP\n"
+                    for i in range(count))
+    rules += "-A INPUT -s 192.0.2.99/32 -p tcp -m tcp --dport 9999 -j ACCEPT\n"
+    text = "*filter\n:INPUT DROP [0:0]\n" + rules + "COMMIT\n"
+    with LoadedRuleset(compile_ruleset(text, f"windows{count}", build_root / f"w{count}",
+                                       verify=False)) as loaded:
+        assert "bf_classify(p, " in loaded.code.programs[0].source
+        udp = lambda port: Ether() / IP(src="192.0.2.1", dst="198.18.0.1") / UDP(dport=port)  # noqa: E731
+        syn = lambda src: Ether() / IP(src=src, dst="198.18.0.1") / TCP(dport=9999, flags="S")  # noqa: E731
+        aimed = sorted({0, 63, 64, 2047, 2048, count - 1} & set(range(count)))
+        for i in aimed:
+            assert _run(loaded, udp(1024 + i)) == XDP_DROP
+        assert _run(loaded, udp(10)) == XDP_DROP  # the policy
+        assert _run(loaded, syn("192.0.2.7")) == XDP_DROP  # the policy, not the ACCEPT
+        assert _run(loaded, syn("192.0.2.99")) == XDP_PASS
+        counts = {i: loaded.counters("filter", "INPUT", i).packets for i in range(count + 1)}
+        assert {i: n for i, n in counts.items() if n} == {**{i: 1 for i in aimed}, count: 1}
+        assert loaded.counters("filter", "INPUT", -1).packets == 2
+

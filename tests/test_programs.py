@@ -12,6 +12,7 @@ from scapy.packet import Raw
 
 from bpfilter import netns
 from bpfilter.compiler import compile_ruleset
+from bpfilter.errors import InputError
 from bpfilter.logs import LogEvent
 from bpfilter.passes import classify
 from bpfilter.runner import LoadedRuleset
@@ -359,3 +360,14 @@ def test_classified_chains_are_exact_past_every_scan_window(kernel, build_root, 
         assert {i: n for i, n in counts.items() if n} == {**{i: 1 for i in aimed}, count: 1}
         assert loaded.counters("filter", "INPUT", -1).packets == 2
 
+
+def test_walks_longer_than_bpf_loop_runs_are_refused(tmp_path):
+    """Every rule of a long chain jumping into another long chain: a packet could need
+    more classifier steps than bpf_loop() runs, and a walk cut short drops the packet."""
+    sub = "".join(f"-A SUB -p tcp -m tcp --sport {i + 1} -j ACCEPT\n" for i in range(1500))
+    jumps = "".join(f"-A INPUT -p tcp -m tcp --dport {i + 1} -j SUB\n" for i in range(2000))
+    text = "*filter\n:INPUT ACCEPT [0:0]\n:SUB - [0:0]\n" + jumps + sub + "COMMIT\n"
+    with pytest.raises(InputError, match=r"classifier steps in chain 'INPUT'.*bpf_loop"):
+        compile_ruleset(text, "deep.v4", tmp_path, emit="c")
+    fewer = text.replace(jumps, jumps[: jumps.index("--dport 1001 ")].rsplit("\n", 1)[0] + "\n")
+    compile_ruleset(fewer, "ok.v4", tmp_path, emit="c")  # 1,000 jumps: 4.5 million steps

@@ -21,6 +21,8 @@ _CHECK = {"iface": 1, "iface_neg": 2, "flags": 4, "flags_neg": 8, "len": 16, "le
           "ttl_neg": 64, "limit": 128}
 _TTL_OPS = {"eq": 1, "lt": 2, "gt": 3}
 _REJECT_TCP_RESET = 0xFF
+# Words one step of the walk scans (classify.h: BF_CLS_SCAN).
+SCAN_WORDS = 32
 
 
 @dataclass(frozen=True)
@@ -215,3 +217,24 @@ def classifier_tables(classification: Classification, entry_slots: list[int],
         words=max(1, -(-len(entries) // 64)), bitsets=tuple(classes.bitsets), proto=tuple(proto),
         sport=tuple(sport + [no_ports[0]]), dport=tuple(dport + [no_ports[1]]),
         saddr=saddr, daddr=daddr, entries=packed, segments=tuple(bounds))
+
+
+def walk_steps(classification: Classification) -> int:
+    """The most bpf_loop steps one walk can take (classify.h), entering each segment the
+    data chains' jumps lead to: per entry a step that finds it and one that tries it,
+    one for each scan of 32 words that finds nothing after it, one to leave, and the walks
+    of the segments its jump or goto enters. A walk that ran out would drop the packet,
+    so the loop is given this many."""
+    lengths = [len(s.entries) for s in classification.segments]
+    by_chain = dict(classification.data_chains)
+    memo: dict[int, int] = {}
+
+    def steps(number: int) -> int:
+        if number not in memo:
+            segment = classification.segments[number]
+            own = 3 * lengths[number] + -(-lengths[number] // (64 * SCAN_WORDS)) + 2
+            memo[number] = own + sum(steps(by_chain[(segment.chain[0], e.jump)])
+                                     for e in segment.entries if e.jump is not None)
+        return memo[number]
+
+    return max((steps(n) for n in range(len(lengths))), default=0)

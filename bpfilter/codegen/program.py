@@ -14,7 +14,7 @@ import jinja2
 
 from bpfilter import ir
 from bpfilter.errors import InputError
-from bpfilter.codegen.classifier import ClassifierTables, classifier_tables
+from bpfilter.codegen.classifier import ClassifierTables, classifier_tables, walk_steps
 from bpfilter.codegen.matchers import MatchContext, match_lines
 from bpfilter.codegen.targets import return_lines, target_lines, uses_conntrack
 from bpfilter.passes.classify import MAX_DEPTH, Segment, entry_rules
@@ -30,6 +30,8 @@ PART_RULES = 32
 # The kernel verifies at most 256 functions in a program (BPF_MAX_SUBPROGS); the runtime
 # headers take a few dozen.
 MAX_CHAIN_FUNCTIONS = 224
+# bpf_loop() runs at most this many steps (BPF_MAX_LOOPS), the classifier's walk one each.
+MAX_WALK_STEPS = 1 << 23
 
 
 class Attach(enum.Enum):
@@ -337,9 +339,25 @@ def _classifier(stage: Stage, runs: list, ctx: MatchContext):
     sizes = {"entries": room(len(entry_slots)), "classes": room(len(tables.bitsets)),
              "prefixes": room(max(len(tables.saddr), len(tables.daddr))),
              "segments": room(len(tables.segments)), "depth": MAX_DEPTH,
-             "steps": 1 << 20}
+             "steps": _walk_steps(classification)}
     sizes["words"] = 1 << (sizes["entries"] // 64 - 1).bit_length()  # see classify.h
     return tables, sizes
+
+
+def _walk_steps(classification) -> int:
+    """Steps for the walk's loop: its longest walk, rounded up so that rulesets of about
+    one size share a program; refused, naming the chain, past what bpf_loop() runs."""
+    steps = walk_steps(classification)
+    if steps <= MAX_WALK_STEPS:
+        return min(MAX_WALK_STEPS, max(1 << 16, 1 << (steps - 1).bit_length()))
+    segment = max(classification.segments, key=lambda s: len(s.entries))
+    origin = _entry_origin(segment)
+    raise InputError(origin.file, origin.line, segment.chain[1],
+                     f"a packet could meet {steps:,} classifier steps in chain "
+                     f"'{segment.chain[1]}' and the chains it jumps to, more than one "
+                     f"bpf_loop() runs ({MAX_WALK_STEPS:,}): too many jumps into long chains",
+                     "fewer rules jumping into long user chains, or shorter chains behind "
+                     "the jumps", origin.column)
 
 
 def _rule_lines(matches, target, slot: str, builtin: bool, functions, to_policy: str,

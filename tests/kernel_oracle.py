@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from bpfilter import ir, netns
-from bpfilter.frontend.iptables.parser import parse_iptables_save
+from bpfilter.frontend import parse_ruleset
 
 INTERFACES = ("eth0", "lan1", "wan0")
 LOCAL_NET = "198.18.0.0/15"
@@ -31,7 +31,7 @@ class KernelOutcome:
 
 def counter_snapshot(text: str) -> dict[tuple[str, str, int], int]:
     snapshot = {}
-    for table in parse_iptables_save(text, "<iptables-save>").tables:
+    for table in parse_ruleset(text, "<iptables-save>").tables:
         for chain in table.chains:
             if chain.policy is not None:
                 snapshot[(table.name, chain.name, -1)] = (chain.counters or ir.Counters()).packets

@@ -5,6 +5,7 @@ call's duration measures the whole receive path."""
 
 from __future__ import annotations
 
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from bpfilter.resources import resource_dir
 
 BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
 PROGRAM = "bpfilter_xdp_tx"
+# The headers the program writes back into each repetition (templates/xdp_tx.c).
+_HEAD4, _HEAD6 = 14 + 20, 14 + 40
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,9 @@ class Generator:
         self.obj = Object(path)
 
     def send(self, frame: bytes, ifindex: int, count: int) -> Burst:
+        head = _HEAD6 if frame[12:14] == b"\x86\xdd" else _HEAD4
+        self.obj.map("bpfilter_tx_head").update(
+            struct.pack("<I", 0), struct.pack("<I", head) + frame[:head].ljust(_HEAD6, b"\0"))
         start = time.perf_counter()
         self.obj.programs[PROGRAM].test_run(frame, ingress_ifindex=ifindex, repeat=count,
                                             flags=BPF_F_TEST_XDP_LIVE_FRAMES)

@@ -4,6 +4,9 @@ For every N and every contender a fresh pair of namespaces is made, the N-rule A
 loaded, and the in-kernel generator (bpfilter/traffic.py) sends the packet that matches
 the last rule from the client. The receive path runs in the sender's context, so packets
 per second of the generator call is the throughput of the whole receive path.
+Every measurement is checked: the deciding rule counted every packet sent, no other rule
+counted any, and the stack behind the filter saw none (or all, with no filter). A
+contender that fails this gets no throughput figure, and the run exits 1.
 Results: a table, JSON, and a PNG plot (when matplotlib is installed).
 """
 
@@ -45,18 +48,44 @@ def _packet(ruleset: str) -> Packet:
     return ROUTED if HOOKS[ruleset] == "forward" else PACKET
 
 
-def _mpps(setup: Setup, build: Path, seconds: float, packet: Packet) -> float:
+def _mpps(setup: Setup, build: Path, seconds: float, packet: Packet) -> tuple[float, int]:
+    """The median of three bursts, and how many packets were sent in all."""
     bed = setup.bed
     frame = bed.frame(packet)
     with netns.entered(bed.client), Generator(build / "generator") as gen:
-        gen.send(frame, bed.client_index, 1000)  # warm-up
-        count, burst = 2000, gen.send(frame, bed.client_index, 2000)
-        while burst.seconds < seconds / 8 and count < 1 << 26:
-            count *= 4
-            burst = gen.send(frame, bed.client_index, count)
-        count = max(1000, int(count * (seconds / 3) / burst.seconds))
-        return statistics.median(gen.send(frame, bed.client_index, count).mpps
-                                 for _ in range(3))
+        bursts = [gen.send(frame, bed.client_index, 1000),  # warm-up
+                  gen.send(frame, bed.client_index, 2000)]
+        while bursts[-1].seconds < seconds / 8 and bursts[-1].packets < 1 << 26:
+            bursts.append(gen.send(frame, bed.client_index, bursts[-1].packets * 4))
+        count = max(1000, int(bursts[-1].packets * (seconds / 3) / bursts[-1].seconds))
+        measured = [gen.send(frame, bed.client_index, count) for _ in range(3)]
+    return (statistics.median(b.mpps for b in measured),
+            sum(b.packets for b in bursts + measured))
+
+
+def _behind(setup: Setup, packet: Packet, forward: bool) -> int:
+    """Bench packets that got past the filter: the server sent them on (after the
+    FORWARD hook; IPv4's ForwDatagrams counts before it, and the far end's veth may drop
+    some at these rates), or its UDP found no socket for them."""
+    bed, v6 = setup.bed, IPv6 in packet
+    if v6:
+        return bed.snmp6()["Ip6OutForwDatagrams" if forward else "Udp6NoPorts"]
+    return bed.snmp()["Ip:OutTransmits" if forward else "Udp:NoPorts"]
+
+
+def _wrong_verdict(setup: Setup, sent: int, passed: int) -> str:
+    """Why the packets did not meet the fate they were meant to ('' when they did)."""
+    if setup.passes:  # (a routed packet's ICMP error from the far end comes back too)
+        return "" if passed >= sent else f"{passed} of {sent} packets reached the stack"
+    if passed:
+        return f"{passed} of {sent} packets got past the filter"
+    if setup.tally is None:
+        return ""
+    tally = setup.tally()
+    if tally.deciding != sent or tally.others:
+        return (f"the deciding rule counted {tally.deciding} of {sent} packets, other rules "
+                f"{tally.others}")
+    return ""
 
 
 def _ns_per_packet(text: str, build: Path, bed, packet: Packet) -> float:
@@ -96,7 +125,8 @@ def _plot(results: dict, sizes: list[int], path: Path, ruleset: str) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, row in results.items():
-        points = [(n, row[str(n)]["mpps"]) for n in sizes if str(n) in row]
+        points = [(n, row[str(n)]["mpps"]) for n in sizes
+                  if str(n) in row and row[str(n)]["verdict"] == "ok"]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -120,14 +150,22 @@ def _measure(ruleset: str, ns: list[int], only: tuple[str, ...], seconds: float,
         for name in names:
             status.update(f"{ruleset}, N={n}: {name}")
             with found[name](build / f"{ruleset}-{name.split()[0]}-{n}", n) as setup:
-                row = {"mpps": _mpps(setup, build, seconds, _packet(ruleset)), **setup.extra}
+                packet, forward = _packet(ruleset), HOOKS[ruleset] == "forward"
+                before = _behind(setup, packet, forward)
+                mpps, sent = _mpps(setup, build, seconds, packet)
+                wrong = _wrong_verdict(setup, sent, _behind(setup, packet, forward) - before)
+                row = {"mpps": mpps, "packets": sent, "verdict": wrong or "ok", **setup.extra}
                 if name == "bpfilter XDP":
                     row["map_bytes"] = _map_bytes(setup)
                     row["ns_per_packet"] = _ns_per_packet(
                         RULESETS[ruleset](n), build / f"{ruleset}-{n}", setup.bed,
                         _packet(ruleset))
             results[name][str(n)] = row
-            console.print(f"[dim]{ruleset} N={n:>6} {name:<20} {row['mpps']:.3f} Mpps[/]")
+            if wrong:
+                console.print(f"[red]{ruleset} N={n:>6} {name:<20} wrong verdict: {wrong}[/]")
+            else:
+                console.print(f"[dim]{ruleset} N={n:>6} {name:<20} {mpps:.3f} Mpps, "
+                              f"{sent:,} packets, verdicts checked[/]")
     return results
 
 
@@ -148,10 +186,14 @@ def _print(ruleset: str, results: dict, ns: list[int]) -> None:
     for _other, label in ratios:
         table.add_column(label, justify="right")
     for n in ns:
-        cells = [f"{results[name][str(n)]['mpps']:.3f}" for name in names]
-        bpf = results.get("bpfilter XDP", {}).get(str(n), {}).get("mpps")
+        rows = {name: results[name][str(n)] for name in names}
+        cells = [f"{row['mpps']:.3f}" if row["verdict"] == "ok" else "[red]wrong verdict[/]"
+                 for row in rows.values()]
         for other, _label in ratios:
-            ratio = bpf / results[other][str(n)]["mpps"]
+            if rows["bpfilter XDP"]["verdict"] != "ok" or rows[other]["verdict"] != "ok":
+                cells.append("-")
+                continue
+            ratio = rows["bpfilter XDP"]["mpps"] / rows[other]["mpps"]
             cells.append(f"{100 * ratio:.0f}%" if other == "XDP drop-all" else f"{ratio:.1f}x")
         table.add_row(f"{n:,}", *cells)
     console.print(table)
@@ -206,6 +248,13 @@ def main(sizes: str, seconds: float, rulesets: tuple[str, ...], only: tuple[str,
         else:
             console.print("[dim]no plot: pip install matplotlib[/]")
             break
+    wrong = [(ruleset, name, n, row["verdict"]) for ruleset, found in results.items()
+             for name, rows in found.items() for n, row in rows.items()
+             if row["verdict"] != "ok"]
+    for ruleset, name, n, why in wrong:
+        console.print(f"[red]wrong verdict: {ruleset}, N={n}, {name}: {why}[/]")
+    if wrong:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -2,18 +2,25 @@
 N-rule ACL: N rules a test packet does not match, then the one it does (`-p udp -j DROP`).
 The `forward` ruleset is the ACL in FORWARD, on a server that routes the packet on to a
 far network (testbed `forward=True`); `acl6` is the ACL in IPv6, where the kernel's
-contenders are ip6tables (legacy and nft) and nft tables of family ip6."""
+contenders are ip6tables (legacy and nft) and nft tables of family ip6.
+
+Each contender also says how many packets its deciding rule counted and how many any
+other rule did (`Setup.tally`), so that a run can prove every packet met the rule it was
+meant to: a packet a wrong rule takes is not throughput."""
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
-from bpfilter import deploy, netns
+from bpfilter import deploy, netns, state
 from bpfilter.build import build_source
 from bpfilter.codegen import Attach
+from bpfilter.frontend import parse_ruleset
 from bpfilter.loader.links import XdpLink
 from bpfilter.loader.objects import Object
 from bpfilter.loader.xdp import XdpMode
@@ -93,7 +100,7 @@ def nft_linear(n: int, hook: str = "input", v6: bool = False) -> str:
     rules = "".join(f"    {family} saddr {address(i)} tcp dport 22 drop\n" for i in range(n))
     return (f"table {family} bench {{\n  chain {hook} {{\n"
             f"    type filter hook {hook} priority filter; policy accept;\n"
-            f"{rules}    meta l4proto udp drop\n  }}\n}}\n")
+            f"{rules}    meta l4proto udp counter drop\n  }}\n}}\n")
 
 
 def nft_set(n: int, hook: str = "input", v6: bool = False) -> str:
@@ -103,25 +110,81 @@ def nft_set(n: int, hook: str = "input", v6: bool = False) -> str:
     return (f"table {family} bench {{\n  set blocked {{ type {key}; "
             f"elements = {{ {elements} }} }}\n  chain {hook} {{\n"
             f"    type filter hook {hook} priority filter; policy accept;\n"
-            f"    {family} saddr @blocked tcp dport 22 drop\n    meta l4proto udp drop\n"
+            f"    {family} saddr @blocked tcp dport 22 drop\n"
+            "    meta l4proto udp counter drop\n"
             "  }\n}\n")
 
 
-class Setup:
-    """A contender on a bed: `extra` holds what it measured while setting up."""
+@dataclass(frozen=True)
+class Tally:
+    """Packets the rule meant to decide counted, and packets any other rule counted."""
 
-    def __init__(self, bed: VethBed):
+    deciding: int
+    others: int
+
+
+class Setup:
+    """A contender on a bed: `extra` holds what it measured while setting up; `tally`
+    reads its rule counters (None: it has none, as the drop-all program)."""
+
+    def __init__(self, bed: VethBed, tally: Optional[Callable[[], Tally]] = None,
+                 passes: bool = False):
         self.bed = bed
         self.extra: dict[str, float] = {}
+        self.tally = tally
+        self.passes = passes  # the packet is meant to reach the stack (no filter)
+
+
+def _xtables_tally(text: str, key: str) -> Tally:
+    """From `iptables-save -c` text (or a bpfilter ruleset's counters in that form): the
+    last rule of the chain that holds the bench's rules decides, the others must not count."""
+    ruleset = parse_ruleset(text, "<counters>")
+    table = ruleset.table(key)
+    chain = next(c for c in table.chains if c.builtin and c.rules)
+    rules = [(c.name, i, r.counters.packets) for c in table.chains
+             for i, r in enumerate(c.rules)]
+    deciding = (chain.name, len(chain.rules) - 1)
+    return Tally(next(n for c, i, n in rules if (c, i) == deciding),
+                 sum(n for c, i, n in rules if (c, i) != deciding))
+
+
+def _saved_tally(tool: str, ns: str, v6: bool) -> Callable[[], Tally]:
+    save = tool.replace("-restore", "-save")
+    return lambda: _xtables_tally(netns.run(save, "-c", "-t", "filter", netns=ns).stdout,
+                                  "ip6 filter" if v6 else "filter")
+
+
+def _nft_tally(ns: str) -> Tally:
+    """The one rule nft's rulesets count is the deciding one (tables below)."""
+    listed = json.loads(netns.run("nft", "-j", "list", "ruleset", netns=ns).stdout)
+    counted = [e["counter"]["packets"] for item in listed["nftables"] if "rule" in item
+               for e in item["rule"]["expr"] if "counter" in e]
+    return Tally(sum(counted), 0)
+
+
+def _bpfilter_tally(ns: str, v6: bool) -> Tally:
+    with netns.entered(ns):
+        paths = state.Paths("eth0", state.netns_id())
+        deployment = state.read(paths)
+        key = "ip6 filter" if v6 else "filter"
+        with deploy.LiveCounters(paths, deployment) as live:
+            ruleset = parse_ruleset(paths.ruleset_file.read_text(), "<running>")
+            table = ruleset.table(key)
+            chain = next(c for c in table.chains if c.builtin and c.rules)
+            counts = {(c.name, i): live(key, c.name, i).packets for c in table.chains
+                      for i in range(len(c.rules))}
+    deciding = (chain.name, len(chain.rules) - 1)
+    return Tally(counts.pop(deciding), sum(counts.values()))
 
 
 @contextmanager
 def _kernel_filter(build: Path, n: int, load: Callable[[str, int], None],
-                   forward: bool) -> Iterator[Setup]:
+                   forward: bool, tally: Callable[[str], Callable[[], Tally]]
+                   ) -> Iterator[Setup]:
     with VethBed(build, prefix="bench", server_xdp=True, forward=forward) as bed:
         start = time.perf_counter()
         load(bed.server, n)
-        setup = Setup(bed)
+        setup = Setup(bed, tally(bed.server))
         setup.extra["load_s"] = time.perf_counter() - start
         yield setup
 
@@ -137,14 +200,14 @@ def _nft(text: Callable[[int, str, bool], str], hook: str,
 
 @contextmanager
 def _bpfilter(build: Path, n: int, ruleset: Callable[[int], str],
-              attach: Attach, forward: bool) -> Iterator[Setup]:
+              attach: Attach, forward: bool, v6: bool) -> Iterator[Setup]:
     # At TC, the server needs an XDP program for veth to take the generator's frames.
     with VethBed(build, prefix="bench", server_xdp=attach is Attach.TC,
                  forward=forward) as bed:
         with netns.entered(bed.server):
             report = deploy.apply(ruleset(n), f"bench-{n}", "eth0", build / f"rules-{n}",
                                   attach=attach)
-        setup = Setup(bed)
+        setup = Setup(bed, lambda: _bpfilter_tally(bed.server, v6))
         setup.extra["load_s"] = report.total_s
         setup.extra["prog_id"] = report.deployment.prog_id
         try:
@@ -171,7 +234,7 @@ def xdp_drop_all(build: Path, n: int, forward: bool = False) -> Iterator[Setup]:
 @contextmanager
 def stack_only(build: Path, n: int, forward: bool = False) -> Iterator[Setup]:
     with VethBed(build, prefix="bench", server_xdp=True, forward=forward) as bed:
-        yield Setup(bed)
+        yield Setup(bed, passes=True)
 
 
 def contenders(ruleset: str) -> dict[str, Callable[[Path, int], object]]:
@@ -181,21 +244,23 @@ def contenders(ruleset: str) -> dict[str, Callable[[Path, int], object]]:
     text, hook = RULESETS[ruleset], HOOKS[ruleset]
     forward, v6 = hook == "forward", ruleset in IPV6_RULESETS
     tool = "ip6tables" if v6 else "iptables"
+    legacy, nft = f"{tool}-legacy-restore", f"{tool}-nft-restore"
     found: dict[str, Callable[[Path, int], object]] = {
         "XDP drop-all": lambda b, n: xdp_drop_all(b, n, forward),
-        "bpfilter XDP": lambda b, n: _bpfilter(b, n, text, Attach.XDP, forward),
-        "bpfilter TC": lambda b, n: _bpfilter(b, n, text, Attach.TC, forward),
+        "bpfilter XDP": lambda b, n: _bpfilter(b, n, text, Attach.XDP, forward, v6),
+        "bpfilter TC": lambda b, n: _bpfilter(b, n, text, Attach.TC, forward, v6),
         # (ip6tables' for the IPv6 rulesets: the same contenders, named once)
         "iptables-legacy": lambda b, n: _kernel_filter(
-            b, n, _restore(f"{tool}-legacy-restore", text), forward),
+            b, n, _restore(legacy, text), forward, lambda ns: _saved_tally(legacy, ns, v6)),
         "iptables-nft": lambda b, n: _kernel_filter(
-            b, n, _restore(f"{tool}-nft-restore", text), forward),
+            b, n, _restore(nft, text), forward, lambda ns: _saved_tally(nft, ns, v6)),
     }
     if ruleset != "mixed":
+        counted = lambda ns: lambda: _nft_tally(ns)  # noqa: E731
         found["nft (linear rules)"] = lambda b, n: _kernel_filter(
-            b, n, _nft(nft_linear, hook, v6), forward)
+            b, n, _nft(nft_linear, hook, v6), forward, counted)
         found["nft (one set)"] = lambda b, n: _kernel_filter(
-            b, n, _nft(nft_set, hook, v6), forward)
+            b, n, _nft(nft_set, hook, v6), forward, counted)
     found["no filter (stack)"] = lambda b, n: stack_only(b, n, forward)
     return found
 

@@ -1,7 +1,7 @@
 """python -m bench: packets per second through each filter as the ruleset grows.
 
 For every N and every contender a fresh pair of namespaces is made, the N-rule ACL is
-loaded, and the in-kernel generator (bpfilter/traffic.py) sends the packet that matches
+loaded, and the in-kernel generator (bpfilter/testbed/traffic.py) sends the packet that matches
 the last rule from the client. The receive path runs in the sender's context, so packets
 per second of the generator call is the throughput of the whole receive path.
 Every measurement is checked: the deciding rule counted every packet sent, no other rule
@@ -29,11 +29,10 @@ from scapy.layers.inet6 import IPv6
 from scapy.packet import Packet
 
 from bench.contenders import CONTENDERS, HOOKS, IPV6_RULESETS, RULESETS, Setup, contenders
-from bpfilter import netns
+from bpfilter.testbed import netns, SERVER_ADDR, SERVER_ADDR6
 from bpfilter.compiler import compile_ruleset
-from bpfilter.runner import LoadedRuleset
-from bpfilter.testbed import SERVER_ADDR, SERVER_ADDR6
-from bpfilter.traffic import Generator
+from bpfilter.runtime.runner import LoadedRuleset
+from bpfilter.testbed.traffic import Generator
 
 console = Console()
 PACKET = IP(src="192.0.2.1", dst=SERVER_ADDR) / UDP(sport=1234, dport=9)  # 64-byte frame

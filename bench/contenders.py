@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from bpfilter import deploy, netns, state
+from bpfilter.runtime import deploy, state
+from bpfilter.testbed import netns, VethBed
 from bpfilter.build import build_source
 from bpfilter.codegen import Attach
 from bpfilter.frontend import parse_ruleset
@@ -25,7 +26,6 @@ from bpfilter.loader.links import XdpLink
 from bpfilter.loader.objects import Object
 from bpfilter.loader.xdp import XdpMode
 from bpfilter.resources import resource_dir
-from bpfilter.testbed import VethBed
 from examples.make_acl import acl
 
 

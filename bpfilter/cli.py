@@ -280,7 +280,7 @@ def apply(rules: tuple[str, ...], iface: str, mode: Optional[str],
     operation switches to it. If anything fails the running ruleset is left untouched and
     the command exits non-zero (2 for bad input).
     """
-    from bpfilter import deploy, state
+    from bpfilter.runtime import deploy, state
     from bpfilter.codegen import Attach
     from bpfilter.loader.xdp import XdpMode
 
@@ -319,7 +319,7 @@ def apply(rules: tuple[str, ...], iface: str, mode: Optional[str],
 @click.option("--all-namespaces", is_flag=True, help="Also rulesets in other network namespaces.")
 def status(all_namespaces: bool) -> None:
     """What runs where: interface, mode, program, since when, ruleset."""
-    from bpfilter import deploy, state
+    from bpfilter.runtime import deploy, state
 
     table = Table(title="bpfilter rulesets", title_justify="left")
     for col in ("iface", "netns", "hook", "mode", "program", "since", "rules", "source",
@@ -359,7 +359,7 @@ def conntrack_cmd(iface: Optional[str], list_: bool, flush: bool) -> None:
     the connection state; none until one does. Also how full the table is, and how many
     connections its LRU pushed out to make room (none, unless the table is too small for
     the traffic)."""
-    from bpfilter import conntable, state
+    from bpfilter.runtime import conntable, state
 
     found = [(p, d) for p, d in state.deployments() if iface in (None, d.iface)
              and p.conntrack.exists()]
@@ -391,7 +391,7 @@ def conntrack_cmd(iface: Optional[str], list_: bool, flush: bool) -> None:
 
 def _deployed(iface: Optional[str]):
     """(paths, deployment, parsed ruleset) of every ruleset to show, or exit 1."""
-    from bpfilter import state
+    from bpfilter.runtime import state
     from bpfilter.frontend import parse_ruleset
 
     found = [(p, d) for p, d in state.deployments() if iface in (None, d.iface)]
@@ -424,7 +424,7 @@ def list_cmd(iface: Optional[str], verbose: bool, numeric: bool, exact: bool,
              only: Optional[str]) -> None:
     """The running rules per chain, with their counters, like `iptables -L -v` (an
     nftables ruleset's rules in nft's words)."""
-    from bpfilter.deploy import LiveCounters
+    from bpfilter.runtime.deploy import LiveCounters
     from bpfilter.frontend import rule_words
 
     for paths, d, ruleset in _deployed(iface):
@@ -463,7 +463,7 @@ def list_cmd(iface: Optional[str], verbose: bool, numeric: bool, exact: bool,
 def save(iface: Optional[str], counters: bool) -> None:
     """The running ruleset as iptables-save text, or an nftables one as nft text (with -c,
     its live counters)."""
-    from bpfilter.deploy import LiveCounters
+    from bpfilter.runtime.deploy import LiveCounters
     from bpfilter.frontend.iptables.save import save as save_text
     from bpfilter.frontend.nft.save import save_nft
 
@@ -491,8 +491,8 @@ def log_cmd(iface: Optional[str], follow: bool, count: Optional[int]) -> None:
     lost) until read: reading takes them out, so two readers share them. Fields the
     kernel prints and bpfilter's packet record does not hold are left out (the IPv4 ID,
     the IPv6 flow label, TCP's RES and URGP, an ICMP echo's sequence number, options)."""
-    from bpfilter import state
-    from bpfilter.logs import LogReader
+    from bpfilter.runtime import state
+    from bpfilter.runtime.logs import LogReader
 
     names = dict(socket.if_nameindex())
     seen = 0
@@ -538,7 +538,7 @@ def log_cmd(iface: Optional[str], follow: bool, count: Optional[int]) -> None:
 @click.option("-i", "--iface", required=True, help="The interface to stop filtering on.")
 def detach(iface: str) -> None:
     """Take the ruleset off IFACE: back to no filtering, pins and state removed."""
-    from bpfilter import deploy
+    from bpfilter.runtime import deploy
 
     try:
         d = deploy.detach(iface)
@@ -562,7 +562,7 @@ def demo(rules: Optional[Path], output: Path) -> None:
     server side, the client sends a scripted set of frames, and the verdicts, replies, LOG
     lines and per-rule counters are printed. Everything is removed afterwards, also on failure.
     """
-    from bpfilter.demo import deciding, host_firewall_probes, rule_label, run_demo, verdict
+    from bpfilter.testbed.demo import deciding, host_firewall_probes, rule_label, run_demo, verdict
     from bpfilter.resources import resource_dir
 
     rules = rules or resource_dir("examples") / "host-firewall.v4"
@@ -594,7 +594,7 @@ def demo(rules: Optional[Path], output: Path) -> None:
 
 
 def _print_counters(ruleset, counters) -> None:
-    from bpfilter.demo import rule_label
+    from bpfilter.testbed.demo import rule_label
 
     table = Table(title="counters (like iptables -L -v)", title_justify="left")
     for col in ("chain", "#", "pkts", "bytes", "rule"):

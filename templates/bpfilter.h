@@ -121,7 +121,7 @@ struct bf_limit {
 	__u64 last;   /* 0 until the first packet fills the bucket */
 };
 
-/* What LOG tells `bpfilter log` (bpfilter/logs.py reads this layout): the fields of the
+/* What LOG tells `bpfilter log` (bpfilter/runtime/logs.py reads this layout): the fields of the
  * kernel's LOG line that the packet record holds. */
 struct bf_log_event {
 	__u64 timestamp_ns;

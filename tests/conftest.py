@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bpfilter import netns
+from bpfilter.testbed import netns
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"

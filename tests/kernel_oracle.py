@@ -14,7 +14,8 @@ import socket
 import time
 from dataclasses import dataclass
 
-from bpfilter import ir, netns
+from bpfilter import ir
+from bpfilter.testbed import netns
 from bpfilter.frontend import parse_ruleset
 
 INTERFACES = ("eth0", "lan1", "wan0")

@@ -17,7 +17,7 @@ from bpfilter import ir
 from bpfilter.testbed import FAR_NET, FAR_NET6
 
 LOCAL = ipaddress.IPv4Network("198.18.0.0/15")
-# The testbed server's IPv6 range (bpfilter/testbed.py) and what ip6_rcv_core() drops or no
+# The testbed server's IPv6 range (bpfilter/testbed/veth.py) and what ip6_rcv_core() drops or no
 # reply can reach from it (the client answers for no link-local address).
 LOCAL6 = ipaddress.IPv6Network("2001:db8:1::/48")
 _BAD_SOURCES6 = [ipaddress.IPv6Network(n) for n in (

@@ -13,9 +13,9 @@ from typing import Callable, Iterator
 import pytest
 from scapy.layers.inet import ICMP, IP
 
-from bpfilter import deploy, netns
+from bpfilter.runtime import deploy
+from bpfilter.testbed import netns, SERVER_ADDR, VethBed
 from bpfilter.codegen import Attach
-from bpfilter.testbed import SERVER_ADDR, VethBed
 from tests.conftest import need_kernel
 
 Scenarios = Callable[[VethBed], dict[str, str]]

@@ -10,13 +10,13 @@ import pytest
 from click.testing import CliRunner
 from scapy.layers.inet import IP, TCP
 
-from bpfilter import deploy, netns, state
+from bpfilter.runtime import deploy, state
+from bpfilter.testbed import netns, SERVER_ADDR, VethBed
 from bpfilter.cli import main
 from bpfilter.codegen import Attach
 from bpfilter.errors import InputError, KernelError
 from bpfilter.loader.links import Link
 from bpfilter.loader.xdp import XdpMode
-from bpfilter.testbed import SERVER_ADDR, VethBed
 from tests.conftest import EXAMPLES
 
 HOST = (EXAMPLES / "host-firewall.v4").read_text()

@@ -39,9 +39,9 @@ def test_mixed_ruleset_is_what_it_says(namespace, tmp_path):
 
     from bench.__main__ import PACKET
     from bpfilter.compiler import compile_ruleset
-    from bpfilter.runner import LoadedRuleset
+    from bpfilter.runtime.runner import LoadedRuleset
 
-    from bpfilter import netns
+    from bpfilter.testbed import netns
 
     host = namespace("bpft-bench")
     netns.run("ip", "route", "add", "local", "198.18.0.0/15", "dev", "lo", netns=host)

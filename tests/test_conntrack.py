@@ -12,9 +12,9 @@ import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from bpfilter import deploy, netns
+from bpfilter.runtime import deploy
+from bpfilter.testbed import CLIENT_ADDR, netns, SERVER_ADDR, VethBed
 from bpfilter.codegen import Attach
-from bpfilter.testbed import CLIENT_ADDR, SERVER_ADDR, VethBed
 from tests import sockets
 
 STATEFUL = """*filter
@@ -112,10 +112,10 @@ def test_connections_survive_a_ruleset_swap(kernel, build_root):
 def test_a_full_table_evicts_and_says_so(kernel, build_root):
     """70,000 connections through the egress program into a 65,536-entry table: the LRU
     makes room, and the count of what it pushed out is there for `bpfilter conntrack`."""
-    from bpfilter import conntable, state
+    from bpfilter.runtime import conntable, state
     from bpfilter.codegen.program import EGRESS
     from bpfilter.compiler import compile_ruleset
-    from bpfilter.runner import LoadedRuleset
+    from bpfilter.runtime.runner import LoadedRuleset
 
     with VethBed(build_root / "ct-full", prefix="bpfk") as bed:
         with netns.entered(bed.server):
@@ -158,7 +158,7 @@ def test_tracking_stops_with_the_last_stateful_ruleset(kernel, build_root):
     """As the kernel's conntrack hooks, tracking runs only while a rule reads the
     states (a stateless ruleset with an empty OUTPUT has no egress program); the table
     stays pinned for the next stateful ruleset."""
-    from bpfilter import conntable, state
+    from bpfilter.runtime import conntable, state
 
     stateless = "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -p udp -j DROP\nCOMMIT\n"
     with VethBed(build_root / "ct-stop", prefix="bpfk") as bed:
@@ -181,7 +181,7 @@ def test_tracking_stops_with_the_last_stateful_ruleset(kernel, build_root):
 def test_a_table_of_another_layout_is_refused_clearly(kernel, namespace):
     """A connection table pinned by another version of bpfilter (other entries) cannot be
     shared: apply says so instead of passing on the verifier's refusal."""
-    from bpfilter import conntable, state
+    from bpfilter.runtime import conntable, state
     from bpfilter.errors import KernelError
 
     with netns.entered(namespace("bpft-oldct")):

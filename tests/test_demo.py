@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from bpfilter import netns
-from bpfilter.demo import host_firewall_probes, run_demo, verdict
+from bpfilter.testbed import netns
+from bpfilter.testbed.demo import host_firewall_probes, run_demo, verdict
 from tests.conftest import EXAMPLES
 
 
@@ -33,7 +33,7 @@ def test_host_firewall_on_a_real_veth_pair(kernel, build_root):
 def test_the_demo_on_an_nftables_ruleset(kernel, build_root):
     """The same frames through examples/host-firewall.nft: the deciding rules named in
     nft's words, across its two tables."""
-    from bpfilter.demo import deciding, rule_label
+    from bpfilter.testbed.demo import deciding, rule_label
 
     result = run_demo(EXAMPLES / "host-firewall.nft", build_root / "demo-nft",
                       host_firewall_probes(), lambda _msg: None)

@@ -13,11 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
-from bpfilter import netns
+from bpfilter.testbed import netns
 from bpfilter.codegen import Attach
 from bpfilter.compiler import compile_ruleset
 from bpfilter.frontend import parse_ruleset
-from bpfilter.runner import LoadedRuleset
+from bpfilter.runtime.runner import LoadedRuleset
 from tests.conftest import EXAMPLES
 from tests.kernel_oracle import INTERFACES, KernelOracle
 from tests.packets import frames, interesting

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from bpfilter import netns
+from bpfilter.testbed import CLIENT_ADDR, FAR_NET, netns, SERVER_ADDR, VethBed
 from bpfilter.codegen import Attach
-from bpfilter.testbed import CLIENT_ADDR, FAR_NET, SERVER_ADDR, VethBed
 from tests import sockets
 from tests.conftest import EXAMPLES
 

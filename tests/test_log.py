@@ -17,13 +17,13 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrHopByHop
 from scapy.packet import Raw
 
-from bpfilter import deploy, netns
-from bpfilter.testbed import (CLIENT_ADDR, CLIENT_ADDR6, SERVER_ADDR, SERVER_ADDR6, VethBed,
-                              FAR_NET, FAR_NET6)
+from bpfilter.runtime import deploy
+from bpfilter.testbed import (CLIENT_ADDR, CLIENT_ADDR6, FAR_NET, FAR_NET6, netns, SERVER_ADDR,
+                              SERVER_ADDR6, VethBed)
 
 FAR_ADDR, FAR_ADDR6 = FAR_NET.replace("0/24", "7"), FAR_NET6.replace(":/48", ":7")
 _ALL_NETNS = Path("/proc/sys/net/netfilter/nf_log_all_netns")
-# What the kernel prints and bpfilter's record does not hold (bpfilter/logs.py).
+# What the kernel prints and bpfilter's record does not hold (bpfilter/runtime/logs.py).
 _UNHELD = re.compile(r"(TTL=\d+ )ID=\d+ |FLOWLBL=\d+ |SEQ=\d+ |RES=0x[0-9a-f]{2} |URGP=\d+ ")
 
 V4 = IP(src=CLIENT_ADDR, dst=SERVER_ADDR)

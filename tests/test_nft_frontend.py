@@ -9,7 +9,8 @@ from collections import Counter
 import pytest
 from click.testing import CliRunner
 
-from bpfilter import ir, netns
+from bpfilter import ir
+from bpfilter.testbed import netns
 from bpfilter.cli import main
 from bpfilter.errors import InputError
 from bpfilter.frontend import dialect, parse_ruleset

@@ -10,12 +10,12 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from bpfilter import netns
+from bpfilter.testbed import netns
 from bpfilter.compiler import compile_ruleset
 from bpfilter.errors import InputError
-from bpfilter.logs import LogEvent
+from bpfilter.runtime.logs import LogEvent
 from bpfilter.passes import classify
-from bpfilter.runner import LoadedRuleset
+from bpfilter.runtime.runner import LoadedRuleset
 
 XDP_DROP, XDP_PASS, XDP_TX = 1, 2, 3
 LO = 1

@@ -9,9 +9,9 @@ import threading
 
 from scapy.layers.inet import IP, TCP, UDP
 
-from bpfilter import deploy, netns
-from bpfilter.testbed import SERVER_ADDR, VethBed
-from bpfilter.traffic import Generator
+from bpfilter.runtime import deploy
+from bpfilter.testbed import netns, SERVER_ADDR, VethBed
+from bpfilter.testbed.traffic import Generator
 from examples.make_acl import acl
 from tests.conftest import EXAMPLES
 

@@ -27,13 +27,14 @@ from scapy.packet import Packet
 
 from pyroute2 import Conntrack
 
-from bpfilter import conntable, deploy, ir, netns, state
+from bpfilter import ir
+from bpfilter.runtime import conntable, deploy, state
+from bpfilter.testbed import netns, SERVER_ADDR, VethBed
 from bpfilter.codegen import Attach
 from bpfilter.frontend import dialect, parse_ruleset, xtables_sections
 from bpfilter.frontend.iptables.names import BUILTIN_CHAINS
 from bpfilter.frontend.iptables.save import save
 from bpfilter.passes.validate import COMPILED_TABLES
-from bpfilter.testbed import SERVER_ADDR, VethBed
 from tests.conftest import EXAMPLES
 from tests.conformance.rulesets import kinds
 

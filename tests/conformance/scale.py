@@ -26,7 +26,7 @@ from scapy.packet import Packet, Raw
 # window (32 words), chain parts of code (32 rules), folded-run capacities (powers of two).
 BOUNDARIES = sorted({b + d for b in (32, 64, 128, 256, 1024, 2048, 4096, 6144, 8192, 16384)
                      for d in (-2, -1, 0, 1, 2)})
-# The server's local ranges (bpfilter/testbed.py) and sources no rule names.
+# The server's local ranges (bpfilter/testbed/veth.py) and sources no rule names.
 DST4, DST6 = ipaddress.ip_network("198.18.0.0/15"), ipaddress.ip_network("2001:db8:1::/48")
 STRANGER4, STRANGER6 = "100.64.7.7", "2001:db8:ff::7"
 

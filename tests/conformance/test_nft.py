@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 
-from bpfilter import netns
+from bpfilter.testbed import netns
 from bpfilter.errors import InputError
 from bpfilter.frontend import parse_ruleset
 from bpfilter.frontend.iptables.save import save

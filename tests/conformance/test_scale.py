@@ -14,7 +14,8 @@ import random
 
 import pytest
 
-from bpfilter import deploy, netns, state
+from bpfilter.runtime import deploy, state
+from bpfilter.testbed import netns
 from tests.conformance.harness import MirrorPair
 from tests.conformance.scale import aimed, frames, generate, unmatched
 from tests.kernel_oracle import counter_snapshot

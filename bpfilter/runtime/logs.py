@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 from bpfilter import ir
 from bpfilter.loader.objects import Map, RingBuffer
-from bpfilter.state import Deployment, Paths
+from bpfilter.runtime.state import Deployment, Paths
 
 # struct bf_log_event (templates/bpfilter.h), C's padding at the end left out.
 _EVENT = struct.Struct("<QIII4I4IIIHHHHHHHBBBBBBBBBB6s6s")

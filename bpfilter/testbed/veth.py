@@ -27,11 +27,11 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Packet
 
-from bpfilter import netns
+from bpfilter.testbed import netns
 from bpfilter.compiler import compile_ruleset
 from bpfilter.loader.links import XdpLink
 from bpfilter.loader.xdp import XdpMode
-from bpfilter.runner import LoadedRuleset
+from bpfilter.runtime.runner import LoadedRuleset
 
 # The client must not be inside the server's local range: it is the server's gateway.
 SERVER_ADDR, CLIENT_ADDR = "198.18.0.1", "100.64.0.2"

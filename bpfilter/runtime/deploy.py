@@ -20,17 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from bpfilter import ir, state
+from bpfilter import ir
+from bpfilter.runtime import state
 from bpfilter.compiler import Compilation, compile_ruleset
 from bpfilter.errors import KernelError
-from bpfilter.inplace import edit_in_place
+from bpfilter.runtime.inplace import edit_in_place
 from bpfilter.loader.links import Link, TcLink, XdpLink, program_fd
 from bpfilter.codegen.program import Attach, code_digest
 from bpfilter.loader.objects import Map
 from bpfilter.loader.xdp import XdpMode
-from bpfilter.runner import (LoadedRuleset, clear_generation, fill_classifier, fill_folded,
+from bpfilter.runtime.runner import (LoadedRuleset, clear_generation, fill_classifier, fill_folded,
                              generation_maps, interface_bits, slot_counters, stage_maps)
-from bpfilter.conntable import open_shared, pin_table, remove_table
+from bpfilter.runtime.conntable import open_shared, pin_table, remove_table
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from typing import Callable, Iterator
 from bpfilter.errors import KernelError
 from bpfilter.loader.libbpf import possible_cpus
 from bpfilter.loader.objects import Map
-from bpfilter.runner import CONNTRACK_MAPS, LoadedRuleset
-from bpfilter.state import Paths, remove_tree
+from bpfilter.runtime.runner import CONNTRACK_MAPS, LoadedRuleset
+from bpfilter.runtime.state import Paths, remove_tree
 
 TABLE = "bf_conntrack"
 

@@ -17,7 +17,7 @@ import struct
 import time
 from typing import Optional
 
-from bpfilter import state
+from bpfilter.runtime import state
 from bpfilter.frontend.iptables.edits import AddressEdit, address_edit
 from bpfilter.loader.objects import Map
 

@@ -16,10 +16,11 @@ from typing import Callable
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.packet import Packet
 
-from bpfilter import deploy, ir, netns, state
+from bpfilter import ir
+from bpfilter.runtime import deploy, state
+from bpfilter.testbed import netns, SERVER_ADDR, VethBed
 from bpfilter.frontend import parse_ruleset, rule_words
-from bpfilter.logs import Logged, LogReader
-from bpfilter.testbed import SERVER_ADDR, VethBed
+from bpfilter.runtime.logs import Logged, LogReader
 
 
 @dataclass(frozen=True)

@@ -308,6 +308,8 @@ def apply(rules: tuple[str, ...], iface: str, mode: Optional[str],
     console.print(f"{verb} {iface} ({d.where}): {d.rules} rules from {d.source}, program "
                   f"{d.prog_id}; switch {report.switch_ns / 1e6:.2f} ms, "
                   f"total {report.total_s:.2f} s")
+    for warning in report.warnings:
+        console.print(f"[bold red]warning:[/] {escape(warning)}")
     # The text test spares parsing again the (large) rulesets that set no marks.
     if d.mode != state.TC_MODE and ("MARK" in text or "mark set" in text):
         from bpfilter.frontend import parse_ruleset

@@ -155,8 +155,9 @@ struct {
 	__type(value, struct bf_counter);
 } bf_counters SEC(".maps");
 
-/* ifindex -> bitmask of interface patterns it matches, filled by the loader from the
- * interface names it sees, so `-i eth+` follows the names, not compile-time indexes. */
+/* ifindex -> bitmask of interface patterns it matches, kept by hostview.py from the
+ * interface names the kernel has (links made or renamed after the load included), so
+ * `-i eth+` follows the names, not compile-time indexes. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
@@ -259,20 +260,33 @@ struct bf_prefix6_key {
 BF_LPM_TRIE(bf_prefixes6, 2 * BF_NPREFIXES6, struct bf_prefix6_key, __u32);
 
 /* The destinations the kernel delivers locally (its `local` table: local and broadcast
- * routes), filled by the loader: INPUT sees only packets for these. */
+ * routes), kept equal to the kernel's by bpfilter/runtime/hostview.py while the program
+ * runs: INPUT sees only packets for these. A Kubernetes node with IPVS has a local route
+ * per service address: room for many (an LPM trie allocates per entry). */
+#define BF_LOCAL_MAX 65536
+
 struct bf_local_key {
 	__u32 prefixlen;
 	__be32 addr;
 };
 
-BF_LPM_TRIE(bf_local, 4096, struct bf_local_key, __u8);
+BF_LPM_TRIE(bf_local, BF_LOCAL_MAX, struct bf_local_key, __u8);
+
+/* Moves on every change hostview.py writes into bf_local, bf_local6 or bf_ifmatch. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} bf_host SEC(".maps");
 
 /* The last answer of bf_local on this CPU. A trie lookup costs about as much as the rest
- * of a short ruleset, and most packets go to the address the previous one went to;
- * bf_local never changes while its program runs, so the cache needs no invalidation. */
+ * of a short ruleset, and most packets go to the address the previous one went to; the
+ * answer holds while bf_host's epoch stays the one it was given in. */
 struct bf_local_memo {
 	__u32 addr;
 	__u32 answer; /* 0: empty, 1: not local, 2: local */
+	__u32 epoch;
 };
 
 struct {
@@ -299,7 +313,7 @@ struct bf_local6_key {
 
 enum bf_local6 { BF_LOCAL6_ROUTE = 1, BF_LOCAL6_ADDRESS = 2 };
 
-BF_LPM_TRIE(bf_local6, 4096, struct bf_local6_key, __u8);
+BF_LPM_TRIE(bf_local6, BF_LOCAL_MAX, struct bf_local6_key, __u8);
 
 /* What bf_local6 says of an IPv6 address (host order words): 0 when it is not local. */
 static __always_inline __u8 bf_local6_route(const __u32 *addr)
@@ -315,7 +329,7 @@ static __always_inline __u8 bf_local6_route(const __u32 *addr)
 static __always_inline int bf_local_destination(const struct bf_pkt *p)
 {
 	struct bf_local_memo *memo;
-	__u32 zero = 0;
+	__u32 zero = 0, *epoch;
 	int local;
 
 	/* Multicast (and IPv4's limited broadcast) is delivered locally when anyone
@@ -325,12 +339,16 @@ static __always_inline int bf_local_destination(const struct bf_pkt *p)
 	if ((p->daddr >> 28) == 0xe || p->daddr == 0xffffffff)
 		return 1;
 	memo = bpf_map_lookup_elem(&bf_local_memo, &zero);
-	if (memo && memo->answer && memo->addr == p->daddr)
+	epoch = bpf_map_lookup_elem(&bf_host, &zero);
+	if (!epoch)
+		return bf_local_route(p->daddr);
+	if (memo && memo->answer && memo->addr == p->daddr && memo->epoch == *epoch)
 		return memo->answer == 2;
 	local = bf_local_route(p->daddr);
 	if (memo) {
 		memo->addr = p->daddr;
 		memo->answer = local ? 2 : 1;
+		memo->epoch = *epoch;
 	}
 	return local;
 }

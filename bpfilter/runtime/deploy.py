@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from bpfilter import ir
-from bpfilter.runtime import state
+from bpfilter.runtime import hostview, state, watcher
 from bpfilter.compiler import Compilation, compile_ruleset
 from bpfilter.errors import KernelError
 from bpfilter.runtime.inplace import edit_in_place
@@ -29,8 +29,8 @@ from bpfilter.loader.links import Link, TcLink, XdpLink, program_fd
 from bpfilter.codegen.program import Attach, code_digest
 from bpfilter.loader.objects import Map
 from bpfilter.loader.xdp import XdpMode
-from bpfilter.runtime.runner import (LoadedRuleset, clear_generation, fill_classifier, fill_folded,
-                             generation_maps, interface_bits, slot_counters, stage_maps)
+from bpfilter.runtime.runner import (LoadedRuleset, clear_generation, fill_classifier,
+                                     fill_folded, generation_maps, slot_counters, stage_maps)
 from bpfilter.runtime.conntable import open_shared, pin_table, remove_table
 
 
@@ -43,6 +43,7 @@ class ApplyReport:
     fallback: Optional[str] = None  # why the mode differs from the one asked for
     map_only: bool = False  # same program: only its maps were rewritten
     edited: int = 0  # addresses added or removed in place, without a compile
+    warnings: tuple[str, ...] = ()  # live, but something the user must know
 
 
 def _ifindex(iface: str) -> int:
@@ -70,7 +71,8 @@ class _Request:
         return dict(source=self.source, sha256=hashlib.sha256(self.text.encode()).hexdigest(),
                     applied_at=state.now(), rules=_rule_count(compilation),
                     slots=[[t, c, i, s] for (t, c, i), s in compilation.slots.items()],
-                    runs=_runs(compilation))
+                    runs=_runs(compilation),
+                    if_patterns=[[p.direction, p.name] for p in compilation.code.if_patterns])
 
 
 def apply(text: str, source: str, iface: str, build_dir: Path,
@@ -79,7 +81,23 @@ def apply(text: str, source: str, iface: str, build_dir: Path,
           compilation: Optional[Compilation] = None,
           attach: Optional[Attach] = None) -> ApplyReport:
     """`attach` and `mode` default to where the interface's ruleset runs now, else to
-    native XDP; a `compilation` given must be built for that attach point."""
+    native XDP; a `compilation` given must be built for that attach point. Once live, the
+    ruleset's view of the host follows the kernel's (runtime/watcher.py)."""
+    report = _apply(text, source, iface, build_dir, mode, progress, compilation, attach)
+    paths = state.Paths(iface, state.netns_id())
+    try:
+        # The watcher may have synced the replaced generation a moment ago: this one is
+        # read after the switch, and any later change reaches the watcher.
+        hostview.sync(paths, report.deployment)
+        watcher.ensure()
+    except KernelError as exc:
+        return dataclasses.replace(report, warnings=report.warnings + (str(exc),))
+    return report
+
+
+def _apply(text: str, source: str, iface: str, build_dir: Path, mode: Optional[XdpMode],
+           progress: Callable[[str], None], compilation: Optional[Compilation],
+           attach: Optional[Attach]) -> ApplyReport:
     started = time.perf_counter()
     ifindex = _ifindex(iface)
     paths = state.Paths(iface, state.netns_id())
@@ -274,14 +292,12 @@ def _update_maps(req: _Request, compilation: Compilation) -> ApplyReport:
     program = compilation.code
     gen_dir = req.paths.generation(previous.generation)
     maps = {name: Map.open_pinned(str(gen_dir / name))
-            for name in (*generation_maps(program), "bf_gen", "bf_ifmatch")}
+            for name in (*generation_maps(program), "bf_gen")}
     try:
         live = previous.live_gen
         new = 1 - live
         fill_folded(program, maps, new)
         fill_classifier(program, maps, new)
-        for index, mask in interface_bits(program.if_patterns).items():
-            maps["bf_ifmatch"].update(struct.pack("<I", index), struct.pack("<Q", mask))
         t0 = time.perf_counter_ns()
         maps["bf_gen"].update(struct.pack("<I", 0), struct.pack("<I", new))
         switch_ns = time.perf_counter_ns() - t0

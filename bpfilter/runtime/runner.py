@@ -6,20 +6,19 @@ knows only objects, maps and programs.
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 import struct
 from typing import Optional
 
 from bpfilter import ir
 from bpfilter.compiler import Compilation
 from bpfilter.loader.objects import Map, Object, Program
+from bpfilter.runtime import hostview
 
 # The maps a stage program owns: pinned with it, so a running ruleset can be read later.
 CLASSIFIER_MAPS = ("bf_cls_bits", "bf_cls_proto", "bf_cls_sport", "bf_cls_dport",
                    "bf_cls_saddr", "bf_cls_daddr", "bf_cls_entries", "bf_cls_segments")
 STAGE_MAPS = ("bf_counters", "bf_ifmatch", "bf_limits", "bf_log", "bf_prefixes",
-              "bf_prefixes6", "bf_exact", "bf_local", "bf_local6", "bf_gen")
+              "bf_prefixes6", "bf_exact", "bf_local", "bf_local6", "bf_gen", "bf_host")
 # The connection table (templates/conntrack.h): one per network namespace.
 CONNTRACK_MAPS = ("bf_conntrack", "bf_ct_created")
 # The maps that hold two generations (see templates/bpfilter.h).
@@ -36,28 +35,6 @@ def stage_maps(program) -> tuple[str, ...]:
 
 def generation_maps(program) -> tuple[str, ...]:
     return GENERATION_MAPS + (CLASSIFIER_MAPS if program.classifier is not None else ())
-RT_TABLE_LOCAL, RTN_LOCAL, RTN_BROADCAST, RTN_ANYCAST = 255, 2, 3, 4
-# The routes of the `local` table the kernel delivers to INPUT by, per family.
-_DELIVERED = {socket.AF_INET: (RTN_LOCAL, RTN_BROADCAST), socket.AF_INET6: (RTN_LOCAL, RTN_ANYCAST)}
-# bf_local6's values (templates/bpfilter.h: enum bf_local6)
-_LOCAL6_ROUTE, _LOCAL6_ADDRESS = 1, 2
-
-
-def local_destinations(family: int = socket.AF_INET) -> list[tuple[ir.IPNetwork, int]]:
-    """The current network namespace's `local` table routes that deliver to INPUT (local
-    and broadcast for IPv4, local and anycast for IPv6), each with its route type."""
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        routes = ipr.get_routes(family=family, table=RT_TABLE_LOCAL)
-    found = []
-    for route in routes:
-        dst = route.get_attr("RTA_DST")
-        if route["type"] in _DELIVERED[family] and dst is not None:
-            found.append((ipaddress.ip_network(f"{dst}/{route['dst_len']}"), route["type"]))
-    return found
-
-
 def slot_counters(counters: Map, slot: int, gen: int = 0) -> ir.Counters:
     """A rule's counters from a bf_counters map, summed over CPUs."""
     packets = byte_count = 0
@@ -67,19 +44,6 @@ def slot_counters(counters: Map, slot: int, gen: int = 0) -> ir.Counters:
         packets += p
         byte_count += b
     return ir.Counters(packets, byte_count)
-
-
-def interface_bits(patterns: tuple[ir.InterfaceMatch, ...],
-                   interfaces: Optional[list[tuple[int, str]]] = None) -> dict[int, int]:
-    """ifindex -> bitmask of the patterns its name matches, for the bf_ifmatch map."""
-    if interfaces is None:
-        interfaces = socket.if_nameindex()
-    bits = {}
-    for index, name in interfaces:
-        mask = sum(1 << k for k, p in enumerate(patterns) if p.matches(name))
-        if mask:
-            bits[index] = mask
-    return bits
 
 
 def _prefix_key(run: int, network: ir.IPNetwork, gen: int) -> bytes:
@@ -181,23 +145,12 @@ class LoadedRuleset:
         return next(iter(self.objects.values())).map(name)
 
     def _fill(self, interfaces: Optional[list[tuple[int, str]]]) -> None:
-        ifmatch = self.map("bf_ifmatch")
-        for index, mask in interface_bits(self.code.if_patterns, interfaces).items():
-            ifmatch.update(struct.pack("<I", index), struct.pack("<Q", mask))
+        hostview.write({name: self.map(name) for name in hostview.MAPS},
+                       hostview.read(interfaces), self.code.if_patterns)
         fill_folded(self.code, {name: self.map(name) for name in FOLDED_MAPS}, gen=0)
         if self.code.classifier is not None:
             fill_classifier(self.code, {name: self.map(name) for name in CLASSIFIER_MAPS},
                             gen=0)
-        local = self.map("bf_local")
-        for network, _kind in local_destinations():
-            local.update(struct.pack("<I", network.prefixlen) + network.network_address.packed,
-                         b"\x01")
-        local6 = self.map("bf_local6")
-        for network, kind in local_destinations(socket.AF_INET6):
-            # An address of this host: ICMPv6 errors come from it (icmp6_send()).
-            address = kind == RTN_LOCAL and network.prefixlen == 128
-            local6.update(struct.pack("<I", network.prefixlen) + network.network_address.packed,
-                          bytes([_LOCAL6_ADDRESS if address else _LOCAL6_ROUTE]))
 
     def counters(self, table: str, chain: str, index: int) -> ir.Counters:
         """Counters of a rule (index -1: the chain policy), summed over CPUs."""

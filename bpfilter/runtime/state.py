@@ -65,6 +65,8 @@ class Deployment:
     runs: list = field(default_factory=list)
     egress_prog_id: int = 0  # the program at TC egress (OUTPUT, tracking), 0 if none
     conntrack: bool = False  # the ruleset reads the connection table
+    # [direction, name] of each interface pattern, in bf_ifmatch's bit order
+    if_patterns: list = field(default_factory=list)
 
     @property
     def where(self) -> str:

@@ -1,0 +1,125 @@
+"""What a running program reads of the host it runs on, kept equal to the kernel's.
+
+The programs decide INPUT against FORWARD, and tell martian sources, by the `local` table's
+routes (bf_local, bf_local6), and match `-i`/`-o` patterns by interface index (bf_ifmatch).
+Addresses, local routes and interfaces change while a ruleset runs; `sync` reads them
+from the kernel and writes into a ruleset's maps only what differs, then bumps the epoch
+that invalidates the programs' per-CPU memo of the last local lookup. The loader fills new
+programs the same way, and the watcher (runtime/watcher.py) calls `sync` on every change.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Optional
+
+from bpfilter import ir
+from bpfilter.errors import KernelError
+from bpfilter.loader.objects import Map
+from bpfilter.runtime.state import Deployment, Paths
+
+RT_TABLE_LOCAL, RTN_LOCAL, RTN_BROADCAST, RTN_ANYCAST = 255, 2, 3, 4
+# The routes of the `local` table the kernel delivers to INPUT by, per family.
+_DELIVERED = {socket.AF_INET: (RTN_LOCAL, RTN_BROADCAST),
+              socket.AF_INET6: (RTN_LOCAL, RTN_ANYCAST)}
+# bf_local6's values (templates/bpfilter.h: enum bf_local6)
+LOCAL6_ROUTE, LOCAL6_ADDRESS = 1, 2
+# The maps `sync` writes, with the epoch that tells programs they changed.
+MAPS = ("bf_local", "bf_local6", "bf_ifmatch", "bf_host")
+
+
+@dataclass(frozen=True)
+class HostView:
+    """The kernel's facts as rows of the maps: key bytes -> value bytes."""
+
+    local: dict[bytes, bytes]
+    local6: dict[bytes, bytes]
+    interfaces: tuple[tuple[int, str], ...]  # (ifindex, name)
+
+
+def local_routes(family: int = socket.AF_INET) -> list[tuple[ipaddress._BaseNetwork, int]]:
+    """The current network namespace's `local` table routes that deliver to INPUT (local
+    and broadcast for IPv4, local and anycast for IPv6), each with its route type."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        routes = ipr.get_routes(family=family, table=RT_TABLE_LOCAL)
+    found = []
+    for route in routes:
+        dst = route.get_attr("RTA_DST")
+        if route["type"] in _DELIVERED[family] and dst is not None:
+            found.append((ipaddress.ip_network(f"{dst}/{route['dst_len']}"), route["type"]))
+    return found
+
+
+def _key(network) -> bytes:
+    return struct.pack("<I", network.prefixlen) + network.network_address.packed
+
+
+def read(interfaces: Optional[list[tuple[int, str]]] = None) -> HostView:
+    """The current network namespace's view (`interfaces` given: those instead)."""
+    local = {_key(net): b"\x01" for net, _kind in local_routes(socket.AF_INET)}
+    # An address of this host (a /128 local route) is where ICMPv6 errors come from.
+    local6 = {_key(net): bytes([LOCAL6_ADDRESS if kind == RTN_LOCAL and net.prefixlen == 128
+                                else LOCAL6_ROUTE])
+              for net, kind in local_routes(socket.AF_INET6)}
+    return HostView(local, local6, tuple(interfaces if interfaces is not None
+                                         else socket.if_nameindex()))
+
+
+def interface_rows(patterns: list[ir.InterfaceMatch], interfaces) -> dict[bytes, bytes]:
+    """bf_ifmatch: ifindex -> bitmask of the patterns its name matches."""
+    rows = {}
+    for index, name in interfaces:
+        mask = sum(1 << k for k, p in enumerate(patterns) if p.matches(name))
+        if mask:
+            rows[struct.pack("<I", index)] = struct.pack("<Q", mask)
+    return rows
+
+
+def _diff(table: Map, rows: dict[bytes, bytes], what: str) -> int:
+    """Make the map hold exactly `rows`; the number of rows written or deleted."""
+    current = {key: table.lookup(key) for key in table.keys()}
+    stale = [key for key in current if key not in rows]
+    fresh = {key: value for key, value in rows.items() if current.get(key) != value}
+    if len(current) - len(stale) + len(fresh) > table.max_entries:
+        raise KernelError(f"the host has {len(rows)} {what}, more than bpfilter's map holds "
+                          f"({table.max_entries}): they cannot all be followed")
+    for key in stale:
+        table.delete(key)
+    for key, value in fresh.items():
+        table.update(key, value)
+    return len(stale) + len(fresh)
+
+
+def write(maps: dict[str, Map], view: HostView, patterns: list[ir.InterfaceMatch]) -> int:
+    """Bring maps (MAPS by name) to the view; the number of rows that changed. The epoch
+    moves after the rows, so that no CPU keeps a memo of the old answer past it."""
+    changed = (_diff(maps["bf_local"], view.local, "local IPv4 routes")
+               + _diff(maps["bf_local6"], view.local6, "local IPv6 routes")
+               + _diff(maps["bf_ifmatch"], interface_rows(patterns, view.interfaces),
+                       "interfaces matching the ruleset's names"))
+    if changed:
+        epoch = maps["bf_host"]
+        key = struct.pack("<I", 0)
+        now = struct.unpack("<I", epoch.lookup(key) or b"\0\0\0\0")[0]
+        epoch.update(key, struct.pack("<I", (now + 1) & 0xFFFFFFFF))
+    return changed
+
+
+def patterns(deployment: Deployment) -> list[ir.InterfaceMatch]:
+    return [ir.InterfaceMatch(direction, name) for direction, name in deployment.if_patterns]
+
+
+def sync(paths: Paths, deployment: Deployment, view: Optional[HostView] = None) -> int:
+    """Bring a running ruleset's maps to the kernel's view (read now, unless given)."""
+    gen_dir = paths.generation(deployment.generation)
+    maps = {name: Map.open_pinned(str(gen_dir / name)) for name in MAPS}
+    try:
+        return write(maps, view if view is not None else read(), patterns(deployment))
+    finally:
+        for table in maps.values():
+            table.close()

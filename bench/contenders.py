@@ -168,7 +168,7 @@ def _bpfilter_tally(ns: str, v6: bool) -> Tally:
         deployment = state.read(paths)
         key = "ip6 filter" if v6 else "filter"
         with deploy.LiveCounters(paths, deployment) as live:
-            ruleset = parse_ruleset(paths.ruleset_file.read_text(), "<running>")
+            ruleset = parse_ruleset(state.ruleset_text(paths, deployment), "<running>")
             table = ruleset.table(key)
             chain = next(c for c in table.chains if c.builtin and c.rules)
             counts = {(c.name, i): live(key, c.name, i).packets for c in table.chains

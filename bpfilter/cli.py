@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 import time
@@ -271,8 +272,12 @@ MODES = click.Choice(["native", "generic", "offload", "tc"])
               "native XDP.")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
               help="Where the .c and .o files go [default: build/<iface>].")
+@click.option("--allow-empty", is_flag=True, help="Apply a ruleset without any table (no "
+              "filtering at all). Without it such input (an empty or comment-only file) is "
+              "refused, as iptables-restore leaves the running rules alone for it; "
+              "`bpfilter detach` takes a ruleset off.")
 def apply(rules: tuple[str, ...], iface: str, mode: Optional[str],
-          output: Optional[Path]) -> None:
+          output: Optional[Path], allow_empty: bool) -> None:
     """Compile RULES and make them live on IFACE, replacing what runs there atomically
     (`apply rules.v4 rules.v6 -i eth0`: both families).
 
@@ -282,16 +287,25 @@ def apply(rules: tuple[str, ...], iface: str, mode: Optional[str],
     """
     from bpfilter.runtime import deploy, state
     from bpfilter.codegen import Attach
+    from bpfilter.frontend import holds_tables
     from bpfilter.loader.xdp import XdpMode
 
     text, source = _read_all(rules)
+    if not allow_empty and not holds_tables(text):
+        _show_input_error(InputError(source, 1, "(no table)",
+                                     "the input holds no table: applied, it would take every "
+                                     "rule off the interface",
+                                     "--allow-empty to run no filter, or bpfilter detach"),
+                          text)
+        sys.exit(EXIT_INPUT)
     tc = mode == "tc"
     try:
         with console.status("applying…") as status:
             report = deploy.apply(text, source, iface, output or Path("build") / iface,
                                   XdpMode(mode) if mode and not tc else None,
                                   progress=lambda msg: status.update(f"{msg}…"),
-                                  attach=Attach.TC if tc else None)
+                                  attach=Attach.TC if tc else None,
+                                  waiting=lambda msg: err_console.print(f"bpfilter: {msg}"))
     except InputError as exc:
         _show_input_error(exc, text)
         sys.exit(EXIT_INPUT)
@@ -310,6 +324,9 @@ def apply(rules: tuple[str, ...], iface: str, mode: Optional[str],
                   f"total {report.total_s:.2f} s")
     for warning in report.warnings:
         console.print(f"[bold red]warning:[/] {escape(warning)}")
+    if report.interrupted:
+        err_console.print(f"[yellow]bpfilter: {report.interrupted} came once the switch had "
+                          "begun: the apply finished, the new ruleset IS live[/]")
     # The text test spares parsing again the (large) rulesets that set no marks.
     if d.mode != state.TC_MODE and ("MARK" in text or "mark set" in text):
         from bpfilter.frontend import parse_ruleset
@@ -319,33 +336,83 @@ def apply(rules: tuple[str, ...], iface: str, mode: Optional[str],
 
 @main.command()
 @click.option("--all-namespaces", is_flag=True, help="Also rulesets in other network namespaces.")
-def status(all_namespaces: bool) -> None:
-    """What runs where: interface, mode, program, since when, ruleset."""
-    from bpfilter.runtime import deploy, state
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (README: JSON output).")
+def status(all_namespaces: bool, as_json: bool) -> None:
+    """What runs where: interface, mode, program, since when, ruleset; checked against the
+    kernel (the links' programs, the namespace), and whether each namespace's watcher
+    follows its addresses and interfaces. Exits 1 when something does not agree: `bpfilter
+    gc` frees what deleted interfaces and namespaces left."""
+    from bpfilter.runtime import reconcile, watcher
 
+    rulesets, spaces = [], {}
+    for paths, d in reconcile.deployments(all_namespaces):
+        problem = reconcile.health(paths, d)
+        spaces.setdefault(paths.netns, not problem)
+        rulesets.append({"iface": d.iface, "netns": d.netns, "hook": d.hook, "mode": d.mode,
+                         "prog_id": d.prog_id, "egress_prog_id": d.egress_prog_id,
+                         "applied_at": d.applied_at, "rules": d.rules, "source": d.source,
+                         "sha256": d.sha256, "state": problem or "attached",
+                         "ok": not problem})
+    watchers = []
+    for netns, alive in spaces.items():
+        found = watcher.running(netns)
+        following = found is not None and bool(found.pid) and not found.error
+        watchers.append({"netns": netns, "pid": found.pid if found else 0,
+                         "last_sync": found.last_sync if found else "",
+                         "following": following,
+                         "error": "" if following else
+                         (found.error if found else "no watcher runs"),
+                         "ok": following or not alive})
+    ok = all(r["ok"] for r in rulesets) and all(w["ok"] for w in watchers)
+    if as_json:
+        _print_json({"ok": ok, "rulesets": rulesets, "watchers": watchers})
+    elif not rulesets:
+        console.print("bpfilter runs no ruleset in this network namespace")
+    else:
+        _status_table(rulesets, watchers)
+    if not ok:
+        sys.exit(EXIT_FAILURE)
+
+
+def _status_table(rulesets: list[dict], watchers: list[dict]) -> None:
     table = Table(title="bpfilter rulesets", title_justify="left")
     for col in ("iface", "netns", "hook", "mode", "program", "since", "rules", "source",
                 "sha256", "state"):
         table.add_column(col)
-    rows = 0
-    for paths, d in state.deployments(all_namespaces):
-        expected = (d.prog_id, d.egress_prog_id or None)
-        # Links of another namespace cannot be opened from here: its state is taken as is.
-        running = tuple(deploy.running_program_id(paths, egress) for egress in (False, True)) \
-            if paths.netns == state.netns_id() else expected
-        health = "attached" if running == expected else "[red]" + "; ".join(
-            f"{side} {'link gone' if now is None else f'runs {now}'}"
-            for side, now, want in zip(("ingress", "egress"), running, expected)
-            if now != want) + "[/]"
-        program = str(d.prog_id) + (f" + {d.egress_prog_id} (egress)" if d.egress_prog_id
-                                    else "")
-        table.add_row(d.iface, str(d.netns), d.hook, d.mode, program, d.applied_at,
-                      str(d.rules), d.source, d.sha256[:12], health)
-        rows += 1
-    if rows:
-        console.print(table)
-    else:
-        console.print("bpfilter runs no ruleset in this network namespace")
+    for r in rulesets:
+        program = str(r["prog_id"]) + (f" + {r['egress_prog_id']} (egress)"
+                                       if r["egress_prog_id"] else "")
+        table.add_row(r["iface"], str(r["netns"]), r["hook"], r["mode"], program,
+                      r["applied_at"], str(r["rules"]), r["source"], r["sha256"][:12],
+                      "attached" if r["ok"] else f"[red]{escape(r['state'])}[/]")
+    console.print(table)
+    for w in watchers:
+        if w["following"]:
+            console.print(f"netns {w['netns']}: addresses, routes and interfaces followed by "
+                          f"watcher pid {w['pid']} (last sync {w['last_sync']})")
+        elif not w["ok"]:
+            console.print(f"[red]netns {w['netns']}: addresses, routes and interfaces are "
+                          f"NOT followed ({escape(w['error'])}): apply again to start the "
+                          "watcher[/]")
+
+
+def _print_json(data) -> None:
+    """JSON on stdout, whole, unwrapped, one document."""
+    click.echo(json.dumps(data, indent=1))
+
+
+@main.command()
+def gc() -> None:
+    """Free what rulesets left behind: the pins and state of rulesets whose interface or
+    network namespace is gone, and of applies that were killed half-way (settled first:
+    the record of what runs is kept). What still runs is never touched."""
+    from bpfilter.runtime import reconcile
+
+    freed = reconcile.collect()
+    for line in freed:
+        console.print(f"freed {line}")
+    if not freed:
+        console.print("nothing to free")
 
 
 @main.command("conntrack")
@@ -361,9 +428,9 @@ def conntrack_cmd(iface: Optional[str], list_: bool, flush: bool) -> None:
     the connection state; none until one does. Also how full the table is, and how many
     connections its LRU pushed out to make room (none, unless the table is too small for
     the traffic)."""
-    from bpfilter.runtime import conntable, state
+    from bpfilter.runtime import conntable, reconcile
 
-    found = [(p, d) for p, d in state.deployments() if iface in (None, d.iface)
+    found = [(p, d) for p, d in reconcile.deployments() if iface in (None, d.iface)
              and p.conntrack.exists()]
     if not found:
         err_console.print(f"[red]bpfilter: no connection table on {iface or 'any interface'}"
@@ -393,14 +460,14 @@ def conntrack_cmd(iface: Optional[str], list_: bool, flush: bool) -> None:
 
 def _deployed(iface: Optional[str]):
     """(paths, deployment, parsed ruleset) of every ruleset to show, or exit 1."""
-    from bpfilter.runtime import state
+    from bpfilter.runtime import reconcile, state
     from bpfilter.frontend import parse_ruleset
 
-    found = [(p, d) for p, d in state.deployments() if iface in (None, d.iface)]
+    found = [(p, d) for p, d in reconcile.deployments() if iface in (None, d.iface)]
     if not found:
         err_console.print(f"[red]bpfilter: nothing runs on {iface or 'any interface'}[/]")
         sys.exit(EXIT_FAILURE)
-    return [(p, d, parse_ruleset(p.ruleset_file.read_text(), d.source)) for p, d in found]
+    return [(p, d, parse_ruleset(state.ruleset_text(p, d), d.source)) for p, d in found]
 
 
 def _human(value: int, exact: bool) -> str:

@@ -54,6 +54,20 @@ def xtables_sections(text: str, source: str = "") -> list[tuple[Family, str]]:
     return sections
 
 
+_NFT_TABLE = re.compile(r"(?:^|[\s;{])table\s|\"table\"")
+
+
+def holds_tables(text: str) -> bool:
+    """Whether the text can hold a table at all (without parsing it): an empty, blank or
+    comment-only text holds none. iptables-restore changes nothing for such a text, where
+    a ruleset without tables would replace the running one with no filtering."""
+    if _IPTABLES.match(text):
+        return True
+    lines = [line for line in text.splitlines() if line.strip() and
+             not line.lstrip().startswith("#")]
+    return any(_NFT_TABLE.search(line) for line in lines)
+
+
 def combine(texts: list[tuple[str, str]]) -> tuple[str, str]:
     """Several iptables-save and ip6tables-save files (text, name) as one text, each
     behind the header comment that tells its family; and a name for them all."""

@@ -13,17 +13,21 @@ import dataclasses
 import gc
 import hashlib
 import os
+import signal
 import socket
 import struct
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from bpfilter import ir
-from bpfilter.runtime import hostview, state, watcher
+from bpfilter.runtime import hostview, lock, namespaces, reconcile, state, watcher
 from bpfilter.compiler import Compilation, compile_ruleset
 from bpfilter.errors import KernelError
+from bpfilter.runtime.checkpoints import checkpoint
 from bpfilter.runtime.inplace import edit_in_place
 from bpfilter.loader.links import Link, TcLink, XdpLink, program_fd
 from bpfilter.codegen.program import Attach, code_digest
@@ -31,7 +35,7 @@ from bpfilter.loader.objects import Map
 from bpfilter.loader.xdp import XdpMode
 from bpfilter.runtime.runner import (LoadedRuleset, clear_generation, fill_classifier,
                                      fill_folded, generation_maps, slot_counters, stage_maps)
-from bpfilter.runtime.conntable import open_shared, pin_table, remove_table
+from bpfilter.runtime.conntable import open_shared, pin_table
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class ApplyReport:
     map_only: bool = False  # same program: only its maps were rewritten
     edited: int = 0  # addresses added or removed in place, without a compile
     warnings: tuple[str, ...] = ()  # live, but something the user must know
+    interrupted: str = ""  # a signal that came once the switch had begun (it finished)
 
 
 def _ifindex(iface: str) -> int:
@@ -79,12 +84,15 @@ def apply(text: str, source: str, iface: str, build_dir: Path,
           mode: Optional[XdpMode] = None,
           progress: Callable[[str], None] = lambda _msg: None,
           compilation: Optional[Compilation] = None,
-          attach: Optional[Attach] = None) -> ApplyReport:
+          attach: Optional[Attach] = None,
+          waiting: Callable[[str], None] = lambda _msg: None) -> ApplyReport:
     """`attach` and `mode` default to where the interface's ruleset runs now, else to
-    native XDP; a `compilation` given must be built for that attach point. Once live, the
+    native XDP; a `compilation` given must be built for that attach point. One apply at a
+    time per network namespace: `waiting` hears it when another runs. Once live, the
     ruleset's view of the host follows the kernel's (runtime/watcher.py)."""
-    report = _apply(text, source, iface, build_dir, mode, progress, compilation, attach)
     paths = state.Paths(iface, state.netns_id())
+    with lock.held(paths.netns, f"apply on {iface}", waiting):
+        report = _apply(text, source, iface, build_dir, mode, progress, compilation, attach)
     try:
         # The watcher may have synced the replaced generation a moment ago: this one is
         # read after the switch, and any later change reaches the watcher.
@@ -101,7 +109,10 @@ def _apply(text: str, source: str, iface: str, build_dir: Path, mode: Optional[X
     started = time.perf_counter()
     ifindex = _ifindex(iface)
     paths = state.Paths(iface, state.netns_id())
-    previous = _live_deployment(paths, ifindex)
+    previous = reconcile.settle(paths)
+    if previous is not None and previous.ifindex != ifindex:
+        reconcile.forget(paths)  # the interface was made anew under its old name
+        previous = None
     req = _Request(text, source, iface, ifindex, paths, previous, progress, started)
     if attach is Attach.TC and mode is not None:
         raise KernelError("an XDP mode does not apply to a TC attachment")
@@ -178,13 +189,15 @@ def _attach(req: _Request, prog_fd: int, attach: Attach,
 
 def _load_and_switch(req: _Request, compilation: Compilation, attach: Attach,
                      mode: Optional[XdpMode], conntrack: dict[str, int]) -> ApplyReport:
-    """Load the new programs beside the running ones and pin them, then switch: the
-    egress program first (it can be switched back), then the ingress one in one kernel
-    operation (replace the link's program, or attach the interface's first link)."""
+    """Load the new programs beside the running ones and pin them, record them, then
+    switch: the egress program first (it can be switched back), then the ingress one in
+    one kernel operation (replace the link's program, or attach and pin the interface's
+    first link), then make the record current. Killed at any step, the record written
+    before the switch lets reconcile.settle tell what runs."""
     paths, previous, code = req.paths, req.previous, compilation.code
     generation = f"g{time.time_ns()}"
     gen_dir = paths.generation(generation)
-    fallback = None
+    fallback, recorded, switched, link = None, None, False, None
     with LoadedRuleset(compilation, conntrack=conntrack or None) as loaded:
         undo_table = pin_table(paths, loaded) if code.conntrack else _nothing
         undo_egress = _nothing
@@ -194,41 +207,72 @@ def _load_and_switch(req: _Request, compilation: Compilation, attach: Attach,
                 loaded.program(name).pin(str(gen_dir / name))
             for name in stage_maps(code):
                 loaded.map(name).pin(str(gen_dir / name))
+            checkpoint("pinned")
             req.progress("switching")
             egress = next((p.name for p in code.programs if p.egress), None)
-            if egress is not None:
-                undo_egress = _switch_egress(req, loaded.program(egress).fd)
             program = loaded.program()
-            if previous is not None:
-                _replaced, switch_ns = _replace_pinned(paths.link, program.fd)
-                used_mode = previous.mode
-            else:
+            used_mode = previous.mode if previous is not None else None
+            if previous is None:  # attached, but not for good until pinned
                 link, used_mode, switch_ns, fallback = _attach(req, program.fd, attach, mode)
-                try:
-                    link.pin(str(paths.link))
-                finally:
-                    link.close()
-            undo_egress = _nothing  # the ingress program is live: no way back now
-            deployment = state.Deployment(
+            recorded = state.record(paths, state.Deployment(
                 iface=req.iface, ifindex=req.ifindex, netns=paths.netns, mode=used_mode,
                 generation=generation, program=code.name, prog_id=program.info().id,
                 hook=",".join(h.value for p in code.programs for h in p.hooks),
                 code_digest=_digest(compilation),
                 egress_prog_id=loaded.program(egress).info().id if egress else 0,
-                conntrack=code.conntrack,
-                **req.described(compilation))
-            state.write(paths, deployment, req.text)
+                conntrack=code.conntrack, netns_cookie=namespaces.cookie(),
+                **req.described(compilation)), req.text)
+            checkpoint("recorded")
+            with _uninterrupted() as interrupted:
+                if egress is not None:
+                    undo_egress = _switch_egress(req, loaded.program(egress).fd)
+                    checkpoint("egress")
+                if link is None:
+                    _replaced, switch_ns = _replace_pinned(paths.link, program.fd)
+                else:
+                    try:
+                        link.pin(str(paths.link))
+                    finally:
+                        link.close()
+                switched = True  # the ingress program is live: no way back now
+                checkpoint("switched")
+                state.commit(paths, recorded)
+                checkpoint("committed")
         except BaseException:
-            undo_egress()
-            state.remove_tree(gen_dir)
-            undo_table()
+            if not switched:
+                undo_egress()
+                if link is not None:
+                    link.close()
+                state.remove_tree(gen_dir)
+                if recorded is not None:
+                    state.remove_tree(paths.record(recorded.record))
+                undo_table()
             raise
     if egress is None:
         _detach_pinned(paths.egress_link)  # nothing to do at egress any more
     if previous is not None:
         state.remove_tree(paths.generation(previous.generation))
-    return ApplyReport(deployment, previous is not None, switch_ns,
-                       time.perf_counter() - req.started, fallback)
+    return ApplyReport(recorded, previous is not None, switch_ns,
+                       time.perf_counter() - req.started, fallback,
+                       interrupted=interrupted())
+
+
+@contextmanager
+def _uninterrupted() -> Iterator[Callable[[], str]]:
+    """Past the point where the running ruleset changes, an apply finishes: Ctrl-C or a
+    TERM only says so once the switch and its record are done (SIGKILL cannot wait; the
+    record written before the switch covers it). Yields what tells the signal, if any."""
+    got: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: ""
+        return
+    kept = {sig: signal.signal(sig, lambda number, _frame: got.append(
+        signal.Signals(number).name)) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield lambda: got[0] if got else ""
+    finally:
+        for sig, handler in kept.items():
+            signal.signal(sig, handler)
 
 
 def _nothing() -> None:
@@ -293,23 +337,34 @@ def _update_maps(req: _Request, compilation: Compilation) -> ApplyReport:
     gen_dir = req.paths.generation(previous.generation)
     maps = {name: Map.open_pinned(str(gen_dir / name))
             for name in (*generation_maps(program), "bf_gen")}
+    recorded, switched = None, False
     try:
-        live = previous.live_gen
-        new = 1 - live
+        new = 1 - previous.live_gen
+        # Cleared first, whatever an apply killed before here left in it.
+        clear_generation(maps, new)
         fill_folded(program, maps, new)
         fill_classifier(program, maps, new)
-        t0 = time.perf_counter_ns()
-        maps["bf_gen"].update(struct.pack("<I", 0), struct.pack("<I", new))
-        switch_ns = time.perf_counter_ns() - t0
-        deployment = dataclasses.replace(previous, live_gen=new,
-                                         **req.described(compilation))
-        state.write(req.paths, deployment, req.text)
+        recorded = state.record(req.paths, dataclasses.replace(
+            previous, live_gen=new, **req.described(compilation)), req.text)
+        checkpoint("recorded")
+        with _uninterrupted() as interrupted:
+            t0 = time.perf_counter_ns()
+            maps["bf_gen"].update(struct.pack("<I", 0), struct.pack("<I", new))
+            switch_ns = time.perf_counter_ns() - t0
+            switched = True
+            checkpoint("switched")
+            state.commit(req.paths, recorded)
+            checkpoint("committed")
         live_s = time.perf_counter() - req.started
-        clear_generation(maps, live)
+    except BaseException:
+        if recorded is not None and not switched:
+            state.remove_tree(req.paths.record(recorded.record))
+        raise
     finally:
         for table in maps.values():
             table.close()
-    return ApplyReport(deployment, True, switch_ns, live_s, map_only=True)
+    return ApplyReport(recorded, True, switch_ns, live_s, map_only=True,
+                       interrupted=interrupted())
 
 
 def _runs(compilation: Compilation) -> list:
@@ -320,41 +375,13 @@ def _rule_count(compilation: Compilation) -> int:
     return sum(len(c.rules) for t in compilation.ruleset.tables for c in t.chains)
 
 
-def _live_deployment(paths: state.Paths, ifindex: int) -> Optional[state.Deployment]:
-    """What runs on the interface now. State whose link is gone (the device or namespace
-    was deleted, and its inode reused) is stale: it is removed, and None returned."""
-    deployment = state.read(paths)
-    if deployment is None and not paths.pins.exists():
-        return None
-    if deployment is not None and paths.link.exists():
-        try:
-            link = Link.open_pinned(str(paths.link))
-        except KernelError:
-            link = None
-        if link is not None:
-            try:
-                if link.info().ifindex == ifindex == deployment.ifindex:
-                    return deployment
-            finally:
-                link.close()
-    state.remove_tree(paths.pins)
-    state.remove_tree(paths.meta)
-    return None
-
-
 def detach(iface: str) -> state.Deployment:
     paths = state.Paths(iface, state.netns_id())
-    deployment = state.read(paths)
-    if deployment is None or not paths.link.exists():
-        raise KernelError(f"bpfilter runs nothing on {iface}")
-    _detach_pinned(paths.egress_link)
-    _detach_pinned(paths.link)
-    remove_table(paths)
-    state.remove_tree(paths.pins)
-    state.remove_tree(paths.meta)
-    for parent in (paths.pins.parent, paths.meta.parent):
-        if parent.exists() and not any(parent.iterdir()):
-            parent.rmdir()
+    with lock.held(paths.netns, f"detach from {iface}"):
+        deployment = reconcile.settle(paths)
+        if deployment is None:
+            raise KernelError(f"bpfilter runs nothing on {iface}")
+        reconcile.forget(paths)  # the connection table goes with the last interface
     return deployment
 
 

@@ -17,7 +17,8 @@ import struct
 import time
 from typing import Optional
 
-from bpfilter.runtime import state
+from bpfilter.runtime import reconcile, state
+from bpfilter.runtime.checkpoints import checkpoint
 from bpfilter.frontend.iptables.edits import AddressEdit, address_edit
 from bpfilter.loader.objects import Map
 
@@ -61,7 +62,7 @@ def _key(number: int, gen: int, network) -> bytes:
 def edit_in_place(text: str, source: str, paths: state.Paths,
                   previous: state.Deployment) -> Optional[EditReport]:
     try:
-        old_text = paths.ruleset_file.read_text()
+        old_text = state.ruleset_text(paths, previous)
     except FileNotFoundError:
         return None
     edit = address_edit(old_text, text)
@@ -102,29 +103,38 @@ def _update(text: str, source: str, paths: state.Paths, previous: state.Deployme
         expected = [slots.get((table, chain, k + j)) for j in range(len(edit.removed))]
         if any(exact.lookup(key) != struct.pack("<I", s) for (key, _v), s in zip(writes, expected)):
             return None  # the running maps do not hold what the text says
-    t0 = time.perf_counter_ns()
-    done = []
-    try:
-        for key, value in writes:
-            if value is None:
-                exact.delete(key)
-            else:
-                exact.update(key, value)
-            done.append(key)
-    except BaseException:
-        for key in done if edit.added else []:
-            exact.delete(key)
-        raise
-    switch_ns = time.perf_counter_ns() - t0
-    live_at = time.perf_counter()
     deployment = dataclasses.replace(
         previous, source=source, sha256=hashlib.sha256(text.encode()).hexdigest(),
         applied_at=state.now(), rules=previous.rules + n,
         slots=_shift_slots(previous.slots, table, chain, k, n,
                            new_slots if edit.added else []),
         runs=_shift_runs(previous.runs, run, k, n))
-    state.write(paths, deployment, text)
-    return EditReport(deployment, switch_ns, abs(n), live_at)
+    # Written ahead, with each row's value before and after: killed half-way, the rows
+    # are put back (runtime/reconcile.py).
+    journal = [["bf_exact", key.hex(), _hex(exact.lookup(key)), _hex(value)]
+               for key, value in writes]
+    recorded = state.record(paths, dataclasses.replace(deployment, journal=journal), text)
+    t0 = time.perf_counter_ns()
+    try:
+        for i, (key, value) in enumerate(writes):
+            if value is None:
+                exact.delete(key)
+            else:
+                exact.update(key, value)
+            if i == 0:
+                checkpoint("edited-one")
+    except BaseException:
+        reconcile.write_rows(paths, recorded, reconcile.journal_rows(recorded, old=True))
+        state.remove_tree(paths.record(recorded.record))
+        raise
+    switch_ns = time.perf_counter_ns() - t0
+    live_at = time.perf_counter()
+    checkpoint("switched")
+    return EditReport(state.write(paths, deployment, text), switch_ns, abs(n), live_at)
+
+
+def _hex(value: Optional[bytes]) -> Optional[str]:
+    return None if value is None else value.hex()
 
 
 def _shift_slots(slots: list, table: str, chain: str, k: int, n: int, new: list) -> list:

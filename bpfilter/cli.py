@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import socket
 import sys
@@ -17,8 +19,11 @@ from rich.table import Table
 from bpfilter import __version__
 from bpfilter.errors import BuildError, InputError, KernelError
 
+# Piped (a script, grep, a log), nothing is cut with "…" or wrapped at 80 columns, and
+# tables are plain columns as iptables prints them.
+PIPED = not sys.stdout.isatty()
 # No emoji: a MAC address may hold ':cd:', a CD to rich (the demo's LOG lines, list).
-console = Console(emoji=False)
+console = Console(emoji=False, **({"width": 1 << 16, "no_color": True} if PIPED else {}))
 # Errors are not wrapped at 80 columns: a wrapped source line would no longer stand over its
 # caret, and a log or grep should find each message on one line.
 err_console = Console(stderr=True, soft_wrap=True, emoji=False)
@@ -27,11 +32,17 @@ EXIT_INPUT = 2  # bad or unsupported input, as iptables-restore uses
 EXIT_FAILURE = 1
 
 
+def decode(data: bytes) -> str:
+    """Ruleset bytes as text: UTF-8, and any other byte kept as it is (a Latin-1 comment
+    that iptables-restore takes byte for byte), line ends untouched (a CR is text)."""
+    return data.decode("utf-8", "surrogateescape")
+
+
 def _read_rules(path: str) -> tuple[str, str]:
     if path == "-":
-        return sys.stdin.read(), "<stdin>"
+        return decode(sys.stdin.buffer.read()), "<stdin>"
     try:
-        return Path(path).read_text(), path
+        return decode(Path(path).read_bytes()), path
     except OSError as exc:
         err_console.print(f"[red]bpfilter: cannot read {path}: {exc.strerror}[/]")
         sys.exit(EXIT_INPUT)
@@ -57,20 +68,58 @@ _RULES_HELP = ("RULES: iptables-save text (or ip6tables-save text, or one file o
                "reads stdin.")
 
 
+# An error quotes its line and token whole up to these widths: a 1 MB line is cut to a
+# window around the token.
+_QUOTE_WIDTH, _TOKEN_WIDTH = 160, 60
+
+
+def _short(token: str) -> str:
+    return token if len(token) <= _TOKEN_WIDTH else token[:_TOKEN_WIDTH - 1] + "…"
+
+
 def _show_input_error(error: InputError, text: Optional[str], label: str = "error") -> None:
-    err_console.print(f"[bold red]bpfilter: {label}:[/] {escape(str(error))}",
+    shown = dataclasses.replace(error, token=_short(error.token))
+    err_console.print(f"[bold red]bpfilter: {label}:[/] {escape(str(shown))}",
                       highlight=False)
-    lines = text.splitlines() if text else []
-    if 0 < error.line <= len(lines):
-        line = lines[error.line - 1]
-        err_console.print(f"  {error.line} | {line}", highlight=False, markup=False)
-        column = error.column
-        if column and not line[column - 1:].startswith(error.token):
-            column = line.find(error.token) + 1  # the error names a token later in the rule
-        if column:
-            pad = " " * (len(str(error.line)) + 5 + column - 1)
-            err_console.print(pad + "^" * max(1, len(error.token)), style="red",
-                              highlight=False)
+    lines = text.split("\n") if text else []
+    if not 0 < error.line <= len(lines):
+        return
+    line = lines[error.line - 1]
+    column = error.column
+    if column and not line[column - 1:].startswith(error.token):
+        column = line.find(error.token) + 1  # the error names a token later in the rule
+    start = max(0, column - 1 - _QUOTE_WIDTH // 2) if len(line) > _QUOTE_WIDTH else 0
+    quoted = line[start:start + _QUOTE_WIDTH]
+    quoted = ("…" if start else "") + quoted + ("…" if start + _QUOTE_WIDTH < len(line) else "")
+    err_console.print(f"  {error.line} | {quoted}", highlight=False, markup=False)
+    if column:
+        pad = " " * (len(str(error.line)) + 5 + column - 1 - start + (1 if start else 0))
+        err_console.print(pad + "^" * max(1, min(len(error.token), _QUOTE_WIDTH)),
+                          style="red", highlight=False)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """No spinner: the output is JSON."""
+    yield None
+
+
+_CAP_NET_ADMIN, _CAP_SYS_ADMIN, _CAP_BPF = 12, 21, 39
+
+
+def _need_rights(command: str) -> None:
+    """Commands that load, read or attach BPF objects need CAP_BPF (or CAP_SYS_ADMIN) and
+    CAP_NET_ADMIN: say so up front, not as a denied map or 'the verifier refused'."""
+    with open("/proc/self/status") as status:
+        caps = next(int(line.split()[1], 16) for line in status if line.startswith("CapEff:"))
+    missing = [name for name, held in (
+        ("CAP_BPF", caps >> _CAP_BPF & 1 or caps >> _CAP_SYS_ADMIN & 1),
+        ("CAP_NET_ADMIN", caps >> _CAP_NET_ADMIN & 1)) if not held]
+    if missing:
+        err_console.print(f"[bold red]bpfilter: {command} needs root (CAP_BPF and "
+                          f"CAP_NET_ADMIN; missing {' and '.join(missing)}): it loads, "
+                          "reads or attaches BPF programs and maps[/]", highlight=False)
+        sys.exit(EXIT_FAILURE)
 
 
 def _fail(exc: Exception) -> None:
@@ -92,6 +141,9 @@ def main() -> None:
       bpfilter list -v                   # the rules with their counters
       bpfilter detach -i eth0            # back to no filtering
     """
+    for stream in (sys.stdout, sys.stderr):  # a ruleset's non-UTF-8 bytes, back as read
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
 
 
 @main.command("compile", epilog=_RULES_HELP)
@@ -108,8 +160,10 @@ def main() -> None:
 @click.option("--attach", type=click.Choice(["xdp", "tc"]), default="xdp", show_default=True,
               help="Build programs for XDP or for TC ingress (the same verdicts; TC runs "
                    "after the kernel has built its packet buffer).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (README: "
+              "JSON output).")
 def compile_cmd(rules: tuple[str, ...], output: Optional[Path], emit: str,
-                ignore_unsupported: bool, no_verify: bool, attach: str) -> None:
+                ignore_unsupported: bool, no_verify: bool, attach: str, as_json: bool) -> None:
     """Compile RULES into BPF programs.
 
     \b
@@ -122,13 +176,15 @@ def compile_cmd(rules: tuple[str, ...], output: Optional[Path], emit: str,
     from bpfilter.codegen import Attach
     from bpfilter.compiler import compile_ruleset
 
+    if emit != "c" and not no_verify:
+        _need_rights("compile (without --no-verify or --emit c)")
     text, source = _read_all(rules)
     if output is None:
         stem = "stdin" if rules[0] == "-" else Path(rules[0]).name.replace(".", "_")
         output = Path("build") / stem
     skipped: list[InputError] = []
     try:
-        with console.status("compiling…"):
+        with console.status("compiling…") if not as_json else _quiet():
             result = compile_ruleset(
                 text, source, output, emit=emit, verify=not no_verify,
                 on_unsupported=skipped.append if ignore_unsupported else None,
@@ -138,9 +194,15 @@ def compile_cmd(rules: tuple[str, ...], output: Optional[Path], emit: str,
         sys.exit(EXIT_INPUT)
     except (BuildError, KernelError) as exc:
         _fail(exc)
+    except OSError as exc:
+        _fail(f"cannot write {exc.filename or output}: {exc.strerror}")
     for error in skipped:
         _show_input_error(error, text, label="skipped")
-    _print_summary(result, output)
+    summary = _summary(result, output)
+    if as_json:
+        _print_json(summary)
+        return
+    _print_summary(summary)
     if Attach(attach) is Attach.XDP:
         _warn_unseen_marks(result.ruleset)
 
@@ -204,7 +266,8 @@ def _compiled_as(chain: tuple[str, str], as_data: set, segments: set) -> str:
     return "code + data" if chain in segments else "code"
 
 
-def _print_summary(result, output: Path) -> None:
+def _summary(result, output: Path) -> dict:
+    """What compile reports, as data (rendered by _print_summary, or printed as JSON)."""
     from bpfilter.passes.validate import COMPILED_TABLES
 
     compiled_rules = {(t.key, c.name): len(c.rules) for t in result.ruleset.tables
@@ -215,49 +278,70 @@ def _print_summary(result, output: Path) -> None:
             reached.setdefault(key, []).extend(h.value for h in hooks)
     as_data = {chain for s in result.stages for chain, _n in s.classification.data_chains}
     segments = {s.chain for st in result.stages for s in st.classification.segments}
-    chains = Table(title=f"{result.parsed.source}: chains", title_justify="left")
-    for col in ("table", "chain", "policy", "rules read", "rules compiled", "runs at", "as"):
-        chains.add_column(col, justify="right" if "rules" in col else "left")
+    chains = []
     for table in result.parsed.tables:
         for chain in table.chains:
             if not chain.rules and table.name not in COMPILED_TABLES:
                 continue
             key = table.key, chain.name
-            chains.add_row(table.key, chain.name,
-                           chain.policy.value if chain.policy else "-",
-                           str(len(chain.rules)),
-                           str(compiled_rules.get(key, 0)),
-                           ", ".join(reached.get(key, [
-                               "nothing to run" if chain.builtin else "not reached"])),
-                           _compiled_as(key, as_data, segments) if key in reached else "-")
-    console.print(chains)
+            chains.append({"table": table.key, "chain": chain.name,
+                           "policy": chain.policy.value if chain.policy else None,
+                           "rules_read": len(chain.rules),
+                           "rules_compiled": compiled_rules.get(key, 0),
+                           "runs_at": reached.get(key, []),
+                           "builtin": chain.builtin,
+                           "as": _compiled_as(key, as_data, segments) if key in reached
+                           else None})
+    programs = []
+    for compiled in result.programs:
+        stats, program = compiled.stats, compiled.source
+        programs.append({"hooks": [h.value for h in program.hooks],
+                         "attach": result.code.where(program), "program": program.name,
+                         "c_lines": program.source.count("\n"),
+                         "verified_insns": stats.processed_insns if stats else None,
+                         "insns": stats.xlated_insns if stats else None,
+                         "jited_bytes": stats.jited_bytes if stats else None,
+                         "cached": compiled.cached})
+    return {"source": result.parsed.source, "output": str(output), "chains": chains,
+            "programs": programs,
+            "timings_ms": {name: round(sec * 1000, 1) for name, sec in result.timings.items()},
+            "skipped": [{"file": e.file, "line": e.line, "column": e.column,
+                         "token": e.token, "why": e.why} for e in result.skipped]}
 
-    programs = Table(title="programs", title_justify="left")
+
+def _print_summary(summary: dict) -> None:
+    chains = _table(f"{summary['source']}: chains")
+    for col in ("table", "chain", "policy", "rules read", "rules compiled", "runs at", "as"):
+        chains.add_column(col, justify="right" if "rules" in col else "left")
+    for c in summary["chains"]:
+        chains.add_row(c["table"], c["chain"], c["policy"] or "-", str(c["rules_read"]),
+                       str(c["rules_compiled"]),
+                       ", ".join(c["runs_at"]) or ("nothing to run" if c["builtin"]
+                                                   else "not reached"),
+                       c["as"] or "-")
+    console.print(chains)
+    programs = _table("programs")
     for col in ("stage", "attach", "program", "C lines", "verified", "insns", "jited"):
         programs.add_column(col, justify="left" if col in ("stage", "attach", "program")
                             else "right")
-    for compiled in result.programs:
-        stats, program = compiled.stats, compiled.source
-        programs.add_row(
-            ", ".join(h.value for h in program.hooks) or "-", result.code.where(program),
-            program.name,
-            str(program.source.count("\n")),
-            f"{stats.processed_insns:,}" if stats else "-",
-            f"{stats.xlated_insns:,}" if stats else "-",
-            f"{stats.jited_bytes:,} B" if stats else "-",
-        )
+    for p in summary["programs"]:
+        programs.add_row(", ".join(p["hooks"]) or "-", p["attach"], p["program"],
+                         str(p["c_lines"]),
+                         *(f"{p[k]:,}" + (" B" if k == "jited_bytes" else "")
+                           if p[k] is not None else "-"
+                           for k in ("verified_insns", "insns", "jited_bytes")))
     console.print(programs)
     console.print("[dim]verified: instructions the verifier processed; insns: program "
                   "size after verification[/]")
-    cached = sum(1 for p in result.programs if p.cached)
-    console.print(f"output: {output}/" + (f" ({cached} object(s) from cache)" if cached
-                                          else ""))
-    phases = "  ".join(f"{name} {seconds * 1000:.0f} ms"
-                       for name, seconds in result.timings.items())
+    cached = sum(1 for p in summary["programs"] if p["cached"])
+    console.print(f"output: {summary['output']}/" + (f" ({cached} object(s) from cache)"
+                                                     if cached else ""))
+    phases = "  ".join(f"{name} {ms:.0f} ms" for name, ms in summary["timings_ms"].items())
     console.print(f"[dim]time: {phases}[/]")
-    if result.skipped:
-        console.print(f"[yellow]{len(result.skipped)} rule(s) skipped: they are NOT "
-                      "enforced.[/]")
+    if summary["skipped"]:
+        console.print(f"[yellow]{len(summary['skipped'])} rule(s) skipped: they are NOT "
+                      "enforced, so this firewall differs from the input ruleset: what they "
+                      "would have matched goes on to the rules after them.[/]")
 
 
 MODES = click.Choice(["native", "generic", "offload", "tc"])
@@ -290,6 +374,7 @@ def apply(rules: tuple[str, ...], iface: str, mode: Optional[str],
     from bpfilter.frontend import holds_tables
     from bpfilter.loader.xdp import XdpMode
 
+    _need_rights("apply")
     text, source = _read_all(rules)
     if not allow_empty and not holds_tables(text):
         _show_input_error(InputError(source, 1, "(no table)",
@@ -311,6 +396,8 @@ def apply(rules: tuple[str, ...], iface: str, mode: Optional[str],
         sys.exit(EXIT_INPUT)
     except (BuildError, KernelError) as exc:
         _fail(exc)
+    except OSError as exc:
+        _fail(f"cannot write {exc.filename or output}: {exc.strerror}")
     if report.fallback:
         console.print(f"[yellow]{report.fallback}[/]")
     d = report.deployment
@@ -342,6 +429,7 @@ def status(all_namespaces: bool, as_json: bool) -> None:
     kernel (the links' programs, the namespace), and whether each namespace's watcher
     follows its addresses and interfaces. Exits 1 when something does not agree: `bpfilter
     gc` frees what deleted interfaces and namespaces left."""
+    _need_rights("status")
     from bpfilter.runtime import reconcile, watcher
 
     rulesets, spaces = [], {}
@@ -375,7 +463,7 @@ def status(all_namespaces: bool, as_json: bool) -> None:
 
 
 def _status_table(rulesets: list[dict], watchers: list[dict]) -> None:
-    table = Table(title="bpfilter rulesets", title_justify="left")
+    table = _table("bpfilter rulesets")
     for col in ("iface", "netns", "hook", "mode", "program", "since", "rules", "source",
                 "sha256", "state"):
         table.add_column(col)
@@ -396,6 +484,13 @@ def _status_table(rulesets: list[dict], watchers: list[dict]) -> None:
                           "watcher[/]")
 
 
+def _table(title: Optional[str] = None, **options) -> Table:
+    """A table for the console: boxed on a terminal, plain columns when piped."""
+    if PIPED:
+        options.setdefault("box", None)
+    return Table(title=title, title_justify="left", **options)
+
+
 def _print_json(data) -> None:
     """JSON on stdout, whole, unwrapped, one document."""
     click.echo(json.dumps(data, indent=1))
@@ -406,6 +501,7 @@ def gc() -> None:
     """Free what rulesets left behind: the pins and state of rulesets whose interface or
     network namespace is gone, and of applies that were killed half-way (settled first:
     the record of what runs is kept). What still runs is never touched."""
+    _need_rights("gc")
     from bpfilter.runtime import reconcile
 
     freed = reconcile.collect()
@@ -420,7 +516,8 @@ def gc() -> None:
 @click.option("-L", "--list", "list_", is_flag=True,
               help="Accepted for conntrack habits: listing is what this does unless -F.")
 @click.option("-F", "--flush", is_flag=True, help="Forget every connection, as conntrack -F.")
-def conntrack_cmd(iface: Optional[str], list_: bool, flush: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (README: JSON output).")
+def conntrack_cmd(iface: Optional[str], list_: bool, flush: bool, as_json: bool) -> None:
     """The connections bpfilter tracks, like `conntrack -L`: protocol, TCP state, seconds
     left, the endpoints as the side that opened it sees them, the connection's mark
     (CONNMARK), and [UNREPLIED] until the other side answered. There is one table per
@@ -428,6 +525,7 @@ def conntrack_cmd(iface: Optional[str], list_: bool, flush: bool) -> None:
     the connection state; none until one does. Also how full the table is, and how many
     connections its LRU pushed out to make room (none, unless the table is too small for
     the traffic)."""
+    _need_rights("conntrack")
     from bpfilter.runtime import conntable, reconcile
 
     found = [(p, d) for p, d in reconcile.deployments() if iface in (None, d.iface)
@@ -441,18 +539,24 @@ def conntrack_cmd(iface: Optional[str], list_: bool, flush: bool) -> None:
     if flush:
         console.print(f"flushed: {conntable.flush(paths)} connection(s) forgotten")
         return
-    table = Table(title=f"connections (read by rulesets on {users})", title_justify="left")
+    table = _table(f"connections (read by rulesets on {users})")
     for col in ("proto", "state", "timeout", "src", "dst", "sport", "dport", "mark", ""):
         table.add_column(col, justify="right" if col in ("timeout", "sport", "dport", "mark")
                          else "left")
     rows = sorted(conntable.connections(paths), key=lambda c: (c.proto, c.src, c.sport))
+    use = conntable.table_use(paths)
+    if as_json:
+        _print_json({"users": users.split(", ") if found[0][1].conntrack else [],
+                     "connections": [dataclasses.asdict(c) for c in rows],
+                     "entries": use.entries, "capacity": use.capacity,
+                     "evicted": use.evicted})
+        return
     for c in rows:
         table.add_row(c.proto, c.state, str(c.timeout_s), c.src, c.dst,
                       f"id {c.sport}" if c.proto == "icmp" else str(c.sport),
                       f"type {c.dport}" if c.proto == "icmp" else str(c.dport),
                       str(c.mark), "" if c.replied else "[UNREPLIED]")
     console.print(table)
-    use = conntable.table_use(paths)
     console.print(f"{len(rows)} connection(s); the table holds {use.entries:,} of "
                   f"{use.capacity:,} entries (expired ones until reused), "
                   f"{use.evicted:,} evicted while live")
@@ -489,13 +593,19 @@ def _human(value: int, exact: bool) -> str:
 @click.option("-t", "--table", "only", metavar="TABLE",
               help="Only this table: raw, mangle or filter (ip6tables' as well), or an "
                    "nftables table's name (default: every table the ruleset has).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (README: JSON output).")
 def list_cmd(iface: Optional[str], verbose: bool, numeric: bool, exact: bool,
-             only: Optional[str]) -> None:
+             only: Optional[str], as_json: bool) -> None:
     """The running rules per chain, with their counters, like `iptables -L -v` (an
     nftables ruleset's rules in nft's words)."""
+    _need_rights("list")
     from bpfilter.runtime.deploy import LiveCounters
     from bpfilter.frontend import rule_words
 
+    if as_json:
+        _print_json({"rulesets": [_listed(paths, d, ruleset, only)
+                                  for paths, d, ruleset in _deployed(iface)]})
+        return
     for paths, d, ruleset in _deployed(iface):
         console.print(f"[bold]{d.iface}[/] ({d.where}, {d.source})")
         with LiveCounters(paths, d) as live:
@@ -526,23 +636,58 @@ def list_cmd(iface: Optional[str], verbose: bool, numeric: bool, exact: bool,
                     console.print(out if chain.rules else "")
 
 
+def _listed(paths, d, ruleset, only: Optional[str]) -> dict:
+    """A running ruleset's chains, rules (as written) and counters, as data."""
+    from bpfilter.runtime.deploy import LiveCounters
+    from bpfilter.frontend import rule_words
+
+    tables = []
+    with LiveCounters(paths, d) as live:
+        for table in (t for t in ruleset.tables if only in (None, t.name)):
+            chains = []
+            for chain in table.chains:
+                policy = live(table.key, chain.name, -1)
+                chains.append({
+                    "chain": chain.name, "builtin": chain.builtin,
+                    "policy": chain.policy.value if chain.policy else None,
+                    "policy_packets": policy.packets, "policy_bytes": policy.bytes,
+                    "rules": [{"num": i + 1, "rule": rule_words(table, chain.name, rule),
+                               "packets": c.packets, "bytes": c.bytes,
+                               "line": rule.origin.line if rule.origin else None}
+                              for i, rule in enumerate(chain.rules)
+                              for c in [live(table.key, chain.name, i)]]})
+            tables.append({"table": table.key, "chains": chains})
+    return {"iface": d.iface, "source": d.source, "applied_at": d.applied_at,
+            "mode": d.mode, "tables": tables}
+
+
 @main.command()
 @click.option("-i", "--iface", help="Only this interface.")
 @click.option("-c", "--counters", is_flag=True, help="Include packet and byte counters.")
-def save(iface: Optional[str], counters: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (README: JSON output).")
+def save(iface: Optional[str], counters: bool, as_json: bool) -> None:
     """The running ruleset as iptables-save text, or an nftables one as nft text (with -c,
     its live counters)."""
+    _need_rights("save")
     from bpfilter.runtime.deploy import LiveCounters
     from bpfilter.frontend.iptables.save import save as save_text
     from bpfilter.frontend.nft.save import save_nft
 
+    saved = []
     for paths, d, ruleset in _deployed(iface):
-        click.echo(f"# bpfilter ruleset on {d.iface}, applied {d.applied_at} from {d.source}")
         with LiveCounters(paths, d) as live:
-            if all(t.xtables for t in ruleset.tables):
-                click.echo(save_text(ruleset, counters=counters, live=live), nl=False)
-            else:
-                click.echo(save_nft(ruleset, live if counters else None), nl=False)
+            xtables = all(t.xtables for t in ruleset.tables)
+            text = save_text(ruleset, counters=counters, live=live) if xtables else \
+                save_nft(ruleset, live if counters else None)
+        saved.append({"iface": d.iface, "applied_at": d.applied_at, "source": d.source,
+                      "format": "iptables-save" if xtables else "nft", "text": text})
+    if as_json:
+        _print_json({"rulesets": saved})
+        return
+    for r in saved:
+        click.echo(f"# bpfilter ruleset on {r['iface']}, applied {r['applied_at']} from "
+                   f"{r['source']}")
+        click.echo(r["text"], nl=False)
 
 
 @main.command("log")
@@ -551,7 +696,9 @@ def save(iface: Optional[str], counters: bool) -> None:
               help="Keep printing events as they come, across applies, until Ctrl-C.")
 @click.option("-n", "--count", type=click.IntRange(min=1),
               help="Stop after this many events.")
-def log_cmd(iface: Optional[str], follow: bool, count: Optional[int]) -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per event and line "
+              "(README: JSON output).")
+def log_cmd(iface: Optional[str], follow: bool, count: Optional[int], as_json: bool) -> None:
     """Packets that LOG rules (nft's `log`) logged, one line each, as the kernel's LOG
     target writes them to the kernel log: the rule's prefix, IN=, OUT=, MAC=, SRC=, DST=,
     lengths, TTL, PROTO= and ports, TCP flags, ICMP type, MARK=.
@@ -560,6 +707,7 @@ def log_cmd(iface: Optional[str], follow: bool, count: Optional[int]) -> None:
     lost) until read: reading takes them out, so two readers share them. Fields the
     kernel prints and bpfilter's packet record does not hold are left out (the IPv4 ID,
     the IPv6 flow label, TCP's RES and URGP, an ICMP echo's sequence number, options)."""
+    _need_rights("log")
     from bpfilter.runtime import state
     from bpfilter.runtime.logs import LogReader
 
@@ -572,9 +720,16 @@ def log_cmd(iface: Optional[str], follow: bool, count: Optional[int]) -> None:
         if count is not None and seen >= count:
             return  # the rest of a batch past --count
         seen += 1
-        when = time.strftime("%b %d %H:%M:%S", time.localtime(
-            boot + logged.event.timestamp_ns / 1e9))
-        click.echo(f"{when} {logged.line(names)}")
+        when = boot + logged.event.timestamp_ns / 1e9
+        if as_json:
+            table, chain, index = logged.rule
+            click.echo(json.dumps({"time": when, "iface": logged.iface, "table": table,
+                                   "chain": chain, "rule": index + 1,
+                                   "prefix": logged.target.prefix if logged.target else "",
+                                   "line": logged.line(names)}))
+            return
+        click.echo(f"{time.strftime('%b %d %H:%M:%S', time.localtime(when))} "
+                   f"{logged.line(names)}")
 
     def version(d) -> tuple[str, str]:
         """What an apply changes: the maps' generation, or (a change the running program
@@ -607,6 +762,7 @@ def log_cmd(iface: Optional[str], follow: bool, count: Optional[int]) -> None:
 @click.option("-i", "--iface", required=True, help="The interface to stop filtering on.")
 def detach(iface: str) -> None:
     """Take the ruleset off IFACE: back to no filtering, pins and state removed."""
+    _need_rights("detach")
     from bpfilter.runtime import deploy
 
     try:
@@ -631,6 +787,7 @@ def demo(rules: Optional[Path], output: Path) -> None:
     server side, the client sends a scripted set of frames, and the verdicts, replies, LOG
     lines and per-rule counters are printed. Everything is removed afterwards, also on failure.
     """
+    _need_rights("demo")
     from bpfilter.testbed.demo import deciding, host_firewall_probes, rule_label, run_demo, verdict
     from bpfilter.resources import resource_dir
 
@@ -639,12 +796,12 @@ def demo(rules: Optional[Path], output: Path) -> None:
         result = run_demo(rules, output, host_firewall_probes(),
                           lambda msg: console.print(f"[dim]· {msg}[/]"))
     except InputError as exc:
-        _show_input_error(exc, rules.read_text())
+        _show_input_error(exc, decode(rules.read_bytes()))
         sys.exit(EXIT_INPUT)
     except (BuildError, KernelError, RuntimeError) as exc:
         _fail(exc)
     ruleset = result.ruleset
-    verdicts = Table(title="what each frame met", title_justify="left")
+    verdicts = _table("what each frame met")
     for col in ("#", "frame", "decided by", "verdict", "came back"):
         verdicts.add_column(col)
     for number, obs in enumerate(result.observations, 1):
@@ -665,7 +822,7 @@ def demo(rules: Optional[Path], output: Path) -> None:
 def _print_counters(ruleset, counters) -> None:
     from bpfilter.testbed.demo import rule_label
 
-    table = Table(title="counters (like iptables -L -v)", title_justify="left")
+    table = _table("counters (like iptables -L -v)")
     for col in ("chain", "#", "pkts", "bytes", "rule"):
         table.add_column(col, justify="right" if col in ("#", "pkts", "bytes") else "left")
     for (table_name, chain, index), c in sorted(counters.items(),

@@ -64,10 +64,11 @@ def compile_ruleset(text: str, source: str, out_dir: Path, emit: str = "obj",
         if on_unsupported is not None:
             on_unsupported(error)
 
+    skipping = skip if on_unsupported is not None else None
     with _timed(timings, "parse"):
-        parsed = parse_ruleset(text, source)
+        parsed = parse_ruleset(text, source, skipping)
     with _timed(timings, "passes"):
-        ruleset = validate(parsed, skip if on_unsupported is not None else None)
+        ruleset = validate(parsed, skipping)
         folds, classification = classify(ruleset, fold_chains(ruleset))
         slots = counter_slots(ruleset, folds)
         stages = plan_stages(ruleset, folds=folds, slots=slots,

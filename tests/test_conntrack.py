@@ -4,6 +4,7 @@ testbed. Every connection attempt must end the same way on both."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -64,14 +65,13 @@ def test_stateful_firewall_agrees_with_the_kernel(kernel, build_root, kernel_out
     with sockets.bpfilter_bed(build_root / f"ct-{attach.value}", STATEFUL, "stateful.v4",
                               attach, "bpfk") as (bed, _reports):
         assert _scenarios(bed) == kernel_outcomes
-        listing = netns.run("env", "COLUMNS=200", sys.executable, "-m", "bpfilter",
-                            "conntrack", "-L", netns=bed.server).stdout
+        listing = json.loads(netns.run(sys.executable, "-m", "bpfilter", "conntrack", "-L",
+                                       "--json", netns=bed.server).stdout)["connections"]
         # Oriented from the side that opened each connection, as conntrack -L does.
-        opened = [line for line in listing.splitlines()
-                  if f"│ {SERVER_ADDR} │ {CLIENT_ADDR} │" in line]
-        assert {line.split()[1] for line in opened} == {"tcp", "udp", "icmp"}, listing
-        assert "8080" not in [line.split()[13] for line in listing.splitlines()
-                              if f"│ {CLIENT_ADDR} │ {SERVER_ADDR} │" in line]
+        opened = [c for c in listing if (c["src"], c["dst"]) == (SERVER_ADDR, CLIENT_ADDR)]
+        assert {c["proto"] for c in opened} == {"tcp", "udp", "icmp"}, listing
+        assert 8080 not in [c["dport"] for c in listing
+                            if (c["src"], c["dst"]) == (CLIENT_ADDR, SERVER_ADDR)]
         flushed = netns.run(sys.executable, "-m", "bpfilter", "conntrack", "-F",
                             netns=bed.server).stdout
         assert "connection(s) forgotten" in flushed and " 0 " not in flushed

@@ -63,7 +63,7 @@ def holds_tables(text: str) -> bool:
     a ruleset without tables would replace the running one with no filtering."""
     if _IPTABLES.match(text):
         return True
-    lines = [line for line in text.splitlines() if line.strip() and
+    lines = [line for line in text.split("\n") if line.strip() and
              not line.lstrip().startswith("#")]
     return any(_NFT_TABLE.search(line) for line in lines)
 
@@ -81,16 +81,18 @@ def combine(texts: list[tuple[str, str]]) -> tuple[str, str]:
     return "".join(parts), " + ".join(source for _text, source in texts)
 
 
-def parse_ruleset(text: str, source: str = "<stdin>") -> Ruleset:
+def parse_ruleset(text: str, source: str = "<stdin>", skip=None) -> Ruleset:
     """Pick the front-end by content. iptables-save text may hold both families
-    (xtables_sections): their tables make one ruleset."""
+    (xtables_sections): their tables make one ruleset. `skip`: called with the error of
+    each rule the front-end cannot read, which is then left out (else it is raised)."""
     kind = dialect(text, source)
     if kind in ("iptables", "ip6tables"):
-        parsed = [parse_iptables_save(section, source, family)
+        parsed = [parse_iptables_save(section, source, family, skip)
                   for family, section in xtables_sections(text, source)]
         tables = tuple(t for ruleset in parsed for t in ruleset.tables)
         return Ruleset(parsed[0].family, tables, source)
-    return parse_nft_json(text, source) if kind == "nft-json" else parse_nft(text, source)
+    reader = parse_nft_json if kind == "nft-json" else parse_nft
+    return reader(text, source, skip)
 
 
 def rule_words(table: Table, chain: str, rule: Rule) -> str:

@@ -87,25 +87,31 @@ def _check_jumps(table: ir.Table, chain: ir.Chain) -> None:
 
 
 def _check_loops(table: ir.Table) -> None:
-    """iptables refuses a ruleset where user chains can reach themselves (ELOOP)."""
+    """iptables refuses a ruleset where user chains can reach themselves (ELOOP). A walk
+    with its own stack: chains may nest thousands deep before the depth check refuses them."""
+    jumps = {c.name: [r for r in c.rules if isinstance(r.target, ir.JumpTarget)]
+             for c in table.chains}
     done: set[str] = set()
-
-    def visit(name: str, path: list[tuple[str, ir.Rule]]) -> None:
-        if name in done:
-            return
-        on_path = [p for p, _ in path]
-        if name in on_path:
-            cycle = on_path[on_path.index(name):] + [name]
-            rule = path[-1][1]
-            raise _error_at(rule.origin, name, "chains form a loop: " + " -> ".join(cycle))
-        chain = table.chain(name)
-        for rule in chain.rules:
-            if isinstance(rule.target, ir.JumpTarget):
-                visit(rule.target.chain, path + [(name, rule)])
-        done.add(name)
-
-    for chain in table.chains:
-        visit(chain.name, [])
+    for root in table.chains:
+        if root.name in done:
+            continue
+        path = [root.name]
+        stack = [iter(jumps[root.name])]
+        while stack:
+            rule = next(stack[-1], None)
+            if rule is None:
+                done.add(path.pop())
+                stack.pop()
+                continue
+            callee = rule.target.chain
+            if callee in path:
+                cycle = path[path.index(callee):] + [callee]
+                if len(cycle) > 12:
+                    cycle = cycle[:6] + [f"({len(cycle) - 10} more)"] + cycle[-4:]
+                raise _error_at(rule.origin, callee, "chains form a loop: " + " -> ".join(cycle))
+            if callee not in done and callee in jumps:
+                path.append(callee)
+                stack.append(iter(jumps[callee]))
 
 
 def _check_depth(table: ir.Table) -> None:

@@ -214,7 +214,8 @@ def records(paths: Paths) -> list[Deployment]:
 
 def ruleset_text(paths: Paths, deployment: Deployment) -> str:
     """The ruleset text of a deployment's own record."""
-    return (paths.record(deployment.record) / "ruleset.txt").read_text()
+    return (paths.record(deployment.record) / "ruleset.txt").read_bytes().decode(
+        "utf-8", "surrogateescape")
 
 
 def record(paths: Paths, deployment: Deployment, ruleset_text: str) -> Deployment:
@@ -224,7 +225,8 @@ def record(paths: Paths, deployment: Deployment, ruleset_text: str) -> Deploymen
     target.mkdir(parents=True)
     deployment = Deployment(**{**{f.name: getattr(deployment, f.name)
                                   for f in fields(deployment)}, "record": name})
-    (target / "ruleset.txt").write_text(ruleset_text)
+    # Bytes that were not UTF-8 go back out as they came in (cli.decode).
+    (target / "ruleset.txt").write_bytes(ruleset_text.encode("utf-8", "surrogateescape"))
     (target / "deployment.json").write_text(_json(deployment))
     return deployment
 

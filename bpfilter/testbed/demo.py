@@ -64,7 +64,7 @@ class DemoResult:
 
 def run_demo(rules_path: Path, build_dir: Path, probes: list[Probe],
              say: Callable[[str], None]) -> DemoResult:
-    text = rules_path.read_text()
+    text = rules_path.read_bytes().decode("utf-8", "surrogateescape")
     ruleset = parse_ruleset(text, str(rules_path))
     with VethBed(build_dir) as bed:
         say(f"namespaces {bed.client} -> {bed.server}, veth eth0 <-> eth0")

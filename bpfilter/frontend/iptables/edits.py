@@ -48,7 +48,7 @@ def _address_rule(line: str) -> Optional[tuple[str, str, ipaddress.IPv4Network, 
 def address_edit(old: str, new: str) -> Optional[AddressEdit]:
     """The edit that turns `old` into `new`, if it is one block of address lines added or
     removed in one place; else None."""
-    old_lines, new_lines = old.splitlines(), new.splitlines()
+    old_lines, new_lines = old.split("\n"), new.split("\n")
     shortest = min(len(old_lines), len(new_lines))
     head = 0
     while head < shortest and old_lines[head] == new_lines[head]:

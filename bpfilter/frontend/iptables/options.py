@@ -9,6 +9,7 @@ position so an error can point at it.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -59,6 +60,8 @@ class RuleReader:
         self.table = table
         self.family = family
         self.base: dict[str, ir.Match] = {}
+        self.seen_base: set[str] = set()  # -s -d -i -o -p -f: each once, as iptables
+        self.seen_target_options: set[Callable] = set()
         self.modules: list[_Module] = []
         self.target: Optional[ir.Target] = None
         self.target_token: Optional[Token] = None
@@ -100,6 +103,10 @@ class RuleReader:
         opt = tok.value
         base = _BASE_OPTIONS.get(opt)
         if base is not None:
+            letter = _BASE_LETTERS[opt]
+            if letter in self.seen_base:
+                raise self.error(tok, f"multiple {letter} flags not allowed")
+            self.seen_base.add(letter)
             base(self, tok, negate)
             return
         if opt in ("-m", "--match"):
@@ -113,7 +120,12 @@ class RuleReader:
         if self.target_token is not None and opt in _TARGET_OPTIONS.get(
                 self.target_token.value, {}):
             self._no_negate(tok, negate)
-            _TARGET_OPTIONS[self.target_token.value][opt](self, tok)
+            handler = _TARGET_OPTIONS[self.target_token.value][opt]
+            if handler in self.seen_target_options:
+                raise self.error(tok, f"{self.target_token.value}: option \"{opt}\" can only "
+                                 "be used once")
+            self.seen_target_options.add(handler)
+            handler(self, tok)
             return
         for module in reversed(self.modules):
             handler = _MODULE_OPTIONS[module.name].get(opt)
@@ -158,19 +170,24 @@ class RuleReader:
         if family is not self.family:
             raise self.error(tok, f"'-m {name}' is an IPv{family.value[-1]} match; this is "
                              f"an IPv{self.family.value[-1]} ruleset", f"-m {other}")
-        number = next((n for n, m in _PROTOCOL_MODULES.items() if m == name), None)
-        if number is not None:
-            proto = self.base.get("proto")
-            if not (isinstance(proto, ir.ProtocolMatch) and not proto.negate
-                    and proto.protocol == number):
-                raise self.error(tok, f"'-m {name}' needs "
-                                 f"'-p {names.PROTOCOL_NAMES[number]}' before it "
-                                 "(the kernel refuses the rule otherwise)")
         self.modules.append(_Module(name, tok))
 
     # ----------------------------------------------------------------- results
 
+    def _check_protocols(self) -> None:
+        """A protocol's match needs the rule's `-p` of that protocol, anywhere in the rule
+        (the kernel checks the whole rule when it loads it)."""
+        proto = self.base.get("proto")
+        for module in self.modules:
+            number = next((n for n, m in _PROTOCOL_MODULES.items() if m == module.name), None)
+            if number is not None and not (isinstance(proto, ir.ProtocolMatch)
+                                           and not proto.negate and proto.protocol == number):
+                raise self.error(module.token, f"'-m {module.name}' needs "
+                                 f"'-p {names.PROTOCOL_NAMES[number]}' in the rule (the "
+                                 "kernel refuses the rule otherwise)")
+
     def _matches(self) -> tuple[ir.Match, ...]:
+        self._check_protocols()
         ordered = [self.base[k] for k in ("src", "dst", "in", "out", "proto", "frag")
                    if k in self.base]
         for module in self.modules:
@@ -257,36 +274,66 @@ def _parse_address(reader: RuleReader, tok: Token, text: str) -> ir.IPAddress:
         raise reader.error(tok, f"'{text}' is not an IPv{6 if v6 else 4} address") from None
 
 
+# Numbers as iptables reads most of them (xtables_strtoul: C's strtoumax in base 0): 0x
+# is hex and a leading 0 octal (`--dport 026` is port 22), ASCII digits only. Ports of a
+# range option (udp's, conntrack's: getaddrinfo) and the limit rate (atoi) are decimal.
+_C_NUMBER = re.compile(r"\+?(?:0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+_DECIMAL = re.compile(r"\+?[0-9]+")
+
+
+def _c_number(text: str, decimal: bool = False) -> Optional[int]:
+    if not (_DECIMAL if decimal else _C_NUMBER).fullmatch(text):
+        return None
+    digits = text.lstrip("+")
+    if decimal:
+        return int(digits)
+    if digits[:2] in ("0x", "0X"):
+        return int(digits, 16)
+    return int(digits, 8) if digits.startswith("0") else int(digits)
+
+
 def _parse_int(reader: RuleReader, tok: Token, text: str, low: int, high: int,
-               what: str) -> int:
-    try:
-        value = int(text, 0) if text.lower().startswith("0x") else int(text)
-    except ValueError:
-        raise reader.error(tok, f"'{text}' is not a {what}") from None
+               what: str, decimal: bool = False) -> int:
+    value = _c_number(text, decimal)
+    if value is None:
+        raise reader.error(tok, f"'{text}' is not a {what}",
+                           "decimal numbers" if decimal else
+                           "decimal, 0x hexadecimal or 0-prefixed octal numbers")
     if not low <= value <= high:
         raise reader.error(tok, f"{what} {value} is out of range {low}-{high}")
     return value
 
 
-def _parse_port(reader: RuleReader, tok: Token, text: str, proto: str) -> int:
-    if text.isdigit():
-        return _parse_int(reader, tok, text, 0, 65535, "port")
+def _parse_port(reader: RuleReader, tok: Token, text: str, proto: str,
+                decimal: bool = False) -> int:
+    """A port number or service name. `decimal`: a port of a range option (any
+    protocol's service names, as getaddrinfo finds them)."""
+    value = _c_number(text, decimal)
+    if value is not None:
+        return _parse_int(reader, tok, text, 0, 65535, "port", decimal)
     try:
-        return socket.getservbyname(text, proto)
+        return socket.getservbyname(*((text,) if decimal else (text, proto)))
     except OSError:
         raise reader.error(tok, f"unknown service name '{text}'",
                            "port numbers, or names in /etc/services") from None
 
 
-def _parse_port_range(reader: RuleReader, tok: Token, text: str, proto: str) -> ir.Range:
+def _parse_port_range(reader: RuleReader, tok: Token, text: str, proto: str,
+                      decimal: bool = False) -> ir.Range:
+    """`decimal`: a range option's (udp, conntrack), which takes an inverted range and
+    then matches nothing; the others (tcp, multiport) refuse one, as iptables does."""
     if ":" not in text:
-        port = _parse_port(reader, tok, text, proto)
+        port = _parse_port(reader, tok, text, proto, decimal)
         return ir.Range(port, port)
     low_text, high_text = text.split(":", 1)
-    low = _parse_port(reader, tok, low_text, proto) if low_text else 0
-    high = _parse_port(reader, tok, high_text, proto) if high_text else 65535
+    low = _parse_port(reader, tok, low_text, proto, decimal) if low_text else 0
+    high = _parse_port(reader, tok, high_text, proto, decimal) if high_text else 65535
     if low > high:
-        low, high = high, low  # iptables swaps an inverted range
+        if not decimal:
+            raise reader.error(tok, "invalid port range (min > max)")
+        raise reader.error(tok, "empty port range: the kernel takes it and then matches no "
+                           "packet (negated: every packet); bpfilter does not compile it",
+                           "a range low:high with low <= high")
     return ir.Range(low, high)
 
 
@@ -375,6 +422,11 @@ _BASE_OPTIONS: dict[str, Callable] = {
     "-p": _base_protocol, "--protocol": _base_protocol,
     "-f": _base_fragment, "--fragment": _base_fragment,
 }
+# Each base option's short name (iptables allows each once, by any of its names).
+_BASE_LETTERS = {"-s": "-s", "--source": "-s", "--src": "-s",
+                 "-d": "-d", "--destination": "-d", "--dst": "-d",
+                 "-i": "-i", "--in-interface": "-i", "-o": "-o", "--out-interface": "-o",
+                 "-p": "-p", "--protocol": "-p", "-f": "-f", "--fragment": "-f"}
 
 # --------------------------------------------------------------------------- match modules
 
@@ -388,7 +440,7 @@ def _once(reader: RuleReader, module: _Module, key: str, tok: Token, value) -> N
 def _port_option(key: str):
     def handler(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
         arg = reader.argument(tok)
-        ports = _parse_port_range(reader, arg, arg.value, module.name)
+        ports = _parse_port_range(reader, arg, arg.value, module.name, module.name == "udp")
         _once(reader, module, key, tok, ir.PortSpec(ports, negate))
     return handler
 
@@ -530,7 +582,7 @@ def _ct_protocol(reader: RuleReader, module: _Module, tok: Token, negate: bool) 
 def _ct_port(key: str):
     def handler(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
         arg = reader.argument(tok)
-        ports = _parse_port_range(reader, arg, arg.value, "tcp")
+        ports = _parse_port_range(reader, arg, arg.value, "tcp", decimal=True)
         _once(reader, module, key, tok, ir.PortSpec(ports, negate))
     return handler
 
@@ -553,7 +605,7 @@ def _limit(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> Non
     reader._no_negate(tok, negate)
     arg = reader.argument(tok)
     count_text, _, unit_text = arg.value.partition("/")
-    count = _parse_int(reader, arg, count_text, 1, 10000, "rate")
+    count = _parse_int(reader, arg, count_text, 1, 10000, "rate", decimal=True)
     unit = names.LIMIT_UNITS.get(unit_text or "sec")
     if unit is None:
         raise reader.error(arg, f"unknown rate unit '{unit_text}'", "/sec /min /hour /day")

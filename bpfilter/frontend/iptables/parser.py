@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import re
 
 import lark
 
@@ -25,37 +24,57 @@ def _counters(tok: lark.Token) -> ir.Counters:
     return ir.Counters(int(packets), int(byte_count))
 
 
-# The words of a rule's ARGS token: a "quoted string" (backslash escapes), '!', or a run
-# of anything else but blanks, quotes and '!'. A lone quote is an unterminated string.
-ARGUMENT = re.compile(r'(?P<string>"(?:\\.|[^"\\])*")|(?P<word>!|[^\s"!]+)|(?P<bad>")')
-
-
 def _arguments(args: lark.Token | None, source: str) -> list[Token]:
+    """A rule's words as iptables-restore splits them (add_param_to_argv): only spaces and
+    tabs separate words; a double quote opens a quoted part, in which a backslash escapes
+    the next character, and the closing quote ends the word; '!' is a word of its own
+    only where spaces make it one. A quote left open is refused (iptables would take the
+    rest of the line)."""
     if args is None:
         return []
-    tokens = []
-    for found in ARGUMENT.finditer(args.value):
-        column = args.column + found.start()
-        if found.lastgroup == "bad":
-            raise InputError(source, args.line, args.value[found.start():].split()[0],
-                             "unterminated quoted string", column=column)
-        text = found.group()
-        if found.lastgroup == "string":
-            text = re.sub(r"\\(.)", r"\1", text[1:-1])
-        tokens.append(Token(text, args.line, column))
+    tokens, word, start, quote_open, escaped = [], [], 0, False, False
+    text = args.value
+    for i, char in enumerate(text):
+        if not word and not quote_open and char not in " \t":
+            start = i
+        if quote_open:
+            if escaped:
+                word.append(char)
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                tokens.append(Token("".join(word), args.line, args.column + start))
+                word, quote_open = [], False
+            else:
+                word.append(char)
+        elif char == '"':
+            quote_open = True
+        elif char in " \t":
+            if word:
+                tokens.append(Token("".join(word), args.line, args.column + start))
+                word = []
+        else:
+            word.append(char)
+    if quote_open:
+        raise InputError(source, args.line, text[start:].split(" ")[0],
+                         "unterminated quoted string", column=args.column + start)
+    if word:
+        tokens.append(Token("".join(word), args.line, args.column + start))
     return tokens
 
 
 def parse_iptables_save(text: str, source: str = "<stdin>",
-                        family: ir.Family = ir.Family.IPV4) -> ir.Ruleset:
-    """iptables-save text, or ip6tables-save text with `family` IPV6."""
+                        family: ir.Family = ir.Family.IPV4, skip=None) -> ir.Ruleset:
+    """iptables-save text, or ip6tables-save text with `family` IPV6. `skip`: called with
+    each rule's error instead of raising it (the rule is left out)."""
     try:
         tree = _grammar().parse(text if text.endswith("\n") else text + "\n")
     except lark.exceptions.UnexpectedInput as exc:
         raise _syntax_error(exc, text, source) from None
     tables: list[ir.Table] = []
     for node in tree.children:
-        table = _table(node, source, family)
+        table = _table(node, source, family, skip)
         if any(t.name == table.name for t in tables):
             raise InputError(source, table.origin.line, "*" + table.name,
                              "table appears twice in one file")
@@ -63,7 +82,7 @@ def parse_iptables_save(text: str, source: str = "<stdin>",
     return ir.Ruleset(family, tuple(tables), source)
 
 
-def _table(node: lark.Tree, source: str, family: ir.Family) -> ir.Table:
+def _table(node: lark.Tree, source: str, family: ir.Family, skip) -> ir.Table:
     header = node.children[0]
     name = header.value[1:]
     origin = ir.Origin(source, header.line, header.column)
@@ -84,11 +103,16 @@ def _table(node: lark.Tree, source: str, family: ir.Family) -> ir.Table:
             declared[chain.name] = chain
             rules[chain.name] = []
         else:
-            chain_tok, rule = _rule(child, source, name, family)
+            try:
+                chain_tok, rule = _rule(child, source, name, family)
+            except InputError as exc:
+                if skip is None:
+                    raise
+                skip(exc)
+                continue
             if chain_tok.value not in declared:
                 raise InputError(source, chain_tok.line, chain_tok.value,
-                                 f"no chain '{chain_tok.value}' declared before this rule "
-                                 f"(add ':{chain_tok.value} - [0:0]' to the *{name} block)",
+                                 *_undeclared(chain_tok.value, name, builtins),
                                  column=chain_tok.column)
             rules[chain_tok.value].append(rule)
     for builtin in builtins:  # iptables-restore keeps undeclared built-ins, policy ACCEPT
@@ -102,6 +126,18 @@ def _table(node: lark.Tree, source: str, family: ir.Family) -> ir.Table:
         for c in declared.values()
     )
     return ir.Table(name, chains, origin, family=family)
+
+
+def _undeclared(chain: str, table: str, builtins: tuple[str, ...]) -> tuple[str, str]:
+    """Why a rule's chain has no declaration line, and what to write."""
+    if chain in builtins:
+        # iptables-restore keeps the running chain's policy then: unknown to bpfilter.
+        return (f"built-in chain {chain} has no ':{chain} POLICY [0:0]' line before its "
+                "rules: iptables-restore would keep whatever policy the kernel has now, which "
+                "bpfilter cannot know",
+                f"':{chain} ACCEPT [0:0]' or ':{chain} DROP [0:0]' in the *{table} block")
+    return (f"no chain '{chain}' declared before this rule",
+            f"':{chain} - [0:0]' in the *{table} block")
 
 
 def _chain_decl(node: lark.Tree, source: str, builtins: tuple[str, ...]) -> ir.Chain:
@@ -132,7 +168,19 @@ def _rule(node: lark.Tree, source: str, table: str,
     tokens = _arguments(children[2] if len(children) > 2 else None, source)
     origin = ir.Origin(source, append.line, append.column)
     matches, target = RuleReader(tokens, source, table, family).read()
+    for match in matches:
+        if isinstance(match, ir.InterfaceMatch) and chain.value in _NO_INTERFACE[match.direction]:
+            option = next(t for t in tokens if t.value in _INTERFACE_OPTIONS[match.direction])
+            raise InputError(source, option.line, option.value,
+                             f"can't use {option.value} with {chain.value}: a packet there has "
+                             f"no {'output' if match.direction == 'out' else 'input'} "
+                             "interface (iptables refuses it)", column=option.column)
     return chain, ir.Rule(matches, target, origin, counters)
+
+
+# The built-in chains whose packets have no input (or output) interface yet.
+_NO_INTERFACE = {"out": ("INPUT", "PREROUTING"), "in": ("OUTPUT", "POSTROUTING")}
+_INTERFACE_OPTIONS = {"in": ("-i", "--in-interface"), "out": ("-o", "--out-interface")}
 
 
 def _syntax_error(exc: lark.exceptions.UnexpectedInput, text: str, source: str) -> InputError:
@@ -145,18 +193,22 @@ def _syntax_error(exc: lark.exceptions.UnexpectedInput, text: str, source: str) 
                              else None)
         if opened is not None:
             last = line if token is not None and token.type != "$END" \
-                else max(1, len(text.rstrip("\n").splitlines()))
+                else max(1, text.rstrip("\n").count("\n") + 1)
             return InputError(source, last, token.value if token is not None
                               and token.type != "$END" else "<end of file>",
                               f"table '{opened[1]}' opened at line {opened[0]} is not "
                               "closed by COMMIT (file truncated?)",
                               column=0 if token is None or token.type == "$END" else column)
     if isinstance(exc, lark.exceptions.UnexpectedCharacters):
-        bad = text.splitlines()[line - 1][column - 1:].split()[0] if line else "?"
+        bad = text.split("\n")[line - 1][column - 1:].split(" ")[0] if line else "?"
         return InputError(source, line, bad, "unexpected text",
                           "'*table', ':CHAIN POLICY [p:b]', '-A CHAIN ...', 'COMMIT', "
                           "'# comment'", column)
     value = token.value if token is not None else "?"
+    if "\r" in (text.split("\n")[line - 1] if 0 < line <= text.count("\n") + 1 else ""):
+        return InputError(source, line, "\\r", "a carriage return (CRLF line ends?): "
+                          "iptables-restore refuses them too", "LF line ends (dos2unix)",
+                          column)
     return InputError(source, line, value.strip() or "<newline>",
                       "unexpected here", "'*table', ':CHAIN POLICY [p:b]', "
                       "'-A CHAIN ...', 'COMMIT'", column)
@@ -165,7 +217,7 @@ def _syntax_error(exc: lark.exceptions.UnexpectedInput, text: str, source: str) 
 def _open_table(text: str, before_line) -> tuple[int, str] | None:
     """The last `*table` line before the error that has no COMMIT after it."""
     opened = None
-    for number, raw in enumerate(text.splitlines(), 1):
+    for number, raw in enumerate(text.split("\n"), 1):
         if before_line is not None and number >= before_line:
             break
         stripped = raw.strip()

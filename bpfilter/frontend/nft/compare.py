@@ -15,6 +15,9 @@ from bpfilter import ir
 from bpfilter.frontend.nft import names
 from bpfilter.frontend.nft.words import Item, Word
 
+# The fields whose values are bitmasks: `a,b` (or `a|b`) is one value of several bits.
+_BITMASKS = ("tcp flags", "ct state", "ct status")
+
 SUPPORTED = ("ip saddr|daddr|protocol|ttl|length|frag-off, ip6 saddr|daddr|hoplimit, "
              "tcp sport|dport|flags, udp sport|dport, th sport|dport, icmp type|code, "
              "icmpv6 type|code, "
@@ -62,6 +65,16 @@ class Comparisons:
         kind, where = selector
         negate = op in ("!=", "!")
         first = words[0]
+        listed = [w for w in words[1:] if w.value != "/"]
+        if listed and kind not in _BITMASKS and "/" not in (w.value for w in words):
+            raise self.error(listed[0], f"'{kind}' is not a bitmask: a list of values needs "
+                             "braces", f"{kind} {{ a, b }}")
+        if op == "!" and mask is not None:
+            raise self.error(where, "cannot combine negation with binary expression",
+                             f"{kind} & mask != value")
+        if op == "!" and kind not in _BITMASKS:
+            raise self.error(where, "negation can only be used with singleton bitmask values",
+                             f"{kind} != value")
         if mask is not None and kind not in ("meta mark", "ct mark", "ip frag-off",
                                              "tcp flags"):
             raise self.error(where, f"a mask on '{kind}' is not supported")
@@ -100,6 +113,9 @@ class Comparisons:
             name = first.value.replace("*", "+") if first.value.endswith("*") else first.value
             if name.startswith("@") or not name:
                 raise self.error(first, "an interface name expected")
+            if not first.quoted and first.value in names.KEYWORDS:
+                raise self.error(first, f"syntax error, unexpected {first.value} (a word of "
+                                 "nft's own)", f'"{first.value}" in quotes')
             return (ir.InterfaceMatch("in" if "i" == kind.split()[1][0] else "out", name,
                                       negate),)
         if kind in ("meta mark", "ct mark"):
@@ -144,7 +160,7 @@ class Comparisons:
             raise self.error(word, "in a netdev chain nfproto is netdev, never a family",
                              "meta protocol ip, meta protocol ip6")
         known = names.FAMILY_WORDS["meta protocol" if kind == "ether type" else kind]
-        family = known.get(word.value.lower())
+        family = known.get(word.value)  # nft's names are lower case, and only that
         if family is None and self.frames and op in ("implicit", "==", "!="):
             return (ir.EtherTypeMatch((self._ethertype(word),), op == "!="),)
         if family is None or op not in ("implicit", "==", "!="):
@@ -159,7 +175,7 @@ class Comparisons:
         return ()
 
     def _ethertype(self, word: Word) -> int:
-        value = names.ETHERTYPES.get(word.value.lower())
+        value = names.ETHERTYPES.get(word.value)
         if value is None:
             try:
                 value = int(word.value, 0)
@@ -203,7 +219,10 @@ class Comparisons:
     def _protocol(self, word: Word) -> int:
         if word.value in names.PROTOCOLS:
             return names.PROTOCOLS[word.value]
-        return self._int(word, "a protocol", names.PROTOCOLS)
+        number = self._int(word, "a protocol", names.PROTOCOLS)
+        if not 0 <= number <= 255:
+            raise self.error(word, "Protocol out of range", "0-255, or a protocol name")
+        return number
 
     def _port_range(self, word: Word) -> ir.Range:
         return self._range(word, 65535, port=True)
@@ -302,6 +321,8 @@ class Comparisons:
 
     def _int(self, word: Word, what: str = "a number", known=None) -> int:
         try:
+            if not word.value.isascii():
+                raise ValueError  # int() reads digits of any script; nft does not
             return int(word.value, 0)
         except ValueError:
             raise self.error(word, f"{what} expected",

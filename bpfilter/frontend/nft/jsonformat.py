@@ -163,12 +163,16 @@ def _line_column(text: str, offset: int) -> tuple[int, int]:
     return line, offset - (text.rfind("\n", 0, offset) + 1) + 1
 
 
-def parse_nft_json(text: str, source: str = "<stdin>") -> ir.Ruleset:
+def parse_nft_json(text: str, source: str = "<stdin>", skip=None) -> ir.Ruleset:
+    """`skip`: called with each rule's error instead of raising it (the rule is left out)."""
     try:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(source, exc.lineno, text[exc.pos:exc.pos + 12] or "<end of file>",
                          f"not valid JSON: {exc.msg}", column=exc.colno) from None
+    except (ValueError, RecursionError) as exc:  # digits past Python's limit, nesting
+        raise InputError(source, 1, text[:12], f"not a JSON ruleset bpfilter reads: {exc}",
+                         '`nft -j list ruleset` output', 1) from None
     objects = document.get("nftables") if isinstance(document, dict) else None
     if not isinstance(objects, list):
         raise InputError(source, 1, text[:12], "not an nft JSON ruleset",
@@ -197,8 +201,15 @@ def parse_nft_json(text: str, source: str = "<stdin>") -> ir.Ruleset:
             return origin
         return ir.Origin(source, *_line_column(text, origins[origin.line - 1]))
 
+    def in_json(exc: InputError) -> InputError:
+        offset = origins[exc.line - 1] if 0 < exc.line <= len(origins) else 0
+        line, column = _line_column(text, offset)
+        command = commands[exc.line - 1] if 0 < exc.line <= len(commands) else ""
+        return InputError(source, line, exc.token, f"{exc.why} (in the object read as "
+                          f"`{command}`)", exc.supported, column)
+
     try:
-        ruleset = parse_nft(script, source)
+        ruleset = parse_nft(script, source, skip and (lambda exc: skip(in_json(exc))))
         return dataclasses.replace(ruleset, tables=tuple(
             dataclasses.replace(table, origin=relocated(table.origin), chains=tuple(
                 dataclasses.replace(chain, origin=relocated(chain.origin), rules=tuple(
@@ -207,8 +218,4 @@ def parse_nft_json(text: str, source: str = "<stdin>") -> ir.Ruleset:
                 for chain in table.chains))
             for table in ruleset.tables))
     except InputError as exc:
-        offset = origins[exc.line - 1] if 0 < exc.line <= len(origins) else 0
-        line, column = _line_column(text, offset)
-        command = commands[exc.line - 1] if 0 < exc.line <= len(commands) else ""
-        raise InputError(source, line, exc.token, f"{exc.why} (in the object read as "
-                         f"`{command}`)", exc.supported, column) from None
+        raise in_json(exc) from None

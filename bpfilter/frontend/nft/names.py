@@ -106,3 +106,16 @@ LOG_LEVEL_NAMES = {number: name for name, number in LOG_LEVELS.items()}
 
 LIMIT_UNITS = {"second": "sec", "minute": "min", "hour": "hour", "day": "day"}
 LIMIT_UNIT_NAMES = {unit: name for name, unit in LIMIT_UNITS.items()}
+
+# Words nft's scanner reads as its own (a few hundred; these are the ones a rule bpfilter
+# reads can meet): never an unquoted interface name.
+KEYWORDS = frozenset(
+    ["accept", "drop", "reject", "return", "jump", "goto", "continue", "queue", "counter",
+     "comment", "limit", "log", "notrack", "meta", "ct", "vmap", "map", "set", "with",
+     "rate", "burst", "over", "prefix", "level", "flags", "type", "code", "saddr", "daddr",
+     "sport", "dport", "protocol", "l4proto", "nfproto", "iifname", "oifname", "iif",
+     "oif", "mark", "length", "ttl", "hoplimit", "state", "direction", "status",
+     "original", "reply", "ip", "ip6", "inet", "tcp", "udp", "icmp", "icmpv6", "icmpx",
+     "th", "ether", "and", "or", "xor", "table", "chain", "rule", "elements", "packets",
+     "bytes", "reset", "new", "established", "related", "invalid", "untracked"]
+    + list(PROTOCOLS))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -136,8 +137,11 @@ def _statements(tree: lark.Tree, source: str) -> list[Statement]:
 
 
 class NftReader:
-    def __init__(self, source: str):
+    def __init__(self, source: str, skip=None):
+        """`skip`: called with each rule's error instead of raising it (the rule is left
+        out: compile --ignore-unsupported)."""
         self.source = source
+        self.skip = skip
         self.tables: dict[tuple[str, str], _Table] = {}
 
     def error(self, word: Item, why: str, supported: Optional[str] = None) -> InputError:
@@ -334,8 +338,9 @@ class NftReader:
                 named.set_type(line.words[1:], self)
             elif head.value == "elements":
                 named.add(line.words[2:], self)
-            elif head.value in ("flags", "size", "comment", "policy", "auto-merge",
-                                "counter"):
+            elif head.value == "auto-merge":
+                named.auto_merge = True
+            elif head.value in ("flags", "size", "comment", "policy", "counter"):
                 continue
             else:
                 raise self.error(head, "not supported in a set",
@@ -345,6 +350,16 @@ class NftReader:
 
     def _rules(self, table: _Table, chain: _Chain, words: list[Item],
                statement: Statement) -> list[ir.Rule]:
+        try:
+            return self._read_rules(table, chain, words, statement)
+        except InputError as exc:
+            if self.skip is None:
+                raise
+            self.skip(exc)
+            return []
+
+    def _read_rules(self, table: _Table, chain: _Chain, words: list[Item],
+                    statement: Statement) -> list[ir.Rule]:
         if chain.nat:
             raise self.error(words[0], f"rules in NAT chain '{chain.name}' are not supported "
                              "yet", "filter and route chains")
@@ -464,12 +479,39 @@ def _final(target: Optional[ir.Target]) -> bool:
         isinstance(target, ir.JumpTarget) and target.goto)
 
 
-def parse_nft(text: str, source: str = "<stdin>") -> ir.Ruleset:
+# Braces and parentheses nest at most this deep (a table, a chain, a set in a rule and a
+# few more): what nests deeper is refused where it does, before the parser recurses.
+MAX_NESTING = 32
+_OPENING, _CLOSING = "{(", "})"
+
+
+def _check_nesting(text: str, source: str) -> None:
+    depth, offset = 0, 0
+    while offset < len(text):
+        char = text[offset]
+        if char in "\"#":  # a string or a comment: to its end
+            end = text.find('"' if char == '"' else "\n", offset + 1)
+            offset = len(text) if end < 0 else end + 1
+            continue
+        if char in _OPENING:
+            depth += 1
+            if depth > MAX_NESTING:
+                raise InputError(source, text.count("\n", 0, offset) + 1, char,
+                                 f"braces and parentheses nest more than {MAX_NESTING} "
+                                 "deep here", "sets and blocks nested as nft lists them",
+                                 offset - text.rfind("\n", 0, offset))
+        elif char in _CLOSING:
+            depth = max(0, depth - 1)
+        offset += 1
+
+
+def parse_nft(text: str, source: str = "<stdin>", skip=None) -> ir.Ruleset:
+    _check_nesting(text, source)
     try:
         tree = grammar().parse(text if text.endswith("\n") else text + "\n")
     except lark.exceptions.UnexpectedInput as exc:
         raise _syntax_error(exc, text, source) from None
-    reader = NftReader(source)
+    reader = NftReader(source, skip)
     reader.read(_statements(tree, source))
     return reader.ruleset()
 
@@ -479,10 +521,13 @@ def _syntax_error(exc: lark.exceptions.UnexpectedInput, text: str, source: str) 
     column = getattr(exc, "column", 0) or 0
     token = getattr(exc, "token", None)
     if isinstance(exc, lark.exceptions.UnexpectedCharacters):
-        bad = text.splitlines()[line - 1][column - 1:].split()[0] if line else "?"
+        rest = text.split("\n")[line - 1][column - 1:] if line else ""
+        bad = (re.match(r"[^ \t]+", rest) or re.match(r".?", rest)).group() or "?"
+        if not bad.isprintable():  # a vertical tab, a no-break space: named, not shown
+            bad = repr(bad)[1:-1]
         return InputError(source, line, bad, "unexpected character", None, column)
     if token is None or token.type == "$END":
-        return InputError(source, max(1, len(text.rstrip("\n").splitlines())),
+        return InputError(source, max(1, text.rstrip("\n").count("\n") + 1),
                           "<end of file>", "a '{' is not closed by '}'")
     return InputError(source, line, token.value.strip() or "<newline>", "unexpected here",
                       None, column)

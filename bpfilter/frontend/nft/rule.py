@@ -32,6 +32,7 @@ class NamedSet:
     is_map: bool
     word: Word
     elements: list[tuple[Item, ...]] = field(default_factory=list)
+    auto_merge: bool = False  # overlapping elements merged (else nft refuses them)
 
     def set_type(self, words: list[Item], reader: "NftReader") -> None:
         """The key type is read from the elements themselves; the type is only checked
@@ -72,7 +73,8 @@ SELECTORS = {
 _V6_SELECTORS = {("ip6", "saddr"): "ip saddr", ("ip6", "daddr"): "ip daddr",
                  ("ip6", "hoplimit"): "ip ttl", ("icmpv6", "type"): "icmp type",
                  ("icmpv6", "code"): "icmp code"}
-_META_SHORT = ("iifname", "oifname", "iif", "oif", "mark", "l4proto", "length")
+# Meta keys nft reads without `meta` (l4proto, length, protocol need it).
+_META_SHORT = ("iifname", "oifname", "iif", "oif", "mark")
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ class RuleReader(Comparisons):
         # A set of concatenations (`ip saddr . tcp dport { ... }`) may hold elements that
         # overlap: a packet can match several of its rules.
         self.may_overlap = False
+        self.tcp_reset: Optional[Word] = None  # `reject with tcp reset`, where it is
 
     # ----------------------------------------------------------------- words
 
@@ -157,11 +160,25 @@ class RuleReader(Comparisons):
         for combination in itertools.product(*self.groups):
             matches = _with_family(tuple(self.implied), _merge(
                 tuple(m for choice in combination for m in choice.matches)))
+            if self.tcp_reset is not None:
+                matches = self._tcp_dependency(matches)
             target = next((c.target for c in combination if c.target is not None), single)
             rules.append(ir.Rule(matches + matches_tail, target, origin, self.counters))
         if len(self.statements) <= 1:
             return rules, None
         return rules, [ir.Rule((), s, origin) for s in self.statements]
+
+    def _tcp_dependency(self, matches: tuple[ir.Match, ...]) -> tuple[ir.Match, ...]:
+        """`reject with tcp reset` holds for TCP only: nft adds the protocol test where the
+        rule has none, and refuses the rule where it names another protocol."""
+        protocols = [m for m in matches if isinstance(m, ir.ProtocolMatch)]
+        if any(not m.negate and m.protocol != 6 or m.negate and m.protocol == 6
+               for m in protocols):
+            raise self.error(self.tcp_reset, "you cannot use tcp reset with this protocol",
+                             "tcp reset after a tcp expression, or icmp replies")
+        if any(not m.negate for m in protocols):
+            return matches
+        return matches + (ir.ProtocolMatch(6),)
 
     def _item(self) -> None:
         word = self.next("an expression or statement")
@@ -269,9 +286,13 @@ class RuleReader(Comparisons):
             reset = self.next_word("reset")
             if reset.value != "reset":
                 raise self.error(reset, "expected 'reset'")
+            self.tcp_reset = kind
             return ir.RejectTarget(ir.RejectWith.TCP_RESET)
         if self.family is None and kind.value in ("icmp", "icmpv6"):
             self._family_of(kind)
+        if kind.value == "icmpx" and self.family is not None:
+            raise self.error(kind, "abstracted ICMP unreachable not supported in a table of "
+                             "one family", "icmp (icmpv6) types here; icmpx in inet tables")
         icmp = "icmpv6" if self.v6 else "icmp"
         if kind.value not in (icmp, "icmpx"):
             raise self.error(kind, "reject type not supported", f"{icmp}, icmpx, tcp reset")
@@ -431,11 +452,12 @@ class RuleReader(Comparisons):
         if self.peek_value() != "(":
             return self.comma_list("a mask")
         self.pos += 1
-        words = []
+        words = [self.next_word("a flag")]
         while self.peek_value() != ")":
-            word = self.next_word("')'")
-            if word.value != "|":
-                words.append(word)
+            bar = self.next_word("')'")
+            if bar.value != "|":
+                raise self.error(bar, "syntax error, expecting ')' or '|'", "(a | b | c)")
+            words.append(self.next_word("a flag"))
         self.pos += 1
         return words
 
@@ -452,6 +474,8 @@ class RuleReader(Comparisons):
 
     def _elements(self, rhs: Item) -> Optional[list[tuple[Item, ...]]]:
         if isinstance(rhs, SetLiteral):
+            if not rhs.elements:
+                raise self.error(rhs, "syntax error, unexpected '}' (an empty set)")
             return list(rhs.elements)
         if rhs.value.startswith("@"):
             named = self.sets.get(rhs.value[1:])
@@ -465,6 +489,10 @@ class RuleReader(Comparisons):
 
     def _in_set(self, selectors, op, mask, elements, rhs) -> list[_Choice]:
         kind = selectors[0][0]
+        for element in elements:
+            colon = next((w for w in element if isinstance(w, Word) and w.value == ":"), None)
+            if colon is not None:
+                raise self.error(colon, "mapping outside of map context", "vmap { k : v }")
         words = [self._element_words(e, len(selectors)) for e in elements]
         if len(selectors) == 1:
             native = self._set_match(kind, [w[0] for w in words], op == "!=")
@@ -473,7 +501,11 @@ class RuleReader(Comparisons):
         if op == "!=":
             return [_Choice(tuple(m for w in words
                                   for m in self._compare(selectors[0], "!=", mask, w[0])))]
-        return [_Choice(self._element_matches(selectors, mask, w)) for w in words]
+        choices = [_Choice(self._element_matches(selectors, mask, w)) for w in words]
+        named = self.sets.get(rhs.value[1:]) if isinstance(rhs, Word) else None
+        if named is not None and not named.auto_merge:
+            _disjoint(choices, [e[0] for e in elements], self)
+        return choices
 
     def _element_matches(self, selectors, mask, parts) -> tuple[ir.Match, ...]:
         """A packet whose fields equal an element's parts."""
@@ -493,6 +525,10 @@ class RuleReader(Comparisons):
         if len(split) != parts or not all(split):
             raise self.error(element[0], f"element expected with {parts} parts joined by "
                              "' . '")
+        for part in split:  # one value, or a range `a - b`
+            if len(part) > 1 and not (len(part) == 3 and part[1].value == "-"):
+                raise self.error(part[1], "syntax error, expecting comma or '}'",
+                                 "{ a, b, c - d }")
         return split
 
     def _vmap(self, selectors, op, mask) -> list[_Choice]:
@@ -510,6 +546,8 @@ class RuleReader(Comparisons):
             if colon is None:
                 raise self.error(element[0], "map element expected as 'key : verdict'")
             key, verdict = element[:colon], element[colon + 1:]
+            if not key or not verdict:
+                raise self.error(element[colon], "map element expected as 'key : verdict'")
             parts = self._element_words(key, len(selectors))
             sub = RuleReader(list(verdict), self.source, self.sets, self.table,
                              self.family)
@@ -518,6 +556,7 @@ class RuleReader(Comparisons):
             if sub.peek() is not None:
                 raise self.error(sub.peek(), "one verdict per map element")
             choices.append(_Choice(self._element_matches(selectors, mask, parts), target))
+        _disjoint(choices, [e[0] for e in elements], self)
         self.verdict_map = True
         self.may_overlap |= len(selectors) > 1
         return choices
@@ -565,3 +604,32 @@ def _merge(matches: tuple[ir.Match, ...]) -> tuple[ir.Match, ...]:
                 continue
         merged.append(match)
     return tuple(merged)
+
+
+def _interval(matches: tuple[ir.Match, ...]) -> Optional[tuple[str, int, int]]:
+    """The values an element's last match takes, as (field, low, high), for the kinds of
+    key that form intervals; None for others."""
+    if not matches:
+        return None
+    last = matches[-1]
+    if isinstance(last, ir.AddressMatch) and not last.negate:
+        net = last.network
+        return (f"addr{net.version}", int(net.network_address), int(net.broadcast_address))
+    if isinstance(last, (ir.TcpMatch, ir.UdpMatch)):
+        spec = last.dport or last.sport
+        if spec is not None and not spec.negate and (last.dport is None or last.sport is None):
+            return ("dport" if last.dport else "sport", spec.ports.low, spec.ports.high)
+    if isinstance(last, ir.MultiportMatch) and len(last.ports) == 1 and not last.negate:
+        return (last.direction, last.ports[0].low, last.ports[0].high)
+    return None
+
+
+def _disjoint(choices: list, where: list, reader: RuleReader) -> None:
+    """Elements of a map, or of a named set nft does not merge, may not overlap: nft
+    refuses them ('conflicting intervals specified'); the first one would win here."""
+    spans = sorted((span, i) for i, c in enumerate(choices)
+                   if (span := _interval(c.matches)) is not None)
+    for (a, _i), (b, j) in zip(spans, spans[1:]):
+        if a[0] == b[0] and b[1] <= a[2]:
+            raise reader.error(where[j], "conflicting intervals specified (it overlaps "
+                               "another element)", "elements that do not overlap")

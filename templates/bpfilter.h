@@ -24,6 +24,7 @@
 #define IPPROTO_ICMPV6 58 /* a macro of the UAPI headers, not in vmlinux.h */
 #endif
 #define BF_IP_DF 0x4000
+#define BF_IP_MF 0x2000
 #define BF_TTL 64 /* net.ipv4.ip_default_ttl, what the kernel's replies carry */
 #define BF_ICMP_QUOTE_MAX 548 /* 576 - IP header - ICMP header, as icmp_send() quotes */
 #define BF_ICMP6_QUOTE_MAX 1232 /* 1280 - IPv6 header - ICMPv6 header (icmp6_send()) */
@@ -90,6 +91,7 @@ struct bf_pkt {
 	__u8 ct_dir;        /* 1: the packet goes the connection's reply way */
 	__u8 hook;          /* enum bf_hook */
 	__u8 ip_df;         /* the IP header's don't-fragment flag */
+	__u8 more_frags;    /* a fragment other than the last (IPv4's MF, IPv6's M) */
 	__u8 noif;          /* enum bf_noif */
 	__u8 family;        /* 4 or 6 */
 	__u8 l4_unknown;    /* IPv6: the header chain could not be followed to its end */
@@ -622,6 +624,7 @@ static __always_inline int bf_parse4(struct bf_ctx *ctx, struct bf_pkt *p, struc
 	p->tos = ip->tos;
 	p->frag_off = bpf_ntohs(ip->frag_off) & 0x1fff;
 	p->ip_df = !!(bpf_ntohs(ip->frag_off) & BF_IP_DF);
+	p->more_frags = !!(bpf_ntohs(ip->frag_off) & BF_IP_MF);
 	p->l4_len = tot - hlen;
 	p->l4_off = sizeof(struct ethhdr) + hlen;
 	if (p->frag_off == 0)
@@ -686,6 +689,7 @@ static __always_inline int bf_parse6(struct bf_ctx *ctx, struct bf_pkt *p,
 			next = h[0];
 			off += 8;
 			p->frag_off = field >> 3;
+			p->more_frags = field & 1;
 			if (p->frag_off)
 				break;
 			/* Connection tracking's defragmenter takes a whole datagram in one
@@ -1122,6 +1126,11 @@ static __always_inline int bf_icmp_answers(struct bf_ctx *ctx, const struct bf_p
 		if (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP)
 			pseudo = bf_pseudo_sum(p, p->proto, p->l4_len);
 	}
+	/* A first fragment's checksum covers the whole datagram. The kernel answers the
+	 * datagram it reassembled (before INPUT always, before PREROUTING with connection
+	 * tracking) and checks the fragment alone elsewhere (and fails: no answer). */
+	if (p->more_frags && (BF_CONNTRACK || p->hook == BF_HOOK_INPUT))
+		return 1;
 	return bf_l4_checksum_ok(ctx, p->l4_off | (p->proto << 8) | (p->l4_len << 16), pseudo);
 }
 

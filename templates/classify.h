@@ -19,6 +19,7 @@
 #define BF_CLS_PORTS 65537 /* every port, then "no ports readable" */
 #define BF_CLS_NO_PORTS 65536
 #define BF_CLS_SCAN 32 /* words one step scans (the verifier checks the loop once) */
+#define BF_CLS_NEED_TCP 20 /* the L4 bytes -m tcp reads (passes/classify.py: _L4_NEEDS) */
 
 enum bf_cls_action {
 	BF_ACT_NONE, BF_ACT_ACCEPT, BF_ACT_DROP, BF_ACT_REJECT, BF_ACT_RETURN, BF_ACT_JUMP,
@@ -209,6 +210,15 @@ __noinline long bf_cls_try(struct bf_walk *w, __u32 index)
 			return 0;
 		slot = *hit;
 	}
+	if (e->need && p->frag_off) {
+		/* A later fragment has no transport header: the protocol's match does not hold
+		 * (tcp's drops the packet at offset 1: a flag overwrite, xt_tcp says). */
+		if (p->frag_off == 1 && e->need == BF_CLS_NEED_TCP) {
+			w->result = BF_DROP;
+			return 1;
+		}
+		return 0;
+	}
 	if (e->need > p->l4_len) {
 		w->result = BF_DROP; /* the kernel's hotdrop */
 		return 1;
@@ -357,7 +367,7 @@ __noinline int bf_classify(struct bf_pkt *p, __u32 segment)
 	w->result = BF_DROP;
 	w->pkt = *p;
 	gen = p->gen;
-	ports = p->l4_len >= 4;
+	ports = p->l4_len >= 4 && !p->frag_off;
 
 	w->cls[0] = bf_cls_class(&bf_cls_proto, gen * 256 + p->proto);
 	w->cls[1] = bf_cls_addr(&bf_cls_saddr, gen, p->saddr);
@@ -366,8 +376,13 @@ __noinline int bf_classify(struct bf_pkt *p, __u32 segment)
 				(ports ? p->sport : BF_CLS_NO_PORTS));
 	w->cls[4] = bf_cls_class(&bf_cls_dport, gen * BF_CLS_PORTS +
 				(ports ? p->dport : BF_CLS_NO_PORTS));
-	/* Classes 0-3: entries needing more than 3, 7, 19 L4 bytes, and none. */
-	w->cls[5] = p->l4_len < 4 ? 0 : p->l4_len < 8 ? 1 : p->l4_len < 20 ? 2 : 3;
+	/* Classes 0-3: entries needing more than 3, 7, 19 L4 bytes, and none. A later
+	 * fragment meets every entry with a transport match at offset 1 (tcp's drops it),
+	 * and none elsewhere (no ports: the port classes hold none of them). */
+	if (p->frag_off)
+		w->cls[5] = p->frag_off == 1 ? 0 : 3;
+	else
+		w->cls[5] = p->l4_len < 4 ? 0 : p->l4_len < 8 ? 1 : p->l4_len < 20 ? 2 : 3;
 	if (!bf_cls_enter(w, segment))
 		return BF_DROP;
 	/* Every step scans a word or tries a candidate, so this bound is never reached by a

@@ -19,11 +19,14 @@ from typing import Callable, Iterator
 
 from bpfilter.errors import KernelError
 from bpfilter.loader.libbpf import possible_cpus
+from bpfilter.loader.netfilter import NFPROTO_IPV4, NFPROTO_IPV6, defrag_link
 from bpfilter.loader.objects import Map
 from bpfilter.runtime.runner import CONNTRACK_MAPS, LoadedRuleset
 from bpfilter.runtime.state import Paths, remove_tree
 
 TABLE = "bf_conntrack"
+# The netfilter links that make the kernel reassemble (follow_defrag).
+DEFRAG_LINKS = {"defrag4": NFPROTO_IPV4, "defrag6": NFPROTO_IPV6}
 
 
 def open_shared(paths: Paths) -> dict[str, Map]:
@@ -59,6 +62,26 @@ def pin_table(paths: Paths, loaded: LoadedRuleset) -> Callable[[], None]:
         remove_tree(paths.conntrack)
         raise
     return lambda: remove_table(paths)
+
+
+def follow_defrag(paths: Paths, tracking: bool) -> None:
+    """The kernel reassembles fragments before PREROUTING while some rule of the
+    namespace needs connection tracking; so do bpfilter's namespaces, while some ruleset
+    reads the connection state (`tracking`): a later fragment the program leaves to the
+    kernel then waits there for its first fragment and shares its fate (dropped: never
+    reassembled). Without such a ruleset, fragments go their own ways, judged one by one."""
+    home = paths.pins.parent / ":defrag"
+    if not tracking:
+        remove_tree(home)
+        return
+    home.mkdir(parents=True, exist_ok=True)
+    for name, family in DEFRAG_LINKS.items():
+        if not (home / name).exists():
+            link = defrag_link(family)
+            try:
+                link.pin(str(home / name))
+            finally:
+                link.close()
 
 
 def remove_table(paths: Paths) -> None:

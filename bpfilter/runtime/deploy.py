@@ -35,7 +35,7 @@ from bpfilter.loader.objects import Map
 from bpfilter.loader.xdp import XdpMode
 from bpfilter.runtime.runner import (LoadedRuleset, clear_generation, fill_classifier,
                                      fill_folded, generation_maps, slot_counters, stage_maps)
-from bpfilter.runtime.conntable import open_shared, pin_table
+from bpfilter.runtime.conntable import follow_defrag, open_shared, pin_table
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,7 @@ def apply(text: str, source: str, iface: str, build_dir: Path,
     paths = state.Paths(iface, state.netns_id())
     with lock.held(paths.netns, f"apply on {iface}", waiting):
         report = _apply(text, source, iface, build_dir, mode, progress, compilation, attach)
+        _follow_fragments(paths)
     try:
         # The watcher may have synced the replaced generation a moment ago: this one is
         # read after the switch, and any later change reaches the watcher.
@@ -382,7 +383,13 @@ def detach(iface: str) -> state.Deployment:
         if deployment is None:
             raise KernelError(f"bpfilter runs nothing on {iface}")
         reconcile.forget(paths)  # the connection table goes with the last interface
+        _follow_fragments(paths)
     return deployment
+
+
+def _follow_fragments(paths: state.Paths) -> None:
+    """The kernel's reassembly on while a ruleset of the namespace tracks connections."""
+    follow_defrag(paths, any(d.conntrack for _p, d in state.deployments()))
 
 
 def running_program_id(paths: state.Paths, egress: bool = False) -> Optional[int]:

@@ -145,7 +145,7 @@ def forget(paths: state.Paths) -> None:
     state.remove_tree(paths.meta)
     for parent in (paths.pins.parent, paths.meta.parent):
         if parent.exists() and not any(p for p in parent.iterdir()
-                                       if p.name != ":conntrack"):
+                                       if p.name not in (":conntrack", ":defrag")):
             state.remove_tree(parent)
 
 

@@ -24,6 +24,7 @@
 #define IPPROTO_ICMPV6 58 /* a macro of the UAPI headers, not in vmlinux.h */
 #endif
 #define BF_IP_DF 0x4000
+#define BF_LOOPBACK_IFINDEX 1 /* lo: its own network namespace's first device */
 #define BF_IP_MF 0x2000
 #define BF_TTL 64 /* net.ipv4.ip_default_ttl, what the kernel's replies carry */
 #define BF_ICMP_QUOTE_MAX 548 /* 576 - IP header - ICMP header, as icmp_send() quotes */
@@ -92,6 +93,7 @@ struct bf_pkt {
 	__u8 hook;          /* enum bf_hook */
 	__u8 ip_df;         /* the IP header's don't-fragment flag */
 	__u8 more_frags;    /* a fragment other than the last (IPv4's MF, IPv6's M) */
+	__u8 otherhost;     /* addressed to another host's MAC (PACKET_OTHERHOST) */
 	__u8 noif;          /* enum bf_noif */
 	__u8 family;        /* 4 or 6 */
 	__u8 l4_unknown;    /* IPv6: the header chain could not be followed to its end */
@@ -166,6 +168,16 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } bf_ifmatch SEC(".maps");
+
+/* ifindex -> the interface's MAC address (6 bytes, 2 of padding), kept by hostview.py: at
+ * XDP the program tells a frame for another host (a promiscuous NIC, a bridge port) from
+ * one for this one, which the kernel's eth_type_trans() does before the IP layer. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u64);
+} bf_ifmac SEC(".maps");
 
 static __always_inline __u64 bf_ifbits(__u32 ifindex)
 {
@@ -281,6 +293,30 @@ struct {
 	__type(key, __u32);
 	__type(value, __u32);
 } bf_host SEC(".maps");
+
+/* The kernel's settings the programs follow, kept by hostview.py (followed within the
+ * watcher's resync). */
+struct bf_sysctl {
+	__u32 ct_checksum;     /* net.netfilter.nf_conntrack_checksum */
+	__u32 icmp_ratelimit;  /* net.ipv4.icmp_ratelimit, ms */
+	__u32 icmp_ratemask;   /* net.ipv4.icmp_ratemask */
+	__u32 icmp6_ratelimit; /* net.ipv6.icmp.ratelimit, ms */
+	__u32 icmp6_unreach;   /* net.ipv6.icmp.ratemask holds destination unreachable (1) */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bf_sysctl);
+} bf_sysctl SEC(".maps");
+
+static __always_inline struct bf_sysctl *bf_settings(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&bf_sysctl, &zero);
+}
 
 /* The last answer of bf_local on this CPU. A trie lookup costs about as much as the rest
  * of a short ruleset, and most packets go to the address the previous one went to; the
@@ -736,6 +772,18 @@ static __always_inline int bf_parse(struct bf_ctx *ctx, struct bf_pkt *p)
 	__builtin_memcpy(p->smac, eth->h_source, 6);
 	__builtin_memcpy(p->dmac, eth->h_dest, 6);
 	p->ifindex = ctx->ingress_ifindex;
+#ifdef BF_TC
+	p->otherhost = ctx->pkt_type == 3; /* PACKET_OTHERHOST */
+#else
+	{
+		__u64 *mac = bpf_map_lookup_elem(&bf_ifmac, &p->ifindex);
+		__u64 dest = 0;
+
+		__builtin_memcpy(&dest, eth->h_dest, 6);
+		p->otherhost = mac && *mac != dest && !(eth->h_dest[0] & 1) &&
+			       p->ifindex != BF_LOOPBACK_IFINDEX;
+	}
+#endif
 	{
 		__u32 zero = 0;
 		__u32 *gen = bpf_map_lookup_elem(&bf_gen, &zero);
@@ -789,17 +837,32 @@ static __always_inline void bf_fib_addresses(struct bpf_fib_lookup *fib, const s
 	fib->ipv4_dst = bpf_htonl(back ? p->saddr : p->daddr);
 }
 
-/* Sources the kernel never routes on: IPv4's martians (ip_route_input_slow(),
- * fib_validate_source(): this host's own addresses, multicast, broadcast, 0/8, 127/8);
- * for IPv6 what ip6_forward() refuses, link-local sources (multicast and loopback ones
- * bf_parse6() left to the kernel already), and link-local destinations, which stay on
- * their link. */
+/* What ip_route_input_slow() drops as a martian after PREROUTING, whatever the
+ * destination, in its order: a multicast or broadcast source; then (what is not
+ * 0.0.0.0 to a broadcast, DHCP's, taken in) a source or destination 0.0.0.0 (the rest
+ * of 0/8 is unicast since Linux 5.3) or in 127/8 (route_localnet off), and a source
+ * fib_validate_source() refuses: an address of this host. Not for IPv6 (bf_parse6() and
+ * bf_unroutable() hold its rules). */
+static __always_inline int bf_martian(const struct bf_pkt *p)
+{
+	__u32 s = p->saddr, d = p->daddr;
+
+	if (BF_FAMILY6(p) || p->ifindex == BF_LOOPBACK_IFINDEX)
+		return 0;
+	if ((s >> 28) == 0xe || s == 0xffffffff)
+		return 1;
+	if (d == 0xffffffff || (s == 0 && d == 0))
+		return 0;
+	return s == 0 || d == 0 || (s >> 24) == 127 || (d >> 24) == 127 || bf_local_route(s);
+}
+
+/* IPv6 packets the kernel never forwards (IPv4's martians never reach the routing
+ * decision: bf_martian()): what ip6_forward() refuses, link-local sources (multicast and
+ * loopback ones bf_parse6() left to the kernel already), and link-local destinations,
+ * which stay on their link. */
 static __always_inline int bf_unroutable(const struct bf_pkt *p)
 {
-	if (BF_FAMILY6(p))
-		return (p->src[0] >> 22) == 0x3fa || (p->dst[0] >> 22) == 0x3fa;
-	return (p->saddr >> 28) == 0xe || p->saddr == 0xffffffff || (p->saddr >> 24) == 0 ||
-	       (p->saddr >> 24) == 127 || bf_local_route(p->saddr);
+	return BF_FAMILY6(p) && ((p->src[0] >> 22) == 0x3fa || (p->dst[0] >> 22) == 0x3fa);
 }
 
 /* Where the kernel routes a packet that is not for this host, as ip_route_input() and
@@ -899,7 +962,6 @@ static __always_inline int bf_grow_head(struct bf_ctx *ctx, __u32 head)
 
 /* At egress the packet came from this host: the reply goes back into it through lo, as
  * the kernel's REJECT at OUTPUT sends it (INPUT sees it with `-i lo`). */
-#define BF_LOOPBACK_IFINDEX 1
 
 static __always_inline int bf_transmit(struct bf_ctx *ctx)
 {
@@ -1134,6 +1196,85 @@ static __always_inline int bf_icmp_answers(struct bf_ctx *ctx, const struct bf_p
 	return bf_l4_checksum_ok(ctx, p->l4_off | (p->proto << 8) | (p->l4_len << 16), pseudo);
 }
 
+/* IPv6 routes of the main table: prefix -> its length (the value), kept by hostview.py
+ * for the ICMPv6 rate limit, which gives wider routes a shorter timeout. */
+BF_LPM_TRIE(bf_route6, BF_LOCAL_MAX, struct bf_local6_key, __u8);
+
+/* A destination's token bucket for ICMP errors, as the kernel keeps one per peer. */
+struct bf_icmp_peer_key {
+	__u32 addr[4];
+	__u32 family;
+};
+
+struct bf_icmp_peer {
+	__u64 tokens, last; /* ns */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct bf_icmp_peer_key);
+	__type(value, struct bf_icmp_peer);
+} bf_icmp_peers SEC(".maps");
+
+#define BF_XRLIM_BURST 6 /* XRLIM_BURST_FACTOR */
+
+/* icmpv4_xrlim_allow() / icmpv6_xrlim_allow(): whether the kernel's rate limit lets a
+ * destination unreachable to the packet's source go now. Per destination a bucket of
+ * BF_XRLIM_BURST timeouts (icmp_ratelimit; for IPv6 halved for every 32 bits the route to
+ * it is shorter than /128), refilled with time, one timeout taken per error; none on
+ * what goes back to this host (OUTPUT's REJECT, through lo). (The kernel's global
+ * icmp_msgs_per_sec, whose cost per error is random, is not followed.) */
+static __always_inline int bf_icmp_rate_allows(const struct bf_pkt *p, int v6)
+{
+	struct bf_icmp_peer_key key = { .family = v6 };
+	struct bf_sysctl *sys = bf_settings();
+	struct bf_icmp_peer *peer, fresh = {};
+	__u64 now = bpf_ktime_get_ns(), tmo, token;
+
+	if (!sys || p->hook == BF_HOOK_OUTPUT)
+		return 1;
+	if (v6) {
+		struct bf_local6_key route = { .prefixlen = 128 };
+		__u8 *plen;
+
+		if (!sys->icmp6_unreach)
+			return 1;
+		tmo = sys->icmp6_ratelimit * 1000000ULL;
+		bf_ip6_net(route.addr, p->src);
+		plen = bpf_map_lookup_elem(&bf_route6, &route);
+		if (plen && *plen < 128)
+			tmo >>= (128 - *plen) >> 5;
+	} else {
+		if (!(sys->icmp_ratemask & (1 << 3)))
+			return 1;
+		tmo = sys->icmp_ratelimit * 1000000ULL;
+	}
+	/* (With a timeout of 0 nothing is refused, but the bucket is kept, empty, as the
+	 * kernel keeps it: a limit set later starts from it.) */
+	bf_addr_copy(key.addr, p->src, BF_ADDR_WORDS(p));
+	peer = bpf_map_lookup_elem(&bf_icmp_peers, &key);
+	if (!peer) {
+		/* inet_getpeer() dates a new peer's last error a minute back: a full bucket */
+		fresh.tokens = BF_XRLIM_BURST * tmo;
+		fresh.last = now;
+		bpf_map_update_elem(&bf_icmp_peers, &key, &fresh, BPF_NOEXIST);
+		peer = bpf_map_lookup_elem(&bf_icmp_peers, &key);
+		if (!peer)
+			return 1;
+	}
+	token = peer->tokens + (now - peer->last);
+	peer->last = now;
+	if (token > BF_XRLIM_BURST * tmo)
+		token = BF_XRLIM_BURST * tmo;
+	if (token < tmo) {
+		peer->tokens = token;
+		return 0;
+	}
+	peer->tokens = token - tmo;
+	return 1;
+}
+
 /* icmp_send(ICMP_DEST_UNREACH) or icmp6_send(ICMPV6_DEST_UNREACH): the error quotes the
  * rejected packet from its IP header. Global: its frame is not on the stack the chains
  * share with the program's. */
@@ -1156,7 +1297,8 @@ __noinline int bf_reject_icmp(struct bf_ctx *ctx, const struct bf_pkt *p, __u8 c
 	quote = p->len + p->defragged < max ? p->len + p->defragged : max;
 	head = l3 + sizeof(struct icmphdr);
 	want = sizeof(struct ethhdr) + head + quote;
-	if (!bf_icmp_answers(ctx, p) || !bf_error_source(ctx, p, &from))
+	if (!bf_icmp_answers(ctx, p) || !bf_error_source(ctx, p, &from) ||
+	    !bf_icmp_rate_allows(p, v6))
 		return BF_OUT_DROP;
 	if (p->hook == BF_HOOK_FORWARD) {
 		/* The error quotes the packet as FORWARD saw it: its TTL already decremented. */

@@ -686,6 +686,33 @@ __noinline int bf_ct_related(struct bf_ctx *ctx, struct bf_pkt *p)
 	return BF_CT_RELATED;
 }
 
+/* nf_conntrack's tcp_error(), udp_error() and icmp_error() at PREROUTING, with
+ * nf_conntrack_checksum on: a transport checksum that does not hold makes the packet
+ * INVALID. UDP without a checksum holds; a NIC's verified one (at TC) is taken as it is
+ * (at XDP none is known); a first fragment's stands for a datagram the kernel checks
+ * once reassembled (taken as good); OUTPUT's packets are not checked. */
+static __always_inline int bf_ct_bad_checksum(struct bf_ctx *ctx, const struct bf_pkt *p)
+{
+#ifdef BF_EGRESS
+	return 0;
+#else
+	struct bf_sysctl *sys = bf_settings();
+	__u64 pseudo = 0;
+
+	if (!sys || !sys->ct_checksum || p->l4_off > 0xff || p->more_frags)
+		return 0;
+	if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP && p->proto != BF_ICMP_PROTO(p))
+		return 0;
+#ifdef BF_TC
+	if (bpf_csum_level(ctx, BPF_CSUM_LEVEL_QUERY) >= 0)
+		return 0;
+#endif
+	if (p->proto != IPPROTO_ICMP)
+		pseudo = bf_pseudo_sum(p, p->proto, p->l4_len);
+	return !bf_l4_checksum_ok(ctx, p->l4_off | (p->proto << 8) | (p->l4_len << 16), pseudo);
+#endif
+}
+
 static __always_inline void bf_ct_classify(struct bf_ctx *ctx, struct bf_pkt *p)
 {
 	struct bf_ct_key key = {};
@@ -701,7 +728,8 @@ static __always_inline void bf_ct_classify(struct bf_ctx *ctx, struct bf_pkt *p)
 		return;
 	}
 	if ((p->proto == IPPROTO_UDP && p->l4_len < 8) ||
-	    (p->proto == BF_ICMP_PROTO(p) && p->l4_len < 8) || p->l4_unknown) {
+	    (p->proto == BF_ICMP_PROTO(p) && p->l4_len < 8) || p->l4_unknown ||
+	    bf_ct_bad_checksum(ctx, p)) {
 		p->ct_state = BF_CT_INVALID;
 		return;
 	}

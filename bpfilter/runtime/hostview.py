@@ -14,6 +14,7 @@ import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from bpfilter import ir
@@ -28,7 +29,14 @@ _DELIVERED = {socket.AF_INET: (RTN_LOCAL, RTN_BROADCAST),
 # bf_local6's values (templates/bpfilter.h: enum bf_local6)
 LOCAL6_ROUTE, LOCAL6_ADDRESS = 1, 2
 # The maps `sync` writes, with the epoch that tells programs they changed.
-MAPS = ("bf_local", "bf_local6", "bf_ifmatch", "bf_host")
+MAPS = ("bf_local", "bf_local6", "bf_ifmatch", "bf_ifmac", "bf_sysctl", "bf_route6", "bf_host")
+RT_TABLE_MAIN = 254
+# struct bf_sysctl (templates/bpfilter.h), and the kernel's defaults where a key is absent
+# (nf_conntrack's before the module first runs in the namespace).
+_SYSCTL = struct.Struct("<IIIII")
+_SYSCTL_KEYS = (("net/netfilter/nf_conntrack_checksum", "1"), ("net/ipv4/icmp_ratelimit", "1000"),
+                ("net/ipv4/icmp_ratemask", "6168"), ("net/ipv6/icmp/ratelimit", "1000"),
+                ("net/ipv6/icmp/ratemask", "0-1,3-127"))
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,36 @@ class HostView:
     local: dict[bytes, bytes]
     local6: dict[bytes, bytes]
     interfaces: tuple[tuple[int, str], ...]  # (ifindex, name)
+    macs: dict[bytes, bytes]  # bf_ifmac: ifindex -> MAC, 8 bytes
+    sysctl: dict[bytes, bytes]  # bf_sysctl's one row
+    routes6: dict[bytes, bytes]  # bf_route6: the main table's IPv6 prefixes -> length
+
+
+def _sysctl_row() -> dict[bytes, bytes]:
+    values = []
+    for key, default in _SYSCTL_KEYS:
+        try:
+            text = (Path("/proc/sys") / key).read_text().strip()
+        except OSError:
+            text = default
+        if key.endswith("ipv6/icmp/ratemask"):  # a list of type ranges: is 1 in it?
+            spans = [part.split("-") for part in text.split(",") if part]
+            values.append(int(any(int(span[0]) <= 1 <= int(span[-1]) for span in spans)))
+        else:
+            values.append(int(text))
+    return {struct.pack("<I", 0): _SYSCTL.pack(*values)}
+
+
+def _main_routes6() -> dict[bytes, bytes]:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        routes = ipr.get_routes(family=socket.AF_INET6, table=RT_TABLE_MAIN)
+    rows = {}
+    for route in routes:
+        net = ipaddress.IPv6Network(f"{route.get_attr('RTA_DST') or '::'}/{route['dst_len']}")
+        rows[_key(net)] = bytes([net.prefixlen])
+    return rows
 
 
 def local_routes(family: int = socket.AF_INET) -> list[tuple[ipaddress._BaseNetwork, int]]:
@@ -59,15 +97,30 @@ def _key(network) -> bytes:
     return struct.pack("<I", network.prefixlen) + network.network_address.packed
 
 
+def links() -> list[tuple[int, str, bytes]]:
+    """(ifindex, name, MAC) of the current network namespace's interfaces."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        found = ipr.get_links()
+    return [(link["index"], link.get_attr("IFLA_IFNAME"),
+             bytes.fromhex((link.get_attr("IFLA_ADDRESS") or "").replace(":", "")))
+            for link in found]
+
+
 def read(interfaces: Optional[list[tuple[int, str]]] = None) -> HostView:
-    """The current network namespace's view (`interfaces` given: those instead)."""
+    """The current network namespace's view (`interfaces` given: those names instead)."""
     local = {_key(net): b"\x01" for net, _kind in local_routes(socket.AF_INET)}
     # An address of this host (a /128 local route) is where ICMPv6 errors come from.
     local6 = {_key(net): bytes([LOCAL6_ADDRESS if kind == RTN_LOCAL and net.prefixlen == 128
                                 else LOCAL6_ROUTE])
               for net, kind in local_routes(socket.AF_INET6)}
+    found = links()
+    macs = {struct.pack("<I", index): mac.ljust(8, b"\0") for index, _name, mac in found
+            if len(mac) == 6}
     return HostView(local, local6, tuple(interfaces if interfaces is not None
-                                         else socket.if_nameindex()))
+                                         else ((i, n) for i, n, _m in found)), macs,
+                    _sysctl_row(), _main_routes6())
 
 
 def interface_rows(patterns: list[ir.InterfaceMatch], interfaces) -> dict[bytes, bytes]:
@@ -85,7 +138,7 @@ def _diff(table: Map, rows: dict[bytes, bytes], what: str) -> int:
     current = {key: table.lookup(key) for key in table.keys()}
     stale = [key for key in current if key not in rows]
     fresh = {key: value for key, value in rows.items() if current.get(key) != value}
-    if len(current) - len(stale) + len(fresh) > table.max_entries:
+    if len(set(current).difference(stale).union(fresh)) > table.max_entries:
         raise KernelError(f"the host has {len(rows)} {what}, more than bpfilter's map holds "
                           f"({table.max_entries}): they cannot all be followed")
     for key in stale:
@@ -101,7 +154,10 @@ def write(maps: dict[str, Map], view: HostView, patterns: list[ir.InterfaceMatch
     changed = (_diff(maps["bf_local"], view.local, "local IPv4 routes")
                + _diff(maps["bf_local6"], view.local6, "local IPv6 routes")
                + _diff(maps["bf_ifmatch"], interface_rows(patterns, view.interfaces),
-                       "interfaces matching the ruleset's names"))
+                       "interfaces matching the ruleset's names")
+               + _diff(maps["bf_ifmac"], view.macs, "interfaces")
+               + _diff(maps["bf_sysctl"], view.sysctl, "settings")
+               + _diff(maps["bf_route6"], view.routes6, "IPv6 routes"))
     if changed:
         epoch = maps["bf_host"]
         key = struct.pack("<I", 0)

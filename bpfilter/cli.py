@@ -48,10 +48,12 @@ def _read_rules(path: str) -> tuple[str, str]:
         sys.exit(EXIT_INPUT)
 
 
-def _read_all(paths: tuple[str, ...]) -> tuple[str, str]:
+def _read_all(paths: tuple[str, ...], families: tuple[str, ...] = ()) -> tuple[str, str]:
     """One ruleset from one file, or from an iptables-save and an ip6tables-save file
-    (both families at once)."""
-    from bpfilter.frontend import combine, dialect
+    (both families at once). `families`: --family, once for every file or once per file;
+    a family the text does not say of itself is assumed, and said so on stderr."""
+    from bpfilter.frontend import combine, dialect, families as family_of
+    from bpfilter.ir import Family
 
     texts = [_read_rules(path) for path in paths]
     if len(texts) > 1 and not all(dialect(*t).endswith("tables") for t in texts):
@@ -59,7 +61,27 @@ def _read_all(paths: tuple[str, ...]) -> tuple[str, str]:
                           "ip6tables-save text (an nftables ruleset holds both families "
                           "in one file)[/]")
         sys.exit(EXIT_INPUT)
-    return combine(texts)
+    if families and len(families) not in (1, len(texts)):
+        err_console.print(f"[red]bpfilter: --family given {len(families)} times for "
+                          f"{len(texts)} files: once for all, or once per file[/]")
+        sys.exit(EXIT_INPUT)
+    given = [Family.IPV6 if f == "ipv6" else Family.IPV4 for f in families]
+    given = (given * len(texts) if len(given) == 1 else given) or [None] * len(texts)
+    for (text, source), family in zip(texts, given):
+        if family is None and dialect(text, source).endswith("tables"):
+            try:
+                for note in family_of.notes(text, source):
+                    err_console.print(f"[yellow]bpfilter: note: {escape(note)}[/]")
+            except InputError:
+                pass  # the parser says it, with the line
+    return combine(texts, given)
+
+
+FAMILY = click.option("--family", "families", multiple=True,
+                      type=click.Choice(["ipv4", "ipv6"]),
+                      help="The family of iptables-save RULES, over what the text says of "
+                           "itself (its header comment, its addresses and matches): once "
+                           "for every file, or once per file in order.")
 
 
 # RULES of compile, apply, translate: IPv4 and IPv6 rules may come in two files.
@@ -162,8 +184,10 @@ def main() -> None:
                    "after the kernel has built its packet buffer).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (README: "
               "JSON output).")
+@FAMILY
 def compile_cmd(rules: tuple[str, ...], output: Optional[Path], emit: str,
-                ignore_unsupported: bool, no_verify: bool, attach: str, as_json: bool) -> None:
+                ignore_unsupported: bool, no_verify: bool, attach: str, as_json: bool,
+                families: tuple[str, ...]) -> None:
     """Compile RULES into BPF programs.
 
     \b
@@ -178,7 +202,7 @@ def compile_cmd(rules: tuple[str, ...], output: Optional[Path], emit: str,
 
     if emit != "c" and not no_verify:
         _need_rights("compile (without --no-verify or --emit c)")
-    text, source = _read_all(rules)
+    text, source = _read_all(rules, families)
     if output is None:
         stem = "stdin" if rules[0] == "-" else Path(rules[0]).name.replace(".", "_")
         output = Path("build") / stem
@@ -212,7 +236,8 @@ def compile_cmd(rules: tuple[str, ...], output: Optional[Path], emit: str,
 @click.option("--to", "to", type=click.Choice(["nft", "iptables"]), required=True,
               help="The syntax to print: nft (an `nft -f` ruleset, family ip) or iptables "
                    "(iptables-save text).")
-def translate_cmd(rules: tuple[str, ...], to: str) -> None:
+@FAMILY
+def translate_cmd(rules: tuple[str, ...], to: str, families: tuple[str, ...]) -> None:
     """Print RULES in the other syntax, rule for rule.
 
     \b
@@ -228,7 +253,7 @@ def translate_cmd(rules: tuple[str, ...], to: str) -> None:
     from bpfilter.passes import validate
     from bpfilter.passes.xtables import to_xtables
 
-    text, source = _read_all(rules)
+    text, source = _read_all(rules, families)
     try:
         ruleset = validate(parse_ruleset(text, source))
         if to == "nft":
@@ -360,8 +385,9 @@ MODES = click.Choice(["native", "generic", "offload", "tc"])
               "filtering at all). Without it such input (an empty or comment-only file) is "
               "refused, as iptables-restore leaves the running rules alone for it; "
               "`bpfilter detach` takes a ruleset off.")
+@FAMILY
 def apply(rules: tuple[str, ...], iface: str, mode: Optional[str],
-          output: Optional[Path], allow_empty: bool) -> None:
+          output: Optional[Path], allow_empty: bool, families: tuple[str, ...]) -> None:
     """Compile RULES and make them live on IFACE, replacing what runs there atomically
     (`apply rules.v4 rules.v6 -i eth0`: both families).
 
@@ -375,7 +401,7 @@ def apply(rules: tuple[str, ...], iface: str, mode: Optional[str],
     from bpfilter.loader.xdp import XdpMode
 
     _need_rights("apply")
-    text, source = _read_all(rules)
+    text, source = _read_all(rules, families)
     if not allow_empty and not holds_tables(text):
         _show_input_error(InputError(source, 1, "(no table)",
                                      "the input holds no table: applied, it would take every "

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 
-from bpfilter.testbed import netns, SERVER_ADDR, VethBed
+from bpfilter.testbed import SERVER_ADDR, VethBed
 
 # A long comment and a long source path: what 80 columns used to cut or wrap.
 COMMENT = "this rule accepts ssh from the network of the administrators, as a long comment says"

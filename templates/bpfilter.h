@@ -318,21 +318,45 @@ static __always_inline struct bf_sysctl *bf_settings(void)
 	return bpf_map_lookup_elem(&bf_sysctl, &zero);
 }
 
-/* The last answer of bf_local on this CPU. A trie lookup costs about as much as the rest
- * of a short ruleset, and most packets go to the address the previous one went to; the
- * answer holds while bf_host's epoch stays the one it was given in. */
-struct bf_local_memo {
-	__u32 addr;
-	__u32 answer; /* 0: empty, 1: not local, 2: local */
+/* This CPU's last answers about the host: whether the last destination and the last
+ * source were local, and the last input interface's MAC. A trie or hash lookup costs
+ * about as much as the rest of a short ruleset, and most packets come from and go to
+ * where the previous one did; the answers hold while bf_host's epoch stays the one they
+ * were given in (hostview.py moves it on every change it writes). */
+struct bf_memo {
 	__u32 epoch;
+	__u32 daddr;
+	__u32 saddr;
+	__u32 ifindex;
+	__u8 dlocal;  /* 0: empty, 1: not local, 2: local */
+	__u8 slocal;
+	__u8 has_mac; /* 0: empty, 1: no MAC known, 2: mac */
+	__u8 pad;
+	__u64 mac;
 };
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct bf_local_memo);
-} bf_local_memo SEC(".maps");
+	__type(value, struct bf_memo);
+} bf_memo SEC(".maps");
+
+/* This CPU's memo, emptied when the host moved since it was written (NULL only when the
+ * maps are missing, which the verifier cannot know they are not). */
+static __always_inline struct bf_memo *bf_host_memo(void)
+{
+	__u32 zero = 0, *epoch = bpf_map_lookup_elem(&bf_host, &zero);
+	struct bf_memo *memo = bpf_map_lookup_elem(&bf_memo, &zero);
+
+	if (!memo || !epoch)
+		return 0;
+	if (memo->epoch != *epoch) {
+		memo->dlocal = memo->slocal = memo->has_mac = 0;
+		memo->epoch = *epoch;
+	}
+	return memo;
+}
 
 /* The local table has a local or broadcast route for `addr` (host order). */
 static __always_inline int bf_local_route(__u32 addr)
@@ -364,11 +388,19 @@ static __always_inline __u8 bf_local6_route(const __u32 *addr)
 	return kind ? *kind : 0;
 }
 
+/* bf_local_route(addr), through the memo's slot (*seen, *answer). */
+static __always_inline int bf_local_memoized(__u32 addr, __u32 *seen, __u8 *answer)
+{
+	if (*answer && *seen == addr)
+		return *answer == 2;
+	*seen = addr;
+	*answer = bf_local_route(addr) ? 2 : 1;
+	return *answer == 2;
+}
+
 static __always_inline int bf_local_destination(const struct bf_pkt *p)
 {
-	struct bf_local_memo *memo;
-	__u32 zero = 0, *epoch;
-	int local;
+	struct bf_memo *memo;
 
 	/* Multicast (and IPv4's limited broadcast) is delivered locally when anyone
 	 * listens. */
@@ -376,19 +408,9 @@ static __always_inline int bf_local_destination(const struct bf_pkt *p)
 		return (p->dst[0] >> 24) == 0xff || bf_local6_route(p->dst);
 	if ((p->daddr >> 28) == 0xe || p->daddr == 0xffffffff)
 		return 1;
-	memo = bpf_map_lookup_elem(&bf_local_memo, &zero);
-	epoch = bpf_map_lookup_elem(&bf_host, &zero);
-	if (!epoch)
-		return bf_local_route(p->daddr);
-	if (memo && memo->answer && memo->addr == p->daddr && memo->epoch == *epoch)
-		return memo->answer == 2;
-	local = bf_local_route(p->daddr);
-	if (memo) {
-		memo->addr = p->daddr;
-		memo->answer = local ? 2 : 1;
-		memo->epoch = *epoch;
-	}
-	return local;
+	memo = bf_host_memo();
+	return memo ? bf_local_memoized(p->daddr, &memo->daddr, &memo->dlocal)
+		    : bf_local_route(p->daddr);
 }
 
 /* Folded runs whose prefixes all have one length: (run, masked address) -> slot, one hash
@@ -776,11 +798,26 @@ static __always_inline int bf_parse(struct bf_ctx *ctx, struct bf_pkt *p)
 	p->otherhost = ctx->pkt_type == 3; /* PACKET_OTHERHOST */
 #else
 	{
-		__u64 *mac = bpf_map_lookup_elem(&bf_ifmac, &p->ifindex);
-		__u64 dest = 0;
+		struct bf_memo *memo = bf_host_memo();
+		__u64 dest = 0, mac = 0;
+		int known;
 
+		if (memo && memo->has_mac && memo->ifindex == p->ifindex) {
+			known = memo->has_mac == 2;
+			mac = memo->mac;
+		} else {
+			__u64 *found = bpf_map_lookup_elem(&bf_ifmac, &p->ifindex);
+
+			known = found != 0;
+			mac = found ? *found : 0;
+			if (memo) {
+				memo->ifindex = p->ifindex;
+				memo->has_mac = known ? 2 : 1;
+				memo->mac = mac;
+			}
+		}
 		__builtin_memcpy(&dest, eth->h_dest, 6);
-		p->otherhost = mac && *mac != dest && !(eth->h_dest[0] & 1) &&
+		p->otherhost = known && mac != dest && !(eth->h_dest[0] & 1) &&
 			       p->ifindex != BF_LOOPBACK_IFINDEX;
 	}
 #endif
@@ -846,6 +883,7 @@ static __always_inline void bf_fib_addresses(struct bpf_fib_lookup *fib, const s
 static __always_inline int bf_martian(const struct bf_pkt *p)
 {
 	__u32 s = p->saddr, d = p->daddr;
+	struct bf_memo *memo;
 
 	if (BF_FAMILY6(p) || p->ifindex == BF_LOOPBACK_IFINDEX)
 		return 0;
@@ -853,7 +891,10 @@ static __always_inline int bf_martian(const struct bf_pkt *p)
 		return 1;
 	if (d == 0xffffffff || (s == 0 && d == 0))
 		return 0;
-	return s == 0 || d == 0 || (s >> 24) == 127 || (d >> 24) == 127 || bf_local_route(s);
+	if (s == 0 || d == 0 || (s >> 24) == 127 || (d >> 24) == 127)
+		return 1;
+	memo = bf_host_memo();
+	return memo ? bf_local_memoized(s, &memo->saddr, &memo->slocal) : bf_local_route(s);
 }
 
 /* IPv6 packets the kernel never forwards (IPv4's martians never reach the routing

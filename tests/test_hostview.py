@@ -9,6 +9,7 @@ not know yet walks no INPUT at all and the kernel delivers it."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -88,6 +89,27 @@ def test_addresses_and_local_routes_added_after_apply_are_followed(pair):
         _both(pair, change)
         took.append(_agree(pair, packet))
     print(f"followed 8 changes, each within {max(took) * 1000:.0f} ms")
+
+
+def test_a_source_made_local_after_apply_turns_martian(pair):
+    """The programs keep the last source's answer per CPU (bf_memo): the host taking the
+    address on must reach it, as the kernel then drops the packet before INPUT. Sent from
+    one CPU, so that a stale memo is met again rather than dodged on another CPU."""
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        _martian_after_change(pair)
+    finally:
+        os.sched_setaffinity(0, cpus)
+
+
+def _martian_after_change(pair: MirrorPair) -> None:
+    from_there = IP(src="10.66.6.6", dst="10.9.9.9") / UDP(dport=9)
+    _both(pair, "ip addr add 10.9.9.9/32 dev lo")
+    _agree(pair, from_there)  # rejected by both
+    for change in ("ip addr add 10.66.6.6/32 dev lo", "ip addr del 10.66.6.6/32 dev lo"):
+        _both(pair, change)
+        _agree(pair, from_there)
 
 
 def test_links_made_after_apply_are_matched_by_name(pair):

@@ -4,8 +4,8 @@ The programs decide INPUT against FORWARD, and tell martian sources, by the `loc
 routes (bf_local, bf_local6), and match `-i`/`-o` patterns by interface index (bf_ifmatch).
 Addresses, local routes and interfaces change while a ruleset runs; `sync` reads them
 from the kernel and writes into a ruleset's maps only what differs, then bumps the epoch
-that invalidates the programs' per-CPU memo of the last local lookup. The loader fills new
-programs the same way, and the watcher (runtime/watcher.py) calls `sync` on every change.
+that invalidates the programs' per-CPU memo (bf_memo: the last local lookups, the last
+MAC). The loader fills new programs the same way, and the watcher (runtime/watcher.py) calls `sync` on every change.
 """
 
 from __future__ import annotations

@@ -1189,8 +1189,11 @@ __attribute__((noinline)) int bf_l4_checksum_ok(struct bf_ctx *ctx, __u32 shape,
 		if (*check == bf_fold(pseudo))
 			return 1;
 	}
-	sum = bf_sum(l4, len, end, BF_CSUM_MAX_WORDS);
-	return bf_fold(sum + pseudo) == 0xffff;
+	/* Both zeros of one's complement pass, as in the kernel (whose sum also covers the
+	 * IP header, which turns +0 into -0): Linux answers an echo of id 0 and sequence 0
+	 * with an all-zero ICMP message, checksum 0x0000 where 0xffff was due. */
+	sum = bf_fold(bf_sum(l4, len, end, BF_CSUM_MAX_WORDS) + pseudo);
+	return sum == 0xffff || sum == 0;
 }
 
 /* The ICMP checksum of a reply: `len` bytes from the ICMP header, which starts `l3` bytes

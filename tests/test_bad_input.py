@@ -44,6 +44,10 @@ REFUSED = {
     "reversed udp ports": FILTER.format("-A INPUT -p udp --dport 10:5").encode(),
     "-p twice": FILTER.format("-A INPUT -p tcp -p udp -j ACCEPT").encode(),
     "-o in INPUT": FILTER.format("-A INPUT -o lo -j ACCEPT").encode(),
+    # iptables compares level names with strcmp, and knows neither err nor warn
+    "an upper-case log level": FILTER.format("-A INPUT -j LOG --log-level ALERT").encode(),
+    "log level err": FILTER.format("-A INPUT -j LOG --log-level err").encode(),
+    "--ctproto Tcp": FILTER.format("-A INPUT -m conntrack --ctproto Tcp").encode(),
     "chains nested 1,200 deep": ("*filter\n:INPUT ACCEPT [0:0]\n" + "".join(
         f":C{i} - [0:0]\n" for i in range(1200)) + "-A INPUT -j C0\n" + "".join(
         f"-A C{i} -j C{i + 1}\n" for i in range(1199)) + "COMMIT\n").encode(),
@@ -109,12 +113,15 @@ def test_a_latin1_comment_is_read_and_written_back_byte_for_byte(tmp_path):
     ("-m ttl --ttl-eq 010", "--ttl-eq 8"), ("-p 010", "-p egp"),
     ("-m mark --mark 010", "--mark 0x8"), ("-m limit --limit 010/sec", "--limit 10/sec"),
     ("-p tcp -m multiport --dports 010,0x10", "--dports 8,16"),
-    ("-m tcp --dport 1 -p tcp", "-p tcp -m tcp --dport 1")])
+    ("-m tcp --dport 1 -p tcp", "-p tcp -m tcp --dport 1"),
+    ("-m conntrack --ctproto TCP", "--ctproto 6"),
+    ("-j LOG --log-level panic", "--log-level 0"), ("-j LOG --log-level 0x3", "--log-level 3")])
 def test_numbers_and_orders_mean_what_they_mean_to_the_kernel(namespace, tmp_path, spelling,
                                                               means):
     """The kernel's iptables-save of the rule and bpfilter's say the same (octal and hex
     where iptables reads C numbers, decimal where it does not; -m before -p)."""
-    text = FILTER.format(f"-A INPUT {spelling} -j ACCEPT")
+    target = "" if spelling.startswith("-j ") else " -j ACCEPT"
+    text = FILTER.format(f"-A INPUT {spelling}{target}")
     scratch = namespace("bpft-num")
     netns.run("iptables-legacy-restore", netns=scratch, input=text)
     kernel = [line for line in netns.run("iptables-legacy-save", netns=scratch).stdout

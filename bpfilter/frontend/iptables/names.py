@@ -58,8 +58,9 @@ ICMP6_TYPES = {
 TCP_FLAGS = {"FIN": 0x01, "SYN": 0x02, "RST": 0x04, "PSH": 0x08, "ACK": 0x10, "URG": 0x20}
 TCP_FLAGS_ALL = 0x3F
 
+# The names iptables takes, as it spells them (strcmp: "ALERT", "err" and "warn" refused).
 LOG_LEVELS = {
-    "emerg": 0, "alert": 1, "crit": 2, "error": 3, "err": 3, "warning": 4, "warn": 4,
+    "emerg": 0, "panic": 0, "alert": 1, "crit": 2, "error": 3, "warning": 4,
     "notice": 5, "info": 6, "debug": 7,
 }
 

@@ -572,8 +572,16 @@ def _ct_address(key: str):
 
 def _ct_protocol(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
     arg = reader.argument(tok)
-    text = arg.value.lower()
+    # Unlike -p, not lower-cased first: iptables takes a name as /etc/protocols spells it
+    # (`TCP`, its alias, but not `Tcp`).
+    text = arg.value
     number = names.PROTOCOL_ALIASES.get(text, names.PROTOCOLS.get(text))
+    if number is None and _c_number(text, False) is None:
+        try:
+            number = socket.getprotobyname(text)
+        except OSError:
+            raise reader.error(arg, f"unknown protocol '{text}'",
+                               "names as /etc/protocols spells them, or 1-255") from None
     if number is None:
         number = _parse_int(reader, arg, text, 0, 255, "protocol number")
     _once(reader, module, "protocol", tok, ir.ProtocolMatch(number, negate))
@@ -714,7 +722,10 @@ def _reject_with(reader: RuleReader, tok: Token) -> None:
 
 def _log_level(reader: RuleReader, tok: Token) -> None:
     arg = reader.argument(tok)
-    level = names.LOG_LEVELS.get(arg.value.lower())
+    level = names.LOG_LEVELS.get(arg.value)
+    if level is None and _c_number(arg.value, False) is None:
+        raise reader.error(arg, f"unknown log level '{arg.value}'",
+                           ", ".join(names.LOG_LEVELS) + ", or 0-7")
     if level is None:
         level = _parse_int(reader, arg, arg.value, 0, 7, "log level")
     reader.target_options["level"] = level

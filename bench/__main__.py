@@ -130,10 +130,14 @@ def _plot(results: dict, sizes: list[int], path: Path, ruleset: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    series = {name: [(n, row[str(n)]["mpps"]) for n in sizes
+                     if str(n) in row and row[str(n)]["verdict"] == "ok"]
+              for name, row in results.items()}
+    series = {name: points for name, points in series.items() if points}
+    if not series:  # every figure refused: nothing to draw on a log scale
+        return False
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, row in results.items():
-        points = [(n, row[str(n)]["mpps"]) for n in sizes
-                  if str(n) in row and row[str(n)]["verdict"] == "ok"]
+    for name, points in series.items():
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
     ax.set_xscale("log")
     ax.set_yscale("log")

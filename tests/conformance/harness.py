@@ -8,6 +8,7 @@ stack's own answers to accepted frames)."""
 from __future__ import annotations
 
 import functools
+import os
 import socket
 import time
 from collections import defaultdict
@@ -42,6 +43,15 @@ from tests.conformance.rulesets import kinds
 # minutes; the assertion already names the frame and prints the ruleset.
 SETTINGS = dict(deadline=None, derandomize=True, phases=(Phase.explicit, Phase.generate),
                 suppress_health_check=list(HealthCheck))
+
+# Generated rulesets and flows are the suite's budget (about 20 minutes on 2 cores):
+# BPFILTER_CONFORMANCE_SCALE=3 makes three times as many of each, for a longer run.
+SCALE = float(os.environ.get("BPFILTER_CONFORMANCE_SCALE", "1"))
+
+
+def count(n: int) -> int:
+    """How many generated cases a run of `n` (the suite's own size) makes."""
+    return max(1, round(n * SCALE))
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bpfilter.passes import classify
-from tests.conformance.harness import SETTINGS, MirrorPair, check_example, check_generated
+from tests.conformance.harness import (MirrorPair, SETTINGS, check_example,
+                                       check_generated, count)
 from tests.conformance.rulesets import large_acls, layered, rulesets
 from tests.packets import frames, interesting
-GENERATED_RULESETS = 80
-LAYERED_RULESETS = 30
-READOUT_RULESETS = 50
-LARGE_ACLS = 15
-LARGE_MIXED = 10
+GENERATED_RULESETS = count(50)
+LAYERED_RULESETS = count(20)
+READOUT_RULESETS = count(30)
+LARGE_ACLS = count(10)
+LARGE_MIXED = count(7)
 FRAMES_PER_RULESET = 20
 FRAMES_PER_EXAMPLE = 60
 

@@ -16,7 +16,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from bpfilter.testbed import SERVER_ADDR
-from tests.conformance.harness import listening_pair
+from tests.conformance.harness import count, listening_pair
 
 RULESET = """*filter
 :INPUT ACCEPT [0:0]
@@ -33,7 +33,7 @@ RULESET = """*filter
 -A INPUT -j DROP
 COMMIT
 """
-FLOWS = 150
+FLOWS = count(150)
 FLAGS = ["S", "S", "SA", "A", "A", "PA", "FA", "F", "R", "RA", "SF", "", "SR", "FPU"]
 CLIENT = "192.0.2.77"
 _ports = itertools.count(20000)  # a fresh client port per flow, across examples

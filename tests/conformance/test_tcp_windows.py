@@ -18,10 +18,10 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
 from bpfilter.testbed import SERVER_ADDR
-from tests.conformance.harness import SETTINGS, listening_pair, observe_replies
+from tests.conformance.harness import SETTINGS, count, listening_pair, observe_replies
 from tests.conformance.test_conntrack_conform import RULESET
 
-FLOWS = 60
+FLOWS = count(60)
 CLIENT = "192.0.2.78"
 FAR = 1 << 24  # well beyond any window these connections open
 STEPS = ["ack", "data", "data", "fin", "rst", "ahead", "behind", "ack-ahead", "ack-behind",

@@ -309,6 +309,32 @@ class MarkMatch:
     connection: bool = False
 
 
+@dataclass(frozen=True)
+class AddrTypeMatch:
+    """`-m addrtype` (nft `fib ... type`): the route type the kernel's local table gives
+    the source (destination) address, as inet_dev_addr_type() finds it: 0.0.0.0/8 and
+    255.255.255.255 BROADCAST, 224/4 MULTICAST, else the type of the longest local-table
+    route holding it, UNICAST when none does. With `limit` ("in" or "out"), a route counts
+    only if it goes through the packet's input (output) interface. IPv4 only for now (the
+    kernel's IPv6 match looks routes up in every table)."""
+
+    TYPES = ("UNSPEC", "UNICAST", "LOCAL", "BROADCAST", "ANYCAST", "MULTICAST", "BLACKHOLE",
+             "UNREACHABLE", "PROHIBIT", "THROW", "NAT", "XRESOLVE")  # RTN_* order
+    # Where a packet has no interface of that direction, the kernel refuses the limit.
+    NO_INTERFACE = {"out": (Hook.PREROUTING, Hook.INPUT), "in": (Hook.OUTPUT, Hook.POSTROUTING)}
+
+    src: tuple[str, ...] = ()  # in TYPES order; () sets no condition
+    dst: tuple[str, ...] = ()
+    src_negate: bool = False
+    dst_negate: bool = False
+    limit: Optional[str] = None  # "in" | "out"
+
+    @staticmethod
+    def mask(types: tuple[str, ...]) -> int:
+        """The kernel's bitmask of route types (bit RTN_x)."""
+        return sum(1 << AddrTypeMatch.TYPES.index(t) for t in types)
+
+
 Match = Union[
     AddressMatch,
     InterfaceMatch,
@@ -328,6 +354,7 @@ Match = Union[
     MarkMatch,
     FamilyMatch,
     EtherTypeMatch,
+    AddrTypeMatch,
 ]
 
 # --------------------------------------------------------------------------- targets
@@ -549,6 +576,17 @@ class Table:
 
     def chain(self, name: str) -> Optional[Chain]:
         return self._by_name.get(name)
+
+    def reached(self, entry: str) -> list[str]:
+        """The user chains a jump or goto from `entry` can reach, directly or not."""
+        seen: dict[str, None] = {}
+        todo = [entry]
+        while todo:
+            for rule in self.chain(todo.pop()).rules:
+                if isinstance(rule.target, JumpTarget) and rule.target.chain not in seen:
+                    seen[rule.target.chain] = None
+                    todo.append(rule.target.chain)
+        return list(seen)
 
     @functools.cached_property
     def _by_name(self) -> dict[str, Chain]:

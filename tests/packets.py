@@ -14,7 +14,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
 from bpfilter import ir
-from bpfilter.testbed import FAR_NET, FAR_NET6
+from bpfilter.testbed import FAR_NET, FAR_NET6, SERVER_ADDR
 
 LOCAL = ipaddress.IPv4Network("198.18.0.0/15")
 # The testbed server's IPv6 range (bpfilter/testbed/veth.py) and what ip6_rcv_core() drops or no
@@ -36,6 +36,9 @@ class Interesting:
     lengths: set[int] = field(default_factory=set)
     icmp: set[tuple[int, int]] = field(default_factory=lambda: {(8, 0), (0, 0), (3, 3)})
     macs: set[str] = field(default_factory=set)
+    # Destinations of every address type (-m addrtype): the server's own address on eth0,
+    # the limited broadcast, the all-hosts group every host has joined.
+    typed: tuple[str, ...] = ()
 
 
 def _around(value: int, low: int, high: int) -> set[int]:
@@ -75,6 +78,8 @@ def interesting(ruleset: ir.Ruleset) -> Interesting:
                 found.icmp |= {(m.icmp_type, m.codes.low), (m.icmp_type, 0)}
             elif isinstance(m, ir.MacSourceMatch):
                 found.macs.add(":".join(f"{b:02x}" for b in m.address))
+            elif isinstance(m, ir.AddrTypeMatch):
+                found.typed = (SERVER_ADDR, "255.255.255.255", "224.0.0.1")
     return found
 
 
@@ -100,6 +105,8 @@ def frames(draw, values: Interesting, interfaces: tuple[str, ...]):
     local = [a for a in _of_version(values.addresses, 4)
              if ipaddress.IPv4Address(a) in LOCAL and a != str(LOCAL.network_address)]
     dst = draw(st.one_of(st.sampled_from(local), random_local) if local else random_local)
+    if values.typed and draw(st.booleans()):
+        dst = draw(st.sampled_from(values.typed))
     ttl = draw(st.sampled_from(sorted(values.ttls)))
     smac = draw(st.sampled_from(sorted(values.macs | {"02:00:00:00:00:01"})))
     ports = st.one_of(st.sampled_from(sorted(values.ports)), st.integers(0, 65535))
@@ -254,5 +261,7 @@ def sent_packets(draw, ruleset):
     if TCP in packet or UDP in packet:
         l4 = packet[TCP] if TCP in packet else packet[UDP]
         l4.sport, l4.dport = l4.dport, l4.sport
+    if IP in packet and ipaddress.ip_address(packet.src) not in LOCAL:
+        packet.src = SERVER_ADDR  # a broadcast or multicast destination (addrtype's)
     assert ipaddress.ip_address(packet.src) in (LOCAL6 if IPv6 in frame else LOCAL)
     return _rebuilt(packet)

@@ -48,6 +48,13 @@ REFUSED = {
     "an upper-case log level": FILTER.format("-A INPUT -j LOG --log-level ALERT").encode(),
     "log level err": FILTER.format("-A INPUT -j LOG --log-level err").encode(),
     "--ctproto Tcp": FILTER.format("-A INPUT -m conntrack --ctproto Tcp").encode(),
+    # addrtype's checkentry refuses it at every hook whose chains reach the rule
+    "--limit-iface-out reached from INPUT": (
+        "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+        ":C - [0:0]\n-A FORWARD -j C\n-A INPUT -j C\n"
+        "-A C -m addrtype --dst-type LOCAL --limit-iface-out\nCOMMIT\n").encode(),
+    "addrtype prefix of nothing": FILTER.format("-A INPUT -m addrtype --src-type LOCALS")
+    .encode(),
     "chains nested 1,200 deep": ("*filter\n:INPUT ACCEPT [0:0]\n" + "".join(
         f":C{i} - [0:0]\n" for i in range(1200)) + "-A INPUT -j C0\n" + "".join(
         f"-A C{i} -j C{i + 1}\n" for i in range(1199)) + "COMMIT\n").encode(),
@@ -115,7 +122,9 @@ def test_a_latin1_comment_is_read_and_written_back_byte_for_byte(tmp_path):
     ("-p tcp -m multiport --dports 010,0x10", "--dports 8,16"),
     ("-m tcp --dport 1 -p tcp", "-p tcp -m tcp --dport 1"),
     ("-m conntrack --ctproto TCP", "--ctproto 6"),
-    ("-j LOG --log-level panic", "--log-level 0"), ("-j LOG --log-level 0x3", "--log-level 3")])
+    ("-j LOG --log-level panic", "--log-level 0"), ("-j LOG --log-level 0x3", "--log-level 3"),
+    ("-m addrtype --src-type loc,U", "--src-type UNSPEC,LOCAL"),
+    ("-m addrtype ! --dst-type b --limit-iface-in", "! --dst-type BROADCAST --limit-iface-in")])
 def test_numbers_and_orders_mean_what_they_mean_to_the_kernel(namespace, tmp_path, spelling,
                                                               means):
     """The kernel's iptables-save of the rule and bpfilter's say the same (octal and hex
@@ -161,7 +170,8 @@ def test_without_root_commands_say_they_need_it(kernel, command):
 
 
 @pytest.mark.parametrize("text", [
-    FILTER.format("-A INPUT -m addrtype --dst-type LOCAL -j DROP\n-A INPUT -j ACCEPT"),
+    FILTER.format("-A INPUT -m statistic --mode random --probability 0.5 -j DROP\n"
+                  "-A INPUT -j ACCEPT"),
     FILTER.format("-A INPUT -p tcp -m set --match-set x src -j DROP\n-A INPUT -j ACCEPT")])
 def test_ignore_unsupported_skips_rules_of_unknown_modules(tmp_path, text):
     result = _compile(tmp_path, text.encode(), "--ignore-unsupported")

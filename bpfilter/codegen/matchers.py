@@ -267,6 +267,20 @@ def _mark(m: ir.MarkMatch, ctx: MatchContext) -> list[str]:
     return [ctx.require(f"(p->ct_state & BF_CT_CONN) && {_holds(expr, m.negate)}")]
 
 
+_LIMIT_INTERFACE = {None: "0", "in": "p->ifindex", "out": "p->oifindex"}
+
+
+def _addrtype(m: ir.AddrTypeMatch, ctx: MatchContext) -> list[str]:
+    """xt_addrtype (IPv4): the source's types, then the destination's."""
+    if ctx.family is not ir.Family.IPV4:
+        raise ValueError("address types are compiled for IPv4 chains only")
+    device = _LIMIT_INTERFACE[m.limit]
+    return [ctx.require(f"bf_addr_type_in(p->{field}, {device}, 0x{m.mask(types):x})",
+                        negate)
+            for types, negate, field in ((m.src, m.src_negate, "saddr"),
+                                         (m.dst, m.dst_negate, "daddr")) if types]
+
+
 def _comment(m: ir.CommentMatch, ctx: MatchContext) -> list[str]:
     return []
 
@@ -299,6 +313,7 @@ GENERATORS: dict[type, Callable[..., list[str]]] = {
     ir.MarkMatch: _mark,
     ir.FamilyMatch: _family,
     ir.EtherTypeMatch: _ethertype,
+    ir.AddrTypeMatch: _addrtype,
 }
 
 

@@ -23,7 +23,7 @@ from bpfilter.passes.stages import ChainRef, Stage
 from bpfilter.resources import resource_dir
 
 # The runtime the generated programs include: packet parsing, maps, targets; the classifier.
-RUNTIME_HEADERS = ("bpfilter.h", "classify.h", "conntrack.h")
+RUNTIME_HEADERS = ("bpfilter.h", "classify.h", "conntrack.h", "addrtype.h")
 # Chains longer than this are split into functions of this many rules: clang's time grows
 # faster than linearly with the size of one function.
 PART_RULES = 32

@@ -48,6 +48,7 @@ def validate(ruleset: ir.Ruleset,
                     unsupported(problem)
             chains.append(dataclasses.replace(chain, rules=tuple(keep),
                                               hook=chain.hook if runs else None))
+        _check_interface_limits(table)
         tables.append(dataclasses.replace(table, chains=tuple(chains)))
     result = ir.Ruleset(ruleset.family, tuple(tables), ruleset.source)
     for table in result.tables:
@@ -69,6 +70,26 @@ def _unsupported_rule(table: ir.Table, rule: ir.Rule) -> Optional[InputError]:
                          f"{name} is valid only in the {only} table (the kernel refuses "
                          f"it in '{table.name}')")
     return None
+
+
+def _check_interface_limits(table: ir.Table) -> None:
+    """An address type limited to the packet's input (output) interface where a packet
+    has none: the kernel refuses it at every hook whose chains reach the rule
+    (addrtype's checkentry, nft_fib_validate)."""
+    for base in table.chains:
+        if base.hook is None:
+            continue
+        for name in [base.name] + table.reached(base.name):
+            for rule in table.chain(name).rules:
+                for match in rule.matches:
+                    if isinstance(match, ir.AddrTypeMatch) and match.limit and \
+                            base.hook in ir.AddrTypeMatch.NO_INTERFACE[match.limit]:
+                        where = "" if name == base.name else f" (chain {name}, from {base.name})"
+                        raise _error_at(rule.origin, f"--limit-iface-{match.limit}",
+                                        f"a packet at {base.hook.value} has no "
+                                        f"{'output' if match.limit == 'out' else 'input'} "
+                                        f"interface{where}: the kernel refuses the limit "
+                                        "there")
 
 
 def _check_jumps(table: ir.Table, chain: ir.Chain) -> None:

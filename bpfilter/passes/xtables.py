@@ -64,7 +64,7 @@ def to_xtables(ruleset: ir.Ruleset) -> ir.Ruleset:
                              f"{base.priority}: iptables' {target} table has one")
             chains[target][base.hook.value] = _renamed(
                 base, base.hook.value, renames)
-            for name in _reached(table, base.name):
+            for name in table.reached(base.name):
                 chain = table.chain(name)
                 new = renames[name]
                 if new in chains[target] and chains[target][new].origin != chain.origin:
@@ -82,14 +82,3 @@ def _renamed(chain: ir.Chain, name: str, renames: dict[str, str]) -> ir.Chain:
                                                           chain=renames[r.target.chain]))
         if isinstance(r.target, ir.JumpTarget) else r for r in chain.rules)
     return dataclasses.replace(chain, name=name, rules=rules)
-
-
-def _reached(table: ir.Table, entry: str) -> list[str]:
-    seen: dict[str, None] = {}
-    todo = [entry]
-    while todo:
-        for rule in table.chain(todo.pop()).rules:
-            if isinstance(rule.target, ir.JumpTarget) and rule.target.chain not in seen:
-                seen[rule.target.chain] = None
-                todo.append(rule.target.chain)
-    return list(seen)

@@ -29,7 +29,10 @@ _DELIVERED = {socket.AF_INET: (RTN_LOCAL, RTN_BROADCAST),
 # bf_local6's values (templates/bpfilter.h: enum bf_local6)
 LOCAL6_ROUTE, LOCAL6_ADDRESS = 1, 2
 # The maps `sync` writes, with the epoch that tells programs they changed.
-MAPS = ("bf_local", "bf_local6", "bf_ifmatch", "bf_ifmac", "bf_sysctl", "bf_route6", "bf_host")
+MAPS = ("bf_local", "bf_local6", "bf_ifmatch", "bf_ifmac", "bf_sysctl", "bf_route6",
+        "bf_addrtype", "bf_host")
+# struct bf_addrtype (templates/addrtype.h): the route's type and output interface.
+_ADDRTYPE = struct.Struct("<BxxxI")
 RT_TABLE_MAIN = 254
 # struct bf_sysctl (templates/bpfilter.h), and the kernel's defaults where a key is absent
 # (nf_conntrack's before the module first runs in the namespace).
@@ -49,6 +52,7 @@ class HostView:
     macs: dict[bytes, bytes]  # bf_ifmac: ifindex -> MAC, 8 bytes
     sysctl: dict[bytes, bytes]  # bf_sysctl's one row
     routes6: dict[bytes, bytes]  # bf_route6: the main table's IPv6 prefixes -> length
+    addrtypes: dict[bytes, bytes]  # bf_addrtype: every IPv4 local-table route -> its type
 
 
 def _sysctl_row() -> dict[bytes, bytes]:
@@ -78,19 +82,26 @@ def _main_routes6() -> dict[bytes, bytes]:
     return rows
 
 
-def local_routes(family: int = socket.AF_INET) -> list[tuple[ipaddress._BaseNetwork, int]]:
-    """The current network namespace's `local` table routes that deliver to INPUT (local
-    and broadcast for IPv4, local and anycast for IPv6), each with its route type."""
+def local_table(family: int = socket.AF_INET) -> list[tuple[ipaddress._BaseNetwork, int, int]]:
+    """Every route of the current network namespace's `local` table: (destination, route
+    type, output interface)."""
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
         routes = ipr.get_routes(family=family, table=RT_TABLE_LOCAL)
-    found = []
-    for route in routes:
-        dst = route.get_attr("RTA_DST")
-        if route["type"] in _DELIVERED[family] and dst is not None:
-            found.append((ipaddress.ip_network(f"{dst}/{route['dst_len']}"), route["type"]))
-    return found
+    everywhere = "0.0.0.0" if family == socket.AF_INET else "::"
+    return [(ipaddress.ip_network(f"{route.get_attr('RTA_DST') or everywhere}/"
+                                  f"{route['dst_len']}"),
+             route["type"], route.get_attr("RTA_OIF") or 0) for route in routes]
+
+
+def local_routes(family: int = socket.AF_INET,
+                 table: Optional[list] = None) -> list[tuple[ipaddress._BaseNetwork, int]]:
+    """The `local` table's routes that deliver to INPUT (local and broadcast for IPv4,
+    local and anycast for IPv6), each with its route type."""
+    return [(net, kind) for net, kind, _oif in (table if table is not None
+                                                else local_table(family))
+            if kind in _DELIVERED[family]]
 
 
 def _key(network) -> bytes:
@@ -110,7 +121,8 @@ def links() -> list[tuple[int, str, bytes]]:
 
 def read(interfaces: Optional[list[tuple[int, str]]] = None) -> HostView:
     """The current network namespace's view (`interfaces` given: those names instead)."""
-    local = {_key(net): b"\x01" for net, _kind in local_routes(socket.AF_INET)}
+    table4 = local_table(socket.AF_INET)
+    local = {_key(net): b"\x01" for net, _kind in local_routes(socket.AF_INET, table4)}
     # An address of this host (a /128 local route) is where ICMPv6 errors come from.
     local6 = {_key(net): bytes([LOCAL6_ADDRESS if kind == RTN_LOCAL and net.prefixlen == 128
                                 else LOCAL6_ROUTE])
@@ -120,7 +132,8 @@ def read(interfaces: Optional[list[tuple[int, str]]] = None) -> HostView:
             if len(mac) == 6}
     return HostView(local, local6, tuple(interfaces if interfaces is not None
                                          else ((i, n) for i, n, _m in found)), macs,
-                    _sysctl_row(), _main_routes6())
+                    _sysctl_row(), _main_routes6(),
+                    {_key(net): _ADDRTYPE.pack(kind, oif) for net, kind, oif in table4})
 
 
 def interface_rows(patterns: list[ir.InterfaceMatch], interfaces) -> dict[bytes, bytes]:
@@ -151,13 +164,16 @@ def _diff(table: Map, rows: dict[bytes, bytes], what: str) -> int:
 def write(maps: dict[str, Map], view: HostView, patterns: list[ir.InterfaceMatch]) -> int:
     """Bring maps (MAPS by name) to the view; the number of rows that changed. The epoch
     moves after the rows, so that no CPU keeps a memo of the old answer past it."""
-    changed = (_diff(maps["bf_local"], view.local, "local IPv4 routes")
-               + _diff(maps["bf_local6"], view.local6, "local IPv6 routes")
-               + _diff(maps["bf_ifmatch"], interface_rows(patterns, view.interfaces),
-                       "interfaces matching the ruleset's names")
-               + _diff(maps["bf_ifmac"], view.macs, "interfaces")
-               + _diff(maps["bf_sysctl"], view.sysctl, "settings")
-               + _diff(maps["bf_route6"], view.routes6, "IPv6 routes"))
+    rows = (("bf_local", view.local, "local IPv4 routes"),
+            ("bf_local6", view.local6, "local IPv6 routes"),
+            ("bf_ifmatch", interface_rows(patterns, view.interfaces),
+             "interfaces matching the ruleset's names"),
+            ("bf_ifmac", view.macs, "interfaces"), ("bf_sysctl", view.sysctl, "settings"),
+            ("bf_route6", view.routes6, "IPv6 routes"),
+            ("bf_addrtype", view.addrtypes, "IPv4 local-table routes"))
+    # (a ruleset applied by an older bpfilter may lack a map: it reads none of it)
+    changed = sum(_diff(maps[name], wanted, what) for name, wanted, what in rows
+                  if maps.get(name) is not None)
     if changed:
         epoch = maps["bf_host"]
         key = struct.pack("<I", 0)
@@ -173,7 +189,8 @@ def patterns(deployment: Deployment) -> list[ir.InterfaceMatch]:
 def sync(paths: Paths, deployment: Deployment, view: Optional[HostView] = None) -> int:
     """Bring a running ruleset's maps to the kernel's view (read now, unless given)."""
     gen_dir = paths.generation(deployment.generation)
-    maps = {name: Map.open_pinned(str(gen_dir / name)) for name in MAPS}
+    maps = {name: Map.open_pinned(str(gen_dir / name)) for name in MAPS
+            if (gen_dir / name).exists()}
     try:
         return write(maps, view if view is not None else read(), patterns(deployment))
     finally:

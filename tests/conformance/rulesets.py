@@ -89,6 +89,26 @@ def _conntrack(draw, negate: bool, fam: Family = V4) -> ir.ConntrackMatch:
                              negate and bool(states), module, direction, **addresses)
 
 
+# Interface limits of -m addrtype the kernel takes at a hook (and at the hooks the
+# generators run the same rules at: PREROUTING with INPUT, POSTROUTING with OUTPUT).
+_ADDRTYPE_LIMITS = {"INPUT": (None, "in"), "OUTPUT": (None, "out"),
+                    "FORWARD": (None, "in", "out")}
+
+
+@st.composite
+def _addrtype(draw, hook: str, negate: bool) -> ir.AddrTypeMatch:
+    """The source's or the destination's types (nft's fib reads one address; those nft
+    can name)."""
+    found = draw(st.lists(st.sampled_from(["UNICAST", "LOCAL", "BROADCAST", "MULTICAST",
+                                           "UNSPEC", "BLACKHOLE"]),
+                          min_size=1, max_size=3, unique=True))
+    types = tuple(t for t in ir.AddrTypeMatch.TYPES if t in found)
+    limit = draw(st.sampled_from(_ADDRTYPE_LIMITS[hook]))
+    if draw(st.booleans()):
+        return ir.AddrTypeMatch(src=types, src_negate=negate, limit=limit)
+    return ir.AddrTypeMatch(dst=types, dst_negate=negate, limit=limit)
+
+
 @st.composite
 def _matches(draw, hook: str = "INPUT", fam: Family = V4) -> tuple[ir.Match, ...]:
     """For a chain `hook` reaches: `-o` means something at FORWARD and OUTPUT; OUTPUT has
@@ -137,7 +157,8 @@ def _matches(draw, hook: str = "INPUT", fam: Family = V4) -> tuple[ir.Match, ...
         found.append(ir.IcmpMatch(icmp_type, ir.Range(low, high), draw(st.booleans()),
                                   version=4 if fam is V4 else 6))
     extras = draw(st.lists(st.sampled_from(["iprange", "length", "ttl", "comment", "limit",
-                                            "conntrack"] + ([] if outbound else ["mac"])),
+                                            "conntrack"] + ([] if outbound else ["mac"])
+                                           + (["addrtype"] if fam is V4 else [])),
                            max_size=2, unique=True))
     for extra in extras:
         negate = draw(st.booleans())
@@ -157,6 +178,8 @@ def _matches(draw, hook: str = "INPUT", fam: Family = V4) -> tuple[ir.Match, ...
             found.append(ir.CommentMatch("generated rule"))
         elif extra == "conntrack":
             found.append(draw(_conntrack(negate, fam)))
+        elif extra == "addrtype":
+            found.append(draw(_addrtype(hook, negate)))
         elif hook != "FORWARD":
             # Not at FORWARD: the router runs the ruleset on both interfaces, each with
             # buckets of its own, where the kernel has one (README, known differences).
@@ -312,7 +335,7 @@ def kinds(ruleset: ir.Ruleset) -> set[str]:
              ir.LengthMatch: "length", ir.TtlMatch: "ttl", ir.MacSourceMatch: "mac",
              ir.CommentMatch: "comment", ir.LimitMatch: "limit",
              ir.ConntrackMatch: "conntrack", ir.MarkMatch: "mark", ir.FamilyMatch: "family",
-             ir.EtherTypeMatch: "ether type",
+             ir.EtherTypeMatch: "ether type", ir.AddrTypeMatch: "addrtype",
              ir.VerdictTarget: "ACCEPT/DROP", ir.RejectTarget: "REJECT",
              ir.LogTarget: "LOG", ir.ReturnTarget: "RETURN", ir.MarkTarget: "MARK",
              ir.ConnmarkTarget: "CONNMARK", ir.NotrackTarget: "NOTRACK"}

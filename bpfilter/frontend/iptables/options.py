@@ -28,7 +28,7 @@ class Token:
 
 SUPPORTED_MATCHES = ("tcp", "udp", "icmp", "icmp6", "multiport", "iprange", "comment",
                      "length", "ttl", "hl", "mac", "limit", "conntrack", "state", "mark",
-                     "connmark")
+                     "connmark", "addrtype")
 # Modules of one family only: iptables' ICMP and TTL, ip6tables' ICMPv6 and hop limit.
 _FAMILY_MODULES = {"icmp": (ir.Family.IPV4, "icmp6"), "ttl": (ir.Family.IPV4, "hl"),
                    "icmp6": (ir.Family.IPV6, "icmp"), "hl": (ir.Family.IPV6, "ttl")}
@@ -37,7 +37,6 @@ _PROTOCOL_MODULES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp6"}
 SUPPORTED_TARGETS = ("ACCEPT, DROP, RETURN, REJECT, LOG, MARK, CONNMARK, NOTRACK, "
                      "CT --notrack, or a user-defined chain")
 PLANNED_MATCHES = {
-    "addrtype": "address types need the kernel's routing view, not supported yet",
     "set": "ipsets are not supported yet",
 }
 
@@ -587,6 +586,47 @@ def _ct_protocol(reader: RuleReader, module: _Module, tok: Token, negate: bool) 
     _once(reader, module, "protocol", tok, ir.ProtocolMatch(number, negate))
 
 
+def _addr_types(key: str):
+    """A comma list of route types, each a case-insensitive prefix of a name (the first
+    in RTN_* order wins: `U` is UNSPEC), as libxt_addrtype reads it."""
+    def handler(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+        arg = reader.argument(tok)
+        found = set()
+        for word in arg.value.split(","):
+            kind = next((t for t in ir.AddrTypeMatch.TYPES
+                         if word and t.startswith(word.upper())), None)
+            if kind is None:
+                raise reader.error(arg, f"addrtype: bad type '{word}'",
+                                   ", ".join(ir.AddrTypeMatch.TYPES))
+            found.add(kind)
+        types = tuple(t for t in ir.AddrTypeMatch.TYPES if t in found)
+        _once(reader, module, key, tok, (types, negate))
+    return handler
+
+
+def _addr_type_limit(direction: str):
+    def handler(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+        reader._no_negate(tok, negate)
+        if "limit" in module.values:
+            raise reader.error(tok, "--limit-iface-in and --limit-iface-out exclude each "
+                               "other" if module.values["limit"] != direction else
+                               f"given twice in one '-m {module.name}'")
+        module.values["limit"] = direction
+    return handler
+
+
+def _addrtype(reader: RuleReader, module: _Module) -> ir.AddrTypeMatch:
+    if "src" not in module.values and "dst" not in module.values:
+        raise reader.error(module.token, "'-m addrtype' needs --src-type or --dst-type")
+    if reader.family is ir.Family.IPV6:
+        raise reader.error(module.token, "ip6tables' -m addrtype is not compiled yet (the "
+                           "kernel's IPv6 match looks routes up in every table)",
+                           "iptables' (IPv4) -m addrtype")
+    src, src_negate = module.values.get("src", ((), False))
+    dst, dst_negate = module.values.get("dst", ((), False))
+    return ir.AddrTypeMatch(src, dst, src_negate, dst_negate, module.values.get("limit"))
+
+
 def _ct_port(key: str):
     def handler(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
         arg = reader.argument(tok)
@@ -674,6 +714,9 @@ _MODULE_OPTIONS: dict[str, dict[str, Callable]] = {
                   **{f"--ct{a}": _ct_address(a) for a in ir.ConntrackMatch.ADDRESSES},
                   **{f"--ct{p}": _ct_port(p) for p in ir.ConntrackMatch.PORTS}},
     "state": {"--state": _ct_state},
+    "addrtype": {"--src-type": _addr_types("src"), "--dst-type": _addr_types("dst"),
+                 "--limit-iface-in": _addr_type_limit("in"),
+                 "--limit-iface-out": _addr_type_limit("out")},
     "mark": {"--mark": _mark},
     "connmark": {"--mark": _mark},
 }
@@ -703,6 +746,7 @@ _BUILDERS: dict[str, Callable[[RuleReader, _Module], ir.Match]] = {
                                         burst=m.values.get("burst", 5)),
     "conntrack": _conntrack,
     "state": _conntrack,
+    "addrtype": _addrtype,
     "mark": lambda r, m: _require(r, m, "mark", "--mark"),
     "connmark": lambda r, m: _require(r, m, "mark", "--mark"),
 }

@@ -114,6 +114,17 @@ def _connmark(t: ir.ConnmarkTarget) -> list[str]:
 
 _MULTIPORT_OPTION = {"src": "--sports", "dst": "--dports", "any": "--ports"}
 
+
+def _addrtype(m: ir.AddrTypeMatch) -> list[str]:
+    parts = ["-m addrtype"]
+    for types, negate, option in ((m.src, m.src_negate, "--src-type"),
+                                  (m.dst, m.dst_negate, "--dst-type")):
+        if types:
+            parts.append(f"{_neg(negate)}{option} {','.join(types)}")
+    if m.limit:
+        parts.append(f"--limit-iface-{m.limit}")
+    return parts
+
 _MATCHES: dict[type, Callable] = {
     ir.AddressMatch: lambda m: [f"{_neg(m.negate)}-{m.direction[0]} {_network(m.network)}"],
     ir.InterfaceMatch: lambda m: [f"{_neg(m.negate)}-{'i' if m.direction == 'in' else 'o'} "
@@ -135,6 +146,7 @@ _MATCHES: dict[type, Callable] = {
                                   + ":".join(f"{b:02x}" for b in m.address)],
     ir.LimitMatch: _limit,
     ir.ConntrackMatch: _conntrack,
+    ir.AddrTypeMatch: _addrtype,
     ir.MarkMatch: lambda m: [f"-m {'connmark' if m.connection else 'mark'}",
                              f"{_neg(m.negate)}--mark {_masked(m.value, m.mask)}"],
 }

@@ -22,7 +22,8 @@ SUPPORTED = ("ip saddr|daddr|protocol|ttl|length|frag-off, ip6 saddr|daddr|hopli
              "tcp sport|dport|flags, udp sport|dport, th sport|dport, icmp type|code, "
              "icmpv6 type|code, "
              "meta l4proto|iifname|oifname|iif|oif|mark|length|protocol|nfproto, "
-             "ct state|mark|direction, ether saddr|type, counter, limit [over], log, "
+             "ct state|mark|direction, ether saddr|type, fib saddr|daddr [. iif|oif] type, "
+             "counter, limit [over], log, "
              "comment, meta mark set, ct mark set, notrack, accept, drop, reject, return, "
              "jump, goto")
 

@@ -50,6 +50,8 @@ def _expr(node: Any) -> str:
     if key == "ct":
         way = f"{body['dir']} " if body.get("dir") else ""
         return f"ct {way}{body['key']}"
+    if key == "fib":  # flags: the address, then the device it is limited to
+        return f"fib {' . '.join(body.get('flags', []))} {body['result']}"
     if key == "prefix":
         return f"{body['addr']}/{body['len']}"
     if key == "range":

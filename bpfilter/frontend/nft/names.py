@@ -119,3 +119,8 @@ KEYWORDS = frozenset(
      "th", "ether", "and", "or", "xor", "table", "chain", "rule", "elements", "packets",
      "bytes", "reset", "new", "established", "related", "invalid", "untracked"]
     + list(PROTOCOLS))
+
+# `fib ... type`'s values (nft's fib_addr_type), the kernel's RTN_* from unspec to
+# prohibit: iptables' addrtype names, lower case.
+FIB_TYPES = ("unspec", "unicast", "local", "broadcast", "anycast", "multicast", "blackhole",
+             "unreachable", "prohibit")

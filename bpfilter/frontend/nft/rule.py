@@ -206,6 +206,9 @@ class RuleReader(Comparisons):
             self._statement(word, self._mark_set(word))
         elif value == "vmap":
             raise self.error(word, "a verdict map needs an expression on its left")
+        elif value == "fib":
+            self._expression_slot(word)
+            self.groups.append([_Choice((self._fib(word),))])
         else:
             self._expression_slot(word)
             self.pos -= 1
@@ -373,6 +376,44 @@ class RuleReader(Comparisons):
         return ir.MarkTarget(mark, mask)
 
     # ----------------------------------------------------------------- expressions
+
+    def _fib(self, word: Word) -> ir.AddrTypeMatch:
+        """`fib saddr|daddr [. iif|oif] type [!=] TYPE|{ TYPE, ... }`: iptables' addrtype
+        (nft_fib4 asks inet_dev_addr_type() as xt_addrtype does)."""
+        field = self.next_word("saddr or daddr")
+        if field.value not in ("saddr", "daddr"):
+            raise self.error(field, "fib looks up saddr or daddr", "fib daddr type local")
+        limit = None
+        if self.peek_value() == ".":
+            self.pos += 1
+            device = self.next_word("iif or oif")
+            if device.value not in ("iif", "oif"):
+                raise self.error(device, "not supported after fib's address",
+                                 "fib daddr . iif type local, fib daddr . oif type local")
+            limit = "in" if device.value == "iif" else "out"
+        result = self.next_word("type")
+        if result.value != "type":
+            raise self.error(result, f"fib's '{result.value}' result is not compiled yet "
+                             "(only the address type is)", "fib daddr type local")
+        if self.family is not ir.Family.IPV4:
+            raise self.error(word, "fib's address type is compiled in ip tables only for "
+                             "now (the kernel looks IPv6 routes up in every table)",
+                             "fib ... type in a table of family ip")
+        negate = False
+        if self.peek_value() in ("==", "!=", "eq", "ne"):
+            negate = self.next_word("an operator").value in ("!=", "ne")
+        rhs = self.next("an address type")
+        listed = [element[0] for element in rhs.elements] if isinstance(rhs, SetLiteral) \
+            else [rhs]
+        found = set()
+        for item in listed:
+            if not isinstance(item, Word) or item.value not in names.FIB_TYPES:
+                raise self.error(item, "not an address type", ", ".join(names.FIB_TYPES))
+            found.add(item.value.upper())
+        types = tuple(t for t in ir.AddrTypeMatch.TYPES if t in found)
+        if field.value == "saddr":
+            return ir.AddrTypeMatch(src=types, src_negate=negate, limit=limit)
+        return ir.AddrTypeMatch(dst=types, dst_negate=negate, limit=limit)
 
     def _selector(self) -> tuple[str, Word]:
         word = self.next_word("an expression")

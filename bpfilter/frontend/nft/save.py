@@ -166,6 +166,22 @@ def _conntrack(m: ir.ConntrackMatch, rule: ir.Rule) -> list[str]:
     return parts
 
 
+def _addrtype(m: ir.AddrTypeMatch, rule: ir.Rule) -> list[str]:
+    parts = []
+    for types, negate, field in ((m.src, m.src_negate, "saddr"),
+                                 (m.dst, m.dst_negate, "daddr")):
+        if not types:
+            continue
+        unknown = [t for t in types if t.lower() not in names.FIB_TYPES]
+        if unknown:
+            raise _untranslatable(rule, f"nft's fib has no address type {unknown[0]}")
+        listed = [t.lower() for t in types]
+        value = listed[0] if len(listed) == 1 else "{ " + ", ".join(listed) + " }"
+        device = f" . {'iif' if m.limit == 'in' else 'oif'}" if m.limit else ""
+        parts.append(f"fib {field}{device} type {_ne(negate)}{value}")
+    return parts
+
+
 def _mark(m: ir.MarkMatch, rule: ir.Rule) -> list[str]:
     key = "ct mark" if m.connection else "meta mark"
     if m.mask == 0xFFFFFFFF:
@@ -194,6 +210,7 @@ _MATCHES: dict[type, Callable[..., list[str]]] = {
                                  f"{m.count}/{names.LIMIT_UNIT_NAMES[m.unit]} "
                                  f"burst {m.burst} packets"],
     ir.ConntrackMatch: _conntrack,
+    ir.AddrTypeMatch: _addrtype,
     ir.MarkMatch: _mark,
     ir.FamilyMatch: lambda m, r: [f"meta nfproto {_ne(m.negate)}"
                                   f"{names.NFPROTO_NAMES[m.family]}"],

@@ -102,6 +102,7 @@ struct bf_pkt {
 	__u16 ct_port[2];   /* and ports (ICMP: the identifier, the query type << 8) */
 	__u8 ct_proto;
 	__u8 ct_mark_set;   /* CONNMARK changed ct_mark: the entry takes it */
+	__u8 ct_attached;   /* a REJECT's reply: the connection of the packet it answers */
 	__u16 ethertype;    /* the frame's, host order (netdev chains see every protocol) */
 	__u32 gen;          /* the live generation of the maps (0 or 1) */
 	__u32 mark;         /* the packet's (skb->mark at TC; XDP has none: from 0) */

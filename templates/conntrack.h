@@ -769,6 +769,12 @@ __noinline int bf_ct_track(struct bf_ctx *ctx, struct bf_pkt *p)
 {
 	if (!p)
 		return 0;
+	/* nf_ct_attach(): the kernel's reply to a packet it REJECTs carries that packet's
+	 * connection, unconfirmed as it may be, as RELATED. */
+	if (p->ct_attached) {
+		p->ct_state = BF_CT_RELATED;
+		return 0;
+	}
 	if (p->proto == IPPROTO_TCP && (p->tcp_flags & 0x02) && p->tcp_doff > 5 &&
 	    p->tcp_doff * 4 <= p->l4_len)
 		bf_tcp_options(ctx, p);

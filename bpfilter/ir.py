@@ -503,8 +503,21 @@ class NotrackTarget:
     spelling: str = "NOTRACK"  # or "CT": how iptables-save prints it back
 
 
+@dataclass(frozen=True)
+class DnatTarget:
+    """DNAT (nat table, PREROUTING): the connection's destination becomes `address`
+    (None: kept) and `port` (None: kept). Decided on a connection's first packet; every
+    later packet of both directions is rewritten from the binding. Ends the walk (ACCEPT)."""
+
+    address: Optional[IPAddress] = None
+    port: Optional[int] = None
+    # How libxt_NAT chooses within a range; with one address and port, no choice is left.
+    random: bool = False
+    persistent: bool = False
+
+
 Target = Union[VerdictTarget, ReturnTarget, JumpTarget, RejectTarget, LogTarget, MarkTarget,
-               ConnmarkTarget, NotrackTarget]
+               ConnmarkTarget, NotrackTarget, DnatTarget]
 
 # --------------------------------------------------------------------------- structure
 
@@ -538,6 +551,7 @@ class Chain:
     hook: Optional[Hook] = None  # None: no hook runs it (user chains, tables not compiled)
     priority: int = 0
     device: Optional[str] = None  # an INGRESS chain runs for this device's frames only
+    nat: bool = False  # a NAT chain: it sees a connection's first packet only
 
     @property
     def builtin(self) -> bool:

@@ -68,7 +68,8 @@ enum bf_part_result { BF_NEXT = 4, BF_POLICY = 5 };
 #define BF_REJECT_TCP_RESET 0xff
 
 struct bf_pkt {
-	__u64 len;          /* IP total length: what iptables counts as bytes */
+	__u32 len;          /* IP total length: what iptables counts as bytes */
+	__u32 nat_addr;     /* what NAT makes of the packet's address (nat.h) */
 	__u64 ifbits;       /* bit k set: the interface pattern k matches (BF_IFBITS_IN/OUT) */
 	/* Host byte order. An IPv6 address is four words, the most significant first; an
 	 * IPv4 address is the first word, the others 0 (connection keys hold both). */
@@ -98,16 +99,20 @@ struct bf_pkt {
 	__u8 family;        /* 4 or 6 */
 	__u8 l4_unknown;    /* IPv6: the header chain could not be followed to its end */
 	__u8 defragged;     /* IPv6: bytes of fragment header conntrack's defragmenter took out */
+	__u8 nat;           /* enum bf_nat_todo (nat.h) */
+	__u8 ct_attached;   /* a REJECT's reply: the connection of the packet it answers */
 	__u32 ct_orig[2][4]; /* the connection's original source and destination */
 	__u16 ct_port[2];   /* and ports (ICMP: the identifier, the query type << 8) */
 	__u8 ct_proto;
 	__u8 ct_mark_set;   /* CONNMARK changed ct_mark: the entry takes it */
-	__u8 ct_attached;   /* a REJECT's reply: the connection of the packet it answers */
 	__u16 ethertype;    /* the frame's, host order (netdev chains see every protocol) */
-	__u32 gen;          /* the live generation of the maps (0 or 1) */
+	__u16 gen;          /* the live generation of the maps (0 or 1) */
+	__u16 nat_port;     /* and of its port (nat.h) */
 	__u32 mark;         /* the packet's (skb->mark at TC; XDP has none: from 0) */
 	__u32 ct_mark;      /* its connection's */
 	__u8 smac[6], dmac[6];
+	/* 168 bytes, no hole: every program's stack holds one, and TC with IPv6 reaches the
+	 * verifier's 512 bytes for its deepest calls. A field more must take one out. */
 };
 
 /* An address as struct bf_pkt holds it, for what a global function fills in. */

@@ -202,23 +202,40 @@ static __always_inline void bf_ct_icmp_key(struct bf_ct_key *key, __u8 *from, __
 	*from = answer;
 }
 
+/* The key of the connection of a packet of the given endpoints, and which of them sent it. */
+static __always_inline void bf_ct_key_at(const struct bf_pkt *p, const __u32 *src, __u16 sport,
+					 const __u32 *dst, __u16 dport, struct bf_ct_key *key,
+					 __u8 *from)
+{
+	if (p->proto == BF_ICMP_PROTO(p)) {
+		bf_ct_icmp_key(key, from, p->icmp_type, p->icmp_id, src, dst, BF_ADDR_WORDS(p));
+		return;
+	}
+	if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
+		sport = dport = 0;
+	bf_ct_endpoints(key, from, p->proto, src, sport, dst, dport, BF_ADDR_WORDS(p));
+}
+
 /* The key of the packet's connection, and which of its endpoints sent it. */
 static __always_inline void bf_ct_key_of(const struct bf_pkt *p, struct bf_ct_key *key,
 					 __u8 *from)
 {
-	__u16 sport = 0, dport = 0;
-
-	if (p->proto == BF_ICMP_PROTO(p)) {
-		bf_ct_icmp_key(key, from, p->icmp_type, p->icmp_id, p->src, p->dst,
-			       BF_ADDR_WORDS(p));
-		return;
-	}
-	if (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP) {
-		sport = p->sport;
-		dport = p->dport;
-	}
-	bf_ct_endpoints(key, from, p->proto, p->src, sport, p->dst, dport, BF_ADDR_WORDS(p));
+	bf_ct_key_at(p, p->src, p->sport, p->dst, p->dport, key, from);
 }
+
+#if BF_NAT
+/* What NAT does to a packet (struct bf_pkt.nat). */
+enum bf_nat_todo { BF_NAT_NEW = 1 /* DNAT chose: rewrite, and bind at confirm */,
+		   BF_NAT_DST = 2 /* the binding gives the destination */,
+		   BF_NAT_SRC = 4 /* the binding gives the source */,
+		   BF_NAT_ERROR = 8 /* an ICMP error quoting a packet the binding rewrote */ };
+
+/* nat.h: the packet (or the packet an ICMP error quotes) as its binding has it. */
+static __always_inline void bf_nat_view(struct bf_pkt *p, struct bf_ct_key *key, __u8 *from);
+static __always_inline int bf_nat_quoted(struct bf_pkt *p, struct bf_ct_key *key, __u8 *from,
+					 __u8 proto, const __u32 *saddr, const __u32 *daddr,
+					 __u8 *l4, void *end);
+#endif
 
 static __always_inline __u64 bf_ct_timeout(const struct bf_pkt *p, const struct bf_ct_entry *e)
 {
@@ -574,8 +591,9 @@ static __always_inline __u8 bf_ct_follow(const struct bf_pkt *p, struct bf_ct_en
 		if (moved == 2)
 			return 0;
 		if (moved == 3 && !e->replied && (p->tcp_flags & 0x04)) {
-			/* "If only reply is a RST": no connection, the entry goes */
-			e->expires = 0;
+			/* "If only reply is a RST": no connection, the entry goes (now: when
+			 * the RST is seen again, at egress, its binding still holds for it) */
+			e->expires = now;
 			return state;
 		}
 	} else if (p->proto == BF_ICMP_PROTO(p)) {
@@ -647,7 +665,7 @@ __noinline int bf_ct_related(struct bf_ctx *ctx, struct bf_pkt *p)
 	struct bf_ct_entry *e;
 	__u32 saddr[4] = {}, daddr[4] = {};
 	__u8 *l4, from, proto;
-	int words;
+	int words, translated = 0;
 
 	if (!p)
 		return BF_CT_INVALID;
@@ -678,9 +696,16 @@ __noinline int bf_ct_related(struct bf_ctx *ctx, struct bf_pkt *p)
 	if (bf_addr_cmp(saddr, p->dst, words) != 0 ||
 	    !bf_ct_quoted_key(&key, &from, proto, saddr, daddr, l4, end, words))
 		return BF_CT_INVALID;
+#if BF_NAT
+	translated = bf_nat_quoted(p, &key, &from, proto, saddr, daddr, l4, end);
+#endif
 	e = bpf_map_lookup_elem(&bf_conntrack, &key);
 	if (!e || e->expires <= bf_now())
 		return BF_CT_INVALID;
+#if BF_NAT
+	if (translated)
+		p->nat = BF_NAT_ERROR;
+#endif
 	bf_ct_note(p, &key, e->orig, from == e->orig);
 	p->ct_mark = e->mark;
 	return BF_CT_RELATED;
@@ -745,6 +770,9 @@ static __always_inline void bf_ct_classify(struct bf_ctx *ctx, struct bf_pkt *p)
 	}
 
 	bf_ct_key_of(p, &key, &from);
+#if BF_NAT
+	bf_nat_view(p, &key, &from);
+#endif
 	e = bpf_map_lookup_elem(&bf_conntrack, &key);
 	if (e && e->expires > now) {
 		__u8 orig = e->orig;
@@ -757,6 +785,16 @@ static __always_inline void bf_ct_classify(struct bf_ctx *ctx, struct bf_pkt *p)
 			return;
 		}
 	}
+#if BF_NAT
+	/* A new connection: a binding its tuple had belonged to one gone. Only a reply that
+	 * just ended its connection (a RST, tracked at ingress and again at egress) is still
+	 * translated, as the kernel translates the packet that kills its connection. */
+	if (p->nat) {
+		if (p->nat != BF_NAT_SRC || !e || e->expires + BF_SEC <= now)
+			p->nat = 0;
+		bf_ct_key_of(p, &key, &from);
+	}
+#endif
 	p->ct_state = bf_ct_first(p, &p->ct_create);
 	bf_ct_note(p, &key, from, 0); /* a new connection: this packet's way is the original */
 }
@@ -847,6 +885,11 @@ __noinline int bf_ct_confirm(const struct bf_pkt *p, int verdict)
 	}
 	if (verdict == BF_DROP || verdict == BF_REJECT)
 		return 0;
+#if BF_NAT
+	if (p->nat == BF_NAT_NEW) /* the tuple it came with */
+		bf_ct_key_at(p, p->src, p->sport, p->ct_orig[1], p->ct_port[1], &key, &from);
+	else
+#endif
 	bf_ct_key_of(p, &key, &from);
 	e.orig = from;
 	e.mark = p->ct_mark;

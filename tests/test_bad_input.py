@@ -15,6 +15,8 @@ from bpfilter.cli import main
 from bpfilter.testbed import netns
 
 FILTER = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n{}\nCOMMIT\n"
+NAT = ("*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+       ":POSTROUTING ACCEPT [0:0]\n{}\nCOMMIT\n")
 
 
 def _nft(rule: str, family: str = "inet") -> bytes:
@@ -55,6 +57,23 @@ REFUSED = {
         "-A C -m addrtype --dst-type LOCAL --limit-iface-out\nCOMMIT\n").encode(),
     "addrtype prefix of nothing": FILTER.format("-A INPUT -m addrtype --src-type LOCALS")
     .encode(),
+    # the nat table: what libxt_NAT and the kernel refuse
+    "DROP in nat": NAT.format("-A PREROUTING -j DROP").encode(),
+    "DNAT port without a protocol": NAT.format(
+        "-A PREROUTING -j DNAT --to-destination 1.2.3.4:80").encode(),
+    "DNAT port 65536": NAT.format(
+        "-A PREROUTING -p tcp -j DNAT --to-destination 1.2.3.4:65536").encode(),
+    "--to-destination twice": NAT.format(
+        "-A PREROUTING -j DNAT --to-destination 1.2.3.4 --to-destination 1.2.3.5").encode(),
+    "DNAT without --to-destination": NAT.format("-A PREROUTING -j DNAT").encode(),
+    "DNAT at INPUT": NAT.format("-A INPUT -j DNAT --to-destination 1.2.3.4").encode(),
+    "DNAT in filter": FILTER.format("-A INPUT -j DNAT --to-destination 1.2.3.4").encode(),
+    "DNAT to a host name": NAT.format(
+        "-A PREROUTING -p tcp -j DNAT --to-destination host.example:80").encode(),
+    "DNAT to a prefix": NAT.format(
+        "-A PREROUTING -j DNAT --to-destination 1.2.3.4/24").encode(),
+    "DNAT to an octal port": NAT.format(
+        "-A PREROUTING -p tcp -j DNAT --to-destination 1.2.3.4:080").encode(),
     "chains nested 1,200 deep": ("*filter\n:INPUT ACCEPT [0:0]\n" + "".join(
         f":C{i} - [0:0]\n" for i in range(1200)) + "-A INPUT -j C0\n" + "".join(
         f"-A C{i} -j C{i + 1}\n" for i in range(1199)) + "COMMIT\n").encode(),
@@ -78,6 +97,10 @@ NFT_REFUSED = {
     "an empty set": _nft("udp dport { } accept"),
     "crlf": _nft("tcp dport 22 accept").replace(b"\n", b"\r\n"),
     "nesting 2,000 deep": _nft("ip saddr " + "{ " * 2000 + "1.2.3.4" + " }" * 2000 + " accept"),
+    "dnat in a filter chain": _nft("tcp dport 80 dnat to 1.2.3.4", "ip"),
+    "dnat to a port without a protocol": (
+        b"table ip t {\n chain c {\n  type nat hook prerouting priority dstnat; policy accept;"
+        b"\n  dnat to 1.2.3.4:80\n }\n}\n"),
 }
 JSON_REFUSED = {
     "nesting 3,000 deep": b'{"nftables": ' + b"[" * 3000 + b"]" * 3000 + b"}",
@@ -124,22 +147,30 @@ def test_a_latin1_comment_is_read_and_written_back_byte_for_byte(tmp_path):
     ("-m conntrack --ctproto TCP", "--ctproto 6"),
     ("-j LOG --log-level panic", "--log-level 0"), ("-j LOG --log-level 0x3", "--log-level 3"),
     ("-m addrtype --src-type loc,U", "--src-type UNSPEC,LOCAL"),
-    ("-m addrtype ! --dst-type b --limit-iface-in", "! --dst-type BROADCAST --limit-iface-in")])
+    ("-m addrtype ! --dst-type b --limit-iface-in", "! --dst-type BROADCAST --limit-iface-in"),
+    ("-p tcp -j DNAT --to-destination 1.2.3.4:0x50", "--to-destination 1.2.3.4:80"),
+    ("-p tcp -j DNAT --to-destination 1.2.3.4:ssh", "--to-destination 1.2.3.4:22"),
+    ("-p udp -j DNAT --to-destination 1.2.3.4-1.2.3.4:53-53", "--to-destination 1.2.3.4:53"),
+    ("-p tcp -j DNAT --to-destination :80 --persistent --random",
+     "--to-destination :80 --random --persistent")])
 def test_numbers_and_orders_mean_what_they_mean_to_the_kernel(namespace, tmp_path, spelling,
                                                               means):
     """The kernel's iptables-save of the rule and bpfilter's say the same (octal and hex
     where iptables reads C numbers, decimal where it does not; -m before -p)."""
-    target = "" if spelling.startswith("-j ") else " -j ACCEPT"
-    text = FILTER.format(f"-A INPUT {spelling}{target}")
+    chain = "PREROUTING" if "DNAT" in spelling else "INPUT"
+    target = "" if " -j " in f" {spelling}" else " -j ACCEPT"
+    text = (NAT if chain == "PREROUTING" else FILTER).format(f"-A {chain} {spelling}{target}")
     scratch = namespace("bpft-num")
     netns.run("iptables-legacy-restore", netns=scratch, input=text)
-    kernel = [line for line in netns.run("iptables-legacy-save", netns=scratch).stdout
-              .split("\n") if line.startswith("-A INPUT")]
+    table = ("-t", "nat") if chain == "PREROUTING" else ()
+    kernel = [line for line in netns.run("iptables-legacy-save", *table, netns=scratch).stdout
+              .split("\n") if line.startswith(f"-A {chain}")]
     path = tmp_path / "n.v4"
     path.write_text(text)
     ours = CliRunner().invoke(main, ["translate", str(path), "--to", "iptables"])
     assert ours.exit_code == 0, ours.output
-    assert kernel == [line for line in ours.output.split("\n") if line.startswith("-A INPUT")]
+    assert kernel == [line for line in ours.output.split("\n")
+                      if line.startswith(f"-A {chain}")]
     assert means in kernel[0]
 
 

@@ -94,7 +94,7 @@ BAD = {
         3, "not a direction"),
     "NAT state": (
         "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -m conntrack --ctstate DNAT -j DROP\nCOMMIT\n",
-        3, "NAT states need NAT"),
+        3, "NAT states (--ctstate DNAT/SNAT) are not compiled yet"),
     "unknown option": ("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -p tcp --frob 1 -j DROP\nCOMMIT\n",
                        3, "unknown option"),
     "unknown target": ("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j MASQUERADE\nCOMMIT\n",
@@ -127,8 +127,10 @@ BAD = {
         "COMMIT\n", 3, "shifting marks is not supported yet"),
     "MARK without a value": ("*mangle\n:INPUT ACCEPT [0:0]\n-A INPUT -j MARK\nCOMMIT\n",
                              3, "MARK needs one of --set-xmark"),
-    "nat table": ("*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -j RETURN\nCOMMIT\n",
-                  3, "table 'nat' are not supported yet"),
+    "nat POSTROUTING": ("*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -j RETURN\nCOMMIT\n",
+                        3, "nat rules at POSTROUTING are not compiled yet"),
+    "SNAT": ("*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -j SNAT --to-source 1.2.3.4\n"
+             "COMMIT\n", 3, "target not supported yet"),
 }
 
 
@@ -180,8 +182,8 @@ def test_the_consoles_print_mac_addresses_as_they_are():
 
 def test_ignore_unsupported_lists_each_skipped_rule(tmp_path, kernel):
     rules = tmp_path / "rules.v4"
-    rules.write_text("*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j RETURN\n"
-                     "-A PREROUTING -j ACCEPT\nCOMMIT\n"
+    rules.write_text("*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -j RETURN\n"
+                     "-A POSTROUTING -j ACCEPT\nCOMMIT\n"
                      "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j ACCEPT\nCOMMIT\n")
     result = CliRunner().invoke(main, ["compile", str(rules), "--ignore-unsupported",
                                        "-o", str(tmp_path / "out")])

@@ -23,6 +23,7 @@ class MatchContext:
     if_patterns: list[ir.InterfaceMatch] = field(default_factory=list)
     limits: list[ir.LimitMatch] = field(default_factory=list)
     conntrack: bool = False  # a rule reads the connection state
+    nat: bool = False  # a rule translates addresses (NAT bindings)
     family: Optional[ir.Family] = ir.Family.IPV4  # of the chain's packets (None: both)
 
     def require(self, expr: str, negate: bool = False) -> str:

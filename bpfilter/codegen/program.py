@@ -23,7 +23,7 @@ from bpfilter.passes.stages import ChainRef, Stage
 from bpfilter.resources import resource_dir
 
 # The runtime the generated programs include: packet parsing, maps, targets; the classifier.
-RUNTIME_HEADERS = ("bpfilter.h", "classify.h", "conntrack.h", "addrtype.h")
+RUNTIME_HEADERS = ("bpfilter.h", "classify.h", "conntrack.h", "addrtype.h", "nat.h")
 # Chains longer than this are split into functions of this many rules: clang's time grows
 # faster than linearly with the size of one function.
 PART_RULES = 32
@@ -180,6 +180,7 @@ def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
                   for ref in refs.values() if ref.chain.builtin}
     defines = dict(
         source=_c_comment(source), tc=attach is Attach.TC, conntrack=ctx.conntrack,
+        nat=ctx.nat,
         ipv6=bool(families - {ir.Family.IPV4}),
         nslots=capacity(nslots), nlimits=capacity(len(ctx.limits)),
         nifpatterns=len(ctx.if_patterns),
@@ -230,6 +231,9 @@ def _condition(ref: ChainRef, guard: bool, ctx: MatchContext) -> Optional[str]:
     if ref.chain.device is not None:
         index = ctx.if_pattern(ir.InterfaceMatch("in", ref.chain.device))
         tests.append(f"(p->ifbits >> {index}) & 1")
+    if ref.chain.nat:  # a packet that opens a connection (nf_nat_inet_fn)
+        ctx.conntrack = True
+        tests.append("p->ct_create != sNO")
     return " && ".join(tests) or None
 
 
@@ -366,6 +370,7 @@ def _rule_lines(matches, target, slot: str, builtin: bool, functions, to_policy:
     for match in matches:
         lines.extend(match_lines(match, ctx))
     ctx.conntrack |= uses_conntrack(target)
+    ctx.nat |= isinstance(target, ir.DnatTarget)
     return lines + target_lines(target, slot, builtin, functions, to_policy)
 
 

@@ -24,7 +24,7 @@ def target_lines(target: Optional[ir.Target], slot: str, builtin: bool,
 
 def uses_conntrack(target: Optional[ir.Target]) -> bool:
     """Targets that read or write the packet's connection."""
-    return isinstance(target, ir.ConnmarkTarget)
+    return isinstance(target, (ir.ConnmarkTarget, ir.DnatTarget))
 
 
 def _verdict(t: ir.VerdictTarget, builtin: bool, functions, to_policy: str) -> list[str]:
@@ -84,6 +84,12 @@ def _notrack(t: ir.NotrackTarget, builtin: bool, functions, to_policy: str) -> l
     return ["p->ct_state = BF_CT_UNTRACKED;"]
 
 
+def _dnat(t: ir.DnatTarget, builtin: bool, functions, to_policy: str) -> list[str]:
+    address = f"0x{int(t.address):08x}" if t.address is not None else "p->daddr"
+    port = str(t.port) if t.port is not None else "p->dport"
+    return [f"return bf_dnat(p, {address}, {port});"]
+
+
 _TARGETS: dict[type, Callable[..., list[str]]] = {
     ir.VerdictTarget: _verdict,
     ir.ReturnTarget: _return,
@@ -93,4 +99,5 @@ _TARGETS: dict[type, Callable[..., list[str]]] = {
     ir.MarkTarget: _mark,
     ir.ConnmarkTarget: _connmark,
     ir.NotrackTarget: _notrack,
+    ir.DnatTarget: _dnat,
 }

@@ -8,12 +8,14 @@ from typing import Callable, Optional
 from bpfilter import ir
 from bpfilter.errors import InputError
 from bpfilter.passes.calls import CHAIN_LEVEL_MAX, MAX_FRAMES, chain_levels
-# The iptables tables the compiler places (nat comes with NAT; security has no use without
-# SELinux).
+# The iptables tables the compiler places whole (security has no use without SELinux), and
+# the nat table, of which the chains PREROUTING reaches compile.
 COMPILED_TABLES = ("raw", "mangle", "filter")
+NAT_TABLE = "nat"
 # Targets the kernel accepts in one table only (xt_target.table).
 _TARGET_TABLES = {ir.RejectTarget: ("REJECT", "filter"),
-                  ir.NotrackTarget: ("NOTRACK", "raw")}
+                  ir.NotrackTarget: ("NOTRACK", "raw"),
+                  ir.DnatTarget: ("DNAT", NAT_TABLE)}
 
 
 def _error_at(origin: Optional[ir.Origin], token: str, why: str,
@@ -36,12 +38,14 @@ def validate(ruleset: ir.Ruleset,
     for table in ruleset.tables:
         chains = []
         # A table not compiled has no rules left, and its chains run nowhere.
-        runs = not table.xtables or table.name in COMPILED_TABLES
+        runs = not table.xtables or table.name in COMPILED_TABLES + (NAT_TABLE,)
+        nat = _nat_chains(table)
         for chain in table.chains:
             _check_jumps(table, chain)
             keep = []
             for rule in chain.rules:
-                problem = _unsupported_rule(table, rule)
+                problem = _unsupported_rule(table, rule) or _unsupported_nat(table, chain,
+                                                                             rule, nat)
                 if problem is None:
                     keep.append(rule)
                 else:
@@ -51,6 +55,7 @@ def validate(ruleset: ir.Ruleset,
         _check_interface_limits(table)
         tables.append(dataclasses.replace(table, chains=tuple(chains)))
     result = ir.Ruleset(ruleset.family, tuple(tables), ruleset.source)
+    _check_reply_tuples(result)
     for table in result.tables:
         _check_loops(table)
         _check_depth(table)
@@ -60,16 +65,82 @@ def validate(ruleset: ir.Ruleset,
 def _unsupported_rule(table: ir.Table, rule: ir.Rule) -> Optional[InputError]:
     if not table.xtables:
         return None
-    if table.name not in COMPILED_TABLES:
+    if table.name not in COMPILED_TABLES + (NAT_TABLE,):
         return _error_at(rule.origin, f"*{table.name}",
                          f"rules in table '{table.name}' are not supported yet",
-                         "rules in the " + ", ".join(COMPILED_TABLES) + " tables")
+                         "rules in the " + ", ".join(COMPILED_TABLES) + " tables, and "
+                         "in nat's PREROUTING")
     name, only = _TARGET_TABLES.get(type(rule.target), (None, table.name))
     if only != table.name:
         return _error_at(rule.origin, name,
                          f"{name} is valid only in the {only} table (the kernel refuses "
                          f"it in '{table.name}')")
     return None
+
+
+def _nat_chains(table: ir.Table) -> Optional[dict[str, set[ir.Hook]]]:
+    """For iptables' nat table: the hooks each chain is reached from (None for others)."""
+    if not (table.xtables and table.name == NAT_TABLE):
+        return None
+    hooks: dict[str, set[ir.Hook]] = {}
+    for base in table.chains:
+        if base.hook is not None:
+            for name in [base.name] + table.reached(base.name):
+                hooks.setdefault(name, set()).add(base.hook)
+    return hooks
+
+
+def _outside_nat(table: ir.Table) -> set[str]:
+    """nftables: the chains a base chain that is not a NAT one reaches (dnat is refused
+    there, as nft_nat_validate() refuses it)."""
+    found: set[str] = set()
+    for base in table.chains:
+        if base.hook is not None and not base.nat:
+            found.update([base.name] + table.reached(base.name))
+    return found
+
+
+def _unsupported_nat(table: ir.Table, chain: ir.Chain, rule: ir.Rule,
+                     nat: Optional[dict[str, set[ir.Hook]]]) -> Optional[InputError]:
+    """Of the nat table, bpfilter compiles what PREROUTING walks (DNAT); SNAT, MASQUERADE
+    and the other hooks' chains come later."""
+    if nat is None:
+        if isinstance(rule.target, ir.DnatTarget) and not table.xtables and \
+                chain.name in _outside_nat(table):
+            return _error_at(rule.origin, "dnat", "dnat runs only in NAT chains (type nat): "
+                             "the kernel refuses it here", "dnat in a type nat chain at "
+                             "prerouting, or a chain it jumps to")
+        return None
+    if isinstance(rule.target, ir.VerdictTarget) and rule.target.verdict is ir.Verdict.DROP:
+        return _error_at(rule.origin, "DROP", "the nat table is not for filtering: iptables "
+                         "refuses DROP in it", "DROP in the filter table")
+    others = nat.get(chain.name, set()) - {ir.Hook.PREROUTING}
+    if others:
+        where = ", ".join(sorted(h.value for h in others))
+        return _error_at(rule.origin, chain.name if chain.hook else f"-A {chain.name}",
+                         f"nat rules at {where} are not compiled yet (SNAT, MASQUERADE, "
+                         "REDIRECT and OUTPUT's DNAT come later)",
+                         "nat rules that PREROUTING walks: DNAT, MARK, jumps")
+    return None
+
+
+def _check_reply_tuples(ruleset: ir.Ruleset) -> None:
+    """The connection's reply tuple is its original one swapped, but for DNAT's: with
+    DNAT in the ruleset, a rule reading the reply tuple is refused (not compiled yet)."""
+    if not any(isinstance(r.target, ir.DnatTarget)
+               for t in ruleset.tables for c in t.chains for r in c.rules):
+        return
+    for table in ruleset.tables:
+        for chain in table.chains:
+            for rule in chain.rules:
+                for m in rule.matches:
+                    if isinstance(m, ir.ConntrackMatch) and any(
+                            getattr(m, k) is not None for k in
+                            ("replsrc", "repldst", "replsrcport", "repldstport")):
+                        raise _error_at(rule.origin, "--ctrepl...", "the reply tuple of a "
+                                        "DNAT connection is not compiled yet: with DNAT in "
+                                        "the ruleset, --ctreplsrc/--ctrepldst and their "
+                                        "ports are refused", "--ctorigsrc/--ctorigdst")
 
 
 def _check_interface_limits(table: ir.Table) -> None:

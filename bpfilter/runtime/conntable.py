@@ -15,7 +15,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 from bpfilter.errors import KernelError
 from bpfilter.loader.libbpf import possible_cpus
@@ -25,6 +25,7 @@ from bpfilter.runtime.runner import CONNTRACK_MAPS, LoadedRuleset
 from bpfilter.runtime.state import Paths, remove_tree
 
 TABLE = "bf_conntrack"
+BINDINGS = "bf_nat"  # templates/nat.h
 # The netfilter links that make the kernel reassemble (follow_defrag).
 DEFRAG_LINKS = {"defrag4": NFPROTO_IPV4, "defrag6": NFPROTO_IPV6}
 
@@ -35,6 +36,11 @@ def open_shared(paths: Paths) -> dict[str, Map]:
     refuse the programs anyway, with a message that does not say why."""
     if not paths.conntrack.exists():
         return {}
+    if not all((paths.conntrack / name).exists() for name in CONNTRACK_MAPS):
+        raise KernelError(
+            f"the connection table pinned at {paths.conntrack} was made by another version "
+            "of bpfilter (it has no NAT bindings): its connections cannot carry over. "
+            "Detach the rulesets that use it (bpfilter status lists them), then apply again.")
     maps = {name: Map.open_pinned(str(paths.conntrack / name)) for name in CONNTRACK_MAPS}
     table = maps[TABLE]
     if (table.key_size, table.value_size) != (_KEY.size, _ENTRY.size):
@@ -97,6 +103,8 @@ def remove_table(paths: Paths) -> None:
 _KEY = struct.Struct("<4I4IHHBB2x")
 _ENTRY = struct.Struct("<QBBBBBBBBIH2xIII" + "IIIIBB2x" * 2 + "4x")
 _MARK = 9  # the field's place in _ENTRY
+# struct bf_nat_entry: at, to, at_port, to_port, reply
+_BINDING = struct.Struct("<IIHHB3x")
 TCP_STATES = ("NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT",
               "LAST_ACK", "TIME_WAIT", "CLOSE", "SYN_SENT2")
 _PROTOCOLS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp",
@@ -122,6 +130,7 @@ class Connection:
     dport: int  # for ICMP: the query's type
     replied: bool
     mark: int = 0  # CONNMARK's
+    dnat: Optional[str] = None  # where DNAT sends it (address:port), as conntrack -L's reply
 
 
 @dataclass(frozen=True)
@@ -146,6 +155,7 @@ def table_use(paths: Paths) -> TableUse:
 
 def connections(paths: Paths) -> Iterator[Connection]:
     table = Map.open_pinned(str(paths.conntrack / TABLE))
+    bindings = Map.open_pinned(str(paths.conntrack / BINDINGS))
     try:
         now = time.monotonic_ns()  # bpf_ktime_get_ns() counts CLOCK_MONOTONIC
         for key in list(table.keys()):
@@ -169,9 +179,23 @@ def connections(paths: Paths) -> Iterator[Connection]:
             yield Connection(_PROTOCOLS.get(proto, str(proto)),
                              TCP_STATES[tcp] if proto == socket.IPPROTO_TCP and tcp < 10
                              else "-", (expires - now) // 1_000_000_000, src, dst,
-                             sport, dport, bool(replied), mark)
+                             sport, dport, bool(replied), mark, _dnat(bindings, key, proto))
     finally:
         table.close()
+        bindings.close()
+
+
+def _dnat(bindings: Map, key: bytes, proto: int) -> Optional[str]:
+    """The new destination of a connection DNAT bound (its original tuple's entry)."""
+    value = bindings.lookup(key)
+    if value is None:
+        return None
+    _at, to, _at_port, to_port, reply = _BINDING.unpack(value)
+    if reply:
+        return None
+    address = str(ipaddress.IPv4Address(to))
+    return f"{address}:{to_port}" if proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP) \
+        else address
 
 
 def flush(paths: Paths) -> int:
@@ -181,6 +205,8 @@ def flush(paths: Paths) -> int:
         keys = list(maps[TABLE].keys())
         for key in keys:
             maps[TABLE].delete(key)
+        for key in list(maps[BINDINGS].keys()):
+            maps[BINDINGS].delete(key)
         created = maps["bf_ct_created"]
         created.update(struct.pack("<I", 0), bytes(created.value_size * possible_cpus()))
         return len(keys)

@@ -15,7 +15,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -257,19 +257,30 @@ def check_generated(pair: MirrorPair, data, strategy, cases: Callable, count: in
     check(pair, text, ruleset, drawn, sent)
 
 
+# With `forward`, the far host that listens (on port 80).
+FAR_LISTENER = "203.0.113.2"
+
+
 @contextmanager
-def listening_pair(build_dir: Path, ruleset: str) -> Iterator[MirrorPair]:
-    """A mirror pair running `ruleset` whose servers listen on port 22: a SYN there gets a
+def listening_pair(build_dir: Path, ruleset: Optional[str] = None, forward: bool = False,
+                   attach: Attach = Attach.XDP) -> Iterator[MirrorPair]:
+    """A mirror pair (running `ruleset`, if given) whose servers listen on port 22 (and,
+    with `forward`, whose far hosts listen on FAR_LISTENER port 80): a SYN there gets a
     SYN/ACK (elsewhere a RST), so handshakes move the connections on. Never twice: a
     retransmission would land in a later frame's window."""
-    pair = MirrorPair(build_dir)
+    pair = MirrorPair(build_dir, attach, forward=forward)
     listeners = []
     try:
-        pair.load(ruleset)
-        for server in (pair.kernel.server, pair.bpf.server):
-            netns.sysctl(server, "net.ipv4.tcp_synack_retries", "0")
-            with netns.entered(server):
-                listeners.append(socket.create_server((SERVER_ADDR, 22)))
+        if ruleset is not None:
+            pair.load(ruleset)
+        for bed in (pair.kernel, pair.bpf):
+            places = [(bed.server, SERVER_ADDR, 22)]
+            if forward:
+                places.append((bed.far, FAR_LISTENER, 80))
+            for namespace, address, port in places:
+                netns.sysctl(namespace, "net.ipv4.tcp_synack_retries", "0")
+                with netns.entered(namespace):
+                    listeners.append(socket.create_server((address, port)))
         yield pair
         pair.print_table()
     finally:

@@ -35,7 +35,7 @@ _FAMILY_MODULES = {"icmp": (ir.Family.IPV4, "icmp6"), "ttl": (ir.Family.IPV4, "h
 # The module a protocol loads by itself (`-p tcp --dport 22`).
 _PROTOCOL_MODULES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp6"}
 SUPPORTED_TARGETS = ("ACCEPT, DROP, RETURN, REJECT, LOG, MARK, CONNMARK, NOTRACK, "
-                     "CT --notrack, or a user-defined chain")
+                     "CT --notrack, DNAT (nat PREROUTING), or a user-defined chain")
 PLANNED_MATCHES = {
     "set": "ipsets are not supported yet",
 }
@@ -240,12 +240,14 @@ class RuleReader:
                                  "CT --notrack (zones, helpers, timeouts, events: not "
                                  "supported yet)")
             return ir.NotrackTarget(name)
+        if name == "DNAT":
+            return _dnat_target(self)
         return self.target
 
 
 # Any other name is taken as a user chain; the validation pass reports it if none exists.
 _KNOWN_UNSUPPORTED_TARGETS = {
-    "MASQUERADE", "SNAT", "DNAT", "REDIRECT", "TPROXY",
+    "MASQUERADE", "SNAT", "REDIRECT", "TPROXY",
     "NFQUEUE", "QUEUE", "TCPMSS", "TOS", "DSCP", "TTL", "CLASSIFY", "NFLOG", "ULOG", "TEE",
     "SET", "AUDIT", "CHECKSUM", "SECMARK", "CONNSECMARK", "TRACE", "IDLETIMER", "LED",
     "HMARK", "SYNPROXY", "NETMAP", "CLUSTERIP", "ECN",
@@ -547,7 +549,7 @@ def _ct_state(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> 
     given = arg.value.upper().split(",")
     unknown = [s for s in given if s not in ir.ConntrackMatch.STATES]
     if unknown:
-        why = ("NAT states need NAT, which is not supported yet"
+        why = ("the NAT states (--ctstate DNAT/SNAT) are not compiled yet"
                if set(unknown) <= {"SNAT", "DNAT"} else f"unknown state '{unknown[0]}'")
         raise reader.error(arg, why, ",".join(ir.ConntrackMatch.STATES))
     states = tuple(s for s in ir.ConntrackMatch.STATES if s in given)
@@ -849,6 +851,47 @@ def _unsupported_option(why: str, supported: str):
     return handler
 
 
+def _to_destination(reader: RuleReader, tok: Token) -> None:
+    """`A`, `A:p`, `:p` (libxt_NAT's forms; a range whose ends are equal is one value)."""
+    if "to" in reader.target_options:
+        raise reader.error(tok, "--to-destination can be given only once")
+    arg = reader.argument(tok)
+    text, _, ports = arg.value.partition(":")
+    address = None
+    if text:
+        low, _, high = text.partition("-")
+        address = _parse_address(reader, arg, low)
+        if high and _parse_address(reader, arg, high) != address:
+            raise reader.error(arg, "address ranges are not compiled yet",
+                               "one address (DNAT --to-destination a.b.c.d[:port])")
+    port = None
+    if ports:
+        low, _, high = ports.partition("-")
+        port = _parse_port(reader, arg, low, "tcp")
+        if high and _parse_port(reader, arg, high, "tcp") != port:
+            raise reader.error(arg, "port ranges are not compiled yet",
+                               "one port (DNAT --to-destination a.b.c.d:port)")
+        if port == 0:
+            raise reader.error(arg, "port 0 is not compiled", "a port 1-65535")
+    reader.target_options["to"] = (address, port, arg)
+
+
+def _dnat_target(reader: RuleReader) -> ir.DnatTarget:
+    if reader.family is ir.Family.IPV6:
+        raise reader.error(reader.target_token, "IPv6 NAT is not compiled yet",
+                           "DNAT in iptables (IPv4) rulesets")
+    address, port, arg = _require_target(reader, "to", "--to-destination")
+    proto = reader.base.get("proto")
+    if port is not None and not (isinstance(proto, ir.ProtocolMatch) and not proto.negate
+                                 and proto.protocol in (6, 17)):
+        raise reader.error(arg, "a port needs '-p tcp' or '-p udp' in the rule (the kernel "
+                           "refuses it without a protocol that has ports)",
+                           "-p tcp or -p udp (SCTP and DCCP are not compiled yet)")
+    flags = {k: reader.target_options.get(k, False)
+             for k in ("random", "persistent")}
+    return ir.DnatTarget(address, port, **flags)
+
+
 _MARK_OPTIONS = {f"--{form}": _xmark(form)
                  for form in ("set-xmark", "set-mark", "and-mark", "or-mark", "xor-mark")}
 
@@ -871,6 +914,9 @@ _TARGET_OPTIONS: dict[str, dict[str, Callable]] = {
             "shifting marks is not supported yet", _CONNMARK_FORMS + " with masks")),
     },
     "NOTRACK": {},
+    # With one address and one port there is nothing to choose: the flags change nothing.
+    "DNAT": {"--to-destination": _to_destination, "--random": _flag("random"),
+             "--persistent": _flag("persistent")},
     "CT": {
         "--notrack": _flag("notrack"),
         **dict.fromkeys(("--zone", "--zone-orig", "--zone-reply", "--helper", "--ctevents",

@@ -122,7 +122,7 @@ def _table(node: lark.Tree, source: str, family: ir.Family, skip) -> ir.Table:
     chains = tuple(
         ir.Chain(c.name, tuple(rules[c.name]), c.policy, c.counters, c.origin,
                  *((ir.Hook(c.name), names.builtin_priority(name, c.name)) if c.builtin
-                   else ()))
+                   else ()), nat=c.builtin and name == "nat")
         for c in declared.values()
     )
     return ir.Table(name, chains, origin, family=family)

@@ -166,6 +166,13 @@ def _log(t: ir.LogTarget) -> list[str]:
     return parts
 
 
+def _dnat(t: ir.DnatTarget) -> list[str]:
+    to = (str(t.address) if t.address else "") + (f":{t.port}" if t.port else "")
+    return [f"-j DNAT --to-destination {to}"] + [
+        option for flag, option in ((t.random, "--random"), (t.persistent, "--persistent"))
+        if flag]
+
+
 _TARGETS: dict[type, Callable] = {
     ir.VerdictTarget: lambda t: [f"-j {t.verdict.value}"],
     ir.ReturnTarget: lambda t: ["-j RETURN"],
@@ -176,6 +183,7 @@ _TARGETS: dict[type, Callable] = {
     ir.ConnmarkTarget: _connmark,
     ir.NotrackTarget: lambda t: ["-j NOTRACK" if t.spelling == "NOTRACK"
                                  else "-j CT --notrack"],
+    ir.DnatTarget: _dnat,
 }
 
 

@@ -114,6 +114,12 @@ def _statement(node: dict) -> str:
         return f"{_expr(body['key'])} set {_value(body['value'])}"
     if key == "vmap":
         return f"{_expr(body['key'])} vmap {_value(body['data'])}"
+    if key == "dnat":
+        to = (f"{_value(body['addr'])}" if "addr" in body else "") + (
+            f":{_value(body['port'])}" if "port" in body else "")
+        flags = body.get("flags", [])
+        flags = ",".join(flags) if isinstance(flags, list) else flags
+        return f"dnat to {to}" + (f" {flags}" if flags else "")
     return key
 
 

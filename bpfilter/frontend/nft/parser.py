@@ -360,9 +360,11 @@ class NftReader:
 
     def _read_rules(self, table: _Table, chain: _Chain, words: list[Item],
                     statement: Statement) -> list[ir.Rule]:
-        if chain.nat:
-            raise self.error(words[0], f"rules in NAT chain '{chain.name}' are not supported "
-                             "yet", "filter and route chains")
+        if chain.nat and chain.hook not in (None, ir.Hook.PREROUTING):
+            raise self.error(words[0], f"rules in NAT chain '{chain.name}' at "
+                             f"{chain.hook.value} are not compiled yet (snat, masquerade, "
+                             "redirect come later)", "filter and route chains, and nat "
+                             "chains at prerouting (dnat)")
         origin = ir.Origin(self.source, statement.line, statement.column)
         reader = RuleReader(words, self.source, table.sets, table.name,
                             names.TABLE_FAMILIES[table.kind], frames=table.kind == "netdev")
@@ -423,11 +425,11 @@ class NftReader:
         for table in self.tables.values():
             chains = []
             for chain in table.chains.values():
-                base = chain.hook is not None and not chain.nat
+                base = chain.hook is not None and (not chain.nat or chain.rules)
                 chains.append(ir.Chain(chain.name, tuple(chain.rules),
                                        chain.policy if base else None, chain.counters,
                                        chain.origin, chain.hook if base else None,
-                                       chain.priority) if chain.device is None
+                                       chain.priority, nat=chain.nat) if chain.device is None
                               else self._at_ingress(chain))
             tables.append(ir.Table(table.name, tuple(chains), table.origin, xtables=False,
                                    family=names.TABLE_FAMILIES[table.kind]))

@@ -12,6 +12,7 @@ expressions (`tcp dport 22`, `ip saddr { a, b }`) must hold, then statements run
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Optional
@@ -112,6 +113,7 @@ class RuleReader(Comparisons):
         # overlap: a packet can match several of its rules.
         self.may_overlap = False
         self.tcp_reset: Optional[Word] = None  # `reject with tcp reset`, where it is
+        self.dnat_port: Optional[Word] = None  # `dnat to ...:PORT`, where it is
 
     # ----------------------------------------------------------------- words
 
@@ -162,6 +164,12 @@ class RuleReader(Comparisons):
                 tuple(m for choice in combination for m in choice.matches)))
             if self.tcp_reset is not None:
                 matches = self._tcp_dependency(matches)
+            if self.dnat_port is not None and not any(
+                    isinstance(m, ir.ProtocolMatch) and not m.negate and m.protocol in (6, 17)
+                    for m in matches):
+                raise self.error(self.dnat_port, "transport protocol mapping is only valid "
+                                 "after transport protocol match",
+                                 "tcp or udp expressions before dnat to ADDRESS:PORT")
             target = next((c.target for c in combination if c.target is not None), single)
             rules.append(ir.Rule(matches + matches_tail, target, origin, self.counters))
         if len(self.statements) <= 1:
@@ -202,6 +210,8 @@ class RuleReader(Comparisons):
             self._statement(word, self._log())
         elif value == "notrack":
             self._statement(word, ir.NotrackTarget())
+        elif value == "dnat":
+            self._statement(word, self._dnat(word))
         elif self._is_mark_set(word):
             self._statement(word, self._mark_set(word))
         elif value == "vmap":
@@ -237,6 +247,43 @@ class RuleReader(Comparisons):
             self.counters = ir.Counters(packets, self._int(self.next_word("a byte count")))
         else:
             self.counters = self.counters or ir.Counters()
+
+    def _dnat(self, word: Word) -> ir.DnatTarget:
+        """`dnat [ip] to [ADDRESS][:PORT] [random,persistent]` (one address, one port)."""
+        if self.family is not ir.Family.IPV4:
+            raise self.error(word, "IPv6 NAT (and dnat in inet tables) is not compiled yet",
+                             "dnat in ip tables")
+        to = self.next_word("'to'")
+        if to.value == "ip":
+            to = self.next_word("'to'")
+        if to.value != "to":
+            raise self.error(to, "expected 'to'", "dnat to ADDRESS[:PORT]")
+        spec = self.next_word("an address")
+        text = spec.value
+        if self.peek_value() is not None and self.peek_value().startswith(":"):
+            text += self.next_word("a port").value
+        address_text, _, port_text = text.partition(":")
+        if "-" in text or "/" in text or "map" == address_text:
+            raise self.error(spec, "address and port ranges and maps are not compiled yet",
+                             "dnat to ADDRESS[:PORT]")
+        address = port = None
+        if address_text:
+            try:
+                address = ipaddress.IPv4Address(address_text)
+            except ValueError:
+                raise self.error(spec, f"'{address_text}' is not an IPv4 address") from None
+        if port_text:
+            port = int(port_text) if port_text.isdigit() else None
+            if port is None or not 1 <= port <= 65535:
+                raise self.error(spec, f"'{port_text}' is not a port", "1-65535")
+            self.dnat_port = spec
+        flags = set()
+        if self.peek_value() in ("random", "persistent", "fully-random"):
+            flags = {w.value for w in self.comma_list("a flag")}
+            if not flags <= {"random", "persistent"}:
+                raise self.error(spec, "only the random and persistent flags are compiled",
+                                 "random, persistent")
+        return ir.DnatTarget(address, port, "random" in flags, "persistent" in flags)
 
     def _limit(self) -> ir.LimitMatch:
         rate = self.next_word("rate")

@@ -266,6 +266,12 @@ def _target(target: Optional[ir.Target], rule: ir.Rule) -> list[str]:
                 else "meta mark set ct mark"]
     if isinstance(target, ir.NotrackTarget):
         return ["notrack"]
+    if isinstance(target, ir.DnatTarget):
+        to = (str(target.address) if target.address else "") + (
+            f":{target.port}" if target.port else "")
+        flags = ",".join(f for f, on in (("random", target.random),
+                                         ("persistent", target.persistent)) if on)
+        return [f"dnat to {to}" + (f" {flags}" if flags else "")]
     raise _untranslatable(rule, f"no nft statement for {type(target).__name__}")
 
 

@@ -74,6 +74,8 @@ REFUSED = {
         "-A PREROUTING -j DNAT --to-destination 1.2.3.4/24").encode(),
     "DNAT to an octal port": NAT.format(
         "-A PREROUTING -p tcp -j DNAT --to-destination 1.2.3.4:080").encode(),
+    # (the nat checks once read the chains a jump reaches before the jump was checked)
+    "nat jump to an undeclared chain": NAT.format("-A PREROUTING -j NOPE").encode(),
     "chains nested 1,200 deep": ("*filter\n:INPUT ACCEPT [0:0]\n" + "".join(
         f":C{i} - [0:0]\n" for i in range(1200)) + "-A INPUT -j C0\n" + "".join(
         f"-A C{i} -j C{i + 1}\n" for i in range(1199)) + "COMMIT\n").encode(),

@@ -39,20 +39,21 @@ def validate(ruleset: ir.Ruleset,
         chains = []
         # A table not compiled has no rules left, and its chains run nowhere.
         runs = not table.xtables or table.name in COMPILED_TABLES + (NAT_TABLE,)
-        nat = _nat_chains(table)
         for chain in table.chains:
             _check_jumps(table, chain)
+        bases = _bases_reaching(table)
+        for chain in table.chains:
             keep = []
             for rule in chain.rules:
-                problem = _unsupported_rule(table, rule) or _unsupported_nat(table, chain,
-                                                                             rule, nat)
+                problem = _unsupported_rule(table, rule) or _unsupported_nat(
+                    table, chain, rule, bases.get(chain.name, []))
                 if problem is None:
                     keep.append(rule)
                 else:
                     unsupported(problem)
             chains.append(dataclasses.replace(chain, rules=tuple(keep),
                                               hook=chain.hook if runs else None))
-        _check_interface_limits(table)
+        _check_interface_limits(table, bases)
         tables.append(dataclasses.replace(table, chains=tuple(chains)))
     result = ir.Ruleset(ruleset.family, tuple(tables), ruleset.source)
     _check_reply_tuples(result)
@@ -78,35 +79,24 @@ def _unsupported_rule(table: ir.Table, rule: ir.Rule) -> Optional[InputError]:
     return None
 
 
-def _nat_chains(table: ir.Table) -> Optional[dict[str, set[ir.Hook]]]:
-    """For iptables' nat table: the hooks each chain is reached from (None for others)."""
-    if not (table.xtables and table.name == NAT_TABLE):
-        return None
-    hooks: dict[str, set[ir.Hook]] = {}
+def _bases_reaching(table: ir.Table) -> dict[str, list[ir.Chain]]:
+    """Per chain, the base chains whose walk reaches it (a base chain's own first)."""
+    bases: dict[str, list[ir.Chain]] = {}
     for base in table.chains:
         if base.hook is not None:
             for name in [base.name] + table.reached(base.name):
-                hooks.setdefault(name, set()).add(base.hook)
-    return hooks
-
-
-def _outside_nat(table: ir.Table) -> set[str]:
-    """nftables: the chains a base chain that is not a NAT one reaches (dnat is refused
-    there, as nft_nat_validate() refuses it)."""
-    found: set[str] = set()
-    for base in table.chains:
-        if base.hook is not None and not base.nat:
-            found.update([base.name] + table.reached(base.name))
-    return found
+                bases.setdefault(name, []).append(base)
+    return bases
 
 
 def _unsupported_nat(table: ir.Table, chain: ir.Chain, rule: ir.Rule,
-                     nat: Optional[dict[str, set[ir.Hook]]]) -> Optional[InputError]:
+                     bases: list[ir.Chain]) -> Optional[InputError]:
     """Of the nat table, bpfilter compiles what PREROUTING walks (DNAT); SNAT, MASQUERADE
-    and the other hooks' chains come later."""
-    if nat is None:
+    and the other hooks' chains come later. In nftables, dnat only where NAT chains alone
+    lead (nft_nat_validate()). `bases`: the base chains that reach the rule's chain."""
+    if not (table.xtables and table.name == NAT_TABLE):
         if isinstance(rule.target, ir.DnatTarget) and not table.xtables and \
-                chain.name in _outside_nat(table):
+                any(not base.nat for base in bases):
             return _error_at(rule.origin, "dnat", "dnat runs only in NAT chains (type nat): "
                              "the kernel refuses it here", "dnat in a type nat chain at "
                              "prerouting, or a chain it jumps to")
@@ -114,7 +104,7 @@ def _unsupported_nat(table: ir.Table, chain: ir.Chain, rule: ir.Rule,
     if isinstance(rule.target, ir.VerdictTarget) and rule.target.verdict is ir.Verdict.DROP:
         return _error_at(rule.origin, "DROP", "the nat table is not for filtering: iptables "
                          "refuses DROP in it", "DROP in the filter table")
-    others = nat.get(chain.name, set()) - {ir.Hook.PREROUTING}
+    others = {base.hook for base in bases} - {ir.Hook.PREROUTING}
     if others:
         where = ", ".join(sorted(h.value for h in others))
         return _error_at(rule.origin, chain.name if chain.hook else f"-A {chain.name}",
@@ -143,19 +133,18 @@ def _check_reply_tuples(ruleset: ir.Ruleset) -> None:
                                         "ports are refused", "--ctorigsrc/--ctorigdst")
 
 
-def _check_interface_limits(table: ir.Table) -> None:
+def _check_interface_limits(table: ir.Table, bases: dict[str, list[ir.Chain]]) -> None:
     """An address type limited to the packet's input (output) interface where a packet
     has none: the kernel refuses it at every hook whose chains reach the rule
     (addrtype's checkentry, nft_fib_validate)."""
-    for base in table.chains:
-        if base.hook is None:
-            continue
-        for name in [base.name] + table.reached(base.name):
-            for rule in table.chain(name).rules:
-                for match in rule.matches:
-                    if isinstance(match, ir.AddrTypeMatch) and match.limit and \
-                            base.hook in ir.AddrTypeMatch.NO_INTERFACE[match.limit]:
-                        where = "" if name == base.name else f" (chain {name}, from {base.name})"
+    for chain in table.chains:
+        for rule in chain.rules:
+            for match in rule.matches:
+                if not (isinstance(match, ir.AddrTypeMatch) and match.limit):
+                    continue
+                for base in bases.get(chain.name, []):
+                    if base.hook in ir.AddrTypeMatch.NO_INTERFACE[match.limit]:
+                        where = "" if chain is base else f" (chain {chain.name}, from {base.name})"
                         raise _error_at(rule.origin, f"--limit-iface-{match.limit}",
                                         f"a packet at {base.hook.value} has no "
                                         f"{'output' if match.limit == 'out' else 'input'} "

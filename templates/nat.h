@@ -153,10 +153,11 @@ static __always_inline int bf_nat_rewrite(struct bf_ctx *ctx, struct bf_pkt *p, 
 	__u32 from = bpf_htonl(dst ? p->daddr : p->saddr), to = bpf_htonl(addr);
 	__u16 pfrom = bpf_htons(dst ? p->dport : p->sport), pto = bpf_htons(port);
 	int ports = bf_nat_ports(p->proto) && !p->frag_off && p->l4_len >= 8;
-	__u32 l4 = p->l4_off & 0xff, check = l4 + (p->proto == IPPROTO_TCP ? 16 : 6);
+	__u32 l4 = p->l4_off & 0xff;
+#ifdef BF_TC
+	__u32 check = l4 + (p->proto == IPPROTO_TCP ? 16 : 6);
 	__u32 where = sizeof(struct ethhdr) + (dst ? offsetof(struct iphdr, daddr) :
 						    offsetof(struct iphdr, saddr));
-#ifdef BF_TC
 	__u64 udp = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 
 	if (ports && p->proto == IPPROTO_TCP && p->l4_len < 20)
@@ -207,8 +208,6 @@ static __always_inline int bf_nat_rewrite(struct bf_ctx *ctx, struct bf_pkt *p, 
 		}
 		*(__u16 *)(th + (dst ? 2 : 0)) = pto;
 	}
-	(void)where;
-	(void)check;
 #endif
 	if (dst) {
 		p->daddr = addr;

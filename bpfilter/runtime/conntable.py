@@ -37,22 +37,23 @@ def open_shared(paths: Paths) -> dict[str, Map]:
     if not paths.conntrack.exists():
         return {}
     if not all((paths.conntrack / name).exists() for name in CONNTRACK_MAPS):
-        raise KernelError(
-            f"the connection table pinned at {paths.conntrack} was made by another version "
-            "of bpfilter (it has no NAT bindings): its connections cannot carry over. "
-            "Detach the rulesets that use it (bpfilter status lists them), then apply again.")
+        raise _another_version(paths, "it has no NAT bindings")
     maps = {name: Map.open_pinned(str(paths.conntrack / name)) for name in CONNTRACK_MAPS}
     table = maps[TABLE]
     if (table.key_size, table.value_size) != (_KEY.size, _ENTRY.size):
         for m in maps.values():
             m.close()
-        raise KernelError(
-            f"the connection table pinned at {paths.conntrack} was made by another version "
-            f"of bpfilter ({table.key_size}-byte keys, {table.value_size}-byte entries; this "
-            f"one uses {_KEY.size} and {_ENTRY.size}): "
-            "its connections cannot carry over. Detach the rulesets that use it (bpfilter "
-            "status lists them), then apply again.")
+        raise _another_version(
+            paths, f"{table.key_size}-byte keys, {table.value_size}-byte entries; this one "
+                   f"uses {_KEY.size} and {_ENTRY.size}")
     return maps
+
+
+def _another_version(paths: Paths, why: str) -> KernelError:
+    return KernelError(
+        f"the connection table pinned at {paths.conntrack} was made by another version of "
+        f"bpfilter ({why}): its connections cannot carry over. Detach the rulesets that use "
+        "it (bpfilter status lists them), then apply again.")
 
 
 def pin_table(paths: Paths, loaded: LoadedRuleset) -> Callable[[], None]:

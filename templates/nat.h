@@ -32,7 +32,7 @@ struct bf_nat_entry {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, BF_CT_MAX);
+	__uint(max_entries, 2 * BF_CT_MAX); /* two per binding: one per connection the table holds */
 	__type(key, struct bf_ct_key);
 	__type(value, struct bf_nat_entry);
 } bf_nat SEC(".maps");

@@ -371,3 +371,27 @@ def test_walks_longer_than_bpf_loop_runs_are_refused(tmp_path):
         compile_ruleset(text, "deep.v4", tmp_path, emit="c")
     fewer = text.replace(jumps, jumps[: jumps.index("--dport 1001 ")].rsplit("\n", 1)[0] + "\n")
     compile_ruleset(fewer, "ok.v4", tmp_path, emit="c")  # 1,000 jumps: 4.5 million steps
+
+
+def test_every_connection_the_table_holds_keeps_its_dnat_binding(kernel, build_root):
+    """A binding is two entries of bf_nat: with 40,000 DNATed connections (80,000 entries,
+    more than the 65,536 bf_nat once held, fewer than the connection table's 65,536
+    connections) the first one's reply is still translated back at egress."""
+    rules = ("*nat\n:PREROUTING ACCEPT [0:0]\n"
+             "-A PREROUTING -d 198.18.0.1/32 -p udp -j DNAT --to-destination 198.18.0.2:53\n"
+             "COMMIT\n*filter\n:INPUT ACCEPT [0:0]\n"
+             "-A INPUT -m conntrack --ctstate INVALID -j DROP\nCOMMIT\n")
+    query = bytearray(bytes(Ether() / IP(src="192.0.2.1", dst="198.18.0.1")
+                            / UDP(sport=1, dport=5353, chksum=0)))
+    sport = len(query) - 8  # the UDP header's first field
+    with LoadedRuleset(compile_ruleset(rules, "dnat-many", build_root / "dnat-many",
+                                       verify=False)) as loaded:
+        ingress = loaded.program()
+        for port in range(1024, 1024 + 40_000):  # UDP without a checksum: only the port
+            query[sport:sport + 2] = port.to_bytes(2, "big")
+            assert ingress.test_run(bytes(query), ingress_ifindex=LO).retval == XDP_PASS
+        reply = Ether() / IP(src="198.18.0.2", dst="192.0.2.1") / UDP(sport=53, dport=1024,
+                                                                     chksum=0)
+        out = loaded.program("bf_egress").test_run(bytes(reply)).data
+        assert (IP(out[14:]).src, UDP(bytes(IP(out[14:]).payload)).sport) == \
+            ("198.18.0.1", 5353)

@@ -567,7 +567,7 @@ def conntrack_cmd(iface: Optional[str], list_: bool, flush: bool, as_json: bool)
         return
     table = _table(f"connections (read by rulesets on {users})")
     for col in ("proto", "state", "timeout", "src", "dst", "sport", "dport", "mark", "dnat",
-                ""):
+                "snat", ""):
         table.add_column(col, justify="right" if col in ("timeout", "sport", "dport", "mark")
                          else "left")
     rows = sorted(conntable.connections(paths), key=lambda c: (c.proto, c.src, c.sport))
@@ -582,7 +582,8 @@ def conntrack_cmd(iface: Optional[str], list_: bool, flush: bool, as_json: bool)
         table.add_row(c.proto, c.state, str(c.timeout_s), c.src, c.dst,
                       f"id {c.sport}" if c.proto == "icmp" else str(c.sport),
                       f"type {c.dport}" if c.proto == "icmp" else str(c.dport),
-                      str(c.mark), c.dnat or "", "" if c.replied else "[UNREPLIED]")
+                      str(c.mark), c.dnat or "", c.snat or "",
+                      "" if c.replied else "[UNREPLIED]")
     console.print(table)
     console.print(f"{len(rows)} connection(s); the table holds {use.entries:,} of "
                   f"{use.capacity:,} entries (expired ones until reused), "

@@ -516,8 +516,25 @@ class DnatTarget:
     persistent: bool = False
 
 
+@dataclass(frozen=True)
+class SnatTarget:
+    """SNAT (nat table, POSTROUTING) and MASQUERADE: the connection's source becomes
+    `address` (MASQUERADE: the address of the interface it leaves by) and a port of
+    `ports` (None: the client's own where no other connection has it, else one of its
+    class). Decided on a connection's first packet, bound as DNAT's. Ends the walk."""
+
+    address: Optional[IPAddress] = None
+    ports: Optional[tuple[int, int]] = None
+    random: bool = False
+    random_fully: bool = False
+    persistent: bool = False
+    masquerade: bool = False
+
+
+NAT_TARGETS = (DnatTarget, SnatTarget)
+
 Target = Union[VerdictTarget, ReturnTarget, JumpTarget, RejectTarget, LogTarget, MarkTarget,
-               ConnmarkTarget, NotrackTarget, DnatTarget]
+               ConnmarkTarget, NotrackTarget, DnatTarget, SnatTarget]
 
 # --------------------------------------------------------------------------- structure
 

@@ -228,7 +228,8 @@ static __always_inline void bf_ct_key_of(const struct bf_pkt *p, struct bf_ct_ke
 enum bf_nat_todo { BF_NAT_NEW = 1 /* DNAT chose: rewrite, and bind at confirm */,
 		   BF_NAT_DST = 2 /* the binding gives the destination */,
 		   BF_NAT_SRC = 4 /* the binding gives the source */,
-		   BF_NAT_ERROR = 8 /* an ICMP error quoting a packet the binding rewrote */ };
+		   BF_NAT_ERROR = 8 /* an ICMP error quoting a packet the binding rewrote */,
+		   BF_NAT_SNAT = 16 /* SNAT chose (bf_snat_choice): bind at confirm */ };
 
 /* nat.h: the packet (or the packet an ICMP error quotes) as its binding has it. */
 static __always_inline void bf_nat_view(struct bf_pkt *p, struct bf_ct_key *key, __u8 *from);
@@ -886,7 +887,7 @@ __noinline int bf_ct_confirm(const struct bf_pkt *p, int verdict)
 	if (verdict == BF_DROP || verdict == BF_REJECT)
 		return 0;
 #if BF_NAT
-	if (p->nat == BF_NAT_NEW) /* the tuple it came with */
+	if (p->nat & BF_NAT_NEW) /* the tuple it came with */
 		bf_ct_key_at(p, p->src, p->sport, p->ct_orig[1], p->ct_port[1], &key, &from);
 	else
 #endif

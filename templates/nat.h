@@ -1,38 +1,51 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* Destination NAT (the nat table's DNAT at PREROUTING), IPv4, as nf_nat does it.
+/* The nat table (IPv4), as nf_nat does it: DNAT at PREROUTING, SNAT and MASQUERADE at
+ * POSTROUTING.
  *
- * A connection's first packet walks the nat chains; DNAT chooses its new destination, and
- * when the connection is confirmed the choice becomes a binding. Every later packet of
- * either direction is rewritten from the binding, without a walk: the original way's
- * destination at PREROUTING (so the routing decision and FORWARD or INPUT see the new
- * one), the reply way's source at the end of POSTROUTING, where the kernel puts its
- * inverse (TC egress: the host's own answers and forwarded ones alike).
+ * A connection's first packet walks the nat chains; DNAT chooses its new destination,
+ * SNAT its new source, and when the connection is confirmed the choices become a binding.
+ * Every later packet of either direction is rewritten from the binding, without a walk:
+ * destinations at PREROUTING (so the routing decision and FORWARD or INPUT see the new
+ * one), sources at the end of POSTROUTING, in TC egress (the host's own packets and
+ * forwarded ones alike: a source rewritten before the routing decision would make a
+ * forwarded packet a martian).
  *
- * A binding is two entries of bf_nat, keyed as connections are (struct bf_ct_key, the
- * endpoints in canonical order): the original tuple, whose packets get the new
- * destination, and the reply tuple (the client and the new destination), whose packets
- * connection tracking reads as the original connection's and whose replies get the old
- * destination back as their source. The connection table stays keyed by the original
- * tuple, as the kernel's first tuplehash. The map lives with the connection table (one
- * per namespace, across swaps); an entry whose connection is gone is never used and is
- * overwritten by the next binding of its tuple. */
+ * A binding is up to three entries of bf_nat, keyed as connections are (struct bf_ct_key,
+ * the endpoints in canonical order), one per tuple its packets carry on the way: the
+ * original tuple c -> d as the client sends it, the tuple c -> b between DNAT and SNAT
+ * (b: DNAT's new destination), and the reply tuple b -> n (n: SNAT's new source), whose
+ * packets connection tracking reads as the original connection's. Each entry says, per
+ * endpoint, what the endpoint stands for in the original tuple and what a packet gets
+ * there: to it (as the destination, at PREROUTING) or from it (as the source, at
+ * POSTROUTING's end). The connection table stays keyed by the original tuple, as the
+ * kernel's first tuplehash. The map lives with the connection table (one per namespace,
+ * across swaps); an entry whose connection is gone is never used and is overwritten by
+ * the next binding of its tuple. */
 #pragma once
 
 #include "bpfilter.h"
 
 #if BF_CONNTRACK
 
+enum bf_nat_end_todo { BF_NAT_TO = 1 /* a packet to it: destination as_dst */,
+		       BF_NAT_FROM = 2 /* a packet from it: source as_src */ };
+
+/* One endpoint of a tuple, as its binding has it (addresses in host order). */
+struct bf_nat_end {
+	__u32 view;      /* what it stands for in the connection's original tuple */
+	__u32 as_dst, as_src;
+	__u16 view_port, dst_port, src_port;
+	__u8 todo;       /* enum bf_nat_end_todo */
+	__u8 pad;
+};
+
 struct bf_nat_entry {
-	__u32 at;        /* the endpoint packets of this tuple carry (host order) */
-	__u32 to;        /* what it stands for */
-	__u16 at_port, to_port;
-	__u8 reply;      /* 1: the connection's reply tuple */
-	__u8 pad[3];
+	struct bf_nat_end end[2]; /* in the key's order */
 };
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 2 * BF_CT_MAX); /* two per binding: one per connection the table holds */
+	__uint(max_entries, 3 * BF_CT_MAX); /* up to three per binding, one per connection */
 	__type(key, struct bf_ct_key);
 	__type(value, struct bf_nat_entry);
 } bf_nat SEC(".maps");
@@ -44,24 +57,15 @@ static __always_inline int bf_nat_ports(__u8 proto)
 	return proto == IPPROTO_TCP || proto == IPPROTO_UDP;
 }
 
-/* Whether the packet's destination (`dst`) or source is the entry's endpoint. */
-static __always_inline int bf_nat_is(const struct bf_pkt *p, const struct bf_nat_entry *n,
-				     int dst)
-{
-	if ((dst ? p->daddr : p->saddr) != n->at)
-		return 0;
-	return !bf_nat_ports(p->proto) || (dst ? p->dport : p->sport) == n->at_port;
-}
-
-/* Before connection tracking looks the packet up: a packet of a binding's reply tuple is
- * read as its connection's (its new destination as the old one), and the packet learns
- * what its binding rewrites. Only a packet of a live connection keeps that
- * (bf_ct_classify forgets it otherwise). */
+/* Before connection tracking looks the packet up: a packet of a binding's other tuples is
+ * read as its connection's, and learns what its binding does to it in this program: its
+ * destination at ingress (PREROUTING), its source at egress (POSTROUTING's end). Only a
+ * packet of a live connection keeps that (bf_ct_classify forgets it otherwise). */
 static __always_inline void bf_nat_view(struct bf_pkt *p, struct bf_ct_key *key, __u8 *from)
 {
+	const struct bf_nat_end *s, *d;
 	struct bf_nat_entry *n;
 	__u32 src, dst;
-	__u16 sport, dport;
 
 	p->nat = 0;
 	if (BF_FAMILY6(p))
@@ -69,32 +73,33 @@ static __always_inline void bf_nat_view(struct bf_pkt *p, struct bf_ct_key *key,
 	n = bpf_map_lookup_elem(&bf_nat, key);
 	if (!n)
 		return;
-	p->nat_addr = n->to;
-	p->nat_port = n->to_port;
-	if (!n->reply) {
-		if (bf_nat_is(p, n, 1))
-			p->nat = BF_NAT_DST;
-		return;
-	}
-	src = p->saddr, dst = p->daddr, sport = p->sport, dport = p->dport;
-	if (bf_nat_is(p, n, 0)) {
+	s = *from ? &n->end[1] : &n->end[0];
+	d = *from ? &n->end[0] : &n->end[1];
+#ifdef BF_EGRESS
+	if (s->todo & BF_NAT_FROM) {
 		p->nat = BF_NAT_SRC;
-		src = n->to, sport = n->to_port;
-	} else if (bf_nat_is(p, n, 1)) {
-		dst = n->to, dport = n->to_port;
-	} else {
-		return;
+		p->nat_addr = s->as_src;
+		p->nat_port = s->src_port;
 	}
-	bf_ct_key_at(p, &src, sport, &dst, dport, key, from);
+#else
+	if (d->todo & BF_NAT_TO) {
+		p->nat = BF_NAT_DST;
+		p->nat_addr = d->as_dst;
+		p->nat_port = d->dst_port;
+	}
+#endif
+	src = s->view, dst = d->view;
+	bf_ct_key_at(p, &src, s->view_port, &dst, d->view_port, key, from);
 }
 
-/* An ICMP error quoting a packet of a binding's reply tuple (one that went to the new
+/* An ICMP error quoting a packet whose destination DNAT changed (one that went to the new
  * destination), on its way back to the packet's sender: its key becomes the connection's.
  * 1 when the error is to be translated (if the connection lives). */
 static __always_inline int bf_nat_quoted(struct bf_pkt *p, struct bf_ct_key *key, __u8 *from,
 					 __u8 proto, const __u32 *saddr, const __u32 *daddr,
 					 __u8 *l4, void *end)
 {
+	const struct bf_nat_end *s, *d;
 	struct bf_nat_entry *n;
 	__u32 to;
 
@@ -102,19 +107,25 @@ static __always_inline int bf_nat_quoted(struct bf_pkt *p, struct bf_ct_key *key
 	if (BF_FAMILY6(p))
 		return 0;
 	n = bpf_map_lookup_elem(&bf_nat, key);
-	if (!n || !n->reply || daddr[0] != n->at)
+	if (!n)
 		return 0;
-	to = n->to;
+	s = *from ? &n->end[1] : &n->end[0];
+	d = *from ? &n->end[0] : &n->end[1];
+	/* Only DNAT's: an error about a packet SNAT changed goes to the new source, which
+	 * the kernel translates at PREROUTING (not done yet: it stays the host's). */
+	if (!(d->todo & BF_NAT_FROM) || (s->todo & BF_NAT_TO))
+		return 0;
+	to = d->view;
 	if (bf_nat_ports(proto)) {
-		if ((void *)(l4 + 4) > end || (((__u16)l4[2] << 8) | l4[3]) != n->at_port)
+		if ((void *)(l4 + 4) > end)
 			return 0;
 		bf_ct_endpoints(key, from, proto, saddr, ((__u16)l4[0] << 8) | l4[1], &to,
-				n->to_port, 1);
+				d->view_port, 1);
 	} else if (!bf_ct_quoted_key(key, from, proto, saddr, &to, l4, end, 1)) {
 		return 0;
 	}
-	p->nat_addr = n->to;
-	p->nat_port = n->to_port;
+	p->nat_addr = d->view;
+	p->nat_port = d->view_port;
 	return 1;
 }
 
@@ -122,9 +133,45 @@ static __always_inline int bf_nat_quoted(struct bf_pkt *p, struct bf_ct_key *key
  * keeps it); the walk of this hook's nat chains ends. */
 static __always_inline int bf_dnat(struct bf_pkt *p, __u32 addr, __u16 port)
 {
-	p->nat = BF_NAT_NEW;
+	p->nat |= BF_NAT_NEW;
 	p->nat_addr = addr;
 	p->nat_port = port;
+	return BF_ACCEPT;
+}
+
+enum bf_snat_flags { BF_SNAT_MASQUERADE = 1, BF_SNAT_RANDOM = 2, BF_SNAT_RANDOM_FULLY = 4,
+		     BF_SNAT_PORTS = 8 /* a port range was given */ };
+
+/* What SNAT or MASQUERADE chose for the packet's connection, until it is bound (struct
+ * bf_pkt has no room left: this CPU's, for the one packet it runs). */
+struct bf_snat {
+	__u32 addr;      /* 0 for MASQUERADE until the route gives it */
+	__u16 min, max;  /* the port range */
+	__u8 flags;      /* enum bf_snat_flags */
+	__u8 pad[3];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bf_snat);
+} bf_snat_choice SEC(".maps");
+
+/* SNAT / MASQUERADE: the connection's new source; the walk of the nat chains ends. */
+static __always_inline int bf_snat(struct bf_pkt *p, __u32 addr, __u16 min, __u16 max,
+				   __u8 flags)
+{
+	__u32 zero = 0;
+	struct bf_snat *s = bpf_map_lookup_elem(&bf_snat_choice, &zero);
+
+	if (!s)
+		return BF_DROP;
+	s->addr = addr;
+	s->min = min;
+	s->max = max;
+	s->flags = flags;
+	p->nat |= BF_NAT_SNAT;
 	return BF_ACCEPT;
 }
 
@@ -229,7 +276,8 @@ static __always_inline void bf_nat_destination(struct bf_ctx *ctx, struct bf_pkt
 		p->nat = 0;
 }
 
-/* At the end of POSTROUTING: a reply gets the address (and port) its peer sent to. */
+/* At the end of POSTROUTING: the source the binding gives (SNAT's; for a reply to a
+ * DNATed packet, the address and port its peer sent to). */
 static __always_inline void bf_nat_source(struct bf_ctx *ctx, struct bf_pkt *p)
 {
 	bf_nat_rewrite(ctx, p, 0, p->nat_addr, p->nat_port);
@@ -277,27 +325,176 @@ static __always_inline void bf_nat_error(struct bf_ctx *ctx, struct bf_pkt *p)
 }
 #endif
 
-/* __nf_conntrack_confirm() of a new connection DNAT chose for: its binding's two entries
- * (the original tuple's key is the one the connection has). Global, as bf_ct_confirm():
- * its keys stay off the stack the walk uses. */
-__noinline int bf_nat_bind(const struct bf_pkt *p, int verdict)
+/* nf_nat_used_tuple(): whether another connection holds the tuple a -> b: a live entry
+ * of the connection table, or a binding of a live connection. Global: the port search
+ * calls it in a loop. */
+__noinline int bf_nat_used(const struct bf_pkt *p, __u32 a, __u16 aport, __u32 b, __u16 bport)
 {
-	struct bf_nat_entry orig = {}, reply = { .reply = 1 };
-	struct bf_ct_key key = {}, rkey = {};
+	struct bf_ct_key key = {};
+	struct bf_ct_entry *e;
+	struct bf_nat_entry *n;
+	__u64 now = bf_now();
 	__u8 from;
 
-	if (!p || p->nat != BF_NAT_NEW || p->ct_create == sNO || verdict == BF_DROP ||
-	    verdict == BF_REJECT)
+	if (!p)
+		return 1;
+	bf_ct_key_at(p, &a, aport, &b, bport, &key, &from);
+	e = bpf_map_lookup_elem(&bf_conntrack, &key);
+	if (e && e->expires > now)
+		return 1;
+	n = bpf_map_lookup_elem(&bf_nat, &key);
+	if (!n)
 		return 0;
-	orig.at = reply.to = p->ct_orig[1][0];
-	orig.at_port = reply.to_port = p->ct_port[1];
-	orig.to = reply.at = p->daddr;
-	orig.to_port = reply.at_port = p->dport;
-	bf_ct_key_at(p, p->src, p->sport, p->ct_orig[1], p->ct_port[1], &key, &from);
-	bf_ct_key_of(p, &rkey, &from);
-	bpf_map_update_elem(&bf_nat, &key, &orig, BPF_ANY);
-	bpf_map_update_elem(&bf_nat, &rkey, &reply, BPF_ANY);
+	a = n->end[0].view;
+	b = n->end[1].view;
+	bf_ct_key_at(p, &a, n->end[0].view_port, &b, n->end[1].view_port, &key, &from);
+	e = bpf_map_lookup_elem(&bf_conntrack, &key);
+	return e && e->expires > now;
+}
+
+/* The new source port, as nf_nat_l4proto_unique_tuple() chooses it: the client's own if
+ * it is in the range (without a range: ports of its class, 1-511, 600-1023 or
+ * 1024-65535) and no other connection's reply tuple has it, else a free one from a
+ * random place in the range; 0 when none is found (the kernel drops the packet: a
+ * range of one port is taken even when held, and the clash drops it at confirm). */
+static __always_inline __u16 bf_snat_port(const struct bf_pkt *p, const struct bf_snat *s,
+					  __u32 from, __u16 port, __u32 to, __u16 to_port)
+{
+	__u16 min = s->min, max = s->max;
+	__u32 span, start, i;
+
+	if (!(s->flags & BF_SNAT_PORTS)) {
+		min = port < 512 ? 1 : port < 1024 ? 600 : 1024;
+		max = port < 512 ? 511 : port < 1024 ? 1023 : 65535;
+	}
+	if (min == max && (s->flags & BF_SNAT_PORTS)) /* one port: taken if free */
+		return bf_nat_used(p, to, to_port, from, min) ? 0 : min;
+	if (!(s->flags & (BF_SNAT_RANDOM | BF_SNAT_RANDOM_FULLY)) && port >= min &&
+	    port <= max && !bf_nat_used(p, to, to_port, from, port))
+		return port;
+	span = (__u32)max - min + 1;
+	start = bpf_get_prandom_u32();
+	for (i = 0; i < 64; i++) {
+		__u16 candidate = min + (start + i) % span;
+
+		if (!bf_nat_used(p, to, to_port, from, candidate))
+			return candidate;
+	}
 	return 0;
+}
+
+/* masquerade_tg(): the address of the interface the packet leaves by that the route to
+ * its destination prefers (inet_select_addr(); a route's own `src` is taken here, not by
+ * the kernel), into the choice. 0 when there is none. Global: the lookup's 64 bytes stay
+ * off bf_nat_bind()'s stack. */
+__noinline int bf_nat_masquerade(struct bf_ctx *ctx, const struct bf_pkt *p, struct bf_snat *s)
+{
+	struct bpf_fib_lookup fib = {};
+
+	if (!p || !s)
+		return 0;
+	fib.family = 2; /* AF_INET */
+	fib.ipv4_dst = bpf_htonl(p->daddr);
+	fib.ifindex = p->oifindex;
+	if (bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT |
+			   BPF_FIB_LOOKUP_SKIP_NEIGH | BPF_FIB_LOOKUP_SRC))
+		return 0;
+	s->addr = bpf_ntohl(fib.ipv4_src);
+	return 1;
+}
+
+/* One entry of a binding, its endpoints given in `ends` as a -> b (a: the sender of the
+ * tuple's original way, as ICMP keys need; `ports`: a's << 16 | b's). Global, as
+ * bf_nat_used(): its key and entry stay off bf_nat_bind()'s stack. */
+__noinline int bf_nat_put(const struct bf_pkt *p, __u32 a, __u32 b, __u32 ports,
+			  const struct bf_nat_entry *ends)
+{
+	struct bf_nat_entry entry;
+	struct bf_ct_key key = {};
+	__u8 from;
+
+	if (!p || !ends)
+		return 0;
+	bf_ct_key_at(p, &a, ports >> 16, &b, ports & 0xffff, &key, &from);
+	entry.end[0] = ends->end[from ? 1 : 0];
+	entry.end[1] = ends->end[from ? 0 : 1];
+	bpf_map_update_elem(&bf_nat, &key, &entry, BPF_ANY);
+	return 0;
+}
+
+/* nf_nat_setup_info() at __nf_conntrack_confirm() of a new connection DNAT or SNAT chose
+ * for: its source port, then its binding's entries (c -> d the original tuple, b DNAT's
+ * destination, n SNAT's source; without DNAT b is d, without SNAT n is c). At egress the
+ * packet's own source is rewritten next. The verdict, DROP where the kernel drops:
+ * MASQUERADE without an address, no free port. Global, as bf_ct_confirm(): its entries
+ * stay off the stack the walk uses. */
+__noinline int bf_nat_bind(struct bf_ctx *ctx, struct bf_pkt *p, int verdict)
+{
+	struct bf_nat_entry e = {};
+	__u32 ca, da, ba, na, zero = 0;
+	__u16 cp, dp, bp, np;
+	struct bf_snat *s;
+	int dnat, snat;
+
+	if (!p)
+		return BF_DROP;
+	if (!(p->nat & (BF_NAT_NEW | BF_NAT_SNAT)) || p->ct_create == sNO ||
+	    verdict == BF_DROP || verdict == BF_REJECT)
+		return verdict;
+	dnat = !!(p->nat & BF_NAT_NEW);
+	snat = !!(p->nat & BF_NAT_SNAT);
+	ca = p->ct_orig[0][0], cp = p->ct_port[0];
+	da = p->ct_orig[1][0], dp = p->ct_port[1];
+	ba = p->daddr, bp = p->dport;
+	na = ca, np = cp;
+	if (snat) {
+		s = bpf_map_lookup_elem(&bf_snat_choice, &zero);
+		if (!s)
+			return BF_DROP;
+		if ((s->flags & BF_SNAT_MASQUERADE) && !bf_nat_masquerade(ctx, p, s))
+			return BF_DROP;
+		na = s->addr;
+		if (!na)
+			return BF_DROP;
+		if (bf_nat_ports(p->proto)) {
+			np = bf_snat_port(p, s, na, cp, ba, bp);
+			if (!np)
+				return BF_DROP;
+		}
+		snat = na != ca || np != cp; /* else a null binding: nothing changes */
+	}
+	if (!dnat && !snat)
+		return verdict;
+	/* The original tuple: DNAT's new destination for packets to d; without DNAT, SNAT's
+	 * new source for packets from c (with it, they carry c -> b by then). */
+	e.end[0].view = ca, e.end[0].view_port = cp;
+	e.end[1].view = da, e.end[1].view_port = dp;
+	e.end[0].as_src = na, e.end[0].src_port = np; /* (what `bpfilter conntrack` shows) */
+	e.end[1].as_dst = ba, e.end[1].dst_port = bp;
+	if (dnat)
+		e.end[1].todo = BF_NAT_TO;
+	else
+		e.end[0].todo = BF_NAT_FROM;
+	bf_nat_put(p, ca, da, (__u32)cp << 16 | dp, &e);
+	/* c -> b: b answers as d; SNAT's source for packets from c */
+	e.end[1].todo = dnat ? BF_NAT_FROM : 0;
+	e.end[1].as_src = da, e.end[1].src_port = dp;
+	e.end[0].todo = snat ? BF_NAT_FROM : 0;
+	e.end[0].as_src = na, e.end[0].src_port = np;
+	if (dnat && snat)
+		bf_nat_put(p, ca, ba, (__u32)cp << 16 | bp, &e);
+	/* The reply tuple n -> b: n stands for c, and packets to it go to c. */
+	e.end[0].todo = snat ? BF_NAT_TO : 0;
+	e.end[0].as_dst = ca, e.end[0].dst_port = cp;
+	bf_nat_put(p, na, ba, (__u32)np << 16 | bp, &e);
+#ifdef BF_EGRESS
+	if (snat) {
+		p->nat |= BF_NAT_SRC;
+		p->nat_addr = na;
+		p->nat_port = np;
+	}
+#endif
+	return verdict;
 }
 
 #endif

@@ -74,6 +74,26 @@ REFUSED = {
         "-A PREROUTING -j DNAT --to-destination 1.2.3.4/24").encode(),
     "DNAT to an octal port": NAT.format(
         "-A PREROUTING -p tcp -j DNAT --to-destination 1.2.3.4:080").encode(),
+    "SNAT without --to-source": NAT.format("-A POSTROUTING -j SNAT").encode(),
+    "SNAT port range without a protocol": NAT.format(
+        "-A POSTROUTING -j SNAT --to-source 1.1.1.1:1025-65535").encode(),
+    "SNAT port 65536": NAT.format(
+        "-A POSTROUTING -p tcp -j SNAT --to-source 1.1.1.1:1025-65536").encode(),
+    "--to-source twice": NAT.format(
+        "-A POSTROUTING -j SNAT --to-source 1.1.1.1 --to-source 2.2.2.2").encode(),
+    "SNAT at PREROUTING": NAT.format("-A PREROUTING -j SNAT --to-source 1.1.1.1").encode(),
+    "DNAT at POSTROUTING": NAT.format(
+        "-A POSTROUTING -j DNAT --to-destination 1.1.1.1").encode(),
+    "MASQUERADE at PREROUTING": NAT.format("-A PREROUTING -j MASQUERADE").encode(),
+    "MASQUERADE in filter": FILTER.format("-A FORWARD -j MASQUERADE").encode(),
+    "MASQUERADE port 65536": NAT.format(
+        "-A POSTROUTING -p udp -j MASQUERADE --to-ports 1024-65536").encode(),
+    "MASQUERADE port -1": NAT.format(
+        "-A POSTROUTING -p udp -j MASQUERADE --to-ports -1").encode(),
+    "SNAT port range reversed": NAT.format(
+        "-A POSTROUTING -p tcp -j SNAT --to-source 1.1.1.1:1025-0x400").encode(),
+    "MASQUERADE ports without a protocol": NAT.format(
+        "-A POSTROUTING -j MASQUERADE --to-ports 1024").encode(),
     # (the nat checks once read the chains a jump reaches before the jump was checked)
     "nat jump to an undeclared chain": NAT.format("-A PREROUTING -j NOPE").encode(),
     "chains nested 1,200 deep": ("*filter\n:INPUT ACCEPT [0:0]\n" + "".join(
@@ -100,6 +120,13 @@ NFT_REFUSED = {
     "crlf": _nft("tcp dport 22 accept").replace(b"\n", b"\r\n"),
     "nesting 2,000 deep": _nft("ip saddr " + "{ " * 2000 + "1.2.3.4" + " }" * 2000 + " accept"),
     "dnat in a filter chain": _nft("tcp dport 80 dnat to 1.2.3.4", "ip"),
+    "snat in a filter chain": _nft("snat to 1.2.3.4", "ip"),
+    "masquerade at prerouting": (
+        b"table ip t {\n chain c {\n  type nat hook prerouting priority dstnat; policy accept;"
+        b"\n  masquerade\n }\n}\n"),
+    "snat to a port without a protocol": (
+        b"table ip t {\n chain c {\n  type nat hook postrouting priority srcnat; policy "
+        b"accept;\n  snat to 1.2.3.4:80-90\n }\n}\n"),
     "dnat to a port without a protocol": (
         b"table ip t {\n chain c {\n  type nat hook prerouting priority dstnat; policy accept;"
         b"\n  dnat to 1.2.3.4:80\n }\n}\n"),
@@ -154,17 +181,23 @@ def test_a_latin1_comment_is_read_and_written_back_byte_for_byte(tmp_path):
     ("-p tcp -j DNAT --to-destination 1.2.3.4:ssh", "--to-destination 1.2.3.4:22"),
     ("-p udp -j DNAT --to-destination 1.2.3.4-1.2.3.4:53-53", "--to-destination 1.2.3.4:53"),
     ("-p tcp -j DNAT --to-destination :80 --persistent --random",
-     "--to-destination :80 --random --persistent")])
+     "--to-destination :80 --random --persistent"),
+    ("-p tcp -j SNAT --to-source 1.1.1.1:0x400-1025 --persistent --random-fully --random",
+     "--to-source 1.1.1.1:1024-1025 --random --random-fully --persistent"),
+    ("-p udp -j SNAT --to-source 1.1.1.1-1.1.1.1:53-53", "--to-source 1.1.1.1:53"),
+    ("-j MASQUERADE --random-fully", "-j MASQUERADE --random-fully"),
+    ("-p tcp -j MASQUERADE --to-ports 1024-1024", "--to-ports 1024")])
 def test_numbers_and_orders_mean_what_they_mean_to_the_kernel(namespace, tmp_path, spelling,
                                                               means):
     """The kernel's iptables-save of the rule and bpfilter's say the same (octal and hex
     where iptables reads C numbers, decimal where it does not; -m before -p)."""
-    chain = "PREROUTING" if "DNAT" in spelling else "INPUT"
+    chain = "PREROUTING" if "DNAT" in spelling else "POSTROUTING" if "-j SNAT" in spelling \
+        or "MASQUERADE" in spelling else "INPUT"
     target = "" if " -j " in f" {spelling}" else " -j ACCEPT"
-    text = (NAT if chain == "PREROUTING" else FILTER).format(f"-A {chain} {spelling}{target}")
+    text = (FILTER if chain == "INPUT" else NAT).format(f"-A {chain} {spelling}{target}")
     scratch = namespace("bpft-num")
     netns.run("iptables-legacy-restore", netns=scratch, input=text)
-    table = ("-t", "nat") if chain == "PREROUTING" else ()
+    table = () if chain == "INPUT" else ("-t", "nat")
     kernel = [line for line in netns.run("iptables-legacy-save", *table, netns=scratch).stdout
               .split("\n") if line.startswith(f"-A {chain}")]
     path = tmp_path / "n.v4"

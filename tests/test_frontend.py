@@ -97,7 +97,7 @@ BAD = {
         3, "NAT states (--ctstate DNAT/SNAT) are not compiled yet"),
     "unknown option": ("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -p tcp --frob 1 -j DROP\nCOMMIT\n",
                        3, "unknown option"),
-    "unknown target": ("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j MASQUERADE\nCOMMIT\n",
+    "unknown target": ("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j TPROXY\nCOMMIT\n",
                        3, "target not supported yet"),
     "jump to missing chain": ("*filter\n:INPUT ACCEPT [0:0]\n\n-A INPUT -j NOWHERE\nCOMMIT\n",
                               4, "no chain 'NOWHERE'"),
@@ -127,10 +127,13 @@ BAD = {
         "COMMIT\n", 3, "shifting marks is not supported yet"),
     "MARK without a value": ("*mangle\n:INPUT ACCEPT [0:0]\n-A INPUT -j MARK\nCOMMIT\n",
                              3, "MARK needs one of --set-xmark"),
-    "nat POSTROUTING": ("*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -j RETURN\nCOMMIT\n",
-                        3, "nat rules at POSTROUTING are not compiled yet"),
-    "SNAT": ("*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -j SNAT --to-source 1.2.3.4\n"
-             "COMMIT\n", 3, "target not supported yet"),
+    "nat OUTPUT": ("*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -j RETURN\nCOMMIT\n",
+                   3, "nat rules at OUTPUT are not compiled yet"),
+    "SNAT at INPUT": ("*nat\n:INPUT ACCEPT [0:0]\n-A INPUT -j SNAT --to-source 1.2.3.4\n"
+                      "COMMIT\n", 3, "SNAT at INPUT is not compiled yet"),
+    "SNAT address range": ("*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -j SNAT "
+                           "--to-source 1.2.3.4-1.2.3.9\nCOMMIT\n", 3,
+                           "address ranges are not compiled yet"),
 }
 
 
@@ -182,8 +185,8 @@ def test_the_consoles_print_mac_addresses_as_they_are():
 
 def test_ignore_unsupported_lists_each_skipped_rule(tmp_path, kernel):
     rules = tmp_path / "rules.v4"
-    rules.write_text("*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -j RETURN\n"
-                     "-A POSTROUTING -j ACCEPT\nCOMMIT\n"
+    rules.write_text("*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -j RETURN\n"
+                     "-A OUTPUT -j ACCEPT\nCOMMIT\n"
                      "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j ACCEPT\nCOMMIT\n")
     result = CliRunner().invoke(main, ["compile", str(rules), "--ignore-unsupported",
                                        "-o", str(tmp_path / "out")])

@@ -90,6 +90,37 @@ table ip fw {
     assert [c.name for c in ruleset.table("filter").chains][:3] == ["INPUT", "web", "in.1"]
 
 
+def test_nat_chains_translate_both_ways(kernel, namespace):
+    """nft's nat chains at dstnat and srcnat become iptables' nat table and back; the
+    kernel's nft lists the translation as written, and iptables-restore takes the other."""
+    text = """table ip nat {
+	chain pre {
+		type nat hook prerouting priority -100; policy accept;
+		iifname "eth1" tcp dport 2222 counter dnat to 100.64.0.2:22
+	}
+	chain post {
+		type nat hook postrouting priority 100; policy accept;
+		oifname "eth1" ip protocol tcp counter snat to 198.18.0.50:2000-2999 random,persistent
+		oifname "eth1" udp dport 53 counter masquerade to :1024-65535 fully-random
+		oifname "eth1" counter masquerade
+	}
+}
+"""
+    space = namespace()
+    netns.run("nft", "-f", "-", netns=space, input=text)
+    listed = netns.run("nft", "list", "ruleset", netns=space).stdout
+    assert _plain(parse_ruleset(listed)) == _plain(parse_ruleset(text))
+    result = CliRunner().invoke(main, ["translate", "-", "--to", "iptables"], input=text)
+    assert result.exit_code == 0, result.output
+    netns.run("iptables-legacy-restore", "--test", netns=namespace(), input=result.output)
+    assert "-A POSTROUTING -o eth1 -p tcp -j SNAT --to-source 198.18.0.50:2000-2999 " \
+           "--random --persistent" in result.output
+    back = CliRunner().invoke(main, ["translate", "-", "--to", "nft"], input=result.output)
+    assert back.exit_code == 0, back.output
+    assert _plain(parse_ruleset(back.output)) == _plain(parse_ruleset(result.output))
+    assert "type nat hook postrouting priority 100" in back.output
+
+
 def test_dialect_by_content_and_stdin(kernel, tmp_path):
     text = (EXAMPLES / "host-firewall.nft").read_text()
     assert dialect(text) == "nft"
@@ -147,8 +178,10 @@ BAD = {
                            3, 5, "'meta skuid' is not supported"),
     "byte limit": ("table ip f {\n chain c {\n  limit rate 10 kbytes/second drop\n }\n}\n",
                    3, 14, "rate expected as N/unit (packets)"),
-    "nat chain": ("table ip n {\n chain p { type nat hook postrouting priority 100; }\n"
+    "nat chain": ("table ip n {\n chain p { type nat hook output priority -100; }\n"
                   " chain p { masquerade }\n}\n", 3, 12, "NAT chain 'p'"),
+    "masquerade in ip6": ("table ip6 n {\n chain p { type nat hook postrouting priority 100; "
+                          "}\n chain p { masquerade }\n}\n", 3, 12, "IPv6 NAT"),
     "device hook": ("table ip f {\n chain c { type filter hook ingress priority 0; }\n}\n",
                     2, 29, "hook not supported"),
     "unclosed": ("table ip f {\n chain c {\n  tcp dport 22 accept\n", 3, 0, "not closed"),

@@ -370,7 +370,7 @@ def _rule_lines(matches, target, slot: str, builtin: bool, functions, to_policy:
     for match in matches:
         lines.extend(match_lines(match, ctx))
     ctx.conntrack |= uses_conntrack(target)
-    ctx.nat |= isinstance(target, ir.DnatTarget)
+    ctx.nat |= isinstance(target, ir.NAT_TARGETS)
     return lines + target_lines(target, slot, builtin, functions, to_policy)
 
 

@@ -24,7 +24,7 @@ def target_lines(target: Optional[ir.Target], slot: str, builtin: bool,
 
 def uses_conntrack(target: Optional[ir.Target]) -> bool:
     """Targets that read or write the packet's connection."""
-    return isinstance(target, (ir.ConnmarkTarget, ir.DnatTarget))
+    return isinstance(target, (ir.ConnmarkTarget, *ir.NAT_TARGETS))
 
 
 def _verdict(t: ir.VerdictTarget, builtin: bool, functions, to_policy: str) -> list[str]:
@@ -90,6 +90,16 @@ def _dnat(t: ir.DnatTarget, builtin: bool, functions, to_policy: str) -> list[st
     return [f"return bf_dnat(p, {address}, {port});"]
 
 
+def _snat(t: ir.SnatTarget, builtin: bool, functions, to_policy: str) -> list[str]:
+    address = 0 if t.address is None else int(t.address)
+    low, high = t.ports or (0, 0)
+    flags = [name for name, on in (("MASQUERADE", t.masquerade), ("RANDOM", t.random),
+                                   ("RANDOM_FULLY", t.random_fully),
+                                   ("PORTS", t.ports is not None)) if on]
+    flags = " | ".join(f"BF_SNAT_{name}" for name in flags) or "0"
+    return [f"return bf_snat(p, 0x{address:08x}, {low}, {high}, {flags});"]
+
+
 _TARGETS: dict[type, Callable[..., list[str]]] = {
     ir.VerdictTarget: _verdict,
     ir.ReturnTarget: _return,
@@ -100,4 +110,5 @@ _TARGETS: dict[type, Callable[..., list[str]]] = {
     ir.ConnmarkTarget: _connmark,
     ir.NotrackTarget: _notrack,
     ir.DnatTarget: _dnat,
+    ir.SnatTarget: _snat,
 }

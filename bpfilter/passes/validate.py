@@ -15,7 +15,8 @@ NAT_TABLE = "nat"
 # Targets the kernel accepts in one table only (xt_target.table).
 _TARGET_TABLES = {ir.RejectTarget: ("REJECT", "filter"),
                   ir.NotrackTarget: ("NOTRACK", "raw"),
-                  ir.DnatTarget: ("DNAT", NAT_TABLE)}
+                  ir.DnatTarget: ("DNAT", NAT_TABLE),
+                  ir.SnatTarget: ("SNAT", NAT_TABLE)}
 
 
 def _error_at(origin: Optional[ir.Origin], token: str, why: str,
@@ -70,8 +71,9 @@ def _unsupported_rule(table: ir.Table, rule: ir.Rule) -> Optional[InputError]:
         return _error_at(rule.origin, f"*{table.name}",
                          f"rules in table '{table.name}' are not supported yet",
                          "rules in the " + ", ".join(COMPILED_TABLES) + " tables, and "
-                         "in nat's PREROUTING")
+                         "in nat's PREROUTING and POSTROUTING")
     name, only = _TARGET_TABLES.get(type(rule.target), (None, table.name))
+    name = _nat_name(rule.target) or name
     if only != table.name:
         return _error_at(rule.origin, name,
                          f"{name} is valid only in the {only} table (the kernel refuses "
@@ -89,35 +91,67 @@ def _bases_reaching(table: ir.Table) -> dict[str, list[ir.Chain]]:
     return bases
 
 
+# Where the kernel runs each NAT target (the hooks of xt_target / nft_nat_validate()),
+# and of those where bpfilter compiles it.
+_NAT_HOOKS = {"DNAT": ({ir.Hook.PREROUTING, ir.Hook.OUTPUT}, {ir.Hook.PREROUTING}),
+              "SNAT": ({ir.Hook.POSTROUTING, ir.Hook.INPUT}, {ir.Hook.POSTROUTING}),
+              "MASQUERADE": ({ir.Hook.POSTROUTING}, {ir.Hook.POSTROUTING})}
+_COMPILED_NAT_HOOKS = {ir.Hook.PREROUTING, ir.Hook.POSTROUTING}
+
+
+def _nat_name(target) -> Optional[str]:
+    if isinstance(target, ir.DnatTarget):
+        return "DNAT"
+    if isinstance(target, ir.SnatTarget):
+        return "MASQUERADE" if target.masquerade else "SNAT"
+    return None
+
+
 def _unsupported_nat(table: ir.Table, chain: ir.Chain, rule: ir.Rule,
                      bases: list[ir.Chain]) -> Optional[InputError]:
-    """Of the nat table, bpfilter compiles what PREROUTING walks (DNAT); SNAT, MASQUERADE
-    and the other hooks' chains come later. In nftables, dnat only where NAT chains alone
-    lead (nft_nat_validate()). `bases`: the base chains that reach the rule's chain."""
+    """Of the nat table, bpfilter compiles what PREROUTING walks (DNAT) and what
+    POSTROUTING walks (SNAT, MASQUERADE); INPUT's and OUTPUT's chains come later. Each
+    target only at the hooks the kernel allows it, and in nftables only where NAT chains
+    alone lead (nft_nat_validate()). `bases`: the base chains that reach the rule's
+    chain."""
+    name = _nat_name(rule.target)
+    token = name if table.xtables else (name or "").lower()
+    if name is not None:
+        allowed, compiled = _NAT_HOOKS[name]
+        if not table.xtables and any(not base.nat for base in bases):
+            return _error_at(rule.origin, token, f"{token} runs only in NAT chains (type "
+                             "nat): the kernel refuses it here", f"{token} in a type nat "
+                             "chain, or a chain it jumps to")
+        hooks = {base.hook for base in bases}
+        if hooks - allowed:
+            where = ", ".join(sorted(h.value for h in hooks - allowed))
+            return _error_at(rule.origin, token, f"{token} is not valid at {where}: the "
+                             "kernel allows it at " + ", ".join(sorted(
+                                 h.value for h in allowed)))
+        if hooks - compiled:
+            where = ", ".join(sorted(h.value for h in hooks - compiled))
+            return _error_at(rule.origin, token, f"{token} at {where} is not compiled yet",
+                             f"{token} at " + ", ".join(sorted(h.value for h in compiled)))
     if not (table.xtables and table.name == NAT_TABLE):
-        if isinstance(rule.target, ir.DnatTarget) and not table.xtables and \
-                any(not base.nat for base in bases):
-            return _error_at(rule.origin, "dnat", "dnat runs only in NAT chains (type nat): "
-                             "the kernel refuses it here", "dnat in a type nat chain at "
-                             "prerouting, or a chain it jumps to")
         return None
     if isinstance(rule.target, ir.VerdictTarget) and rule.target.verdict is ir.Verdict.DROP:
         return _error_at(rule.origin, "DROP", "the nat table is not for filtering: iptables "
                          "refuses DROP in it", "DROP in the filter table")
-    others = {base.hook for base in bases} - {ir.Hook.PREROUTING}
+    others = {base.hook for base in bases} - _COMPILED_NAT_HOOKS
     if others:
         where = ", ".join(sorted(h.value for h in others))
         return _error_at(rule.origin, chain.name if chain.hook else f"-A {chain.name}",
-                         f"nat rules at {where} are not compiled yet (SNAT, MASQUERADE, "
-                         "REDIRECT and OUTPUT's DNAT come later)",
-                         "nat rules that PREROUTING walks: DNAT, MARK, jumps")
+                         f"nat rules at {where} are not compiled yet (REDIRECT, OUTPUT's "
+                         "DNAT and INPUT's SNAT come later)",
+                         "nat rules that PREROUTING (DNAT) and POSTROUTING (SNAT, "
+                         "MASQUERADE) walk")
     return None
 
 
 def _check_reply_tuples(ruleset: ir.Ruleset) -> None:
-    """The connection's reply tuple is its original one swapped, but for DNAT's: with
-    DNAT in the ruleset, a rule reading the reply tuple is refused (not compiled yet)."""
-    if not any(isinstance(r.target, ir.DnatTarget)
+    """The connection's reply tuple is its original one swapped, but for NAT's: with
+    NAT in the ruleset, a rule reading the reply tuple is refused (not compiled yet)."""
+    if not any(isinstance(r.target, ir.NAT_TARGETS)
                for t in ruleset.tables for c in t.chains for r in c.rules):
         return
     for table in ruleset.tables:
@@ -128,7 +162,7 @@ def _check_reply_tuples(ruleset: ir.Ruleset) -> None:
                             getattr(m, k) is not None for k in
                             ("replsrc", "repldst", "replsrcport", "repldstport")):
                         raise _error_at(rule.origin, "--ctrepl...", "the reply tuple of a "
-                                        "DNAT connection is not compiled yet: with DNAT in "
+                                        "NAT connection is not compiled yet: with NAT in "
                                         "the ruleset, --ctreplsrc/--ctrepldst and their "
                                         "ports are refused", "--ctorigsrc/--ctorigdst")
 

@@ -2,9 +2,9 @@
 iptables`): IR -> IR.
 
 nftables names its tables and orders base chains by priority; iptables has one table per
-priority (raw -300, mangle -150, filter 0) whose built-in chains are named after their
-hooks. Each base chain becomes the built-in chain of its priority's table, and the chains
-it reaches go with it. What has no place there is an error naming the chain.
+priority (raw -300, mangle -150, filter 0; nat's chains at dstnat -100 and srcnat 100) whose
+built-in chains are named after their hooks. Each base chain becomes the built-in chain of
+its priority's table, and the chains it reaches go with it. What has no place there is an error naming the chain.
 """
 
 from __future__ import annotations
@@ -17,10 +17,14 @@ from bpfilter import ir
 from bpfilter.errors import InputError
 
 TABLES = {-300: "raw", -150: "mangle", 0: "filter"}
+# iptables' nat chains: destination NAT before filtering, source NAT after.
+NAT_PRIORITIES = {ir.Hook.PREROUTING: -100, ir.Hook.OUTPUT: -100, ir.Hook.INPUT: 100,
+                  ir.Hook.POSTROUTING: 100}
 _HOOKS = {"raw": (ir.Hook.PREROUTING, ir.Hook.OUTPUT),
           "mangle": tuple(ir.Hook),
+          "nat": tuple(NAT_PRIORITIES),
           "filter": (ir.Hook.INPUT, ir.Hook.FORWARD, ir.Hook.OUTPUT)}
-_ORDER = ("raw", "mangle", "filter")
+_ORDER = ("raw", "mangle", "nat", "filter")
 _NAME = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -52,10 +56,15 @@ def to_xtables(ruleset: ir.Ruleset) -> ir.Ruleset:
     for table in ruleset.tables:
         renames = {c.name: _NAME.sub("-", c.name) for c in table.chains if not c.builtin}
         for base in (c for c in table.chains if c.builtin and c.hook is not None):
-            target = TABLES.get(base.priority)
+            if base.nat:
+                target = "nat" if NAT_PRIORITIES.get(base.hook) == base.priority else None
+            else:
+                target = TABLES.get(base.priority)
             if target is None:
-                raise _error(base, f"no iptables table runs at priority {base.priority}",
-                             "priorities raw (-300), mangle (-150), filter (0)")
+                raise _error(base, f"no iptables table runs {'nat chains ' * base.nat}at "
+                             f"priority {base.priority}", "priorities raw (-300), mangle "
+                             "(-150), filter (0); nat chains at dstnat (-100) at prerouting "
+                             "and output, srcnat (100) at postrouting and input")
             if base.hook not in _HOOKS[target]:
                 raise _error(base, f"iptables' {target} table has no {base.hook.value} "
                              "chain")

@@ -40,12 +40,13 @@ def open_shared(paths: Paths) -> dict[str, Map]:
         raise _another_version(paths, "it has no NAT bindings")
     maps = {name: Map.open_pinned(str(paths.conntrack / name)) for name in CONNTRACK_MAPS}
     table = maps[TABLE]
-    if (table.key_size, table.value_size) != (_KEY.size, _ENTRY.size):
+    sizes = (table.key_size, table.value_size, maps[BINDINGS].value_size)
+    if sizes != (_KEY.size, _ENTRY.size, _BINDING.size):
         for m in maps.values():
             m.close()
         raise _another_version(
-            paths, f"{table.key_size}-byte keys, {table.value_size}-byte entries; this one "
-                   f"uses {_KEY.size} and {_ENTRY.size}")
+            paths, "{}-byte keys, {}-byte entries, {}-byte bindings; this one uses {}, {} "
+                   "and {}".format(*sizes, _KEY.size, _ENTRY.size, _BINDING.size))
     return maps
 
 
@@ -104,8 +105,10 @@ def remove_table(paths: Paths) -> None:
 _KEY = struct.Struct("<4I4IHHBB2x")
 _ENTRY = struct.Struct("<QBBBBBBBBIH2xIII" + "IIIIBB2x" * 2 + "4x")
 _MARK = 9  # the field's place in _ENTRY
-# struct bf_nat_entry: at, to, at_port, to_port, reply
-_BINDING = struct.Struct("<IIHHB3x")
+# struct bf_nat_entry: per endpoint view, as_dst, as_src, view_port, dst_port, src_port, todo
+_END = "IIIHHHBx"
+_BINDING = struct.Struct("<" + _END * 2)
+_TO, _FROM = 1, 2  # enum bf_nat_end_todo
 TCP_STATES = ("NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT",
               "LAST_ACK", "TIME_WAIT", "CLOSE", "SYN_SENT2")
 _PROTOCOLS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp",
@@ -132,6 +135,7 @@ class Connection:
     replied: bool
     mark: int = 0  # CONNMARK's
     dnat: Optional[str] = None  # where DNAT sends it (address:port), as conntrack -L's reply
+    snat: Optional[str] = None  # the source SNAT gives it (address:port)
 
 
 @dataclass(frozen=True)
@@ -180,23 +184,35 @@ def connections(paths: Paths) -> Iterator[Connection]:
             yield Connection(_PROTOCOLS.get(proto, str(proto)),
                              TCP_STATES[tcp] if proto == socket.IPPROTO_TCP and tcp < 10
                              else "-", (expires - now) // 1_000_000_000, src, dst,
-                             sport, dport, bool(replied), mark, _dnat(bindings, key, proto))
+                             sport, dport, bool(replied), mark,
+                             *_nat(bindings, key, proto, orig))
     finally:
         table.close()
         bindings.close()
 
 
-def _dnat(bindings: Map, key: bytes, proto: int) -> Optional[str]:
-    """The new destination of a connection DNAT bound (its original tuple's entry)."""
+def _nat(bindings: Map, key: bytes, proto: int, orig: int) -> tuple[Optional[str], ...]:
+    """The new destination and source of a connection NAT bound (its original tuple's
+    entry: endpoint `orig` opened it), as conntrack -L's reply tuple shows them."""
     value = bindings.lookup(key)
     if value is None:
-        return None
-    _at, to, _at_port, to_port, reply = _BINDING.unpack(value)
-    if reply:
-        return None
-    address = str(ipaddress.IPv4Address(to))
-    return f"{address}:{to_port}" if proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP) \
-        else address
+        return None, None
+    fields = _BINDING.unpack(value)
+    ends = [fields[0:7], fields[7:14]]
+    if proto in (socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6):
+        orig = 0  # endpoint 0 asked
+    client, server = ends[orig], ends[1 - orig]
+    ports = proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP)
+
+    def shown(address: int, port: int) -> str:
+        text = str(ipaddress.IPv4Address(address))
+        return f"{text}:{port}" if ports else text
+
+    view, _as_dst, as_src, view_port, _dst_port, src_port, _todo = client
+    snat = shown(as_src, src_port) if (as_src, src_port) != (view, view_port) else None
+    view, as_dst, _as_src, view_port, dst_port, _src_port, todo = server
+    dnat = shown(as_dst, dst_port) if todo & _TO else None
+    return dnat, snat
 
 
 def flush(paths: Paths) -> int:

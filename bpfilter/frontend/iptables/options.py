@@ -35,7 +35,8 @@ _FAMILY_MODULES = {"icmp": (ir.Family.IPV4, "icmp6"), "ttl": (ir.Family.IPV4, "h
 # The module a protocol loads by itself (`-p tcp --dport 22`).
 _PROTOCOL_MODULES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp6"}
 SUPPORTED_TARGETS = ("ACCEPT, DROP, RETURN, REJECT, LOG, MARK, CONNMARK, NOTRACK, "
-                     "CT --notrack, DNAT (nat PREROUTING), or a user-defined chain")
+                     "CT --notrack, DNAT (nat PREROUTING), SNAT and MASQUERADE (nat POSTROUTING), "
+                     "or a user-defined chain")
 PLANNED_MATCHES = {
     "set": "ipsets are not supported yet",
 }
@@ -242,12 +243,14 @@ class RuleReader:
             return ir.NotrackTarget(name)
         if name == "DNAT":
             return _dnat_target(self)
+        if name in ("SNAT", "MASQUERADE"):
+            return _snat_target(self)
         return self.target
 
 
 # Any other name is taken as a user chain; the validation pass reports it if none exists.
 _KNOWN_UNSUPPORTED_TARGETS = {
-    "MASQUERADE", "SNAT", "REDIRECT", "TPROXY",
+    "REDIRECT", "TPROXY",
     "NFQUEUE", "QUEUE", "TCPMSS", "TOS", "DSCP", "TTL", "CLASSIFY", "NFLOG", "ULOG", "TEE",
     "SET", "AUDIT", "CHECKSUM", "SECMARK", "CONNSECMARK", "TRACE", "IDLETIMER", "LED",
     "HMARK", "SYNPROXY", "NETMAP", "CLUSTERIP", "ECN",
@@ -851,45 +854,68 @@ def _unsupported_option(why: str, supported: str):
     return handler
 
 
-def _to_destination(reader: RuleReader, tok: Token) -> None:
-    """`A`, `A:p`, `:p` (libxt_NAT's forms; a range whose ends are equal is one value)."""
-    if "to" in reader.target_options:
-        raise reader.error(tok, "--to-destination can be given only once")
-    arg = reader.argument(tok)
-    text, _, ports = arg.value.partition(":")
-    address = None
-    if text:
-        low, _, high = text.partition("-")
-        address = _parse_address(reader, arg, low)
-        if high and _parse_address(reader, arg, high) != address:
-            raise reader.error(arg, "address ranges are not compiled yet",
-                               "one address (DNAT --to-destination a.b.c.d[:port])")
-    port = None
-    if ports:
-        low, _, high = ports.partition("-")
-        port = _parse_port(reader, arg, low, "tcp")
-        if high and _parse_port(reader, arg, high, "tcp") != port:
-            raise reader.error(arg, "port ranges are not compiled yet",
-                               "one port (DNAT --to-destination a.b.c.d:port)")
-        if port == 0:
-            raise reader.error(arg, "port 0 is not compiled", "a port 1-65535")
-    reader.target_options["to"] = (address, port, arg)
+def _nat_to(option: str, form: str, port_ranges: bool, address: bool = True):
+    """libxt_NAT's `A`, `A:p`, `:p` (with `port_ranges`, `p-q` too; a range whose ends
+    are equal is one value); MASQUERADE's --to-ports without the address. `form`: what
+    the target compiles, for the messages."""
+    def handler(reader: RuleReader, tok: Token) -> None:
+        if "to" in reader.target_options:
+            raise reader.error(tok, f"{option} can be given only once")
+        arg = reader.argument(tok)
+        text, _, ports = arg.value.partition(":") if address else ("", "", arg.value)
+        where = None
+        if text:
+            low, _, high = text.partition("-")
+            where = _parse_address(reader, arg, low)
+            if high and _parse_address(reader, arg, high) != where:
+                raise reader.error(arg, "address ranges are not compiled yet",
+                                   f"one address ({form})")
+        span = None
+        if ports:
+            low, _, high = ports.partition("-")
+            first = _parse_port(reader, arg, low, "tcp")
+            span = (first, _parse_port(reader, arg, high, "tcp") if high else first)
+            if 0 in span:
+                raise reader.error(arg, "port 0 is not compiled", "a port 1-65535")
+            if span[0] > span[1]:
+                raise reader.error(arg, "invalid port range (min > max)")
+            if span[0] != span[1] and not port_ranges:
+                raise reader.error(arg, "port ranges are not compiled yet",
+                                   f"one port ({form})")
+        reader.target_options["to"] = (where, span, arg)
+    return handler
 
 
-def _dnat_target(reader: RuleReader) -> ir.DnatTarget:
+def _nat_target(reader: RuleReader, option: str):
+    """What every NAT target checks: IPv4, and a port only where the protocol has
+    ports. The address, port range and flags its option gave."""
     if reader.family is ir.Family.IPV6:
         raise reader.error(reader.target_token, "IPv6 NAT is not compiled yet",
-                           "DNAT in iptables (IPv4) rulesets")
-    address, port, arg = _require_target(reader, "to", "--to-destination")
+                           f"{reader.target_token.value} in iptables (IPv4) rulesets")
+    where, span, arg = reader.target_options.get("to") or (None, None, None)
+    if arg is None and option:
+        _require_target(reader, "to", option)
     proto = reader.base.get("proto")
-    if port is not None and not (isinstance(proto, ir.ProtocolMatch) and not proto.negate
+    if span is not None and not (isinstance(proto, ir.ProtocolMatch) and not proto.negate
                                  and proto.protocol in (6, 17)):
         raise reader.error(arg, "a port needs '-p tcp' or '-p udp' in the rule (the kernel "
                            "refuses it without a protocol that has ports)",
                            "-p tcp or -p udp (SCTP and DCCP are not compiled yet)")
     flags = {k: reader.target_options.get(k, False)
-             for k in ("random", "persistent")}
-    return ir.DnatTarget(address, port, **flags)
+             for k in ("random", "random_fully", "persistent")}
+    return where, span, flags
+
+
+def _dnat_target(reader: RuleReader) -> ir.DnatTarget:
+    where, span, flags = _nat_target(reader, "--to-destination")
+    del flags["random_fully"]  # not an option of DNAT's
+    return ir.DnatTarget(where, span and span[0], **flags)
+
+
+def _snat_target(reader: RuleReader) -> ir.SnatTarget:
+    masquerade = reader.target_token.value == "MASQUERADE"
+    where, span, flags = _nat_target(reader, "" if masquerade else "--to-source")
+    return ir.SnatTarget(where, span, masquerade=masquerade, **flags)
 
 
 _MARK_OPTIONS = {f"--{form}": _xmark(form)
@@ -915,8 +941,16 @@ _TARGET_OPTIONS: dict[str, dict[str, Callable]] = {
     },
     "NOTRACK": {},
     # With one address and one port there is nothing to choose: the flags change nothing.
-    "DNAT": {"--to-destination": _to_destination, "--random": _flag("random"),
+    "DNAT": {"--to-destination": _nat_to("--to-destination", "DNAT --to-destination "
+                                         "a.b.c.d[:port]", port_ranges=False),
+             "--random": _flag("random"), "--persistent": _flag("persistent")},
+    "SNAT": {"--to-source": _nat_to("--to-source", "SNAT --to-source a.b.c.d[:port[-port]]",
+                                    port_ranges=True),
+             "--random": _flag("random"), "--random-fully": _flag("random_fully"),
              "--persistent": _flag("persistent")},
+    "MASQUERADE": {"--to-ports": _nat_to("--to-ports", "MASQUERADE --to-ports port[-port]",
+                                         port_ranges=True, address=False),
+                   "--random": _flag("random"), "--random-fully": _flag("random_fully")},
     "CT": {
         "--notrack": _flag("notrack"),
         **dict.fromkeys(("--zone", "--zone-orig", "--zone-reply", "--helper", "--ctevents",

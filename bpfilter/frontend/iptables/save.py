@@ -173,6 +173,18 @@ def _dnat(t: ir.DnatTarget) -> list[str]:
         if flag]
 
 
+def _snat(t: ir.SnatTarget) -> list[str]:
+    ports = "" if t.ports is None else str(t.ports[0]) if t.ports[0] == t.ports[1] \
+        else f"{t.ports[0]}-{t.ports[1]}"
+    if t.masquerade:
+        parts = ["-j MASQUERADE"] + ([f"--to-ports {ports}"] if ports else [])
+    else:
+        parts = [f"-j SNAT --to-source {t.address}" + (f":{ports}" if ports else "")]
+    return parts + [option for flag, option in ((t.random, "--random"),
+                                                (t.random_fully, "--random-fully"),
+                                                (t.persistent, "--persistent")) if flag]
+
+
 _TARGETS: dict[type, Callable] = {
     ir.VerdictTarget: lambda t: [f"-j {t.verdict.value}"],
     ir.ReturnTarget: lambda t: ["-j RETURN"],
@@ -184,6 +196,7 @@ _TARGETS: dict[type, Callable] = {
     ir.NotrackTarget: lambda t: ["-j NOTRACK" if t.spelling == "NOTRACK"
                                  else "-j CT --notrack"],
     ir.DnatTarget: _dnat,
+    ir.SnatTarget: _snat,
 }
 
 

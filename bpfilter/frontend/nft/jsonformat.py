@@ -114,12 +114,17 @@ def _statement(node: dict) -> str:
         return f"{_expr(body['key'])} set {_value(body['value'])}"
     if key == "vmap":
         return f"{_expr(body['key'])} vmap {_value(body['data'])}"
-    if key == "dnat":
+    if key in ("dnat", "snat", "masquerade"):
+        body = body or {}
+        port = body.get("port")
+        if isinstance(port, dict) and "range" in port:
+            port = "-".join(str(_value(p)) for p in port["range"])
         to = (f"{_value(body['addr'])}" if "addr" in body else "") + (
-            f":{_value(body['port'])}" if "port" in body else "")
+            f":{_value(port)}" if port is not None else "")
         flags = body.get("flags", [])
         flags = ",".join(flags) if isinstance(flags, list) else flags
-        return f"dnat to {to}" + (f" {flags}" if flags else "")
+        words = key + (f" to {to}" if to else "")
+        return words + (f" {flags}" if flags else "")
     return key
 
 

@@ -113,7 +113,7 @@ class RuleReader(Comparisons):
         # overlap: a packet can match several of its rules.
         self.may_overlap = False
         self.tcp_reset: Optional[Word] = None  # `reject with tcp reset`, where it is
-        self.dnat_port: Optional[Word] = None  # `dnat to ...:PORT`, where it is
+        self.nat_port: Optional[Word] = None  # `dnat to ...:PORT`, where the port is
 
     # ----------------------------------------------------------------- words
 
@@ -164,12 +164,12 @@ class RuleReader(Comparisons):
                 tuple(m for choice in combination for m in choice.matches)))
             if self.tcp_reset is not None:
                 matches = self._tcp_dependency(matches)
-            if self.dnat_port is not None and not any(
+            if self.nat_port is not None and not any(
                     isinstance(m, ir.ProtocolMatch) and not m.negate and m.protocol in (6, 17)
                     for m in matches):
-                raise self.error(self.dnat_port, "transport protocol mapping is only valid "
+                raise self.error(self.nat_port, "transport protocol mapping is only valid "
                                  "after transport protocol match",
-                                 "tcp or udp expressions before dnat to ADDRESS:PORT")
+                                 "tcp or udp expressions before the port of dnat, snat, masquerade")
             target = next((c.target for c in combination if c.target is not None), single)
             rules.append(ir.Rule(matches + matches_tail, target, origin, self.counters))
         if len(self.statements) <= 1:
@@ -210,8 +210,8 @@ class RuleReader(Comparisons):
             self._statement(word, self._log())
         elif value == "notrack":
             self._statement(word, ir.NotrackTarget())
-        elif value == "dnat":
-            self._statement(word, self._dnat(word))
+        elif value in ("dnat", "snat", "masquerade"):
+            self._statement(word, self._nat(word))
         elif self._is_mark_set(word):
             self._statement(word, self._mark_set(word))
         elif value == "vmap":
@@ -248,42 +248,65 @@ class RuleReader(Comparisons):
         else:
             self.counters = self.counters or ir.Counters()
 
-    def _dnat(self, word: Word) -> ir.DnatTarget:
-        """`dnat [ip] to [ADDRESS][:PORT] [random,persistent]` (one address, one port)."""
+    def _nat(self, word: Word) -> ir.Target:
+        """`dnat|snat [ip] to [ADDRESS][:PORT] [FLAGS]` and `masquerade [to :PORT]
+        [FLAGS]`: one address; snat and masquerade take a port range."""
+        kind = word.value
         if self.family is not ir.Family.IPV4:
-            raise self.error(word, "IPv6 NAT (and dnat in inet tables) is not compiled yet",
-                             "dnat in ip tables")
-        to = self.next_word("'to'")
-        if to.value == "ip":
+            raise self.error(word, f"IPv6 NAT (and {kind} in inet tables) is not compiled "
+                             "yet", f"{kind} in ip tables")
+        form = "masquerade [to :PORT[-PORT]]" if kind == "masquerade" else \
+            f"{kind} to ADDRESS[:PORT{'' if kind == 'dnat' else '[-PORT]'}]"
+        address = span = None
+        if kind != "masquerade" or self.peek_value() == "to":
             to = self.next_word("'to'")
-        if to.value != "to":
-            raise self.error(to, "expected 'to'", "dnat to ADDRESS[:PORT]")
+            if to.value == "ip" and kind != "masquerade":
+                to = self.next_word("'to'")
+            if to.value != "to":
+                raise self.error(to, "expected 'to'", form)
+            address, span = self._nat_to(kind, form)
+        flags = set()
+        if self.peek_value() in ("random", "persistent", "fully-random"):
+            words = self.comma_list("a flag")
+            flags = {w.value for w in words}
+            allowed = {"random", "persistent"} | ({"fully-random"} if kind != "dnat" else set())
+            if not flags <= allowed:
+                raise self.error(words[0], f"{kind} takes the flags " + ", ".join(sorted(
+                    allowed)))
+        if kind == "dnat":
+            return ir.DnatTarget(address, span and span[0], "random" in flags,
+                                 "persistent" in flags)
+        return ir.SnatTarget(address, span, "random" in flags, "fully-random" in flags,
+                             "persistent" in flags, masquerade=kind == "masquerade")
+
+    def _nat_to(self, kind: str, form: str):
         spec = self.next_word("an address")
         text = spec.value
         if self.peek_value() is not None and self.peek_value().startswith(":"):
             text += self.next_word("a port").value
         address_text, _, port_text = text.partition(":")
-        if "-" in text or "/" in text or "map" == address_text:
-            raise self.error(spec, "address and port ranges and maps are not compiled yet",
-                             "dnat to ADDRESS[:PORT]")
-        address = port = None
+        if "-" in address_text or "/" in text or address_text == "map":
+            raise self.error(spec, "address ranges and maps are not compiled yet", form)
+        if kind == "masquerade" and address_text:
+            raise self.error(spec, "masquerade takes ports only", form)
+        address = span = None
         if address_text:
             try:
                 address = ipaddress.IPv4Address(address_text)
             except ValueError:
                 raise self.error(spec, f"'{address_text}' is not an IPv4 address") from None
         if port_text:
-            port = int(port_text) if port_text.isdigit() else None
-            if port is None or not 1 <= port <= 65535:
+            low, _, high = port_text.partition("-")
+            ports = [int(t) if t.isdigit() else 0 for t in (low, high or low)]
+            if not all(1 <= port <= 65535 for port in ports):
                 raise self.error(spec, f"'{port_text}' is not a port", "1-65535")
-            self.dnat_port = spec
-        flags = set()
-        if self.peek_value() in ("random", "persistent", "fully-random"):
-            flags = {w.value for w in self.comma_list("a flag")}
-            if not flags <= {"random", "persistent"}:
-                raise self.error(spec, "only the random and persistent flags are compiled",
-                                 "random, persistent")
-        return ir.DnatTarget(address, port, "random" in flags, "persistent" in flags)
+            if ports[0] > ports[1]:
+                raise self.error(spec, "invalid port range (min > max)")
+            if kind == "dnat" and ports[0] != ports[1]:
+                raise self.error(spec, "port ranges are not compiled yet", form)
+            span = (ports[0], ports[1])
+            self.nat_port = spec
+        return address, span
 
     def _limit(self) -> ir.LimitMatch:
         rate = self.next_word("rate")

@@ -266,13 +266,29 @@ def _target(target: Optional[ir.Target], rule: ir.Rule) -> list[str]:
                 else "meta mark set ct mark"]
     if isinstance(target, ir.NotrackTarget):
         return ["notrack"]
-    if isinstance(target, ir.DnatTarget):
-        to = (str(target.address) if target.address else "") + (
-            f":{target.port}" if target.port else "")
-        flags = ",".join(f for f, on in (("random", target.random),
-                                         ("persistent", target.persistent)) if on)
-        return [f"dnat to {to}" + (f" {flags}" if flags else "")]
+    if isinstance(target, ir.NAT_TARGETS):
+        return [_nat(target)]
     raise _untranslatable(rule, f"no nft statement for {type(target).__name__}")
+
+
+def _nat(target) -> str:
+    if isinstance(target, ir.DnatTarget):
+        words, ports = "dnat to", target.port and (target.port, target.port)
+        flags = (("random", target.random), ("persistent", target.persistent))
+    else:
+        words = "masquerade" if target.masquerade else "snat to"
+        ports = target.ports
+        flags = (("random", target.random), ("fully-random", target.random_fully),
+                 ("persistent", target.persistent))
+    address = getattr(target, "address", None)
+    to = (str(address) if address else "") + (
+        "" if not ports else f":{ports[0]}" if ports[0] == ports[1]
+        else f":{ports[0]}-{ports[1]}")
+    if words == "masquerade" and to:
+        words += " to"
+    words += f" {to}" if to else ""
+    flags = ",".join(name for name, on in flags if on)
+    return words + (f" {flags}" if flags else "")
 
 
 # What an ip6 table says instead (the transport protocol past IPv6's extension headers is
@@ -315,6 +331,8 @@ def rule_text(rule: ir.Rule, counters: Optional[ir.Counters] = None,
 def _chain_type(table: ir.Table, chain: ir.Chain) -> str:
     if table.xtables and (table.name, chain.name) == _MANGLE_OUTPUT:
         return "route"
+    if chain.nat:
+        return "nat"
     return _XTABLES_TYPES.get(table.name, "filter") if table.xtables else "filter"
 
 

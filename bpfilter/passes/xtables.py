@@ -4,7 +4,8 @@ iptables`): IR -> IR.
 nftables names its tables and orders base chains by priority; iptables has one table per
 priority (raw -300, mangle -150, filter 0; nat's chains at dstnat -100 and srcnat 100) whose
 built-in chains are named after their hooks. Each base chain becomes the built-in chain of
-its priority's table, and the chains it reaches go with it. What has no place there is an error naming the chain.
+its priority's table, and the chains it reaches go with it. What has no place there is an
+error naming the chain.
 """
 
 from __future__ import annotations

@@ -92,16 +92,20 @@ static __always_inline void bf_nat_view(struct bf_pkt *p, struct bf_ct_key *key,
 	bf_ct_key_at(p, &src, s->view_port, &dst, d->view_port, key, from);
 }
 
-/* An ICMP error quoting a packet whose destination DNAT changed (one that went to the new
- * destination), on its way back to the packet's sender: its key becomes the connection's.
- * 1 when the error is to be translated (if the connection lives). */
+/* An ICMP error quoting a packet of a binding's tuple, on its way back to the packet's
+ * sender: its key becomes the connection's (for RELATED). 1 when this program translates
+ * it (if the connection lives), as nf_nat_icmp_reply_translation(): at ingress an error
+ * to SNAT's source (the quoted packet left with it) gets the client back, at PREROUTING;
+ * at egress an error about a packet DNAT sent on gets the old destination back, at
+ * POSTROUTING's end. */
 static __always_inline int bf_nat_quoted(struct bf_pkt *p, struct bf_ct_key *key, __u8 *from,
 					 __u8 proto, const __u32 *saddr, const __u32 *daddr,
 					 __u8 *l4, void *end)
 {
 	const struct bf_nat_end *s, *d;
 	struct bf_nat_entry *n;
-	__u32 to;
+	__u32 src, dst;
+	int translate;
 
 	p->nat = 0;
 	if (BF_FAMILY6(p))
@@ -111,22 +115,24 @@ static __always_inline int bf_nat_quoted(struct bf_pkt *p, struct bf_ct_key *key
 		return 0;
 	s = *from ? &n->end[1] : &n->end[0];
 	d = *from ? &n->end[0] : &n->end[1];
-	/* Only DNAT's: an error about a packet SNAT changed goes to the new source, which
-	 * the kernel translates at PREROUTING (not done yet: it stays the host's). */
-	if (!(d->todo & BF_NAT_FROM) || (s->todo & BF_NAT_TO))
-		return 0;
-	to = d->view;
+#ifdef BF_EGRESS
+	translate = (d->todo & BF_NAT_FROM) && !(s->todo & BF_NAT_TO);
+	p->nat_addr = d->view;
+	p->nat_port = d->view_port;
+#else
+	translate = !!(s->todo & BF_NAT_TO);
+	p->nat_addr = s->as_dst;
+	p->nat_port = s->dst_port;
+#endif
+	src = s->view, dst = d->view;
 	if (bf_nat_ports(proto)) {
 		if ((void *)(l4 + 4) > end)
 			return 0;
-		bf_ct_endpoints(key, from, proto, saddr, ((__u16)l4[0] << 8) | l4[1], &to,
-				d->view_port, 1);
-	} else if (!bf_ct_quoted_key(key, from, proto, saddr, &to, l4, end, 1)) {
+		bf_ct_endpoints(key, from, proto, &src, s->view_port, &dst, d->view_port, 1);
+	} else if (!bf_ct_quoted_key(key, from, proto, &src, &dst, l4, end, 1)) {
 		return 0;
 	}
-	p->nat_addr = d->view;
-	p->nat_port = d->view_port;
-	return 1;
+	return translate;
 }
 
 /* DNAT: the connection's new destination (the packet's address or port where the rule
@@ -283,47 +289,69 @@ static __always_inline void bf_nat_source(struct bf_ctx *ctx, struct bf_pkt *p)
 	bf_nat_rewrite(ctx, p, 0, p->nat_addr, p->nat_port);
 }
 
-#ifdef BF_EGRESS
-/* nf_nat_icmp_reply_translation() for an error on its way to the sender of the packet it
- * quotes: the quoted packet gets back the destination its sender used (address, port, its
- * checksums), the error comes from that address, and the ICMP checksum follows. Every
- * field changed lies at an even offset from the ICMP header: one increment each. */
-static __always_inline void bf_nat_error(struct bf_ctx *ctx, struct bf_pkt *p)
-{
-	__u32 icmp = p->l4_off & 0xff, inner = icmp + 8, l4, to = bpf_htonl(p->nat_addr);
-	__u16 sum, ip_sum, port, l4_sum, pto = bpf_htons(p->nat_port);
-	struct iphdr ip;
+#ifdef BF_TC
+#define bf_load_bytes(ctx, at, to, len) bpf_skb_load_bytes(ctx, at, to, len)
+#define bf_store_bytes(ctx, at, from, len) \
+	bpf_skb_store_bytes(ctx, at, from, len, BPF_F_RECOMPUTE_CSUM)
+#else
+#define bf_load_bytes(ctx, at, to, len) bpf_xdp_load_bytes(ctx, at, to, len)
+#define bf_store_bytes(ctx, at, from, len) bpf_xdp_store_bytes(ctx, at, from, len)
+#endif
 
-	if (bpf_skb_load_bytes(ctx, inner, &ip, sizeof(ip)) ||
-	    bpf_skb_load_bytes(ctx, icmp + 2, &sum, 2))
-		return;
-	ip_sum = bf_csum_replace4(ip.check, ip.daddr, to);
-	sum = bf_csum_replace2(bf_csum_replace4(sum, ip.daddr, to), ip.check, ip_sum);
+/* nf_nat_icmp_reply_translation() for an error on its way to the sender of the packet it
+ * quotes: the quoted packet gets back the endpoint its sender knows (at egress its
+ * destination, DNAT's old one; at ingress its source, the client SNAT stood in for):
+ * address, port, its checksums; the error's own source (egress) or destination (ingress)
+ * follows, and the ICMP checksum. Every field changed lies at an even offset from the
+ * ICMP header: one increment each. Global: its header copy stays off the program's
+ * stack. */
+__noinline int bf_nat_error(struct bf_ctx *ctx, struct bf_pkt *p)
+{
+	__u32 icmp, inner, l4, to, from, field;
+	__u16 sum, ip_sum, port, l4_sum, pto;
+	struct iphdr ip;
+#ifdef BF_EGRESS
+	const int quoted_src = 0;
+#else
+	const int quoted_src = 1;
+#endif
+
+	if (!p)
+		return 0;
+	icmp = p->l4_off & 0xff, inner = icmp + 8, to = bpf_htonl(p->nat_addr);
+	pto = bpf_htons(p->nat_port);
+	if (bf_load_bytes(ctx, inner, &ip, sizeof(ip)) ||
+	    bf_load_bytes(ctx, icmp + 2, &sum, 2))
+		return 0;
+	from = quoted_src ? ip.saddr : ip.daddr;
+	field = inner + (quoted_src ? offsetof(struct iphdr, saddr) :
+				      offsetof(struct iphdr, daddr));
+	ip_sum = bf_csum_replace4(ip.check, from, to);
+	sum = bf_csum_replace2(bf_csum_replace4(sum, from, to), ip.check, ip_sum);
 	l4 = inner + (ip.ihl & 0xf) * 4;
-	if (bf_nat_ports(ip.protocol) && !bpf_skb_load_bytes(ctx, l4 + 2, &port, 2)) {
+	if (bf_nat_ports(ip.protocol) &&
+	    !bf_load_bytes(ctx, l4 + (quoted_src ? 0 : 2), &port, 2)) {
 		__u32 at = l4 + (ip.protocol == IPPROTO_TCP ? 16 : 6);
 
 		sum = bf_csum_replace2(sum, port, pto);
-		bpf_skb_store_bytes(ctx, l4 + 2, &pto, 2, BPF_F_RECOMPUTE_CSUM);
+		bf_store_bytes(ctx, l4 + (quoted_src ? 0 : 2), &pto, 2);
 		/* the quoted transport checksum, where the quote reaches it */
-		if (!bpf_skb_load_bytes(ctx, at, &l4_sum, 2) &&
+		if (!bf_load_bytes(ctx, at, &l4_sum, 2) &&
 		    (ip.protocol != IPPROTO_UDP || l4_sum)) {
-			__u16 c = bf_csum_replace2(bf_csum_replace4(l4_sum, ip.daddr, to), port, pto);
+			__u16 c = bf_csum_replace2(bf_csum_replace4(l4_sum, from, to), port, pto);
 
 			if (ip.protocol == IPPROTO_UDP && !c)
 				c = 0xffff;
 			sum = bf_csum_replace2(sum, l4_sum, c);
-			bpf_skb_store_bytes(ctx, at, &c, 2, BPF_F_RECOMPUTE_CSUM);
+			bf_store_bytes(ctx, at, &c, 2);
 		}
 	}
-	bpf_skb_store_bytes(ctx, inner + offsetof(struct iphdr, check), &ip_sum, 2,
-			    BPF_F_RECOMPUTE_CSUM);
-	bpf_skb_store_bytes(ctx, inner + offsetof(struct iphdr, daddr), &to, 4,
-			    BPF_F_RECOMPUTE_CSUM);
-	bpf_skb_store_bytes(ctx, icmp + 2, &sum, 2, BPF_F_RECOMPUTE_CSUM);
-	bf_nat_rewrite(ctx, p, 0, p->nat_addr, 0);
+	bf_store_bytes(ctx, inner + offsetof(struct iphdr, check), &ip_sum, 2);
+	bf_store_bytes(ctx, field, &to, 4);
+	bf_store_bytes(ctx, icmp + 2, &sum, 2);
+	bf_nat_rewrite(ctx, p, quoted_src, p->nat_addr, 0);
+	return 0;
 }
-#endif
 
 /* nf_nat_used_tuple(): whether another connection holds the tuple a -> b: a live entry
  * of the connection table, or a binding of a live connection. Global: the port search

@@ -338,7 +338,8 @@ def snat_flow(bed, peers: FarPeers, kind: str, dst: str, port: int, sport: int,
 
 snat_flows = st.sampled_from([("syn", FAR_LISTENER, ACCEPT_PORT), ("udp", FAR_LISTENER, ECHO_PORT),
                               ("ping", FAR_LISTENER, 0), ("syn", SNAT_DNAT[0], SNAT_DNAT[1]),
-                              ("syn", "203.0.113.3", ACCEPT_PORT)])
+                              ("syn", "203.0.113.3", ACCEPT_PORT),
+                              ("udp", "203.0.113.3", ECHO_PORT)])  # an ICMP error back
 
 
 @settings(max_examples=GENERATED_RULESETS, **SETTINGS)

@@ -374,9 +374,10 @@ def test_walks_longer_than_bpf_loop_runs_are_refused(tmp_path):
 
 
 def test_every_connection_the_table_holds_keeps_its_dnat_binding(kernel, build_root):
-    """A binding is two entries of bf_nat: with 40,000 DNATed connections (80,000 entries,
-    more than the 65,536 bf_nat once held, fewer than the connection table's 65,536
-    connections) the first one's reply is still translated back at egress."""
+    """A DNAT binding is two entries of bf_nat (three with SNAT too: bf_nat holds three
+    per connection the table holds): with 40,000 DNATed connections (80,000 entries, more
+    than the 65,536 bf_nat once held) the first one's reply is still translated back at
+    egress."""
     rules = ("*nat\n:PREROUTING ACCEPT [0:0]\n"
              "-A PREROUTING -d 198.18.0.1/32 -p udp -j DNAT --to-destination 198.18.0.2:53\n"
              "COMMIT\n*filter\n:INPUT ACCEPT [0:0]\n"

@@ -252,7 +252,11 @@ class ConntrackMatch:
     `module` "state" is the older `-m state --state`, kept so that it prints back), and
     the other options of `-m conntrack` hold. No states: no state condition."""
 
-    STATES = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED")  # as iptables prints
+    # As iptables prints them; SNAT and DNAT (conntrack's only, not state's): the
+    # connection's source or destination was translated (IPS_SRC_NAT, IPS_DST_NAT).
+    TRACKING_STATES = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED")
+    NAT_STATES = ("SNAT", "DNAT")
+    STATES = TRACKING_STATES + NAT_STATES
     ADDRESSES = ("origsrc", "origdst", "replsrc", "repldst")
     PORTS = ("origsrcport", "origdstport", "replsrcport", "repldstport")
 

@@ -19,8 +19,11 @@
 /* NOTRACK sets the state whether or not the ruleset reads it. BF_CT_CONN: the states of a
  * packet that has a connection (the kernel's nf_ct_get() is not NULL), which connmark
  * reads and CONNMARK writes. */
+/* With a connection's state, xt_conntrack's SNAT and DNAT bits: its source (destination)
+ * was translated (IPS_SRC_NAT, IPS_DST_NAT). */
 enum bf_ct_state { BF_CT_INVALID = 1, BF_CT_NEW = 2, BF_CT_RELATED = 4, BF_CT_ESTABLISHED = 8,
-		   BF_CT_UNTRACKED = 16, BF_CT_CONN = 2 | 4 | 8 };
+		   BF_CT_UNTRACKED = 16, BF_CT_CONN = 2 | 4 | 8, BF_CT_SNAT = 32, BF_CT_DNAT = 64,
+		   BF_CT_NAT = 32 | 64 };
 
 #if BF_CONNTRACK
 
@@ -64,7 +67,8 @@ struct bf_ct_entry {
 	__u8 last_dir, last_kind, last_wscale, last_flags;
 	__u32 mark;      /* CONNMARK's */
 	__u16 last_win;
-	__u8 pad[2];
+	__u8 nat;        /* BF_CT_SNAT, BF_CT_DNAT: what NAT translated */
+	__u8 pad;
 	__u32 last_seq, last_end, last_ack;
 	struct bf_tcp_dir seen[2]; /* the original direction, the reply direction */
 };
@@ -709,7 +713,7 @@ __noinline int bf_ct_related(struct bf_ctx *ctx, struct bf_pkt *p)
 #endif
 	bf_ct_note(p, &key, e->orig, from == e->orig);
 	p->ct_mark = e->mark;
-	return BF_CT_RELATED;
+	return BF_CT_RELATED | e->nat;
 }
 
 /* nf_conntrack's tcp_error(), udp_error() and icmp_error() at PREROUTING, with
@@ -780,7 +784,7 @@ static __always_inline void bf_ct_classify(struct bf_ctx *ctx, struct bf_pkt *p)
 
 		state = bf_ct_follow(p, e, from, now);
 		if (state) {
-			p->ct_state = state;
+			p->ct_state = state | e->nat;
 			p->ct_mark = e->mark;
 			bf_ct_note(p, &key, orig, from != orig);
 			return;
@@ -894,6 +898,7 @@ __noinline int bf_ct_confirm(const struct bf_pkt *p, int verdict)
 	bf_ct_key_of(p, &key, &from);
 	e.orig = from;
 	e.mark = p->ct_mark;
+	e.nat = p->ct_state & BF_CT_NAT;
 	if (p->proto == IPPROTO_TCP)
 		bf_tcp_new(p, &e);
 	e.tcp = p->ct_create;

@@ -139,6 +139,8 @@ static __always_inline int bf_nat_quoted(struct bf_pkt *p, struct bf_ct_key *key
  * keeps it); the walk of this hook's nat chains ends. */
 static __always_inline int bf_dnat(struct bf_pkt *p, __u32 addr, __u16 port)
 {
+	if (addr != p->daddr || port != p->dport) /* the chains after it see DNAT */
+		p->ct_state |= BF_CT_DNAT;
 	p->nat |= BF_NAT_NEW;
 	p->nat_addr = addr;
 	p->nat_port = port;
@@ -490,6 +492,8 @@ __noinline int bf_nat_bind(struct bf_ctx *ctx, struct bf_pkt *p, int verdict)
 				return BF_DROP;
 		}
 		snat = na != ca || np != cp; /* else a null binding: nothing changes */
+		if (snat)
+			p->ct_state |= BF_CT_SNAT; /* for the connection's later packets */
 	}
 	if (!dnat && !snat)
 		return verdict;

@@ -186,7 +186,8 @@ def test_a_latin1_comment_is_read_and_written_back_byte_for_byte(tmp_path):
      "--to-source 1.1.1.1:1024-1025 --random --random-fully --persistent"),
     ("-p udp -j SNAT --to-source 1.1.1.1-1.1.1.1:53-53", "--to-source 1.1.1.1:53"),
     ("-j MASQUERADE --random-fully", "-j MASQUERADE --random-fully"),
-    ("-p tcp -j MASQUERADE --to-ports 1024-1024", "--to-ports 1024")])
+    ("-p tcp -j MASQUERADE --to-ports 1024-1024", "--to-ports 1024"),
+    ("-m conntrack --ctstate dnat,NEW,SNAT", "--ctstate NEW,SNAT,DNAT")])
 def test_numbers_and_orders_mean_what_they_mean_to_the_kernel(namespace, tmp_path, spelling,
                                                               means):
     """The kernel's iptables-save of the rule and bpfilter's say the same (octal and hex

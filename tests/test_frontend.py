@@ -93,8 +93,8 @@ BAD = {
         "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -m conntrack --ctdir SIDEWAYS -j DROP\nCOMMIT\n",
         3, "not a direction"),
     "NAT state": (
-        "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -m conntrack --ctstate DNAT -j DROP\nCOMMIT\n",
-        3, "NAT states (--ctstate DNAT/SNAT) are not compiled yet"),
+        "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -m state --state DNAT -j DROP\nCOMMIT\n",
+        3, "unknown state 'DNAT'"),
     "unknown option": ("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -p tcp --frob 1 -j DROP\nCOMMIT\n",
                        3, "unknown option"),
     "unknown target": ("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j TPROXY\nCOMMIT\n",

@@ -216,7 +216,8 @@ def _limit(m: ir.LimitMatch, ctx: MatchContext) -> list[str]:
 
 
 # enum bf_ct_state (templates/conntrack.h)
-CT_BITS = {"INVALID": 1, "NEW": 2, "RELATED": 4, "ESTABLISHED": 8, "UNTRACKED": 16}
+CT_BITS = {"INVALID": 1, "NEW": 2, "RELATED": 4, "ESTABLISHED": 8, "UNTRACKED": 16,
+           "SNAT": 32, "DNAT": 64}
 
 
 def ct_mask(states: tuple[str, ...]) -> int:

@@ -80,7 +80,9 @@ def nat_rulesets(draw) -> str:
     policy = draw(st.sampled_from(["ACCEPT", "DROP"]))
     if policy == "DROP":
         forward = ["-A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-                   f"-A FORWARD -d {draw(st.sampled_from(TARGETS[:2]))}/32 -j ACCEPT"]
+                   f"-A FORWARD -d {draw(st.sampled_from(TARGETS[:2]))}/32 -j ACCEPT"
+                   if draw(st.booleans()) else  # Docker's way: what DNAT sent on
+                   "-A FORWARD -m conntrack --ctstate DNAT -j ACCEPT"]
         if draw(st.booleans()):
             forward.append("-A FORWARD -p icmp -j ACCEPT")
     return ("*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
@@ -417,3 +419,23 @@ def test_the_hosts_own_connections_are_snatted_at_egress(nat_router, far_peers):
             answers.append(sock.recv(100).decode().replace(str(sock.getsockname()[1]),
                                                            "its port"))
     assert answers == ["198.18.0.50:its port"] * 2, answers
+
+
+def test_ctstate_dnat_and_snat_hold_as_the_kernels(nat_router, far_peers):
+    """--ctstate DNAT holds from the first packet (DNAT ran before FORWARD) and for the
+    replies; SNAT for the packets after the first (POSTROUTING chose it): FORWARD lets
+    through only what they hold for, so a connection works only if both are right."""
+    nat_router.load(NAT_HEAD + f"-A PREROUTING -d {SNAT_DNAT[0]}/32 -p tcp -m tcp --dport "
+                    f"{SNAT_DNAT[1]} -j DNAT --to-destination {FAR_LISTENER}:{ACCEPT_PORT}\n"
+                    "-A POSTROUTING -o eth1 -p udp -j MASQUERADE\nCOMMIT\n"
+                    "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+                    "-A FORWARD -m conntrack --ctstate DNAT -j ACCEPT\n"
+                    "-A FORWARD -m conntrack --ctstate SNAT -j ACCEPT\n"
+                    "-A FORWARD -i eth0 -p udp -m conntrack --ctstate NEW -j ACCEPT\nCOMMIT\n")
+    for kind, dst, port in (("syn", *SNAT_DNAT), ("syn", FAR_LISTENER, ACCEPT_PORT),
+                            ("udp", FAR_LISTENER, ECHO_PORT)):
+        sport = next(_sports)
+        kernel = snat_flow(nat_router.kernel, far_peers, kind, dst, port, sport)
+        ours = snat_flow(nat_router.bpf, far_peers, kind, dst, port, sport)
+        assert ours == kernel, f"{kind} to {dst}:{port}: kernel {kernel}, bpfilter {ours}"
+        assert bool(kernel[0]) == (dst != FAR_LISTENER or kind == "udp"), kernel

@@ -550,11 +550,11 @@ def _mac_source(reader: RuleReader, module: _Module, tok: Token, negate: bool) -
 def _ct_state(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
     arg = reader.argument(tok)
     given = arg.value.upper().split(",")
-    unknown = [s for s in given if s not in ir.ConntrackMatch.STATES]
+    known = ir.ConntrackMatch.STATES if module.name == "conntrack" \
+        else ir.ConntrackMatch.TRACKING_STATES
+    unknown = [s for s in given if s not in known]
     if unknown:
-        why = ("the NAT states (--ctstate DNAT/SNAT) are not compiled yet"
-               if set(unknown) <= {"SNAT", "DNAT"} else f"unknown state '{unknown[0]}'")
-        raise reader.error(arg, why, ",".join(ir.ConntrackMatch.STATES))
+        raise reader.error(arg, f"unknown state '{unknown[0]}'", ",".join(known))
     states = tuple(s for s in ir.ConntrackMatch.STATES if s in given)
     _once(reader, module, "states", tok, (states, negate))
 

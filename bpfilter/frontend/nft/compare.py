@@ -275,7 +275,7 @@ class Comparisons:
         if op in ("implicit", "!") or len(match.states) == 1:
             return (replace(match, negate=op in ("!", "!="))),
         if op == "==":
-            return (ir.ConntrackMatch(ir.ConntrackMatch.STATES, negate=True),)
+            return (ir.ConntrackMatch(ir.ConntrackMatch.TRACKING_STATES, negate=True),)
         return ()
 
     def _states(self, words: list[Word], negate: bool) -> ir.ConntrackMatch:

@@ -134,7 +134,13 @@ def _ttl(m: ir.TtlMatch, rule: ir.Rule) -> list[str]:
 
 def _conntrack(m: ir.ConntrackMatch, rule: ir.Rule) -> list[str]:
     parts = []
-    if m.states:
+    nat = [s for s in m.states if s in ir.ConntrackMatch.NAT_STATES]
+    if nat and (len(m.states) > 1 or m.negate):
+        raise _untranslatable(rule, "nft tests NAT as `ct status snat|dnat`, apart from "
+                              "ct state: only a single --ctstate SNAT or DNAT translates")
+    if nat:
+        parts.append(f"ct status {nat[0].lower()}")
+    elif m.states:
         # `!= a,b` would compare the whole mask (always true): a set says "none of".
         states = [s.lower() for s in m.states]
         listed = states[0] if len(states) == 1 else (

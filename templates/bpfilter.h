@@ -45,9 +45,15 @@
 enum bf_out { BF_OUT_PASS = 0 /* TC_ACT_OK */, BF_OUT_DROP = 2 /* TC_ACT_SHOT */,
 	       BF_OUT_REDIRECT = 7 /* TC_ACT_REDIRECT */ };
 #define BF_TC_LINEAR (14 + 60 + 2 * BF_CSUM_MAX_WORDS) /* every byte a program reads */
+#define bf_load_bytes(ctx, at, to, len) bpf_skb_load_bytes(ctx, at, to, len)
+/* (a checksum the device finished, CHECKSUM_COMPLETE, follows the bytes) */
+#define bf_store_bytes(ctx, at, from, len) \
+	bpf_skb_store_bytes(ctx, at, from, len, BPF_F_RECOMPUTE_CSUM)
 #else
 #define bf_ctx xdp_md
 enum bf_out { BF_OUT_PASS = XDP_PASS, BF_OUT_DROP = XDP_DROP };
+#define bf_load_bytes(ctx, at, to, len) bpf_xdp_load_bytes(ctx, at, to, len)
+#define bf_store_bytes(ctx, at, from, len) bpf_xdp_store_bytes(ctx, at, from, len)
 #endif
 
 enum bf_verdict { BF_CONTINUE = 0, BF_ACCEPT = 1, BF_DROP = 2, BF_REJECT = 3 };

@@ -320,13 +320,8 @@ static __always_inline void bf_tcp_options(struct bf_ctx *ctx, struct bf_pkt *p)
 	if (length < 1 || length > 40)
 		return;
 	o.length = length;
-#ifdef BF_TC
-	if (bpf_skb_load_bytes(ctx, p->l4_off + 20, o.bytes, length))
+	if (bf_load_bytes(ctx, p->l4_off + 20, o.bytes, length))
 		return;
-#else
-	if (bpf_xdp_load_bytes(ctx, p->l4_off + 20, o.bytes, length))
-		return;
-#endif
 	bpf_loop(20, bf_tcp_option, &o, 0);
 	p->tcp_wscale = o.scale;
 	p->tcp_optflags = o.found;

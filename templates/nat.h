@@ -291,15 +291,6 @@ static __always_inline void bf_nat_source(struct bf_ctx *ctx, struct bf_pkt *p)
 	bf_nat_rewrite(ctx, p, 0, p->nat_addr, p->nat_port);
 }
 
-#ifdef BF_TC
-#define bf_load_bytes(ctx, at, to, len) bpf_skb_load_bytes(ctx, at, to, len)
-#define bf_store_bytes(ctx, at, from, len) \
-	bpf_skb_store_bytes(ctx, at, from, len, BPF_F_RECOMPUTE_CSUM)
-#else
-#define bf_load_bytes(ctx, at, to, len) bpf_xdp_load_bytes(ctx, at, to, len)
-#define bf_store_bytes(ctx, at, from, len) bpf_xdp_store_bytes(ctx, at, from, len)
-#endif
-
 /* nf_nat_icmp_reply_translation() for an error on its way to the sender of the packet it
  * quotes: the quoted packet gets back the endpoint its sender knows (at egress its
  * destination, DNAT's old one; at ingress its source, the client SNAT stood in for):

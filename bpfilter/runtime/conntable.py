@@ -176,11 +176,8 @@ def connections(paths: Paths) -> Iterator[Connection]:
                 continue
             ends = [(a0, p0), (a1, p1)]
             if proto in (socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6):
-                # endpoint 0 asked; the ports are id, type
-                (src, sport), (dst, _) = ends
-                dport = p1
-            else:
-                (src, sport), (dst, dport) = ends[orig], ends[1 - orig]
+                orig = 0  # endpoint 0 asked; the ports are id, type
+            (src, sport), (dst, dport) = ends[orig], ends[1 - orig]
             yield Connection(_PROTOCOLS.get(proto, str(proto)),
                              TCP_STATES[tcp] if proto == socket.IPPROTO_TCP and tcp < 10
                              else "-", (expires - now) // 1_000_000_000, src, dst,
@@ -193,14 +190,13 @@ def connections(paths: Paths) -> Iterator[Connection]:
 
 def _nat(bindings: Map, key: bytes, proto: int, orig: int) -> tuple[Optional[str], ...]:
     """The new destination and source of a connection NAT bound (its original tuple's
-    entry: endpoint `orig` opened it), as conntrack -L's reply tuple shows them."""
+    entry: endpoint `orig` of its key opened it), as conntrack -L's reply tuple shows
+    them."""
     value = bindings.lookup(key)
     if value is None:
         return None, None
     fields = _BINDING.unpack(value)
     ends = [fields[0:7], fields[7:14]]
-    if proto in (socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6):
-        orig = 0  # endpoint 0 asked
     client, server = ends[orig], ends[1 - orig]
     ports = proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP)
 

@@ -286,8 +286,7 @@ def _nat(target) -> str:
         ports = target.ports
         flags = (("random", target.random), ("fully-random", target.random_fully),
                  ("persistent", target.persistent))
-    address = getattr(target, "address", None)
-    to = (str(address) if address else "") + (
+    to = (str(target.address) if target.address else "") + (
         "" if not ports else f":{ports[0]}" if ports[0] == ports[1]
         else f":{ports[0]}-{ports[1]}")
     if words == "masquerade" and to:

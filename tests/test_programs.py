@@ -10,6 +10,8 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
+from bpfilter import build
+from bpfilter.codegen import program
 from bpfilter.testbed import netns
 from bpfilter.compiler import compile_ruleset
 from bpfilter.errors import InputError
@@ -373,26 +375,47 @@ def test_walks_longer_than_bpf_loop_runs_are_refused(tmp_path):
     compile_ruleset(fewer, "ok.v4", tmp_path, emit="c")  # 1,000 jumps: 4.5 million steps
 
 
-def test_every_connection_the_table_holds_keeps_its_dnat_binding(kernel, build_root):
-    """A DNAT binding is two entries of bf_nat (three with SNAT too: bf_nat holds three
-    per connection the table holds): with 40,000 DNATed connections (80,000 entries, more
-    than the 65,536 bf_nat once held) the first one's reply is still translated back at
-    egress."""
-    rules = ("*nat\n:PREROUTING ACCEPT [0:0]\n"
-             "-A PREROUTING -d 198.18.0.1/32 -p udp -j DNAT --to-destination 198.18.0.2:53\n"
-             "COMMIT\n*filter\n:INPUT ACCEPT [0:0]\n"
-             "-A INPUT -m conntrack --ctstate INVALID -j DROP\nCOMMIT\n")
-    query = bytearray(bytes(Ether() / IP(src="192.0.2.1", dst="198.18.0.1")
-                            / UDP(sport=1, dport=5353, chksum=0)))
+@pytest.mark.parametrize("entries", [3, 2], ids=["as-built", "mutated-to-2x"])
+def test_every_connection_the_table_holds_keeps_its_nat_binding(kernel, build_root, host,
+                                                                monkeypatch, entries):
+    """A forwarded connection with DNAT and SNAT holds three bf_nat entries (original, mid
+    and reply tuple), so bf_nat is three times the connection table. 50,000 such
+    connections (150,000 entries: past 2 x 65,536) keep the first one's binding both ways;
+    built with bf_nat at two per connection, the same run loses it (the check sees the
+    limit)."""
+    for name, address in (("lan0", "192.0.2.254/24"), ("far0", "10.99.0.1/24")):
+        netns.run("ip", "link", "add", name, "type", "veth", "peer", f"{name}p", netns=host)
+        netns.run("ip", "addr", "add", address, "dev", name, netns=host)
+        for end in (name, f"{name}p"):
+            netns.run("ip", "link", "set", end, "up", netns=host)
+    netns.sysctl(host, "net.ipv4.ip_forward", "1")
+    lan, far = (netns.link_info(host, name)[0] for name in ("lan0", "far0"))
+    if entries != 3:
+        headers = program.runtime_headers()
+        assert "3 * BF_CT_MAX" in headers["nat.h"]
+        headers["nat.h"] = headers["nat.h"].replace("3 * BF_CT_MAX", f"{entries} * BF_CT_MAX")
+        monkeypatch.setattr(build, "runtime_headers", lambda: headers)
+    rules = ("*nat\n:PREROUTING ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n"
+             "-A PREROUTING -d 198.18.0.1/32 -p udp -j DNAT --to-destination 10.99.0.2:53\n"
+             "-A POSTROUTING -o far0 -j SNAT --to-source 10.99.0.1\nCOMMIT\n")
+    name = f"nat-{entries}x"
+    first = Ether() / IP(src="192.0.2.1", dst="198.18.0.1") / UDP(sport=1024, dport=5353,
+                                                                   chksum=0)
+    query = bytearray(bytes(first))
     sport = len(query) - 8  # the UDP header's first field
-    with LoadedRuleset(compile_ruleset(rules, "dnat-many", build_root / "dnat-many",
-                                       verify=False)) as loaded:
+    with LoadedRuleset(compile_ruleset(rules, name, build_root / name, verify=False)) \
+            as loaded:
         ingress = loaded.program()
-        for port in range(1024, 1024 + 40_000):  # UDP without a checksum: only the port
+        for port in range(1024, 1024 + 50_000):  # UDP without a checksum: only the port
             query[sport:sport + 2] = port.to_bytes(2, "big")
-            assert ingress.test_run(bytes(query), ingress_ifindex=LO).retval == XDP_PASS
-        reply = Ether() / IP(src="198.18.0.2", dst="192.0.2.1") / UDP(sport=53, dport=1024,
+            assert ingress.test_run(bytes(query), ingress_ifindex=lan).retval == XDP_PASS
+
+        def rewritten(frame, ifindex: int) -> tuple[str, str, int, int]:
+            out = IP(ingress.test_run(bytes(frame), ingress_ifindex=ifindex).data[14:])
+            return out.src, out.dst, out[UDP].sport, out[UDP].dport
+
+        reply = Ether() / IP(src="10.99.0.2", dst="10.99.0.1") / UDP(sport=53, dport=1024,
                                                                      chksum=0)
-        out = loaded.program("bf_egress").test_run(bytes(reply)).data
-        assert (IP(out[14:]).src, UDP(bytes(IP(out[14:]).payload)).sport) == \
-            ("198.18.0.1", 5353)
+        kept = (rewritten(first, lan), rewritten(reply, far))
+    expected = (("192.0.2.1", "10.99.0.2", 1024, 53), ("10.99.0.2", "192.0.2.1", 53, 1024))
+    assert (kept == expected) == (entries == 3)

@@ -511,13 +511,15 @@ class NotrackTarget:
 class DnatTarget:
     """DNAT (nat table, PREROUTING): the connection's destination becomes `address`
     (None: kept) and `port` (None: kept). Decided on a connection's first packet; every
-    later packet of both directions is rewritten from the binding. Ends the walk (ACCEPT)."""
+    later packet of both directions is rewritten from the binding. Ends the walk (ACCEPT).
+    REDIRECT is DNAT to the primary address of the interface the packet came in by."""
 
     address: Optional[IPAddress] = None
     port: Optional[int] = None
     # How libxt_NAT chooses within a range; with one address and port, no choice is left.
     random: bool = False
     persistent: bool = False
+    redirect: bool = False
 
 
 @dataclass(frozen=True)

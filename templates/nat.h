@@ -25,6 +25,16 @@
 
 #include "bpfilter.h"
 
+/* ifindex -> the interface's primary IPv4 address (host order), the first of its
+ * in_device's list, which REDIRECT sends to. Kept by hostview.py (and followed by the
+ * watcher) in every program, as the rest of the host view. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u32);
+} bf_ifaddr SEC(".maps");
+
 #if BF_CONNTRACK
 
 enum bf_nat_end_todo { BF_NAT_TO = 1 /* a packet to it: destination as_dst */,
@@ -145,6 +155,17 @@ static __always_inline int bf_dnat(struct bf_pkt *p, __u32 addr, __u16 port)
 	p->nat_addr = addr;
 	p->nat_port = port;
 	return BF_ACCEPT;
+}
+
+/* REDIRECT (nf_nat_redirect_ipv4): DNAT to the primary address of the interface the
+ * packet came in by; the kernel drops the packet when the interface has none. */
+static __always_inline int bf_redirect(struct bf_pkt *p, __u16 port)
+{
+	__u32 *addr = bpf_map_lookup_elem(&bf_ifaddr, &p->ifindex);
+
+	if (!addr)
+		return BF_DROP;
+	return bf_dnat(p, *addr, port);
 }
 
 enum bf_snat_flags { BF_SNAT_MASQUERADE = 1, BF_SNAT_RANDOM = 2, BF_SNAT_RANDOM_FULLY = 4,

@@ -94,6 +94,14 @@ REFUSED = {
         "-A POSTROUTING -p tcp -j SNAT --to-source 1.1.1.1:1025-0x400").encode(),
     "MASQUERADE ports without a protocol": NAT.format(
         "-A POSTROUTING -j MASQUERADE --to-ports 1024").encode(),
+    "REDIRECT at POSTROUTING": NAT.format("-A POSTROUTING -j REDIRECT").encode(),
+    "REDIRECT in filter": FILTER.format("-A INPUT -p tcp -j REDIRECT --to-ports 80").encode(),
+    "REDIRECT port without a protocol": NAT.format(
+        "-A PREROUTING -j REDIRECT --to-ports 3128").encode(),
+    "REDIRECT to an address": NAT.format(
+        "-A PREROUTING -p tcp -j REDIRECT --to-ports 1.2.3.4:80").encode(),
+    "REDIRECT --random-fully": NAT.format(
+        "-A PREROUTING -p tcp -j REDIRECT --random-fully").encode(),
     # (the nat checks once read the chains a jump reaches before the jump was checked)
     "nat jump to an undeclared chain": NAT.format("-A PREROUTING -j NOPE").encode(),
     "chains nested 1,200 deep": ("*filter\n:INPUT ACCEPT [0:0]\n" + "".join(
@@ -187,12 +195,14 @@ def test_a_latin1_comment_is_read_and_written_back_byte_for_byte(tmp_path):
     ("-p udp -j SNAT --to-source 1.1.1.1-1.1.1.1:53-53", "--to-source 1.1.1.1:53"),
     ("-j MASQUERADE --random-fully", "-j MASQUERADE --random-fully"),
     ("-p tcp -j MASQUERADE --to-ports 1024-1024", "--to-ports 1024"),
-    ("-m conntrack --ctstate dnat,NEW,SNAT", "--ctstate NEW,SNAT,DNAT")])
+    ("-m conntrack --ctstate dnat,NEW,SNAT", "--ctstate NEW,SNAT,DNAT"),
+    ("-p tcp -j REDIRECT --random --to-ports 0x50", "-j REDIRECT --to-ports 80 --random"),
+    ("-p udp -j REDIRECT --to-ports 53-53", "-j REDIRECT --to-ports 53")])
 def test_numbers_and_orders_mean_what_they_mean_to_the_kernel(namespace, tmp_path, spelling,
                                                               means):
     """The kernel's iptables-save of the rule and bpfilter's say the same (octal and hex
     where iptables reads C numbers, decimal where it does not; -m before -p)."""
-    chain = "PREROUTING" if "DNAT" in spelling else "POSTROUTING" if "-j SNAT" in spelling \
+    chain = "PREROUTING" if "DNAT" in spelling or "REDIRECT" in spelling else "POSTROUTING" if "-j SNAT" in spelling \
         or "MASQUERADE" in spelling else "INPUT"
     target = "" if " -j " in f" {spelling}" else " -j ACCEPT"
     text = (FILTER if chain == "INPUT" else NAT).format(f"-A {chain} {spelling}{target}")

@@ -97,6 +97,8 @@ def test_nat_chains_translate_both_ways(kernel, namespace):
 	chain pre {
 		type nat hook prerouting priority -100; policy accept;
 		iifname "eth1" tcp dport 2222 counter dnat to 100.64.0.2:22
+		iifname "eth0" tcp dport 80 counter redirect to :3128
+		iifname "eth0" udp dport 53 counter redirect random
 	}
 	chain post {
 		type nat hook postrouting priority 100; policy accept;

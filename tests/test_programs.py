@@ -15,6 +15,7 @@ from bpfilter.codegen import program
 from bpfilter.testbed import netns
 from bpfilter.compiler import compile_ruleset
 from bpfilter.errors import InputError
+from bpfilter.runtime import hostview
 from bpfilter.runtime.logs import LogEvent
 from bpfilter.passes import classify
 from bpfilter.runtime.runner import LoadedRuleset
@@ -419,3 +420,39 @@ def test_every_connection_the_table_holds_keeps_its_nat_binding(kernel, build_ro
         kept = (rewritten(first, lan), rewritten(reply, far))
     expected = (("192.0.2.1", "10.99.0.2", 1024, 53), ("10.99.0.2", "192.0.2.1", 53, 1024))
     assert (kept == expected) == (entries == 3)
+
+
+def test_redirect_follows_the_incoming_interfaces_first_address(kernel, build_root, host):
+    """REDIRECT sends to the first IPv4 address of the interface the packet came in by, as
+    the host has it now: with none the kernel drops the packet; an address added later
+    (and a new first one after the old is gone) is where the next connection goes."""
+    netns.run("ip", "link", "add", "lan0", "type", "veth", "peer", "lan0p", netns=host)
+    for end in ("lan0", "lan0p"):
+        netns.run("ip", "link", "set", end, "up", netns=host)
+    lan = netns.link_info(host, "lan0")[0]
+    rules = ("*nat\n:PREROUTING ACCEPT [0:0]\n"
+             "-A PREROUTING -p udp -j REDIRECT --to-ports 53\nCOMMIT\n")
+    with LoadedRuleset(compile_ruleset(rules, "redirect", build_root / "redirect",
+                                       verify=False)) as loaded:
+        ingress = loaded.program()
+
+        def sent(sport: int) -> tuple[int, str, int]:
+            frame = Ether() / IP(src="192.0.2.1", dst="203.0.113.9") / UDP(sport=sport,
+                                                                          dport=5353)
+            result = ingress.test_run(bytes(frame), ingress_ifindex=lan)
+            out = IP(result.data[14:])
+            return result.retval, out.dst, out[UDP].dport
+
+        def follow() -> None:  # what the watcher does on each address change
+            hostview.write({name: loaded.map(name) for name in hostview.MAPS},
+                           hostview.read(), [])
+
+        assert sent(1000)[0] == XDP_DROP
+        for address in ("192.0.2.254/24", "10.7.0.1/16"):
+            netns.run("ip", "addr", "add", address, "dev", "lan0", netns=host)
+        follow()
+        assert sent(1001) == (XDP_PASS, "192.0.2.254", 53)
+        netns.run("ip", "addr", "del", "192.0.2.254/24", "dev", "lan0", netns=host)
+        follow()
+        assert sent(1002) == (XDP_PASS, "10.7.0.1", 53)
+        assert sent(1001) == (XDP_PASS, "192.0.2.254", 53)  # bound: the connection keeps it

@@ -87,6 +87,8 @@ def _notrack(t: ir.NotrackTarget, builtin: bool, functions, to_policy: str) -> l
 def _dnat(t: ir.DnatTarget, builtin: bool, functions, to_policy: str) -> list[str]:
     address = f"0x{int(t.address):08x}" if t.address is not None else "p->daddr"
     port = str(t.port) if t.port is not None else "p->dport"
+    if t.redirect:
+        return [f"return bf_redirect(p, {port});"]
     return [f"return bf_dnat(p, {address}, {port});"]
 
 

@@ -30,7 +30,7 @@ _DELIVERED = {socket.AF_INET: (RTN_LOCAL, RTN_BROADCAST),
 LOCAL6_ROUTE, LOCAL6_ADDRESS = 1, 2
 # The maps `sync` writes, with the epoch that tells programs they changed.
 MAPS = ("bf_local", "bf_local6", "bf_ifmatch", "bf_ifmac", "bf_sysctl", "bf_route6",
-        "bf_addrtype", "bf_host")
+        "bf_addrtype", "bf_ifaddr", "bf_host")
 # struct bf_addrtype (templates/addrtype.h): the route's type and output interface.
 _ADDRTYPE = struct.Struct("<BxxxI")
 RT_TABLE_MAIN = 254
@@ -53,6 +53,7 @@ class HostView:
     sysctl: dict[bytes, bytes]  # bf_sysctl's one row
     routes6: dict[bytes, bytes]  # bf_route6: the main table's IPv6 prefixes -> length
     addrtypes: dict[bytes, bytes]  # bf_addrtype: every IPv4 local-table route -> its type
+    primaries: dict[bytes, bytes]  # bf_ifaddr: ifindex -> its first IPv4 address
 
 
 def _sysctl_row() -> dict[bytes, bytes]:
@@ -79,6 +80,22 @@ def _main_routes6() -> dict[bytes, bytes]:
     for route in routes:
         net = ipaddress.IPv6Network(f"{route.get_attr('RTA_DST') or '::'}/{route['dst_len']}")
         rows[_key(net)] = bytes([net.prefixlen])
+    return rows
+
+
+def _primaries() -> dict[bytes, bytes]:
+    """bf_ifaddr's rows: each interface's first IPv4 address, as the kernel lists them
+    (its in_device's order: primaries by scope, secondaries after)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        found = ipr.get_addr(family=socket.AF_INET)
+    rows: dict[bytes, bytes] = {}
+    for address in found:
+        key = struct.pack("<I", address["index"])
+        if key not in rows:
+            rows[key] = struct.pack("<I", int(ipaddress.IPv4Address(
+                address.get_attr("IFA_LOCAL") or address.get_attr("IFA_ADDRESS"))))
     return rows
 
 
@@ -133,7 +150,8 @@ def read(interfaces: Optional[list[tuple[int, str]]] = None) -> HostView:
     return HostView(local, local6, tuple(interfaces if interfaces is not None
                                          else ((i, n) for i, n, _m in found)), macs,
                     _sysctl_row(), _main_routes6(),
-                    {_key(net): _ADDRTYPE.pack(kind, oif) for net, kind, oif in table4})
+                    {_key(net): _ADDRTYPE.pack(kind, oif) for net, kind, oif in table4},
+                    _primaries())
 
 
 def interface_rows(patterns: list[ir.InterfaceMatch], interfaces) -> dict[bytes, bytes]:
@@ -170,7 +188,8 @@ def write(maps: dict[str, Map], view: HostView, patterns: list[ir.InterfaceMatch
              "interfaces matching the ruleset's names"),
             ("bf_ifmac", view.macs, "interfaces"), ("bf_sysctl", view.sysctl, "settings"),
             ("bf_route6", view.routes6, "IPv6 routes"),
-            ("bf_addrtype", view.addrtypes, "IPv4 local-table routes"))
+            ("bf_addrtype", view.addrtypes, "IPv4 local-table routes"),
+            ("bf_ifaddr", view.primaries, "interfaces with IPv4 addresses"))
     # (a ruleset applied by an older bpfilter may lack a map: it reads none of it)
     changed = sum(_diff(maps[name], wanted, what) for name, wanted, what in rows
                   if maps.get(name) is not None)

@@ -19,7 +19,7 @@ CLASSIFIER_MAPS = ("bf_cls_bits", "bf_cls_proto", "bf_cls_sport", "bf_cls_dport"
                    "bf_cls_saddr", "bf_cls_daddr", "bf_cls_entries", "bf_cls_segments")
 STAGE_MAPS = ("bf_counters", "bf_ifmatch", "bf_ifmac", "bf_limits", "bf_log",
               "bf_prefixes", "bf_prefixes6", "bf_exact", "bf_local", "bf_local6", "bf_gen",
-              "bf_host", "bf_sysctl", "bf_route6", "bf_addrtype")
+              "bf_host", "bf_sysctl", "bf_route6", "bf_addrtype", "bf_ifaddr")
 # The connection table (templates/conntrack.h) and its NAT bindings (templates/nat.h): one
 # per network namespace.
 CONNTRACK_MAPS = ("bf_conntrack", "bf_ct_created", "bf_nat")

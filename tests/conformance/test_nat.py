@@ -1,5 +1,5 @@
 """NAT against the kernel's: generated nat PREROUTING rulesets (port forwards to the far
-namespace and to the router itself, with FORWARD filtering by connection state) and
+namespace and to the router itself, REDIRECTs, with FORWARD filtering by connection state) and
 POSTROUTING ones (SNAT and MASQUERADE out to the far namespace, with and without DNAT
 before them) on mirror routers, and flows through them: a SYN (and, when it is answered,
 the handshake's ACK with data), UDP datagrams, pings. What the client gets back must be
@@ -64,10 +64,12 @@ def dnat_rule(draw) -> str:
         parts.append(f"-p {proto}")
         if proto != "icmp" and draw(st.booleans()):
             parts.append(f"-m {proto} --dport {draw(st.sampled_from(PORTS))}")
-    to = draw(st.sampled_from(TARGETS))
-    if proto in ("tcp", "udp") and draw(st.booleans()):
-        to += f":{draw(st.sampled_from(PORTS))}"
-    return " ".join(parts + ["-j DNAT --to-destination", to])
+    to = draw(st.sampled_from(TARGETS + ("REDIRECT",)))
+    port = draw(st.sampled_from(PORTS)) if proto in ("tcp", "udp") and draw(st.booleans()) \
+        else None
+    if to == "REDIRECT":  # to the router's eth0 address, SERVER_ADDR
+        return " ".join(parts + ["-j REDIRECT"] + ([f"--to-ports {port}"] if port else []))
+    return " ".join(parts + ["-j DNAT --to-destination", to + (f":{port}" if port else "")])
 
 
 @st.composite
@@ -202,6 +204,29 @@ def test_the_port_forward_example_conforms(nat_router):
         kernel = flow(nat_router.kernel, kind, SERVER_ADDR, port, sport)
         ours = flow(nat_router.bpf, kind, SERVER_ADDR, port, sport)
         assert ours == kernel, f"{kind} to port {port}: kernel {kernel}, bpfilter {ours}"
+
+
+def test_redirect_sends_to_the_address_of_the_interface_it_came_in_by(nat_router):
+    """REDIRECT: the router's own eth0 address (SERVER_ADDR, its primary) whatever the
+    destination was: a port the router listens on answers as the old destination, a
+    closed one resets as it, a datagram's ICMP error quotes what the client sent; and a
+    flow to the far listener that no REDIRECT covers is forwarded as before."""
+    text = ("*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+            ":POSTROUTING ACCEPT [0:0]\n"
+            "-A PREROUTING -p tcp -m tcp --dport 2222 -j REDIRECT --to-ports 22\n"
+            f"-A PREROUTING -d {FAR_LISTENER}/32 -p tcp -m tcp --dport 8080 -j REDIRECT\n"
+            "-A PREROUTING -p udp -j REDIRECT\nCOMMIT\n"
+            "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+            "COMMIT\n")
+    nat_router.load(text)
+    for kind, dst, port in (("syn", "198.18.0.7", 2222), ("syn", FAR_LISTENER, 2222),
+                            ("syn", FAR_LISTENER, 8080), ("udp", FAR_LISTENER, 53),
+                            ("syn", FAR_LISTENER, 80)):
+        sport = next(_sports)
+        kernel = flow(nat_router.kernel, kind, dst, port, sport)
+        assert kernel and kernel[0] and all(reply[0] == dst for reply in kernel[0])
+        ours = flow(nat_router.bpf, kind, dst, port, sport)
+        assert ours == kernel, f"{kind} to {dst}:{port}: kernel {kernel}, bpfilter {ours}"
 
 
 # SNAT: sources the router can stand for (its own range, its eth1 address, another of its

@@ -35,7 +35,8 @@ _FAMILY_MODULES = {"icmp": (ir.Family.IPV4, "icmp6"), "ttl": (ir.Family.IPV4, "h
 # The module a protocol loads by itself (`-p tcp --dport 22`).
 _PROTOCOL_MODULES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp6"}
 SUPPORTED_TARGETS = ("ACCEPT, DROP, RETURN, REJECT, LOG, MARK, CONNMARK, NOTRACK, "
-                     "CT --notrack, DNAT (nat PREROUTING), SNAT and MASQUERADE (nat POSTROUTING), "
+                     "CT --notrack, DNAT and REDIRECT (nat PREROUTING), SNAT and MASQUERADE "
+                     "(nat POSTROUTING), "
                      "or a user-defined chain")
 PLANNED_MATCHES = {
     "set": "ipsets are not supported yet",
@@ -241,7 +242,7 @@ class RuleReader:
                                  "CT --notrack (zones, helpers, timeouts, events: not "
                                  "supported yet)")
             return ir.NotrackTarget(name)
-        if name == "DNAT":
+        if name in ("DNAT", "REDIRECT"):
             return _dnat_target(self)
         if name in ("SNAT", "MASQUERADE"):
             return _snat_target(self)
@@ -907,9 +908,10 @@ def _nat_target(reader: RuleReader, option: str):
 
 
 def _dnat_target(reader: RuleReader) -> ir.DnatTarget:
-    where, span, flags = _nat_target(reader, "--to-destination")
+    redirect = reader.target_token.value == "REDIRECT"
+    where, span, flags = _nat_target(reader, "" if redirect else "--to-destination")
     del flags["random_fully"]  # not an option of DNAT's
-    return ir.DnatTarget(where, span and span[0], **flags)
+    return ir.DnatTarget(where, span and span[0], redirect=redirect, **flags)
 
 
 def _snat_target(reader: RuleReader) -> ir.SnatTarget:
@@ -951,6 +953,9 @@ _TARGET_OPTIONS: dict[str, dict[str, Callable]] = {
     "MASQUERADE": {"--to-ports": _nat_to("--to-ports", "MASQUERADE --to-ports port[-port]",
                                          port_ranges=True, address=False),
                    "--random": _flag("random"), "--random-fully": _flag("random_fully")},
+    "REDIRECT": {"--to-ports": _nat_to("--to-ports", "REDIRECT --to-ports port",
+                                       port_ranges=False, address=False),
+                 "--random": _flag("random")},
     "CT": {
         "--notrack": _flag("notrack"),
         **dict.fromkeys(("--zone", "--zone-orig", "--zone-reply", "--helper", "--ctevents",

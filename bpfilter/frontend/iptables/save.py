@@ -168,7 +168,11 @@ def _log(t: ir.LogTarget) -> list[str]:
 
 def _dnat(t: ir.DnatTarget) -> list[str]:
     to = (str(t.address) if t.address else "") + (f":{t.port}" if t.port else "")
-    return [f"-j DNAT --to-destination {to}"] + [
+    if t.redirect:
+        parts = ["-j REDIRECT"] + ([f"--to-ports {t.port}"] if t.port else [])
+    else:
+        parts = [f"-j DNAT --to-destination {to}"]
+    return parts + [
         option for flag, option in ((t.random, "--random"), (t.persistent, "--persistent"))
         if flag]
 
@@ -222,6 +226,10 @@ def rule_text(chain: str, rule: ir.Rule, family: ir.Family = ir.Family.IPV4) -> 
     if any(isinstance(m, ir.LimitMatch) and m.over for m in rule.matches):
         raise InputError(rule.origin.file, rule.origin.line, "limit rate over",
                          "iptables' limit has no 'over'", column=rule.origin.column)
+    if isinstance(rule.target, ir.DnatTarget) and rule.target.redirect and \
+            rule.target.persistent:
+        raise InputError(rule.origin.file, rule.origin.line, "persistent",
+                         "iptables' REDIRECT has no --persistent", column=rule.origin.column)
     if any(isinstance(m, ir.MultiportMatch) for m in rule.matches) and "-p" not in options:
         raise InputError(rule.origin.file, rule.origin.line, "th",
                          "iptables reads ports of a protocol given with -p only",

@@ -114,7 +114,7 @@ def _statement(node: dict) -> str:
         return f"{_expr(body['key'])} set {_value(body['value'])}"
     if key == "vmap":
         return f"{_expr(body['key'])} vmap {_value(body['data'])}"
-    if key in ("dnat", "snat", "masquerade"):
+    if key in ("dnat", "snat", "masquerade", "redirect"):
         body = body or {}
         port = body.get("port")
         if isinstance(port, dict) and "range" in port:

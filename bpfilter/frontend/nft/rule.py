@@ -169,7 +169,8 @@ class RuleReader(Comparisons):
                     for m in matches):
                 raise self.error(self.nat_port, "transport protocol mapping is only valid "
                                  "after transport protocol match",
-                                 "tcp or udp expressions before the port of dnat, snat, masquerade")
+                                 "tcp or udp expressions before the port of dnat, snat, "
+                                 "masquerade, redirect")
             target = next((c.target for c in combination if c.target is not None), single)
             rules.append(ir.Rule(matches + matches_tail, target, origin, self.counters))
         if len(self.statements) <= 1:
@@ -210,7 +211,7 @@ class RuleReader(Comparisons):
             self._statement(word, self._log())
         elif value == "notrack":
             self._statement(word, ir.NotrackTarget())
-        elif value in ("dnat", "snat", "masquerade"):
+        elif value in ("dnat", "snat", "masquerade", "redirect"):
             self._statement(word, self._nat(word))
         elif self._is_mark_set(word):
             self._statement(word, self._mark_set(word))
@@ -249,18 +250,20 @@ class RuleReader(Comparisons):
             self.counters = self.counters or ir.Counters()
 
     def _nat(self, word: Word) -> ir.Target:
-        """`dnat|snat [ip] to [ADDRESS][:PORT] [FLAGS]` and `masquerade [to :PORT]
-        [FLAGS]`: one address; snat and masquerade take a port range."""
+        """`dnat|snat [ip] to [ADDRESS][:PORT] [FLAGS]`, `masquerade [to :PORT] [FLAGS]`
+        and `redirect [to [:]PORT] [FLAGS]`: one address; snat and masquerade take a port
+        range."""
         kind = word.value
+        ports_only = kind in ("masquerade", "redirect")
         if self.family is not ir.Family.IPV4:
             raise self.error(word, f"IPv6 NAT (and {kind} in inet tables) is not compiled "
                              "yet", f"{kind} in ip tables")
-        form = "masquerade [to :PORT[-PORT]]" if kind == "masquerade" else \
-            f"{kind} to ADDRESS[:PORT{'' if kind == 'dnat' else '[-PORT]'}]"
+        form = {"masquerade": "masquerade [to :PORT[-PORT]]", "redirect": "redirect [to :PORT]",
+                "dnat": "dnat to ADDRESS[:PORT]"}.get(kind, f"{kind} to ADDRESS[:PORT[-PORT]]")
         address = span = None
-        if kind != "masquerade" or self.peek_value() == "to":
+        if not ports_only or self.peek_value() == "to":
             to = self.next_word("'to'")
-            if to.value == "ip" and kind != "masquerade":
+            if to.value == "ip" and not ports_only:
                 to = self.next_word("'to'")
             if to.value != "to":
                 raise self.error(to, "expected 'to'", form)
@@ -269,13 +272,14 @@ class RuleReader(Comparisons):
         if self.peek_value() in ("random", "persistent", "fully-random"):
             words = self.comma_list("a flag")
             flags = {w.value for w in words}
-            allowed = {"random", "persistent"} | ({"fully-random"} if kind != "dnat" else set())
+            allowed = {"random", "persistent"} | (
+                {"fully-random"} if kind not in ("dnat", "redirect") else set())
             if not flags <= allowed:
                 raise self.error(words[0], f"{kind} takes the flags " + ", ".join(sorted(
                     allowed)))
-        if kind == "dnat":
+        if kind in ("dnat", "redirect"):
             return ir.DnatTarget(address, span and span[0], "random" in flags,
-                                 "persistent" in flags)
+                                 "persistent" in flags, redirect=kind == "redirect")
         return ir.SnatTarget(address, span, "random" in flags, "fully-random" in flags,
                              "persistent" in flags, masquerade=kind == "masquerade")
 
@@ -284,11 +288,13 @@ class RuleReader(Comparisons):
         text = spec.value
         if self.peek_value() is not None and self.peek_value().startswith(":"):
             text += self.next_word("a port").value
+        if kind == "redirect" and ":" not in text:
+            text = ":" + text  # `redirect to 8080`: a port without its colon
         address_text, _, port_text = text.partition(":")
         if "-" in address_text or "/" in text or address_text == "map":
             raise self.error(spec, "address ranges and maps are not compiled yet", form)
-        if kind == "masquerade" and address_text:
-            raise self.error(spec, "masquerade takes ports only", form)
+        if kind in ("masquerade", "redirect") and address_text:
+            raise self.error(spec, f"{kind} takes ports only", form)
         address = span = None
         if address_text:
             try:
@@ -302,7 +308,7 @@ class RuleReader(Comparisons):
                 raise self.error(spec, f"'{port_text}' is not a port", "1-65535")
             if ports[0] > ports[1]:
                 raise self.error(spec, "invalid port range (min > max)")
-            if kind == "dnat" and ports[0] != ports[1]:
+            if kind in ("dnat", "redirect") and ports[0] != ports[1]:
                 raise self.error(spec, "port ranges are not compiled yet", form)
             span = (ports[0], ports[1])
             self.nat_port = spec

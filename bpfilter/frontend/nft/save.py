@@ -279,7 +279,8 @@ def _target(target: Optional[ir.Target], rule: ir.Rule) -> list[str]:
 
 def _nat(target) -> str:
     if isinstance(target, ir.DnatTarget):
-        words, ports = "dnat to", target.port and (target.port, target.port)
+        words = "redirect" if target.redirect else "dnat to"
+        ports = target.port and (target.port, target.port)
         flags = (("random", target.random), ("persistent", target.persistent))
     else:
         words = "masquerade" if target.masquerade else "snat to"
@@ -289,7 +290,7 @@ def _nat(target) -> str:
     to = (str(target.address) if target.address else "") + (
         "" if not ports else f":{ports[0]}" if ports[0] == ports[1]
         else f":{ports[0]}-{ports[1]}")
-    if words == "masquerade" and to:
+    if words in ("masquerade", "redirect") and to:
         words += " to"
     words += f" {to}" if to else ""
     flags = ",".join(name for name, on in flags if on)

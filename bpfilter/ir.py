@@ -303,6 +303,22 @@ ETHERTYPE_IP, ETHERTYPE_IPV6 = 0x0800, 0x86DD
 
 
 @dataclass(frozen=True)
+class StatisticMatch:
+    """xt_statistic. `random`: holds when a 31-bit random draw is below `probability`,
+    out of 2**31 (libxt_statistic's rounding of the decimal it reads); `nth`: holds for
+    every `every`-th packet that reaches the rule, the first being packet number `packet`
+    (from 0), one count per rule across CPUs."""
+
+    mode: str  # "random" | "nth"
+    probability: int = 0
+    every: int = 1
+    packet: int = 0
+    negate: bool = False
+
+    ONE = 0x80000000  # probability 1
+
+
+@dataclass(frozen=True)
 class MarkMatch:
     """`-m mark --mark V[/M]`: (the packet's mark & M) == V; `-m connmark` compares its
     connection's mark instead, and never holds for a packet with no connection."""
@@ -354,6 +370,7 @@ Match = Union[
     TtlMatch,
     MacSourceMatch,
     LimitMatch,
+    StatisticMatch,
     ConntrackMatch,
     MarkMatch,
     FamilyMatch,

@@ -131,10 +131,11 @@ struct bf_counter {
 	__u64 bytes;
 };
 
+/* A rule's state: a token bucket (limit), or a packet count (statistic's nth mode). */
 struct bf_limit {
 	struct bpf_spin_lock lock;
-	__u64 credit; /* nanoseconds of rate earned, capped at burst * interval */
-	__u64 last;   /* 0 until the first packet fills the bucket */
+	__u64 credit; /* nanoseconds of rate earned, capped at burst * interval; the count */
+	__u64 last;   /* 0 until the first packet fills the bucket (starts the count) */
 };
 
 /* What LOG tells `bpfilter log` (bpfilter/runtime/logs.py reads this layout): the fields of the
@@ -518,6 +519,29 @@ static __always_inline int bf_limit(const struct bf_pkt *p, __u32 index, __u64 c
 		l->credit -= cost;
 		hit = 1;
 	}
+	bpf_spin_unlock(&l->lock);
+	return hit;
+}
+
+/* xt_statistic's nth mode, with a slot of bf_limits as the rule's count (`credit`; `last`
+ * says it started): the count goes up to `every` (n - 1) and wraps to 0, and the rule
+ * holds at 0. It starts at every - packet, so packet number `packet` is the first. */
+static __always_inline int bf_nth(const struct bf_pkt *p, __u32 index, __u32 every,
+				  __u32 start)
+{
+	__u32 key = index + p->gen * BF_NLIMITS;
+	struct bf_limit *l = bpf_map_lookup_elem(&bf_limits, &key);
+	int hit;
+
+	if (!l)
+		return 0;
+	bpf_spin_lock(&l->lock);
+	if (l->last == 0) {
+		l->credit = start;
+		l->last = 1;
+	}
+	l->credit = l->credit == every ? 0 : l->credit + 1;
+	hit = l->credit == 0;
 	bpf_spin_unlock(&l->lock);
 	return hit;
 }

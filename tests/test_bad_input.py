@@ -102,6 +102,14 @@ REFUSED = {
         "-A PREROUTING -p tcp -j REDIRECT --to-ports 1.2.3.4:80").encode(),
     "REDIRECT --random-fully": NAT.format(
         "-A PREROUTING -p tcp -j REDIRECT --random-fully").encode(),
+    # libxt_statistic's refusals (its own .t file's FAIL lines among them)
+    **{f"statistic {options}": FILTER.format(f"-A INPUT -m statistic {options}").encode()
+       for options in ("", "--mode random ! --probability 1.1", "--probability 1",
+                       "--mode nth ! --every 5", "--mode nth ! --every 5 --packet 5",
+                       "--mode random --every 3", "--mode nth --every 0 --packet 0",
+                       "--mode often",
+                       "--mode random --probability 0.5 --every 2 --packet 0",
+                       "--mode nth --every 2 ! --packet 1")},
     # (the nat checks once read the chains a jump reaches before the jump was checked)
     "nat jump to an undeclared chain": NAT.format("-A PREROUTING -j NOPE").encode(),
     "chains nested 1,200 deep": ("*filter\n:INPUT ACCEPT [0:0]\n" + "".join(
@@ -197,7 +205,14 @@ def test_a_latin1_comment_is_read_and_written_back_byte_for_byte(tmp_path):
     ("-p tcp -j MASQUERADE --to-ports 1024-1024", "--to-ports 1024"),
     ("-m conntrack --ctstate dnat,NEW,SNAT", "--ctstate NEW,SNAT,DNAT"),
     ("-p tcp -j REDIRECT --random --to-ports 0x50", "-j REDIRECT --to-ports 80 --random"),
-    ("-p udp -j REDIRECT --to-ports 53-53", "-j REDIRECT --to-ports 53")])
+    ("-p udp -j REDIRECT --to-ports 53-53", "-j REDIRECT --to-ports 53"),
+    ("-m statistic --mode random --probability 0.3333", "--probability 0.33330000006"),
+    ("-m statistic --mode random ! --probability 1e-3", "! --probability 0.00100000016"),
+    ("-m statistic --probability 0.99999999999 --mode random", "--probability 1.00000000000"),
+    ("-m statistic --mode nth --every 5 --packet 0", "--every 5 --packet 0"),
+    ("-m statistic --mode random --probability nan", "--probability 0.00000000000"),
+    ("-m statistic --mode random --probability 0x1p-2", "--probability 0.25000000000"),
+    ("-m statistic --mode nth --packet 2 ! --every 3", "! --every 3 --packet 2")])
 def test_numbers_and_orders_mean_what_they_mean_to_the_kernel(namespace, tmp_path, spelling,
                                                               means):
     """The kernel's iptables-save of the rule and bpfilter's say the same (octal and hex
@@ -247,7 +262,7 @@ def test_without_root_commands_say_they_need_it(kernel, command):
 
 
 @pytest.mark.parametrize("text", [
-    FILTER.format("-A INPUT -m statistic --mode random --probability 0.5 -j DROP\n"
+    FILTER.format("-A INPUT -m recent --rcheck --seconds 60 -j DROP\n"
                   "-A INPUT -j ACCEPT"),
     FILTER.format("-A INPUT -p tcp -m set --match-set x src -j DROP\n-A INPUT -j ACCEPT")])
 def test_ignore_unsupported_skips_rules_of_unknown_modules(tmp_path, text):

@@ -8,7 +8,7 @@ drops the packet there and then, as the kernel's hotdrop does, without counting 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from bpfilter import ir
 
@@ -21,7 +21,8 @@ class MatchContext:
 
     skip: str = ""
     if_patterns: list[ir.InterfaceMatch] = field(default_factory=list)
-    limits: list[ir.LimitMatch] = field(default_factory=list)
+    # a slot of bf_limits per token bucket and per nth count
+    limits: list[Union[ir.LimitMatch, ir.StatisticMatch]] = field(default_factory=list)
     conntrack: bool = False  # a rule reads the connection state
     nat: bool = False  # a rule translates addresses (NAT bindings)
     family: Optional[ir.Family] = ir.Family.IPV4  # of the chain's packets (None: both)
@@ -29,9 +30,9 @@ class MatchContext:
     def require(self, expr: str, negate: bool = False) -> str:
         return f"if ({'' if negate else '!'}({expr})) goto {self.skip};"
 
-    def limit(self, match: ir.LimitMatch) -> int:
-        """The match's token bucket: its own, or the one its bucket name shares."""
-        if match.bucket is not None:
+    def limit(self, match: Union[ir.LimitMatch, ir.StatisticMatch]) -> int:
+        """The match's slot of bf_limits: its own, or the one its bucket name shares."""
+        if isinstance(match, ir.LimitMatch) and match.bucket is not None:
             shared = next((i for i, m in enumerate(self.limits) if m.bucket == match.bucket),
                           None)
             if shared is not None:
@@ -215,6 +216,16 @@ def _limit(m: ir.LimitMatch, ctx: MatchContext) -> list[str]:
     return [ctx.require(f"bf_limit(p, {index}, {cost}ULL, {cost * m.burst}ULL)", m.over)]
 
 
+def _statistic(m: ir.StatisticMatch, ctx: MatchContext) -> list[str]:
+    if m.mode == "random":  # xt_statistic: get_random_u32() & 0x7FFFFFFF < probability
+        return [ctx.require(f"(bpf_get_prandom_u32() & 0x7fffffff) < {m.probability}U",
+                            m.negate)]
+    # the kernel's count starts at every - packet and holds when it wraps to 0
+    last = m.every - 1
+    return [ctx.require(f"bf_nth(p, {ctx.limit(m)}, {last}U, {last - m.packet}U)",
+                        m.negate)]
+
+
 # enum bf_ct_state (templates/conntrack.h)
 CT_BITS = {"INVALID": 1, "NEW": 2, "RELATED": 4, "ESTABLISHED": 8, "UNTRACKED": 16,
            "SNAT": 32, "DNAT": 64}
@@ -310,6 +321,7 @@ GENERATORS: dict[type, Callable[..., list[str]]] = {
     ir.TtlMatch: _ttl,
     ir.MacSourceMatch: _mac,
     ir.LimitMatch: _limit,
+    ir.StatisticMatch: _statistic,
     ir.CommentMatch: _comment,
     ir.ConntrackMatch: _conntrack,
     ir.MarkMatch: _mark,

@@ -8,7 +8,7 @@ import hashlib
 import re
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import jinja2
 
@@ -79,7 +79,7 @@ class GeneratedProgram:
 
     programs: tuple[ProgramSource, ...]
     if_patterns: tuple[ir.InterfaceMatch, ...]
-    limits: tuple[ir.LimitMatch, ...]
+    limits: tuple[Union[ir.LimitMatch, ir.StatisticMatch], ...]  # their bf_limits slots
     nslots: int
     # Folded runs: (run, prefix, slot) for the LPM tries (bf_prefixes, IPv6's
     # bf_prefixes6), (run, address, slot) for the hash of IPv4 runs whose prefixes share

@@ -9,6 +9,7 @@ position so an error can point at it.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import socket
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ class Token:
 
 SUPPORTED_MATCHES = ("tcp", "udp", "icmp", "icmp6", "multiport", "iprange", "comment",
                      "length", "ttl", "hl", "mac", "limit", "conntrack", "state", "mark",
-                     "connmark", "addrtype")
+                     "connmark", "addrtype", "statistic")
 # Modules of one family only: iptables' ICMP and TTL, ip6tables' ICMPv6 and hop limit.
 _FAMILY_MODULES = {"icmp": (ir.Family.IPV4, "icmp6"), "ttl": (ir.Family.IPV4, "hl"),
                    "icmp6": (ir.Family.IPV6, "icmp"), "hl": (ir.Family.IPV6, "ttl")}
@@ -621,6 +622,60 @@ def _addr_type_limit(direction: str):
     return handler
 
 
+def _statistic_mode(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+    reader._no_negate(tok, negate)
+    arg = reader.argument(tok)
+    if arg.value not in ("random", "nth"):
+        raise reader.error(arg, f'bad mode "{arg.value}"', "random, nth")
+    _once(reader, module, "mode", tok, arg.value)
+
+
+def _statistic_number(key: str):
+    """--probability (a decimal 0-1, kept as libxt_statistic keeps it: lround(2**31 * p)),
+    --every (1 or more) and --packet; `!` goes before --probability or --every."""
+    def handler(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+        if key == "packet":
+            reader._no_negate(tok, negate)
+        arg = reader.argument(tok)
+        if key == "probability":  # strtod's forms, hexadecimal too
+            try:
+                chance = float.fromhex(arg.value) if "0x" in arg.value.lower() \
+                    else float(arg.value)
+            except ValueError:
+                chance = 2.0
+            if chance > 1 or chance < 0:  # (NaN passes libxt_statistic's test)
+                raise reader.error(arg, f"'{arg.value}' is not a probability",
+                                   "a decimal between 0 and 1")
+            # lround(); of NaN, x86's lround() gives what the kernel keeps as 0
+            value = 0 if math.isnan(chance) else math.floor(ir.StatisticMatch.ONE * chance
+                                                            + 0.5)
+        else:
+            value = _parse_int(reader, arg, arg.value, 1 if key == "every" else 0,
+                               0xFFFFFFFF, key, decimal=True)
+        _once(reader, module, key, tok, value)
+        if negate:
+            module.values["negate"] = True
+    return handler
+
+
+def _statistic(reader: RuleReader, module: _Module) -> ir.StatisticMatch:
+    mode, values = _require(reader, module, "mode", "--mode random or --mode nth"), \
+        module.values
+    random_options = {"probability"} & set(values)
+    nth_options = {"every", "packet"} & set(values)
+    if mode == "random":
+        if nth_options or not random_options:
+            raise reader.error(module.token, "--mode random takes --probability (only)")
+        return ir.StatisticMatch(mode, values["probability"],
+                                 negate=values.get("negate", False))
+    if random_options or nth_options != {"every", "packet"}:
+        raise reader.error(module.token, "--mode nth takes --every and --packet (both)")
+    if values["packet"] >= values["every"]:
+        raise reader.error(module.token, "the --packet p must be 0 <= p <= n-1")
+    return ir.StatisticMatch(mode, every=values["every"], packet=values["packet"],
+                             negate=values.get("negate", False))
+
+
 def _addrtype(reader: RuleReader, module: _Module) -> ir.AddrTypeMatch:
     if "src" not in module.values and "dst" not in module.values:
         raise reader.error(module.token, "'-m addrtype' needs --src-type or --dst-type")
@@ -720,6 +775,9 @@ _MODULE_OPTIONS: dict[str, dict[str, Callable]] = {
                   **{f"--ct{a}": _ct_address(a) for a in ir.ConntrackMatch.ADDRESSES},
                   **{f"--ct{p}": _ct_port(p) for p in ir.ConntrackMatch.PORTS}},
     "state": {"--state": _ct_state},
+    "statistic": {"--mode": _statistic_mode, "--probability": _statistic_number("probability"),
+                  "--every": _statistic_number("every"),
+                  "--packet": _statistic_number("packet")},
     "addrtype": {"--src-type": _addr_types("src"), "--dst-type": _addr_types("dst"),
                  "--limit-iface-in": _addr_type_limit("in"),
                  "--limit-iface-out": _addr_type_limit("out")},
@@ -753,6 +811,7 @@ _BUILDERS: dict[str, Callable[[RuleReader, _Module], ir.Match]] = {
     "conntrack": _conntrack,
     "state": _conntrack,
     "addrtype": _addrtype,
+    "statistic": _statistic,
     "mark": lambda r, m: _require(r, m, "mark", "--mark"),
     "connmark": lambda r, m: _require(r, m, "mark", "--mark"),
 }

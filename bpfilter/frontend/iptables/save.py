@@ -101,6 +101,14 @@ def _limit(m: ir.LimitMatch) -> list[str]:
     return parts
 
 
+def _statistic(m: ir.StatisticMatch) -> list[str]:
+    if m.mode == "random":
+        return ["-m statistic --mode random",
+                f"{_neg(m.negate)}--probability {m.probability / m.ONE:.11f}"]
+    return ["-m statistic --mode nth", f"{_neg(m.negate)}--every {m.every}",
+            f"--packet {m.packet}"]
+
+
 def _masked(value: int, mask: int) -> str:
     return f"0x{value:x}" if mask == 0xFFFFFFFF else f"0x{value:x}/0x{mask:x}"
 
@@ -145,6 +153,7 @@ _MATCHES: dict[type, Callable] = {
     ir.MacSourceMatch: lambda m: ["-m mac", f"{_neg(m.negate)}--mac-source "
                                   + ":".join(f"{b:02x}" for b in m.address)],
     ir.LimitMatch: _limit,
+    ir.StatisticMatch: _statistic,
     ir.ConntrackMatch: _conntrack,
     ir.AddrTypeMatch: _addrtype,
     ir.MarkMatch: lambda m: [f"-m {'connmark' if m.connection else 'mark'}",

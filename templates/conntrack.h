@@ -233,7 +233,8 @@ enum bf_nat_todo { BF_NAT_NEW = 1 /* DNAT chose: rewrite, and bind at confirm */
 		   BF_NAT_DST = 2 /* the binding gives the destination */,
 		   BF_NAT_SRC = 4 /* the binding gives the source */,
 		   BF_NAT_ERROR = 8 /* an ICMP error quoting a packet the binding rewrote */,
-		   BF_NAT_SNAT = 16 /* SNAT chose (bf_snat_choice): bind at confirm */ };
+		   BF_NAT_SNAT = 16 /* SNAT chose (bf_snat_choice): bind at confirm */,
+		   BF_NAT_REROUTE = 32 /* OUTPUT's DNAT moved it: sent on by bf_nat_reroute */ };
 
 /* nat.h: the packet (or the packet an ICMP error quotes) as its binding has it. */
 static __always_inline void bf_nat_view(struct bf_pkt *p, struct bf_ct_key *key, __u8 *from);

@@ -90,6 +90,10 @@ static __always_inline void bf_nat_view(struct bf_pkt *p, struct bf_ct_key *key,
 		p->nat = BF_NAT_SRC;
 		p->nat_addr = s->as_src;
 		p->nat_port = s->src_port;
+	} else if (d->todo & BF_NAT_TO) { /* the host's own: OUTPUT's DNAT (bf_nat_output) */
+		p->nat = BF_NAT_DST;
+		p->nat_addr = d->as_dst;
+		p->nat_port = d->dst_port;
 	}
 #else
 	if (d->todo & BF_NAT_TO) {
@@ -298,19 +302,162 @@ static __always_inline int bf_nat_rewrite(struct bf_ctx *ctx, struct bf_pkt *p, 
 }
 
 /* At PREROUTING's nat place: the destination DNAT chose or the binding holds. (What the
- * packet was addressed to stays in p->ct_orig, for the binding.) */
-static __always_inline void bf_nat_destination(struct bf_ctx *ctx, struct bf_pkt *p)
+ * packet was addressed to stays in p->ct_orig, for the binding.) Global: the rewrite's
+ * locals stay off the program's stack, which is full at TC with IPv6. */
+__noinline int bf_nat_destination(struct bf_ctx *ctx, struct bf_pkt *p)
 {
+	if (!ctx || !p)
+		return 0;
 	if (bf_nat_rewrite(ctx, p, 1, p->nat_addr, p->nat_port))
 		p->nat = 0;
+	return 0;
 }
 
-/* At the end of POSTROUTING: the source the binding gives (SNAT's; for a reply to a
- * DNATed packet, the address and port its peer sent to). */
-static __always_inline void bf_nat_source(struct bf_ctx *ctx, struct bf_pkt *p)
+/* The source the binding of the tuple the packet carries now gives it, if any (a later
+ * packet whose destination was just rewritten: at egress SNAT's for the tuple c -> b; at
+ * INPUT's end the address a reply's sender stands for). Global: its key stays off the
+ * stack. */
+__noinline int bf_nat_source_of(struct bf_pkt *p)
 {
-	bf_nat_rewrite(ctx, p, 0, p->nat_addr, p->nat_port);
+	const struct bf_nat_end *s;
+	struct bf_ct_key key = {};
+	struct bf_nat_entry *n;
+	__u8 from;
+
+	if (!p)
+		return 0;
+	bf_ct_key_of(p, &key, &from);
+	n = bpf_map_lookup_elem(&bf_nat, &key);
+	if (!n)
+		return 0;
+	s = from ? &n->end[1] : &n->end[0];
+	if (!(s->todo & BF_NAT_FROM))
+		return 0;
+	p->nat |= BF_NAT_SRC;
+	p->nat_addr = s->as_src;
+	p->nat_port = s->src_port;
+	return 1;
 }
+
+#ifdef BF_EGRESS
+/* Where OUTPUT's DNAT sends the host's packet on (ip_route_me_harder()): this CPU's, for
+ * the one packet it runs, and for the run of the egress program the redirect makes, which
+ * lets it through untouched (it is the same packet, walked already). */
+struct bf_nat_route {
+	__u32 ifindex;   /* the interface the new destination's route leaves by */
+	__u32 hash;      /* the redirected packet (skb->hash), */
+	__u64 until;     /* while it is on its way */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bf_nat_route);
+} bf_nat_routes SEC(".maps");
+
+/* The route to the packet's new destination from its source (the host's own packet: only
+ * `-o` patterns), as a packet forwarded from
+ * the interface it was to leave by (a lookup as output would keep to that interface);
+ * where forwarding is off there, that interface's own routes. 0: no route, or a local
+ * destination (delivered through lo, which this does not follow: the packet is dropped).
+ * Global: the lookup's 64 bytes stay off the egress program's stack. */
+__noinline int bf_nat_reroute(struct bf_ctx *ctx, struct bf_pkt *p)
+{
+	struct bpf_fib_lookup fib = {};
+	struct bf_nat_route *r;
+	__u32 zero = 0;
+	int rc;
+
+	if (!ctx || !p)
+		return 0;
+	fib.family = 2; /* AF_INET */
+	fib.ipv4_src = bpf_htonl(p->saddr);
+	fib.ipv4_dst = bpf_htonl(p->daddr);
+	fib.l4_protocol = p->proto;
+	fib.ifindex = ctx->ifindex;
+	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
+	if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED) {
+		fib.ifindex = ctx->ifindex;
+		rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT |
+				    BPF_FIB_LOOKUP_SKIP_NEIGH);
+	}
+	r = bpf_map_lookup_elem(&bf_nat_routes, &zero);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS || !r)
+		return 0;
+	r->ifindex = fib.ifindex;
+	p->oifindex = fib.ifindex; /* what POSTROUTING's -o and MASQUERADE see */
+	if (BF_IFBITS_OUT)
+		p->ifbits = bf_ifbits(fib.ifindex) & BF_IFBITS_OUT;
+	p->nat |= BF_NAT_REROUTE;
+	return 1;
+}
+
+/* OUTPUT's nat place (-100), for a packet this host sends: the destination DNAT chose or
+ * the binding holds, then its route; a later packet's source, if SNAT is bound too, is
+ * the one of the tuple it carries now (c -> b). DROP when the new destination has no
+ * route this can follow. Global, as bf_nat_destination(). */
+__noinline int bf_nat_output(struct bf_ctx *ctx, struct bf_pkt *p)
+{
+	__u32 was;
+	int later;
+
+	if (!ctx || !p)
+		return BF_DROP;
+	was = p->daddr;
+	later = !!(p->nat & BF_NAT_DST);
+	if (!(p->nat & (BF_NAT_NEW | BF_NAT_DST)))
+		return BF_ACCEPT;
+	if (bf_nat_rewrite(ctx, p, 1, p->nat_addr, p->nat_port)) {
+		p->nat = 0;
+		return BF_ACCEPT;
+	}
+	p->nat &= ~BF_NAT_DST;
+	if (p->daddr != was && !bf_nat_reroute(ctx, p))
+		return BF_DROP;
+	if (later)
+		bf_nat_source_of(p);
+	return BF_ACCEPT;
+}
+
+/* The egress program's run for a packet OUTPUT's DNAT redirected here: let it go. */
+static __always_inline int bf_nat_rerouted(struct bf_ctx *ctx)
+{
+	__u32 zero = 0;
+	struct bf_nat_route *r = bpf_map_lookup_elem(&bf_nat_routes, &zero);
+
+	if (!r || !r->until || r->ifindex != ctx->ifindex || bf_now() > r->until ||
+	    bpf_get_hash_recalc(ctx) != r->hash)
+		return 0;
+	r->until = 0;
+	return 1;
+}
+
+/* At egress's end: send the packet to the interface its new destination's route leaves
+ * by (its MAC addresses from the neighbour table), once. */
+static __always_inline int bf_nat_redirect(struct bf_ctx *ctx)
+{
+	__u32 zero = 0;
+	struct bf_nat_route *r = bpf_map_lookup_elem(&bf_nat_routes, &zero);
+
+	if (!r)
+		return BF_OUT_DROP;
+	r->hash = bpf_get_hash_recalc(ctx);
+	r->until = bf_now() + BF_SEC / 1000;
+	return bpf_redirect_neigh(r->ifindex, NULL, 0, 0);
+}
+#endif
+
+/* At the end of POSTROUTING: the source the binding gives (SNAT's; for a reply to a
+ * DNATed packet, the address and port its peer sent to). Global, as above. */
+__noinline int bf_nat_source(struct bf_ctx *ctx, struct bf_pkt *p)
+{
+	if (!ctx || !p)
+		return 0;
+	bf_nat_rewrite(ctx, p, 0, p->nat_addr, p->nat_port);
+	return 0;
+}
+
 
 /* nf_nat_icmp_reply_translation() for an error on its way to the sender of the packet it
  * quotes: the quoted packet gets back the endpoint its sender knows (at egress its
@@ -464,8 +611,8 @@ __noinline int bf_nat_put(const struct bf_pkt *p, __u32 a, __u32 b, __u32 ports,
 	return 0;
 }
 
-/* nf_nat_setup_info() at __nf_conntrack_confirm() of a new connection DNAT or SNAT chose
- * for: its source port, then its binding's entries (c -> d the original tuple, b DNAT's
+/* At ingress, INPUT's end for a known connection (above). Then nf_nat_setup_info() at
+ * __nf_conntrack_confirm() of a new connection DNAT or SNAT chose for: its source port, then its binding's entries (c -> d the original tuple, b DNAT's
  * destination, n SNAT's source; without DNAT b is d, without SNAT n is c). At egress the
  * packet's own source is rewritten next. The verdict, DROP where the kernel drops:
  * MASQUERADE without an address, no free port. Global, as bf_ct_confirm(): its entries
@@ -480,6 +627,14 @@ __noinline int bf_nat_bind(struct bf_ctx *ctx, struct bf_pkt *p, int verdict)
 
 	if (!p)
 		return BF_DROP;
+#ifndef BF_EGRESS
+	/* nat's place at INPUT's end, for a packet of a known connection the host takes
+	 * (never routed out): a reply to its own connection that OUTPUT's DNAT sent
+	 * elsewhere gets back the source its socket knows. */
+	if (p->ct_create == sNO && (p->noif & BF_NO_OUT) && verdict == BF_ACCEPT &&
+	    bf_nat_source_of(p))
+		bf_nat_source(ctx, p);
+#endif
 	if (!(p->nat & (BF_NAT_NEW | BF_NAT_SNAT)) || p->ct_create == sNO ||
 	    verdict == BF_DROP || verdict == BF_REJECT)
 		return verdict;

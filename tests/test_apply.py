@@ -238,3 +238,16 @@ def test_the_cli_on_an_nftables_ruleset(bed, build_root):
     netns.run("nft", "-c", "-f", "-", netns=bed.server, input=saved)
     detached = _cli(bed, "detach", "-i", "eth0")
     assert detached.returncode == 0
+
+
+def test_a_nat_ruleset_names_the_addressed_interfaces_that_run_none(kernel, build_root):
+    """NAT's replies are translated only by programs of interfaces that run a ruleset:
+    apply names the router's other interface until it runs one too."""
+    with VethBed(build_root / "nat-bed", prefix="bpft", forward=True) as router:
+        text = (EXAMPLES / "home-router.v4").read_text()
+        with netns.entered(router.server):
+            first = deploy.apply(text, "home-router.v4", "eth0", build_root / "n1")
+            second = deploy.apply(text, "home-router.v4", "eth1", build_root / "n2")
+            again = deploy.apply(text, "home-router.v4", "eth0", build_root / "n3")
+    assert [w for w in first.warnings if "eth1" in w and "NAT" in w], first.warnings
+    assert not [w for w in second.warnings + again.warnings if "NAT" in w]

@@ -127,8 +127,11 @@ BAD = {
         "COMMIT\n", 3, "shifting marks is not supported yet"),
     "MARK without a value": ("*mangle\n:INPUT ACCEPT [0:0]\n-A INPUT -j MARK\nCOMMIT\n",
                              3, "MARK needs one of --set-xmark"),
-    "nat OUTPUT": ("*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -j RETURN\nCOMMIT\n",
-                   3, "nat rules at OUTPUT are not compiled yet"),
+    "nat INPUT": ("*nat\n:INPUT ACCEPT [0:0]\n-A INPUT -j RETURN\nCOMMIT\n",
+                  3, "nat rules at INPUT are not compiled yet"),
+    "REDIRECT at OUTPUT": ("*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -p tcp -j REDIRECT "
+                           "--to-ports 3128\nCOMMIT\n", 3, "REDIRECT at OUTPUT is not "
+                           "compiled yet"),
     "SNAT at INPUT": ("*nat\n:INPUT ACCEPT [0:0]\n-A INPUT -j SNAT --to-source 1.2.3.4\n"
                       "COMMIT\n", 3, "SNAT at INPUT is not compiled yet"),
     "SNAT address range": ("*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -j SNAT "
@@ -185,8 +188,8 @@ def test_the_consoles_print_mac_addresses_as_they_are():
 
 def test_ignore_unsupported_lists_each_skipped_rule(tmp_path, kernel):
     rules = tmp_path / "rules.v4"
-    rules.write_text("*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -j RETURN\n"
-                     "-A OUTPUT -j ACCEPT\nCOMMIT\n"
+    rules.write_text("*nat\n:INPUT ACCEPT [0:0]\n-A INPUT -j RETURN\n"
+                     "-A INPUT -j ACCEPT\nCOMMIT\n"
                      "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j ACCEPT\nCOMMIT\n")
     result = CliRunner().invoke(main, ["compile", str(rules), "--ignore-unsupported",
                                        "-o", str(tmp_path / "out")])

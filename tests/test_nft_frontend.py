@@ -180,7 +180,7 @@ BAD = {
                            3, 5, "'meta skuid' is not supported"),
     "byte limit": ("table ip f {\n chain c {\n  limit rate 10 kbytes/second drop\n }\n}\n",
                    3, 14, "rate expected as N/unit (packets)"),
-    "nat chain": ("table ip n {\n chain p { type nat hook output priority -100; }\n"
+    "nat chain": ("table ip n {\n chain p { type nat hook input priority 100; }\n"
                   " chain p { masquerade }\n}\n", 3, 12, "NAT chain 'p'"),
     "masquerade in ip6": ("table ip6 n {\n chain p { type nat hook postrouting priority 100; "
                           "}\n chain p { masquerade }\n}\n", 3, 12, "IPv6 NAT"),

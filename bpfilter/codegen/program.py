@@ -92,6 +92,7 @@ class GeneratedProgram:
     runs: tuple[FoldedRun, ...] = ()
     attach: Attach = Attach.XDP  # of the ingress program
     conntrack: bool = False  # rules read the connection state: bf_conntrack is shared
+    nat: bool = False  # rules translate addresses: replies are translated where it runs
 
     @property
     def name(self) -> str:
@@ -150,6 +151,7 @@ INGRESS, EGRESS = "bf_ingress", "bf_egress"
 _VERSIONS = {ir.Family.IPV4: 4, ir.Family.IPV6: 6, None: None}
 # Where the kernel tracks connections (the first packet's hook on each path).
 TRACKING_HOOKS = (ir.Hook.PREROUTING, ir.Hook.OUTPUT)
+NAT_OUTPUT_PRIORITY = -100  # NF_IP_PRI_NAT_DST
 
 
 def _base_name(key: tuple[str, str], hook: ir.Hook) -> str:
@@ -194,15 +196,20 @@ def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
     for stage, (name, egress) in zip(stages, ((INGRESS, False), (EGRESS, True))):
         if egress and not stage.hooks and not ctx.conntrack:
             continue
-        # Per hook, the base chains (function, the condition it runs on) before
+        # Per hook, the base chains (the call, the condition it runs on) before
         # connection tracking and those after it.
         early, entries = {}, {}
         for hook in ir.Hook:
-            bases = [((functions[t][c], conditions[(t, c)]),
-                      refs[(t, c)].chain.before_tracking and hook in TRACKING_HOOKS)
-                     for t, c in stage.base_chains(hook)]
-            early[hook.name.lower()] = [f for f, before in bases if before]
-            entries[hook.name.lower()] = [f for f, before in bases if not before]
+            bases = [((f"{functions[t][c]}(p)", conditions[(t, c)]),
+                      refs[(t, c)].chain.before_tracking and hook in TRACKING_HOOKS,
+                      refs[(t, c)].chain.priority) for t, c in stage.base_chains(hook)]
+            early[hook.name.lower()] = [f for f, before, _ in bases if before]
+            later = [(f, priority) for f, before, priority in bases if not before]
+            if egress and ctx.nat and hook is ir.Hook.OUTPUT:
+                # The host's own packet gets OUTPUT DNAT's destination at nat's place.
+                at = sum(1 for _f, priority in later if priority <= NAT_OUTPUT_PRIORITY)
+                later.insert(at, (("bf_nat_output(ctx, p)", None), NAT_OUTPUT_PRIORITY))
+            entries[hook.name.lower()] = [f for f, _priority in later]
         _check_size(stage, code)
         text = _environment().get_template("stage.c.j2").render(
             **defines, program=name, egress=egress, rejects=_rejects(stage),
@@ -220,7 +227,7 @@ def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
                    for number, (run, _slots, (table, chain), data) in enumerate(runs))
     return GeneratedProgram(tuple(programs), tuple(ctx.if_patterns), tuple(ctx.limits),
                             nslots, prefixes, exact, tables, sizes, folded, attach,
-                            ctx.conntrack)
+                            ctx.conntrack, ctx.nat)
 
 
 def _condition(ref: ChainRef, guard: bool, ctx: MatchContext) -> Optional[str]:

@@ -93,11 +93,12 @@ def _bases_reaching(table: ir.Table) -> dict[str, list[ir.Chain]]:
 
 # Where the kernel runs each NAT target (the hooks of xt_target / nft_nat_validate()),
 # and of those where bpfilter compiles it.
-_NAT_HOOKS = {"DNAT": ({ir.Hook.PREROUTING, ir.Hook.OUTPUT}, {ir.Hook.PREROUTING}),
+_NAT_HOOKS = {"DNAT": ({ir.Hook.PREROUTING, ir.Hook.OUTPUT},
+                       {ir.Hook.PREROUTING, ir.Hook.OUTPUT}),
               "REDIRECT": ({ir.Hook.PREROUTING, ir.Hook.OUTPUT}, {ir.Hook.PREROUTING}),
               "SNAT": ({ir.Hook.POSTROUTING, ir.Hook.INPUT}, {ir.Hook.POSTROUTING}),
               "MASQUERADE": ({ir.Hook.POSTROUTING}, {ir.Hook.POSTROUTING})}
-_COMPILED_NAT_HOOKS = {ir.Hook.PREROUTING, ir.Hook.POSTROUTING}
+_COMPILED_NAT_HOOKS = {ir.Hook.PREROUTING, ir.Hook.OUTPUT, ir.Hook.POSTROUTING}
 
 
 def _nat_name(target) -> Optional[str]:
@@ -110,8 +111,9 @@ def _nat_name(target) -> Optional[str]:
 
 def _unsupported_nat(table: ir.Table, chain: ir.Chain, rule: ir.Rule,
                      bases: list[ir.Chain]) -> Optional[InputError]:
-    """Of the nat table, bpfilter compiles what PREROUTING walks (DNAT, REDIRECT) and what
-    POSTROUTING walks (SNAT, MASQUERADE); INPUT's and OUTPUT's chains come later. Each
+    """Of the nat table, bpfilter compiles what PREROUTING walks (DNAT, REDIRECT), what
+    OUTPUT walks (DNAT) and what POSTROUTING walks (SNAT, MASQUERADE); INPUT's chains
+    come later. Each
     target only at the hooks the kernel allows it, and in nftables only where NAT chains
     alone lead (nft_nat_validate()). `bases`: the base chains that reach the rule's
     chain."""
@@ -142,10 +144,10 @@ def _unsupported_nat(table: ir.Table, chain: ir.Chain, rule: ir.Rule,
     if others:
         where = ", ".join(sorted(h.value for h in others))
         return _error_at(rule.origin, chain.name if chain.hook else f"-A {chain.name}",
-                         f"nat rules at {where} are not compiled yet (OUTPUT's DNAT and "
-                         "INPUT's SNAT come later)",
-                         "nat rules that PREROUTING (DNAT, REDIRECT) and POSTROUTING "
-                         "(SNAT, MASQUERADE) walk")
+                         f"nat rules at {where} are not compiled yet (INPUT's SNAT "
+                         "comes later)",
+                         "nat rules that PREROUTING (DNAT, REDIRECT), OUTPUT (DNAT) and "
+                         "POSTROUTING (SNAT, MASQUERADE) walk")
     return None
 
 

@@ -135,15 +135,36 @@ def _apply(text: str, source: str, iface: str, build_dir: Path, mode: Optional[X
         compilation = compile_ruleset(text, source, build_dir, verify=False, attach=attach)
     if previous is not None and previous.code_digest == _digest(compilation):
         progress("same program: rewriting its maps")
-        return _update_maps(req, compilation)
-    progress("loading and verifying")
-    shared = open_shared(paths) if compilation.code.conntrack else {}
-    try:
-        return _load_and_switch(req, compilation, attach, mode,
-                                {name: m.fd for name, m in shared.items()})
-    finally:
-        for table in shared.values():
-            table.close()
+        report = _update_maps(req, compilation)
+    else:
+        progress("loading and verifying")
+        shared = open_shared(paths) if compilation.code.conntrack else {}
+        try:
+            report = _load_and_switch(req, compilation, attach, mode,
+                                      {name: m.fd for name, m in shared.items()})
+        finally:
+            for table in shared.values():
+                table.close()
+    untranslated = _without_ruleset(iface) if compilation.code.nat else []
+    if untranslated:
+        report = dataclasses.replace(report, warnings=report.warnings + (
+            "NAT's replies are translated back only by programs of interfaces that run a "
+            "ruleset; " + ", ".join(untranslated) + " run(s) none: a translated "
+            "connection's packets that come in there reach the host untranslated (apply "
+            "the ruleset there too)",))
+    return report
+
+
+def _without_ruleset(iface: str) -> list[str]:
+    """The namespace's interfaces with an IPv4 address (lo aside) that run no ruleset."""
+    from pyroute2 import IPRoute
+
+    running = {paths.iface for paths, _d in reconcile.deployments()} | {iface}
+    with IPRoute() as ipr:
+        addressed = {a["index"] for a in ipr.get_addr(family=socket.AF_INET)}
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+    return sorted(name for index, name in names.items()
+                  if index in addressed and name != "lo" and name not in running)
 
 
 def _edit(req: _Request) -> Optional[ApplyReport]:

@@ -446,6 +446,57 @@ def test_the_hosts_own_connections_are_snatted_at_egress(nat_router, far_peers):
     assert answers == ["198.18.0.50:its port"] * 2, answers
 
 
+# Destinations the router's own packets are DNATed from at OUTPUT: one its default route
+# sends out eth0 (towards the client), one in the far range (out eth1, as the new one).
+OUTPUT_DNAT = ("192.0.2.99", "203.0.113.99")
+
+
+def _own_exchange(bed, peers: FarPeers, dst: str) -> tuple:
+    """The router's own datagram to dst:53 and TCP connection to dst:9999: the answer its
+    socket got and from whom, the peer its TCP socket sees, and the peer the far end
+    accepted (ports by kind: the router's own ephemeral ones differ by chance)."""
+    with netns.entered(bed.server):
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with udp, tcp:
+        udp.settimeout(1.0)
+        tcp.settimeout(1.0)
+        udp.sendto(b"who", (dst, 53))
+        try:
+            answer, sender = udp.recvfrom(100)
+            mine = str(udp.getsockname()[1])
+            answer = answer.decode().replace(mine, "its port")
+        except OSError as exc:
+            answer, sender = type(exc).__name__, None
+        try:
+            tcp.connect((dst, 9999))
+            connected = tcp.getpeername()
+        except OSError as exc:
+            connected = type(exc).__name__
+        accepted = peers.peer(bed)
+    return answer, sender, connected, accepted and accepted[0]
+
+
+def test_the_hosts_own_connections_are_dnatted_at_output(nat_router, far_peers):
+    """OUTPUT's DNAT: the router's own datagram and TCP connection, to an address routed
+    out eth0 and to one routed out eth1, reach the far end's echo and listener (rerouted:
+    the packet is sent on from eth0's egress to eth1); the answers reach the sockets as
+    from the old destination (their source rewritten back at INPUT's end, in eth1's
+    ingress program). With MASQUERADE too, the far end sees eth1's address."""
+    for masquerade in ("", "-A POSTROUTING -o eth1 -j MASQUERADE\n"):
+        rules = "".join(
+            f"-A OUTPUT -d {dst}/32 -p udp -m udp --dport 53 -j DNAT --to-destination "
+            f"{FAR_LISTENER}:{ECHO_PORT}\n"
+            f"-A OUTPUT -d {dst}/32 -p tcp -m tcp --dport 9999 -j DNAT --to-destination "
+            f"{FAR_LISTENER}:{ACCEPT_PORT}\n" for dst in OUTPUT_DNAT)
+        nat_router.load(NAT_HEAD + rules + masquerade + "COMMIT\n" + FILTER_OPEN)
+        for dst in OUTPUT_DNAT:
+            kernel = _own_exchange(nat_router.kernel, far_peers, dst)
+            assert kernel[1] == (dst, 53) and kernel[2] == (dst, 9999), kernel
+            ours = _own_exchange(nat_router.bpf, far_peers, dst)
+            assert ours == kernel, f"to {dst} {masquerade}: kernel {kernel}, bpfilter {ours}"
+
+
 def test_ctstate_dnat_and_snat_hold_as_the_kernels(nat_router, far_peers):
     """--ctstate DNAT holds from the first packet (DNAT ran before FORWARD) and for the
     replies; SNAT for the packets after the first (POSTROUTING chose it): FORWARD lets

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import pytest
 
 from bpfilter.codegen import Attach
 from bpfilter.passes import classify
-from tests.conformance.harness import MirrorPair
+from tests.conformance.harness import MirrorPair, listening_pair
+from tests.conformance.nat_flows import FarPeers
 
 
 def _mirror(request, tmp_path_factory, attach: Attach):
@@ -64,3 +67,24 @@ def as_data(request, monkeypatch):
         monkeypatch.setattr(classify, "CLASSIFY_MIN", 0)
         monkeypatch.setattr(classify, "SEGMENT_MIN", 1)
     return request.param
+
+
+@pytest.fixture(scope="module", params=[Attach.XDP, Attach.TC], ids=["xdp", "tc"])
+def nat_router(request, tmp_path_factory) -> Iterator[MirrorPair]:
+    """Mirror routers, bpfilter at XDP (direct writes, checksums by hand) or at TC ingress
+    (the kernel's helpers) on both interfaces; TC egress translates replies either way."""
+    from tests.conftest import need_kernel
+
+    need_kernel()
+    with listening_pair(tmp_path_factory.mktemp(f"nat-{request.param.value}"), forward=True,
+                        attach=request.param) as pair:
+        yield pair
+
+
+@pytest.fixture(scope="module")
+def far_peers(nat_router) -> Iterator[FarPeers]:
+    peers = FarPeers(nat_router)
+    try:
+        yield peers
+    finally:
+        peers.close()

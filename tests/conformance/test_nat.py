@@ -9,26 +9,17 @@ far end saw as the source (its UDP echo's answer, its TCP listener's peer)."""
 
 from __future__ import annotations
 
-import itertools
-import re
 import socket
-import subprocess
-import sys
-from typing import Iterator, Optional
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, TCPerror, UDPerror
-from scapy.layers.l2 import Ether
-from scapy.packet import Packet
 
-from bpfilter.codegen import Attach
 from bpfilter.runtime import conntable, state
 from bpfilter.testbed import CLIENT_ADDR, SERVER_ADDR, netns
 from tests.conftest import EXAMPLES
-from tests.conformance.harness import (FAR_LISTENER, SETTINGS, MirrorPair, count,
-                                       listening_pair)
+from tests.conformance.harness import FAR_LISTENER, SETTINGS, count
+from tests.conformance.nat_flows import (ACCEPT_PORT, ECHO_PORT, FarPeers, flow, snat_flow,
+                                         sports)
 from bpfilter.testbed.veth import ROUTER_LINK
 
 GENERATED_RULESETS = count(10)
@@ -39,17 +30,6 @@ TARGETS = (FAR_LISTENER, "203.0.113.3", SERVER_ADDR, "198.18.0.9")
 PORTS = (22, 53, 80, 8080, 8081)
 DESTINATIONS = (SERVER_ADDR, "198.18.0.7", FAR_LISTENER)
 
-
-@pytest.fixture(scope="module", params=[Attach.XDP, Attach.TC], ids=["xdp", "tc"])
-def nat_router(request, tmp_path_factory) -> Iterator[MirrorPair]:
-    """Mirror routers, bpfilter at XDP (direct writes, checksums by hand) or at TC ingress
-    (the kernel's helpers) on both interfaces; TC egress translates replies either way."""
-    from tests.conftest import need_kernel
-
-    need_kernel()
-    with listening_pair(tmp_path_factory.mktemp(f"nat-{request.param.value}"), forward=True,
-                        attach=request.param) as pair:
-        yield pair
 
 
 @st.composite
@@ -93,62 +73,8 @@ def nat_rulesets(draw) -> str:
             + "".join(r + "\n" for r in forward) + "COMMIT\n")
 
 
-def _valid(packet: Packet) -> bool:
-    """Every checksum of the packet as it should be (a UDP datagram may have none)."""
-    received = IP(bytes(packet))
-    fresh = received.copy()
-    for layer in (IP, TCP, UDP, ICMP):
-        if layer in fresh and not (layer is UDP and fresh[UDP].chksum == 0):
-            fresh[layer].chksum = None
-    return bytes(IP(bytes(fresh))) == bytes(received)
-
-
-def describe(reply: Packet) -> tuple:
-    """What the client sees of a reply, without what differs by chance (sequence numbers,
-    IP ids, TTLs of other hosts' packets)."""
-    fields: list = [reply.src, reply.dst, reply.proto, _valid(reply)]
-    if TCP in reply:
-        fields += [reply[TCP].sport, reply[TCP].dport, str(reply[TCP].flags)]
-    elif UDP in reply:
-        fields += [reply[UDP].sport, reply[UDP].dport, bytes(reply[UDP].payload)]
-    elif ICMP in reply:
-        fields += [reply[ICMP].type, reply[ICMP].code]
-        if IPerror in reply:
-            quoted = reply[IPerror]
-            fields += [quoted.src, quoted.dst, quoted.proto]
-            for layer in (TCPerror, UDPerror):
-                if layer in reply:
-                    fields += [reply[layer].sport, reply[layer].dport]
-    return tuple(fields)
-
-
-def _send(bed, packet: Packet) -> list[Packet]:
-    return bed.send(bytes(Ether(src=bed.client_mac, dst=bed.server_mac) / packet))
-
-
-def flow(bed, kind: str, dst: str, port: int, sport: int, src: str = CLIENT_ADDR
-         ) -> list[tuple]:
-    """One flow from the client (or another address behind it); what came back, in order
-    of the flow's steps."""
-    base = IP(src=src, dst=dst)
-    if kind == "ping":
-        return [tuple(sorted(describe(r) for r in _send(bed, base / ICMP(id=sport, seq=1))))]
-    if kind == "udp":
-        return [tuple(sorted(describe(r) for r in _send(
-            bed, base / UDP(sport=sport, dport=port) / b"hello")))]
-    replies = _send(bed, base / TCP(sport=sport, dport=port, flags="S", seq=1000))
-    seen = [tuple(sorted(describe(r) for r in replies))]
-    answer = next((r for r in replies if TCP in r and r[TCP].flags == "SA"), None)
-    if answer is not None:
-        ack = TCP(sport=sport, dport=port, flags="A", seq=1001, ack=answer[TCP].seq + 1)
-        seen.append(tuple(sorted(describe(r) for r in _send(bed, base / ack / b"data"))))
-        _send(bed, base / TCP(sport=sport, dport=port, flags="R", seq=1005))
-    return seen
-
-
 flows = st.tuples(st.sampled_from(["syn", "syn", "udp", "ping"]),
                   st.sampled_from(DESTINATIONS), st.sampled_from(PORTS))
-_sports = itertools.count(20000)
 
 
 @settings(max_examples=GENERATED_RULESETS, **SETTINGS)
@@ -158,7 +84,7 @@ def test_generated_dnat_rulesets_conform(nat_router, data):
     nat_router.load(text)
     for kind, dst, port in data.draw(st.lists(flows, min_size=FLOWS_PER_RULESET,
                                               max_size=FLOWS_PER_RULESET), label="flows"):
-        sport = next(_sports)
+        sport = next(sports)
         kernel = flow(nat_router.kernel, kind, dst, port, sport)
         ours = flow(nat_router.bpf, kind, dst, port, sport)
         nat_router.agreement["dnat flows"][0] += 1
@@ -181,7 +107,7 @@ def test_an_address_only_dnat_translates_replies_and_errors(nat_router):
             "COMMIT\n")
     nat_router.load(text)
     for kind, port in (("syn", 8081), ("udp", 53)):
-        sport = next(_sports)
+        sport = next(sports)
         kernel = flow(nat_router.kernel, kind, SERVER_ADDR, port, sport)
         assert kernel and kernel[0], "the kernel answers both"
         assert all(reply[0] == SERVER_ADDR for reply in kernel[0])
@@ -200,7 +126,7 @@ def test_the_port_forward_example_conforms(nat_router):
     nat_router.load((EXAMPLES / "port-forward.v4").read_text())
     for kind, port in (("syn", 8080), ("syn", 2222), ("udp", 5353), ("syn", 22),
                        ("syn", 80), ("udp", 53), ("ping", 0), ("syn", 8081)):
-        sport = next(_sports)
+        sport = next(sports)
         kernel = flow(nat_router.kernel, kind, SERVER_ADDR, port, sport)
         ours = flow(nat_router.bpf, kind, SERVER_ADDR, port, sport)
         assert ours == kernel, f"{kind} to port {port}: kernel {kernel}, bpfilter {ours}"
@@ -222,7 +148,7 @@ def test_redirect_sends_to_the_address_of_the_interface_it_came_in_by(nat_router
     for kind, dst, port in (("syn", "198.18.0.7", 2222), ("syn", FAR_LISTENER, 2222),
                             ("syn", FAR_LISTENER, 8080), ("udp", FAR_LISTENER, 53),
                             ("syn", FAR_LISTENER, 80)):
-        sport = next(_sports)
+        sport = next(sports)
         kernel = flow(nat_router.kernel, kind, dst, port, sport)
         assert kernel and kernel[0] and all(reply[0] == dst for reply in kernel[0])
         ours = flow(nat_router.bpf, kind, dst, port, sport)
@@ -233,66 +159,10 @@ def test_redirect_sends_to_the_address_of_the_interface_it_came_in_by(nat_router
 # range), the ports the far end listens on (UDP 7 answers with the peer it saw, TCP 8443
 # accepts), and port ranges for the new source.
 SNAT_SOURCES = ("198.18.0.50", ROUTER_LINK, "198.18.0.51")
-ECHO_PORT, ACCEPT_PORT = 7, 8443
 SNAT_RANGES = ((2000, 2999), (40000, 40099), (30000, 30000))
 SNAT_DNAT = ("198.18.0.7", 8080)  # a forward to the far listener, to combine DNAT and SNAT
 
 
-# The far end's echo, a process of its own in the far namespace: a thread of the test's
-# would answer after the frame's grace, waiting for the interpreter lock.
-_ECHO = f"""
-import socket
-sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-sock.bind(("{FAR_LISTENER}", {ECHO_PORT}))
-print("ready", flush=True)
-while True:
-    data, (address, port) = sock.recvfrom(2048)
-    sock.sendto(f"{{address}}:{{port}}".encode(), (address, port))
-"""
-
-
-class FarPeers:
-    """In each far namespace, a UDP echo that answers with the address and port it saw
-    and a TCP listener whose accepted peers are read back."""
-
-    def __init__(self, pair: MirrorPair):
-        self.echoes, self.tcp = [], {}
-        try:
-            for bed in (pair.kernel, pair.bpf):
-                echo = subprocess.Popen(["ip", "netns", "exec", bed.far, sys.executable,
-                                         "-c", _ECHO], stdout=subprocess.PIPE, text=True)
-                self.echoes.append(echo)
-                assert echo.stdout.readline().strip() == "ready"
-                with netns.entered(bed.far):
-                    self.tcp[bed.far] = socket.create_server(("0.0.0.0", ACCEPT_PORT))
-                self.tcp[bed.far].settimeout(0.5)
-        except BaseException:
-            self.close()
-            raise
-
-    def peer(self, bed) -> Optional[tuple[str, int]]:
-        try:
-            conn, address = self.tcp[bed.far].accept()
-        except OSError:  # timed out: nothing connected
-            return None
-        conn.close()
-        return address
-
-    def close(self) -> None:
-        for echo in self.echoes:
-            echo.kill()
-            echo.wait()
-        for sock in self.tcp.values():
-            sock.close()
-
-
-@pytest.fixture(scope="module")
-def far_peers(nat_router) -> Iterator[FarPeers]:
-    peers = FarPeers(nat_router)
-    try:
-        yield peers
-    finally:
-        peers.close()
 
 
 @st.composite
@@ -340,28 +210,6 @@ def snat_rulesets(draw) -> str:
             "COMMIT\n")
 
 
-def _port_seen(port: int, sport: int) -> object:
-    """A source port as the far end saw it: the client's own, or another (the kernel
-    picks a new one at random: test_snat_port_ranges checks where)."""
-    return "the client's" if port == sport else "another"
-
-
-def snat_flow(bed, peers: FarPeers, kind: str, dst: str, port: int, sport: int,
-              src: str = CLIENT_ADDR, ports=_port_seen) -> list:
-    """A flow as `flow`, the far end's answers about the source it saw made comparable
-    (`ports` says what of a port is compared), and for TCP the peer its listener
-    accepted."""
-    def seen(field):
-        found = re.fullmatch(rb"([\d.]+):(\d+)", field) if isinstance(field, bytes) else None
-        return (found[1].decode(), ports(int(found[2]), sport)) if found else field
-
-    steps = [tuple(tuple(seen(f) for f in reply) for reply in step)
-             for step in flow(bed, kind, dst, port, sport, src)]
-    if kind == "syn":
-        peer = peers.peer(bed) if any("SA" in reply for reply in steps[0]) else None
-        steps.append(peer and (peer[0], ports(peer[1], sport)))
-    return steps
-
 
 snat_flows = st.sampled_from([("syn", FAR_LISTENER, ACCEPT_PORT), ("udp", FAR_LISTENER, ECHO_PORT),
                               ("ping", FAR_LISTENER, 0), ("syn", SNAT_DNAT[0], SNAT_DNAT[1]),
@@ -376,7 +224,7 @@ def test_generated_snat_rulesets_conform(nat_router, far_peers, data):
     nat_router.load(text)
     for kind, dst, port in data.draw(st.lists(snat_flows, min_size=FLOWS_PER_RULESET,
                                               max_size=FLOWS_PER_RULESET), label="flows"):
-        sport = next(_sports)
+        sport = next(sports)
         kernel = snat_flow(nat_router.kernel, far_peers, kind, dst, port, sport)
         ours = snat_flow(nat_router.bpf, far_peers, kind, dst, port, sport)
         nat_router.agreement["snat flows"][0] += 1
@@ -402,7 +250,7 @@ def test_snat_ports_and_masquerade_as_the_kernel_picks_them(nat_router, far_peer
                     "198.18.0.50:2000-2999\n-A POSTROUTING -o eth1 -p tcp -j SNAT "
                     "--to-source 198.18.0.50\nCOMMIT\n" + FILTER_OPEN)
     in_range = lambda port, sport: 2000 <= port <= 2999  # noqa: E731
-    sport = next(_sports)
+    sport = next(sports)
     for bed in (nat_router.kernel, nat_router.bpf):
         udp = snat_flow(bed, far_peers, "udp", FAR_LISTENER, ECHO_PORT, sport, ports=in_range)
         assert udp[0][0][6] == ("198.18.0.50", True), udp
@@ -420,7 +268,7 @@ def test_snat_ports_and_masquerade_as_the_kernel_picks_them(nat_router, far_peer
 
     nat_router.load(NAT_HEAD + "-A POSTROUTING -o eth1 -j MASQUERADE\nCOMMIT\n"
                     + FILTER_OPEN)
-    sport = next(_sports)
+    sport = next(sports)
     for bed in (nat_router.kernel, nat_router.bpf):
         udp = snat_flow(bed, far_peers, "udp", FAR_LISTENER, ECHO_PORT, sport)
         assert udp[0][0][6] == (ROUTER_LINK, "the client's"), udp
@@ -510,7 +358,7 @@ def test_ctstate_dnat_and_snat_hold_as_the_kernels(nat_router, far_peers):
                     "-A FORWARD -i eth0 -p udp -m conntrack --ctstate NEW -j ACCEPT\nCOMMIT\n")
     for kind, dst, port in (("syn", *SNAT_DNAT), ("syn", FAR_LISTENER, ACCEPT_PORT),
                             ("udp", FAR_LISTENER, ECHO_PORT)):
-        sport = next(_sports)
+        sport = next(sports)
         kernel = snat_flow(nat_router.kernel, far_peers, kind, dst, port, sport)
         ours = snat_flow(nat_router.bpf, far_peers, kind, dst, port, sport)
         assert ours == kernel, f"{kind} to {dst}:{port}: kernel {kernel}, bpfilter {ours}"

@@ -136,6 +136,8 @@ NFT_REFUSED = {
     "crlf": _nft("tcp dport 22 accept").replace(b"\n", b"\r\n"),
     "nesting 2,000 deep": _nft("ip saddr " + "{ " * 2000 + "1.2.3.4" + " }" * 2000 + " accept"),
     "dnat in a filter chain": _nft("tcp dport 80 dnat to 1.2.3.4", "ip"),
+    "ct status assured": _nft("ct status assured accept"),
+    "ct status negated": _nft("ct status != dnat accept"),
     "snat in a filter chain": _nft("snat to 1.2.3.4", "ip"),
     "masquerade at prerouting": (
         b"table ip t {\n chain c {\n  type nat hook prerouting priority dstnat; policy accept;"

@@ -123,6 +123,30 @@ def test_nat_chains_translate_both_ways(kernel, namespace):
     assert "type nat hook postrouting priority 100" in back.output
 
 
+def test_ct_status_is_ctstate_snat_dnat_both_ways(kernel, namespace):
+    """`ct status dnat` and `snat,dnat` (either bit) are --ctstate DNAT and SNAT,DNAT;
+    the kernel's nft lists the translation back as written."""
+    text = """table ip f {
+	chain fwd {
+		type filter hook forward priority 0; policy drop;
+		ct status dnat counter accept
+		ct status snat,dnat counter accept
+	}
+}
+"""
+    result = CliRunner().invoke(main, ["translate", "-", "--to", "iptables"], input=text)
+    assert result.exit_code == 0, result.output
+    assert "-A FORWARD -m conntrack --ctstate DNAT -j ACCEPT\n" \
+           "-A FORWARD -m conntrack --ctstate SNAT,DNAT -j ACCEPT" in result.output
+    back = CliRunner().invoke(main, ["translate", "-", "--to", "nft", "--family", "ipv4"],
+                              input=result.output)
+    space = namespace()
+    netns.run("nft", "-f", "-", netns=space, input=back.output)
+    listed = netns.run("nft", "list", "ruleset", netns=space).stdout
+    assert [r[2:] for r in _plain(parse_ruleset(listed))] == \
+        [r[2:] for r in _plain(parse_ruleset(text))]
+
+
 def test_dialect_by_content_and_stdin(kernel, tmp_path):
     text = (EXAMPLES / "host-firewall.nft").read_text()
     assert dialect(text) == "nft"

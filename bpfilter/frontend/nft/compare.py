@@ -22,7 +22,7 @@ SUPPORTED = ("ip saddr|daddr|protocol|ttl|length|frag-off, ip6 saddr|daddr|hopli
              "tcp sport|dport|flags, udp sport|dport, th sport|dport, icmp type|code, "
              "icmpv6 type|code, "
              "meta l4proto|iifname|oifname|iif|oif|mark|length|protocol|nfproto, "
-             "ct state|mark|direction, ether saddr|type, fib saddr|daddr [. iif|oif] type, "
+             "ct state|status|mark|direction, ether saddr|type, fib saddr|daddr [. iif|oif] type, "
              "counter, limit [over], log, "
              "comment, meta mark set, ct mark set, notrack, accept, drop, reject, return, "
              "jump, goto")
@@ -136,6 +136,8 @@ class Comparisons:
             return (ir.FragmentMatch(negate=op == "=="),)
         if kind == "ct state":
             return self._state_compare(words, op)
+        if kind == "ct status":
+            return (self._status(words, op),)
         if kind.startswith(("ct original ", "ct reply ")):
             return (self._tuple(kind, first, negate),)
         if kind == "ct direction":
@@ -277,6 +279,24 @@ class Comparisons:
         if op == "==":
             return (ir.ConntrackMatch(ir.ConntrackMatch.TRACKING_STATES, negate=True),)
         return ()
+
+    def _status(self, words: list[Word], op: str) -> ir.ConntrackMatch:
+        """`ct status snat|dnat[,...]`: whether NAT translated the connection's source or
+        destination (IPS_SRC_NAT, IPS_DST_NAT: --ctstate SNAT/DNAT). A packet without a
+        connection fails any `ct status` test, so a negation is no --ctstate `!`: not
+        compiled, as the other status bits."""
+        for word in words:
+            if word.value not in names.CT_STATUS_NAT:
+                raise self.error(word, f"ct status {word.value} is not supported yet",
+                                 "ct status snat, dnat (or both: snat,dnat)")
+        if op not in ("implicit", "=="):
+            raise self.error(words[0], "a negated ct status is not supported yet",
+                             "ct status snat, dnat")
+        if op == "==" and len(words) > 1:  # the whole mask equal to two bits: never here
+            raise self.error(words[0], "'== snat,dnat' compares the whole status mask: "
+                             "not supported", "ct status snat,dnat (either)")
+        states = {names.CT_STATUS_NAT[w.value] for w in words}
+        return ir.ConntrackMatch(tuple(s for s in ir.ConntrackMatch.STATES if s in states))
 
     def _states(self, words: list[Word], negate: bool) -> ir.ConntrackMatch:
         states = set()

@@ -99,6 +99,8 @@ TCP_FLAGS = {"fin": 0x01, "syn": 0x02, "rst": 0x04, "psh": 0x08, "ack": 0x10, "u
 
 CT_STATES = {"invalid": "INVALID", "new": "NEW", "related": "RELATED",
              "established": "ESTABLISHED", "untracked": "UNTRACKED"}
+# The status bits bpfilter keeps: what NAT did to the connection.
+CT_STATUS_NAT = {"snat": "SNAT", "dnat": "DNAT"}
 
 LOG_LEVELS = {"emerg": 0, "alert": 1, "crit": 2, "err": 3, "warn": 4, "notice": 5,
               "info": 6, "debug": 7}

@@ -64,7 +64,7 @@ SELECTORS = {
     ("ip", "frag-off"), ("tcp", "sport"), ("tcp", "dport"), ("tcp", "flags"),
     ("udp", "sport"), ("udp", "dport"), ("icmp", "type"), ("icmp", "code"),
     ("meta", "l4proto"), ("meta", "iifname"), ("meta", "oifname"), ("meta", "iif"),
-    ("meta", "oif"), ("meta", "mark"), ("meta", "length"), ("ct", "state"), ("ct", "mark"),
+    ("meta", "oif"), ("meta", "mark"), ("meta", "length"), ("ct", "state"), ("ct", "status"), ("ct", "mark"),
     ("ct", "direction"), ("ether", "saddr"), ("ether", "type"), ("meta", "protocol"),
     ("meta", "nfproto"),
     ("th", "sport"), ("th", "dport"),

@@ -135,11 +135,11 @@ def _ttl(m: ir.TtlMatch, rule: ir.Rule) -> list[str]:
 def _conntrack(m: ir.ConntrackMatch, rule: ir.Rule) -> list[str]:
     parts = []
     nat = [s for s in m.states if s in ir.ConntrackMatch.NAT_STATES]
-    if nat and (len(m.states) > 1 or m.negate):
+    if nat and (len(nat) < len(m.states) or m.negate):
         raise _untranslatable(rule, "nft tests NAT as `ct status snat|dnat`, apart from "
-                              "ct state: only a single --ctstate SNAT or DNAT translates")
+                              "ct state: --ctstate SNAT and DNAT translate alone, unnegated")
     if nat:
-        parts.append(f"ct status {nat[0].lower()}")
+        parts.append("ct status " + ",".join(s.lower() for s in nat))
     elif m.states:
         # `!= a,b` would compare the whole mask (always true): a set says "none of".
         states = [s.lower() for s in m.states]

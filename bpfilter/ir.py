@@ -319,6 +319,21 @@ class StatisticMatch:
 
 
 @dataclass(frozen=True)
+class NumgenMatch:
+    """nft's numgen: a number from 0 to modulus - 1 (plus offset), drawn at random or the
+    next of a counter shared across CPUs (from 0), held when it is in `values`. Rules made from one nft rule (a
+    verdict map: one rule per element) share `draw`: one number per packet for all."""
+
+    mode: str  # "random" | "inc"
+    modulus: int
+    offset: int = 0
+    values: tuple[Range, ...] = ()  # none: never (`< 0`)
+    negate: bool = False
+    draw: Optional[str] = None
+    fresh: bool = False  # the first of its nft rule's IR rules: draws anew
+
+
+@dataclass(frozen=True)
 class MarkMatch:
     """`-m mark --mark V[/M]`: (the packet's mark & M) == V; `-m connmark` compares its
     connection's mark instead, and never holds for a packet with no connection."""
@@ -371,6 +386,7 @@ Match = Union[
     MacSourceMatch,
     LimitMatch,
     StatisticMatch,
+    NumgenMatch,
     ConntrackMatch,
     MarkMatch,
     FamilyMatch,

@@ -137,6 +137,9 @@ NFT_REFUSED = {
     "nesting 2,000 deep": _nft("ip saddr " + "{ " * 2000 + "1.2.3.4" + " }" * 2000 + " accept"),
     "dnat in a filter chain": _nft("tcp dport 80 dnat to 1.2.3.4", "ip"),
     "ct status assured": _nft("ct status assured accept"),
+    "numgen mod 0": _nft("numgen random mod 0 0 drop"),
+    "numgen offset overflow": _nft("numgen random mod 2 offset 4294967295 5 drop"),
+    "numgen foo": _nft("numgen foo mod 2 0 drop"),
     "ct status negated": _nft("ct status != dnat accept"),
     "snat in a filter chain": _nft("snat to 1.2.3.4", "ip"),
     "masquerade at prerouting": (

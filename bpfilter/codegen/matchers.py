@@ -21,8 +21,10 @@ class MatchContext:
 
     skip: str = ""
     if_patterns: list[ir.InterfaceMatch] = field(default_factory=list)
-    # a slot of bf_limits per token bucket and per nth count
-    limits: list[Union[ir.LimitMatch, ir.StatisticMatch]] = field(default_factory=list)
+    # a slot of bf_limits per token bucket, per nth count and per numgen inc counter
+    limits: list[Union[ir.LimitMatch, ir.StatisticMatch, ir.NumgenMatch]] = field(
+        default_factory=list)
+    numgens: list[Optional[str]] = field(default_factory=list)  # bf_numgen's slots
     conntrack: bool = False  # a rule reads the connection state
     nat: bool = False  # a rule translates addresses (NAT bindings)
     family: Optional[ir.Family] = ir.Family.IPV4  # of the chain's packets (None: both)
@@ -30,15 +32,27 @@ class MatchContext:
     def require(self, expr: str, negate: bool = False) -> str:
         return f"if ({'' if negate else '!'}({expr})) goto {self.skip};"
 
-    def limit(self, match: Union[ir.LimitMatch, ir.StatisticMatch]) -> int:
-        """The match's slot of bf_limits: its own, or the one its bucket name shares."""
-        if isinstance(match, ir.LimitMatch) and match.bucket is not None:
-            shared = next((i for i, m in enumerate(self.limits) if m.bucket == match.bucket),
+    def limit(self, match: Union[ir.LimitMatch, ir.StatisticMatch, ir.NumgenMatch]) -> int:
+        """The match's slot of bf_limits: its own, or the one its bucket name (a numgen
+        counter: its draw) shares."""
+        share = match.bucket if isinstance(match, ir.LimitMatch) else \
+            match.draw if isinstance(match, ir.NumgenMatch) else None
+        if share is not None:
+            shared = next((i for i, m in enumerate(self.limits) if type(m) is type(match)
+                           and (m.bucket if isinstance(m, ir.LimitMatch) else m.draw) == share),
                           None)
             if shared is not None:
                 return shared
         self.limits.append(match)
         return len(self.limits) - 1
+
+    def numgen(self, match: ir.NumgenMatch) -> int:
+        """The match's slot of bf_numgen: one per draw (an nft rule's), one per match
+        that shares none."""
+        if match.draw is not None and match.draw in self.numgens:
+            return self.numgens.index(match.draw)
+        self.numgens.append(match.draw)
+        return len(self.numgens) - 1
 
     def if_pattern(self, match: ir.InterfaceMatch) -> int:
         plain = ir.InterfaceMatch(match.direction, match.name)
@@ -226,6 +240,17 @@ def _statistic(m: ir.StatisticMatch, ctx: MatchContext) -> list[str]:
                         m.negate)]
 
 
+def _numgen(m: ir.NumgenMatch, ctx: MatchContext) -> list[str]:
+    """Drawn once per packet for the IR rules of one nft rule (templates/numgen.h)."""
+    draw = ctx.numgen(m)
+    counter = ctx.limit(m) if m.mode == "inc" else 0
+    fresh = int(m.fresh or m.draw is None)
+    held = " || ".join(f"n == {r.low}U" if r.low == r.high else
+                       f"(n >= {r.low}U && n <= {r.high}U)" for r in m.values) or "0"
+    return ["{", f"\t__u32 n = bf_numgen(p, {draw}, {counter}, {m.modulus}U, {m.offset}U, "
+            f"{fresh}, {int(m.mode == 'inc')});", "", "\t" + ctx.require(held, m.negate), "}"]
+
+
 # enum bf_ct_state (templates/conntrack.h)
 CT_BITS = {"INVALID": 1, "NEW": 2, "RELATED": 4, "ESTABLISHED": 8, "UNTRACKED": 16,
            "SNAT": 32, "DNAT": 64}
@@ -322,6 +347,7 @@ GENERATORS: dict[type, Callable[..., list[str]]] = {
     ir.MacSourceMatch: _mac,
     ir.LimitMatch: _limit,
     ir.StatisticMatch: _statistic,
+    ir.NumgenMatch: _numgen,
     ir.CommentMatch: _comment,
     ir.ConntrackMatch: _conntrack,
     ir.MarkMatch: _mark,

@@ -23,7 +23,8 @@ from bpfilter.passes.stages import ChainRef, Stage
 from bpfilter.resources import resource_dir
 
 # The runtime the generated programs include: packet parsing, maps, targets; the classifier.
-RUNTIME_HEADERS = ("bpfilter.h", "classify.h", "conntrack.h", "addrtype.h", "nat.h")
+RUNTIME_HEADERS = ("bpfilter.h", "classify.h", "conntrack.h", "addrtype.h", "nat.h",
+                   "numgen.h")
 # Chains longer than this are split into functions of this many rules: clang's time grows
 # faster than linearly with the size of one function.
 PART_RULES = 32
@@ -79,7 +80,8 @@ class GeneratedProgram:
 
     programs: tuple[ProgramSource, ...]
     if_patterns: tuple[ir.InterfaceMatch, ...]
-    limits: tuple[Union[ir.LimitMatch, ir.StatisticMatch], ...]  # their bf_limits slots
+    # their bf_limits slots
+    limits: tuple[Union[ir.LimitMatch, ir.StatisticMatch, ir.NumgenMatch], ...]
     nslots: int
     # Folded runs: (run, prefix, slot) for the LPM tries (bf_prefixes, IPv6's
     # bf_prefixes6), (run, address, slot) for the hash of IPv4 runs whose prefixes share
@@ -185,6 +187,7 @@ def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
         nat=ctx.nat,
         ipv6=bool(families - {ir.Family.IPV4}),
         nslots=capacity(nslots), nlimits=capacity(len(ctx.limits)),
+        nnumgen=len(ctx.numgens),
         nifpatterns=len(ctx.if_patterns),
         nprefixes=capacity(sum(len(r.prefixes) for r, *_ in runs
                                if r.uniform_length is None and r.version == 4)),

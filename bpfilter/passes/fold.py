@@ -65,7 +65,8 @@ def _key(rule: ir.Rule):
     first = rule.matches[0] if rule.matches else None
     if not isinstance(first, ir.AddressMatch) or first.negate:
         return None
-    if any(isinstance(m, (ir.LimitMatch, ir.StatisticMatch)) for m in rule.matches):
+    if any(isinstance(m, (ir.LimitMatch, ir.StatisticMatch, ir.NumgenMatch))
+           for m in rule.matches):
         return None
     return (first.direction, first.network.version, rule.matches[1:], rule.target)
 

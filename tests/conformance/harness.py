@@ -287,3 +287,25 @@ def listening_pair(build_dir: Path, ruleset: Optional[str] = None, forward: bool
         for listener in listeners:
             listener.close()
         pair.close()
+
+
+def compare_repeated(pair: MirrorPair, packet: IP, times: int, kind: str) -> None:
+    """The same packet from the client `times` times to both servers, the same outcome
+    each time: rules whose state moves with every packet (counts, numbers)."""
+    for number in range(times):
+        kernel, ours = pair.compare(Ether(src=pair.kernel.client_mac) / packet, {kind})
+        assert ours == kernel, f"frame {number}: kernel {kernel}, bpfilter {ours}"
+
+
+BURST_BATCH = 50  # frames sent at once: a veth's ring holds 256
+
+
+def burst(bed: VethBed, packet: IP, times: int) -> None:
+    """The packet from the client `times` times without waiting for answers (a rule's
+    proportions), paced so that the veth drops none; returns once they have arrived."""
+    frame = bed.frame(packet)
+    for sent in range(times):
+        bed.sock.send(frame)
+        if sent % BURST_BATCH == BURST_BATCH - 1:
+            time.sleep(0.005)
+    time.sleep(0.3)

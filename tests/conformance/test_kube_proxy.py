@@ -1,7 +1,7 @@
-"""examples/kube-proxy.v4, kube-proxy's iptables mode as it writes it, on mirror routers
-against the kernel's: a ClusterIP service's connections spread over its three endpoints
-in the kernel's proportions (-m statistic's ladder, a chi-square bound on each side, not
-exact counts), each endpoint seeing the router's address (KUBE-MARK-MASQ, then
+"""examples/kube-proxy.v4 and .nft, kube-proxy's iptables and nftables modes as they write
+them, on mirror routers against the kernel's: a ClusterIP service's connections spread over its three endpoints
+in the kernel's proportions (-m statistic's ladder, or one numgen verdict map: a chi-square
+bound on each side, not exact counts), each endpoint seeing the router's address (KUBE-MARK-MASQ, then
 KUBE-POSTROUTING's MASQUERADE --random-fully); its NodePort at the router's address
 (addrtype LOCAL); a UDP service; a service without endpoints (REJECT); and the router's
 own connection to the ClusterIP (nat OUTPUT), all field by field as the kernel's."""
@@ -11,12 +11,13 @@ from __future__ import annotations
 import socket
 from collections import Counter
 
+import pytest
+
 from bpfilter.testbed import SERVER_ADDR, netns
 from bpfilter.testbed.veth import ROUTER_LINK
 from tests.conftest import EXAMPLES
 from tests.conformance.nat_flows import ACCEPT_PORT, FarPeers, flow, snat_flow, sports
 
-RULES = (EXAMPLES / "kube-proxy.v4").read_text()
 CLUSTER_IP, NODE_PORT = ("10.96.0.10", 443), 30443
 ENDPOINTS = ("203.0.113.10", "203.0.113.11", "203.0.113.12")
 CONNECTIONS = 45
@@ -44,8 +45,9 @@ def _chi2(reached: Counter) -> float:
     return sum((reached[e] - expected) ** 2 / expected for e in ENDPOINTS)
 
 
-def test_a_kube_proxy_ruleset_runs_as_the_kernels(nat_router, far_peers):
-    nat_router.load(RULES)
+@pytest.mark.parametrize("mode", ["v4", "nft"], ids=["iptables", "nftables"])
+def test_a_kube_proxy_ruleset_runs_as_the_kernels(nat_router, far_peers, mode):
+    nat_router.load((EXAMPLES / f"kube-proxy.{mode}").read_text())
     spreads = [_spread(bed, far_peers) for bed in (nat_router.kernel, nat_router.bpf)]
     for reached in spreads:
         assert set(reached) <= set(ENDPOINTS) and _chi2(reached) < CHI2_LIMIT, spreads

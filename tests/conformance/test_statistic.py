@@ -7,13 +7,12 @@ exact counts)."""
 from __future__ import annotations
 
 import math
-import time
 
 from scapy.layers.inet import IP, UDP
-from scapy.layers.l2 import Ether
 
 from bpfilter.runtime import deploy, state
 from bpfilter.testbed import CLIENT_ADDR, SERVER_ADDR, netns
+from tests.conformance.harness import burst, compare_repeated
 from tests.kernel_oracle import counter_snapshot
 
 RULES = """*filter
@@ -25,7 +24,6 @@ RULES = """*filter
 COMMIT
 """
 DRAWS = 1500
-BATCH = 50  # frames sent at once: the veth ring holds 256
 
 
 def _udp(port: int) -> IP:
@@ -51,10 +49,7 @@ def _z(hits: int, n: int, chance: float) -> float:
 
 def test_nth_takes_the_same_frames_as_the_kernel(mirror):
     mirror.load(RULES)
-    for number in range(14):
-        kernel, ours = mirror.compare(Ether(src=mirror.kernel.client_mac) / _udp(9),
-                                      {"statistic nth"})
-        assert ours == kernel, f"frame {number}: kernel {kernel}, bpfilter {ours}"
+    compare_repeated(mirror, _udp(9), 14, "statistic nth")
     kernel, ours = _counts(mirror)
     # frames 1, 4, 7, 10, 13 of 14; then all but 0, 4 and 8 of the other 9
     assert kernel[:2] == ours[:2] == [5, 6]
@@ -63,12 +58,7 @@ def test_nth_takes_the_same_frames_as_the_kernel(mirror):
 def test_random_draws_in_the_kernels_proportions(mirror):
     mirror.load(RULES)
     for bed in (mirror.kernel, mirror.bpf):
-        frame = bed.frame(_udp(10))
-        for sent in range(DRAWS):
-            bed.sock.send(frame)
-            if sent % BATCH == BATCH - 1:
-                time.sleep(0.005)
-    time.sleep(0.3)
+        burst(bed, _udp(10), DRAWS)
     kernel, ours = _counts(mirror)
     for side in (kernel, ours):
         first, second = side[2], side[3]

@@ -239,6 +239,11 @@ def rule_text(chain: str, rule: ir.Rule, family: ir.Family = ir.Family.IPV4) -> 
             rule.target.persistent:
         raise InputError(rule.origin.file, rule.origin.line, "persistent",
                          "iptables' REDIRECT has no --persistent", column=rule.origin.column)
+    if any(isinstance(m, ir.NumgenMatch) for m in rule.matches):
+        raise InputError(rule.origin.file, rule.origin.line, "numgen",
+                         "iptables has no numgen (-m statistic draws for each rule: "
+                         "kube-proxy's ladder of probabilities is the iptables way)",
+                         column=rule.origin.column)
     if any(isinstance(m, ir.MultiportMatch) for m in rule.matches) and "-p" not in options:
         raise InputError(rule.origin.file, rule.origin.line, "th",
                          "iptables reads ports of a protocol given with -p only",

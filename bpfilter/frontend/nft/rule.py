@@ -172,7 +172,14 @@ class RuleReader(Comparisons):
                                  "tcp or udp expressions before the port of dnat, snat, "
                                  "masquerade, redirect")
             target = next((c.target for c in combination if c.target is not None), single)
+            if not rules:  # numgen draws anew where the walk meets this nft rule first
+                matches = tuple(replace(m, fresh=True) if isinstance(m, ir.NumgenMatch)
+                                else m for m in matches)
             rules.append(ir.Rule(matches + matches_tail, target, origin, self.counters))
+        if len(rules) == 1:  # nothing to share a number with
+            rules[0] = replace(rules[0], matches=tuple(
+                replace(m, draw=None, fresh=False) if isinstance(m, ir.NumgenMatch) else m
+                for m in rules[0].matches))
         if len(self.statements) <= 1:
             return rules, None
         return rules, [ir.Rule((), s, origin) for s in self.statements]
@@ -220,6 +227,9 @@ class RuleReader(Comparisons):
         elif value == "fib":
             self._expression_slot(word)
             self.groups.append([_Choice((self._fib(word),))])
+        elif value == "numgen":
+            self._expression_slot(word)
+            self.groups.append(self._numgen(word))
         else:
             self._expression_slot(word)
             self.pos -= 1
@@ -491,6 +501,81 @@ class RuleReader(Comparisons):
             return ir.AddrTypeMatch(src=types, src_negate=negate, limit=limit)
         return ir.AddrTypeMatch(dst=types, dst_negate=negate, limit=limit)
 
+    def _numgen(self, word: Word) -> list[_Choice]:
+        """`numgen random|inc mod N [offset K]` compared with a number or range, in a set,
+        or looked up in a verdict map: one number per packet for the whole nft rule, which
+        the IR's rules made of it share (NumgenMatch.draw)."""
+        form = "numgen random|inc mod N [offset K]"
+        mode = self.next_word("random or inc")
+        if mode.value not in ("random", "inc"):
+            raise self.error(mode, "numgen makes random or inc numbers", form)
+        if self.next_word("'mod'").value != "mod":
+            raise self.error(self.words[self.pos - 1], "expected 'mod'", form)
+        modulus = self._int(self.next_word("a modulus"))
+        offset = 0
+        if self.peek_value() == "offset":
+            self.pos += 1
+            offset = self._int(self.next_word("an offset"))
+        if not 0 < modulus <= 0xFFFFFFFF or not 0 <= offset <= 0xFFFFFFFF - (modulus - 1):
+            raise self.error(word, "numgen's modulus must be 1 to 2^32 - 1 and offset + "
+                             "modulus - 1 must not overflow (the kernel refuses it)", form)
+        base = ir.NumgenMatch(mode.value, modulus, offset,
+                              draw=f"{self.source}:{word.line}:{word.column}")
+        op = "implicit"
+        if self.peek_value() in _OPS or self.peek_value() in _WORD_OPS:
+            op = _WORD_OPS.get(self.peek_value(), self.peek_value())
+            self.pos += 1
+        rhs = self.next("a value")
+        if isinstance(rhs, Word) and rhs.value == "vmap":
+            if op != "implicit":
+                raise self.error(rhs, "vmap takes no operator")
+            return self._numgen_vmap(base)
+        elements = self._elements(rhs)
+        if elements is not None:
+            if op not in ("implicit", "==", "!="):
+                raise self.error(rhs, f"'{op}' a set is not supported", "==, !=")
+            values = tuple(self._numgen_value(self._element_words(e, 1)[0])
+                           for e in elements)
+            return [_Choice((replace(base, values=values, negate=op == "!="),))]
+        value = self._numgen_value([rhs])
+        top = 0xFFFFFFFF
+        if op in ("<", ">=", ">", "<=") and value.low != value.high:
+            raise self.error(rhs, f"'{op}' a range is not supported")
+        ranges = {"<": (0, value.low - 1), ">=": (value.low, top), ">": (value.low + 1, top),
+                  "<=": (0, value.low)}
+        if op in ranges:
+            low, high = ranges[op]
+            if low > high:  # `< 0`, `> 2^32 - 1`: no value, never
+                return [_Choice((base,))]
+            value = ir.Range(low, high)
+        return [_Choice((replace(base, values=(value,), negate=op == "!="),))]
+
+    def _numgen_value(self, part: list[Word]) -> ir.Range:
+        if len(part) == 3:  # `a - b` in a set
+            return ir.Range(self._int(part[0]), self._int(part[2]))
+        return self._range(part[0], 0xFFFFFFFF)
+
+    def _numgen_vmap(self, base: ir.NumgenMatch) -> list[_Choice]:
+        table = self.next("a verdict map")
+        elements = self._elements(table)
+        if elements is None:
+            raise self.error(table, "a verdict map expected", "vmap { key : verdict }")
+        choices = []
+        for element in elements:
+            colon = next((i for i, w in enumerate(element)
+                          if isinstance(w, Word) and w.value == ":"), None)
+            if colon is None or not element[:colon] or not element[colon + 1:]:
+                raise self.error(element[0], "map element expected as 'key : verdict'")
+            value = self._numgen_value(self._element_words(element[:colon], 1)[0])
+            sub = RuleReader(list(element[colon + 1:]), self.source, self.sets, self.table,
+                             self.family)
+            target = sub._verdict(sub.next_word("a verdict"))
+            if sub.peek() is not None:
+                raise self.error(sub.peek(), "one verdict per map element")
+            choices.append(_Choice((replace(base, values=(value,)),), target))
+        self.verdict_map = True
+        return choices
+
     def _selector(self) -> tuple[str, Word]:
         word = self.next_word("an expression")
         first = word.value
@@ -630,9 +715,14 @@ class RuleReader(Comparisons):
                      for m in self._compare(sel, "==", mask, part))
 
     def _element_words(self, element: tuple[Item, ...], parts: int) -> list[list[Word]]:
-        """An element's parts (split at the concatenation's dots), each its words."""
+        """An element's parts (split at the concatenation's dots), each its words; an
+        element's `comment "..."` (nft lists kube-proxy's so) says nothing of it."""
         split: list[list[Word]] = [[]]
-        for word in element:
+        words = list(element)
+        for i in range(len(words) - 2, -1, -1):
+            if isinstance(words[i], Word) and words[i].value == "comment":
+                del words[i:i + 2]
+        for word in words:
             if isinstance(word, SetLiteral):
                 raise self.error(word, "nested sets are not supported")
             if word.value == "." and len(split) < parts:

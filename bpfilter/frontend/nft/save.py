@@ -178,6 +178,18 @@ def _statistic(m: ir.StatisticMatch, rule: ir.Rule) -> list[str]:
     raise _untranslatable(rule, "-m statistic is not translated to nft's numgen yet")
 
 
+def _numgen(m: ir.NumgenMatch, rule: ir.Rule) -> list[str]:
+    if m.draw is not None:
+        raise _untranslatable(rule, "a numgen verdict map draws once for all its elements, "
+                              "which one rule per element cannot say")
+    values = [f"{r.low}" if r.low == r.high else f"{r.low}-{r.high}" for r in m.values]
+    if not values:
+        raise _untranslatable(rule, "a numgen comparison that never holds")
+    listed = values[0] if len(values) == 1 else "{ " + ", ".join(values) + " }"
+    offset = f" offset {m.offset}" if m.offset else ""
+    return [f"numgen {m.mode} mod {m.modulus}{offset} {_ne(m.negate)}{listed}"]
+
+
 def _addrtype(m: ir.AddrTypeMatch, rule: ir.Rule) -> list[str]:
     parts = []
     for types, negate, field in ((m.src, m.src_negate, "saddr"),
@@ -222,6 +234,7 @@ _MATCHES: dict[type, Callable[..., list[str]]] = {
                                  f"{m.count}/{names.LIMIT_UNIT_NAMES[m.unit]} "
                                  f"burst {m.burst} packets"],
     ir.StatisticMatch: _statistic,
+    ir.NumgenMatch: _numgen,
     ir.ConntrackMatch: _conntrack,
     ir.AddrTypeMatch: _addrtype,
     ir.MarkMatch: _mark,

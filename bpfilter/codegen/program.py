@@ -263,7 +263,8 @@ def _chain_code(ref: ChainRef, functions: dict[str, str], runs: list,
                      "\tif (v == BF_CONTINUE)", *("\t\t" + x for x in exit_),
                      "\tif (v != BF_NEXT)", "\t\treturn v;", "}"]
             title, origin = (f"segment {item.number}: {len(item.entries)} rules as data",
-                             _entry_origin(item))
+                             # (an empty user chain a classified rule jumps to is data too)
+                             _entry_origin(item) if item.entries else chain.origin)
             ctx.skip = f"seg{item.number}"
         elif isinstance(item, RuleItem):
             slot = ref.rule_slots[item.index]

@@ -108,12 +108,13 @@ def test_connection_states_are_entry_checks():
 
 def test_an_empty_chain_a_classified_rule_jumps_to_compiles(tmp_path):
     """kube-proxy declares chains it leaves empty (KUBE-NODEPORTS) and jumps to them: an
-    empty data chain is a segment of no entries (its C once took its first entry's line
-    and failed)."""
+    empty data chain is a segment of no entries, which a rule of code (here the MAC
+    match's) calls as a function (whose C once took its first entry's line, and failed)."""
     from bpfilter.compiler import compile_ruleset
 
     text = ("*filter\n:INPUT DROP [0:0]\n:EMPTY - [0:0]\n"
-            + _rules("INPUT", PORT_RULES + ["-p udp -j EMPTY"] + PORT_RULES) + "COMMIT\n")
+            + _rules("INPUT", PORT_RULES + ["-p udp -j EMPTY"] + PORT_RULES
+                     + ["-m mac --mac-source 02:00:00:00:00:01 -j EMPTY"]) + "COMMIT\n")
     items, result = _classified(text)
     assert [len(s.entries) for s in result.segments if s.chain == ("filter", "EMPTY")] == [0]
     assert "bf_classify" in compile_ruleset(text, "empty", tmp_path, emit="c").code.source

@@ -541,6 +541,13 @@ class NotrackTarget:
 
 
 @dataclass(frozen=True)
+class ChecksumTarget:
+    """CHECKSUM --checksum-fill (mangle): the kernel finishes at once a checksum the device
+    was to finish (libvirt's, for DHCP answers to guests that do not); bpfilter leaves it
+    to the device as every other packet's: it counts and goes on."""
+
+
+@dataclass(frozen=True)
 class DnatTarget:
     """DNAT (nat table, PREROUTING): the connection's destination becomes `address`
     (None: kept) and `port` (None: kept). Decided on a connection's first packet; every
@@ -573,7 +580,7 @@ class SnatTarget:
 NAT_TARGETS = (DnatTarget, SnatTarget)
 
 Target = Union[VerdictTarget, ReturnTarget, JumpTarget, RejectTarget, LogTarget, MarkTarget,
-               ConnmarkTarget, NotrackTarget, DnatTarget, SnatTarget]
+               ConnmarkTarget, NotrackTarget, ChecksumTarget, DnatTarget, SnatTarget]
 
 # --------------------------------------------------------------------------- structure
 

@@ -92,6 +92,9 @@ REFUSED = {
         "-A POSTROUTING -p udp -j MASQUERADE --to-ports -1").encode(),
     "SNAT port range reversed": NAT.format(
         "-A POSTROUTING -p tcp -j SNAT --to-source 1.1.1.1:1025-0x400").encode(),
+    "CHECKSUM without --checksum-fill": ("*mangle\n:POSTROUTING ACCEPT [0:0]\n"
+                                         "-A POSTROUTING -j CHECKSUM\nCOMMIT\n").encode(),
+    "CHECKSUM in filter": FILTER.format("-A OUTPUT -j CHECKSUM --checksum-fill").encode(),
     "MASQUERADE ports without a protocol": NAT.format(
         "-A POSTROUTING -j MASQUERADE --to-ports 1024").encode(),
     "REDIRECT at POSTROUTING": NAT.format("-A POSTROUTING -j REDIRECT").encode(),
@@ -138,6 +141,8 @@ NFT_REFUSED = {
     "dnat in a filter chain": _nft("tcp dport 80 dnat to 1.2.3.4", "ip"),
     "ct status assured": _nft("ct status assured accept"),
     "numgen mod 0": _nft("numgen random mod 0 0 drop"),
+    "comment keyword": _nft('comment comment comment "x"'),
+    "two comments": _nft('accept comment "a" comment "b"'),
     "numgen offset overflow": _nft("numgen random mod 2 offset 4294967295 5 drop"),
     "numgen foo": _nft("numgen foo mod 2 0 drop"),
     "ct status negated": _nft("ct status != dnat accept"),

@@ -21,6 +21,13 @@ from bpfilter.passes.xtables import to_xtables
 from tests.conftest import EXAMPLES
 
 IPTABLES_EXAMPLES = sorted(EXAMPLES.glob("*.v4"))
+# Examples iptables-restore-translate 1.8.9 gets wrong: it drops kube-proxy's `-p tcp -m
+# tcp` before `DNAT --to-destination A:p`, and the kernel's nft refuses its translation;
+# it leaves libvirt's CHECKSUM out (a comment line).
+MISTRANSLATED = {"kube-proxy.v4", "libvirt.v4"}
+# Examples bpfilter refuses to say in nft, and why (test_translate_to_nft_round_trips).
+NOT_NFT = {"kube-proxy.v4": "--ctstate SNAT and DNAT translate alone",
+           "libvirt.v4": "nft has no checksum statement"}
 
 
 def _plain(ruleset: ir.Ruleset) -> list:
@@ -47,7 +54,8 @@ def _translated(text: str) -> str:
     return netns.run("iptables-restore-translate", "-f", "/dev/stdin", input=text).stdout
 
 
-@pytest.mark.parametrize("path", IPTABLES_EXAMPLES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in IPTABLES_EXAMPLES if p.name not in MISTRANSLATED],
+                         ids=lambda p: p.name)
 def test_reads_iptables_restore_translate_as_iptables_rules(kernel, path):
     """iptables' own translation of each example reads to the example's rules."""
     text = path.read_text()
@@ -59,8 +67,12 @@ def test_reads_iptables_restore_translate_as_iptables_rules(kernel, path):
 @pytest.mark.parametrize("path", IPTABLES_EXAMPLES, ids=lambda p: p.name)
 def test_translate_to_nft_round_trips(kernel, namespace, path):
     """`translate --to nft` prints what the kernel's nft accepts, and reads back to the
-    same rules."""
+    same rules (or refuses, naming why, what nft cannot say)."""
     ruleset = parse_ruleset(path.read_text(), path.name)
+    if path.name in NOT_NFT:
+        with pytest.raises(InputError, match=NOT_NFT[path.name]):
+            save_nft(ruleset)
+        return
     text = save_nft(ruleset)
     netns.run("nft", "-c", "-f", "-", netns=namespace(), input=text)
     assert _plain(parse_ruleset(text)) == _plain(ruleset)
@@ -172,6 +184,25 @@ def test_numgen_prints_back_as_the_kernel_lists_it(kernel, namespace):
             "nft")):
         result = CliRunner().invoke(main, ["translate", "-", "--to", to], input=refused)
         assert result.exit_code == 2 and "numgen" in result.output, result.output
+
+
+def test_statistic_translates_as_iptables_translate_says_it(kernel, namespace):
+    """-m statistic random is nft's `meta random & 2147483647 < N` (iptables-translate's
+    words, read back to the same match), nth is `numgen inc mod N P`; the kernel's nft
+    takes both."""
+    text = ("*filter\n:INPUT ACCEPT [0:0]\n"
+            "-A INPUT -m statistic --mode random --probability 0.25 -j DROP\n"
+            "-A INPUT -m statistic --mode random ! --probability 0.5 -j ACCEPT\n"
+            "-A INPUT -m statistic --mode nth --every 3 --packet 1 -j DROP\nCOMMIT\n")
+    nft = CliRunner().invoke(main, ["translate", "-", "--to", "nft", "--family", "ipv4"],
+                             input=text)
+    assert nft.exit_code == 0, nft.output
+    assert "meta random & 2147483647 < 536870912" in nft.output
+    assert "meta random & 2147483647 >= 1073741824" in nft.output
+    assert "numgen inc mod 3 1" in nft.output
+    netns.run("nft", "-c", "-f", "-", netns=namespace(), input=nft.output)
+    back = [r for r in _plain(parse_ruleset(nft.output))]
+    assert [r[2:] for r in back[:2]] == [r[2:] for r in _plain(parse_ruleset(text))[:2]]
 
 
 def test_dialect_by_content_and_stdin(kernel, tmp_path):
@@ -295,7 +326,8 @@ table ip b { chain i { type filter hook input priority 0; } }"""
 NFT_RULESETS = {"host-firewall.nft": lambda: (EXAMPLES / "host-firewall.nft").read_text(),
                 "dual-stack.nft": lambda: (EXAMPLES / "dual-stack.nft").read_text(),
                 **{p.name: (lambda p=p: _translated(p.read_text()))
-                   for p in IPTABLES_EXAMPLES if p.name != "acl-1000.v4"}}
+                   for p in IPTABLES_EXAMPLES
+                   if p.name != "acl-1000.v4" and p.name not in MISTRANSLATED}}
 
 
 @pytest.mark.parametrize("name", sorted(NFT_RULESETS))

@@ -31,6 +31,10 @@ PART_RULES = 32
 # The kernel verifies at most 256 functions in a program (BPF_MAX_SUBPROGS); the runtime
 # headers take a few dozen.
 MAX_CHAIN_FUNCTIONS = 224
+# A user chain whose rules times its callers are at most this is inlined into them: no
+# function of its own (kube-proxy's thousands of two-rule KUBE-SEP and short KUBE-SVC
+# chains would pass the kernel's 256 functions), at the cost of its code once per caller.
+INLINE_RULE_CALLS = 16
 # bpf_loop() runs at most this many steps (BPF_MAX_LOOPS), the classifier's walk one each.
 MAX_WALK_STEPS = 1 << 23
 
@@ -175,7 +179,10 @@ def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
     functions: dict[str, dict[str, str]] = {}  # per table, per chain
     for i, (table, name) in enumerate(refs):
         functions.setdefault(table, {})[name] = _function_name(i, table, name)
-    code = {key: _chain_code(ref, functions[ref.table], runs, ctx) for key, ref in refs.items()}
+    callers = _callers(refs.values())
+    code = {key: _chain_code(ref, functions[ref.table], runs, ctx,
+                             len(ref.items) * callers.get(key, 0) <= INLINE_RULE_CALLS)
+            for key, ref in refs.items()}
     tables, sizes = _classifier(stages[0], runs, ctx)
     families = {ref.family for ref in refs.values()}
     # Each base chain runs for its family's packets (an inet one for both; with IPv4
@@ -247,10 +254,24 @@ def _condition(ref: ChainRef, guard: bool, ctx: MatchContext) -> Optional[str]:
     return " && ".join(tests) or None
 
 
+def _callers(refs) -> dict[tuple[str, str], int]:
+    """How many rules of code (or folded runs) jump to each chain."""
+    found: dict[tuple[str, str], int] = {}
+    for ref in refs:
+        for item in ref.items:
+            target = item.rule.target if isinstance(item, RuleItem) else \
+                item.target if isinstance(item, PrefixRun) else None
+            if isinstance(target, ir.JumpTarget):
+                key = (ref.table, target.chain)
+                found[key] = found.get(key, 0) + 1
+    return found
+
+
 def _chain_code(ref: ChainRef, functions: dict[str, str], runs: list,
-                ctx: MatchContext) -> dict:
-    """What the template renders of one chain: its rules, split into parts if long.
-    `functions`: the C function of each chain of its table."""
+                ctx: MatchContext, small: bool) -> dict:
+    """What the template renders of one chain: its rules, split into parts if long, or
+    inlined into its callers if `small` (a user chain). `functions`: the C function of
+    each chain of its table."""
     chain = ref.chain
     ctx.family = ref.family
     parted = len(ref.items) > PART_RULES
@@ -294,6 +315,7 @@ def _chain_code(ref: ChainRef, functions: dict[str, str], runs: list,
         tail = ["return BF_CONTINUE;"]
     return {"name": _c_comment(f"{ref.table} {chain.name}"),
             "function": functions[chain.name],
+            "inline": small and not chain.builtin and not parted,
             "origin": chain.origin and _c_comment(str(chain.origin)),
             "rules": [] if parted else rules, "parts": parts, "tail": tail}
 
@@ -301,7 +323,8 @@ def _chain_code(ref: ChainRef, functions: dict[str, str], runs: list,
 def _check_size(stage: Stage, code: dict) -> None:
     """Refuse, naming the chain, a program with more functions than the kernel verifies
     (rules that stay code: what neither folding nor the classifier takes)."""
-    functions = sum(max(1, len(code[ref.key]["parts"])) for ref in stage.chains)
+    functions = sum(0 if code[ref.key]["inline"] else max(1, len(code[ref.key]["parts"]))
+                    for ref in stage.chains)
     if functions <= MAX_CHAIN_FUNCTIONS:
         return
     longest = max(stage.chains, key=lambda ref: len(code[ref.key]["parts"]))

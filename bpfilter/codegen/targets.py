@@ -80,6 +80,10 @@ def _connmark(t: ir.ConnmarkTarget, builtin: bool, functions, to_policy: str) ->
     return [f"if (p->ct_state & BF_CT_CONN) {{ {change} }}"]
 
 
+def _checksum(t: ir.ChecksumTarget, builtin: bool, functions, to_policy: str) -> list[str]:
+    return []  # the device finishes the checksum, as it does every other packet's
+
+
 def _notrack(t: ir.NotrackTarget, builtin: bool, functions, to_policy: str) -> list[str]:
     return ["p->ct_state = BF_CT_UNTRACKED;"]
 
@@ -111,6 +115,7 @@ _TARGETS: dict[type, Callable[..., list[str]]] = {
     ir.MarkTarget: _mark,
     ir.ConnmarkTarget: _connmark,
     ir.NotrackTarget: _notrack,
+    ir.ChecksumTarget: _checksum,
     ir.DnatTarget: _dnat,
     ir.SnatTarget: _snat,
 }

@@ -15,6 +15,7 @@ NAT_TABLE = "nat"
 # Targets the kernel accepts in one table only (xt_target.table).
 _TARGET_TABLES = {ir.RejectTarget: ("REJECT", "filter"),
                   ir.NotrackTarget: ("NOTRACK", "raw"),
+                  ir.ChecksumTarget: ("CHECKSUM", "mangle"),
                   ir.DnatTarget: ("DNAT", NAT_TABLE),
                   ir.SnatTarget: ("SNAT", NAT_TABLE)}
 

@@ -35,7 +35,7 @@ _FAMILY_MODULES = {"icmp": (ir.Family.IPV4, "icmp6"), "ttl": (ir.Family.IPV4, "h
                    "icmp6": (ir.Family.IPV6, "icmp"), "hl": (ir.Family.IPV6, "ttl")}
 # The module a protocol loads by itself (`-p tcp --dport 22`).
 _PROTOCOL_MODULES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp6"}
-SUPPORTED_TARGETS = ("ACCEPT, DROP, RETURN, REJECT, LOG, MARK, CONNMARK, NOTRACK, "
+SUPPORTED_TARGETS = ("ACCEPT, DROP, RETURN, REJECT, LOG, MARK, CONNMARK, NOTRACK, CHECKSUM, "
                      "CT --notrack, DNAT and REDIRECT (nat PREROUTING), SNAT and MASQUERADE "
                      "(nat POSTROUTING), "
                      "or a user-defined chain")
@@ -243,6 +243,9 @@ class RuleReader:
                                  "CT --notrack (zones, helpers, timeouts, events: not "
                                  "supported yet)")
             return ir.NotrackTarget(name)
+        if name == "CHECKSUM":
+            _require_target(self, "fill", "--checksum-fill")
+            return ir.ChecksumTarget()
         if name in ("DNAT", "REDIRECT"):
             return _dnat_target(self)
         if name in ("SNAT", "MASQUERADE"):
@@ -1001,6 +1004,7 @@ _TARGET_OPTIONS: dict[str, dict[str, Callable]] = {
             "shifting marks is not supported yet", _CONNMARK_FORMS + " with masks")),
     },
     "NOTRACK": {},
+    "CHECKSUM": {"--checksum-fill": _flag("fill")},
     # With one address and one port there is nothing to choose: the flags change nothing.
     "DNAT": {"--to-destination": _nat_to("--to-destination", "DNAT --to-destination "
                                          "a.b.c.d[:port]", port_ranges=False),

@@ -206,6 +206,7 @@ _TARGETS: dict[type, Callable] = {
     ir.LogTarget: _log,
     ir.MarkTarget: lambda t: [f"-j MARK --set-xmark 0x{t.value:x}/0x{t.mask:x}"],
     ir.ConnmarkTarget: _connmark,
+    ir.ChecksumTarget: lambda t: ["-j CHECKSUM --checksum-fill"],
     ir.NotrackTarget: lambda t: ["-j NOTRACK" if t.spelling == "NOTRACK"
                                  else "-j CT --notrack"],
     ir.DnatTarget: _dnat,

@@ -22,6 +22,7 @@ SUPPORTED = ("ip saddr|daddr|protocol|ttl|length|frag-off, ip6 saddr|daddr|hopli
              "tcp sport|dport|flags, udp sport|dport, th sport|dport, icmp type|code, "
              "icmpv6 type|code, "
              "meta l4proto|iifname|oifname|iif|oif|mark|length|protocol|nfproto, "
+             "meta random & 2147483647 < N, numgen, "
              "ct state|status|mark|direction, ether saddr|type, fib saddr|daddr [. iif|oif] type, "
              "counter, limit [over], log, "
              "comment, meta mark set, ct mark set, notrack, accept, drop, reject, return, "
@@ -76,6 +77,8 @@ class Comparisons:
         if op == "!" and kind not in _BITMASKS:
             raise self.error(where, "negation can only be used with singleton bitmask values",
                              f"{kind} != value")
+        if kind == "meta random":
+            return (self._random(where, first, op, mask),)
         if mask is not None and kind not in ("meta mark", "ct mark", "ip frag-off",
                                              "tcp flags"):
             raise self.error(where, f"a mask on '{kind}' is not supported")
@@ -279,6 +282,17 @@ class Comparisons:
         if op == "==":
             return (ir.ConntrackMatch(ir.ConntrackMatch.TRACKING_STATES, negate=True),)
         return ()
+
+    def _random(self, where: Word, bound: Word, op: str,
+                mask: Optional[int]) -> ir.StatisticMatch:
+        """`meta random & 2147483647 < N`: -m statistic --mode random as nft says it (31
+        random bits below N of 2^31), the only form compiled."""
+        value = self._int(bound)
+        if mask != 0x7FFFFFFF or op not in ("<", ">=") or not 0 <= value <= 0x80000000:
+            raise self.error(where, "meta random is compiled only as -m statistic's "
+                             "'meta random & 2147483647 < N'",
+                             "meta random & 2147483647 < N, numgen random mod N")
+        return ir.StatisticMatch("random", value, negate=op == ">=")
 
     def _status(self, words: list[Word], op: str) -> ir.ConntrackMatch:
         """`ct status snat|dnat[,...]`: whether NAT translated the connection's source or

@@ -64,7 +64,7 @@ SELECTORS = {
     ("ip", "frag-off"), ("tcp", "sport"), ("tcp", "dport"), ("tcp", "flags"),
     ("udp", "sport"), ("udp", "dport"), ("icmp", "type"), ("icmp", "code"),
     ("meta", "l4proto"), ("meta", "iifname"), ("meta", "oifname"), ("meta", "iif"),
-    ("meta", "oif"), ("meta", "mark"), ("meta", "length"), ("ct", "state"), ("ct", "status"), ("ct", "mark"),
+    ("meta", "oif"), ("meta", "mark"), ("meta", "length"), ("meta", "random"), ("ct", "state"), ("ct", "status"), ("ct", "mark"),
     ("ct", "direction"), ("ether", "saddr"), ("ether", "type"), ("meta", "protocol"),
     ("meta", "nfproto"),
     ("th", "sport"), ("th", "dport"),
@@ -208,7 +208,13 @@ class RuleReader(Comparisons):
         if value == "counter":
             self._counter()
         elif value == "comment":
-            self.comment = self.next_word("a comment string").value
+            text = self.next_word("a comment string")
+            if self.comment is not None:
+                raise self.error(word, "a rule has one comment")
+            if not text.quoted and text.value in names.KEYWORDS:
+                raise self.error(text, f"syntax error, unexpected {text.value} (a word of "
+                                 "nft's own)", f'comment "{text.value}"')
+            self.comment = text.value
         elif value == "limit":
             self._expression_slot(word)
             self.groups.append([_Choice((self._limit(),))])

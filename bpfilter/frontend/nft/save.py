@@ -173,9 +173,11 @@ def _conntrack(m: ir.ConntrackMatch, rule: ir.Rule) -> list[str]:
 
 
 def _statistic(m: ir.StatisticMatch, rule: ir.Rule) -> list[str]:
-    # nft draws (numgen) per rule and per map alike, but bpfilter does not read numgen
-    # yet: what it prints must read back.
-    raise _untranslatable(rule, "-m statistic is not translated to nft's numgen yet")
+    """As iptables-translate says it: 31 random bits below the probability (of 2^31), and
+    nth as numgen's shared counter, which starts where xt_statistic's does."""
+    if m.mode == "random":
+        return [f"meta random & 2147483647 {'>=' if m.negate else '<'} {m.probability}"]
+    return [f"numgen inc mod {m.every} {_ne(m.negate)}{m.packet}"]
 
 
 def _numgen(m: ir.NumgenMatch, rule: ir.Rule) -> list[str]:
@@ -294,6 +296,9 @@ def _target(target: Optional[ir.Target], rule: ir.Rule) -> list[str]:
         return ["notrack"]
     if isinstance(target, ir.NAT_TARGETS):
         return [_nat(target)]
+    if isinstance(target, ir.ChecksumTarget):
+        raise _untranslatable(rule, "nft has no checksum statement (CHECKSUM --checksum-fill "
+                              "is a no-op in bpfilter: leave the rule out)")
     raise _untranslatable(rule, f"no nft statement for {type(target).__name__}")
 
 

@@ -46,7 +46,7 @@ struct bf_nat_end {
 	__u32 as_dst, as_src;
 	__u16 view_port, dst_port, src_port;
 	__u8 todo;       /* enum bf_nat_end_todo */
-	__u8 pad;
+	__u8 masq;       /* as_src is MASQUERADE's: forgotten when the address goes */
 };
 
 struct bf_nat_entry {
@@ -623,7 +623,7 @@ __noinline int bf_nat_bind(struct bf_ctx *ctx, struct bf_pkt *p, int verdict)
 	__u32 ca, da, ba, na, zero = 0;
 	__u16 cp, dp, bp, np;
 	struct bf_snat *s;
-	int dnat, snat;
+	int dnat, snat, masq = 0;
 
 	if (!p)
 		return BF_DROP;
@@ -648,7 +648,8 @@ __noinline int bf_nat_bind(struct bf_ctx *ctx, struct bf_pkt *p, int verdict)
 		s = bpf_map_lookup_elem(&bf_snat_choice, &zero);
 		if (!s)
 			return BF_DROP;
-		if ((s->flags & BF_SNAT_MASQUERADE) && !bf_nat_masquerade(ctx, p, s))
+		masq = !!(s->flags & BF_SNAT_MASQUERADE);
+		if (masq && !bf_nat_masquerade(ctx, p, s))
 			return BF_DROP;
 		na = s->addr;
 		if (!na)
@@ -669,6 +670,7 @@ __noinline int bf_nat_bind(struct bf_ctx *ctx, struct bf_pkt *p, int verdict)
 	e.end[0].view = ca, e.end[0].view_port = cp;
 	e.end[1].view = da, e.end[1].view_port = dp;
 	e.end[0].as_src = na, e.end[0].src_port = np; /* (what `bpfilter conntrack` shows) */
+	e.end[0].masq = masq;
 	e.end[1].as_dst = ba, e.end[1].dst_port = bp;
 	if (dnat)
 		e.end[1].todo = BF_NAT_TO;

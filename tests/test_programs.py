@@ -4,6 +4,8 @@ OUTPUT."""
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
@@ -15,7 +17,7 @@ from bpfilter.codegen import program
 from bpfilter.testbed import netns
 from bpfilter.compiler import compile_ruleset
 from bpfilter.errors import InputError
-from bpfilter.runtime import hostview
+from bpfilter.runtime import conntable, hostview
 from bpfilter.runtime.logs import LogEvent
 from bpfilter.passes import classify
 from bpfilter.runtime.runner import LoadedRuleset
@@ -456,3 +458,38 @@ def test_redirect_follows_the_incoming_interfaces_first_address(kernel, build_ro
         follow()
         assert sent(1002) == (XDP_PASS, "10.7.0.1", 53)
         assert sent(1001) == (XDP_PASS, "192.0.2.254", 53)  # bound: the connection keeps it
+
+
+def test_masqueraded_connections_go_with_their_address(kernel, build_root, host):
+    """nf_nat_masquerade forgets the connections MASQUERADE gave an address when the
+    address goes (the watcher does it for bpfilter, from its views before and after): the
+    flow's next datagram starts a new connection, under the address the interface has
+    now; until then it kept the old one."""
+    for name, address in (("lan0", "192.0.2.254/24"), ("far0", "10.99.0.1/24")):
+        netns.run("ip", "link", "add", name, "type", "veth", "peer", f"{name}p", netns=host)
+        netns.run("ip", "addr", "add", address, "dev", name, netns=host)
+        for end in (name, f"{name}p"):
+            netns.run("ip", "link", "set", end, "up", netns=host)
+    netns.sysctl(host, "net.ipv4.ip_forward", "1")
+    netns.sysctl(host, "net.ipv4.conf.far0.promote_secondaries", "1")
+    lan = netns.link_info(host, "lan0")[0]
+    rules = "*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -o far0 -j MASQUERADE\nCOMMIT\n"
+    datagram = bytes(Ether() / IP(src="192.0.2.1", dst="10.99.0.2") / UDP(sport=1000,
+                                                                          dport=53))
+    with LoadedRuleset(compile_ruleset(rules, "masq", build_root / "masq",
+                                       verify=False)) as loaded:
+        def source() -> str:  # the datagram forwarded, as it leaves
+            assert loaded.program().test_run(datagram, ingress_ifindex=lan).retval == XDP_PASS
+            out = loaded.program("bf_egress").test_run(datagram, ingress_ifindex=lan).data
+            return IP(out[14:]).src
+
+        assert source() == "10.99.0.1"
+        before = hostview.read()
+        netns.run("ip", "addr", "add", "10.99.0.7/24", "dev", "far0", netns=host)
+        netns.run("ip", "addr", "del", "10.99.0.1/24", "dev", "far0", netns=host)
+        gone = hostview.addresses(before) - hostview.addresses(hostview.read())
+        assert gone == {int(ipaddress.IPv4Address("10.99.0.1"))}
+        assert source() == "10.99.0.1"  # bound: the watcher has not told the table yet
+        table, bindings = loaded.map("bf_conntrack"), loaded.map("bf_nat")
+        assert conntable.forget_masqueraded(table, bindings, gone) == 1
+        assert source() == "10.99.0.7"

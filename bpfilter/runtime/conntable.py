@@ -105,8 +105,9 @@ def remove_table(paths: Paths) -> None:
 _KEY = struct.Struct("<4I4IHHBB2x")
 _ENTRY = struct.Struct("<QBBBBBBBBIH2xIII" + "IIIIBB2x" * 2 + "4x")
 _MARK = 9  # the field's place in _ENTRY
-# struct bf_nat_entry: per endpoint view, as_dst, as_src, view_port, dst_port, src_port, todo
-_END = "IIIHHHBx"
+# struct bf_nat_entry: per endpoint view, as_dst, as_src, view_port, dst_port, src_port, todo,
+# masq
+_END = "IIIHHHBB"
 _BINDING = struct.Struct("<" + _END * 2)
 _TO, _FROM = 1, 2  # enum bf_nat_end_todo
 TCP_STATES = ("NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT",
@@ -196,7 +197,7 @@ def _nat(bindings: Map, key: bytes, proto: int, orig: int) -> tuple[Optional[str
     if value is None:
         return None, None
     fields = _BINDING.unpack(value)
-    ends = [fields[0:7], fields[7:14]]
+    ends = [fields[0:8], fields[8:16]]
     client, server = ends[orig], ends[1 - orig]
     ports = proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP)
 
@@ -204,11 +205,43 @@ def _nat(bindings: Map, key: bytes, proto: int, orig: int) -> tuple[Optional[str
         text = str(ipaddress.IPv4Address(address))
         return f"{text}:{port}" if ports else text
 
-    view, _as_dst, as_src, view_port, _dst_port, src_port, _todo = client
+    view, _as_dst, as_src, view_port, _dst_port, src_port, _todo, _masq = client
     snat = shown(as_src, src_port) if (as_src, src_port) != (view, view_port) else None
-    view, as_dst, _as_src, view_port, dst_port, _src_port, todo = server
+    view, as_dst, _as_src, view_port, dst_port, _src_port, todo, _masq = server
     dnat = shown(as_dst, dst_port) if todo & _TO else None
     return dnat, snat
+
+
+def forget_masqueraded(table: Map, bindings: Map, addresses: set[int]) -> int:
+    """nf_nat_masquerade's address event: the connections MASQUERADE gave one of
+    `addresses` (host order), gone from the host, are forgotten, so that their next
+    packets start new ones under an address the host has. How many."""
+    gone = 0
+    for key in list(table.keys()):
+        value = bindings.lookup(key)
+        if value is None:
+            continue
+        fields = _BINDING.unpack(value)
+        orig = _ENTRY.unpack(table.lookup(key) or bytes(_ENTRY.size))[1]
+        if _KEY.unpack(key)[10] in (socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6):
+            orig = 0  # endpoint 0 asked
+        client = fields[8:16] if orig else fields[0:8]
+        if client[7] and client[2] in addresses:
+            table.delete(key)
+            gone += 1
+    return gone
+
+
+def forget_masqueraded_at(paths: Paths, addresses: set[int]) -> int:
+    """forget_masqueraded() in the namespace's pinned table, if it has one."""
+    if not addresses or not paths.conntrack.exists():
+        return 0
+    maps = open_shared(paths)
+    try:
+        return forget_masqueraded(maps[TABLE], maps[BINDINGS], addresses)
+    finally:
+        for m in maps.values():
+            m.close()
 
 
 def flush(paths: Paths) -> int:

@@ -154,6 +154,15 @@ def read(interfaces: Optional[list[tuple[int, str]]] = None) -> HostView:
                     _primaries())
 
 
+def addresses(view: HostView) -> set[int]:
+    """The host's IPv4 addresses (host order): the local table's /32 local routes."""
+    found = set()
+    for key, value in view.addrtypes.items():
+        if key[:4] == struct.pack("<I", 32) and _ADDRTYPE.unpack(value)[0] == RTN_LOCAL:
+            found.add(int.from_bytes(key[4:8], "big"))
+    return found
+
+
 def interface_rows(patterns: list[ir.InterfaceMatch], interfaces) -> dict[bytes, bytes]:
     """bf_ifmatch: ifindex -> bitmask of the patterns its name matches."""
     rows = {}

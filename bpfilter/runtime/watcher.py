@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 from bpfilter.errors import KernelError
-from bpfilter.runtime import hostview, namespaces, state
+from bpfilter.runtime import conntable, hostview, namespaces, state
 
 # RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE
 GROUPS = 0x1 | 0x10 | 0x40 | 0x100 | 0x400
@@ -132,11 +132,18 @@ class Watcher:
     def __init__(self, netns: int, status: Status):
         self.netns = netns
         self.status = status
+        self.addresses: Optional[set[int]] = None  # the host's, at the last sync
 
     def sync(self) -> None:
-        """Every running ruleset of the namespace, to one fresh view of the kernel."""
+        """Every running ruleset of the namespace, to one fresh view of the kernel; the
+        connections MASQUERADE gave an address that has gone are forgotten."""
         try:
             view = hostview.read()
+            now = hostview.addresses(view)
+            gone = (self.addresses or set()) - now
+            self.addresses = now
+            for paths, _deployment in list(state.deployments())[:1]:  # one table each
+                conntable.forget_masqueraded_at(paths, gone)
             for paths, deployment in state.deployments():
                 if paths.generation(deployment.generation).exists():
                     try:

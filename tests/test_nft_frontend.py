@@ -41,6 +41,8 @@ def _plain(ruleset: ir.Ruleset) -> list:
             return dataclasses.replace(match, partial_header=False)
         if isinstance(match, ir.LimitMatch):
             return dataclasses.replace(match, bucket=None)
+        if isinstance(match, ir.NumgenMatch):  # a draw is named by where its rule is
+            return dataclasses.replace(match, draw=match.draw and "shared")
         return match
 
     def target(t):
@@ -325,6 +327,7 @@ table ip b { chain i { type filter hook input priority 0; } }"""
 # that it needs one).
 NFT_RULESETS = {"host-firewall.nft": lambda: (EXAMPLES / "host-firewall.nft").read_text(),
                 "dual-stack.nft": lambda: (EXAMPLES / "dual-stack.nft").read_text(),
+                "kube-proxy.nft": lambda: (EXAMPLES / "kube-proxy.nft").read_text(),
                 **{p.name: (lambda p=p: _translated(p.read_text()))
                    for p in IPTABLES_EXAMPLES
                    if p.name != "acl-1000.v4" and p.name not in MISTRANSLATED}}

@@ -52,6 +52,9 @@ def _expr(node: Any) -> str:
         return f"ct {way}{body['key']}"
     if key == "fib":  # flags: the address, then the device it is limited to
         return f"fib {' . '.join(body.get('flags', []))} {body['result']}"
+    if key == "numgen":
+        offset = f" offset {body['offset']}" if body.get("offset") else ""
+        return f"numgen {body['mode']} mod {body['mod']}{offset}"
     if key == "prefix":
         return f"{body['addr']}/{body['len']}"
     if key == "range":

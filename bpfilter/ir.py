@@ -549,13 +549,15 @@ class ChecksumTarget:
 
 @dataclass(frozen=True)
 class DnatTarget:
-    """DNAT (nat table, PREROUTING): the connection's destination becomes `address`
-    (None: kept) and `port` (None: kept). Decided on a connection's first packet; every
-    later packet of both directions is rewritten from the binding. Ends the walk (ACCEPT).
-    REDIRECT is DNAT to the primary address of the interface the packet came in by."""
+    """DNAT (nat table, PREROUTING, OUTPUT): the connection's destination becomes `address`
+    (None: kept) and a port of `ports` (None: kept; the packet's own where it is in the
+    range and no other connection's reply has it, else the lowest free one, as nf_nat).
+    Decided on a connection's first packet; every later packet of both directions is
+    rewritten from the binding. Ends the walk (ACCEPT). REDIRECT is DNAT to the primary
+    address of the interface the packet came in by."""
 
     address: Optional[IPAddress] = None
-    port: Optional[int] = None
+    ports: Optional[tuple[int, int]] = None
     # How libxt_NAT chooses within a range; with one address and port, no choice is left.
     random: bool = False
     persistent: bool = False

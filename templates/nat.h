@@ -161,17 +161,6 @@ static __always_inline int bf_dnat(struct bf_pkt *p, __u32 addr, __u16 port)
 	return BF_ACCEPT;
 }
 
-/* REDIRECT (nf_nat_redirect_ipv4): DNAT to the primary address of the interface the
- * packet came in by; the kernel drops the packet when the interface has none. */
-static __always_inline int bf_redirect(struct bf_pkt *p, __u16 port)
-{
-	__u32 *addr = bpf_map_lookup_elem(&bf_ifaddr, &p->ifindex);
-
-	if (!addr)
-		return BF_DROP;
-	return bf_dnat(p, *addr, port);
-}
-
 enum bf_snat_flags { BF_SNAT_MASQUERADE = 1, BF_SNAT_RANDOM = 2, BF_SNAT_RANDOM_FULLY = 4,
 		     BF_SNAT_PORTS = 8 /* a port range was given */ };
 
@@ -539,6 +528,49 @@ __noinline int bf_nat_used(const struct bf_pkt *p, __u32 a, __u16 aport, __u32 b
 	bf_ct_key_at(p, &a, n->end[0].view_port, &b, n->end[1].view_port, &key, &from);
 	e = bpf_map_lookup_elem(&bf_conntrack, &key);
 	return e && e->expires > now;
+}
+
+/* A destination port of min-max, as nf_nat_l4proto_unique_tuple() chooses one (for
+ * DNAT's and REDIRECT's ranges): the packet's own if it is in the range and no other
+ * connection's reply tuple has it, else the lowest free one (--random: from a random
+ * place), 128 tries; the last tried when none is free. */
+static __always_inline __u16 bf_dnat_port(const struct bf_pkt *p, __u32 addr, __u16 min,
+					  __u16 max, int random)
+{
+	__u32 span = (__u32)max - min + 1, off = random ? bpf_get_prandom_u32() : 0, i;
+	__u16 port = min;
+
+	if (!random && p->dport >= min && p->dport <= max &&
+	    !bf_nat_used(p, addr, p->dport, p->saddr, p->sport))
+		return p->dport;
+	for (i = 0; i < 128 && i < span; i++) {
+		port = min + (off + i) % span;
+		if (!bf_nat_used(p, addr, port, p->saddr, p->sport))
+			break;
+	}
+	return port;
+}
+
+/* DNAT to a port range: the port chosen as above. */
+static __always_inline int bf_dnat_range(struct bf_pkt *p, __u32 addr, __u16 min, __u16 max,
+					 int random)
+{
+	return bf_dnat(p, addr, bf_nat_ports(p->proto) ? bf_dnat_port(p, addr, min, max, random)
+							: p->dport);
+}
+
+/* REDIRECT (nf_nat_redirect_ipv4): DNAT to the primary address of the interface the
+ * packet came in by (the kernel drops the packet when the interface has none), to a port
+ * of min-max (0-0: the packet's own). */
+static __always_inline int bf_redirect(struct bf_pkt *p, __u16 min, __u16 max, int random)
+{
+	__u32 *addr = bpf_map_lookup_elem(&bf_ifaddr, &p->ifindex);
+
+	if (!addr)
+		return BF_DROP;
+	if (!min)
+		return bf_dnat(p, *addr, p->dport);
+	return bf_dnat_range(p, *addr, min, max, random);
 }
 
 /* The new source port, as nf_nat_l4proto_unique_tuple() chooses it: the client's own if

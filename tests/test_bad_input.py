@@ -216,6 +216,8 @@ def test_a_latin1_comment_is_read_and_written_back_byte_for_byte(tmp_path):
     ("-m conntrack --ctstate dnat,NEW,SNAT", "--ctstate NEW,SNAT,DNAT"),
     ("-p tcp -j REDIRECT --random --to-ports 0x50", "-j REDIRECT --to-ports 80 --random"),
     ("-p udp -j REDIRECT --to-ports 53-53", "-j REDIRECT --to-ports 53"),
+    ("-p tcp -j REDIRECT --to-ports 42-1234 --random", "--to-ports 42-1234 --random"),
+    ("-p tcp -j DNAT --to-destination 1.2.3.4:80-0x51", "--to-destination 1.2.3.4:80-81"),
     ("-m statistic --mode random --probability 0.3333", "--probability 0.33330000006"),
     ("-m statistic --mode random ! --probability 1e-3", "! --probability 0.00100000016"),
     ("-m statistic --probability 0.99999999999 --mode random", "--probability 1.00000000000"),

@@ -90,10 +90,14 @@ def _notrack(t: ir.NotrackTarget, builtin: bool, functions, to_policy: str) -> l
 
 def _dnat(t: ir.DnatTarget, builtin: bool, functions, to_policy: str) -> list[str]:
     address = f"0x{int(t.address):08x}" if t.address is not None else "p->daddr"
-    port = str(t.port) if t.port is not None else "p->dport"
+    low, high = t.ports or (0, 0)
     if t.redirect:
-        return [f"return bf_redirect(p, {port});"]
-    return [f"return bf_dnat(p, {address}, {port});"]
+        return [f"return bf_redirect(p, {low}, {high}, {int(t.random)});"]
+    if t.ports is None:
+        return [f"return bf_dnat(p, {address}, p->dport);"]
+    if low == high:
+        return [f"return bf_dnat(p, {address}, {low});"]
+    return [f"return bf_dnat_range(p, {address}, {low}, {high}, {int(t.random)});"]
 
 
 def _snat(t: ir.SnatTarget, builtin: bool, functions, to_policy: str) -> list[str]:

@@ -47,6 +47,8 @@ def dnat_rule(draw) -> str:
     to = draw(st.sampled_from(TARGETS + ("REDIRECT",)))
     port = draw(st.sampled_from(PORTS)) if proto in ("tcp", "udp") and draw(st.booleans()) \
         else None
+    if port and draw(st.booleans()):  # a range: the packet's own port, or the lowest free
+        port = f"{port}-{port + 1}"
     if to == "REDIRECT":  # to the router's eth0 address, SERVER_ADDR
         return " ".join(parts + ["-j REDIRECT"] + ([f"--to-ports {port}"] if port else []))
     return " ".join(parts + ["-j DNAT --to-destination", to + (f":{port}" if port else "")])
@@ -153,6 +155,21 @@ def test_redirect_sends_to_the_address_of_the_interface_it_came_in_by(nat_router
         assert kernel and kernel[0] and all(reply[0] == dst for reply in kernel[0])
         ours = flow(nat_router.bpf, kind, dst, port, sport)
         assert ours == kernel, f"{kind} to {dst}:{port}: kernel {kernel}, bpfilter {ours}"
+
+
+def test_a_dnat_port_range_keeps_the_port_or_takes_the_lowest_free(nat_router, far_peers):
+    """DNAT to a port range: the packet's own port when it is in the range and free; when
+    another connection's reply tuple holds it (the same client port to another address
+    DNATed to the same place), the next; outside the range, the lowest free."""
+    text = (NAT_HEAD + "".join(
+        f"-A PREROUTING -d {dst}/32 -p udp -j DNAT --to-destination {FAR_LISTENER}:7-8\n"
+        for dst in ("198.18.0.7", "198.18.0.8")) + "COMMIT\n" + FILTER_OPEN)
+    nat_router.load(text)
+    sport = next(sports)
+    for dst, port in (("198.18.0.7", 7), ("198.18.0.8", 7), ("198.18.0.7", 53)):
+        kernel = snat_flow(nat_router.kernel, far_peers, "udp", dst, port, sport)
+        ours = snat_flow(nat_router.bpf, far_peers, "udp", dst, port, sport)
+        assert ours == kernel, f"udp to {dst}:{port}: kernel {kernel}, bpfilter {ours}"
 
 
 # SNAT: sources the router can stand for (its own range, its eth1 address, another of its

@@ -917,10 +917,10 @@ def _unsupported_option(why: str, supported: str):
     return handler
 
 
-def _nat_to(option: str, form: str, port_ranges: bool, address: bool = True):
-    """libxt_NAT's `A`, `A:p`, `:p` (with `port_ranges`, `p-q` too; a range whose ends
-    are equal is one value); MASQUERADE's --to-ports without the address. `form`: what
-    the target compiles, for the messages."""
+def _nat_to(option: str, form: str, address: bool = True):
+    """libxt_NAT's `A`, `A:p`, `:p`, `A:p-q` (a range whose ends are equal is one value);
+    MASQUERADE's and REDIRECT's --to-ports without the address. `form`: what the target
+    compiles, for the messages."""
     def handler(reader: RuleReader, tok: Token) -> None:
         if "to" in reader.target_options:
             raise reader.error(tok, f"{option} can be given only once")
@@ -942,9 +942,6 @@ def _nat_to(option: str, form: str, port_ranges: bool, address: bool = True):
                 raise reader.error(arg, "port 0 is not compiled", "a port 1-65535")
             if span[0] > span[1]:
                 raise reader.error(arg, "invalid port range (min > max)")
-            if span[0] != span[1] and not port_ranges:
-                raise reader.error(arg, "port ranges are not compiled yet",
-                                   f"one port ({form})")
         reader.target_options["to"] = (where, span, arg)
     return handler
 
@@ -973,7 +970,7 @@ def _dnat_target(reader: RuleReader) -> ir.DnatTarget:
     redirect = reader.target_token.value == "REDIRECT"
     where, span, flags = _nat_target(reader, "" if redirect else "--to-destination")
     del flags["random_fully"]  # not an option of DNAT's
-    return ir.DnatTarget(where, span and span[0], redirect=redirect, **flags)
+    return ir.DnatTarget(where, span, redirect=redirect, **flags)
 
 
 def _snat_target(reader: RuleReader) -> ir.SnatTarget:
@@ -1005,19 +1002,19 @@ _TARGET_OPTIONS: dict[str, dict[str, Callable]] = {
     },
     "NOTRACK": {},
     "CHECKSUM": {"--checksum-fill": _flag("fill")},
-    # With one address and one port there is nothing to choose: the flags change nothing.
+    # DNAT's and REDIRECT's --random draws the port (the kernel's random start); with one
+    # address --persistent changes nothing.
     "DNAT": {"--to-destination": _nat_to("--to-destination", "DNAT --to-destination "
-                                         "a.b.c.d[:port]", port_ranges=False),
+                                         "a.b.c.d[:port[-port]]"),
              "--random": _flag("random"), "--persistent": _flag("persistent")},
-    "SNAT": {"--to-source": _nat_to("--to-source", "SNAT --to-source a.b.c.d[:port[-port]]",
-                                    port_ranges=True),
+    "SNAT": {"--to-source": _nat_to("--to-source", "SNAT --to-source a.b.c.d[:port[-port]]"),
              "--random": _flag("random"), "--random-fully": _flag("random_fully"),
              "--persistent": _flag("persistent")},
     "MASQUERADE": {"--to-ports": _nat_to("--to-ports", "MASQUERADE --to-ports port[-port]",
-                                         port_ranges=True, address=False),
+                                         address=False),
                    "--random": _flag("random"), "--random-fully": _flag("random_fully")},
-    "REDIRECT": {"--to-ports": _nat_to("--to-ports", "REDIRECT --to-ports port",
-                                       port_ranges=False, address=False),
+    "REDIRECT": {"--to-ports": _nat_to("--to-ports", "REDIRECT --to-ports port[-port]",
+                                       address=False),
                  "--random": _flag("random")},
     "CT": {
         "--notrack": _flag("notrack"),

@@ -175,10 +175,16 @@ def _log(t: ir.LogTarget) -> list[str]:
     return parts
 
 
+def _port_range(ports: Optional[tuple[int, int]]) -> str:
+    return "" if ports is None else str(ports[0]) if ports[0] == ports[1] \
+        else f"{ports[0]}-{ports[1]}"
+
+
 def _dnat(t: ir.DnatTarget) -> list[str]:
-    to = (str(t.address) if t.address else "") + (f":{t.port}" if t.port else "")
+    ports = _port_range(t.ports)
+    to = (str(t.address) if t.address else "") + (f":{ports}" if ports else "")
     if t.redirect:
-        parts = ["-j REDIRECT"] + ([f"--to-ports {t.port}"] if t.port else [])
+        parts = ["-j REDIRECT"] + ([f"--to-ports {ports}"] if ports else [])
     else:
         parts = [f"-j DNAT --to-destination {to}"]
     return parts + [
@@ -187,8 +193,7 @@ def _dnat(t: ir.DnatTarget) -> list[str]:
 
 
 def _snat(t: ir.SnatTarget) -> list[str]:
-    ports = "" if t.ports is None else str(t.ports[0]) if t.ports[0] == t.ports[1] \
-        else f"{t.ports[0]}-{t.ports[1]}"
+    ports = _port_range(t.ports)
     if t.masquerade:
         parts = ["-j MASQUERADE"] + ([f"--to-ports {ports}"] if ports else [])
     else:

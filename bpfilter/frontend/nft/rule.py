@@ -274,8 +274,9 @@ class RuleReader(Comparisons):
         if self.family is not ir.Family.IPV4:
             raise self.error(word, f"IPv6 NAT (and {kind} in inet tables) is not compiled "
                              "yet", f"{kind} in ip tables")
-        form = {"masquerade": "masquerade [to :PORT[-PORT]]", "redirect": "redirect [to :PORT]",
-                "dnat": "dnat to ADDRESS[:PORT]"}.get(kind, f"{kind} to ADDRESS[:PORT[-PORT]]")
+        form = {"masquerade": "masquerade [to :PORT[-PORT]]",
+                "redirect": "redirect [to :PORT[-PORT]]"}.get(
+                    kind, f"{kind} to ADDRESS[:PORT[-PORT]]")
         address = span = None
         if not ports_only or self.peek_value() == "to":
             to = self.next_word("'to'")
@@ -294,7 +295,7 @@ class RuleReader(Comparisons):
                 raise self.error(words[0], f"{kind} takes the flags " + ", ".join(sorted(
                     allowed)))
         if kind in ("dnat", "redirect"):
-            return ir.DnatTarget(address, span and span[0], "random" in flags,
+            return ir.DnatTarget(address, span, "random" in flags,
                                  "persistent" in flags, redirect=kind == "redirect")
         return ir.SnatTarget(address, span, "random" in flags, "fully-random" in flags,
                              "persistent" in flags, masquerade=kind == "masquerade")
@@ -324,8 +325,6 @@ class RuleReader(Comparisons):
                 raise self.error(spec, f"'{port_text}' is not a port", "1-65535")
             if ports[0] > ports[1]:
                 raise self.error(spec, "invalid port range (min > max)")
-            if kind in ("dnat", "redirect") and ports[0] != ports[1]:
-                raise self.error(spec, "port ranges are not compiled yet", form)
             span = (ports[0], ports[1])
             self.nat_port = spec
         return address, span

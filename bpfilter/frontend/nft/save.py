@@ -305,7 +305,7 @@ def _target(target: Optional[ir.Target], rule: ir.Rule) -> list[str]:
 def _nat(target) -> str:
     if isinstance(target, ir.DnatTarget):
         words = "redirect" if target.redirect else "dnat to"
-        ports = target.port and (target.port, target.port)
+        ports = target.ports
         flags = (("random", target.random), ("persistent", target.persistent))
     else:
         words = "masquerade" if target.masquerade else "snat to"

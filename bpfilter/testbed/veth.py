@@ -79,13 +79,13 @@ def _answer_everyone(namespace: str, ifname: str) -> None:
     netns.sysctl(namespace, "net.ipv6.icmp.ratelimit", "0")
 
 
-def _drain(sock: socket.socket) -> None:
+def drain(sock: socket.socket) -> None:
     """Forget what a packet socket has received so far."""
     while select.select([sock], [], [], 0)[0]:
         sock.recv(65535)
 
 
-def _incoming(sock: socket.socket, deadline: Callable[[], float]) -> Iterator[Ether]:
+def incoming(sock: socket.socket, deadline: Callable[[], float]) -> Iterator[Ether]:
     """Frames a packet socket receives (not those it sees leave) until `deadline()`,
     which may move while they come."""
     while (left := deadline() - time.monotonic()) > 0:
@@ -200,7 +200,7 @@ class VethBed:
 
     def send(self, frame: bytes) -> list[Packet]:
         """Send one frame; the IPv4 or IPv6 packets that came back to its source address."""
-        _drain(self.sock)
+        drain(self.sock)
         self.sock.send(frame)
         self.sock.send(self._arp)
         source = network_layer(Ether(frame))
@@ -208,7 +208,7 @@ class VethBed:
         replies: list[Packet] = []
         give_up = time.monotonic() + 1.0
         grace_end: Optional[float] = None  # set by the ARP answer
-        for packet in _incoming(self.sock, lambda: grace_end or give_up):
+        for packet in incoming(self.sock, lambda: grace_end or give_up):
             if ARP in packet and packet[ARP].op == 2 and grace_end is None:
                 grace_end = time.monotonic() + self._grace
             elif (layer := network_layer(packet)) is not None and layer.dst == source:
@@ -217,12 +217,12 @@ class VethBed:
 
     def arp_answered(self, hwsrc: str, psrc: str = CLIENT_ADDR) -> bool:
         """Whether the server answers an ARP request for its address from `hwsrc`."""
-        _drain(self.sock)
+        drain(self.sock)
         self.sock.send(bytes(Ether(src=hwsrc, dst="ff:ff:ff:ff:ff:ff") / ARP(
             op=1, hwsrc=hwsrc, psrc=psrc, pdst=SERVER_ADDR)))
         end = time.monotonic() + _ARP_WAIT
         return any(ARP in frame and frame[ARP].op == 2 and frame[ARP].pdst == psrc
-                   for frame in _incoming(self.sock, lambda: end))
+                   for frame in incoming(self.sock, lambda: end))
 
     def send_from_server(self, packet: bytes) -> list[Packet]:
         """The server sends an IPv4 or IPv6 packet itself (a raw socket: it walks OUTPUT);
@@ -238,14 +238,14 @@ class VethBed:
             with netns.entered(self.server):  # IPPROTO_RAW: the header is the packet's
                 self._raw[family] = socket.socket(family, socket.SOCK_RAW,
                                                   socket.IPPROTO_RAW)
-        _drain(self._loopback)
+        drain(self._loopback)
         sent = (IPv6 if family == socket.AF_INET6 else IP)(packet)
         try:
             self._raw[family].sendto(packet, (sent.dst, 0))
         except PermissionError:
             pass
         end = time.monotonic() + _LOOPBACK_GRACE
-        return [layer for frame in _incoming(self._loopback, lambda: end)
+        return [layer for frame in incoming(self._loopback, lambda: end)
                 if (layer := network_layer(frame)) is not None and layer.dst == sent.src]
 
     def snmp(self, namespace: Optional[str] = None) -> dict[str, int]:

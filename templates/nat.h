@@ -290,6 +290,69 @@ static __always_inline int bf_nat_rewrite(struct bf_ctx *ctx, struct bf_pkt *p, 
 	return 0;
 }
 
+/* The address a datagram's first fragment got, for its later ones, which have no ports to
+ * find their binding by (the kernel reassembles before NAT; here the first fragment is
+ * rewritten before the kernel's reassembly, so the others must be too, or the datagram
+ * is never whole). Keyed by the header fields every fragment carries, as they came. */
+struct bf_nat_frag_key {
+	__u32 saddr, daddr;
+	__u16 id;
+	__u8 proto;
+	__u8 dst;        /* the destination is rewritten (else the source) */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct bf_nat_frag_key);
+	__type(value, __u32);
+} bf_nat_frags SEC(".maps");
+
+static __always_inline void bf_nat_frag_key(struct bf_ctx *ctx, const struct bf_pkt *p,
+					    struct bf_nat_frag_key *key, int dst)
+{
+	__u16 id = 0;
+
+	bf_load_bytes(ctx, sizeof(struct ethhdr) + offsetof(struct iphdr, id), &id, 2);
+	key->saddr = p->saddr;
+	key->daddr = p->daddr;
+	key->id = id;
+	key->proto = p->proto;
+	key->dst = dst;
+}
+
+/* A rewrite of the packet's destination (`dst`) or source from its binding; a first
+ * fragment's is remembered for the rest of its datagram. */
+static __always_inline int bf_nat_rewrite_first(struct bf_ctx *ctx, struct bf_pkt *p, int dst)
+{
+	struct bf_nat_frag_key key = {};
+	int first = p->more_frags && !p->frag_off;
+
+	if (first)
+		bf_nat_frag_key(ctx, p, &key, dst);
+	if (bf_nat_rewrite(ctx, p, dst, p->nat_addr, p->nat_port))
+		return -1;
+	if (first)
+		bpf_map_update_elem(&bf_nat_frags, &key, &p->nat_addr, BPF_ANY);
+	return 0;
+}
+
+/* A later fragment: the address its first fragment got, if that one came first. Global,
+ * as below. */
+__noinline int bf_nat_fragment(struct bf_ctx *ctx, struct bf_pkt *p, int dst)
+{
+	struct bf_nat_frag_key key = {};
+	__u32 *addr;
+
+	if (!ctx || !p)
+		return 0;
+	bf_nat_frag_key(ctx, p, &key, !!dst);
+	addr = bpf_map_lookup_elem(&bf_nat_frags, &key);
+	if (addr)
+		bf_nat_rewrite(ctx, p, !!dst, *addr, 0);
+	return 0;
+}
+
 /* At PREROUTING's nat place: the destination DNAT chose or the binding holds. (What the
  * packet was addressed to stays in p->ct_orig, for the binding.) Global: the rewrite's
  * locals stay off the program's stack, which is full at TC with IPv6. */
@@ -297,7 +360,7 @@ __noinline int bf_nat_destination(struct bf_ctx *ctx, struct bf_pkt *p)
 {
 	if (!ctx || !p)
 		return 0;
-	if (bf_nat_rewrite(ctx, p, 1, p->nat_addr, p->nat_port))
+	if (bf_nat_rewrite_first(ctx, p, 1))
 		p->nat = 0;
 	return 0;
 }
@@ -443,7 +506,7 @@ __noinline int bf_nat_source(struct bf_ctx *ctx, struct bf_pkt *p)
 {
 	if (!ctx || !p)
 		return 0;
-	bf_nat_rewrite(ctx, p, 0, p->nat_addr, p->nat_port);
+	bf_nat_rewrite_first(ctx, p, 0);
 	return 0;
 }
 

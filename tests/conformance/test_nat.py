@@ -13,13 +13,15 @@ import socket
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scapy.layers.inet import IP, UDP, fragment
+from scapy.layers.l2 import Ether
 
 from bpfilter.runtime import conntable, state
 from bpfilter.testbed import CLIENT_ADDR, SERVER_ADDR, netns
 from tests.conftest import EXAMPLES
 from tests.conformance.harness import FAR_LISTENER, SETTINGS, count
-from tests.conformance.nat_flows import (ACCEPT_PORT, ECHO_PORT, FarPeers, flow, snat_flow,
-                                         sports)
+from tests.conformance.nat_flows import (ACCEPT_PORT, ECHO_PORT, FarPeers, describe, flow,
+                                         snat_flow, sports)
 from bpfilter.testbed.veth import ROUTER_LINK
 
 GENERATED_RULESETS = count(10)
@@ -170,6 +172,35 @@ def test_a_dnat_port_range_keeps_the_port_or_takes_the_lowest_free(nat_router, f
         kernel = snat_flow(nat_router.kernel, far_peers, "udp", dst, port, sport)
         ours = snat_flow(nat_router.bpf, far_peers, "udp", dst, port, sport)
         assert ours == kernel, f"udp to {dst}:{port}: kernel {kernel}, bpfilter {ours}"
+
+
+def _fragmented(bed, dst: str, port: int, sport: int) -> tuple:
+    """A 3,000-byte datagram from the client in three fragments; the answers (the far
+    echo's says whom it saw) as the client sees them."""
+    datagram = IP(src=CLIENT_ADDR, dst=dst, id=sport) / UDP(sport=sport, dport=port) / (
+        b"x" * 3000)
+    frames = [bytes(Ether(src=bed.client_mac, dst=bed.server_mac) / f)
+              for f in fragment(datagram, fragsize=1200)]
+    for frame in frames[:-1]:
+        bed.sock.send(frame)
+    return tuple(sorted(describe(r) for r in bed.send(frames[-1])))
+
+
+def test_later_fragments_get_the_first_ones_translation(nat_router, far_peers):
+    """The kernel reassembles before NAT; bpfilter rewrites the first fragment before the
+    kernel's reassembly, so the later ones get the address it got (at PREROUTING for
+    DNAT's destination, at egress for MASQUERADE's source after the kernel cut the
+    datagram again): the far echo answers a fragmented datagram as the kernel's does."""
+    nat_router.load(NAT_HEAD + f"-A PREROUTING -d 198.18.0.7/32 -p udp -j DNAT "
+                    f"--to-destination {FAR_LISTENER}:{ECHO_PORT}\n"
+                    "-A POSTROUTING -o eth1 -s 100.64.0.0/24 -j MASQUERADE\nCOMMIT\n"
+                    + FILTER_OPEN)
+    for dst in ("198.18.0.7", FAR_LISTENER):
+        sport = next(sports)
+        kernel = _fragmented(nat_router.kernel, dst, ECHO_PORT, sport)
+        assert kernel, "the kernel's router answers"
+        ours = _fragmented(nat_router.bpf, dst, ECHO_PORT, sport)
+        assert ours == kernel, f"to {dst}: kernel {kernel}, bpfilter {ours}"
 
 
 # SNAT: sources the router can stand for (its own range, its eth1 address, another of its

@@ -408,10 +408,10 @@ struct {
 	__type(value, struct bf_nat_route);
 } bf_nat_routes SEC(".maps");
 
-/* The route to the packet's new destination from its source (the host's own packet: only
- * `-o` patterns), as a packet forwarded from
+/* The route to the packet's new destination from its source, as a packet forwarded from
  * the interface it was to leave by (a lookup as output would keep to that interface);
- * where forwarding is off there, that interface's own routes. 0: no route, or a local
+ * where forwarding is off there, that interface's own routes. POSTROUTING then sees the
+ * new interface (the host's own packet has only `-o` patterns). 0: no route, or a local
  * destination (delivered through lo, which this does not follow: the packet is dropped).
  * Global: the lookup's 64 bytes stay off the egress program's stack. */
 __noinline int bf_nat_reroute(struct bf_ctx *ctx, struct bf_pkt *p)

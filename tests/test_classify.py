@@ -118,3 +118,29 @@ def test_an_empty_chain_a_classified_rule_jumps_to_compiles(tmp_path):
     items, result = _classified(text)
     assert [len(s.entries) for s in result.segments if s.chain == ("filter", "EMPTY")] == [0]
     assert "bf_classify" in compile_ruleset(text, "empty", tmp_path, emit="c").code.source
+
+
+def test_kube_proxy_chains_are_inlined_within_the_kernels_functions(tmp_path):
+    """300 kube-proxy services (about 1,350 short KUBE-SVC/KUBE-SEP chains, all code):
+    each a function, they would pass the kernel's 256 functions; inlined, the program
+    keeps a few."""
+    from bpfilter.codegen.program import MAX_CHAIN_FUNCTIONS
+    from bpfilter.compiler import compile_ruleset
+    from examples.make_kube import kube_nat
+
+    source = compile_ruleset(kube_nat(300), "kube", tmp_path, emit="c").code.source
+    functions = source.count("__noinline int bf_chain_")
+    assert 0 < functions < MAX_CHAIN_FUNCTIONS // 4
+    assert source.count("static __always_inline int bf_chain_") > 1000
+
+
+def test_make_kube_writes_what_iptables_save_prints(kernel, namespace):
+    from bpfilter.testbed import netns
+    from examples.make_kube import kube_nat
+
+    text = kube_nat(5)
+    space = namespace()
+    netns.run("iptables-legacy-restore", netns=space, input=text)
+    saved = netns.run("iptables-legacy-save", "-t", "nat", netns=space).stdout
+    assert [line for line in saved.splitlines() if not line.startswith("#")] == \
+        text.splitlines()

@@ -103,6 +103,10 @@ REFUSED = {
         "-A PREROUTING -j REDIRECT --to-ports 3128").encode(),
     "REDIRECT to an address": NAT.format(
         "-A PREROUTING -p tcp -j REDIRECT --to-ports 1.2.3.4:80").encode(),
+    "DNAT to a range of names": NAT.format(
+        "-A PREROUTING -p tcp -j DNAT --to-destination 1.1.1.1:echo-ssh").encode(),
+    "REDIRECT to a number-name range": NAT.format(
+        "-A PREROUTING -p tcp -j REDIRECT --to-ports 10-ssh").encode(),
     "REDIRECT --random-fully": NAT.format(
         "-A PREROUTING -p tcp -j REDIRECT --random-fully").encode(),
     # libxt_statistic's refusals (its own .t file's FAIL lines among them)

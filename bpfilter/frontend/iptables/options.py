@@ -936,6 +936,9 @@ def _nat_to(option: str, form: str, address: bool = True):
         span = None
         if ports:
             low, _, high = ports.partition("-")
+            if high and (_c_number(low) is None or _c_number(high) is None):
+                raise reader.error(arg, f"'{ports}': a port range takes numbers (a service "
+                                   "name stands alone, as libxt_NAT reads it)", form)
             first = _parse_port(reader, arg, low, "tcp")
             span = (first, _parse_port(reader, arg, high, "tcp") if high else first)
             if 0 in span:

@@ -11,6 +11,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from typing import Optional
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, TCPerror, UDPerror
@@ -18,6 +19,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Packet
 
 from bpfilter.testbed import CLIENT_ADDR, netns
+from bpfilter.testbed.veth import drain, incoming
 from tests.conformance.harness import FAR_LISTENER, MirrorPair
 
 ECHO_PORT, ACCEPT_PORT = 7, 8443
@@ -154,3 +156,20 @@ def snat_flow(bed, peers: FarPeers, kind: str, dst: str, port: int, sport: int,
         peer = peers.peer(bed) if any("SA" in reply for reply in steps[0]) else None
         steps.append(peer and (peer[0], ports(peer[1], sport)))
     return steps
+
+
+def from_the_far_end(bed, port: int = 9999) -> tuple:
+    """A datagram the far end (a container, a guest) sends out to the client: the source
+    the client sees (MASQUERADE's, say), its port kept or not; () when none arrives."""
+    with netns.entered(bed.far):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        sock.bind((FAR_LISTENER, 0))
+        sport = sock.getsockname()[1]
+        drain(bed.sock)
+        sock.sendto(b"out", (CLIENT_ADDR, port))
+        end = time.monotonic() + 0.5
+        for frame in incoming(bed.sock, lambda: end):
+            if UDP in frame and frame[UDP].dport == port:
+                return frame[IP].src, "its port" if frame[UDP].sport == sport else "another"
+    return ()

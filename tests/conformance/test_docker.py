@@ -6,16 +6,11 @@ answers (RELATED,ESTABLISHED), the host's own ports, and what the container send
 
 from __future__ import annotations
 
-import socket
-import time
-
-from scapy.layers.inet import IP, UDP
-
-from bpfilter.testbed import CLIENT_ADDR, SERVER_ADDR, netns
-from bpfilter.testbed.veth import drain, incoming
+from bpfilter.testbed import CLIENT_ADDR, SERVER_ADDR
 from tests.conftest import EXAMPLES
 from tests.conformance.harness import FAR_LISTENER
-from tests.conformance.nat_flows import ACCEPT_PORT, ECHO_PORT, snat_flow, sports
+from tests.conformance.nat_flows import (ACCEPT_PORT, ECHO_PORT, from_the_far_end, snat_flow,
+                                         sports)
 
 RULES = (EXAMPLES / "docker.v4").read_text()
 FLOWS = (("syn", SERVER_ADDR, 8080),  # the published port: to the container's 8443
@@ -36,25 +31,8 @@ def test_a_docker_ruleset_runs_as_the_kernels(nat_router, far_peers):
             assert kernel[-1] == (CLIENT_ADDR, "the client's"), "the container accepted it"
 
 
-def _from_the_container(bed) -> tuple:
-    """A datagram the container sends out to the client: the source the client sees
-    (MASQUERADE of the bridge's range), its port kept or not."""
-    with netns.entered(bed.far):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with sock:
-        sock.bind((FAR_LISTENER, 0))
-        sport = sock.getsockname()[1]
-        drain(bed.sock)
-        sock.sendto(b"out", (CLIENT_ADDR, 9999))
-        end = time.monotonic() + 0.5
-        for frame in incoming(bed.sock, lambda: end):
-            if UDP in frame and frame[UDP].dport == 9999:
-                return frame[IP].src, "its port" if frame[UDP].sport == sport else "another"
-    return ()
-
-
 def test_what_the_container_sends_out_is_masqueraded_as_the_kernels(nat_router):
     nat_router.load(RULES)
-    kernel = _from_the_container(nat_router.kernel)
+    kernel = from_the_far_end(nat_router.kernel)
     assert kernel == (SERVER_ADDR, "its port"), kernel
-    assert _from_the_container(nat_router.bpf) == kernel
+    assert from_the_far_end(nat_router.bpf) == kernel

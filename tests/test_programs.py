@@ -378,6 +378,26 @@ def test_walks_longer_than_bpf_loop_runs_are_refused(tmp_path):
     compile_ruleset(fewer, "ok.v4", tmp_path, emit="c")  # 1,000 jumps: 4.5 million steps
 
 
+def _veths(host: str, **addresses) -> list[int]:
+    """Veth pairs in the test's namespace, both ends up, each named one with its address
+    (None: none); their ifindexes."""
+    found = []
+    for name, address in addresses.items():
+        netns.run("ip", "link", "add", name, "type", "veth", "peer", f"{name}p", netns=host)
+        if address:
+            netns.run("ip", "addr", "add", address, "dev", name, netns=host)
+        for end in (name, f"{name}p"):
+            netns.run("ip", "link", "set", end, "up", netns=host)
+        found.append(netns.link_info(host, name)[0])
+    return found
+
+
+def _router(host: str) -> list[int]:
+    """The namespace as a router: lan0 (192.0.2.254/24) and far0 (10.99.0.1/24)."""
+    netns.sysctl(host, "net.ipv4.ip_forward", "1")
+    return _veths(host, lan0="192.0.2.254/24", far0="10.99.0.1/24")
+
+
 @pytest.mark.parametrize("entries", [3, 2], ids=["as-built", "mutated-to-2x"])
 def test_every_connection_the_table_holds_keeps_its_nat_binding(kernel, build_root, host,
                                                                 monkeypatch, entries):
@@ -386,13 +406,7 @@ def test_every_connection_the_table_holds_keeps_its_nat_binding(kernel, build_ro
     connections (150,000 entries: past 2 x 65,536) keep the first one's binding both ways;
     built with bf_nat at two per connection, the same run loses it (the check sees the
     limit)."""
-    for name, address in (("lan0", "192.0.2.254/24"), ("far0", "10.99.0.1/24")):
-        netns.run("ip", "link", "add", name, "type", "veth", "peer", f"{name}p", netns=host)
-        netns.run("ip", "addr", "add", address, "dev", name, netns=host)
-        for end in (name, f"{name}p"):
-            netns.run("ip", "link", "set", end, "up", netns=host)
-    netns.sysctl(host, "net.ipv4.ip_forward", "1")
-    lan, far = (netns.link_info(host, name)[0] for name in ("lan0", "far0"))
+    lan, far = _router(host)
     if entries != 3:
         headers = program.runtime_headers()
         assert "3 * BF_CT_MAX" in headers["nat.h"]
@@ -428,10 +442,7 @@ def test_redirect_follows_the_incoming_interfaces_first_address(kernel, build_ro
     """REDIRECT sends to the first IPv4 address of the interface the packet came in by, as
     the host has it now: with none the kernel drops the packet; an address added later
     (and a new first one after the old is gone) is where the next connection goes."""
-    netns.run("ip", "link", "add", "lan0", "type", "veth", "peer", "lan0p", netns=host)
-    for end in ("lan0", "lan0p"):
-        netns.run("ip", "link", "set", end, "up", netns=host)
-    lan = netns.link_info(host, "lan0")[0]
+    (lan,) = _veths(host, lan0=None)
     rules = ("*nat\n:PREROUTING ACCEPT [0:0]\n"
              "-A PREROUTING -p udp -j REDIRECT --to-ports 53\nCOMMIT\n")
     with LoadedRuleset(compile_ruleset(rules, "redirect", build_root / "redirect",
@@ -465,14 +476,8 @@ def test_masqueraded_connections_go_with_their_address(kernel, build_root, host)
     address goes (the watcher does it for bpfilter, from its views before and after): the
     flow's next datagram starts a new connection, under the address the interface has
     now; until then it kept the old one."""
-    for name, address in (("lan0", "192.0.2.254/24"), ("far0", "10.99.0.1/24")):
-        netns.run("ip", "link", "add", name, "type", "veth", "peer", f"{name}p", netns=host)
-        netns.run("ip", "addr", "add", address, "dev", name, netns=host)
-        for end in (name, f"{name}p"):
-            netns.run("ip", "link", "set", end, "up", netns=host)
-    netns.sysctl(host, "net.ipv4.ip_forward", "1")
+    lan, _far = _router(host)
     netns.sysctl(host, "net.ipv4.conf.far0.promote_secondaries", "1")
-    lan = netns.link_info(host, "lan0")[0]
     rules = "*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -o far0 -j MASQUERADE\nCOMMIT\n"
     datagram = bytes(Ether() / IP(src="192.0.2.1", dst="10.99.0.2") / UDP(sport=1000,
                                                                           dport=53))

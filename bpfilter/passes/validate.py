@@ -72,7 +72,7 @@ def _unsupported_rule(table: ir.Table, rule: ir.Rule) -> Optional[InputError]:
         return _error_at(rule.origin, f"*{table.name}",
                          f"rules in table '{table.name}' are not supported yet",
                          "rules in the " + ", ".join(COMPILED_TABLES) + " tables, and "
-                         "in nat's PREROUTING and POSTROUTING")
+                         "in nat's PREROUTING, OUTPUT and POSTROUTING")
     name, only = _TARGET_TABLES.get(type(rule.target), (None, table.name))
     name = _nat_name(rule.target) or name
     if only != table.name:

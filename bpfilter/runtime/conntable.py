@@ -176,8 +176,7 @@ def connections(paths: Paths) -> Iterator[Connection]:
             if expires <= now:
                 continue
             ends = [(a0, p0), (a1, p1)]
-            if proto in (socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6):
-                orig = 0  # endpoint 0 asked; the ports are id, type
+            orig = _opener(proto, orig)
             (src, sport), (dst, dport) = ends[orig], ends[1 - orig]
             yield Connection(_PROTOCOLS.get(proto, str(proto)),
                              TCP_STATES[tcp] if proto == socket.IPPROTO_TCP and tcp < 10
@@ -189,6 +188,19 @@ def connections(paths: Paths) -> Iterator[Connection]:
         bindings.close()
 
 
+def _opener(proto: int, orig: int) -> int:
+    """Which endpoint of a key opened its connection (the entry's `orig`; of an ICMP
+    query's, endpoint 0 asked: its ports are the id and the type)."""
+    return 0 if proto in (socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6) else orig
+
+
+def _binding_ends(value: bytes, orig: int) -> tuple[tuple, tuple]:
+    """A binding's ends (_END's fields): the opener's, then the other."""
+    fields = _BINDING.unpack(value)
+    ends = (fields[0:8], fields[8:16])
+    return ends[orig], ends[1 - orig]
+
+
 def _nat(bindings: Map, key: bytes, proto: int, orig: int) -> tuple[Optional[str], ...]:
     """The new destination and source of a connection NAT bound (its original tuple's
     entry: endpoint `orig` of its key opened it), as conntrack -L's reply tuple shows
@@ -196,9 +208,7 @@ def _nat(bindings: Map, key: bytes, proto: int, orig: int) -> tuple[Optional[str
     value = bindings.lookup(key)
     if value is None:
         return None, None
-    fields = _BINDING.unpack(value)
-    ends = [fields[0:8], fields[8:16]]
-    client, server = ends[orig], ends[1 - orig]
+    client, server = _binding_ends(value, orig)
     ports = proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP)
 
     def shown(address: int, port: int) -> str:
@@ -221,12 +231,11 @@ def forget_masqueraded(table: Map, bindings: Map, addresses: set[int]) -> int:
         value = bindings.lookup(key)
         if value is None:
             continue
-        fields = _BINDING.unpack(value)
-        orig = _ENTRY.unpack(table.lookup(key) or bytes(_ENTRY.size))[1]
-        if _KEY.unpack(key)[10] in (socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6):
-            orig = 0  # endpoint 0 asked
-        client = fields[8:16] if orig else fields[0:8]
-        if client[7] and client[2] in addresses:
+        orig = _opener(_KEY.unpack(key)[10],
+                       _ENTRY.unpack(table.lookup(key) or bytes(_ENTRY.size))[1])
+        client, _server = _binding_ends(value, orig)
+        _view, _as_dst, as_src, *_rest, masq = client
+        if masq and as_src in addresses:
             table.delete(key)
             gone += 1
     return gone

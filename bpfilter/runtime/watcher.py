@@ -142,8 +142,9 @@ class Watcher:
             now = hostview.addresses(view)
             gone = (self.addresses or set()) - now
             self.addresses = now
-            for paths, _deployment in list(state.deployments())[:1]:  # one table each
-                conntable.forget_masqueraded_at(paths, gone)
+            running = next(iter(state.deployments()), None)  # the namespace's one table
+            if running is not None:
+                conntable.forget_masqueraded_at(running[0], gone)
             for paths, deployment in state.deployments():
                 if paths.generation(deployment.generation).exists():
                     try:

@@ -36,9 +36,8 @@ _FAMILY_MODULES = {"icmp": (ir.Family.IPV4, "icmp6"), "ttl": (ir.Family.IPV4, "h
 # The module a protocol loads by itself (`-p tcp --dport 22`).
 _PROTOCOL_MODULES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp6"}
 SUPPORTED_TARGETS = ("ACCEPT, DROP, RETURN, REJECT, LOG, MARK, CONNMARK, NOTRACK, CHECKSUM, "
-                     "CT --notrack, DNAT and REDIRECT (nat PREROUTING), SNAT and MASQUERADE "
-                     "(nat POSTROUTING), "
-                     "or a user-defined chain")
+                     "CT --notrack, DNAT (nat PREROUTING, OUTPUT), REDIRECT (nat PREROUTING), "
+                     "SNAT and MASQUERADE (nat POSTROUTING), or a user-defined chain")
 PLANNED_MATCHES = {
     "set": "ipsets are not supported yet",
 }
@@ -255,9 +254,9 @@ class RuleReader:
 
 # Any other name is taken as a user chain; the validation pass reports it if none exists.
 _KNOWN_UNSUPPORTED_TARGETS = {
-    "REDIRECT", "TPROXY",
+    "TPROXY",
     "NFQUEUE", "QUEUE", "TCPMSS", "TOS", "DSCP", "TTL", "CLASSIFY", "NFLOG", "ULOG", "TEE",
-    "SET", "AUDIT", "CHECKSUM", "SECMARK", "CONNSECMARK", "TRACE", "IDLETIMER", "LED",
+    "SET", "AUDIT", "SECMARK", "CONNSECMARK", "TRACE", "IDLETIMER", "LED",
     "HMARK", "SYNPROXY", "NETMAP", "CLUSTERIP", "ECN",
 }
 

@@ -64,7 +64,8 @@ SELECTORS = {
     ("ip", "frag-off"), ("tcp", "sport"), ("tcp", "dport"), ("tcp", "flags"),
     ("udp", "sport"), ("udp", "dport"), ("icmp", "type"), ("icmp", "code"),
     ("meta", "l4proto"), ("meta", "iifname"), ("meta", "oifname"), ("meta", "iif"),
-    ("meta", "oif"), ("meta", "mark"), ("meta", "length"), ("meta", "random"), ("ct", "state"), ("ct", "status"), ("ct", "mark"),
+    ("meta", "oif"), ("meta", "mark"), ("meta", "length"), ("meta", "random"),
+    ("ct", "state"), ("ct", "status"), ("ct", "mark"),
     ("ct", "direction"), ("ether", "saddr"), ("ether", "type"), ("meta", "protocol"),
     ("meta", "nfproto"),
     ("th", "sport"), ("th", "dport"),
@@ -561,25 +562,11 @@ class RuleReader(Comparisons):
         return self._range(part[0], 0xFFFFFFFF)
 
     def _numgen_vmap(self, base: ir.NumgenMatch) -> list[_Choice]:
-        table = self.next("a verdict map")
-        elements = self._elements(table)
-        if elements is None:
-            raise self.error(table, "a verdict map expected", "vmap { key : verdict }")
-        choices = []
-        for element in elements:
-            colon = next((i for i, w in enumerate(element)
-                          if isinstance(w, Word) and w.value == ":"), None)
-            if colon is None or not element[:colon] or not element[colon + 1:]:
-                raise self.error(element[0], "map element expected as 'key : verdict'")
-            value = self._numgen_value(self._element_words(element[:colon], 1)[0])
-            sub = RuleReader(list(element[colon + 1:]), self.source, self.sets, self.table,
-                             self.family)
-            target = sub._verdict(sub.next_word("a verdict"))
-            if sub.peek() is not None:
-                raise self.error(sub.peek(), "one verdict per map element")
-            choices.append(_Choice((replace(base, values=(value,)),), target))
+        _elements, verdicts = self._verdict_map()
         self.verdict_map = True
-        return choices
+        return [_Choice((replace(base, values=(
+            self._numgen_value(self._element_words(key, 1)[0]),)),), target)
+            for key, target in verdicts]
 
     def _selector(self) -> tuple[str, Word]:
         word = self.next_word("an expression")
@@ -746,12 +733,25 @@ class RuleReader(Comparisons):
     def _vmap(self, selectors, op, mask) -> list[_Choice]:
         if op != "implicit":
             raise self.error(self.words[self.pos - 1], "vmap takes no operator")
+        elements, verdicts = self._verdict_map()
+        choices = [_Choice(self._element_matches(selectors, mask,
+                                                 self._element_words(key, len(selectors))),
+                           target) for key, target in verdicts]
+        _disjoint(choices, [e[0] for e in elements], self)
+        self.verdict_map = True
+        self.may_overlap |= len(selectors) > 1
+        return choices
+
+    def _verdict_map(self) -> tuple[list[tuple[Item, ...]], list[tuple[tuple[Item, ...],
+                                                                       ir.Target]]]:
+        """`{ key : verdict, ... }` or `@map` after vmap: its elements, and each one's key
+        words and verdict."""
         table = self.next("a verdict map")
         elements = self._elements(table)
         if elements is None:
             raise self.error(table, "a verdict map expected", "vmap { key : verdict }, "
                              "vmap @map")
-        choices = []
+        verdicts = []
         for element in elements:
             colon = next((i for i, w in enumerate(element)
                           if isinstance(w, Word) and w.value == ":"), None)
@@ -760,18 +760,14 @@ class RuleReader(Comparisons):
             key, verdict = element[:colon], element[colon + 1:]
             if not key or not verdict:
                 raise self.error(element[colon], "map element expected as 'key : verdict'")
-            parts = self._element_words(key, len(selectors))
             sub = RuleReader(list(verdict), self.source, self.sets, self.table,
                              self.family)
             sub.v6 = self.v6
             target = sub._verdict(sub.next_word("a verdict"))
             if sub.peek() is not None:
                 raise self.error(sub.peek(), "one verdict per map element")
-            choices.append(_Choice(self._element_matches(selectors, mask, parts), target))
-        _disjoint(choices, [e[0] for e in elements], self)
-        self.verdict_map = True
-        self.may_overlap |= len(selectors) > 1
-        return choices
+            verdicts.append((key, target))
+        return elements, verdicts
 
     def _icmp_code(self, where: Word, word: Word, negate: bool) -> tuple[ir.Match, ...]:
         """`icmp type T icmp code C`: the code narrows the type's match just before it

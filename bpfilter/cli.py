@@ -284,11 +284,16 @@ def _warn_unseen_marks(ruleset) -> None:
                       "--attach tc) the skb carries them.[/]")
 
 
-def _compiled_as(chain: tuple[str, str], as_data: set, segments: set) -> str:
-    """Straight-line code, classifier data (see passes/classify.py), or both."""
+def _compiled_as(chain: tuple[str, str], as_data: set, segments: set, services: set,
+                 service_data: set, code: set) -> str:
+    """Straight-line code, classifier data (see passes/classify.py), the service map
+    (passes/services.py), or code with some of these."""
     if chain in as_data:
         return "data"
-    return "code + data" if chain in segments else "code"
+    if chain in service_data and chain not in code:
+        return "service map"
+    return "code" + (" + data" if chain in segments else "") + \
+        (" + service map" if chain in services | service_data else "")
 
 
 def _summary(result, output: Path) -> dict:
@@ -303,6 +308,10 @@ def _summary(result, output: Path) -> dict:
             reached.setdefault(key, []).extend(h.value for h in hooks)
     as_data = {chain for s in result.stages for chain, _n in s.classification.data_chains}
     segments = {s.chain for st in result.stages for s in st.classification.segments}
+    runs = result.stages[0].services if result.stages else ()
+    services = {(run.table, run.chain) for run in runs}
+    service_data = {(run.table, chain) for run in runs for chain, _i in run.members}
+    code = {ref.key for stage in result.stages for ref in stage.chains if ref.items}
     chains = []
     for table in result.parsed.tables:
         for chain in table.chains:
@@ -315,8 +324,8 @@ def _summary(result, output: Path) -> dict:
                            "rules_compiled": compiled_rules.get(key, 0),
                            "runs_at": reached.get(key, []),
                            "builtin": chain.builtin,
-                           "as": _compiled_as(key, as_data, segments) if key in reached
-                           else None})
+                           "as": _compiled_as(key, as_data, segments, services, service_data,
+                                              code) if key in reached else None})
     programs = []
     for compiled in result.programs:
         stats, program = compiled.stats, compiled.source
@@ -334,16 +343,41 @@ def _summary(result, output: Path) -> dict:
                          "token": e.token, "why": e.why} for e in result.skipped]}
 
 
+# Chains the summary lists one by one; past that, user chains are counted per table and
+# form (kube-proxy writes tens of thousands; `--json` lists every one).
+SUMMARY_CHAINS = 40
+
+
 def _print_summary(summary: dict) -> None:
     chains = _table(f"{summary['source']}: chains")
     for col in ("table", "chain", "policy", "rules read", "rules compiled", "runs at", "as"):
         chains.add_column(col, justify="right" if "rules" in col else "left")
-    for c in summary["chains"]:
+    listed = summary["chains"]
+    if len(listed) > SUMMARY_CHAINS:
+        builtin = [c for c in listed if c["builtin"]]
+        user = [c for c in listed if not c["builtin"]]
+        # the longest ones, in their order
+        longest = sorted(user, key=lambda c: -c["rules_read"])
+        keep = {id(c) for c in longest[:max(0, SUMMARY_CHAINS - len(builtin))]}
+        listed = builtin + [c for c in user if id(c) in keep]
+    for c in listed:
         chains.add_row(c["table"], c["chain"], c["policy"] or "-", str(c["rules_read"]),
                        str(c["rules_compiled"]),
                        ", ".join(c["runs_at"]) or ("nothing to run" if c["builtin"]
                                                    else "not reached"),
                        c["as"] or "-")
+    rest: dict[tuple[str, str], list[int]] = {}
+    shown = {id(c) for c in listed}
+    for c in summary["chains"]:
+        if id(c) not in shown:
+            counts = rest.setdefault((c["table"], c["as"] or "-"), [0, 0, 0])
+            counts[0] += 1
+            counts[1] += c["rules_read"]
+            counts[2] += c["rules_compiled"]
+    for (table, form), (count, read, compiled) in rest.items():
+        more = f"[dim]{count:,} more chain{'s' if count > 1 else ''}[/]"
+        chains.add_row(table, more, "-", f"{read:,}", f"{compiled:,}",
+                       "[dim](--json lists them)[/]", form)
     console.print(chains)
     programs = _table("programs")
     for col in ("stage", "attach", "program", "C lines", "verified", "insns", "jited"):

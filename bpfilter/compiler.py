@@ -18,6 +18,7 @@ from bpfilter.loader.objects import Object, VerifierStats
 from bpfilter.passes import Stage, plan_stages, validate
 from bpfilter.passes.classify import classify
 from bpfilter.passes.fold import fold_chains
+from bpfilter.passes.services import find_services
 from bpfilter.passes.stages import counter_slots
 
 
@@ -69,7 +70,7 @@ def compile_ruleset(text: str, source: str, out_dir: Path, emit: str = "obj",
         parsed = parse_ruleset(text, source, skipping)
     with _timed(timings, "passes"):
         ruleset = validate(parsed, skipping)
-        folds, classification = classify(ruleset, fold_chains(ruleset))
+        folds, classification = classify(ruleset, find_services(ruleset, fold_chains(ruleset)))
         slots = counter_slots(ruleset, folds)
         stages = plan_stages(ruleset, folds=folds, slots=slots,
                              classification=classification)

@@ -8,6 +8,7 @@
  * receiver as another host's. So each repetition writes the frame's headers back first. */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
 
 #define HEAD4 (14 + 20) /* Ethernet and IPv4 headers: what forwarding rewrites */
 #define HEAD6 (14 + 40)
@@ -15,7 +16,35 @@
 struct head {
 	__u32 len; /* HEAD4 or HEAD6 */
 	__u8 bytes[HEAD6];
+	__u32 flows; /* IPv4 UDP: every repetition a new flow (new connections per second) */
+	__u32 next;  /* the flow number of the next repetition */
 };
+
+#define FLOW_PORTS 64000
+
+/* Flow n: source port 1024 + n % FLOW_PORTS, and n / FLOW_PORTS added to the source
+ * address; the IPv4 checksum made anew, the UDP one left out (0: none, IPv4 allows it). */
+static __always_inline int bpfilter_tx_flow(void *data, void *end, struct head *h)
+{
+	struct iphdr *ip = data + 14;
+	struct udphdr *udp = data + HEAD4;
+	__u16 *words = (void *)ip;
+	__u32 n = __sync_fetch_and_add(&h->next, 1), sum = 0;
+	int i;
+
+	if ((void *)(udp + 1) > end)
+		return XDP_ABORTED;
+	ip->saddr = bpf_htonl(bpf_ntohl(ip->saddr) + n / FLOW_PORTS);
+	ip->check = 0;
+	for (i = 0; i < 10; i++)
+		sum += words[i];
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	ip->check = ~sum & 0xffff;
+	udp->source = bpf_htons(1024 + n % FLOW_PORTS);
+	udp->check = 0;
+	return XDP_TX;
+}
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -41,6 +70,8 @@ int bpfilter_xdp_tx(struct xdp_md *ctx)
 		if (data + HEAD4 > end)
 			return XDP_ABORTED;
 		__builtin_memcpy(data, h->bytes, HEAD4);
+		if (h->flows)
+			return bpfilter_tx_flow(data, end, h);
 	}
 	return XDP_TX;
 }

@@ -27,6 +27,7 @@ class MatchContext:
     numgens: list[Optional[str]] = field(default_factory=list)  # bf_numgen's slots
     conntrack: bool = False  # a rule reads the connection state
     nat: bool = False  # a rule translates addresses (NAT bindings)
+    services: dict = field(default_factory=dict)  # the service runs met, by number
     family: Optional[ir.Family] = ir.Family.IPV4  # of the chain's packets (None: both)
 
     def require(self, expr: str, negate: bool = False) -> str:

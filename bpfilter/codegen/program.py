@@ -16,15 +16,17 @@ from bpfilter import ir
 from bpfilter.errors import InputError
 from bpfilter.codegen.classifier import ClassifierTables, classifier_tables, walk_steps
 from bpfilter.codegen.matchers import MatchContext, match_lines
+from bpfilter.codegen.services import ServiceTables, service_lines, service_tables
 from bpfilter.codegen.targets import return_lines, target_lines, uses_conntrack
 from bpfilter.passes.classify import MAX_DEPTH, Segment, entry_rules
 from bpfilter.passes.fold import PrefixRun, RuleItem
+from bpfilter.passes.services import MAX_ENDPOINTS, ServiceRun
 from bpfilter.passes.stages import ChainRef, Stage
 from bpfilter.resources import resource_dir
 
 # The runtime the generated programs include: packet parsing, maps, targets; the classifier.
 RUNTIME_HEADERS = ("bpfilter.h", "classify.h", "conntrack.h", "addrtype.h", "nat.h",
-                   "numgen.h")
+                   "numgen.h", "services.h")
 # Chains longer than this are split into functions of this many rules: clang's time grows
 # faster than linearly with the size of one function.
 PART_RULES = 32
@@ -99,6 +101,7 @@ class GeneratedProgram:
     attach: Attach = Attach.XDP  # of the ingress program
     conntrack: bool = False  # rules read the connection state: bf_conntrack is shared
     nat: bool = False  # rules translate addresses: replies are translated where it runs
+    services: ServiceTables = ServiceTables()  # the service map's rows
 
     @property
     def name(self) -> str:
@@ -184,6 +187,8 @@ def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
                              len(ref.items) * callers.get(key, 0) <= INLINE_RULE_CALLS)
             for key, ref in refs.items()}
     tables, sizes = _classifier(stages[0], runs, ctx)
+    services = service_tables([ctx.services[n] for n in sorted(ctx.services)],
+                               stages[0].service_slots)
     families = {ref.family for ref in refs.values()}
     # Each base chain runs for its family's packets (an inet one for both; with IPv4
     # chains alone the parser lets only IPv4 in), a netdev one for its device's frames.
@@ -200,6 +205,8 @@ def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
                                if r.uniform_length is None and r.version == 4)),
         nprefixes6=capacity(sum(len(r.prefixes) for r, *_ in runs if r.version == 6)),
         nexact=capacity(sum(len(r.prefixes) for r, *_ in runs if r.uniform_length is not None)),
+        nservices=capacity(len(services.keys)) if services.keys else 0,
+        nendpoints=capacity(len(services.endpoints)), max_endpoints=MAX_ENDPOINTS,
         ifbits_in=_pattern_bits(ctx, "in"), ifbits_out=_pattern_bits(ctx, "out"),
         classifier=sizes)
     programs = []
@@ -237,7 +244,7 @@ def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
                    for number, (run, _slots, (table, chain), data) in enumerate(runs))
     return GeneratedProgram(tuple(programs), tuple(ctx.if_patterns), tuple(ctx.limits),
                             nslots, prefixes, exact, tables, sizes, folded, attach,
-                            ctx.conntrack, ctx.nat)
+                            ctx.conntrack, ctx.nat, services)
 
 
 def _condition(ref: ChainRef, guard: bool, ctx: MatchContext) -> Optional[str]:
@@ -260,7 +267,7 @@ def _callers(refs) -> dict[tuple[str, str], int]:
     for ref in refs:
         for item in ref.items:
             target = item.rule.target if isinstance(item, RuleItem) else \
-                item.target if isinstance(item, PrefixRun) else None
+                item.target if isinstance(item, PrefixRun) else None  # (services: data)
             if isinstance(target, ir.JumpTarget):
                 key = (ref.table, target.chain)
                 found[key] = found.get(key, 0) + 1
@@ -287,6 +294,13 @@ def _chain_code(ref: ChainRef, functions: dict[str, str], runs: list,
                              # (an empty user chain a classified rule jumps to is data too)
                              _entry_origin(item) if item.entries else chain.origin)
             ctx.skip = f"seg{item.number}"
+        elif isinstance(item, ServiceRun):
+            lines = service_lines(item)
+            ctx.skip = f"svc{item.number}"
+            ctx.services[item.number] = item
+            ctx.conntrack = ctx.nat = True
+            title = f"service run {item.number}: {len(item.services)} services in one lookup"
+            origin = chain.rules[item.services[0].index].origin
         elif isinstance(item, RuleItem):
             slot = ref.rule_slots[item.index]
             ctx.skip = f"r{slot}"

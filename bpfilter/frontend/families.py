@@ -13,6 +13,7 @@ read as IPv4 (or IPv6 for a `.v6` file) and the reader is told it was assumed.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -112,6 +113,13 @@ def _by_content(lines: list[tuple[int, str]], source: str,
 def sections(text: str, source: str = "", given: Optional[Family] = None) -> list[Section]:
     """The text's sections of one family each, in order. `given`: the user's word for
     the whole text, over any evidence."""
+    return list(_sections(text, source, given))
+
+
+@functools.lru_cache(maxsize=4)
+def _sections(text: str, source: str, given: Optional[Family]) -> tuple[Section, ...]:
+    """(Cached: the dialect, the parser and the notes all ask, and reading every line of
+    a kube-proxy ruleset for its family takes seconds.)"""
     default = Family.IPV6 if source.endswith((".v6", ".ipv6")) else Family.IPV4
     lines = text.split("\n")
     starts = [(m.start(), text.count("\n", 0, m.start()), m.group(1))
@@ -133,8 +141,8 @@ def sections(text: str, source: str = "", given: Optional[Family] = None) -> lis
             family, how = _by_content(list(enumerate(lines[first:last], first + 1)),
                                       source, default)
         found.append(Section(family, part, how, first + 1))
-    return [s for s in found if any(line.startswith("*") for line in s.text.split("\n"))] \
-        or found[:1]
+    return tuple([s for s in found if any(line.startswith("*") for line in s.text.split("\n"))]
+                 or found[:1])
 
 
 def notes(text: str, source: str, given: Optional[Family] = None) -> list[str]:

@@ -31,6 +31,7 @@ from typing import Optional, Union
 from bpfilter import ir
 from bpfilter.passes.calls import CLASSIFIER_LEVEL_MAX, chain_levels
 from bpfilter.passes.fold import Item, PrefixRun, RuleItem
+from bpfilter.passes.services import ServiceRun
 
 # Below this many items (rules, folded runs) everything stays straight-line C, which is
 # faster for few; a chain that stays code needs this many classifiable items in a row for
@@ -100,7 +101,7 @@ class Classification:
         return dict(self.data_chains)[(table, chain)]
 
 
-ChainItem = Union[RuleItem, PrefixRun, Segment]
+ChainItem = Union[RuleItem, PrefixRun, Segment, ServiceRun]
 Folds = dict[tuple[str, str], tuple[Item, ...]]
 
 
@@ -120,7 +121,10 @@ def _port_constraint(dim: str, spec: Optional[ir.PortSpec]) -> list[Constraint]:
 
 
 def _entry(item: Union[RuleItem, PrefixRun], data: set[str]) -> Optional[Entry]:
-    """The entry for a rule or a folded run, or None when it has to stay code."""
+    """The entry for a rule or a folded run, or None when it has to stay code (and any
+    other item: a service run is a lookup of its own)."""
+    if not isinstance(item, (RuleItem, PrefixRun)):
+        return None
     if isinstance(item, PrefixRun):
         dim = "saddr" if item.direction == "src" else "daddr"
         constraints = [Constraint(dim, tuple(_spans_of_network(n) for n, _ in item.prefixes))]
@@ -254,10 +258,12 @@ def classify(ruleset: ir.Ruleset, folds: Folds) -> tuple[Folds, Classification]:
         if table.family is not ir.Family.IPV4:
             continue  # the classifier's tries hold IPv4 addresses
         # Chains where a classifier walk still fits on the call stack (unreached ones are
-        # not compiled).
+        # not compiled), and not those whose rules are all another pass's data (service
+        # runs': no items left).
         levels = chain_levels(table)
         walkable = {c.name for c in table.chains
-                    if levels.get(c.name, 0) <= CLASSIFIER_LEVEL_MAX}
+                    if levels.get(c.name, 0) <= CLASSIFIER_LEVEL_MAX
+                    and (folds[(table.key, c.name)] or not c.rules)}
         data = _data_chains(table, folds, walkable)
         # Data chains first, so that their segment numbers are stable and known.
         ordered = sorted(table.chains, key=lambda c: c.name not in data)

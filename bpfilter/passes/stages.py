@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from bpfilter import ir
 from bpfilter.passes.classify import ChainItem, Classification, Segment, entry_rules
 from bpfilter.passes.fold import PrefixRun, RuleItem, fold_chains
+from bpfilter.passes.services import ServiceRun, service_runs
 
 Folds = dict[tuple[str, str], tuple[ChainItem, ...]]
 
@@ -52,6 +53,9 @@ class Stage:
     reached: tuple[tuple[tuple[str, str], tuple[ir.Hook, ...]], ...] = ()
     # Per classifier segment, the counter slots of its chain's rules.
     segment_slots: tuple[tuple[int, ...], ...] = ()
+    # The service runs (by number), and the counter slots of each one's members.
+    services: tuple[ServiceRun, ...] = ()
+    service_slots: tuple[tuple[int, ...], ...] = ()
 
     @property
     def hooks(self) -> tuple[ir.Hook, ...]:
@@ -77,6 +81,8 @@ def counter_slots(ruleset: ir.Ruleset,
                 key = table.key, chain.name
                 if isinstance(item, PrefixRun):
                     folded.extend((*key, i) for i in item.indexes)
+                elif isinstance(item, ServiceRun):
+                    folded.extend((table.key, *member) for member in item.members)
                 elif isinstance(item, Segment):
                     folded.extend((*key, i) for e in item.entries for i in entry_rules(e))
                 else:
@@ -85,8 +91,8 @@ def counter_slots(ruleset: ir.Ruleset,
         for chain in table.chains:
             if chain.builtin:
                 slots[(table.key, chain.name, -1)] = len(slots)
-    for key in folded:
-        slots[key] = len(slots)
+    for key in folded:  # (a service run's rule in a chain of code has its slot there)
+        slots.setdefault(key, len(slots))
     return slots
 
 
@@ -146,10 +152,14 @@ def plan_stages(ruleset: ir.Ruleset, folds: Folds | None = None,
         tuple(slots[(*s.chain, i)]
               for i in range(len(ruleset.table(s.chain[0]).chain(s.chain[1]).rules)))
         for s in classification.segments)
+    services = service_runs(folds)
+    service_slots = tuple(tuple(slots[(run.table, *member)] for member in run.members)
+                          for run in services)
     stages = []
     for hooks in (INGRESS_HOOKS, EGRESS_HOOKS):
         walks = tuple((hook, keys) for hook in hooks if (keys := _base_chains(ruleset, hook)))
-        stages.append(_stage(ruleset, walks, folds, slots, classification, segment_slots))
+        stages.append(_stage(ruleset, walks, folds, slots, classification, segment_slots,
+                             services, service_slots))
     return tuple(stages)
 
 
@@ -157,7 +167,9 @@ def _stage(ruleset: ir.Ruleset,
            walks: tuple[tuple[ir.Hook, tuple[tuple[str, str], ...]], ...],
            folds: Folds, slots: dict[tuple[str, str, int], int],
            classification: Classification,
-           segment_slots: tuple[tuple[int, ...], ...]) -> Stage:
+           segment_slots: tuple[tuple[int, ...], ...],
+           services: tuple[ServiceRun, ...],
+           service_slots: tuple[tuple[int, ...], ...]) -> Stage:
     keys: dict[tuple[str, str], None] = {}  # ordered: callees first across the hooks too
     reached: dict[tuple[str, str], tuple[ir.Hook, ...]] = {}
     for hook, bases in walks:
@@ -173,4 +185,5 @@ def _stage(ruleset: ir.Ruleset,
         refs.append(ChainRef(table_name, chain, rule_slots,
                              slots.get((table_name, name, -1), -1),
                              folds[(table_name, name)], ruleset.table(table_name).family))
-    return Stage(walks, tuple(refs), classification, tuple(reached.items()), segment_slots)
+    return Stage(walks, tuple(refs), classification, tuple(reached.items()), segment_slots,
+                 services, service_slots)

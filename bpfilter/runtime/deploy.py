@@ -34,7 +34,8 @@ from bpfilter.codegen.program import Attach, code_digest
 from bpfilter.loader.objects import Map
 from bpfilter.loader.xdp import XdpMode
 from bpfilter.runtime.runner import (LoadedRuleset, clear_generation, fill_classifier,
-                                     fill_folded, generation_maps, slot_counters, stage_maps)
+                                     fill_folded, fill_services, generation_maps,
+                                     slot_counters, stage_maps)
 from bpfilter.runtime.conntable import follow_defrag, open_shared, pin_table
 
 
@@ -366,6 +367,7 @@ def _update_maps(req: _Request, compilation: Compilation) -> ApplyReport:
         clear_generation(maps, new)
         fill_folded(program, maps, new)
         fill_classifier(program, maps, new)
+        fill_services(program, maps, new)
         recorded = state.record(req.paths, dataclasses.replace(
             previous, live_gen=new, **req.described(compilation)), req.text)
         checkpoint("recorded")

@@ -20,6 +20,8 @@ CLASSIFIER_MAPS = ("bf_cls_bits", "bf_cls_proto", "bf_cls_sport", "bf_cls_dport"
 STAGE_MAPS = ("bf_counters", "bf_ifmatch", "bf_ifmac", "bf_limits", "bf_log",
               "bf_prefixes", "bf_prefixes6", "bf_exact", "bf_local", "bf_local6", "bf_gen",
               "bf_host", "bf_sysctl", "bf_route6", "bf_addrtype", "bf_ifaddr")
+# The service map (templates/services.h), in programs that have service runs.
+SERVICE_MAPS = ("bf_svc", "bf_svc_ep")
 # The connection table (templates/conntrack.h) and its NAT bindings (templates/nat.h): one
 # per network namespace.
 CONNTRACK_MAPS = ("bf_conntrack", "bf_ct_created", "bf_nat")
@@ -32,11 +34,16 @@ FOLDED_MAPS = ("bf_prefixes", "bf_prefixes6", "bf_exact")
 def stage_maps(program) -> tuple[str, ...]:
     """The maps a stage program owns: pinned with it, so a running ruleset can be read
     and rewritten later (the classifier's exist only in programs that classify)."""
-    return STAGE_MAPS + (CLASSIFIER_MAPS if program.classifier is not None else ())
+    return STAGE_MAPS + _optional_maps(program)
 
 
 def generation_maps(program) -> tuple[str, ...]:
-    return GENERATION_MAPS + (CLASSIFIER_MAPS if program.classifier is not None else ())
+    return GENERATION_MAPS + _optional_maps(program)
+
+
+def _optional_maps(program) -> tuple[str, ...]:
+    return ((CLASSIFIER_MAPS if program.classifier is not None else ())
+            + (SERVICE_MAPS if program.services.keys else ()))
 def slot_counters(counters: Map, slot: int, gen: int = 0) -> ir.Counters:
     """A rule's counters from a bf_counters map, summed over CPUs."""
     packets = byte_count = 0
@@ -90,11 +97,23 @@ def fill_classifier(program, maps: dict[str, Map], gen: int) -> None:
                 [struct.pack("<II", start, end) for start, end in tables.segments])
 
 
+def fill_services(program, maps: dict[str, Map], gen: int) -> None:
+    """Write one generation of the service map (templates/services.h)."""
+    tables = program.services
+    if not tables.keys:
+        return
+    for run, address, port, protocol, value in tables.keys:
+        maps["bf_svc"].update(struct.pack("<IIII", run | gen << 16, address, port, protocol),
+                              value)
+    _fill_array(maps["bf_svc_ep"], gen, list(tables.endpoints))
+
+
 def clear_generation(maps: dict[str, Map], gen: int) -> None:
     """Empty one generation: its folded-run entries go, its counters and buckets zeroed."""
     trees = [(name, lambda k: (struct.unpack(">H", k[4:6])[0] >> 15))
              for name in ("bf_prefixes", "bf_prefixes6")]
-    trees.append(("bf_exact", lambda k: struct.unpack("<I", k[:4])[0] >> 16))
+    trees += [(name, lambda k: struct.unpack("<I", k[:4])[0] >> 16)
+              for name in ("bf_exact", "bf_svc") if name in maps]
     # The classifier's arrays are rewritten whole or read only where the tables reach.
     trees += [(name, lambda k: struct.unpack("<I", k[4:8])[0])
               for name in ("bf_cls_saddr", "bf_cls_daddr") if name in maps]
@@ -153,6 +172,8 @@ class LoadedRuleset:
         if self.code.classifier is not None:
             fill_classifier(self.code, {name: self.map(name) for name in CLASSIFIER_MAPS},
                             gen=0)
+        fill_services(self.code, {name: self.map(name) for name in _optional_maps(self.code)},
+                      gen=0)
 
     def counters(self, table: str, chain: str, index: int) -> ir.Counters:
         """Counters of a rule (index -1: the chain policy), summed over CPUs."""

@@ -38,10 +38,15 @@ class Generator:
         path, _cached = build_source(PROGRAM, source, build_dir)
         self.obj = Object(path)
 
-    def send(self, frame: bytes, ifindex: int, count: int) -> Burst:
+    def send(self, frame: bytes, ifindex: int, count: int, flows: bool = False) -> Burst:
+        """`flows`: every packet of an IPv4 UDP frame a new flow (its source port and
+        address counted up: templates/xdp_tx.c), from where the last burst stopped."""
         head = _HEAD6 if frame[12:14] == b"\x86\xdd" else _HEAD4
-        self.obj.map("bpfilter_tx_head").update(
-            struct.pack("<I", 0), struct.pack("<I", head) + frame[:head].ljust(_HEAD6, b"\0"))
+        table = self.obj.map("bpfilter_tx_head")
+        key = struct.pack("<I", 0)
+        start = struct.unpack("<I", table.lookup(key)[-4:])[0] if flows else 0
+        table.update(key, struct.pack("<I", head) + frame[:head].ljust(_HEAD6 + 2, b"\0")
+                     + struct.pack("<II", int(flows), start))  # (2 bytes of padding)
         start = time.perf_counter()
         self.obj.programs[PROGRAM].test_run(frame, ingress_ifindex=ifindex, repeat=count,
                                             flags=BPF_F_TEST_XDP_LIVE_FRAMES)

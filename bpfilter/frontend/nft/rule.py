@@ -834,10 +834,12 @@ def _interval(matches: tuple[ir.Match, ...]) -> Optional[tuple[str, int, int]]:
 
 def _disjoint(choices: list, where: list, reader: RuleReader) -> None:
     """Elements of a map, or of a named set nft does not merge, may not overlap: nft
-    refuses them ('conflicting intervals specified'); the first one would win here."""
-    spans = sorted((span, i) for i, c in enumerate(choices)
+    refuses them ('conflicting intervals specified'); the first one would win here. Of a
+    concatenation, only the last field forms intervals: elements whose other fields
+    differ never overlap (kube-proxy's `ip daddr . meta l4proto . th dport` map)."""
+    spans = sorted(((repr(c.matches[:-1]), *span), i) for i, c in enumerate(choices)
                    if (span := _interval(c.matches)) is not None)
     for (a, _i), (b, j) in zip(spans, spans[1:]):
-        if a[0] == b[0] and b[1] <= a[2]:
+        if a[:2] == b[:2] and b[2] <= a[3]:
             raise reader.error(where[j], "conflicting intervals specified (it overlaps "
                                "another element)", "elements that do not overlap")

@@ -27,6 +27,7 @@ from bpfilter.loader.objects import Object
 from bpfilter.loader.xdp import XdpMode
 from bpfilter.resources import resource_dir
 from examples.make_acl import acl
+from examples.make_kube import kube_nat, kube_nft
 
 
 def blocked(i: int) -> str:
@@ -88,11 +89,30 @@ def routed(n: int) -> str:
     return acl(n).replace("-A INPUT ", "-A FORWARD ")
 
 
+def _endpoint(n: int) -> str:
+    """Endpoints on the far network, which the server routes to (testbed forward=True)."""
+    return f"203.0.113.{10 + n % 200}"
+
+
+def kube(n: int) -> str:
+    """kube-proxy (iptables mode) with N UDP ClusterIP services of 2 to 5 endpoints each;
+    the bench packets go to the last service (examples/make_kube.py)."""
+    return kube_nat(n, address=_endpoint, protocol="udp")
+
+
+def kube_proxy_nft(n: int) -> str:
+    """The same services in kube-proxy's nftables mode, a counter on each DNAT."""
+    return kube_nft(n, address=_endpoint, protocol="udp", counter=True)
+
+
 RULESETS: dict[str, Callable[[int], str]] = {"acl": acl, "mixed": mixed, "forward": routed,
-                                             "acl6": acl6}
+                                             "acl6": acl6, "kube": kube}
 # The hook each ruleset's packet walks: the server receives it, or routes it on.
-HOOKS = {"acl": "input", "mixed": "input", "forward": "forward", "acl6": "input"}
+HOOKS = {"acl": "input", "mixed": "input", "forward": "forward", "acl6": "input",
+         "kube": "forward"}
 IPV6_RULESETS = ("acl6",)
+# Rulesets whose packets are all meant to be forwarded (DNATed on), each a new connection.
+NEW_FLOWS = ("kube",)
 
 
 def nft_linear(n: int, hook: str = "input", v6: bool = False) -> str:
@@ -128,30 +148,43 @@ class Setup:
     reads its rule counters (None: it has none, as the drop-all program)."""
 
     def __init__(self, bed: VethBed, tally: Optional[Callable[[], Tally]] = None,
-                 passes: bool = False):
+                 passes: bool = False, forwards: bool = False):
         self.bed = bed
         self.extra: dict[str, float] = {}
         self.tally = tally
         self.passes = passes  # the packet is meant to reach the stack (no filter)
+        self.forwards = forwards  # ... and to be routed on after the deciding rule (DNAT)
+
+
+def _deciding(table) -> tuple[tuple[str, int], set[str]]:
+    """The rule meant to decide, and the chains where no other rule may count: the last
+    rule of the built-in chain (every chain may hold no other hit); for kube-proxy's nat
+    table, the last service's rule of KUBE-SERVICES (the last but one: the NodePort rule
+    follows), no other service's rule counting (its own chains do count)."""
+    if table.name == "nat":
+        chain = table.chain("KUBE-SERVICES")
+        return (chain.name, len(chain.rules) - 2), {chain.name}
+    chain = next(c for c in table.chains if c.builtin and c.rules)
+    return (chain.name, len(chain.rules) - 1), {c.name for c in table.chains}
+
+
+def _tally(table, count: Callable[[str, int], int]) -> Tally:
+    deciding, scope = _deciding(table)
+    counts = {(c.name, i): count(c.name, i) for c in table.chains if c.name in scope
+              for i in range(len(c.rules))}
+    return Tally(counts.pop(deciding), sum(counts.values()))
 
 
 def _xtables_tally(text: str, key: str) -> Tally:
-    """From `iptables-save -c` text (or a bpfilter ruleset's counters in that form): the
-    last rule of the chain that holds the bench's rules decides, the others must not count."""
-    ruleset = parse_ruleset(text, "<counters>")
-    table = ruleset.table(key)
-    chain = next(c for c in table.chains if c.builtin and c.rules)
-    rules = [(c.name, i, r.counters.packets) for c in table.chains
-             for i, r in enumerate(c.rules)]
-    deciding = (chain.name, len(chain.rules) - 1)
-    return Tally(next(n for c, i, n in rules if (c, i) == deciding),
-                 sum(n for c, i, n in rules if (c, i) != deciding))
+    """From `iptables-save -c` text: see _deciding."""
+    table = parse_ruleset(text, "<counters>").table(key)
+    return _tally(table, lambda chain, i: table.chain(chain).rules[i].counters.packets)
 
 
-def _saved_tally(tool: str, ns: str, v6: bool) -> Callable[[], Tally]:
+def _saved_tally(tool: str, ns: str, v6: bool, table: str = "filter") -> Callable[[], Tally]:
     save = tool.replace("-restore", "-save")
-    return lambda: _xtables_tally(netns.run(save, "-c", "-t", "filter", netns=ns).stdout,
-                                  "ip6 filter" if v6 else "filter")
+    return lambda: _xtables_tally(netns.run(save, "-c", "-t", table, netns=ns).stdout,
+                                  f"ip6 {table}" if v6 else table)
 
 
 def _nft_tally(ns: str) -> Tally:
@@ -162,29 +195,25 @@ def _nft_tally(ns: str) -> Tally:
     return Tally(sum(counted), 0)
 
 
-def _bpfilter_tally(ns: str, v6: bool) -> Tally:
+def _bpfilter_tally(ns: str, v6: bool, table: str = "filter") -> Tally:
     with netns.entered(ns):
         paths = state.Paths("eth0", state.netns_id())
         deployment = state.read(paths)
-        key = "ip6 filter" if v6 else "filter"
+        key = f"ip6 {table}" if v6 else table
         with deploy.LiveCounters(paths, deployment) as live:
             ruleset = parse_ruleset(state.ruleset_text(paths, deployment), "<running>")
-            table = ruleset.table(key)
-            chain = next(c for c in table.chains if c.builtin and c.rules)
-            counts = {(c.name, i): live(key, c.name, i).packets for c in table.chains
-                      for i in range(len(c.rules))}
-    deciding = (chain.name, len(chain.rules) - 1)
-    return Tally(counts.pop(deciding), sum(counts.values()))
+            return _tally(ruleset.table(key),
+                          lambda chain, i: live(key, chain, i).packets)
 
 
 @contextmanager
 def _kernel_filter(build: Path, n: int, load: Callable[[str, int], None],
-                   forward: bool, tally: Callable[[str], Callable[[], Tally]]
-                   ) -> Iterator[Setup]:
+                   forward: bool, tally: Callable[[str], Callable[[], Tally]],
+                   forwards: bool = False) -> Iterator[Setup]:
     with VethBed(build, prefix="bench", server_xdp=True, forward=forward) as bed:
         start = time.perf_counter()
         load(bed.server, n)
-        setup = Setup(bed, tally(bed.server))
+        setup = Setup(bed, tally(bed.server), forwards=forwards)
         setup.extra["load_s"] = time.perf_counter() - start
         yield setup
 
@@ -200,14 +229,15 @@ def _nft(text: Callable[[int, str, bool], str], hook: str,
 
 @contextmanager
 def _bpfilter(build: Path, n: int, ruleset: Callable[[int], str],
-              attach: Attach, forward: bool, v6: bool) -> Iterator[Setup]:
+              attach: Attach, forward: bool, v6: bool, table: str = "filter",
+              forwards: bool = False) -> Iterator[Setup]:
     # At TC, the server needs an XDP program for veth to take the generator's frames.
     with VethBed(build, prefix="bench", server_xdp=attach is Attach.TC,
                  forward=forward) as bed:
         with netns.entered(bed.server):
             report = deploy.apply(ruleset(n), f"bench-{n}", "eth0", build / f"rules-{n}",
                                   attach=attach)
-        setup = Setup(bed, lambda: _bpfilter_tally(bed.server, v6))
+        setup = Setup(bed, lambda: _bpfilter_tally(bed.server, v6, table), forwards=forwards)
         setup.extra["load_s"] = report.total_s
         setup.extra["prog_id"] = report.deployment.prog_id
         try:
@@ -240,23 +270,32 @@ def stack_only(build: Path, n: int, forward: bool = False) -> Iterator[Setup]:
 def contenders(ruleset: str) -> dict[str, Callable[[Path, int], object]]:
     """The contenders for one of RULESETS. nftables gets the ACLs in its own syntax,
     linear and as a set; the mixed ruleset has no nft translation yet (iptables-nft
-    stands for the nf_tables back-end there)."""
+    stands for the nf_tables back-end there); kube-proxy's services come in its own
+    nftables mode too."""
     text, hook = RULESETS[ruleset], HOOKS[ruleset]
     forward, v6 = hook == "forward", ruleset in IPV6_RULESETS
     tool = "ip6tables" if v6 else "iptables"
     legacy, nft = f"{tool}-legacy-restore", f"{tool}-nft-restore"
+    on = ruleset in NEW_FLOWS  # forwarded on after the deciding rule
+    table = "nat" if on else "filter"
+    counted = lambda ns: lambda: _nft_tally(ns)  # noqa: E731
     found: dict[str, Callable[[Path, int], object]] = {
         "XDP drop-all": lambda b, n: xdp_drop_all(b, n, forward),
-        "bpfilter XDP": lambda b, n: _bpfilter(b, n, text, Attach.XDP, forward, v6),
-        "bpfilter TC": lambda b, n: _bpfilter(b, n, text, Attach.TC, forward, v6),
+        "bpfilter XDP": lambda b, n: _bpfilter(b, n, text, Attach.XDP, forward, v6, table, on),
+        "bpfilter TC": lambda b, n: _bpfilter(b, n, text, Attach.TC, forward, v6, table, on),
         # (ip6tables' for the IPv6 rulesets: the same contenders, named once)
         "iptables-legacy": lambda b, n: _kernel_filter(
-            b, n, _restore(legacy, text), forward, lambda ns: _saved_tally(legacy, ns, v6)),
+            b, n, _restore(legacy, text), forward,
+            lambda ns: _saved_tally(legacy, ns, v6, table), on),
         "iptables-nft": lambda b, n: _kernel_filter(
-            b, n, _restore(nft, text), forward, lambda ns: _saved_tally(nft, ns, v6)),
+            b, n, _restore(nft, text), forward,
+            lambda ns: _saved_tally(nft, ns, v6, table), on),
     }
-    if ruleset != "mixed":
-        counted = lambda ns: lambda: _nft_tally(ns)  # noqa: E731
+    if on:
+        found["kube-proxy nft mode"] = lambda b, n: _kernel_filter(
+            b, n, lambda ns, n: netns.run("nft", "-f", "-", netns=ns, input=kube_proxy_nft(n)),
+            forward, counted, on)
+    elif ruleset != "mixed":
         found["nft (linear rules)"] = lambda b, n: _kernel_filter(
             b, n, _nft(nft_linear, hook, v6), forward, counted)
         found["nft (one set)"] = lambda b, n: _kernel_filter(
@@ -265,4 +304,6 @@ def contenders(ruleset: str) -> dict[str, Callable[[Path, int], object]]:
     return found
 
 
-CONTENDERS = contenders("acl")
+# Every contender's name, for --only.
+CONTENDERS = {name: maker for ruleset in RULESETS
+              for name, maker in contenders(ruleset).items()}

@@ -4,13 +4,15 @@
  *
  * Live frames live in pages the kernel recycles without writing the frame into them
  * again, and a receiver that forwards rewrites those pages in place (MAC addresses, TTL,
- * checksum): later repetitions would leave with the far end's MAC and be dropped by the
- * receiver as another host's. So each repetition writes the frame's headers back first. */
+ * checksum, and NAT the ports): later repetitions would leave with the far end's MAC and
+ * be dropped by the receiver as another host's. So each repetition writes the frame's
+ * headers back first. */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#define HEAD4 (14 + 20) /* Ethernet and IPv4 headers: what forwarding rewrites */
+/* Ethernet, IPv4 and the first 8 L4 bytes: what forwarding and NAT rewrite (ports) */
+#define HEAD4 (14 + 20 + 8)
 #define HEAD6 (14 + 40)
 
 struct head {
@@ -27,7 +29,7 @@ struct head {
 static __always_inline int bpfilter_tx_flow(void *data, void *end, struct head *h)
 {
 	struct iphdr *ip = data + 14;
-	struct udphdr *udp = data + HEAD4;
+	struct udphdr *udp = data + 14 + 20;
 	__u16 *words = (void *)ip;
 	__u32 n = __sync_fetch_and_add(&h->next, 1), sum = 0;
 	int i;

@@ -202,6 +202,25 @@ def test_address_changes_only_rewrite_maps(bed, build_root, capsys):
               f"(map update {report.switch_ns / 1e3:.0f} us), no recompile")
 
 
+def test_a_new_kube_service_only_rewrites_the_service_map(bed, build_root):
+    """kube-proxy adding a service (its dispatch rule, KUBE-SVC and KUBE-SEP chains) is
+    rows of the service map only: the same program, the other generation of its maps
+    written and made live; the new service's rule then counts its connection."""
+    from examples.make_kube import cluster_ip, kube_nat
+
+    with netns.entered(bed.server):
+        first = deploy.apply(kube_nat(20), "kube.v4", "eth0", build_root / "k1")
+        more = deploy.apply(kube_nat(21), "kube.v4", "eth0", build_root / "k2")
+    assert more.map_only and more.deployment.prog_id == first.deployment.prog_id
+    bed.send(bed.frame(IP(src="192.0.2.7", dst=cluster_ip(20)) / TCP(dport=80, flags="S")))
+    with netns.entered(bed.server):
+        paths = state.Paths("eth0", state.netns_id())
+        with deploy.LiveCounters(paths, state.read(paths)) as live:
+            assert live("nat", "KUBE-SERVICES", 20).packets == 1
+            assert live("nat", "KUBE-SERVICES", 19).packets == 0
+        deploy.detach("eth0")
+
+
 def test_the_cli_on_a_ruleset_with_every_table(bed, build_root):
     """examples/marks.v4 has raw, mangle and filter rules and an egress program: apply
     warns that XDP keeps the marks from the kernel, status checks both programs, list

@@ -17,7 +17,7 @@ from bpfilter.resources import resource_dir
 BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
 PROGRAM = "bpfilter_xdp_tx"
 # The headers the program writes back into each repetition (templates/xdp_tx.c).
-_HEAD4, _HEAD6 = 14 + 20, 14 + 40
+_HEAD4, _HEAD6 = 14 + 20 + 8, 14 + 40
 
 
 @dataclass(frozen=True)

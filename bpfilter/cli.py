@@ -293,7 +293,7 @@ def _compiled_as(chain: tuple[str, str], as_data: set, segments: set, services: 
     if chain in service_data and chain not in code:
         return "service map"
     return "code" + (" + data" if chain in segments else "") + \
-        (" + service map" if chain in services | service_data else "")
+        (" + service map" if chain in services or chain in service_data else "")
 
 
 def _summary(result, output: Path) -> dict:

@@ -19,7 +19,7 @@ from bpfilter.codegen.matchers import MatchContext, match_lines
 from bpfilter.codegen.services import ServiceTables, service_lines, service_tables
 from bpfilter.codegen.targets import return_lines, target_lines, uses_conntrack
 from bpfilter.passes.classify import MAX_DEPTH, Segment, entry_rules
-from bpfilter.passes.fold import PrefixRun, RuleItem
+from bpfilter.passes.fold import PrefixRun, RuleItem, item_target
 from bpfilter.passes.services import MAX_ENDPOINTS, ServiceRun
 from bpfilter.passes.stages import ChainRef, Stage
 from bpfilter.resources import resource_dir
@@ -266,8 +266,7 @@ def _callers(refs) -> dict[tuple[str, str], int]:
     found: dict[tuple[str, str], int] = {}
     for ref in refs:
         for item in ref.items:
-            target = item.rule.target if isinstance(item, RuleItem) else \
-                item.target if isinstance(item, PrefixRun) else None  # (services: data)
+            target = item_target(item)
             if isinstance(target, ir.JumpTarget):
                 key = (ref.table, target.chain)
                 found[key] = found.get(key, 0) + 1

@@ -60,6 +60,14 @@ class PrefixRun:
 Item = Union[RuleItem, PrefixRun]
 
 
+def item_target(item) -> ir.Target | None:
+    """The target of a rule or folded run; None for the items that are lookups of their
+    own (classifier segments, service runs), whose jumps stay inside their data."""
+    if isinstance(item, RuleItem):
+        return item.rule.target
+    return item.target if isinstance(item, PrefixRun) else None
+
+
 def _key(rule: ir.Rule):
     """What must be equal for two rules to fold: all but the leading prefix."""
     first = rule.matches[0] if rule.matches else None

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from bpfilter import ir
-from bpfilter.passes.fold import PrefixRun, RuleItem
+from bpfilter.passes.fold import RuleItem, item_target
 
 # The endpoints the program's ladder loop walks at most (templates/services.h); a service
 # with more stays code.
@@ -302,9 +302,7 @@ def _code_only(table: ir.Table, items: dict[str, list]) -> set[str]:
         involved.discard(item.chain)
     gone: set[str] = set()
     while True:
-        targets = {i.rule.target if isinstance(i, RuleItem) else
-                   i.target if isinstance(i, PrefixRun) else None
-                   for name, chain_items in items.items() if name not in gone
+        targets = {item_target(i) for name, chain_items in items.items() if name not in gone
                    for i in chain_items}
         called = {t.chain for t in targets if isinstance(t, ir.JumpTarget)}
         more = {name for name in involved - gone if name not in called}

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from bpfilter import ir
 from bpfilter.passes.classify import ChainItem, Classification, Segment, entry_rules
-from bpfilter.passes.fold import PrefixRun, RuleItem, fold_chains
+from bpfilter.passes.fold import PrefixRun, fold_chains, item_target
 from bpfilter.passes.services import ServiceRun, service_runs
 
 Folds = dict[tuple[str, str], tuple[ChainItem, ...]]
@@ -105,9 +105,7 @@ def _reachable(table: ir.Table, entry: str, folds: Folds | None = None) -> list[
     def targets(name: str):
         if folds is None:
             return [r.target for r in table.chain(name).rules]
-        return [item.rule.target if isinstance(item, RuleItem) else
-                item.target if isinstance(item, PrefixRun) else None
-                for item in folds[(table.key, name)]]
+        return [item_target(item) for item in folds[(table.key, name)]]
 
     def visit(name: str) -> None:
         if name in order:

@@ -44,6 +44,8 @@ def generation_maps(program) -> tuple[str, ...]:
 def _optional_maps(program) -> tuple[str, ...]:
     return ((CLASSIFIER_MAPS if program.classifier is not None else ())
             + (SERVICE_MAPS if program.services.keys else ()))
+
+
 def slot_counters(counters: Map, slot: int, gen: int = 0) -> ir.Counters:
     """A rule's counters from a bf_counters map, summed over CPUs."""
     packets = byte_count = 0

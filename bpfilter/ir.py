@@ -554,7 +554,10 @@ class DnatTarget:
     range and no other connection's reply has it, else the lowest free one, as nf_nat).
     Decided on a connection's first packet; every later packet of both directions is
     rewritten from the binding. Ends the walk (ACCEPT). REDIRECT is DNAT to the primary
-    address of the interface the packet came in by."""
+    address of the interface the packet came in by. With `last_address`, `address` to it
+    is a range, and the connection's addresses choose in it (nf_nat's hash: the same
+    client to the same destination, the same address; `persistent`: by the client
+    alone)."""
 
     address: Optional[IPAddress] = None
     ports: Optional[tuple[int, int]] = None
@@ -562,6 +565,9 @@ class DnatTarget:
     random: bool = False
     persistent: bool = False
     redirect: bool = False
+    last_address: Optional[IPAddress] = None
+    # libxt_NAT's port shift (`p-q/base`): port p + (the packet's - base) % the range's size.
+    port_base: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -569,7 +575,10 @@ class SnatTarget:
     """SNAT (nat table, POSTROUTING) and MASQUERADE: the connection's source becomes
     `address` (MASQUERADE: the address of the interface it leaves by) and a port of
     `ports` (None: the client's own where no other connection has it, else one of its
-    class). Decided on a connection's first packet, bound as DNAT's. Ends the walk."""
+    class). Decided on a connection's first packet, bound as DNAT's. Ends the walk. An
+    address range (`last_address`) chooses as DNAT's, after the client's earlier mapping
+    (nf_nat's find_appropriate_src: a client port keeps its address and port to every
+    destination while one of its connections lives)."""
 
     address: Optional[IPAddress] = None
     ports: Optional[tuple[int, int]] = None
@@ -577,6 +586,7 @@ class SnatTarget:
     random_fully: bool = False
     persistent: bool = False
     masquerade: bool = False
+    last_address: Optional[IPAddress] = None
 
 
 NAT_TARGETS = (DnatTarget, SnatTarget)

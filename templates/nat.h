@@ -60,6 +60,30 @@ struct {
 	__type(value, struct bf_nat_entry);
 } bf_nat SEC(".maps");
 
+/* nf_nat's bysource table, as find_appropriate_src() reads it: the source SNAT or
+ * MASQUERADE last gave a client's endpoint (address, port or ICMP id, protocol), and the
+ * connection it gave it to (its original destination), which must still live for a new
+ * connection of the endpoint to take the same source. The kernel walks every connection
+ * of the endpoint; this keeps the newest. Shared as bf_nat. */
+struct bf_nat_src_key {
+	__u32 addr;
+	__u16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct bf_nat_src {
+	__u32 addr, peer;
+	__u16 port, peer_port;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, BF_CT_MAX);
+	__type(key, struct bf_nat_src_key);
+	__type(value, struct bf_nat_src);
+} bf_nat_src SEC(".maps");
+
 #if BF_NAT
 
 static __always_inline int bf_nat_ports(__u8 proto)
@@ -149,6 +173,41 @@ static __always_inline int bf_nat_quoted(struct bf_pkt *p, struct bf_ct_key *key
 	return translate;
 }
 
+static __always_inline __u32 bf_rol32(__u32 word, int shift)
+{
+	return (word << shift) | (word >> (32 - shift));
+}
+
+/* find_best_ips_proto(): an address of first-last for a connection from `src` to `dst`,
+ * as nf_nat chooses it, so that the kernel and bpfilter send a connection to the same
+ * one: jhash2() of the source as the tuple's 16 bytes hold it (IPv4's last three words
+ * zero), seeded with the destination (`persistent`: 0, the client alone decides), scaled
+ * onto the range. Both in network order as the kernel's words; a range given backwards
+ * wraps as the kernel's arithmetic does. */
+static __always_inline __u32 bf_nat_pick(__u32 first, __u32 last, __u32 src, __u32 dst,
+					 int persistent)
+{
+	__u32 a, b, c;
+
+	a = b = c = 0xdeadbeef + (4 << 2) + (persistent ? 0 : bpf_htonl(dst));
+	a += bpf_htonl(src); /* words 1 and 2 are zero; then __jhash_mix() */
+	a -= c; a ^= bf_rol32(c, 4); c += b;
+	b -= a; b ^= bf_rol32(a, 6); a += c;
+	c -= b; c ^= bf_rol32(b, 8); b += a;
+	a -= c; a ^= bf_rol32(c, 16); c += b;
+	b -= a; b ^= bf_rol32(a, 19); a += c;
+	c -= b; c ^= bf_rol32(b, 4); b += a;
+	/* word 3 is zero; __jhash_final() */
+	c ^= b; c -= bf_rol32(b, 14);
+	a ^= c; a -= bf_rol32(c, 11);
+	b ^= a; b -= bf_rol32(a, 25);
+	c ^= b; c -= bf_rol32(b, 16);
+	a ^= c; a -= bf_rol32(c, 4);
+	b ^= a; b -= bf_rol32(a, 14);
+	c ^= b; c -= bf_rol32(b, 24);
+	return first + (__u32)(((__u64)c * (__u32)(last - first + 1)) >> 32);
+}
+
 /* DNAT: the connection's new destination (the packet's address or port where the rule
  * keeps it); the walk of this hook's nat chains ends. */
 static __always_inline int bf_dnat(struct bf_pkt *p, __u32 addr, __u16 port)
@@ -162,15 +221,17 @@ static __always_inline int bf_dnat(struct bf_pkt *p, __u32 addr, __u16 port)
 }
 
 enum bf_snat_flags { BF_SNAT_MASQUERADE = 1, BF_SNAT_RANDOM = 2, BF_SNAT_RANDOM_FULLY = 4,
-		     BF_SNAT_PORTS = 8 /* a port range was given */ };
+		     BF_SNAT_PORTS = 8 /* a port range was given */, BF_SNAT_PERSISTENT = 16 };
 
 /* What SNAT or MASQUERADE chose for the packet's connection, until it is bound (struct
  * bf_pkt has no room left: this CPU's, for the one packet it runs). */
 struct bf_snat {
 	__u32 addr;      /* 0 for MASQUERADE until the route gives it */
+	__u32 last;      /* the address range's last (addr: one address) */
 	__u16 min, max;  /* the port range */
 	__u8 flags;      /* enum bf_snat_flags */
 	__u8 pad[3];
+	struct bf_nat_src_key client; /* bf_nat_src's key, kept here off the stack */
 };
 
 struct {
@@ -181,8 +242,8 @@ struct {
 } bf_snat_choice SEC(".maps");
 
 /* SNAT / MASQUERADE: the connection's new source; the walk of the nat chains ends. */
-static __always_inline int bf_snat(struct bf_pkt *p, __u32 addr, __u16 min, __u16 max,
-				   __u8 flags)
+static __always_inline int bf_snat(struct bf_pkt *p, __u32 addr, __u32 last, __u16 min,
+				   __u16 max, __u8 flags)
 {
 	__u32 zero = 0;
 	struct bf_snat *s = bpf_map_lookup_elem(&bf_snat_choice, &zero);
@@ -190,6 +251,7 @@ static __always_inline int bf_snat(struct bf_pkt *p, __u32 addr, __u16 min, __u1
 	if (!s)
 		return BF_DROP;
 	s->addr = addr;
+	s->last = last;
 	s->min = min;
 	s->max = max;
 	s->flags = flags;
@@ -596,18 +658,21 @@ __noinline int bf_nat_used(const struct bf_pkt *p, __u32 a, __u16 aport, __u32 b
 /* A destination port of min-max, as nf_nat_l4proto_unique_tuple() chooses one (for
  * DNAT's and REDIRECT's ranges): the packet's own if it is in the range and no other
  * connection's reply tuple has it, else the lowest free one (--random: from a random
- * place), 128 tries; the last tried when none is free. */
+ * place; a shift, `base` > 0: from the packet's port less base, 16 bits as the kernel's
+ * offset), 128 tries; the last tried when none is free. */
 static __always_inline __u16 bf_dnat_port(const struct bf_pkt *p, __u32 addr, __u16 min,
-					  __u16 max, int random)
+					  __u16 max, int random, __u16 base)
 {
 	__u32 span = (__u32)max - min + 1, off = random ? bpf_get_prandom_u32() : 0, i;
 	__u16 port = min;
 
-	if (!random && p->dport >= min && p->dport <= max &&
-	    !bf_nat_used(p, addr, p->dport, p->saddr, p->sport))
+	if (base)
+		off = (__u16)(p->dport - base);
+	else if (!random && p->dport >= min && p->dport <= max &&
+		 !bf_nat_used(p, addr, p->dport, p->saddr, p->sport))
 		return p->dport;
 	for (i = 0; i < 128 && i < span; i++) {
-		port = min + (off + i) % span;
+		port = min + (__u16)(off + i) % span;
 		if (!bf_nat_used(p, addr, port, p->saddr, p->sport))
 			break;
 	}
@@ -616,10 +681,10 @@ static __always_inline __u16 bf_dnat_port(const struct bf_pkt *p, __u32 addr, __
 
 /* DNAT to a port range: the port chosen as above. */
 static __always_inline int bf_dnat_range(struct bf_pkt *p, __u32 addr, __u16 min, __u16 max,
-					 int random)
+					 int random, __u16 base)
 {
-	return bf_dnat(p, addr, bf_nat_ports(p->proto) ? bf_dnat_port(p, addr, min, max, random)
-							: p->dport);
+	return bf_dnat(p, addr, bf_nat_ports(p->proto) ?
+			bf_dnat_port(p, addr, min, max, random, base) : p->dport);
 }
 
 /* REDIRECT (nf_nat_redirect_ipv4): DNAT to the primary address of the interface the
@@ -633,7 +698,7 @@ static __always_inline int bf_redirect(struct bf_pkt *p, __u16 min, __u16 max, i
 		return BF_DROP;
 	if (!min)
 		return bf_dnat(p, *addr, p->dport);
-	return bf_dnat_range(p, *addr, min, max, random);
+	return bf_dnat_range(p, *addr, min, max, random, 0);
 }
 
 /* The new source port, as nf_nat_l4proto_unique_tuple() chooses it: the client's own if
@@ -667,10 +732,73 @@ static __always_inline __u16 bf_snat_port(const struct bf_pkt *p, const struct b
 	return 0;
 }
 
+static __always_inline int bf_nat_in(__u32 value, __u32 first, __u32 last)
+{
+	return value >= first && value <= last;
+}
+
+/* The source SNAT gave the packet's client endpoint, for bf_snat_choose(). Global: its
+ * key and value stay off bf_nat_setup()'s stack. */
+__noinline int bf_nat_src_put(const struct bf_pkt *p, __u32 addr, __u16 port)
+{
+	struct bf_nat_src_key key = {};
+	struct bf_nat_src given = {};
+
+	if (!p)
+		return 0;
+	key.addr = p->ct_orig[0][0];
+	key.port = p->ct_port[0];
+	key.proto = p->proto;
+	given.addr = addr;
+	given.port = port;
+	given.peer = p->ct_orig[1][0];
+	given.peer_port = p->ct_port[1];
+	bpf_map_update_elem(&bf_nat_src, &key, &given, BPF_ANY);
+	return 0;
+}
+
+/* get_unique_tuple() for SNAT and MASQUERADE: the new source of the connection c:cp ->
+ * b:bp, as addr << 16 | port; 0 when there is none (the kernel drops the packet).
+ * Without --random*: the client's own where it lies in the ranges and is free; else the
+ * source a live connection of the same client endpoint got, where it lies in the ranges
+ * and is free. Else an address of the range (bf_nat_pick) and a port (bf_snat_port). */
+static __always_inline __u64 bf_snat_choose(const struct bf_pkt *p, struct bf_snat *s,
+					    __u32 ca, __u16 cp, __u32 ba, __u16 bp)
+{
+	struct bf_nat_src *m;
+	__u16 np = cp;
+	__u32 na;
+
+	if (!(s->flags & (BF_SNAT_RANDOM | BF_SNAT_RANDOM_FULLY))) {
+		if (bf_nat_in(ca, s->addr, s->last) &&
+		    (!(s->flags & BF_SNAT_PORTS) || bf_nat_in(cp, s->min, s->max))) {
+			if (!bf_nat_used(p, ba, bp, ca, cp))
+				return (__u64)ca << 16 | cp;
+		} else { /* find_appropriate_src(): its connection must live (be "used") */
+			s->client.addr = ca, s->client.port = cp, s->client.proto = p->proto;
+			s->client.pad = 0;
+			m = bpf_map_lookup_elem(&bf_nat_src, &s->client);
+			if (m && bf_nat_in(m->addr, s->addr, s->last) &&
+			    (!(s->flags & BF_SNAT_PORTS) || bf_nat_in(m->port, s->min, s->max)) &&
+			    bf_nat_used(p, ca, cp, m->peer, m->peer_port) &&
+			    !bf_nat_used(p, ba, bp, m->addr, m->port))
+				return (__u64)m->addr << 16 | m->port;
+		}
+	}
+	na = s->addr == s->last ? s->addr : bf_nat_pick(s->addr, s->last, ca, ba,
+							 s->flags & BF_SNAT_PERSISTENT);
+	if (bf_nat_ports(p->proto)) {
+		np = bf_snat_port(p, s, na, cp, ba, bp);
+		if (!np)
+			return 0;
+	}
+	return (__u64)na << 16 | np;
+}
+
 /* masquerade_tg(): the address of the interface the packet leaves by that the route to
  * its destination prefers (inet_select_addr(); a route's own `src` is taken here, not by
  * the kernel), into the choice. 0 when there is none. Global: the lookup's 64 bytes stay
- * off bf_nat_bind()'s stack. */
+ * off bf_nat_setup()'s stack. */
 __noinline int bf_nat_masquerade(struct bf_ctx *ctx, const struct bf_pkt *p, struct bf_snat *s)
 {
 	struct bpf_fib_lookup fib = {};
@@ -683,13 +811,13 @@ __noinline int bf_nat_masquerade(struct bf_ctx *ctx, const struct bf_pkt *p, str
 	if (bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT |
 			   BPF_FIB_LOOKUP_SKIP_NEIGH | BPF_FIB_LOOKUP_SRC))
 		return 0;
-	s->addr = bpf_ntohl(fib.ipv4_src);
+	s->addr = s->last = bpf_ntohl(fib.ipv4_src);
 	return 1;
 }
 
 /* One entry of a binding, its endpoints given in `ends` as a -> b (a: the sender of the
  * tuple's original way, as ICMP keys need; `ports`: a's << 16 | b's). Global, as
- * bf_nat_used(): its key and entry stay off bf_nat_bind()'s stack. */
+ * bf_nat_used(): its key and entry stay off bf_nat_setup()'s stack. */
 __noinline int bf_nat_put(const struct bf_pkt *p, __u32 a, __u32 b, __u32 ports,
 			  const struct bf_nat_entry *ends)
 {
@@ -706,30 +834,37 @@ __noinline int bf_nat_put(const struct bf_pkt *p, __u32 a, __u32 b, __u32 ports,
 	return 0;
 }
 
-/* At ingress, INPUT's end for a known connection (above). Then nf_nat_setup_info() at
- * __nf_conntrack_confirm() of a new connection DNAT or SNAT chose for: its source port, then its binding's entries (c -> d the original tuple, b DNAT's
- * destination, n SNAT's source; without DNAT b is d, without SNAT n is c). At egress the
- * packet's own source is rewritten next. The verdict, DROP where the kernel drops:
- * MASQUERADE without an address, no free port. Global, as bf_ct_confirm(): its entries
- * stay off the stack the walk uses. */
-__noinline int bf_nat_bind(struct bf_ctx *ctx, struct bf_pkt *p, int verdict)
+#ifndef BF_EGRESS
+/* nat's place at INPUT's end, for a packet of a known connection the host takes (never
+ * routed out): a reply to its own connection that OUTPUT's DNAT sent elsewhere gets back
+ * the source its socket knows. Global, apart from bf_nat_setup(): the two calls' frames
+ * never stack. */
+__noinline int bf_nat_input_end(struct bf_ctx *ctx, struct bf_pkt *p, int verdict)
+{
+	if (p && p->ct_create == sNO && (p->noif & BF_NO_OUT) && verdict == BF_ACCEPT &&
+	    bf_nat_source_of(p))
+		bf_nat_source(ctx, p);
+	return 0;
+}
+#endif
+
+/* nf_nat_setup_info() at __nf_conntrack_confirm() of a new connection DNAT or SNAT
+ * chose for: its source port, then its binding's entries (c -> d the original tuple, b
+ * DNAT's destination, n SNAT's source; without DNAT b is d, without SNAT n is c). At
+ * egress the packet's own source is rewritten next. The verdict, DROP where the kernel
+ * drops: MASQUERADE without an address, no free port. Global, as bf_ct_confirm(): its
+ * entries stay off the stack the walk uses. */
+__noinline int bf_nat_setup(struct bf_ctx *ctx, struct bf_pkt *p, int verdict)
 {
 	struct bf_nat_entry e = {};
 	__u32 ca, da, ba, na, zero = 0;
 	__u16 cp, dp, bp, np;
 	struct bf_snat *s;
+	__u64 chosen;
 	int dnat, snat, masq = 0;
 
 	if (!p)
 		return BF_DROP;
-#ifndef BF_EGRESS
-	/* nat's place at INPUT's end, for a packet of a known connection the host takes
-	 * (never routed out): a reply to its own connection that OUTPUT's DNAT sent
-	 * elsewhere gets back the source its socket knows. */
-	if (p->ct_create == sNO && (p->noif & BF_NO_OUT) && verdict == BF_ACCEPT &&
-	    bf_nat_source_of(p))
-		bf_nat_source(ctx, p);
-#endif
 	if (!(p->nat & (BF_NAT_NEW | BF_NAT_SNAT)) || p->ct_create == sNO ||
 	    verdict == BF_DROP || verdict == BF_REJECT)
 		return verdict;
@@ -746,17 +881,17 @@ __noinline int bf_nat_bind(struct bf_ctx *ctx, struct bf_pkt *p, int verdict)
 		masq = !!(s->flags & BF_SNAT_MASQUERADE);
 		if (masq && !bf_nat_masquerade(ctx, p, s))
 			return BF_DROP;
-		na = s->addr;
-		if (!na)
+		if (!s->addr)
 			return BF_DROP;
-		if (bf_nat_ports(p->proto)) {
-			np = bf_snat_port(p, s, na, cp, ba, bp);
-			if (!np)
-				return BF_DROP;
-		}
+		chosen = bf_snat_choose(p, s, ca, cp, ba, bp);
+		if (!chosen)
+			return BF_DROP;
+		na = chosen >> 16, np = chosen & 0xffff;
 		snat = na != ca || np != cp; /* else a null binding: nothing changes */
-		if (snat)
+		if (snat) {
 			p->ct_state |= BF_CT_SNAT; /* for the connection's later packets */
+			bf_nat_src_put(p, na, np);
+		}
 	}
 	if (!dnat && !snat)
 		return verdict;
@@ -791,6 +926,16 @@ __noinline int bf_nat_bind(struct bf_ctx *ctx, struct bf_pkt *p, int verdict)
 	}
 #endif
 	return verdict;
+}
+
+
+/* At the stage's end: INPUT's nat place (ingress), then the new connection's binding. */
+static __always_inline int bf_nat_bind(struct bf_ctx *ctx, struct bf_pkt *p, int verdict)
+{
+#ifndef BF_EGRESS
+	bf_nat_input_end(ctx, p, verdict);
+#endif
+	return bf_nat_setup(ctx, p, verdict);
 }
 
 #endif

@@ -109,6 +109,14 @@ REFUSED = {
         "-A PREROUTING -p tcp -j REDIRECT --to-ports 10-ssh").encode(),
     "REDIRECT --random-fully": NAT.format(
         "-A PREROUTING -p tcp -j REDIRECT --random-fully").encode(),
+    "REDIRECT port shift": NAT.format(
+        "-A PREROUTING -p tcp -j REDIRECT --to-ports 42-1234/567").encode(),
+    "DNAT shift without a range": NAT.format(
+        "-A PREROUTING -p tcp -j DNAT --to-destination 1.1.1.1:1000/5").encode(),
+    "DNAT shift base 0": NAT.format(
+        "-A PREROUTING -p tcp -j DNAT --to-destination 1.1.1.1:1000-2000/0").encode(),
+    "SNAT range with a bad end": NAT.format(
+        "-A POSTROUTING -j SNAT --to-source 1.1.1.1-1.1.1.").encode(),
     # libxt_statistic's refusals (its own .t file's FAIL lines among them)
     **{f"statistic {options}": FILTER.format(f"-A INPUT -m statistic {options}").encode()
        for options in ("", "--mode random ! --probability 1.1", "--probability 1",
@@ -157,6 +165,9 @@ NFT_REFUSED = {
     "snat to a port without a protocol": (
         b"table ip t {\n chain c {\n  type nat hook postrouting priority srcnat; policy "
         b"accept;\n  snat to 1.2.3.4:80-90\n }\n}\n"),
+    "dnat to a reversed range": (
+        b"table ip t {\n chain c {\n  type nat hook prerouting priority dstnat; policy accept;"
+        b"\n  dnat to 10.0.0.9-10.0.0.1\n }\n}\n"),
     "dnat to a port without a protocol": (
         b"table ip t {\n chain c {\n  type nat hook prerouting priority dstnat; policy accept;"
         b"\n  dnat to 1.2.3.4:80\n }\n}\n"),

@@ -134,9 +134,9 @@ BAD = {
                            "compiled yet"),
     "SNAT at INPUT": ("*nat\n:INPUT ACCEPT [0:0]\n-A INPUT -j SNAT --to-source 1.2.3.4\n"
                       "COMMIT\n", 3, "SNAT at INPUT is not compiled yet"),
-    "SNAT address range": ("*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -j SNAT "
-                           "--to-source 1.2.3.4-1.2.3.9\nCOMMIT\n", 3,
-                           "address ranges are not compiled yet"),
+    "SNAT address range's end": ("*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -j SNAT "
+                                 "--to-source 1.2.3.4-1.2.3.\nCOMMIT\n", 3,
+                                 "'1.2.3.' is not an IPv4 address"),
 }
 
 

@@ -111,6 +111,7 @@ def test_nat_chains_translate_both_ways(kernel, namespace):
 	chain pre {
 		type nat hook prerouting priority -100; policy accept;
 		iifname "eth1" tcp dport 2222 counter dnat to 100.64.0.2:22
+		iifname "eth1" tcp dport 8080 counter dnat to 100.64.0.10-100.64.0.19:80-81 persistent
 		iifname "eth0" tcp dport 80 counter redirect to :3128
 		iifname "eth0" udp dport 53 counter redirect random
 	}
@@ -118,6 +119,7 @@ def test_nat_chains_translate_both_ways(kernel, namespace):
 		type nat hook postrouting priority 100; policy accept;
 		oifname "eth1" ip protocol tcp counter snat to 198.18.0.50:2000-2999 random,persistent
 		oifname "eth1" udp dport 53 counter masquerade to :1024-65535 fully-random
+		oifname "eth2" counter snat to 198.18.0.50-198.18.0.57
 		oifname "eth1" counter masquerade
 	}
 }
@@ -131,6 +133,8 @@ def test_nat_chains_translate_both_ways(kernel, namespace):
     netns.run("iptables-legacy-restore", "--test", netns=namespace(), input=result.output)
     assert "-A POSTROUTING -o eth1 -p tcp -j SNAT --to-source 198.18.0.50:2000-2999 " \
            "--random --persistent" in result.output
+    assert "-A PREROUTING -i eth1 -p tcp -m tcp --dport 8080 -j DNAT --to-destination " \
+           "100.64.0.10-100.64.0.19:80-81 --persistent" in result.output
     back = CliRunner().invoke(main, ["translate", "-", "--to", "nft"], input=result.output)
     assert back.exit_code == 0, back.output
     assert _plain(parse_ruleset(back.output)) == _plain(parse_ruleset(result.output))

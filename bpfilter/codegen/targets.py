@@ -90,24 +90,30 @@ def _notrack(t: ir.NotrackTarget, builtin: bool, functions, to_policy: str) -> l
 
 def _dnat(t: ir.DnatTarget, builtin: bool, functions, to_policy: str) -> list[str]:
     address = f"0x{int(t.address):08x}" if t.address is not None else "p->daddr"
+    if t.last_address is not None:
+        address = (f"bf_nat_pick({address}, 0x{int(t.last_address):08x}, p->saddr, "
+                   f"p->daddr, {int(t.persistent)})")
     low, high = t.ports or (0, 0)
     if t.redirect:
         return [f"return bf_redirect(p, {low}, {high}, {int(t.random)});"]
     if t.ports is None:
         return [f"return bf_dnat(p, {address}, p->dport);"]
-    if low == high:
+    if low == high and t.port_base is None:
         return [f"return bf_dnat(p, {address}, {low});"]
-    return [f"return bf_dnat_range(p, {address}, {low}, {high}, {int(t.random)});"]
+    return [f"return bf_dnat_range(p, {address}, {low}, {high}, {int(t.random)}, "
+            f"{t.port_base or 0});"]
 
 
 def _snat(t: ir.SnatTarget, builtin: bool, functions, to_policy: str) -> list[str]:
     address = 0 if t.address is None else int(t.address)
+    last = address if t.last_address is None else int(t.last_address)
     low, high = t.ports or (0, 0)
     flags = [name for name, on in (("MASQUERADE", t.masquerade), ("RANDOM", t.random),
                                    ("RANDOM_FULLY", t.random_fully),
-                                   ("PORTS", t.ports is not None)) if on]
+                                   ("PORTS", t.ports is not None),
+                                   ("PERSISTENT", t.persistent)) if on]
     flags = " | ".join(f"BF_SNAT_{name}" for name in flags) or "0"
-    return [f"return bf_snat(p, 0x{address:08x}, {low}, {high}, {flags});"]
+    return [f"return bf_snat(p, 0x{address:08x}, 0x{last:08x}, {low}, {high}, {flags});"]
 
 
 _TARGETS: dict[type, Callable[..., list[str]]] = {

@@ -215,7 +215,8 @@ class _Reader:
         dnat = chain.rules[-1]
         target = dnat.target
         if not isinstance(target, ir.DnatTarget) or target.redirect \
-                or target.address is None or target.address.version != 4:
+                or target.address is None or target.address.version != 4 \
+                or target.last_address is not None:
             return None
         if target.ports is not None and target.ports[0] != target.ports[1]:
             return None

@@ -36,8 +36,9 @@ def open_shared(paths: Paths) -> dict[str, Map]:
     refuse the programs anyway, with a message that does not say why."""
     if not paths.conntrack.exists():
         return {}
-    if not all((paths.conntrack / name).exists() for name in CONNTRACK_MAPS):
-        raise _another_version(paths, "it has no NAT bindings")
+    missing = [name for name in CONNTRACK_MAPS if not (paths.conntrack / name).exists()]
+    if missing:
+        raise _another_version(paths, "it has no " + ", ".join(missing))
     maps = {name: Map.open_pinned(str(paths.conntrack / name)) for name in CONNTRACK_MAPS}
     table = maps[TABLE]
     sizes = (table.key_size, table.value_size, maps[BINDINGS].value_size)
@@ -260,8 +261,9 @@ def flush(paths: Paths) -> int:
         keys = list(maps[TABLE].keys())
         for key in keys:
             maps[TABLE].delete(key)
-        for key in list(maps[BINDINGS].keys()):
-            maps[BINDINGS].delete(key)
+        for name in (BINDINGS, "bf_nat_src"):
+            for key in list(maps[name].keys()):
+                maps[name].delete(key)
         created = maps["bf_ct_created"]
         created.update(struct.pack("<I", 0), bytes(created.value_size * possible_cpus()))
         return len(keys)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from bpfilter import ir
+from bpfilter import build, ir
 from bpfilter.runtime import hostview, lock, namespaces, reconcile, state, watcher
 from bpfilter.compiler import Compilation, compile_ruleset
 from bpfilter.errors import KernelError
@@ -187,7 +187,9 @@ def _edit(req: _Request) -> Optional[ApplyReport]:
 
 
 def _digest(compilation: Compilation) -> str:
-    return code_digest(compilation.code.source)
+    """The programs' identity: their C and the runtime headers it includes (a bpfilter
+    whose runtime changed swaps a running ruleset in, even where the C is the same)."""
+    return code_digest(compilation.code.source + "".join(build.runtime_headers().values()))
 
 
 def _attach(req: _Request, prog_fd: int, attach: Attach,

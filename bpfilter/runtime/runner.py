@@ -24,7 +24,7 @@ STAGE_MAPS = ("bf_counters", "bf_ifmatch", "bf_ifmac", "bf_limits", "bf_log",
 SERVICE_MAPS = ("bf_svc", "bf_svc_ep")
 # The connection table (templates/conntrack.h) and its NAT bindings (templates/nat.h): one
 # per network namespace.
-CONNTRACK_MAPS = ("bf_conntrack", "bf_ct_created", "bf_nat")
+CONNTRACK_MAPS = ("bf_conntrack", "bf_ct_created", "bf_nat", "bf_nat_src")
 # The maps that hold two generations (see templates/bpfilter.h).
 GENERATION_MAPS = ("bf_counters", "bf_limits", "bf_prefixes", "bf_prefixes6", "bf_exact")
 # The maps of folded runs (templates/bpfilter.h).

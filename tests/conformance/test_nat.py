@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, UDP, fragment
 from scapy.layers.l2 import Ether
 
+from bpfilter import build
+from bpfilter.codegen import program
 from bpfilter.runtime import conntable, state
 from bpfilter.testbed import CLIENT_ADDR, SERVER_ADDR, netns
 from tests.conftest import EXAMPLES
@@ -172,6 +174,90 @@ def test_a_dnat_port_range_keeps_the_port_or_takes_the_lowest_free(nat_router, f
         kernel = snat_flow(nat_router.kernel, far_peers, "udp", dst, port, sport)
         ours = snat_flow(nat_router.bpf, far_peers, "udp", dst, port, sport)
         assert ours == kernel, f"udp to {dst}:{port}: kernel {kernel}, bpfilter {ours}"
+
+
+# Clients behind the router (the client namespace answers for every address of its range)
+# and the far ranges a connection's address is chosen in.
+RANGE_CLIENTS = [f"100.64.0.{host}" for host in range(2, 10)]
+FAR_RANGE = "203.0.113.16-203.0.113.31"
+SNAT_RANGE = "198.18.0.50-198.18.0.57"
+
+
+def _range_choices(pair, peers: FarPeers, text: str, flows) -> tuple[list, list]:
+    """`text` loaded; each (client, destination, port, client port) a TCP connection; per
+    side, where the far listener saw each one come from and to."""
+    pair.load(text)
+    seen: tuple[list, list] = ([], [])
+    for client, dst, port, sport in flows:
+        for bed, where in zip((pair.kernel, pair.bpf), seen):
+            replies = flow(bed, "syn", dst, port, sport, src=client)
+            where.append(peers.accepted(bed) if any("SA" in r for r in replies[0]) else
+                         replies)
+    return seen
+
+
+def _dnat_ranges(pair, peers: FarPeers) -> tuple[list, list]:
+    text = (NAT_HEAD + "".join(
+        f"-A PREROUTING -d {dst}/32 -p tcp -m tcp --dport 8080 -j DNAT --to-destination "
+        f"{FAR_RANGE}:{ACCEPT_PORT}{flag}\n"
+        for dst, flag in (("198.18.0.7", ""), ("198.18.0.8", " --persistent")))
+        + "COMMIT\n" + FILTER_OPEN)
+    return _range_choices(pair, peers, text, [
+        (client, dst, 8080, next(sports)) for client in RANGE_CLIENTS
+        for dst in ("198.18.0.7", "198.18.0.8")])
+
+
+def test_a_dnat_address_range_chooses_as_the_kernel(nat_router, far_peers):
+    """DNAT to 16 far addresses: each client's connection lands on the one the kernel's
+    hash of (client, destination) picks, or of the client alone with --persistent; what
+    the far listener accepted (peer and the address it came to) is the same, connection
+    by connection."""
+    kernel, ours = _dnat_ranges(nat_router, far_peers)
+    assert len({accepted[1][0] for accepted in kernel}) > 2, f"one or two targets: {kernel}"
+    assert ours == kernel
+
+
+def test_a_wrong_range_hash_is_seen(nat_router, far_peers, monkeypatch):
+    """The same flows with the hash seeded without the destination (a mutation of
+    bf_nat_pick): some connection lands elsewhere than the kernel's, and the comparison
+    above says so."""
+    headers = program.runtime_headers()
+    seed = "(persistent ? 0 : bpf_htonl(dst))"
+    assert seed in headers["nat.h"]
+    headers["nat.h"] = headers["nat.h"].replace(seed, "0")
+    monkeypatch.setattr(build, "runtime_headers", lambda: headers)
+    kernel, ours = _dnat_ranges(nat_router, far_peers)
+    assert ours != kernel
+
+
+def test_snat_address_ranges_choose_as_the_kernel(nat_router, far_peers):
+    """SNAT to 8 addresses: each client's source as the kernel's hash picks it; the same
+    client port to a second far address keeps the source its first connection got while
+    that one lives (find_appropriate_src), whatever the hash would pick for the second;
+    --persistent hashes the client alone."""
+    for flag in ("", " --persistent"):
+        text = (NAT_HEAD + f"-A POSTROUTING -o eth1 -p tcp -j SNAT --to-source {SNAT_RANGE}"
+                f"{flag}\nCOMMIT\n" + FILTER_OPEN)
+        kernel, ours = _range_choices(nat_router, far_peers, text, [
+            (client, dst, ACCEPT_PORT, sport) for client, sport in zip(RANGE_CLIENTS, sports)
+            for dst in (FAR_LISTENER, "203.0.113.5")])
+        assert len({accepted[0][0] for accepted in kernel}) > 2, f"few sources: {kernel}"
+        assert all(kernel[i][0] == kernel[i + 1][0] for i in range(0, len(kernel), 2))
+        assert ours == kernel, flag
+
+
+def test_a_dnat_port_shift_maps_ports_as_the_kernel(nat_router, far_peers):
+    """DNAT's `p-q/base`: port p + (the packet's - base) modulo the range's size, a port
+    below base wrapping as the kernel's 16-bit offset; the far listener takes one of the
+    two, the other answers RST, connection by connection as the kernel's."""
+    text = (NAT_HEAD + "-A PREROUTING -d 198.18.0.7/32 -p tcp -m tcp --dport 4990:5010 -j "
+            f"DNAT --to-destination {FAR_LISTENER}:{ACCEPT_PORT}-{ACCEPT_PORT + 1}/5000\n"
+            "COMMIT\n" + FILTER_OPEN)
+    kernel, ours = _range_choices(nat_router, far_peers, text, [
+        (CLIENT_ADDR, "198.18.0.7", port, next(sports)) for port in (4999, 5000, 5001, 5002)])
+    assert [seen[1][1] if isinstance(seen, tuple) else "RST" for seen in kernel] == [
+        "RST", ACCEPT_PORT, "RST", ACCEPT_PORT]
+    assert ours == kernel
 
 
 def _fragmented(bed, dst: str, port: int, sport: int) -> tuple:

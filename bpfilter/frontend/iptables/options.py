@@ -916,31 +916,28 @@ def _unsupported_option(why: str, supported: str):
     return handler
 
 
-def _nat_to(option: str, form: str, address: bool = True):
-    """libxt_NAT's `A`, `A:p`, `:p`, `A:p-q` (a range whose ends are equal is one value);
-    MASQUERADE's and REDIRECT's --to-ports without the address. `form`: what the target
-    compiles, for the messages."""
+def _nat_to(option: str, form: str, address: bool = True, shifts: bool = False):
+    """libxt_NAT's `A[-B]`, `A[-B]:p[-q]`, `:p[-q]` (a range whose ends are equal is one
+    value; `shifts`: DNAT's `p-q/base` too), MASQUERADE's and REDIRECT's --to-ports
+    without the address. `form`: what the target compiles, for the messages."""
     def handler(reader: RuleReader, tok: Token) -> None:
         if "to" in reader.target_options:
             raise reader.error(tok, f"{option} can be given only once")
+        if reader.family is ir.Family.IPV6:  # (before its `[A]:p` would be misread)
+            raise reader.error(reader.target_token, "IPv6 NAT is not compiled yet",
+                               f"{reader.target_token.value} in iptables (IPv4) rulesets")
         arg = reader.argument(tok)
         text, _, ports = arg.value.partition(":") if address else ("", "", arg.value)
-        where = None
-        if text:
+        where = (None, None)
+        if text:  # a range as libxt_NAT takes it: its ends in either order
             low, _, high = text.partition("-")
             where = _parse_address(reader, arg, low)
-            if high and _parse_address(reader, arg, high) != where:
-                raise reader.error(arg, "address ranges are not compiled yet",
-                                   f"one address ({form})")
+            last = _parse_address(reader, arg, high) if high else where
+            where = (where, None if last == where else last)
         span = None
         if ports:
-            low, _, high = ports.partition("-")
-            if high and (_c_number(low) is None or _c_number(high) is None):
-                raise reader.error(arg, f"'{ports}': a port range takes numbers (a service "
-                                   "name stands alone, as libxt_NAT reads it)", form)
-            first = _parse_port(reader, arg, low, "tcp")
-            span = (first, _parse_port(reader, arg, high, "tcp") if high else first)
-            if 0 in span:
+            span = _nat_ports(reader, arg, ports, form, shifts)
+            if 0 in span[:2]:
                 raise reader.error(arg, "port 0 is not compiled", "a port 1-65535")
             if span[0] > span[1]:
                 raise reader.error(arg, "invalid port range (min > max)")
@@ -948,13 +945,38 @@ def _nat_to(option: str, form: str, address: bool = True):
     return handler
 
 
+def _nat_ports(reader: RuleReader, arg: Token, text: str, form: str,
+               shifts: bool) -> tuple[int, ...]:
+    """(first, last) or, shifted, (first, last, base), as libxt_NAT reads them: a first
+    port that is not a number is a service name, the whole text (names have dashes); a
+    range's last port is a number; its base a port or a name."""
+    low, dash, rest = text.partition("-")
+    if _c_number(low) is None:
+        return (_parse_port(reader, arg, text, "tcp"),) * 2
+    high, slash, base = rest.partition("/")
+    if dash and _c_number(high) is None:
+        raise reader.error(arg, f"'{high}': the last port of a range is a number, as "
+                           "libxt_NAT reads it", form)
+    first = _parse_port(reader, arg, low, "tcp")
+    span = (first, _parse_port(reader, arg, high, "tcp") if dash else first)
+    if not slash:
+        return span
+    if not shifts:
+        raise reader.error(arg, "only DNAT shifts ports (FIRST-LAST/BASE)", form)
+    shift = _parse_port(reader, arg, base, "tcp")
+    if not shift:
+        raise reader.error(arg, "a shift's base port is 1-65535, as libxt_NAT takes it")
+    return span + (shift,)
+
+
 def _nat_target(reader: RuleReader, option: str):
     """What every NAT target checks: IPv4, and a port only where the protocol has
-    ports. The address, port range and flags its option gave."""
+    ports. The address range (first, last: None for one), port range and flags its
+    option gave."""
     if reader.family is ir.Family.IPV6:
         raise reader.error(reader.target_token, "IPv6 NAT is not compiled yet",
                            f"{reader.target_token.value} in iptables (IPv4) rulesets")
-    where, span, arg = reader.target_options.get("to") or (None, None, None)
+    where, span, arg = reader.target_options.get("to") or ((None, None), None, None)
     if arg is None and option:
         _require_target(reader, "to", option)
     proto = reader.base.get("proto")
@@ -965,20 +987,23 @@ def _nat_target(reader: RuleReader, option: str):
                            "-p tcp or -p udp (SCTP and DCCP are not compiled yet)")
     flags = {k: reader.target_options.get(k, False)
              for k in ("random", "random_fully", "persistent")}
-    return where, span, flags
+    if span is not None and len(span) == 3:
+        flags["port_base"] = span[2]
+    return where, span and span[:2], flags
 
 
 def _dnat_target(reader: RuleReader) -> ir.DnatTarget:
     redirect = reader.target_token.value == "REDIRECT"
     where, span, flags = _nat_target(reader, "" if redirect else "--to-destination")
     del flags["random_fully"]  # not an option of DNAT's
-    return ir.DnatTarget(where, span, redirect=redirect, **flags)
+    return ir.DnatTarget(where[0], span, redirect=redirect, last_address=where[1], **flags)
 
 
 def _snat_target(reader: RuleReader) -> ir.SnatTarget:
     masquerade = reader.target_token.value == "MASQUERADE"
     where, span, flags = _nat_target(reader, "" if masquerade else "--to-source")
-    return ir.SnatTarget(where, span, masquerade=masquerade, **flags)
+    return ir.SnatTarget(where[0], span, masquerade=masquerade, last_address=where[1],
+                         **flags)
 
 
 _MARK_OPTIONS = {f"--{form}": _xmark(form)
@@ -1007,9 +1032,11 @@ _TARGET_OPTIONS: dict[str, dict[str, Callable]] = {
     # DNAT's and REDIRECT's --random draws the port (the kernel's random start); with one
     # address --persistent changes nothing.
     "DNAT": {"--to-destination": _nat_to("--to-destination", "DNAT --to-destination "
-                                         "a.b.c.d[:port[-port]]"),
+                                         "a.b.c.d[-e.f.g.h][:port[-port[/base]]]",
+                                         shifts=True),
              "--random": _flag("random"), "--persistent": _flag("persistent")},
-    "SNAT": {"--to-source": _nat_to("--to-source", "SNAT --to-source a.b.c.d[:port[-port]]"),
+    "SNAT": {"--to-source": _nat_to("--to-source", "SNAT --to-source "
+                                       "a.b.c.d[-e.f.g.h][:port[-port]]"),
              "--random": _flag("random"), "--random-fully": _flag("random_fully"),
              "--persistent": _flag("persistent")},
     "MASQUERADE": {"--to-ports": _nat_to("--to-ports", "MASQUERADE --to-ports port[-port]",

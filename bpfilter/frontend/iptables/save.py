@@ -180,9 +180,16 @@ def _port_range(ports: Optional[tuple[int, int]]) -> str:
         else f"{ports[0]}-{ports[1]}"
 
 
+def _nat_addresses(t) -> str:
+    return "" if t.address is None else str(t.address) + (
+        f"-{t.last_address}" if t.last_address is not None else "")
+
+
 def _dnat(t: ir.DnatTarget) -> list[str]:
     ports = _port_range(t.ports)
-    to = (str(t.address) if t.address else "") + (f":{ports}" if ports else "")
+    if t.port_base is not None:  # (a shift is always written as a range)
+        ports = f"{t.ports[0]}-{t.ports[1]}/{t.port_base}"
+    to = _nat_addresses(t) + (f":{ports}" if ports else "")
     if t.redirect:
         parts = ["-j REDIRECT"] + ([f"--to-ports {ports}"] if ports else [])
     else:
@@ -197,7 +204,7 @@ def _snat(t: ir.SnatTarget) -> list[str]:
     if t.masquerade:
         parts = ["-j MASQUERADE"] + ([f"--to-ports {ports}"] if ports else [])
     else:
-        parts = [f"-j SNAT --to-source {t.address}" + (f":{ports}" if ports else "")]
+        parts = [f"-j SNAT --to-source {_nat_addresses(t)}" + (f":{ports}" if ports else "")]
     return parts + [option for flag, option in ((t.random, "--random"),
                                                 (t.random_fully, "--random-fully"),
                                                 (t.persistent, "--persistent")) if flag]

@@ -268,8 +268,8 @@ class RuleReader(Comparisons):
 
     def _nat(self, word: Word) -> ir.Target:
         """`dnat|snat [ip] to [ADDRESS][:PORT] [FLAGS]`, `masquerade [to :PORT] [FLAGS]`
-        and `redirect [to [:]PORT] [FLAGS]`: one address; snat and masquerade take a port
-        range."""
+        and `redirect [to [:]PORT] [FLAGS]`: an address or an address range (FIRST-LAST),
+        a port or a port range."""
         kind = word.value
         ports_only = kind in ("masquerade", "redirect")
         if self.family is not ir.Family.IPV4:
@@ -277,15 +277,15 @@ class RuleReader(Comparisons):
                              "yet", f"{kind} in ip tables")
         form = {"masquerade": "masquerade [to :PORT[-PORT]]",
                 "redirect": "redirect [to :PORT[-PORT]]"}.get(
-                    kind, f"{kind} to ADDRESS[:PORT[-PORT]]")
-        address = span = None
+                    kind, f"{kind} to ADDRESS[-ADDRESS][:PORT[-PORT]]")
+        address = last = span = None
         if not ports_only or self.peek_value() == "to":
             to = self.next_word("'to'")
             if to.value == "ip" and not ports_only:
                 to = self.next_word("'to'")
             if to.value != "to":
                 raise self.error(to, "expected 'to'", form)
-            address, span = self._nat_to(kind, form)
+            address, last, span = self._nat_to(kind, form)
         flags = set()
         if self.peek_value() in ("random", "persistent", "fully-random"):
             words = self.comma_list("a flag")
@@ -296,10 +296,11 @@ class RuleReader(Comparisons):
                 raise self.error(words[0], f"{kind} takes the flags " + ", ".join(sorted(
                     allowed)))
         if kind in ("dnat", "redirect"):
-            return ir.DnatTarget(address, span, "random" in flags,
-                                 "persistent" in flags, redirect=kind == "redirect")
+            return ir.DnatTarget(address, span, "random" in flags, "persistent" in flags,
+                                 redirect=kind == "redirect", last_address=last)
         return ir.SnatTarget(address, span, "random" in flags, "fully-random" in flags,
-                             "persistent" in flags, masquerade=kind == "masquerade")
+                             "persistent" in flags, masquerade=kind == "masquerade",
+                             last_address=last)
 
     def _nat_to(self, kind: str, form: str):
         spec = self.next_word("an address")
@@ -309,16 +310,23 @@ class RuleReader(Comparisons):
         if kind == "redirect" and ":" not in text:
             text = ":" + text  # `redirect to 8080`: a port without its colon
         address_text, _, port_text = text.partition(":")
-        if "-" in address_text or "/" in text or address_text == "map":
-            raise self.error(spec, "address ranges and maps are not compiled yet", form)
+        if "/" in text or address_text == "map":
+            raise self.error(spec, "prefixes and maps in NAT statements are not compiled "
+                             "yet", form)
         if kind in ("masquerade", "redirect") and address_text:
             raise self.error(spec, f"{kind} takes ports only", form)
-        address = span = None
+        address = last = span = None
         if address_text:
             try:
-                address = ipaddress.IPv4Address(address_text)
+                address, last = (ipaddress.IPv4Address(end)
+                                 for end in (address_text.split("-", 1) * 2)[:2])
             except ValueError:
-                raise self.error(spec, f"'{address_text}' is not an IPv4 address") from None
+                raise self.error(spec, f"'{address_text}' is not an IPv4 address or "
+                                 "range") from None
+            if last < address:
+                raise self.error(spec, "range has zero or negative size (as nft says)",
+                                 "FIRST-LAST with FIRST <= LAST")
+            last = None if last == address else last
         if port_text:
             low, _, high = port_text.partition("-")
             ports = [int(t) if t.isdigit() else 0 for t in (low, high or low)]
@@ -328,7 +336,7 @@ class RuleReader(Comparisons):
                 raise self.error(spec, "invalid port range (min > max)")
             span = (ports[0], ports[1])
             self.nat_port = spec
-        return address, span
+        return address, last, span
 
     def _limit(self) -> ir.LimitMatch:
         rate = self.next_word("rate")

@@ -294,6 +294,8 @@ def _target(target: Optional[ir.Target], rule: ir.Rule) -> list[str]:
                 else "meta mark set ct mark"]
     if isinstance(target, ir.NotrackTarget):
         return ["notrack"]
+    if isinstance(target, ir.DnatTarget) and target.port_base is not None:
+        raise _untranslatable(rule, "nft's dnat has no port shift (DNAT's PORT-PORT/BASE)")
     if isinstance(target, ir.NAT_TARGETS):
         return [_nat(target)]
     if isinstance(target, ir.ChecksumTarget):
@@ -313,6 +315,7 @@ def _nat(target) -> str:
         flags = (("random", target.random), ("fully-random", target.random_fully),
                  ("persistent", target.persistent))
     to = (str(target.address) if target.address else "") + (
+        f"-{target.last_address}" if target.last_address else "") + (
         "" if not ports else f":{ports[0]}" if ports[0] == ports[1]
         else f":{ports[0]}-{ports[1]}")
     if words in ("masquerade", "redirect") and to:

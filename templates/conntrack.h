@@ -739,7 +739,8 @@ static __always_inline int bf_ct_bad_checksum(struct bf_ctx *ctx, const struct b
 #endif
 }
 
-static __always_inline void bf_ct_classify(struct bf_ctx *ctx, struct bf_pkt *p)
+/* 1: an ICMP error, for bf_ct_related(). */
+static __always_inline int bf_ct_classify(struct bf_ctx *ctx, struct bf_pkt *p)
 {
 	struct bf_ct_key key = {};
 	struct bf_ct_entry *e;
@@ -751,22 +752,20 @@ static __always_inline void bf_ct_classify(struct bf_ctx *ctx, struct bf_pkt *p)
 					p->tcp_doff * 4 > p->l4_len ||
 					!bf_tcp_flags_valid(p->tcp_flags))) {
 		p->ct_state = BF_CT_INVALID;
-		return;
+		return 0;
 	}
 	if ((p->proto == IPPROTO_UDP && p->l4_len < 8) ||
 	    (p->proto == BF_ICMP_PROTO(p) && p->l4_len < 8) || p->l4_unknown ||
 	    bf_ct_bad_checksum(ctx, p)) {
 		p->ct_state = BF_CT_INVALID;
-		return;
+		return 0;
 	}
 	if (p->proto == BF_ICMP_PROTO(p)) {
-		if (bf_icmp_error_type(p->icmp_type, BF_FAMILY6(p))) {
-			p->ct_state = bf_ct_related(ctx, p);
-			return;
-		}
+		if (bf_icmp_error_type(p->icmp_type, BF_FAMILY6(p)))
+			return 1;
 		if (BF_FAMILY6(p) && bf_icmp6_untracked(p->icmp_type)) {
 			p->ct_state = BF_CT_UNTRACKED;
-			return;
+			return 0;
 		}
 	}
 
@@ -783,7 +782,7 @@ static __always_inline void bf_ct_classify(struct bf_ctx *ctx, struct bf_pkt *p)
 			p->ct_state = state | e->nat;
 			p->ct_mark = e->mark;
 			bf_ct_note(p, &key, orig, from != orig);
-			return;
+			return 0;
 		}
 	}
 #if BF_NAT
@@ -798,13 +797,15 @@ static __always_inline void bf_ct_classify(struct bf_ctx *ctx, struct bf_pkt *p)
 #endif
 	p->ct_state = bf_ct_first(p, &p->ct_create);
 	bf_ct_note(p, &key, from, 0); /* a new connection: this packet's way is the original */
+	return 0;
 }
 
 /* nf_conntrack_in() for a packet: sets p->ct_state (and what --ctdir and kin read),
  * moves a known connection, and leaves in p->ct_create the TCP state of an entry to create
  * if the packet is let through. Global functions, like the two below: their keys and
- * entries stay off the stack of the program, which the classifier's walk shares. */
-__noinline int bf_ct_track(struct bf_ctx *ctx, struct bf_pkt *p)
+ * entries stay off the stack of the program, which the classifier's walk shares. 1: an
+ * ICMP error, which bf_ct_track() hands to bf_ct_related(). */
+__noinline int bf_ct_lookup(struct bf_ctx *ctx, struct bf_pkt *p)
 {
 	if (!p)
 		return 0;
@@ -817,8 +818,15 @@ __noinline int bf_ct_track(struct bf_ctx *ctx, struct bf_pkt *p)
 	if (p->proto == IPPROTO_TCP && (p->tcp_flags & 0x02) && p->tcp_doff > 5 &&
 	    p->tcp_doff * 4 <= p->l4_len)
 		bf_tcp_options(ctx, p);
-	bf_ct_classify(ctx, p);
-	return 0;
+	return bf_ct_classify(ctx, p);
+}
+
+/* The two global functions called one after the other, so that their frames never stack
+ * (with IPv6 at TC the program's own frame leaves no room for both). */
+static __always_inline void bf_ct_track(struct bf_ctx *ctx, struct bf_pkt *p)
+{
+	if (bf_ct_lookup(ctx, p) == 1)
+		p->ct_state = bf_ct_related(ctx, p);
 }
 
 /* tcp_new(), and the new connection's first segment through tcp_in_window(): done when

@@ -214,6 +214,37 @@ def test_chains_nest_as_deep_as_the_call_stack_allows(kernel, build_root, monkey
         assert loaded.counters("filter", "INPUT", 0).packets == 0
 
 
+def test_ipv4_nat_beside_ipv6_rejects_fits_the_stack_at_tc(kernel, build_root):
+    """At TC with IPv6 rules the program's own frame is its largest (264 bytes), so the
+    global functions it calls must not stack two deep where they are large: connection
+    tracking's lookup and its ICMP-error path (bf_ct_related) are called one after the
+    other, and so are INPUT's nat place and the new binding (with the 160 and 144 bytes
+    of those, 528 bytes were refused). A dual-stack ruleset with ip NAT and ip6 REJECTs
+    loads at both attach points."""
+    text = """table ip nat {
+	chain pre {
+		type nat hook prerouting priority dstnat; policy accept;
+		tcp dport 8080 dnat to 10.0.0.1-10.0.0.9:80
+	}
+	chain post {
+		type nat hook postrouting priority srcnat; policy accept;
+		oifname "eth1" snat to 198.18.0.50-198.18.0.57
+	}
+}
+table ip6 f {
+	chain i {
+		type filter hook input priority 0; policy accept;
+		ct state established accept
+		ip6 saddr 2001:db8::/32 tcp dport 22 reject
+	}
+}
+"""
+    for attach in program.Attach:
+        name = f"dual-nat-{attach.value}"
+        compiled = compile_ruleset(text, name, build_root / name, attach=attach)
+        assert compiled.code.programs
+
+
 def test_folded_runs_keep_first_match_and_per_rule_counters(kernel, build_root):
     """A run of -s rules becomes one lookup, cut where prefixes overlap, so the rule that
     matches first is still the one that decides and counts."""

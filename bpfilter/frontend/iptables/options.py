@@ -8,6 +8,7 @@ position so an error can point at it.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import re
@@ -263,23 +264,33 @@ _KNOWN_UNSUPPORTED_TARGETS = {
 # --------------------------------------------------------------------------- values
 
 
+@functools.lru_cache(maxsize=65536)
+def _address_value(kind: type, text: str, **options):
+    """ipaddress' reading of `text` (None: not one), once per text: a generated ruleset
+    names each address many times, and the objects are immutable."""
+    try:
+        return kind(text, **options)
+    except ValueError:
+        return None
+
+
 def _parse_network(reader: RuleReader, tok: Token) -> ir.IPNetwork:
     v6 = reader.family is ir.Family.IPV6
-    try:
-        return (ipaddress.IPv6Network if v6 else ipaddress.IPv4Network)(tok.value,
-                                                                         strict=False)
-    except ValueError:
+    network = _address_value(ipaddress.IPv6Network if v6 else ipaddress.IPv4Network,
+                             tok.value, strict=False)
+    if network is None:
         raise reader.error(tok, f"not an IPv{6 if v6 else 4} address or prefix",
                            "x:y::z or x:y::/len" if v6 else
-                           "a.b.c.d or a.b.c.d/len (host names are not resolved)") from None
+                           "a.b.c.d or a.b.c.d/len (host names are not resolved)")
+    return network
 
 
 def _parse_address(reader: RuleReader, tok: Token, text: str) -> ir.IPAddress:
     v6 = reader.family is ir.Family.IPV6
-    try:
-        return (ipaddress.IPv6Address if v6 else ipaddress.IPv4Address)(text)
-    except ValueError:
-        raise reader.error(tok, f"'{text}' is not an IPv{6 if v6 else 4} address") from None
+    address = _address_value(ipaddress.IPv6Address if v6 else ipaddress.IPv4Address, text)
+    if address is None:
+        raise reader.error(tok, f"'{text}' is not an IPv{6 if v6 else 4} address")
+    return address
 
 
 # Numbers as iptables reads most of them (xtables_strtoul: C's strtoumax in base 0): 0x

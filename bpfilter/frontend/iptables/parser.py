@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import lark
 
@@ -16,12 +17,20 @@ from bpfilter.resources import resource_dir
 @functools.cache
 def _grammar() -> lark.Lark:
     text = (resource_dir("grammar") / "iptables_save.lark").read_text()
-    return lark.Lark(text, parser="lalr", propagate_positions=True)
+    return lark.Lark(text, parser="lalr")  # (tokens carry their positions)
 
 
 def _counters(tok: lark.Token) -> ir.Counters:
     packets, byte_count = tok.value[1:-1].split(":")
     return ir.Counters(int(packets), int(byte_count))
+
+
+# One word as iptables-restore's add_param_to_argv() cuts it: plain characters, or plain
+# characters then a quoted part (a backslash escapes the next character) that the closing
+# quote ends.
+_WORD = re.compile(r'([^ \t"]*)"((?:[^"\\]|\\.)*)"|[^ \t"]+')
+_BLANKS = re.compile(r"[ \t]*")
+_ESCAPED = re.compile(r"\\(.)")
 
 
 def _arguments(args: lark.Token | None, source: str) -> list[Token]:
@@ -32,36 +41,19 @@ def _arguments(args: lark.Token | None, source: str) -> list[Token]:
     rest of the line)."""
     if args is None:
         return []
-    tokens, word, start, quote_open, escaped = [], [], 0, False, False
-    text = args.value
-    for i, char in enumerate(text):
-        if not word and not quote_open and char not in " \t":
-            start = i
-        if quote_open:
-            if escaped:
-                word.append(char)
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                tokens.append(Token("".join(word), args.line, args.column + start))
-                word, quote_open = [], False
-            else:
-                word.append(char)
-        elif char == '"':
-            quote_open = True
-        elif char in " \t":
-            if word:
-                tokens.append(Token("".join(word), args.line, args.column + start))
-                word = []
-        else:
-            word.append(char)
-    if quote_open:
-        raise InputError(source, args.line, text[start:].split(" ")[0],
-                         "unterminated quoted string", column=args.column + start)
-    if word:
-        tokens.append(Token("".join(word), args.line, args.column + start))
-    return tokens
+    tokens, text, pos = [], args.value, 0
+    while True:
+        pos = _BLANKS.match(text, pos).end()
+        if pos == len(text):
+            return tokens
+        word = _WORD.match(text, pos)
+        if word is None or (word[2] is None and text.startswith('"', word.end())):
+            # (a quote that does not close stops the quoted form: the plain one stops there)
+            raise InputError(source, args.line, text[pos:].split(" ")[0],
+                             "unterminated quoted string", column=args.column + pos)
+        value = word[0] if word[2] is None else word[1] + _ESCAPED.sub(r"\1", word[2])
+        tokens.append(Token(value, args.line, args.column + pos))
+        pos = word.end()
 
 
 def parse_iptables_save(text: str, source: str = "<stdin>",

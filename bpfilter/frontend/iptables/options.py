@@ -14,15 +14,16 @@ import math
 import re
 import socket
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 from bpfilter import ir
 from bpfilter.errors import InputError
 from bpfilter.frontend.iptables import names
 
 
-@dataclass(frozen=True)
-class Token:
+class Token(NamedTuple):
+    """A word of a rule and where it starts (a tuple: a large ruleset makes millions)."""
+
     value: str
     line: int
     column: int

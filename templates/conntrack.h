@@ -234,7 +234,9 @@ enum bf_nat_todo { BF_NAT_NEW = 1 /* DNAT chose: rewrite, and bind at confirm */
 		   BF_NAT_SRC = 4 /* the binding gives the source */,
 		   BF_NAT_ERROR = 8 /* an ICMP error quoting a packet the binding rewrote */,
 		   BF_NAT_SNAT = 16 /* SNAT chose (bf_snat_choice): bind at confirm */,
-		   BF_NAT_REROUTE = 32 /* OUTPUT's DNAT moved it: sent on by bf_nat_reroute */ };
+		   BF_NAT_REROUTE = 32 /* OUTPUT's DNAT moved it: sent on by bf_nat_reroute */,
+		   BF_NAT_ERROR_SRC = 64 /* BF_NAT_ERROR's quoted source and the error's
+					  * destination (else the quoted destination) */ };
 
 /* nat.h: the packet (or the packet an ICMP error quotes) as its binding has it. */
 static __always_inline void bf_nat_view(struct bf_pkt *p, struct bf_ct_key *key, __u8 *from);
@@ -704,8 +706,7 @@ __noinline int bf_ct_related(struct bf_ctx *ctx, struct bf_pkt *p)
 	if (!e || e->expires <= bf_now())
 		return BF_CT_INVALID;
 #if BF_NAT
-	if (translated)
-		p->nat = BF_NAT_ERROR;
+	p->nat = translated;
 #endif
 	bf_ct_note(p, &key, e->orig, from == e->orig);
 	p->ct_mark = e->mark;

@@ -131,11 +131,12 @@ static __always_inline void bf_nat_view(struct bf_pkt *p, struct bf_ct_key *key,
 }
 
 /* An ICMP error quoting a packet of a binding's tuple, on its way back to the packet's
- * sender: its key becomes the connection's (for RELATED). 1 when this program translates
- * it (if the connection lives), as nf_nat_icmp_reply_translation(): at ingress an error
- * to SNAT's source (the quoted packet left with it) gets the client back, at PREROUTING;
- * at egress an error about a packet DNAT sent on gets the old destination back, at
- * POSTROUTING's end. */
+ * sender: its key becomes the connection's (for RELATED). What this program does to it
+ * (if the connection lives: enum bf_nat_todo, 0 for nothing), as
+ * nf_nat_icmp_reply_translation(): an error to SNAT's source (the quoted packet left
+ * with it, or INPUT's SNAT gave it to the host) gets the client back, at PREROUTING or
+ * at the host's own error's egress; at egress an error about a packet DNAT sent on gets
+ * the old destination back, at POSTROUTING's end. */
 static __always_inline int bf_nat_quoted(struct bf_pkt *p, struct bf_ct_key *key, __u8 *from,
 					 __u8 proto, const __u32 *saddr, const __u32 *daddr,
 					 __u8 *l4, void *end)
@@ -153,14 +154,15 @@ static __always_inline int bf_nat_quoted(struct bf_pkt *p, struct bf_ct_key *key
 		return 0;
 	s = *from ? &n->end[1] : &n->end[0];
 	d = *from ? &n->end[0] : &n->end[1];
-#ifdef BF_EGRESS
-	translate = (d->todo & BF_NAT_FROM) && !(s->todo & BF_NAT_TO);
-	p->nat_addr = d->view;
-	p->nat_port = d->view_port;
-#else
-	translate = !!(s->todo & BF_NAT_TO);
+	translate = s->todo & BF_NAT_TO ? BF_NAT_ERROR | BF_NAT_ERROR_SRC : 0;
 	p->nat_addr = s->as_dst;
 	p->nat_port = s->dst_port;
+#ifdef BF_EGRESS
+	if (!translate && (d->todo & BF_NAT_FROM)) {
+		translate = BF_NAT_ERROR;
+		p->nat_addr = d->view;
+		p->nat_port = d->view_port;
+	}
 #endif
 	src = s->view, dst = d->view;
 	if (bf_nat_ports(proto)) {
@@ -585,14 +587,11 @@ __noinline int bf_nat_error(struct bf_ctx *ctx, struct bf_pkt *p)
 	__u32 icmp, inner, l4, to, from, field;
 	__u16 sum, ip_sum, port, l4_sum, pto;
 	struct iphdr ip;
-#ifdef BF_EGRESS
-	const int quoted_src = 0;
-#else
-	const int quoted_src = 1;
-#endif
+	int quoted_src;
 
 	if (!p)
 		return 0;
+	quoted_src = !!(p->nat & BF_NAT_ERROR_SRC);
 	icmp = p->l4_off & 0xff, inner = icmp + 8, to = bpf_htonl(p->nat_addr);
 	pto = bpf_htons(p->nat_port);
 	if (bf_load_bytes(ctx, inner, &ip, sizeof(ip)) ||
@@ -625,6 +624,10 @@ __noinline int bf_nat_error(struct bf_ctx *ctx, struct bf_pkt *p)
 	bf_store_bytes(ctx, field, &to, 4);
 	bf_store_bytes(ctx, icmp + 2, &sum, 2);
 	bf_nat_rewrite(ctx, p, quoted_src, p->nat_addr, 0);
+#ifdef BF_EGRESS
+	if (quoted_src) /* the host's error to its INPUT SNAT's client: sent by its route */
+		bf_nat_reroute(ctx, p);
+#endif
 	return 0;
 }
 
@@ -918,18 +921,20 @@ __noinline int bf_nat_setup(struct bf_ctx *ctx, struct bf_pkt *p, int verdict)
 	e.end[0].todo = snat ? BF_NAT_TO : 0;
 	e.end[0].as_dst = ca, e.end[0].dst_port = cp;
 	bf_nat_put(p, na, ba, (__u32)np << 16 | bp, &e);
-#ifdef BF_EGRESS
-	if (snat) {
+#ifndef BF_EGRESS
+	if (!(p->noif & BF_NO_OUT)) /* forwarded: its source is written at egress */
+		return verdict;
+#endif
+	if (snat) { /* at egress next; for INPUT's SNAT by bf_nat_bind() */
 		p->nat |= BF_NAT_SRC;
 		p->nat_addr = na;
 		p->nat_port = np;
 	}
-#endif
 	return verdict;
 }
 
-
-/* At the stage's end: INPUT's nat place (ingress), then the new connection's binding. */
+/* At the stage's end: INPUT's nat place (ingress) for known connections, then the new
+ * connection's binding. */
 static __always_inline int bf_nat_bind(struct bf_ctx *ctx, struct bf_pkt *p, int verdict)
 {
 #ifndef BF_EGRESS
@@ -937,6 +942,18 @@ static __always_inline int bf_nat_bind(struct bf_ctx *ctx, struct bf_pkt *p, int
 #endif
 	return bf_nat_setup(ctx, p, verdict);
 }
+
+#ifndef BF_EGRESS
+/* INPUT's SNAT of a new connection's first packet (nf_nat_ipv4_fn at LOCAL_IN: after
+ * filter INPUT, before the socket), once its connection is confirmed under the original
+ * tuple, as at egress. */
+static __always_inline void bf_nat_input_snat(struct bf_ctx *ctx, struct bf_pkt *p,
+					      int verdict)
+{
+	if (p->ct_create != sNO && verdict == BF_ACCEPT && (p->nat & BF_NAT_SRC))
+		bf_nat_source(ctx, p);
+}
+#endif
 
 #endif
 #endif

@@ -127,13 +127,13 @@ BAD = {
         "COMMIT\n", 3, "shifting marks is not supported yet"),
     "MARK without a value": ("*mangle\n:INPUT ACCEPT [0:0]\n-A INPUT -j MARK\nCOMMIT\n",
                              3, "MARK needs one of --set-xmark"),
-    "nat INPUT": ("*nat\n:INPUT ACCEPT [0:0]\n-A INPUT -j RETURN\nCOMMIT\n",
-                  3, "nat rules at INPUT are not compiled yet"),
+    "DNAT at INPUT": ("*nat\n:INPUT ACCEPT [0:0]\n-A INPUT -j DNAT --to-destination 1.2.3.4"
+                      "\nCOMMIT\n", 3, "DNAT is not valid at INPUT"),
     "REDIRECT at OUTPUT": ("*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -p tcp -j REDIRECT "
                            "--to-ports 3128\nCOMMIT\n", 3, "REDIRECT at OUTPUT is not "
                            "compiled yet"),
-    "SNAT at INPUT": ("*nat\n:INPUT ACCEPT [0:0]\n-A INPUT -j SNAT --to-source 1.2.3.4\n"
-                      "COMMIT\n", 3, "SNAT at INPUT is not compiled yet"),
+    "MASQUERADE at INPUT": ("*nat\n:INPUT ACCEPT [0:0]\n-A INPUT -j MASQUERADE\nCOMMIT\n",
+                            3, "MASQUERADE is not valid at INPUT"),
     "SNAT address range's end": ("*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -j SNAT "
                                  "--to-source 1.2.3.4-1.2.3.\nCOMMIT\n", 3,
                                  "'1.2.3.' is not an IPv4 address"),
@@ -188,8 +188,8 @@ def test_the_consoles_print_mac_addresses_as_they_are():
 
 def test_ignore_unsupported_lists_each_skipped_rule(tmp_path, kernel):
     rules = tmp_path / "rules.v4"
-    rules.write_text("*nat\n:INPUT ACCEPT [0:0]\n-A INPUT -j RETURN\n"
-                     "-A INPUT -j ACCEPT\nCOMMIT\n"
+    rules.write_text("*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -p tcp -j REDIRECT\n"
+                     "-A OUTPUT -p udp -j REDIRECT --to-ports 53\nCOMMIT\n"
                      "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j ACCEPT\nCOMMIT\n")
     result = CliRunner().invoke(main, ["compile", str(rules), "--ignore-unsupported",
                                        "-o", str(tmp_path / "out")])

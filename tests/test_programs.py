@@ -529,3 +529,11 @@ def test_masqueraded_connections_go_with_their_address(kernel, build_root, host)
         table, bindings = loaded.map("bf_conntrack"), loaded.map("bf_nat")
         assert conntable.forget_masqueraded(table, bindings, gone) == 1
         assert source() == "10.99.0.7"
+        # The interface set down keeps its address and local route, but its MASQUERADE
+        # connections go (NETDEV_DOWN), as the watcher reads it.
+        before = hostview.addresses(hostview.read(), hostview.down_links())
+        netns.run("ip", "link", "set", "far0", "down", netns=host)
+        after = hostview.addresses(hostview.read(), hostview.down_links())
+        assert before - after == {int(ipaddress.IPv4Address("10.99.0.7"))}
+        netns.run("ip", "link", "set", "far0", "up", netns=host)
+        assert hostview.addresses(hostview.read(), hostview.down_links()) == before

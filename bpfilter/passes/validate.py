@@ -97,9 +97,9 @@ def _bases_reaching(table: ir.Table) -> dict[str, list[ir.Chain]]:
 _NAT_HOOKS = {"DNAT": ({ir.Hook.PREROUTING, ir.Hook.OUTPUT},
                        {ir.Hook.PREROUTING, ir.Hook.OUTPUT}),
               "REDIRECT": ({ir.Hook.PREROUTING, ir.Hook.OUTPUT}, {ir.Hook.PREROUTING}),
-              "SNAT": ({ir.Hook.POSTROUTING, ir.Hook.INPUT}, {ir.Hook.POSTROUTING}),
+              "SNAT": ({ir.Hook.POSTROUTING, ir.Hook.INPUT},
+                       {ir.Hook.POSTROUTING, ir.Hook.INPUT}),
               "MASQUERADE": ({ir.Hook.POSTROUTING}, {ir.Hook.POSTROUTING})}
-_COMPILED_NAT_HOOKS = {ir.Hook.PREROUTING, ir.Hook.OUTPUT, ir.Hook.POSTROUTING}
 
 
 def _nat_name(target) -> Optional[str]:
@@ -113,11 +113,10 @@ def _nat_name(target) -> Optional[str]:
 def _unsupported_nat(table: ir.Table, chain: ir.Chain, rule: ir.Rule,
                      bases: list[ir.Chain]) -> Optional[InputError]:
     """Of the nat table, bpfilter compiles what PREROUTING walks (DNAT, REDIRECT), what
-    OUTPUT walks (DNAT) and what POSTROUTING walks (SNAT, MASQUERADE); INPUT's chains
-    come later. Each
-    target only at the hooks the kernel allows it, and in nftables only where NAT chains
-    alone lead (nft_nat_validate()). `bases`: the base chains that reach the rule's
-    chain."""
+    OUTPUT walks (DNAT), what POSTROUTING walks (SNAT, MASQUERADE) and what INPUT walks
+    (SNAT): each target only at the hooks the kernel allows it, and in nftables only
+    where NAT chains alone lead (nft_nat_validate()). `bases`: the base chains that reach
+    the rule's chain."""
     name = _nat_name(rule.target)
     token = name if table.xtables else (name or "").lower()
     if name is not None:
@@ -141,14 +140,6 @@ def _unsupported_nat(table: ir.Table, chain: ir.Chain, rule: ir.Rule,
     if isinstance(rule.target, ir.VerdictTarget) and rule.target.verdict is ir.Verdict.DROP:
         return _error_at(rule.origin, "DROP", "the nat table is not for filtering: iptables "
                          "refuses DROP in it", "DROP in the filter table")
-    others = {base.hook for base in bases} - _COMPILED_NAT_HOOKS
-    if others:
-        where = ", ".join(sorted(h.value for h in others))
-        return _error_at(rule.origin, chain.name if chain.hook else f"-A {chain.name}",
-                         f"nat rules at {where} are not compiled yet (INPUT's SNAT "
-                         "comes later)",
-                         "nat rules that PREROUTING (DNAT, REDIRECT), OUTPUT (DNAT) and "
-                         "POSTROUTING (SNAT, MASQUERADE) walk")
     return None
 
 

@@ -23,6 +23,7 @@ from bpfilter.loader.objects import Map
 from bpfilter.runtime.state import Deployment, Paths
 
 RT_TABLE_LOCAL, RTN_LOCAL, RTN_BROADCAST, RTN_ANYCAST = 255, 2, 3, 4
+IFF_UP = 0x1
 # The routes of the `local` table the kernel delivers to INPUT by, per family.
 _DELIVERED = {socket.AF_INET: (RTN_LOCAL, RTN_BROADCAST),
               socket.AF_INET6: (RTN_LOCAL, RTN_ANYCAST)}
@@ -154,13 +155,25 @@ def read(interfaces: Optional[list[tuple[int, str]]] = None) -> HostView:
                     _primaries())
 
 
-def addresses(view: HostView) -> set[int]:
-    """The host's IPv4 addresses (host order): the local table's /32 local routes."""
+def addresses(view: HostView, down: frozenset[int] = frozenset()) -> set[int]:
+    """The host's IPv4 addresses (host order): the local table's /32 local routes, but
+    those of the interfaces in `down` (a link set down keeps its local routes)."""
     found = set()
     for key, value in view.addrtypes.items():
-        if key[:4] == struct.pack("<I", 32) and _ADDRTYPE.unpack(value)[0] == RTN_LOCAL:
+        kind, oif = _ADDRTYPE.unpack(value)
+        if key[:4] == struct.pack("<I", 32) and kind == RTN_LOCAL and oif not in down:
             found.add(int.from_bytes(key[4:8], "big"))
     return found
+
+
+def down_links() -> frozenset[int]:
+    """The interfaces set down (IFF_UP clear): nf_nat_masquerade's NETDEV_DOWN forgets
+    the connections MASQUERADE gave their addresses."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        return frozenset(link["index"] for link in ipr.get_links()
+                         if not link["flags"] & IFF_UP)
 
 
 def interface_rows(patterns: list[ir.InterfaceMatch], interfaces) -> dict[bytes, bytes]:

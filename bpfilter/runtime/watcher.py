@@ -136,10 +136,11 @@ class Watcher:
 
     def sync(self) -> None:
         """Every running ruleset of the namespace, to one fresh view of the kernel; the
-        connections MASQUERADE gave an address that has gone are forgotten."""
+        connections MASQUERADE gave an address that has gone (or whose interface was set
+        down) are forgotten."""
         try:
             view = hostview.read()
-            now = hostview.addresses(view)
+            now = hostview.addresses(view, hostview.down_links())
             gone = (self.addresses or set()) - now
             self.addresses = now
             running = next(iter(state.deployments()), None)  # the namespace's one table

@@ -409,6 +409,41 @@ def test_snat_ports_and_masquerade_as_the_kernel_picks_them(nat_router, far_peer
         assert flow(bed, "ping", FAR_LISTENER, 0, sport)[0], "the answer comes back"
 
 
+def test_input_snat_gives_the_hosts_socket_the_new_source(nat_router):
+    """nat INPUT's SNAT (after filter INPUT): the router's own listener accepts the client
+    under the SNAT address, and the client gets the answers (SYN/ACK, a ping's reply, a
+    closed port's error quoting what it sent) from the router's address to its own, as
+    the kernel's LOCAL_OUT translation gives them back; a flow no SNAT covers is left
+    alone."""
+    nat_router.load(NAT_HEAD + "-A INPUT -p tcp -m tcp --dport 2222 -j SNAT --to-source "
+                    "100.64.0.77\n-A INPUT -p icmp -j SNAT --to-source 100.64.0.78\n"
+                    "-A INPUT -p udp -j SNAT --to-source 100.64.0.79:3000-3999\n"
+                    "COMMIT\n" + FILTER_OPEN)
+    listeners = {}
+    try:
+        for bed in (nat_router.kernel, nat_router.bpf):
+            with netns.entered(bed.server):
+                listeners[bed.server] = socket.create_server((SERVER_ADDR, 2222))
+            listeners[bed.server].settimeout(0.5)
+        for kind, port in (("syn", 2222), ("ping", 0), ("udp", 9), ("syn", 22)):
+            sport = next(sports)
+            seen = []
+            for bed in (nat_router.kernel, nat_router.bpf):
+                replies = flow(bed, kind, SERVER_ADDR, port, sport)
+                peer = None
+                if kind == "syn" and port == 2222:
+                    conn, peer = listeners[bed.server].accept()
+                    conn.close()
+                seen.append((replies, peer))
+            assert seen[0][0][0], f"the kernel's router answers {kind} {port}"
+            if port == 2222:
+                assert seen[0][1] == ("100.64.0.77", sport)
+            assert seen[1] == seen[0], f"{kind} to {port}: kernel {seen[0]}, bpfilter {seen[1]}"
+    finally:
+        for listener in listeners.values():
+            listener.close()
+
+
 def test_the_hosts_own_connections_are_snatted_at_egress(nat_router, far_peers):
     """The router's own datagram to the far echo leaves under the SNAT address (chosen
     and written in its egress program) and the answer reaches its socket (the reply

@@ -360,13 +360,6 @@ class NftReader:
 
     def _read_rules(self, table: _Table, chain: _Chain, words: list[Item],
                     statement: Statement) -> list[ir.Rule]:
-        if chain.nat and chain.hook not in (None, ir.Hook.PREROUTING, ir.Hook.OUTPUT,
-                                            ir.Hook.POSTROUTING):
-            raise self.error(words[0], f"rules in NAT chain '{chain.name}' at "
-                             f"{chain.hook.value} are not compiled yet (input's snat comes "
-                             "later)", "filter and route chains, and nat chains at "
-                             "prerouting (dnat, redirect), output (dnat) and postrouting "
-                             "(snat, masquerade)")
         origin = ir.Origin(self.source, statement.line, statement.column)
         reader = RuleReader(words, self.source, table.sets, table.name,
                             names.TABLE_FAMILIES[table.kind], frames=table.kind == "netdev")

@@ -286,7 +286,7 @@ BAD = {
     "byte limit": ("table ip f {\n chain c {\n  limit rate 10 kbytes/second drop\n }\n}\n",
                    3, 14, "rate expected as N/unit (packets)"),
     "nat chain": ("table ip n {\n chain p { type nat hook input priority 100; }\n"
-                  " chain p { masquerade }\n}\n", 3, 12, "NAT chain 'p'"),
+                  " chain p { masquerade }\n}\n", 3, 12, "masquerade is not valid at INPUT"),
     "masquerade in ip6": ("table ip6 n {\n chain p { type nat hook postrouting priority 100; "
                           "}\n chain p { masquerade }\n}\n", 3, 12, "IPv6 NAT"),
     "device hook": ("table ip f {\n chain c { type filter hook ingress priority 0; }\n}\n",

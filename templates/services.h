@@ -2,7 +2,8 @@
 /* The service map: kube-proxy's dispatch, service and endpoint chains as data
  * (bpfilter/passes/services.py). A connection's first packet finds its service by one
  * hash lookup of (destination, protocol, port); the service's ladder is then drawn rung
- * by rung as xt_statistic draws it, and the chosen endpoint's DNAT ends the walk. Every
+ * by rung as xt_statistic draws it (or, kube-proxy's nftables mode, one numgen draw picks
+ * the endpoint), and the chosen endpoint's DNAT ends the walk. Every
  * rule the data stands for keeps its counter slot.
  *
  * Indexed by generation, like the folded runs (see bpfilter.h). */
@@ -32,8 +33,11 @@ struct bf_svc_mark {
 };
 
 struct bf_svc {
-	__u32 slot;        /* the dispatch rule */
+	__u32 slot;         /* the dispatch rule */
 	__u32 first, count; /* its endpoints in bf_svc_ep */
+	__u32 modulus;      /* 0: a statistic ladder; N: one numgen draw picks endpoint N */
+	__u32 via, via_slot; /* an external chain's rule that goes on to the service chain */
+	struct bf_svc_mark ext; /* the external chain's marking */
 	struct bf_svc_mark masq;
 };
 
@@ -71,11 +75,24 @@ static __always_inline void bf_svc_mark(struct bf_pkt *p, const struct bf_svc_ma
 	p->mark = (p->mark & ~m->vmask) ^ m->value;
 }
 
+static __always_inline int bf_svc_dnat(struct bf_pkt *p, __u32 index)
+{
+	const struct bf_svc_ep *e = bpf_map_lookup_elem(&bf_svc_ep, &index);
+
+	if (!e)
+		return BF_DROP;
+	bf_count(e->pick_slot, p);
+	bf_svc_mark(p, &e->hairpin);
+	bf_count(e->dnat_slot, p);
+	return bf_dnat(p, e->addr, e->port ? (__u16)e->port : p->dport);
+}
+
 /* Walk service run `run` of a nat chain: BF_NEXT when no rule of it matched or the
  * service's chain returned (no rung drew), else the DNAT's verdict (or the kernel's
- * hotdrop: a packet too short for the port match of a rule whose address and protocol
- * it has). Global: verified once, however many runs a ruleset has. */
-__noinline int bf_service(struct bf_pkt *p, __u32 run)
+ * hotdrop: a packet too short for the xtables port match of a rule whose address and
+ * protocol it has; `partial`: nftables' port match, which such a packet fails).
+ * Global: verified once, however many runs a ruleset has. */
+__noinline int bf_service(struct bf_pkt *p, __u32 run, __u32 partial)
 {
 	struct bf_svc_key key = {};
 	const struct bf_svc *s;
@@ -86,7 +103,7 @@ __noinline int bf_service(struct bf_pkt *p, __u32 run)
 	key.run = run | (__u32)p->gen << 16;
 	key.addr = p->daddr;
 	key.proto = p->proto;
-	need = p->proto == IPPROTO_TCP ? 20 : 8;
+	need = partial ? 4 : p->proto == IPPROTO_TCP ? 20 : 8;
 	if (p->frag_off || p->l4_len < need) {
 		/* xt_tcp and xt_udp: a later fragment does not match (tcp's at offset 1 is
 		 * dropped), a short first one is dropped. */
@@ -102,7 +119,16 @@ __noinline int bf_service(struct bf_pkt *p, __u32 run)
 	if (!s)
 		return BF_NEXT;
 	bf_count(s->slot, p);
+	bf_svc_mark(p, &s->ext);
+	if (s->via)
+		bf_count(s->via_slot, p);
 	bf_svc_mark(p, &s->masq);
+	if (s->modulus) { /* nft_ng_random_eval(): reciprocal_scale() */
+		i = (__u32)(((__u64)bpf_get_prandom_u32() * s->modulus) >> 32);
+		if (i >= BF_SVC_ENDPOINTS)
+			return BF_DROP;
+		return bf_svc_dnat(p, p->gen * BF_NSVC_EP + s->first + i);
+	}
 	for (i = 0; i < BF_SVC_ENDPOINTS && i < s->count; i++) {
 		__u32 index = p->gen * BF_NSVC_EP + s->first + i;
 		const struct bf_svc_ep *e = bpf_map_lookup_elem(&bf_svc_ep, &index);
@@ -112,10 +138,7 @@ __noinline int bf_service(struct bf_pkt *p, __u32 run)
 		if (e->probability != BF_SVC_ONE &&
 		    (bpf_get_prandom_u32() & 0x7fffffff) >= e->probability)
 			continue;
-		bf_count(e->pick_slot, p);
-		bf_svc_mark(p, &e->hairpin);
-		bf_count(e->dnat_slot, p);
-		return bf_dnat(p, e->addr, e->port ? (__u16)e->port : p->dport);
+		return bf_svc_dnat(p, index);
 	}
 	return BF_NEXT;
 }

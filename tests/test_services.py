@@ -11,11 +11,12 @@ from bpfilter.passes import validate
 from bpfilter.passes.fold import fold_chains
 from bpfilter.passes.services import MAX_ENDPOINTS, ServiceRun, find_services, service_runs
 from bpfilter.passes.stages import counter_slots
-from examples.make_kube import kube_nat
+from tests.conftest import EXAMPLES
+from examples.make_kube import kube_nat, kube_nft
 
 
-def _services(text: str):
-    ruleset = validate(parse_ruleset(text, "kube.v4"))
+def _services(text: str, name: str = "kube.v4"):
+    ruleset = validate(parse_ruleset(text, name))
     folds = find_services(ruleset, fold_chains(ruleset))
     return ruleset, folds, service_runs(folds)
 
@@ -43,7 +44,7 @@ def test_the_program_calls_the_service_map_and_has_no_chain_per_service(tmp_path
     from bpfilter.compiler import compile_ruleset
 
     source = compile_ruleset(kube_nat(300), "kube", tmp_path, emit="c").code.source
-    assert "bf_service(p, 0)" in source and "KUBE_SVC" not in source.replace("/*", "\n")
+    assert "bf_service(p, 0, 0)" in source and "KUBE_SVC" not in source.replace("/*", "\n")
 
 
 def _kube(**edit) -> str:
@@ -87,3 +88,40 @@ def test_a_ladder_longer_than_the_loop_stays_code():
     for count, runs in ((MAX_ENDPOINTS, 1), (MAX_ENDPOINTS + 1, 0)):
         _ruleset, _folds, found = _services(kube_nat(1, counts=[count]))
         assert len(found) == runs, count
+
+
+def test_kube_proxy_nftables_mode_is_one_run_too():
+    """One concatenated verdict map's elements are the dispatch rules, a `numgen random
+    mod N` verdict map one draw (modulus N); the NodePort's external chain marks and goes
+    on to the service chain, whose ClusterIP test it fails (no masquerade marking)."""
+    ruleset, folds, (run,) = _services(kube_nft(300), "kube.nft")
+    assert run.chain == "services" and run.partial and len(run.services) == 300
+    assert {(s.modulus, len(s.endpoints)) for s in run.services} == \
+        {(len(s.endpoints), len(s.endpoints)) for s in run.services}
+    assert all(s.masquerade is not None for s in run.services)
+    assert {k[1] for k, items in folds.items() if items == ()} >= \
+        {c.name for c in ruleset.tables[0].chains if c.name.startswith(("service-", "endpoint-"))}
+    example = (EXAMPLES / "kube-proxy.nft").read_text()
+    _ruleset, _folds, (run,) = _services(example, "kube.nft")
+    node_port = run.services[-1]
+    assert (str(node_port.address), node_port.port) == ("198.18.0.1", 30443)
+    assert node_port.external is not None and node_port.masquerade is None
+    assert node_port.via == ("external-2ZMWWXJX-default/web/tcp/https", 1)
+
+
+NUMGEN = "numgen random mod 2 vmap { 0 : goto endpoint-00000000"
+
+
+@pytest.mark.parametrize("edit", [
+    ("a value missing", (NUMGEN, "numgen random mod 3 vmap { 0 : goto endpoint-00000000")),
+    ("inc", (NUMGEN, "numgen inc mod 2 vmap { 0 : goto endpoint-00000000")),
+    ("another match", ("ip daddr 10.96.0.1 tcp dport 80 ip saddr",
+                       "ip daddr 10.96.0.1 tcp dport 80 ip ttl 3 ip saddr")),
+], ids=lambda e: e[0] if isinstance(e, tuple) else "")
+def test_other_nftables_shapes_stay_code(edit):
+    """A dispatch rule that goes to its service chain stands for it only when the chain
+    always ends in a DNAT: a numgen map without every value may fall through."""
+    text = kube_nft(3, counts=[2, 2, 2])
+    assert edit[1][0] in text
+    _ruleset, folds, runs = _services(text.replace(*edit[1], 1), "kube.nft")
+    assert [s.address.packed[-1] for run in runs for s in run.services] == [2, 3], edit[0]

@@ -12,7 +12,7 @@ from bpfilter.passes.services import Marking, ServiceRun
 ANY_PORT = 0x10000  # BF_SVC_ANY_PORT
 _NEVER, _ALWAYS, _IN, _NOT_IN = range(4)  # enum bf_svc_when
 _MARK = "IIIIIII"  # struct bf_svc_mark
-SERVICE_FORMAT = "<III" + _MARK  # struct bf_svc
+SERVICE_FORMAT = "<IIIIII" + _MARK + _MARK  # struct bf_svc
 ENDPOINT_FORMAT = "<IIIII" + _MARK  # struct bf_svc_ep
 
 
@@ -27,7 +27,8 @@ class ServiceTables:
 
 def service_lines(run: ServiceRun) -> list[str]:
     """No service matched, or its chain returned: on after the run."""
-    return [f"{{ int v = bf_service(p, {run.number}); if (v != BF_NEXT) return v; }}"]
+    return [f"{{ int v = bf_service(p, {run.number}, {int(run.partial)}); "
+            "if (v != BF_NEXT) return v; }"]
 
 
 def _marking(marking: Optional[Marking], slot: dict) -> tuple[int, ...]:
@@ -49,12 +50,17 @@ def service_tables(runs: list[ServiceRun], slots: tuple[tuple[int, ...], ...]
     for run in runs:
         slot = dict(zip(run.members, slots[run.number]))
         for service in run.services:
+            via = service.via
             value = struct.pack(SERVICE_FORMAT, slot[(run.chain, service.index)],
-                                len(endpoints), len(service.endpoints),
+                                len(endpoints), len(service.endpoints), service.modulus,
+                                via is not None, 0 if via is None else slot[via],
+                                *_marking(service.external, slot),
                                 *_marking(service.masquerade, slot))
             address = int(service.address)
             keys.append((run.number, address, service.port, service.protocol, value))
-            keys.append((run.number, address, ANY_PORT, service.protocol, bytes(len(value))))
+            if not run.partial:  # xtables' port match drops a packet too short for it
+                keys.append((run.number, address, ANY_PORT, service.protocol,
+                             bytes(len(value))))
             for e in service.endpoints:
                 endpoints.append(struct.pack(
                     ENDPOINT_FORMAT, slot[e.pick], slot[e.dnat], e.probability,

@@ -17,6 +17,17 @@ what kube-proxy writes and nothing else; every endpoint ends in a DNAT, which en
 walk, so a service either translates the packet or (no ladder rule drew) returns. Any
 other shape stays code, rule by rule. Rules keep their own counter slots.
 
+kube-proxy's nftables mode has the same three levels in other words: a concatenated
+verdict map `ip daddr . meta l4proto . th dport vmap @service-ips` (one dispatch rule per
+element, going to the service chain), and `numgen random mod N vmap { 0 : goto
+endpoint-a, ... }` in place of the ladder: one draw, as nft_ng_random_eval() draws it,
+picks endpoint N. A dispatch rule that goes (goto) rather than jumps stands for its chain
+only when that chain always ends in a DNAT (a numgen map with every value, or a ladder
+with an unconditional rung): a chain that returned would return from the dispatch chain
+too. An external chain (KUBE-EXT-*, nft's external-*: a marking, then on to the service
+chain) is read through. nft's port match fails a packet too short for it where xtables'
+drops it (a run's `partial`).
+
 Chains that only service runs reach have no code at all (their items become empty), so
 that thousands of services do not make thousands of functions.
 """
@@ -53,8 +64,9 @@ class Marking:
 @dataclass(frozen=True)
 class Endpoint:
     """One rung of a service's ladder: the rule that picks the endpoint chain (with the
-    probability of its statistic match, ONE without), the chain's hairpin marking and its
-    DNAT (port None: the packet's own)."""
+    probability of its statistic match, ONE without; a numgen rung's is ONE: the draw
+    picks it by position), the chain's hairpin marking and its DNAT (port None: the
+    packet's own)."""
 
     pick: RuleKey
     probability: int
@@ -66,36 +78,39 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class Service:
+    """A dispatch rule and the chains it stands for. `via`: the rule of an external chain
+    (kube-proxy's KUBE-EXT-*, nft's external-*) that goes on to the service chain after
+    its own marking `external`; `modulus`: 0 for a statistic ladder (rung by rung), N
+    for one numgen draw of 0..N-1 that picks endpoint N (nft's `numgen random mod N
+    vmap`); `rules`: every rule of those chains, each once."""
+
     index: int  # the dispatch rule, in the run's chain
     address: ipaddress.IPv4Address
     protocol: int
     port: int
     masquerade: Optional[Marking]  # the service chain's first rule, when it marks
     endpoints: tuple[Endpoint, ...]
-
-    @property
-    def rules(self) -> tuple[RuleKey, ...]:
-        """Every rule of the service and endpoint chains it stands for."""
-        keys: list[RuleKey] = []
-        for marking in filter(None, [self.masquerade]):
-            keys += [marking.rule, marking.mark_rule]
-        for endpoint in self.endpoints:
-            keys.append(endpoint.pick)
-            if endpoint.hairpin is not None:
-                keys += [endpoint.hairpin.rule, endpoint.hairpin.mark_rule]
-            keys.append(endpoint.dnat)
-        return tuple(keys)
+    rules: tuple[RuleKey, ...]
+    modulus: int = 0
+    external: Optional[Marking] = None
+    via: Optional[RuleKey] = None
+    partial: bool = False  # nftables' port match: a packet too short for it fails it
 
 
 @dataclass(frozen=True)
 class ServiceRun:
     """Consecutive dispatch rules of a chain, as one lookup (numbered across the
-    ruleset: the run's key in the program's service map)."""
+    ruleset: the run's key in the program's service map), all of one kind of port match
+    (`partial`)."""
 
     number: int
     table: str
     chain: str
     services: tuple[Service, ...]
+
+    @property
+    def partial(self) -> bool:
+        return self.services[0].partial
 
     @property
     def indexes(self) -> tuple[int, ...]:
@@ -109,23 +124,35 @@ class ServiceRun:
         return tuple(dict.fromkeys(keys))
 
 
+class _NotAService(Exception):
+    """A chain a dispatch rule reaches is not of the shapes the service map stands for."""
+
+
 def _plain(rule: ir.Rule) -> list[ir.Match]:
     return [m for m in rule.matches if not isinstance(m, ir.CommentMatch)]
 
 
-def _port_of(match) -> Optional[int]:
-    """The one destination port an unadorned tcp/udp match tests."""
-    if match.sport is not None or match.dport is None or match.dport.negate \
-            or getattr(match, "flags", None) is not None or match.partial_header:
-        return None
-    ports = match.dport.ports
-    return ports.low if ports.low == ports.high else None
+def _port_match(match, protocol: int) -> bool:
+    """An unadorned destination port test fit for `protocol`: tcp/udp's, or nft's `th
+    dport` (a multiport match of the destination with nftables' partial header)."""
+    if isinstance(match, ir.MultiportMatch):
+        return match.direction == "dst" and match.partial_header and len(match.ports) == 1
+    return type(match) is _PORT_MATCHES.get(protocol) and match.sport is None \
+        and match.dport is not None and getattr(match, "flags", None) is None
 
 
-def _dispatch(rule: ir.Rule) -> Optional[tuple[ipaddress.IPv4Address, int, int, str]]:
-    """(address, protocol, port, service chain) of `-d A/32 -p P -m P --dport N -j S`."""
+def _ports(match) -> tuple[ir.Range, bool]:
+    if isinstance(match, ir.MultiportMatch):
+        return match.ports[0], match.negate
+    return match.dport.ports, match.dport.negate
+
+
+def _dispatch(rule: ir.Rule) -> Optional[tuple]:
+    """(address, protocol, port, service chain, goto, partial) of `-d A/32 -p P -m P
+    --dport N -j S` (nft: `ip daddr A meta l4proto P th dport N goto S`, a concatenated
+    verdict map's element)."""
     matches, target = _plain(rule), rule.target
-    if len(matches) != 3 or not isinstance(target, ir.JumpTarget) or target.goto:
+    if len(matches) != 3 or not isinstance(target, ir.JumpTarget):
         return None
     address, protocol, ports = matches
     if not (isinstance(address, ir.AddressMatch) and address.direction == "dst"
@@ -133,12 +160,14 @@ def _dispatch(rule: ir.Rule) -> Optional[tuple[ipaddress.IPv4Address, int, int, 
             and address.network.prefixlen == 32):
         return None
     if not isinstance(protocol, ir.ProtocolMatch) or protocol.negate \
-            or type(ports) is not _PORT_MATCHES.get(protocol.protocol):
+            or protocol.protocol not in _PORT_MATCHES \
+            or not _port_match(ports, protocol.protocol):
         return None
-    port = _port_of(ports)
-    if port is None:
+    port, negate = _ports(ports)
+    if negate or port.low != port.high:
         return None
-    return address.network.network_address, protocol.protocol, port, target.chain
+    return (address.network.network_address, protocol.protocol, port.low, target.chain,
+            target.goto, ports.partial_header)
 
 
 class _Reader:
@@ -147,86 +176,84 @@ class _Reader:
     def __init__(self, table: ir.Table):
         self.table = table
         self.names = {c.name for c in table.chains}
-        self.services: dict[tuple, Optional[tuple]] = {}
+        self.services: dict[tuple, Optional[dict]] = {}
 
-    def chain(self, name: str) -> Optional[ir.Chain]:
-        if name not in self.names:
-            return None
-        chain = self.table.chain(name)
-        return None if chain.builtin else chain
+    def chain(self, name: str) -> ir.Chain:
+        if name not in self.names or self.table.chain(name).builtin:
+            raise _NotAService(name)
+        return self.table.chain(name)
 
     def marking(self, chain: str, index: int, rule: ir.Rule,
-                source: Optional[ir.AddressMatch]) -> Optional[Marking]:
+                source: Optional[ir.AddressMatch]) -> Marking:
         target = rule.target
         if not isinstance(target, ir.JumpTarget) or target.goto:
-            return None
+            raise _NotAService(chain)
         marker = self.chain(target.chain)
-        if marker is None or len(marker.rules) != 1 or _plain(marker.rules[0]) \
+        if len(marker.rules) != 1 or _plain(marker.rules[0]) \
                 or not isinstance(marker.rules[0].target, ir.MarkTarget):
-            return None
+            raise _NotAService(chain)
         return Marking((chain, index), (target.chain, 0), marker.rules[0].target, source)
+
+    def is_marking(self, chain: str, rule: ir.Rule) -> bool:
+        try:
+            self.marking(chain, 0, rule, None)
+        except _NotAService:
+            return False
+        return True
 
     def masquerade(self, name: str, rule: ir.Rule, address, protocol: int,
                    port: int) -> Optional[Marking]:
-        """The service chain's first rule: `[! -s NET] [-d A -p P --dport N] -j MARKER`,
-        whose tests other than the source the dispatch rule already passed."""
-        source = None
+        """The service chain's first rule: `[! -s NET] [-d A -p P --dport N] -j MARKER`.
+        Its tests other than the source are decided by the dispatch rule's key: None when
+        they fail (a NodePort's packet meets the ClusterIP's test)."""
+        source, holds = None, True
         for match in _plain(rule):
-            if isinstance(match, ir.AddressMatch) and match.direction == "src" \
-                    and source is None and match.network.version == 4:
+            if isinstance(match, ir.AddressMatch) and match.network.version == 4 \
+                    and match.direction == "src" and source is None:
                 source = match
-            elif isinstance(match, ir.AddressMatch) and match.direction == "dst" \
-                    and not match.negate and match.network == ipaddress.ip_network(address):
-                continue
-            elif isinstance(match, ir.ProtocolMatch) and not match.negate \
-                    and match.protocol == protocol:
-                continue
-            elif type(match) is _PORT_MATCHES[protocol] and _port_of(match) == port:
-                continue
+            elif isinstance(match, ir.AddressMatch) and match.network.version == 4 \
+                    and match.direction == "dst":
+                holds &= (address in match.network) != match.negate
+            elif isinstance(match, ir.ProtocolMatch):
+                holds &= (match.protocol == protocol) != match.negate
+            elif _port_match(match, protocol):
+                ports, negate = _ports(match)
+                holds &= (ports.low <= port <= ports.high) != negate
             else:
-                return None
-        return self.marking(name, 0, rule, source)
+                raise _NotAService(name)
+        marking = self.marking(name, 0, rule, source)
+        return marking if holds else None
 
-    def endpoint(self, pick: RuleKey, rule: ir.Rule, protocol: int) -> Optional[Endpoint]:
-        """A ladder rule (`[-m statistic --mode random --probability p] -j SEP`) and its
-        endpoint chain (`[-s EP/32 -j MARKER]`, then `[-p P [-m P]] -j DNAT A[:port]`)."""
-        matches, target = _plain(rule), rule.target
-        probability = ir.StatisticMatch.ONE
-        if matches:
-            statistic = matches[0]
-            if len(matches) != 1 or not isinstance(statistic, ir.StatisticMatch) \
-                    or statistic.mode != "random" or statistic.negate:
-                return None
-            probability = statistic.probability
+    def endpoint(self, pick: RuleKey, target: ir.Target, protocol: int,
+                 probability: int) -> Endpoint:
+        """An endpoint chain (`[-s EP/32 -j MARKER]`, then `[-p P [-m P]] -j DNAT
+        A[:port]`) that rung `pick` reaches."""
         if not isinstance(target, ir.JumpTarget):
-            return None
+            raise _NotAService(pick[0])
         chain = self.chain(target.chain)
-        if chain is None or not 1 <= len(chain.rules) <= 2:
-            return None
+        if not 1 <= len(chain.rules) <= 2:
+            raise _NotAService(chain.name)
         hairpin = None
         if len(chain.rules) == 2:
             first = _plain(chain.rules[0])
             if len(first) != 1 or not isinstance(first[0], ir.AddressMatch) \
                     or first[0].direction != "src" or first[0].network.version != 4:
-                return None
+                raise _NotAService(chain.name)
             hairpin = self.marking(chain.name, 0, chain.rules[0], first[0])
-            if hairpin is None:
-                return None
         dnat = chain.rules[-1]
         target = dnat.target
         if not isinstance(target, ir.DnatTarget) or target.redirect \
                 or target.address is None or target.address.version != 4 \
-                or target.last_address is not None:
-            return None
-        if target.ports is not None and target.ports[0] != target.ports[1]:
-            return None
+                or target.last_address is not None \
+                or (target.ports is not None and target.ports[0] != target.ports[1]):
+            raise _NotAService(chain.name)
         for match in _plain(dnat):
             if isinstance(match, ir.ProtocolMatch) and not match.negate \
                     and match.protocol == protocol:
                 continue
             if type(match) is _PORT_MATCHES[protocol] and match == type(match)():
                 continue  # `-m tcp` with nothing to test
-            return None
+            raise _NotAService(chain.name)
         return Endpoint(pick, probability, hairpin, (chain.name, len(chain.rules) - 1),
                         target.address, target.ports and target.ports[0])
 
@@ -234,28 +261,110 @@ class _Reader:
         found = _dispatch(rule)
         if found is None:
             return None
-        address, protocol, port, name = found
+        address, protocol, port, name, goto, partial = found
         key = (address, protocol, port, name)
         if key not in self.services:
-            self.services[key] = self._ladder(*key)
+            try:
+                self.services[key] = self._reached(*key)
+            except _NotAService:
+                self.services[key] = None
         shape = self.services[key]
-        return None if shape is None else Service(index, address, protocol, port, *shape)
+        if shape is None:
+            return None
+        shape = dict(shape)
+        # After a goto, a service chain that returns returns from the dispatch chain too:
+        # only a ladder that always draws (always DNATs) stands for it.
+        if not shape.pop("complete") and goto:
+            return None
+        return Service(index, address, protocol, port, partial=partial, **shape)
 
-    def _ladder(self, address, protocol: int, port: int, name: str) -> Optional[tuple]:
+    def _reached(self, address, protocol: int, port: int, name: str) -> dict:
+        """The service chain `name` (or an external chain that marks and goes on to one)."""
+        try:
+            return self._ladder(address, protocol, port, name)
+        except _NotAService:
+            chain = self.chain(name)
+            if len(chain.rules) != 2:
+                raise
+            first, then = chain.rules
+            onward = then.target
+            if _plain(then) or not isinstance(onward, ir.JumpTarget):
+                raise
+            source = _plain(first)
+            if len(source) > 1 or (source and not (
+                    isinstance(source[0], ir.AddressMatch) and source[0].direction == "src"
+                    and source[0].network.version == 4)):
+                raise
+            external = self.marking(name, 0, first, source[0] if source else None)
+            shape = self._ladder(address, protocol, port, onward.chain)
+            shape["rules"] = (external.rule, external.mark_rule, (name, 1)) + shape["rules"]
+            return dict(shape, external=external, via=(name, 1))
+
+    def _ladder(self, address, protocol: int, port: int, name: str) -> dict:
         chain = self.chain(name)
-        if chain is None or not chain.rules:
-            return None
         rules = list(enumerate(chain.rules))
+        keys: list[RuleKey] = []
         masquerade = None
-        if self.marking(name, 0, rules[0][1], None) is not None:  # not a ladder rung
+        if rules and self.is_marking(name, rules[0][1]):  # not a ladder rung
+            marking = self.marking(name, 0, rules[0][1], None)
             masquerade = self.masquerade(name, rules[0][1], address, protocol, port)
-            if masquerade is None:
-                return None
+            keys += [marking.rule, marking.mark_rule]
             rules = rules[1:]
-        endpoints = [self.endpoint((name, i), rule, protocol) for i, rule in rules]
-        if not endpoints or None in endpoints or len(endpoints) > MAX_ENDPOINTS:
-            return None
-        return masquerade, tuple(endpoints)
+        if not rules or len(rules) > MAX_ENDPOINTS:
+            raise _NotAService(name)
+        draws = [_numgen_value(rule) for _i, rule in rules]
+        if None not in draws:
+            endpoints, modulus = self._numgen_rungs(name, rules, draws, protocol), len(rules)
+        else:
+            endpoints, modulus = [self._rung(name, i, rule, protocol) for i, rule in rules], 0
+        for e in endpoints:
+            keys.append(e.pick)
+            if e.hairpin is not None:
+                keys += [e.hairpin.rule, e.hairpin.mark_rule]
+            keys.append(e.dnat)
+        complete = modulus > 0 or any(e.probability == ir.StatisticMatch.ONE
+                                      for e in endpoints)
+        return dict(masquerade=masquerade, endpoints=tuple(endpoints),
+                    rules=tuple(dict.fromkeys(keys)), modulus=modulus, complete=complete)
+
+    def _rung(self, name: str, index: int, rule: ir.Rule, protocol: int) -> Endpoint:
+        """`[-m statistic --mode random --probability p] -j SEP`."""
+        matches = _plain(rule)
+        probability = ir.StatisticMatch.ONE
+        if matches:
+            statistic = matches[0]
+            if len(matches) != 1 or not isinstance(statistic, ir.StatisticMatch) \
+                    or statistic.mode != "random" or statistic.negate:
+                raise _NotAService(name)
+            probability = statistic.probability
+        return self.endpoint((name, index), rule.target, protocol, probability)
+
+    def _numgen_rungs(self, name: str, rules: list, draws: list, protocol: int) -> list:
+        """The elements of one `numgen random mod N [offset K] vmap`: one draw, each value
+        of K..K+N-1 once; endpoint i is value K+i's."""
+        first = draws[0]
+        one_draw = len(draws) == 1 or (first.fresh and first.draw is not None and all(
+            d.draw == first.draw and not d.fresh for d in draws[1:]))
+        if not one_draw or first.modulus != len(draws) \
+                or any((d.modulus, d.offset) != (first.modulus, first.offset) for d in draws):
+            raise _NotAService(name)
+        by_value = {d.values[0].low - d.offset: (i, rule) for d, (i, rule) in zip(draws, rules)}
+        if sorted(by_value) != list(range(first.modulus)):
+            raise _NotAService(name)
+        return [self.endpoint((name, i), rule.target, protocol, ir.StatisticMatch.ONE)
+                for _v, (i, rule) in sorted(by_value.items())]
+
+
+def _numgen_value(rule: ir.Rule) -> Optional[ir.NumgenMatch]:
+    """The match of a numgen verdict map's element: `numgen random mod N == v`."""
+    matches = _plain(rule)
+    if len(matches) != 1 or not isinstance(matches[0], ir.NumgenMatch):
+        return None
+    numgen = matches[0]
+    if numgen.mode != "random" or numgen.negate or len(numgen.values) != 1 \
+            or not numgen.values[0].single:
+        return None
+    return numgen
 
 
 def _runs(table: ir.Table, folds: dict, first: int) -> dict[str, list]:
@@ -284,7 +393,7 @@ def _runs(table: ir.Table, folds: dict, first: int) -> dict[str, list]:
                 items.append(item)
                 continue
             key = (service.address, service.protocol, service.port)
-            if key in keys:
+            if key in keys or (run and run[0].partial != service.partial):
                 flush()  # the later rule is tried only if the first's chain returned
             run.append(service)
             keys.add(key)

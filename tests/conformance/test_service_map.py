@@ -1,17 +1,21 @@
 """The service map (bpfilter/passes/services.py, templates/services.h) against the
 kernel: a kube-proxy ruleset of 2,500 ClusterIP services (examples/make_kube.py), whose
-endpoints are the far network's addresses, on the mirror routers. Connections to the
-first, a middle and the last service of the dispatch run, to a service whose ladder has
-MAX_ENDPOINTS rungs (the last one always taken: every other rung's probability is 0),
-to a service port nothing serves and a TCP header too short for the port match: which
-endpoint each connection reached and what the client got back, as the kernel's. Then the
-same flows with the service rows' endpoint addresses off by one (a mutation) must
-disagree: the comparison can see a wrong DNAT."""
+endpoints are the far network's addresses, on the mirror routers, in kube-proxy's
+iptables and nftables modes. Connections to the first, a middle and the last service of
+the dispatch run, to a service whose ladder has MAX_ENDPOINTS rungs (iptables: the last
+one always taken, every other rung's probability is 0; nftables: a `numgen random mod
+256` map whose endpoints all DNAT to that same address), to a service port nothing
+serves and a TCP header too short for the port match: which endpoint each connection
+reached and what the client got back, as the kernel's. Then the same flows with the
+service rows' endpoint addresses off by one (a mutation) must disagree: the comparison
+can see a wrong DNAT."""
 
 from __future__ import annotations
 
 import dataclasses
 import struct
+
+import pytest
 
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
@@ -19,7 +23,7 @@ from scapy.layers.l2 import Ether
 from bpfilter.codegen import program
 from bpfilter.testbed import CLIENT_ADDR, netns
 from bpfilter.passes.services import MAX_ENDPOINTS
-from examples.make_kube import kube_nat
+from examples.make_kube import kube_nat, kube_nft
 from tests.conformance.nat_flows import flow, sports
 
 SERVICES = 2500
@@ -39,14 +43,21 @@ def _cluster_ip(i: int) -> str:
     return f"10.96.{i // 250}.{i % 250 + 1}"
 
 
-RULESET = kube_nat(SERVICES, counts=COUNTS, address=_endpoint, port=8443,
-                   chance=_never_but_last)
-PROBED = (0, 1, LADDER, SERVICES // 2, SERVICES - 1)
-
-
 def _expected(i: int) -> str:
     """The endpoint service i's connections reach: its only one, or its ladder's last."""
     return _endpoint(sum(COUNTS[:i + 1]) - 1)
+
+
+def _ladder_as_one(n: int) -> str:
+    """Endpoint n's address, the ladder's all that of its last (any draw reaches it)."""
+    first = sum(COUNTS[:LADDER])
+    return _expected(LADDER) if first <= n < first + MAX_ENDPOINTS else _endpoint(n)
+
+
+RULESETS = {"iptables": kube_nat(SERVICES, counts=COUNTS, address=_endpoint, port=8443,
+                                 chance=_never_but_last),
+            "nftables": kube_nft(SERVICES, counts=COUNTS, address=_ladder_as_one, port=8443)}
+PROBED = (0, 1, LADDER, SERVICES // 2, SERVICES - 1)
 
 
 def _connections(bed, peers) -> list:
@@ -58,9 +69,10 @@ def _connections(bed, peers) -> list:
     return seen
 
 
+@pytest.mark.parametrize("mode", sorted(RULESETS))
 def test_a_service_map_of_thousands_agrees_with_the_kernel(nat_router, far_peers,
-                                                            monkeypatch):
-    nat_router.load(RULESET)
+                                                            monkeypatch, mode):
+    nat_router.load(RULESETS[mode])
     kernel = _connections(nat_router.kernel, far_peers)
     assert [(i, reached and reached[0]) for i, reached, _steps in kernel] == \
         [(i, _expected(i)) for i in PROBED], kernel
@@ -87,5 +99,5 @@ def test_a_service_map_of_thousands_agrees_with_the_kernel(nat_router, far_peers
         return dataclasses.replace(tables, endpoints=tuple(rows))
 
     monkeypatch.setattr(program, "service_tables", off_by_one)
-    nat_router.load(RULESET)
+    nat_router.load(RULESETS[mode])
     assert _connections(nat_router.bpf, far_peers) != kernel

@@ -65,7 +65,7 @@ class _Braces:
 @functools.cache
 def grammar() -> lark.Lark:
     text = (resource_dir("grammar") / "nft.lark").read_text()
-    return lark.Lark(text, parser="lalr", postlex=_Braces(), propagate_positions=True)
+    return lark.Lark(text, parser="lalr", postlex=_Braces())
 
 
 @dataclass

@@ -91,6 +91,24 @@ static __always_inline int bf_nat_ports(__u8 proto)
 	return proto == IPPROTO_TCP || proto == IPPROTO_UDP;
 }
 
+/* The key of the tuple in which `asker` (port or ICMP id `aport`) and `other` (port
+ * `oport`) exchange the packet's kind of packets: for an ICMP query or answer, the
+ * tuple of asker's query (its identifier is the asker's own, and NAT may change it, as
+ * nf_nat's ICMP "port"); else as bf_ct_key_at() with the asker as the sender. */
+static __always_inline void bf_nat_key(const struct bf_pkt *p, __u32 *asker, __u16 aport,
+				       __u32 *other, __u16 oport, struct bf_ct_key *key)
+{
+	__u8 type = p->icmp_type, from;
+
+	if (p->proto == IPPROTO_ICMP) {
+		if (bf_icmp_answer(type, 0))
+			type = type == 0 ? 8 : type - 1;
+		bf_ct_icmp_key(key, &from, type, aport, asker, other, 1);
+		return;
+	}
+	bf_ct_key_at(p, asker, aport, other, oport, key, &from);
+}
+
 /* Before connection tracking looks the packet up: a packet of a binding's other tuples is
  * read as its connection's, and learns what its binding does to it in this program: its
  * destination at ingress (PREROUTING), its source at egress (POSTROUTING's end). Only a
@@ -127,6 +145,11 @@ static __always_inline void bf_nat_view(struct bf_pkt *p, struct bf_ct_key *key,
 	}
 #endif
 	src = s->view, dst = d->view;
+	if (p->proto == IPPROTO_ICMP) { /* the asker is the key's first: its own id */
+		src = n->end[0].view, dst = n->end[1].view;
+		bf_nat_key(p, &src, n->end[0].view_port, &dst, 0, key);
+		return;
+	}
 	bf_ct_key_at(p, &src, s->view_port, &dst, d->view_port, key, from);
 }
 
@@ -169,6 +192,14 @@ static __always_inline int bf_nat_quoted(struct bf_pkt *p, struct bf_ct_key *key
 		if ((void *)(l4 + 4) > end)
 			return 0;
 		bf_ct_endpoints(key, from, proto, &src, s->view_port, &dst, d->view_port, 1);
+	} else if (proto == IPPROTO_ICMP) { /* a query's: its asker's own identifier */
+		if ((void *)(l4 + 6) > end)
+			return 0;
+		src = n->end[0].view, dst = n->end[1].view;
+		if (bf_icmp_answer(l4[0], 0))
+			bf_ct_icmp_key(key, from, l4[0], n->end[0].view_port, &dst, &src, 1);
+		else
+			bf_ct_icmp_key(key, from, l4[0], n->end[0].view_port, &src, &dst, 1);
 	} else if (!bf_ct_quoted_key(key, from, proto, &src, &dst, l4, end, 1)) {
 		return 0;
 	}
@@ -287,6 +318,11 @@ static __always_inline int bf_nat_rewrite(struct bf_ctx *ctx, struct bf_pkt *p, 
 	__u16 pfrom = bpf_htons(dst ? p->dport : p->sport), pto = bpf_htons(port);
 	int ports = bf_nat_ports(p->proto) && !p->frag_off && p->l4_len >= 8;
 	__u32 l4 = p->l4_off & 0xff;
+	/* An ICMP query's identifier is its sender's "port", an answer's its receiver's. */
+	int id = p->proto == IPPROTO_ICMP && !p->frag_off && p->l4_len >= 8 &&
+		 port != p->icmp_id && (dst ? bf_icmp_answer(p->icmp_type, 0) :
+					bf_icmp_query(p->icmp_type, 0));
+	__u16 idfrom = bpf_htons(p->icmp_id);
 #ifdef BF_TC
 	__u32 check = l4 + (p->proto == IPPROTO_TCP ? 16 : 6);
 	__u32 where = sizeof(struct ethhdr) + (dst ? offsetof(struct iphdr, daddr) :
@@ -307,6 +343,9 @@ static __always_inline int bf_nat_rewrite(struct bf_ctx *ctx, struct bf_pkt *p, 
 	if (ports && pfrom != pto &&
 	    (bpf_l4_csum_replace(ctx, check, pfrom, pto, udp | 2) ||
 	     bpf_skb_store_bytes(ctx, l4 + (dst ? 2 : 0), &pto, 2, 0)))
+		return -1;
+	if (id && (bpf_l4_csum_replace(ctx, l4 + 2, idfrom, pto, 2) ||
+		   bpf_skb_store_bytes(ctx, l4 + 4, &pto, 2, 0)))
 		return -1;
 #else
 	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
@@ -341,7 +380,15 @@ static __always_inline int bf_nat_rewrite(struct bf_ctx *ctx, struct bf_pkt *p, 
 		}
 		*(__u16 *)(th + (dst ? 2 : 0)) = pto;
 	}
+	if (id) {
+		if ((void *)(th + 8) > end)
+			return -1;
+		*(__u16 *)(th + 2) = bf_csum_replace2(*(__u16 *)(th + 2), idfrom, pto);
+		*(__u16 *)(th + 4) = pto;
+	}
 #endif
+	if (id)
+		p->icmp_id = port;
 	if (dst) {
 		p->daddr = addr;
 		if (ports)
@@ -574,6 +621,26 @@ __noinline int bf_nat_source(struct bf_ctx *ctx, struct bf_pkt *p)
 	return 0;
 }
 
+/* The quoted ICMP query of an error on its way back to its asker: its identifier is
+ * the asker's own again (and its checksum); the error's checksum `sum` follows. */
+static __always_inline __u16 bf_nat_quoted_id(struct bf_ctx *ctx, __u32 l4, __u16 sum,
+					      __u16 pto)
+{
+	__u16 id, check, c;
+	__u8 type;
+
+	if (bf_load_bytes(ctx, l4, &type, 1) || !bf_icmp_query(type, 0) ||
+	    bf_load_bytes(ctx, l4 + 4, &id, 2) || id == pto)
+		return sum;
+	sum = bf_csum_replace2(sum, id, pto);
+	bf_store_bytes(ctx, l4 + 4, &pto, 2);
+	if (!bf_load_bytes(ctx, l4 + 2, &check, 2)) { /* where the quote reaches it */
+		c = bf_csum_replace2(check, id, pto);
+		sum = bf_csum_replace2(sum, check, c);
+		bf_store_bytes(ctx, l4 + 2, &c, 2);
+	}
+	return sum;
+}
 
 /* nf_nat_icmp_reply_translation() for an error on its way to the sender of the packet it
  * quotes: the quoted packet gets back the endpoint its sender knows (at egress its
@@ -620,6 +687,8 @@ __noinline int bf_nat_error(struct bf_ctx *ctx, struct bf_pkt *p)
 			bf_store_bytes(ctx, at, &c, 2);
 		}
 	}
+	if (ip.protocol == IPPROTO_ICMP && quoted_src)
+		sum = bf_nat_quoted_id(ctx, l4, sum, pto);
 	bf_store_bytes(ctx, inner + offsetof(struct iphdr, check), &ip_sum, 2);
 	bf_store_bytes(ctx, field, &to, 4);
 	bf_store_bytes(ctx, icmp + 2, &sum, 2);
@@ -631,20 +700,19 @@ __noinline int bf_nat_error(struct bf_ctx *ctx, struct bf_pkt *p)
 	return 0;
 }
 
-/* nf_nat_used_tuple(): whether another connection holds the tuple a -> b: a live entry
- * of the connection table, or a binding of a live connection. Global: the port search
- * calls it in a loop. */
+/* nf_nat_used_tuple(): whether another connection holds the tuple of a and b (an ICMP
+ * query's: b asks, bport its identifier): a live entry of the connection table, or a
+ * binding of a live connection. Global: the port search calls it in a loop. */
 __noinline int bf_nat_used(const struct bf_pkt *p, __u32 a, __u16 aport, __u32 b, __u16 bport)
 {
 	struct bf_ct_key key = {};
 	struct bf_ct_entry *e;
 	struct bf_nat_entry *n;
 	__u64 now = bf_now();
-	__u8 from;
 
 	if (!p)
 		return 1;
-	bf_ct_key_at(p, &a, aport, &b, bport, &key, &from);
+	bf_nat_key(p, &b, bport, &a, aport, &key);
 	e = bpf_map_lookup_elem(&bf_conntrack, &key);
 	if (e && e->expires > now)
 		return 1;
@@ -653,7 +721,7 @@ __noinline int bf_nat_used(const struct bf_pkt *p, __u32 a, __u16 aport, __u32 b
 		return 0;
 	a = n->end[0].view;
 	b = n->end[1].view;
-	bf_ct_key_at(p, &a, n->end[0].view_port, &b, n->end[1].view_port, &key, &from);
+	bf_nat_key(p, &a, n->end[0].view_port, &b, n->end[1].view_port, &key);
 	e = bpf_map_lookup_elem(&bf_conntrack, &key);
 	return e && e->expires > now;
 }
@@ -715,7 +783,9 @@ static __always_inline __u16 bf_snat_port(const struct bf_pkt *p, const struct b
 	__u16 min = s->min, max = s->max;
 	__u32 span, start, i;
 
-	if (!(s->flags & BF_SNAT_PORTS)) {
+	if (!(s->flags & BF_SNAT_PORTS) && p->proto == IPPROTO_ICMP) {
+		min = 0, max = 65535; /* an identifier: any */
+	} else if (!(s->flags & BF_SNAT_PORTS)) {
 		min = port < 512 ? 1 : port < 1024 ? 600 : 1024;
 		max = port < 512 ? 511 : port < 1024 ? 1023 : 65535;
 	}
@@ -783,14 +853,14 @@ static __always_inline __u64 bf_snat_choose(const struct bf_pkt *p, struct bf_sn
 			m = bpf_map_lookup_elem(&bf_nat_src, &s->client);
 			if (m && bf_nat_in(m->addr, s->addr, s->last) &&
 			    (!(s->flags & BF_SNAT_PORTS) || bf_nat_in(m->port, s->min, s->max)) &&
-			    bf_nat_used(p, ca, cp, m->peer, m->peer_port) &&
+			    bf_nat_used(p, m->peer, m->peer_port, ca, cp) &&
 			    !bf_nat_used(p, ba, bp, m->addr, m->port))
 				return (__u64)m->addr << 16 | m->port;
 		}
 	}
 	na = s->addr == s->last ? s->addr : bf_nat_pick(s->addr, s->last, ca, ba,
 							 s->flags & BF_SNAT_PERSISTENT);
-	if (bf_nat_ports(p->proto)) {
+	if (bf_nat_ports(p->proto) || p->proto == IPPROTO_ICMP) { /* a port or query id */
 		np = bf_snat_port(p, s, na, cp, ba, bp);
 		if (!np)
 			return 0;
@@ -826,11 +896,14 @@ __noinline int bf_nat_put(const struct bf_pkt *p, __u32 a, __u32 b, __u32 ports,
 {
 	struct bf_nat_entry entry;
 	struct bf_ct_key key = {};
-	__u8 from;
+	__u8 from = 0;
 
 	if (!p || !ends)
 		return 0;
-	bf_ct_key_at(p, &a, ports >> 16, &b, ports & 0xffff, &key, &from);
+	if (p->proto == IPPROTO_ICMP) /* a asks: the key's first */
+		bf_nat_key(p, &a, ports >> 16, &b, 0, &key);
+	else
+		bf_ct_key_at(p, &a, ports >> 16, &b, ports & 0xffff, &key, &from);
 	entry.end[0] = ends->end[from ? 1 : 0];
 	entry.end[1] = ends->end[from ? 0 : 1];
 	bpf_map_update_elem(&bf_nat, &key, &entry, BPF_ANY);

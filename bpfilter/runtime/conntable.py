@@ -210,7 +210,7 @@ def _nat(bindings: Map, key: bytes, proto: int, orig: int) -> tuple[Optional[str
     if value is None:
         return None, None
     client, server = _binding_ends(value, orig)
-    ports = proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP)
+    ports = proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP, socket.IPPROTO_ICMP)  # ICMP: id
 
     def shown(address: int, port: int) -> str:
         text = str(ipaddress.IPv4Address(address))

@@ -409,6 +409,28 @@ def test_snat_ports_and_masquerade_as_the_kernel_picks_them(nat_router, far_peer
         assert flow(bed, "ping", FAR_LISTENER, 0, sport)[0], "the answer comes back"
 
 
+def test_two_clients_pinging_with_one_identifier_both_get_answers(nat_router, far_peers):
+    """Windows pings with identifier 1: two hosts behind a MASQUERADE router pinging the
+    same far host at once hold the same tuple after the source is rewritten, and nf_nat
+    gives the second another identifier (an ICMP query's "port"), translated back in the
+    echo replies. Before, the second's binding took the first's replies away."""
+    nat_router.load(NAT_HEAD + "-A POSTROUTING -o eth1 -j MASQUERADE\nCOMMIT\n"
+                    + FILTER_OPEN)
+    ident = next(sports)
+    clients = (CLIENT_ADDR, "100.64.0.3")
+    seen = [[flow(bed, "ping", FAR_LISTENER, 0, ident, src=client)
+             for _round in range(2) for client in clients]
+            for bed in (nat_router.kernel, nat_router.bpf)]
+    assert seen[0] == seen[1], seen
+    assert all(step[0] for step in seen[1]), "every ping is answered"
+    with netns.entered(nat_router.bpf.server):
+        listed = list(conntable.connections(state.Paths("eth0", state.netns_id())))
+    given = {c.src: c.snat for c in listed if c.proto == "icmp"}
+    assert given[CLIENT_ADDR] == f"{ROUTER_LINK}:{ident}", given  # its own identifier
+    assert given["100.64.0.3"].startswith(ROUTER_LINK + ":") and \
+        given["100.64.0.3"] != given[CLIENT_ADDR], given
+
+
 def test_input_snat_gives_the_hosts_socket_the_new_source(nat_router):
     """nat INPUT's SNAT (after filter INPUT): the router's own listener accepts the client
     under the SNAT address, and the client gets the answers (SYN/ACK, a ping's reply, a

@@ -202,22 +202,26 @@ def test_address_changes_only_rewrite_maps(bed, build_root, capsys):
               f"(map update {report.switch_ns / 1e3:.0f} us), no recompile")
 
 
-def test_a_new_kube_service_only_rewrites_the_service_map(bed, build_root):
-    """kube-proxy adding a service (its dispatch rule, KUBE-SVC and KUBE-SEP chains) is
-    rows of the service map only: the same program, the other generation of its maps
-    written and made live; the new service's rule then counts its connection."""
-    from examples.make_kube import cluster_ip, kube_nat
+@pytest.mark.parametrize("mode", ["iptables", "nftables"])
+def test_a_new_kube_service_only_rewrites_the_service_map(bed, build_root, mode):
+    """kube-proxy adding a service (its dispatch rule, KUBE-SVC and KUBE-SEP chains; in
+    nftables mode a verdict map element, service and endpoint chains) is rows of the
+    service map only: the same program, the other generation of its maps written and
+    made live; the new service's rule then counts its connection."""
+    from examples.make_kube import cluster_ip, kube_nat, kube_nft
 
+    make, name, table, chain = (kube_nat, "kube.v4", "nat", "KUBE-SERVICES") \
+        if mode == "iptables" else (kube_nft, "kube.nft", "kube-proxy", "services")
     with netns.entered(bed.server):
-        first = deploy.apply(kube_nat(20), "kube.v4", "eth0", build_root / "k1")
-        more = deploy.apply(kube_nat(21), "kube.v4", "eth0", build_root / "k2")
+        first = deploy.apply(make(20), name, "eth0", build_root / "k1")
+        more = deploy.apply(make(21), name, "eth0", build_root / "k2")
     assert more.map_only and more.deployment.prog_id == first.deployment.prog_id
     bed.send(bed.frame(IP(src="192.0.2.7", dst=cluster_ip(20)) / TCP(dport=80, flags="S")))
     with netns.entered(bed.server):
         paths = state.Paths("eth0", state.netns_id())
         with deploy.LiveCounters(paths, state.read(paths)) as live:
-            assert live("nat", "KUBE-SERVICES", 20).packets == 1
-            assert live("nat", "KUBE-SERVICES", 19).packets == 0
+            assert live(table, chain, 20).packets == 1
+            assert live(table, chain, 19).packets == 0
         deploy.detach("eth0")
 
 

@@ -334,6 +334,25 @@ class NumgenMatch:
 
 
 @dataclass(frozen=True)
+class RoutingHeaderMatch:
+    """ip6tables' `-m rt`: the packet's first routing header, as ipv6_find_hdr() finds it
+    through the header chain: its type, Segments Left and length in bytes ((Hdr Ext Len +
+    1) * 8), each tested when given, and with `reserved_zero` type 0's reserved word. A
+    packet without one does not match, nor does one whose header the packet cuts; a
+    header chain cut before it drops the packet (xt_rt's hotdrop)."""
+
+    rt_type: Optional[int] = None
+    type_negate: bool = False
+    segsleft: Range = Range(0, 0xFFFFFFFF)
+    segsleft_negate: bool = False
+    length: Optional[int] = None
+    length_negate: bool = False
+    reserved_zero: bool = False
+
+    ANY_SEGSLEFT = Range(0, 0xFFFFFFFF)
+
+
+@dataclass(frozen=True)
 class MarkMatch:
     """`-m mark --mark V[/M]`: (the packet's mark & M) == V; `-m connmark` compares its
     connection's mark instead, and never holds for a packet with no connection."""
@@ -392,6 +411,7 @@ Match = Union[
     FamilyMatch,
     EtherTypeMatch,
     AddrTypeMatch,
+    RoutingHeaderMatch,
 ]
 
 # --------------------------------------------------------------------------- targets

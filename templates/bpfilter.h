@@ -73,6 +73,14 @@ enum bf_noif { BF_NO_IN = 1, BF_NO_OUT = 2 };
 enum bf_part_result { BF_NEXT = 4, BF_POLICY = 5 };
 #define BF_REJECT_TCP_RESET 0xff
 
+/* What IPv6's header chain held (struct bf_pkt.ip6_flags). */
+enum bf_ip6_flags {
+	BF_IP6_DEFRAGGED = 1, /* conntrack's defragmenter took out an 8-byte fragment header */
+	BF_IP6_RT = 2,        /* a routing header: rt_type, rt_segs, rt_len are its */
+	BF_IP6_RT_WHOLE = 4,  /* and the packet holds all of it */
+	BF_IP6_RT_RES0 = 8,   /* and its second word (type 0's reserved) is zero */
+};
+
 struct bf_pkt {
 	__u32 len;          /* IP total length: what iptables counts as bytes */
 	__u32 nat_addr;     /* what NAT makes of the packet's address (nat.h) */
@@ -83,7 +91,8 @@ struct bf_pkt {
 	union { __u32 daddr; __u32 dst[4]; };
 	__u32 ifindex;
 	__u32 oifindex;     /* where it goes out: FORWARD's route, egress's device (LOG's OUT=) */
-	__u32 l4_len;       /* bytes after the IP header, within tot_len */
+	__u16 l4_len;       /* bytes after the IP header, within tot_len */
+	__u8 rt_type, rt_segs; /* IPv6: the first routing header's type and Segments Left */
 	__u32 tcp_seq, tcp_ack;
 	__u16 sport, dport;
 	__u16 icmp_id;      /* ICMP queries and their answers */
@@ -104,7 +113,7 @@ struct bf_pkt {
 	__u8 noif;          /* enum bf_noif */
 	__u8 family;        /* 4 or 6 */
 	__u8 l4_unknown;    /* IPv6: the header chain could not be followed to its end */
-	__u8 defragged;     /* IPv6: bytes of fragment header conntrack's defragmenter took out */
+	__u8 ip6_flags;     /* enum bf_ip6_flags */
 	__u8 nat;           /* enum bf_nat_todo (nat.h) */
 	__u8 ct_attached;   /* a REJECT's reply: the connection of the packet it answers */
 	__u32 ct_orig[2][4]; /* the connection's original source and destination */
@@ -112,7 +121,8 @@ struct bf_pkt {
 	__u8 ct_proto;
 	__u8 ct_mark_set;   /* CONNMARK changed ct_mark: the entry takes it */
 	__u16 ethertype;    /* the frame's, host order (netdev chains see every protocol) */
-	__u16 gen;          /* the live generation of the maps (0 or 1) */
+	__u8 gen;           /* the live generation of the maps (0 or 1) */
+	__u8 rt_len;        /* IPv6: the first routing header's Hdr Ext Len */
 	__u16 nat_port;     /* and of its port (nat.h) */
 	__u32 mark;         /* the packet's (skb->mark at TC; XDP has none: from 0) */
 	__u32 ct_mark;      /* its connection's */
@@ -740,6 +750,20 @@ static __always_inline int bf_ip6_ext(__u8 next)
 	return next == 0 || next == 43 || next == 44 || next == 51 || next == 60;
 }
 
+/* The first routing header (ip6t_rt reads it where ipv6_find_hdr() finds it), at `off`
+ * in the packet, whose first 8 bytes the program can read. */
+static __always_inline void bf_ip6_routing(struct bf_pkt *p, const __u8 *h, __u32 off)
+{
+	p->ip6_flags |= BF_IP6_RT;
+	p->rt_len = h[1];
+	p->rt_type = h[2];
+	p->rt_segs = h[3];
+	if (off + (h[1] + 1) * 8 <= p->len)
+		p->ip6_flags |= BF_IP6_RT_WHOLE;
+	if (!h[4] && !h[5] && !h[6] && !h[7])
+		p->ip6_flags |= BF_IP6_RT_RES0;
+}
+
 /* Headers followed at most; a longer chain is one bpfilter cannot follow (l4_unknown). */
 #define BF_IP6_EXT_MAX 8
 
@@ -792,6 +816,8 @@ static __always_inline int bf_parse6(struct bf_ctx *ctx, struct bf_pkt *p,
 				cut = 8;
 			continue;
 		}
+		if (next == 43 && !(p->ip6_flags & BF_IP6_RT))
+			bf_ip6_routing(p, h, off);
 		off += next == 51 ? (h[1] + 2) * 4 : (h[1] + 1) * 8;
 		next = h[0];
 	}
@@ -801,7 +827,8 @@ static __always_inline int bf_parse6(struct bf_ctx *ctx, struct bf_pkt *p,
 	p->proto = next;
 	p->l4_len = off < p->len ? p->len - off : 0;
 	p->len -= cut;
-	p->defragged = cut;
+	if (cut)
+		p->ip6_flags |= BF_IP6_DEFRAGGED;
 	p->l4_off = sizeof(struct ethhdr) + (off & 0x7ff);
 	if (!p->frag_off && !p->l4_unknown && off < 0x800)
 		bf_parse_l4(p, (__u8 *)ip6 + (off & 0x7ff), end);
@@ -1360,7 +1387,7 @@ static __always_inline int bf_icmp_rate_allows(const struct bf_pkt *p, int v6)
  * share with the program's. */
 __noinline int bf_reject_icmp(struct bf_ctx *ctx, const struct bf_pkt *p, __u8 code)
 {
-	__u32 l3, max, quote, head, want;
+	__u32 l3, max, quote, head, want, whole;
 	struct bf_addr from = {};
 	struct ethhdr *eth;
 	struct icmphdr *ic;
@@ -1374,7 +1401,8 @@ __noinline int bf_reject_icmp(struct bf_ctx *ctx, const struct bf_pkt *p, __u8 c
 	max = v6 ? BF_ICMP6_QUOTE_MAX : BF_ICMP_QUOTE_MAX;
 	/* (The kernel quotes an atomic fragment without its fragment header; this one keeps
 	 * it: below its transport header the skb cannot be cut.) */
-	quote = p->len + p->defragged < max ? p->len + p->defragged : max;
+	whole = p->len + (p->ip6_flags & BF_IP6_DEFRAGGED ? 8 : 0);
+	quote = whole < max ? whole : max;
 	head = l3 + sizeof(struct icmphdr);
 	want = sizeof(struct ethhdr) + head + quote;
 	if (!bf_icmp_answers(ctx, p) || !bf_error_source(ctx, p, &from) ||

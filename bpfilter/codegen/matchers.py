@@ -328,6 +328,24 @@ def _family(m: ir.FamilyMatch, ctx: MatchContext) -> list[str]:
     return [ctx.require(f"p->family == {6 if m.family is ir.Family.IPV6 else 4}", m.negate)]
 
 
+def _routing_header(m: ir.RoutingHeaderMatch, ctx: MatchContext) -> list[str]:
+    """ip6t_rt: no routing header (ipv6_find_hdr()'s -ENOENT, a later fragment's too) or
+    one the packet cuts: no match; a header chain cut before one: hotdrop."""
+    lines = [f"if (!(p->ip6_flags & BF_IP6_RT)) {{ if (p->l4_unknown && !p->frag_off) "
+             f"{HOTDROP} goto {ctx.skip}; }}",
+             ctx.require("p->ip6_flags & BF_IP6_RT_WHOLE")]
+    if m.segsleft != m.ANY_SEGSLEFT or m.segsleft_negate:
+        lines.append(ctx.require(_in_range("(__u32)p->rt_segs", m.segsleft, top=0xFFFFFFFF),
+                                 m.segsleft_negate))
+    if m.length is not None:
+        lines.append(ctx.require(f"((__u32)p->rt_len + 1) * 8 == {m.length}U", m.length_negate))
+    if m.rt_type is not None:
+        lines.append(ctx.require(f"p->rt_type == {m.rt_type}U", m.type_negate))
+    if m.reserved_zero:
+        lines.append(ctx.require("p->ip6_flags & BF_IP6_RT_RES0"))
+    return lines
+
+
 def _ethertype(m: ir.EtherTypeMatch, ctx: MatchContext) -> list[str]:
     expr = " || ".join(f"p->ethertype == 0x{t:04x}" for t in m.ethertypes)
     return [ctx.require(expr, m.negate)]
@@ -355,6 +373,7 @@ GENERATORS: dict[type, Callable[..., list[str]]] = {
     ir.FamilyMatch: _family,
     ir.EtherTypeMatch: _ethertype,
     ir.AddrTypeMatch: _addrtype,
+    ir.RoutingHeaderMatch: _routing_header,
 }
 
 

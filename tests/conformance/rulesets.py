@@ -96,6 +96,23 @@ _ADDRTYPE_LIMITS = {"INPUT": (None, "in"), "OUTPUT": (None, "out"),
 
 
 @st.composite
+def _routing_header(draw) -> ir.RoutingHeaderMatch:
+    """-m rt with what frames6's routing headers carry: types 0, 2, 4, few segments."""
+    given = {}
+    if draw(st.booleans()):
+        given.update(rt_type=draw(st.sampled_from([0, 0, 2, 4])), type_negate=draw(st.booleans()))
+    if draw(st.booleans()):
+        given.update(segsleft=_range(draw, [0, 1, 2, 3], 0xFFFFFFFF),
+                     segsleft_negate=draw(st.booleans()))
+    if draw(st.integers(0, 2)) == 0:
+        given.update(length=draw(st.sampled_from([8, 24, 40])),
+                     length_negate=draw(st.booleans()))
+    if given.get("rt_type") == 0 and not given["type_negate"]:
+        given.update(reserved_zero=draw(st.booleans()))
+    return ir.RoutingHeaderMatch(**given)
+
+
+@st.composite
 def _addrtype(draw, hook: str, negate: bool) -> ir.AddrTypeMatch:
     """The source's or the destination's types (nft's fib reads one address; those nft
     can name)."""
@@ -158,7 +175,7 @@ def _matches(draw, hook: str = "INPUT", fam: Family = V4) -> tuple[ir.Match, ...
                                   version=4 if fam is V4 else 6))
     extras = draw(st.lists(st.sampled_from(["iprange", "length", "ttl", "comment", "limit",
                                             "conntrack"] + ([] if outbound else ["mac"])
-                                           + (["addrtype"] if fam is V4 else [])),
+                                           + (["addrtype"] if fam is V4 else ["rt"])),
                            max_size=2, unique=True))
     for extra in extras:
         negate = draw(st.booleans())
@@ -180,6 +197,8 @@ def _matches(draw, hook: str = "INPUT", fam: Family = V4) -> tuple[ir.Match, ...
             found.append(draw(_conntrack(negate, fam)))
         elif extra == "addrtype":
             found.append(draw(_addrtype(hook, negate)))
+        elif extra == "rt":
+            found.append(draw(_routing_header()))
         elif hook != "FORWARD":
             # Not at FORWARD: the router runs the ruleset on both interfaces, each with
             # buckets of its own, where the kernel has one (README, known differences).
@@ -336,6 +355,7 @@ def kinds(ruleset: ir.Ruleset) -> set[str]:
              ir.CommentMatch: "comment", ir.LimitMatch: "limit",
              ir.ConntrackMatch: "conntrack", ir.MarkMatch: "mark", ir.FamilyMatch: "family",
              ir.EtherTypeMatch: "ether type", ir.AddrTypeMatch: "addrtype",
+             ir.RoutingHeaderMatch: "rt",
              ir.VerdictTarget: "ACCEPT/DROP", ir.RejectTarget: "REJECT",
              ir.LogTarget: "LOG", ir.ReturnTarget: "RETURN", ir.MarkTarget: "MARK",
              ir.ConnmarkTarget: "CONNMARK", ir.NotrackTarget: "NOTRACK"}

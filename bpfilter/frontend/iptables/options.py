@@ -31,10 +31,11 @@ class Token(NamedTuple):
 
 SUPPORTED_MATCHES = ("tcp", "udp", "icmp", "icmp6", "multiport", "iprange", "comment",
                      "length", "ttl", "hl", "mac", "limit", "conntrack", "state", "mark",
-                     "connmark", "addrtype", "statistic")
+                     "connmark", "addrtype", "statistic", "rt")
 # Modules of one family only: iptables' ICMP and TTL, ip6tables' ICMPv6 and hop limit.
 _FAMILY_MODULES = {"icmp": (ir.Family.IPV4, "icmp6"), "ttl": (ir.Family.IPV4, "hl"),
-                   "icmp6": (ir.Family.IPV6, "icmp"), "hl": (ir.Family.IPV6, "ttl")}
+                   "icmp6": (ir.Family.IPV6, "icmp"), "hl": (ir.Family.IPV6, "ttl"),
+                   "rt": (ir.Family.IPV6, None)}
 # The module a protocol loads by itself (`-p tcp --dport 22`).
 _PROTOCOL_MODULES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp6"}
 SUPPORTED_TARGETS = ("ACCEPT, DROP, RETURN, REJECT, LOG, MARK, CONNMARK, NOTRACK, CHECKSUM, "
@@ -172,7 +173,8 @@ class RuleReader:
         family, other = _FAMILY_MODULES.get(name, (self.family, name))
         if family is not self.family:
             raise self.error(tok, f"'-m {name}' is an IPv{family.value[-1]} match; this is "
-                             f"an IPv{self.family.value[-1]} ruleset", f"-m {other}")
+                             f"an IPv{self.family.value[-1]} ruleset",
+                             other and f"-m {other}")
         self.modules.append(_Module(name, tok))
 
     # ----------------------------------------------------------------- results
@@ -551,6 +553,41 @@ def _ttl(op: str):
     return handler
 
 
+_U32 = 0xFFFFFFFF
+
+
+def _rt_number(field_: str):
+    """--rt-type and --rt-len: 32-bit numbers, as libip6t_rt reads them (a type past 255
+    never matches)."""
+    def handler(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+        arg = reader.argument(tok)
+        value = _parse_int(reader, arg, arg.value, 0, _U32, f"routing header {field_}")
+        key = "rt_type" if field_ == "type" else field_
+        _once(reader, module, field_, tok, {key: value, f"{field_}_negate": negate})
+    return handler
+
+
+def _rt_segsleft(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+    arg = reader.argument(tok)
+    _once(reader, module, "segsleft", tok,
+          {"segsleft": _parse_int_range(reader, arg, _U32, "segments left"),
+           "segsleft_negate": negate})
+
+
+def _rt_reserved(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+    reader._no_negate(tok, negate)
+    given = module.values.get("type", {})
+    if given.get("rt_type") != 0 or given.get("type_negate"):
+        raise reader.error(tok, "`--rt-type 0' required before `--rt-0-res'")
+    _once(reader, module, "reserved", tok, {"reserved_zero": True})
+
+
+def _rt_addresses(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+    raise reader.error(tok, "type 0 routing headers' address lists are not compiled (RFC "
+                       "5095 deprecated type 0: hosts drop such headers)",
+                       "--rt-type, --rt-segsleft, --rt-len, --rt-0-res")
+
+
 def _mac_source(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
     arg = reader.argument(tok)
     parts = arg.value.split(":")
@@ -797,6 +834,9 @@ _MODULE_OPTIONS: dict[str, dict[str, Callable]] = {
                  "--limit-iface-out": _addr_type_limit("out")},
     "mark": {"--mark": _mark},
     "connmark": {"--mark": _mark},
+    "rt": {"--rt-type": _rt_number("type"), "--rt-segsleft": _rt_segsleft,
+           "--rt-len": _rt_number("length"), "--rt-0-res": _rt_reserved,
+           "--rt-0-addrs": _rt_addresses, "--rt-0-not-strict": _rt_addresses},
 }
 
 
@@ -828,6 +868,8 @@ _BUILDERS: dict[str, Callable[[RuleReader, _Module], ir.Match]] = {
     "statistic": _statistic,
     "mark": lambda r, m: _require(r, m, "mark", "--mark"),
     "connmark": lambda r, m: _require(r, m, "mark", "--mark"),
+    "rt": lambda r, m: ir.RoutingHeaderMatch(**{k: v for pair in m.values.values()
+                                                for k, v in pair.items()}),
 }
 
 # --------------------------------------------------------------------------- target options

@@ -158,7 +158,24 @@ _MATCHES: dict[type, Callable] = {
     ir.AddrTypeMatch: _addrtype,
     ir.MarkMatch: lambda m: [f"-m {'connmark' if m.connection else 'mark'}",
                              f"{_neg(m.negate)}--mark {_masked(m.value, m.mask)}"],
+    ir.RoutingHeaderMatch: lambda m: _routing_header(m),
 }
+
+
+def _routing_header(m: ir.RoutingHeaderMatch) -> list[str]:
+    """libip6t_rt's save."""
+    words = ["-m rt"]
+    if m.rt_type is not None:
+        words.append(f"{_neg(m.type_negate)}--rt-type {m.rt_type}")
+    if m.segsleft != m.ANY_SEGSLEFT or m.segsleft_negate:
+        segs = m.segsleft
+        words.append(f"{_neg(m.segsleft_negate)}--rt-segsleft "
+                     + (str(segs.low) if segs.single else f"{segs.low}:{segs.high}"))
+    if m.length is not None:
+        words.append(f"{_neg(m.length_negate)}--rt-len {m.length}")
+    if m.reserved_zero:
+        words.append("--rt-0-res")
+    return words
 
 
 def _log(t: ir.LogTarget) -> list[str]:

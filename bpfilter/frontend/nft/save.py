@@ -341,6 +341,8 @@ def rule_text(rule: ir.Rule, counters: Optional[ir.Counters] = None,
         family = test.family if test is not None and not test.negate else ir.Family.IPV4
     parts: list[str] = []
     for match in rule.matches:
+        if isinstance(match, ir.RoutingHeaderMatch):
+            raise _untranslatable(rule, "bpfilter reads no nft `rt` expressions yet (-m rt)")
         words = _MATCHES[type(match)](match, rule)
         if inet:  # `ip protocol` would make the rule IPv4's
             words = [w.replace("ip protocol", "meta l4proto") for w in words]

@@ -353,6 +353,28 @@ class RoutingHeaderMatch:
 
 
 @dataclass(frozen=True)
+class RecentMatch:
+    """xt_recent: a named list of addresses (the source's, or with side "dst" the
+    destination's, masked), each with the times it was last seen. `set` adds the address
+    (and holds); `rcheck` holds when it is listed, seen within `seconds` (0: ever) at
+    least `hitcount` times (0: once), with `rttl` only if the TTL it was set with is the
+    packet's; `update` is rcheck that records this sighting when it holds; `remove`
+    deletes it (and holds when it was there). `invert` turns each answer."""
+
+    mode: str  # "set" | "rcheck" | "update" | "remove"
+    name: str = "DEFAULT"
+    seconds: int = 0
+    hitcount: int = 0
+    rttl: bool = False
+    side: str = "src"
+    mask: Optional[IPAddress] = None  # of the rule's family (front-ends give all ones)
+    invert: bool = False
+
+    MAX_HITCOUNT = 20  # the kernel's ip_pkt_list_tot: stamps kept per address
+    LIST_SIZE = 200  # ip_list_tot: addresses per list
+
+
+@dataclass(frozen=True)
 class MarkMatch:
     """`-m mark --mark V[/M]`: (the packet's mark & M) == V; `-m connmark` compares its
     connection's mark instead, and never holds for a packet with no connection."""
@@ -412,6 +434,7 @@ Match = Union[
     EtherTypeMatch,
     AddrTypeMatch,
     RoutingHeaderMatch,
+    RecentMatch,
 ]
 
 # --------------------------------------------------------------------------- targets

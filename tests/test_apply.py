@@ -82,7 +82,7 @@ def test_failed_apply_leaves_the_running_ruleset_untouched(bed, build_root):
         paths = state.Paths("eth0", state.netns_id())
         pins_before = sorted(p.name for p in paths.pins.iterdir())
         with pytest.raises(InputError):
-            deploy.apply(HOST.replace("-m length", "-m recent"), "bad.v4", "eth0",
+            deploy.apply(HOST.replace("-m length", "-m hashlimit"), "bad.v4", "eth0",
                          build_root / "f2")
         with pytest.raises(KernelError, match="detach it before"):
             deploy.apply(CHAINS, "chains.v4", "eth0", build_root / "f3", XdpMode.GENERIC)

@@ -289,7 +289,7 @@ def test_without_root_commands_say_they_need_it(kernel, command):
 
 
 @pytest.mark.parametrize("text", [
-    FILTER.format("-A INPUT -m recent --rcheck --seconds 60 -j DROP\n"
+    FILTER.format("-A INPUT -m hashlimit --hashlimit-upto 5/sec --hashlimit-name h -j DROP\n"
                   "-A INPUT -j ACCEPT"),
     FILTER.format("-A INPUT -p tcp -m set --match-set x src -j DROP\n-A INPUT -j ACCEPT")])
 def test_ignore_unsupported_skips_rules_of_unknown_modules(tmp_path, text):

@@ -152,11 +152,11 @@ def test_bad_input_names_its_line(name):
 
 def test_cli_exits_2_with_position_and_alternatives(tmp_path):
     rules = tmp_path / "rules.v4"
-    rules.write_text("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -p tcp -m recent --set\nCOMMIT\n")
+    rules.write_text("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -p tcp -m hashlimit --hashlimit-upto 5/sec --hashlimit-name h\nCOMMIT\n")
     result = CliRunner().invoke(main, ["compile", str(rules), "-o", str(tmp_path / "out")])
     assert result.exit_code == 2
     assert f"{rules}:3:" in result.output
-    assert "recent" in result.output and "supported:" in result.output
+    assert "hashlimit" in result.output and "supported:" in result.output
 
 
 def test_errors_keep_their_lines_whole_under_a_long_path(tmp_path):
@@ -165,14 +165,14 @@ def test_errors_keep_their_lines_whole_under_a_long_path(tmp_path):
     rules = tmp_path / ("d" * 70) / "rules.v4"
     rules.parent.mkdir()
     rule = "-A INPUT -s 10.0.0.0/8 -p tcp -m tcp --dport 22 -m comment --comment " + \
-        "x" * 40 + " -m recent --set"
+        "x" * 40 + " -m hashlimit"
     rules.write_text(f"*filter\n:INPUT ACCEPT [0:0]\n{rule}\nCOMMIT\n")
     result = CliRunner().invoke(main, ["compile", str(rules), "-o", str(tmp_path / "out")])
     assert result.exit_code == 2
     message, quoted, caret = result.output.splitlines()[:3]
     assert message.startswith(f"bpfilter: error: {rules}:3:") and "supported:" in message
     assert quoted == f"  3 | {rule}"
-    assert quoted[caret.index("^"):].startswith("recent")
+    assert quoted[caret.index("^"):].startswith("hashlimit")
 
 
 def test_the_consoles_print_mac_addresses_as_they_are():

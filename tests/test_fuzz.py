@@ -160,7 +160,8 @@ WHOLE_FILES = {
     "libip6t_standard.t", "libipt_DNAT.t", "libipt_LOG.t", "libipt_MASQUERADE.t",
     "libipt_REJECT.t", "libipt_SNAT.t", "libipt_icmp.t", "libipt_ttl.t", "libxt_CHECKSUM.t",
     "libxt_CONNMARK.t", "libxt_MARK.t", "libxt_NOTRACK.t", "libxt_comment.t",
-    "libxt_connmark.t", "libxt_length.t", "libxt_limit.t", "libxt_mac.t", "libxt_state.t",
+    "libxt_connmark.t", "libxt_length.t", "libxt_limit.t", "libxt_mac.t", "libxt_recent.t",
+    "libxt_state.t",
     "libxt_statistic.t", "libxt_tcp.t", "libxt_udp.t"}
 
 
@@ -172,6 +173,8 @@ def test_iptables_suite_ok_lines_print_back():
         pytest.skip("no iptables suite (.ci/setup fetches it)")
     wrong, missing = [], []
     for case in (c for c in cases(directory) if c.ok):
+        if case.family == 6 and re.search(r"\d+\.\d+\.\d+\.\d+", case.rule):
+            continue  # written for iptables: ip6tables refuses an IPv4 address
         where = f"{case.file}:{case.number} (IPv{case.family} {case.chain}) {case.rule}"
         try:
             ruleset = validate(parse_ruleset(case.ruleset(), "<suite>"))
@@ -181,8 +184,12 @@ def test_iptables_suite_ok_lines_print_back():
             continue
         ((table, chain, rule),) = list(ruleset.rules())
         printed = rule_text(chain.name, rule, table.family).removeprefix(f"-A {chain.name} ")
-        if printed != case.expected:
-            wrong.append(f"{where}: printed {printed!r}, iptables-save {case.expected!r}")
+        expected = case.expected
+        if case.family == 6:  # the suite writes iptables' mask; ip6tables prints its own
+            expected = expected.replace("--mask 255.255.255.255", "--mask " + ":".join(
+                ["ffff"] * 8))
+        if printed != expected:
+            wrong.append(f"{where}: printed {printed!r}, iptables-save {expected!r}")
     assert not wrong and not missing, "\n".join(wrong + missing)
 
 

@@ -25,6 +25,8 @@ class MatchContext:
     limits: list[Union[ir.LimitMatch, ir.StatisticMatch, ir.NumgenMatch]] = field(
         default_factory=list)
     numgens: list[Optional[str]] = field(default_factory=list)  # bf_numgen's slots
+    recent_lists: list[str] = field(default_factory=list)  # -m recent's names, numbered
+    recent_hits: int = 0  # the largest --hitcount
     conntrack: bool = False  # a rule reads the connection state
     nat: bool = False  # a rule translates addresses (NAT bindings)
     services: dict = field(default_factory=dict)  # the service runs met, by number
@@ -328,6 +330,23 @@ def _family(m: ir.FamilyMatch, ctx: MatchContext) -> list[str]:
     return [ctx.require(f"p->family == {6 if m.family is ir.Family.IPV6 else 4}", m.negate)]
 
 
+_RECENT_MODES = {"set": 0, "rcheck": 1, "update": 2, "remove": 3}  # enum bf_recent_how
+
+
+def _recent(m: ir.RecentMatch, ctx: MatchContext) -> list[str]:
+    """templates/recent.h; lists are numbered by name across the ruleset (both families
+    share a name, as the kernel's lists)."""
+    if m.name not in ctx.recent_lists:
+        ctx.recent_lists.append(m.name)
+    ctx.recent_hits = max(ctx.recent_hits, m.hitcount)
+    how = (ctx.recent_lists.index(m.name) << 32 | m.hitcount << 16 | _RECENT_MODES[m.mode]
+           | 4 * m.invert | 8 * m.rttl | 16 * (m.side == "dst"))
+    mask = int(m.mask) if m.mask.version == 4 else \
+        128 - (~int(m.mask) & (2 ** 128 - 1)).bit_length()
+    return ["{", f"\tint r = bf_recent(p, 0x{how:x}ULL, {m.seconds}U, 0x{mask:x}U);", "",
+            f"\tif (r < 0) {HOTDROP}", "\t" + ctx.require("r"), "}"]
+
+
 def _routing_header(m: ir.RoutingHeaderMatch, ctx: MatchContext) -> list[str]:
     """ip6t_rt: no routing header (ipv6_find_hdr()'s -ENOENT, a later fragment's too) or
     one the packet cuts: no match; a header chain cut before one: hotdrop."""
@@ -374,6 +393,7 @@ GENERATORS: dict[type, Callable[..., list[str]]] = {
     ir.EtherTypeMatch: _ethertype,
     ir.AddrTypeMatch: _addrtype,
     ir.RoutingHeaderMatch: _routing_header,
+    ir.RecentMatch: _recent,
 }
 
 

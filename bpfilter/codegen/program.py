@@ -26,7 +26,7 @@ from bpfilter.resources import resource_dir
 
 # The runtime the generated programs include: packet parsing, maps, targets; the classifier.
 RUNTIME_HEADERS = ("bpfilter.h", "classify.h", "conntrack.h", "addrtype.h", "nat.h",
-                   "numgen.h", "services.h")
+                   "numgen.h", "services.h", "recent.h")
 # Chains longer than this are split into functions of this many rules: clang's time grows
 # faster than linearly with the size of one function.
 PART_RULES = 32
@@ -102,6 +102,7 @@ class GeneratedProgram:
     conntrack: bool = False  # rules read the connection state: bf_conntrack is shared
     nat: bool = False  # rules translate addresses: replies are translated where it runs
     services: ServiceTables = ServiceTables()  # the service map's rows
+    recent_lists: int = 0  # -m recent's lists: bf_recent_lists is shared
 
     @property
     def name(self) -> str:
@@ -199,7 +200,8 @@ def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
         nat=ctx.nat,
         ipv6=bool(families - {ir.Family.IPV4}),
         nslots=capacity(nslots), nlimits=capacity(len(ctx.limits)),
-        nnumgen=len(ctx.numgens),
+        nnumgen=len(ctx.numgens), recent_lists=len(ctx.recent_lists),
+        recent_stamps=1 << max(ctx.recent_hits - 1, 0).bit_length(),
         nifpatterns=len(ctx.if_patterns),
         nprefixes=capacity(sum(len(r.prefixes) for r, *_ in runs
                                if r.uniform_length is None and r.version == 4)),
@@ -244,7 +246,7 @@ def generate_programs(stages: tuple[Stage, ...], nslots: int, source: str,
                    for number, (run, _slots, (table, chain), data) in enumerate(runs))
     return GeneratedProgram(tuple(programs), tuple(ctx.if_patterns), tuple(ctx.limits),
                             nslots, prefixes, exact, tables, sizes, folded, attach,
-                            ctx.conntrack, ctx.nat, services)
+                            ctx.conntrack, ctx.nat, services, len(ctx.recent_lists))
 
 
 def _condition(ref: ChainRef, guard: bool, ctx: MatchContext) -> Optional[str]:

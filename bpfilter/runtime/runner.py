@@ -22,6 +22,8 @@ STAGE_MAPS = ("bf_counters", "bf_ifmatch", "bf_ifmac", "bf_limits", "bf_log",
               "bf_host", "bf_sysctl", "bf_route6", "bf_addrtype", "bf_ifaddr")
 # The service map (templates/services.h), in programs that have service runs.
 SERVICE_MAPS = ("bf_svc", "bf_svc_ep")
+# -m recent's lists (templates/recent.h), in programs that have them.
+RECENT_MAPS = ("bf_recent_lists",)
 # The connection table (templates/conntrack.h) and its NAT bindings (templates/nat.h): one
 # per network namespace.
 CONNTRACK_MAPS = ("bf_conntrack", "bf_ct_created", "bf_nat", "bf_nat_src")
@@ -34,7 +36,8 @@ FOLDED_MAPS = ("bf_prefixes", "bf_prefixes6", "bf_exact")
 def stage_maps(program) -> tuple[str, ...]:
     """The maps a stage program owns: pinned with it, so a running ruleset can be read
     and rewritten later (the classifier's exist only in programs that classify)."""
-    return STAGE_MAPS + _optional_maps(program)
+    return STAGE_MAPS + _optional_maps(program) + \
+        (RECENT_MAPS if program.recent_lists else ())
 
 
 def generation_maps(program) -> tuple[str, ...]:

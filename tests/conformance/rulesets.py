@@ -355,7 +355,7 @@ def kinds(ruleset: ir.Ruleset) -> set[str]:
              ir.CommentMatch: "comment", ir.LimitMatch: "limit",
              ir.ConntrackMatch: "conntrack", ir.MarkMatch: "mark", ir.FamilyMatch: "family",
              ir.EtherTypeMatch: "ether type", ir.AddrTypeMatch: "addrtype",
-             ir.RoutingHeaderMatch: "rt",
+             ir.RoutingHeaderMatch: "rt", ir.RecentMatch: "recent",
              ir.VerdictTarget: "ACCEPT/DROP", ir.RejectTarget: "REJECT",
              ir.LogTarget: "LOG", ir.ReturnTarget: "RETURN", ir.MarkTarget: "MARK",
              ir.ConnmarkTarget: "CONNMARK", ir.NotrackTarget: "NOTRACK"}

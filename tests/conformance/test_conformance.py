@@ -34,6 +34,12 @@ def test_examples_conform_at_tc(tc_mirror, name):
     _examples_conform(tc_mirror, name)
 
 
+def test_ufw_conforms(mirror):
+    """Ubuntu's firewall as ufw writes it (examples/ufw.v4: -m recent limits, addrtype
+    BROADCAST, limit-ed LOGs, a DROP policy)."""
+    _examples_conform(mirror, "ufw.v4")
+
+
 def _frames(ruleset):
     return frames(interesting(ruleset), ("eth0",))
 

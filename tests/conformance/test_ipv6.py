@@ -34,6 +34,11 @@ def test_example_conforms(mirror):
     check_example(mirror, "host-firewall.v6", _frames, FRAMES_PER_EXAMPLE)
 
 
+def test_ufw_conforms(mirror):
+    """ufw's IPv6 ruleset (examples/ufw.v6: -m rt --rt-type 0, -m recent limits)."""
+    check_example(mirror, "ufw.v6", _frames, FRAMES_PER_EXAMPLE)
+
+
 def test_example_conforms_at_tc(tc_mirror):
     check_example(tc_mirror, "host-firewall.v6", _frames, FRAMES_PER_EXAMPLE)
 

@@ -31,7 +31,7 @@ class Token(NamedTuple):
 
 SUPPORTED_MATCHES = ("tcp", "udp", "icmp", "icmp6", "multiport", "iprange", "comment",
                      "length", "ttl", "hl", "mac", "limit", "conntrack", "state", "mark",
-                     "connmark", "addrtype", "statistic", "rt")
+                     "connmark", "addrtype", "statistic", "rt", "recent")
 # Modules of one family only: iptables' ICMP and TTL, ip6tables' ICMPv6 and hop limit.
 _FAMILY_MODULES = {"icmp": (ir.Family.IPV4, "icmp6"), "ttl": (ir.Family.IPV4, "hl"),
                    "icmp6": (ir.Family.IPV6, "icmp"), "hl": (ir.Family.IPV6, "ttl"),
@@ -588,6 +588,77 @@ def _rt_addresses(reader: RuleReader, module: _Module, tok: Token, negate: bool)
                        "--rt-type, --rt-segsleft, --rt-len, --rt-0-res")
 
 
+def _recent_mode(mode: str):
+    """--set, --rcheck, --update, --remove: one per match; `!` inverts the answer."""
+    def handler(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+        if "mode" in module.values:
+            raise reader.error(tok, "only one of --set, --rcheck, --update, --remove per "
+                               "'-m recent'")
+        module.values["mode"] = (mode, tok)
+        module.values["invert"] = negate
+    return handler
+
+
+def _recent_number(key: str, top: int):
+    def handler(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+        reader._no_negate(tok, negate)
+        arg = reader.argument(tok)
+        what = "hit count (the kernel keeps at most 255 sightings)" if key == "hitcount" \
+            else "number of seconds"
+        _once(reader, module, key, tok, _parse_int(reader, arg, arg.value, 0, top, what))
+    return handler
+
+
+def _recent_flag(key: str, value):
+    def handler(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+        reader._no_negate(tok, negate)
+        module.values[key] = value  # libxt_recent: the last of --rsource/--rdest wins
+    return handler
+
+
+def _recent_name(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+    reader._no_negate(tok, negate)
+    arg = reader.argument(tok)
+    if not arg.value or len(arg.value) >= 200 or "/" in arg.value:
+        raise reader.error(arg, "a recent list's name is 1 to 199 characters without '/' "
+                           "(the kernel names /proc/net/xt_recent/NAME by it)")
+    _once(reader, module, "name", tok, arg.value)
+
+
+def _recent_mask(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+    reader._no_negate(tok, negate)
+    arg = reader.argument(tok)
+    mask = _parse_address(reader, arg, arg.value)
+    hosts = ~int(mask) & (2 ** 128 - 1)
+    if mask.version == 6 and hosts & (hosts + 1):
+        raise reader.error(arg, "an IPv6 mask other than a prefix's is not compiled")
+    _once(reader, module, "mask", tok, mask)
+
+
+def _recent_reap(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+    raise reader.error(tok, "--reap (the kernel drops a list's oldest address when it is "
+                       "older than --seconds) is not compiled", "--set, --rcheck, --update, "
+                       "--remove, --seconds, --hitcount, --rttl, --name, --mask, --rsource, "
+                       "--rdest")
+
+
+def _recent(reader: RuleReader, module: _Module) -> ir.RecentMatch:
+    """As libxt_recent and the kernel's checkentry take the options."""
+    if "mode" not in module.values:
+        raise reader.error(module.token, "'-m recent' needs one of --set, --rcheck, "
+                           "--update or --remove")
+    values = dict(module.values)
+    mode, tok = values.pop("mode")
+    if mode in ("set", "remove") and (values.get("seconds") or values.get("hitcount")
+                                      or values.get("rttl")):
+        raise reader.error(tok, f"--{mode} takes no --seconds, --hitcount or --rttl (the "
+                           "kernel refuses the rule)")
+    ones = ipaddress.IPv6Address(2 ** 128 - 1) if reader.family is ir.Family.IPV6 \
+        else ipaddress.IPv4Address(2 ** 32 - 1)
+    values.setdefault("mask", ones)
+    return ir.RecentMatch(mode, **values)
+
+
 def _mac_source(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
     arg = reader.argument(tok)
     parts = arg.value.split(":")
@@ -834,6 +905,13 @@ _MODULE_OPTIONS: dict[str, dict[str, Callable]] = {
                  "--limit-iface-out": _addr_type_limit("out")},
     "mark": {"--mark": _mark},
     "connmark": {"--mark": _mark},
+    "recent": {"--set": _recent_mode("set"), "--rcheck": _recent_mode("rcheck"),
+               "--update": _recent_mode("update"), "--remove": _recent_mode("remove"),
+               "--seconds": _recent_number("seconds", _U32),
+               "--hitcount": _recent_number("hitcount", 255),
+               "--rttl": _recent_flag("rttl", True), "--name": _recent_name,
+               "--rsource": _recent_flag("side", "src"), "--rdest": _recent_flag("side", "dst"),
+               "--mask": _recent_mask, "--reap": _recent_reap},
     "rt": {"--rt-type": _rt_number("type"), "--rt-segsleft": _rt_segsleft,
            "--rt-len": _rt_number("length"), "--rt-0-res": _rt_reserved,
            "--rt-0-addrs": _rt_addresses, "--rt-0-not-strict": _rt_addresses},
@@ -868,6 +946,7 @@ _BUILDERS: dict[str, Callable[[RuleReader, _Module], ir.Match]] = {
     "statistic": _statistic,
     "mark": lambda r, m: _require(r, m, "mark", "--mark"),
     "connmark": lambda r, m: _require(r, m, "mark", "--mark"),
+    "recent": lambda r, m: _recent(r, m),
     "rt": lambda r, m: ir.RoutingHeaderMatch(**{k: v for pair in m.values.values()
                                                 for k, v in pair.items()}),
 }

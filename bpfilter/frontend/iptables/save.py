@@ -159,7 +159,18 @@ _MATCHES: dict[type, Callable] = {
     ir.MarkMatch: lambda m: [f"-m {'connmark' if m.connection else 'mark'}",
                              f"{_neg(m.negate)}--mark {_masked(m.value, m.mask)}"],
     ir.RoutingHeaderMatch: lambda m: _routing_header(m),
+    ir.RecentMatch: lambda m: _recent(m),
 }
+
+
+def _recent(m: ir.RecentMatch) -> list[str]:
+    """libxt_recent's save (the mask printed by the rule's family, all ones by default)."""
+    words = ["-m recent", f"{_neg(m.invert)}--{m.mode}"]
+    words += [f"--seconds {m.seconds}"] if m.seconds else []
+    words += [f"--hitcount {m.hitcount}"] if m.hitcount else []
+    words += ["--rttl"] if m.rttl else []
+    return words + [f"--name {m.name}", f"--mask {m.mask}",
+                    "--rdest" if m.side == "dst" else "--rsource"]
 
 
 def _routing_header(m: ir.RoutingHeaderMatch) -> list[str]:

@@ -343,6 +343,8 @@ def rule_text(rule: ir.Rule, counters: Optional[ir.Counters] = None,
     for match in rule.matches:
         if isinstance(match, ir.RoutingHeaderMatch):
             raise _untranslatable(rule, "bpfilter reads no nft `rt` expressions yet (-m rt)")
+        if isinstance(match, ir.RecentMatch):
+            raise _untranslatable(rule, "bpfilter reads no nft dynamic sets yet (-m recent)")
         words = _MATCHES[type(match)](match, rule)
         if inet:  # `ip protocol` would make the rule IPv4's
             words = [w.replace("ip protocol", "meta l4proto") for w in words]

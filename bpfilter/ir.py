@@ -353,6 +353,45 @@ class RoutingHeaderMatch:
 
 
 @dataclass(frozen=True)
+class TosMatch:
+    """`-m tos`: (the TOS byte, IPv6's traffic class) & mask == value."""
+
+    value: int
+    mask: int
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class DscpMatch:
+    """`-m dscp`: the TOS byte's upper six bits (IPv6's traffic class's)."""
+
+    dscp: int
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class EcnMatch:
+    """`-m ecn`: the IP header's ECN codepoint (`ect`), TCP's ECE and CWR flags (True:
+    set, False: `!`, clear; None: not tested). A TCP header shorter than 20 bytes fails
+    the flag tests (xt_ecn reads the whole header, and does not drop)."""
+
+    ece: Optional[bool] = None
+    cwr: Optional[bool] = None
+    ect: Optional[int] = None
+    ect_negate: bool = False
+
+
+@dataclass(frozen=True)
+class EspMatch:
+    """`-m esp --espspi`: the ESP header's SPI within low-high (as given: a range
+    written backwards never holds)."""
+
+    low: int = 0
+    high: int = 0xFFFFFFFF
+    negate: bool = False
+
+
+@dataclass(frozen=True)
 class RecentMatch:
     """xt_recent: a named list of addresses (the source's, or with side "dst" the
     destination's, masked), each with the times it was last seen. `set` adds the address
@@ -435,6 +474,10 @@ Match = Union[
     AddrTypeMatch,
     RoutingHeaderMatch,
     RecentMatch,
+    TosMatch,
+    DscpMatch,
+    EcnMatch,
+    EspMatch,
 ]
 
 # --------------------------------------------------------------------------- targets

@@ -111,9 +111,9 @@ def frames(draw, values: Interesting, interfaces: tuple[str, ...]):
     smac = draw(st.sampled_from(sorted(values.macs | {"02:00:00:00:00:01"})))
     ports = st.one_of(st.sampled_from(sorted(values.ports)), st.integers(0, 65535))
     proto = draw(st.sampled_from(["tcp", "tcp", "tcp", "udp", "udp", "icmp", "gre",
-                                  "tcp-truncated"]))
+                                  "tcp-truncated", "esp"]))
     ip = IP(src=src, dst=dst, ttl=ttl, id=draw(st.integers(0, 65535)),
-            tos=draw(st.sampled_from([0, 0x10, 0xb8])))
+            tos=draw(st.sampled_from(TOS_VALUES)))
     if proto == "icmp":
         icmp_type, code = draw(st.one_of(st.sampled_from(sorted(values.icmp)),
                                          st.tuples(st.integers(0, 20), st.integers(0, 4))))
@@ -127,7 +127,10 @@ def frames(draw, values: Interesting, interfaces: tuple[str, ...]):
 
 
 # The protocol numbers of the transports _transport() gives as raw bytes.
-_RAW_PROTOCOLS = {"tcp-truncated": 6, "gre": 47}
+_RAW_PROTOCOLS = {"tcp-truncated": 6, "gre": 47, "esp": 50}
+# TOS bytes (IPv6 traffic classes): DSCP values and every ECN codepoint
+TOS_VALUES = [0, 0x10, 0xb8, 0x02, 0x03, 0xb9]
+ESP_SPIS = [0, 1, 5, 0x100, 0xFFFFFFFF]
 
 
 def _source(draw, values: Interesting, version: int) -> str:
@@ -139,15 +142,18 @@ def _source(draw, values: Interesting, version: int) -> str:
 
 
 def _transport(draw, proto: str, ports) -> Packet:
-    """TCP (whole or cut short), UDP, or a GRE header as raw bytes."""
+    """TCP (whole or cut short), UDP, an ESP or a GRE header as raw bytes."""
     if proto == "tcp":
-        return TCP(sport=draw(ports), dport=draw(ports), flags=draw(st.integers(0, 0x3f)),
+        return TCP(sport=draw(ports), dport=draw(ports), flags=draw(st.integers(0, 0xff)),
                    seq=draw(st.integers(0, 2 ** 32 - 1)),
                    ack=draw(st.integers(0, 2 ** 32 - 1)))
     if proto == "tcp-truncated":
         return Raw(bytes(TCP(sport=draw(ports), dport=draw(ports)))[:draw(st.integers(0, 19))])
     if proto == "udp":
         return UDP(sport=draw(ports), dport=draw(ports))
+    if proto == "esp":  # an SPI and a sequence number, or (1 in 5) a header cut short
+        header = draw(st.sampled_from(ESP_SPIS)).to_bytes(4, "big") + b"\x00\x00\x00\x01"
+        return Raw(header[:4] if draw(st.integers(0, 4)) == 0 else header + b"\x00" * 8)
     return Raw(b"\x00\x00\x08\x00")
 
 
@@ -178,7 +184,7 @@ def frames6(draw, values: Interesting, interfaces: tuple[str, ...]):
     dst = draw(st.one_of(st.sampled_from(local), random_local, st.just("2001:db8:1::1"))
                if local else st.one_of(random_local, st.just("2001:db8:1::1")))
     ip = IPv6(src=src, dst=dst, hlim=draw(st.sampled_from(sorted(values.ttls))),
-              tc=draw(st.sampled_from([0, 0x10, 0xb8])))
+              tc=draw(st.sampled_from(TOS_VALUES)))
     # Hop-by-hop must come first. Not a fragment header after destination options: the
     # kernel's defragmenter (there with conntrack) drops such a packet; nor after a
     # routing header: the two sides' stacks answer it differently after the same verdict

@@ -330,6 +330,32 @@ def _family(m: ir.FamilyMatch, ctx: MatchContext) -> list[str]:
     return [ctx.require(f"p->family == {6 if m.family is ir.Family.IPV6 else 4}", m.negate)]
 
 
+def _tos(m: ir.TosMatch, ctx: MatchContext) -> list[str]:
+    return [ctx.require(f"(p->tos & 0x{m.mask:02x}) == 0x{m.value:02x}", m.negate)]
+
+
+def _dscp(m: ir.DscpMatch, ctx: MatchContext) -> list[str]:
+    return [ctx.require(f"(p->tos >> 2) == 0x{m.dscp:02x}", m.negate)]
+
+
+def _ecn(m: ir.EcnMatch, ctx: MatchContext) -> list[str]:
+    """xt_ecn: the IP codepoint first, then TCP's flags from a whole 20-byte header."""
+    lines = [] if m.ect is None else [ctx.require(f"(p->tos & 3) == {m.ect}", m.ect_negate)]
+    if m.ece is not None or m.cwr is not None:
+        lines.append(f"if (p->frag_off || p->l4_len < 20) goto {ctx.skip};")
+    for flag, bit in ((m.ece, 0x40), (m.cwr, 0x80)):
+        if flag is not None:
+            lines.append(ctx.require(f"p->tcp_flags & 0x{bit:02x}", not flag))
+    return lines
+
+
+def _esp(m: ir.EspMatch, ctx: MatchContext) -> list[str]:
+    """xt_esp: a later fragment does not match, a header shorter than 8 bytes drops."""
+    spi = "((__u32)p->sport << 16 | p->dport)"
+    return [f"if (p->frag_off) goto {ctx.skip};", f"if (p->l4_len < 8) {HOTDROP}",
+            ctx.require(f"{spi} >= {m.low}U && {spi} <= {m.high}U", m.negate)]
+
+
 _RECENT_MODES = {"set": 0, "rcheck": 1, "update": 2, "remove": 3}  # enum bf_recent_how
 
 
@@ -394,6 +420,10 @@ GENERATORS: dict[type, Callable[..., list[str]]] = {
     ir.AddrTypeMatch: _addrtype,
     ir.RoutingHeaderMatch: _routing_header,
     ir.RecentMatch: _recent,
+    ir.TosMatch: _tos,
+    ir.DscpMatch: _dscp,
+    ir.EcnMatch: _ecn,
+    ir.EspMatch: _esp,
 }
 
 

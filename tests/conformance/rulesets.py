@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from hypothesis import strategies as st
 
 from bpfilter import ir
+from tests.packets import ESP_SPIS
 
 # The replies an IPv4 ruleset can ask REJECT for.
 IPV4_REJECTS = ir.RejectWith.of_family(ir.Family.IPV4)
@@ -53,7 +54,7 @@ PORTS = [0, 1, 22, 53, 80, 443, 1024, 8080, 65535]
 MACS = [b"\x02\x00\x00\x00\x00\x66", b"\x02\x00\x00\x00\x00\x01"]
 IFACES = ["eth0", "eth+", "lan0", "wan+", "+"]
 OUT_IFACES = ["eth1", "eth0", "eth+", "lan0", "+"]
-TCP, UDP, ICMP = 6, 17, 1
+TCP, UDP, ICMP, ESP = 6, 17, 1, 50
 
 
 def _range(draw, values: list[int], top: int) -> ir.Range:
@@ -134,7 +135,7 @@ def _matches(draw, hook: str = "INPUT", fam: Family = V4) -> tuple[ir.Match, ...
     found: list[ir.Match] = []
     outbound = hook == "OUTPUT"
     sources, destinations = (fam.dst_nets, fam.nets) if outbound else (fam.nets, fam.dst_nets)
-    proto = draw(st.sampled_from([None, TCP, TCP, UDP, UDP, fam.icmp, 47]))
+    proto = draw(st.sampled_from([None, TCP, TCP, UDP, UDP, fam.icmp, 47, ESP]))
     proto_negated = proto is not None and draw(st.integers(0, 5)) == 0
     if draw(st.booleans()):
         found.append(ir.AddressMatch("src", ipaddress.ip_network(
@@ -169,12 +170,16 @@ def _matches(draw, hook: str = "INPUT", fam: Family = V4) -> tuple[ir.Match, ...
             found.append(ir.MultiportMatch(draw(st.sampled_from(["src", "dst", "any"])),
                                            tuple(ir.Range(p, p) for p in ports),
                                            draw(st.booleans())))
+    if proto == ESP and not proto_negated and draw(st.booleans()):
+        low, high = (draw(st.sampled_from(ESP_SPIS)) for _ in range(2))
+        found.append(ir.EspMatch(low, high, draw(st.booleans())))
     if proto == fam.icmp and not proto_negated and draw(st.booleans()):
         icmp_type, low, high = draw(st.sampled_from(fam.icmp_types))
         found.append(ir.IcmpMatch(icmp_type, ir.Range(low, high), draw(st.booleans()),
                                   version=4 if fam is V4 else 6))
     extras = draw(st.lists(st.sampled_from(["iprange", "length", "ttl", "comment", "limit",
-                                            "conntrack"] + ([] if outbound else ["mac"])
+                                            "conntrack", "tos", "dscp", "ecn"]
+                                           + ([] if outbound else ["mac"])
                                            + (["addrtype"] if fam is V4 else ["rt"])),
                            max_size=2, unique=True))
     for extra in extras:
@@ -199,6 +204,19 @@ def _matches(draw, hook: str = "INPUT", fam: Family = V4) -> tuple[ir.Match, ...
             found.append(draw(_addrtype(hook, negate)))
         elif extra == "rt":
             found.append(draw(_routing_header()))
+        elif extra == "tos":
+            value, mask = draw(st.sampled_from([(0x10, 0x3f), (0xb8, 0xff), (0x00, 0xfc),
+                                                (0x03, 0x03)]))
+            found.append(ir.TosMatch(value, mask, negate))
+        elif extra == "dscp":
+            found.append(ir.DscpMatch(draw(st.sampled_from([0, 0x04, 0x2e])), negate))
+        elif extra == "ecn":  # TCP's flags only in a rule of -p tcp, as the kernel wants
+            flag = st.sampled_from([None, True, False]) if proto == TCP and \
+                not proto_negated else st.none()
+            ece, cwr = draw(flag), draw(flag)
+            ect = draw(st.sampled_from([0, 2, 3] + ([None] if (ece, cwr) != (None, None)
+                                                    else [])))
+            found.append(ir.EcnMatch(ece, cwr, ect, negate and ect is not None))
         elif hook != "FORWARD":
             # Not at FORWARD: the router runs the ruleset on both interfaces, each with
             # buckets of its own, where the kernel has one (README, known differences).
@@ -355,7 +373,8 @@ def kinds(ruleset: ir.Ruleset) -> set[str]:
              ir.CommentMatch: "comment", ir.LimitMatch: "limit",
              ir.ConntrackMatch: "conntrack", ir.MarkMatch: "mark", ir.FamilyMatch: "family",
              ir.EtherTypeMatch: "ether type", ir.AddrTypeMatch: "addrtype",
-             ir.RoutingHeaderMatch: "rt", ir.RecentMatch: "recent",
+             ir.RoutingHeaderMatch: "rt", ir.RecentMatch: "recent", ir.TosMatch: "tos",
+             ir.DscpMatch: "dscp", ir.EcnMatch: "ecn", ir.EspMatch: "esp",
              ir.VerdictTarget: "ACCEPT/DROP", ir.RejectTarget: "REJECT",
              ir.LogTarget: "LOG", ir.ReturnTarget: "RETURN", ir.MarkTarget: "MARK",
              ir.ConnmarkTarget: "CONNMARK", ir.NotrackTarget: "NOTRACK"}

@@ -31,13 +31,14 @@ class Token(NamedTuple):
 
 SUPPORTED_MATCHES = ("tcp", "udp", "icmp", "icmp6", "multiport", "iprange", "comment",
                      "length", "ttl", "hl", "mac", "limit", "conntrack", "state", "mark",
-                     "connmark", "addrtype", "statistic", "rt", "recent")
+                     "connmark", "addrtype", "statistic", "rt", "recent", "tos", "dscp",
+                     "ecn", "esp")
 # Modules of one family only: iptables' ICMP and TTL, ip6tables' ICMPv6 and hop limit.
 _FAMILY_MODULES = {"icmp": (ir.Family.IPV4, "icmp6"), "ttl": (ir.Family.IPV4, "hl"),
                    "icmp6": (ir.Family.IPV6, "icmp"), "hl": (ir.Family.IPV6, "ttl"),
                    "rt": (ir.Family.IPV6, None)}
 # The module a protocol loads by itself (`-p tcp --dport 22`).
-_PROTOCOL_MODULES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp6"}
+_PROTOCOL_MODULES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp6", 50: "esp"}
 SUPPORTED_TARGETS = ("ACCEPT, DROP, RETURN, REJECT, LOG, MARK, CONNMARK, NOTRACK, CHECKSUM, "
                      "CT --notrack, DNAT (nat PREROUTING, OUTPUT), REDIRECT (nat PREROUTING), "
                      "SNAT and MASQUERADE (nat POSTROUTING), or a user-defined chain")
@@ -588,6 +589,79 @@ def _rt_addresses(reader: RuleReader, module: _Module, tok: Token, negate: bool)
                        "--rt-type, --rt-segsleft, --rt-len, --rt-0-res")
 
 
+# libxt_tos's names (a value of the precedence-less TOS bits: mask 0x3f), any case
+_TOS_NAMES = {"minimize-delay": 0x10, "maximize-throughput": 0x08,
+              "maximize-reliability": 0x04, "minimize-cost": 0x02, "normal-service": 0x00}
+# dscp_helper.c's classes, any case
+_DSCP_CLASSES = {"CS0": 0x00, "CS1": 0x08, "CS2": 0x10, "CS3": 0x18, "CS4": 0x20, "CS5": 0x28,
+                 "CS6": 0x30, "CS7": 0x38, "BE": 0x00, "AF11": 0x0a, "AF12": 0x0c,
+                 "AF13": 0x0e, "AF21": 0x12, "AF22": 0x14, "AF23": 0x16, "AF31": 0x1a,
+                 "AF32": 0x1c, "AF33": 0x1e, "AF41": 0x22, "AF42": 0x24, "AF43": 0x26,
+                 "EF": 0x2e}
+
+
+def _tos(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+    """xtables_parse_tos(): VALUE[/MASK] (a number alone: mask 0xff) or a name (0x3f)."""
+    arg = reader.argument(tok)
+    named = _TOS_NAMES.get(arg.value.lower())
+    if named is not None:
+        value, mask = named, 0x3f
+    else:
+        text, _sep, mask_text = arg.value.partition("/")
+        value = _parse_int(reader, arg, text, 0, 255, "TOS value")
+        mask = _parse_int(reader, arg, mask_text, 0, 255, "TOS mask") if _sep else 0xff
+    _once(reader, module, "tos", tok, ir.TosMatch(value, mask, negate))
+
+
+def _dscp(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+    arg = reader.argument(tok)
+    _once(reader, module, "dscp", tok,
+          ir.DscpMatch(_parse_int(reader, arg, arg.value, 0, 0x3f, "DSCP value"), negate))
+
+
+def _dscp_class(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+    arg = reader.argument(tok)
+    value = _DSCP_CLASSES.get(arg.value.upper())
+    if value is None:
+        raise reader.error(arg, f"invalid DSCP class '{arg.value}'", ", ".join(_DSCP_CLASSES))
+    _once(reader, module, "dscp", tok, ir.DscpMatch(value, negate))
+
+
+def _ecn_flag(flag: str):
+    def handler(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+        _once(reader, module, flag, tok, not negate)
+    return handler
+
+
+def _ecn_ect(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+    arg = reader.argument(tok)
+    _once(reader, module, "ect", tok, _parse_int(reader, arg, arg.value, 0, 3, "ECN codepoint"))
+    module.values["ect_negate"] = negate
+
+
+def _ecn(reader: RuleReader, module: _Module) -> ir.EcnMatch:
+    """libxt_ecn needs one test; the kernel refuses TCP's flags without `-p tcp`."""
+    if not module.values:
+        raise reader.error(module.token, "'-m ecn' needs --ecn-tcp-ece, --ecn-tcp-cwr or "
+                           "--ecn-ip-ect")
+    proto = reader.base.get("proto")
+    if ("ece" in module.values or "cwr" in module.values) and not (
+            isinstance(proto, ir.ProtocolMatch) and proto.protocol == 6 and not proto.negate):
+        raise reader.error(module.token, "'-m ecn' tests TCP's flags only with '-p tcp' in "
+                           "the rule (the kernel refuses the rule otherwise)")
+    return ir.EcnMatch(**module.values)
+
+
+def _esp_spi(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
+    """SPI[:SPI] (either end may be left out), as libxt_esp reads it, in any order."""
+    arg = reader.argument(tok)
+    low_text, sep, high_text = arg.value.partition(":")
+    low = _parse_int(reader, arg, low_text, 0, _U32, "SPI") if low_text or not sep else 0
+    high = (_parse_int(reader, arg, high_text, 0, _U32, "SPI") if high_text else _U32) \
+        if sep else low
+    _once(reader, module, "spi", tok, ir.EspMatch(low, high, negate))
+
+
 def _recent_mode(mode: str):
     """--set, --rcheck, --update, --remove: one per match; `!` inverts the answer."""
     def handler(reader: RuleReader, module: _Module, tok: Token, negate: bool) -> None:
@@ -905,6 +979,11 @@ _MODULE_OPTIONS: dict[str, dict[str, Callable]] = {
                  "--limit-iface-out": _addr_type_limit("out")},
     "mark": {"--mark": _mark},
     "connmark": {"--mark": _mark},
+    "tos": {"--tos": _tos},
+    "dscp": {"--dscp": _dscp, "--dscp-class": _dscp_class},
+    "ecn": {"--ecn-tcp-ece": _ecn_flag("ece"), "--ecn-tcp-cwr": _ecn_flag("cwr"),
+            "--ecn-ip-ect": _ecn_ect},
+    "esp": {"--espspi": _esp_spi},
     "recent": {"--set": _recent_mode("set"), "--rcheck": _recent_mode("rcheck"),
                "--update": _recent_mode("update"), "--remove": _recent_mode("remove"),
                "--seconds": _recent_number("seconds", _U32),
@@ -947,6 +1026,10 @@ _BUILDERS: dict[str, Callable[[RuleReader, _Module], ir.Match]] = {
     "mark": lambda r, m: _require(r, m, "mark", "--mark"),
     "connmark": lambda r, m: _require(r, m, "mark", "--mark"),
     "recent": lambda r, m: _recent(r, m),
+    "tos": lambda r, m: _require(r, m, "tos", "--tos"),
+    "dscp": lambda r, m: _require(r, m, "dscp", "--dscp or --dscp-class"),
+    "ecn": lambda r, m: _ecn(r, m),
+    "esp": lambda r, m: m.values.get("spi", ir.EspMatch()),
     "rt": lambda r, m: ir.RoutingHeaderMatch(**{k: v for pair in m.values.values()
                                                 for k, v in pair.items()}),
 }

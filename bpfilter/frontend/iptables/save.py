@@ -160,7 +160,24 @@ _MATCHES: dict[type, Callable] = {
                              f"{_neg(m.negate)}--mark {_masked(m.value, m.mask)}"],
     ir.RoutingHeaderMatch: lambda m: _routing_header(m),
     ir.RecentMatch: lambda m: _recent(m),
+    ir.TosMatch: lambda m: ["-m tos", f"{_neg(m.negate)}--tos 0x{m.value:02x}/0x{m.mask:02x}"],
+    ir.DscpMatch: lambda m: ["-m dscp", f"{_neg(m.negate)}--dscp 0x{m.dscp:02x}"],
+    ir.EcnMatch: lambda m: _ecn(m),
+    ir.EspMatch: lambda m: ["-m esp"] + (
+        [] if (m.low, m.high) == (0, 0xFFFFFFFF) and not m.negate else
+        [f"{_neg(m.negate)}--espspi "
+         + (str(m.low) if m.low == m.high else f"{m.low}:{m.high}")]),
 }
+
+
+def _ecn(m: ir.EcnMatch) -> list[str]:
+    words = ["-m ecn"]
+    for flag, name in ((m.ece, "ece"), (m.cwr, "cwr")):
+        if flag is not None:
+            words.append(f"{_neg(not flag)}--ecn-tcp-{name}")
+    if m.ect is not None:
+        words.append(f"{_neg(m.ect_negate)}--ecn-ip-ect {m.ect}")
+    return words
 
 
 def _recent(m: ir.RecentMatch) -> list[str]:

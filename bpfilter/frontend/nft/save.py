@@ -345,6 +345,9 @@ def rule_text(rule: ir.Rule, counters: Optional[ir.Counters] = None,
             raise _untranslatable(rule, "bpfilter reads no nft `rt` expressions yet (-m rt)")
         if isinstance(match, ir.RecentMatch):
             raise _untranslatable(rule, "bpfilter reads no nft dynamic sets yet (-m recent)")
+        if isinstance(match, (ir.TosMatch, ir.DscpMatch, ir.EcnMatch, ir.EspMatch)):
+            raise _untranslatable(rule, "bpfilter reads no nft `ip dscp`, `ip ecn` or `esp` "
+                                  "expressions yet")
         words = _MATCHES[type(match)](match, rule)
         if inet:  # `ip protocol` would make the rule IPv4's
             words = [w.replace("ip protocol", "meta l4proto") for w in words]

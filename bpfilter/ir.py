@@ -582,7 +582,9 @@ class RejectTarget:
 
 @dataclass(frozen=True)
 class LogTarget:
-    """LOG does not end the chain walk; the event carries the rule, the prefix stays here."""
+    """LOG does not end the chain walk; the event carries the rule, the prefix stays here.
+    NFLOG (`nflog`) is the same event for bpfilter's log, its netlink group, copy length
+    (`size`, or the legacy `range`) and batching threshold kept as written."""
 
     prefix: str = ""
     level: int = 4
@@ -590,6 +592,11 @@ class LogTarget:
     tcp_options: bool = False
     ip_options: bool = False
     uid: bool = False
+    nflog: bool = False
+    group: int = 0
+    size: Optional[int] = None
+    range: Optional[int] = None
+    threshold: int = 0
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,7 @@ WHOLE_FILES = {
     "libxt_CONNMARK.t", "libxt_MARK.t", "libxt_NOTRACK.t", "libxt_comment.t",
     "libxt_connmark.t", "libxt_length.t", "libxt_limit.t", "libxt_mac.t", "libxt_recent.t",
     "libxt_state.t", "libxt_tos.t", "libxt_dscp.t", "libxt_ecn.t", "libxt_esp.t",
+    "libxt_NFLOG.t",
     "libxt_statistic.t", "libxt_tcp.t", "libxt_udp.t"}
 
 

@@ -163,3 +163,24 @@ def test_output_log_lines_agree_with_the_kernels(kernel_log, build_root):
     assert len(expected) == len(sent), expected
     assert lines == expected, (lines, expected)
     assert all(line.lstrip().startswith("IN= OUT=eth0 SRC=") for line in lines)
+
+
+def test_nflog_events_are_log_lines_and_the_walk_goes_on(kernel, build_root):
+    """NFLOG (ulogd's target) is an event for `bpfilter log` with its prefix, and, as in
+    the kernel, does not end the walk: the rule after it still drops the datagram."""
+    rules = ("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+             "-A INPUT -p udp -m udp --dport 9 -j NFLOG --nflog-prefix \"nf: \" "
+             "--nflog-group 5 --nflog-threshold 2\n"
+             "-A INPUT -p udp -m udp --dport 9 -j DROP\nCOMMIT\n")
+    with VethBed(build_root / "nflog", prefix="bpfn") as bed:
+        with netns.entered(bed.server):
+            deploy.apply(rules, "nflog.v4", "eth0", build_root / "nflog-apply")
+        bed.send(bed.frame(IP(src=CLIENT_ADDR, dst=SERVER_ADDR) / UDP(sport=7, dport=9)))
+        printed = netns.run(sys.executable, "-m", "bpfilter", "log", netns=bed.server)
+        listed = netns.run(sys.executable, "-m", "bpfilter", "list", "-v", "-x",
+                           netns=bed.server)
+    (line,) = printed.stdout.splitlines()
+    assert " nf: IN=eth0 " in line and " DPT=9 " in line, line
+    assert "NFLOG --nflog-prefix" in listed.stdout
+    drop = next(row for row in listed.stdout.splitlines() if row.rstrip().endswith("-j DROP"))
+    assert drop.split()[:2] == ["2", "1"], listed.stdout  # rule 2 took the packet

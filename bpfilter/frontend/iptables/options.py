@@ -39,7 +39,8 @@ _FAMILY_MODULES = {"icmp": (ir.Family.IPV4, "icmp6"), "ttl": (ir.Family.IPV4, "h
                    "rt": (ir.Family.IPV6, None)}
 # The module a protocol loads by itself (`-p tcp --dport 22`).
 _PROTOCOL_MODULES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp6", 50: "esp"}
-SUPPORTED_TARGETS = ("ACCEPT, DROP, RETURN, REJECT, LOG, MARK, CONNMARK, NOTRACK, CHECKSUM, "
+SUPPORTED_TARGETS = ("ACCEPT, DROP, RETURN, REJECT, LOG, NFLOG, MARK, CONNMARK, NOTRACK, "
+                     "CHECKSUM, "
                      "CT --notrack, DNAT (nat PREROUTING, OUTPUT), REDIRECT (nat PREROUTING), "
                      "SNAT and MASQUERADE (nat POSTROUTING), or a user-defined chain")
 PLANNED_MATCHES = {
@@ -237,6 +238,8 @@ class RuleReader:
             return ir.RejectTarget(with_)
         if name == "LOG":
             return ir.LogTarget(**self.target_options)
+        if name == "NFLOG":
+            return ir.LogTarget(nflog=True, **self.target_options)
         if name == "MARK":
             return ir.MarkTarget(*_require_target(self, "mark", _MARK_FORMS))
         if name == "CONNMARK":
@@ -260,7 +263,7 @@ class RuleReader:
 # Any other name is taken as a user chain; the validation pass reports it if none exists.
 _KNOWN_UNSUPPORTED_TARGETS = {
     "TPROXY",
-    "NFQUEUE", "QUEUE", "TCPMSS", "TOS", "DSCP", "TTL", "CLASSIFY", "NFLOG", "ULOG", "TEE",
+    "NFQUEUE", "QUEUE", "TCPMSS", "TOS", "DSCP", "TTL", "CLASSIFY", "ULOG", "TEE",
     "SET", "AUDIT", "SECMARK", "CONNSECMARK", "TRACE", "IDLETIMER", "LED",
     "HMARK", "SYNPROXY", "NETMAP", "CLUSTERIP", "ECN",
 }
@@ -1065,6 +1068,19 @@ def _log_prefix(reader: RuleReader, tok: Token) -> None:
     reader.target_options["prefix"] = arg.value
 
 
+def _nflog_number(key: str, top: int):
+    def handler(reader: RuleReader, tok: Token) -> None:
+        arg = reader.argument(tok)
+        reader.target_options[key] = _parse_int(reader, arg, arg.value, 0, top,
+                                                f"NFLOG {key}")
+    return handler
+
+
+def _nflog_prefix(reader: RuleReader, tok: Token) -> None:
+    """libxt_NFLOG keeps the first 63 characters (its 64 bytes end in a NUL)."""
+    reader.target_options["prefix"] = reader.argument(tok).value[:63]
+
+
 def _flag(key: str):
     def handler(reader: RuleReader, tok: Token) -> None:
         reader.target_options[key] = True
@@ -1227,6 +1243,13 @@ _MARK_OPTIONS = {f"--{form}": _xmark(form)
 
 _TARGET_OPTIONS: dict[str, dict[str, Callable]] = {
     "REJECT": {"--reject-with": _reject_with},
+    "NFLOG": {
+        "--nflog-group": _nflog_number("group", 0xFFFF),
+        "--nflog-prefix": _nflog_prefix,
+        "--nflog-size": _nflog_number("size", 0xFFFFFFFF),
+        "--nflog-range": _nflog_number("range", 0xFFFFFFFF),
+        "--nflog-threshold": _nflog_number("threshold", 0xFFFF),
+    },
     "LOG": {
         "--log-level": _log_level, "--log-prefix": _log_prefix,
         "--log-tcp-sequence": _flag("tcp_sequence"),

@@ -206,7 +206,18 @@ def _routing_header(m: ir.RoutingHeaderMatch) -> list[str]:
     return words
 
 
+def _nflog(t: ir.LogTarget) -> list[str]:
+    """libxt_NFLOG's save."""
+    parts = ["-j NFLOG"] + ([f"--nflog-prefix {quote(t.prefix)}"] if t.prefix else [])
+    parts += [f"--nflog-group {t.group}"] if t.group else []
+    parts += [f"--nflog-size {t.size}"] if t.size is not None else \
+        [f"--nflog-range {t.range}"] if t.range else []
+    return parts + ([f"--nflog-threshold {t.threshold}"] if t.threshold else [])
+
+
 def _log(t: ir.LogTarget) -> list[str]:
+    if t.nflog:
+        return _nflog(t)
     parts = ["-j LOG"]
     if t.prefix:
         parts.append(f"--log-prefix {quote(t.prefix)}")

@@ -276,6 +276,8 @@ def _target(target: Optional[ir.Target], rule: ir.Rule) -> list[str]:
             return [f"reject with icmpv6 type {names.REJECT6_NAMES[target.with_]}"]
         return [f"reject with icmp type {names.REJECT_NAMES[target.with_]}"]
     if isinstance(target, ir.LogTarget):
+        if target.nflog:
+            raise _untranslatable(rule, "bpfilter reads no nft `log group` yet (NFLOG)")
         words = ["log"]
         if target.prefix:
             words.append(f"prefix {_string(target.prefix)}")

@@ -91,22 +91,30 @@ static __always_inline int bf_nat_ports(__u8 proto)
 	return proto == IPPROTO_TCP || proto == IPPROTO_UDP;
 }
 
+/* The key of the ICMP query `asker` sends `other` with identifier `id` (its own: NAT may
+ * change it, as nf_nat's ICMP "port"), for a message of `type`, the query or its answer
+ * (`from` says which: 1 for the answer). */
+static __always_inline void bf_nat_icmp_key(struct bf_ct_key *key, __u8 *from, __u8 type,
+					    __u16 id, __u32 *asker, __u32 *other)
+{
+	if (bf_icmp_answer(type, 0))
+		bf_ct_icmp_key(key, from, type, id, other, asker, 1);
+	else
+		bf_ct_icmp_key(key, from, type, id, asker, other, 1);
+}
+
 /* The key of the tuple in which `asker` (port or ICMP id `aport`) and `other` (port
- * `oport`) exchange the packet's kind of packets: for an ICMP query or answer, the
- * tuple of asker's query (its identifier is the asker's own, and NAT may change it, as
- * nf_nat's ICMP "port"); else as bf_ct_key_at() with the asker as the sender. */
+ * `oport`) exchange the packet's kind of packets; for TCP and UDP as bf_ct_key_at() with
+ * the asker as the sender. */
 static __always_inline void bf_nat_key(const struct bf_pkt *p, __u32 *asker, __u16 aport,
 				       __u32 *other, __u16 oport, struct bf_ct_key *key)
 {
-	__u8 type = p->icmp_type, from;
+	__u8 from;
 
-	if (p->proto == IPPROTO_ICMP) {
-		if (bf_icmp_answer(type, 0))
-			type = type == 0 ? 8 : type - 1;
-		bf_ct_icmp_key(key, &from, type, aport, asker, other, 1);
-		return;
-	}
-	bf_ct_key_at(p, asker, aport, other, oport, key, &from);
+	if (p->proto == IPPROTO_ICMP)
+		bf_nat_icmp_key(key, &from, p->icmp_type, aport, asker, other);
+	else
+		bf_ct_key_at(p, asker, aport, other, oport, key, &from);
 }
 
 /* Before connection tracking looks the packet up: a packet of a binding's other tuples is
@@ -144,12 +152,12 @@ static __always_inline void bf_nat_view(struct bf_pkt *p, struct bf_ct_key *key,
 		p->nat_port = d->dst_port;
 	}
 #endif
-	src = s->view, dst = d->view;
 	if (p->proto == IPPROTO_ICMP) { /* the asker is the key's first: its own id */
 		src = n->end[0].view, dst = n->end[1].view;
 		bf_nat_key(p, &src, n->end[0].view_port, &dst, 0, key);
 		return;
 	}
+	src = s->view, dst = d->view;
 	bf_ct_key_at(p, &src, s->view_port, &dst, d->view_port, key, from);
 }
 
@@ -196,10 +204,7 @@ static __always_inline int bf_nat_quoted(struct bf_pkt *p, struct bf_ct_key *key
 		if ((void *)(l4 + 6) > end)
 			return 0;
 		src = n->end[0].view, dst = n->end[1].view;
-		if (bf_icmp_answer(l4[0], 0))
-			bf_ct_icmp_key(key, from, l4[0], n->end[0].view_port, &dst, &src, 1);
-		else
-			bf_ct_icmp_key(key, from, l4[0], n->end[0].view_port, &src, &dst, 1);
+		bf_nat_icmp_key(key, from, l4[0], n->end[0].view_port, &src, &dst);
 	} else if (!bf_ct_quoted_key(key, from, proto, &src, &dst, l4, end, 1)) {
 		return 0;
 	}

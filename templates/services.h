@@ -75,12 +75,9 @@ static __always_inline void bf_svc_mark(struct bf_pkt *p, const struct bf_svc_ma
 	p->mark = (p->mark & ~m->vmask) ^ m->value;
 }
 
-static __always_inline int bf_svc_dnat(struct bf_pkt *p, __u32 index)
+/* The endpoint `e` drew: its rung, hairpin marking and DNAT. */
+static __always_inline int bf_svc_dnat(struct bf_pkt *p, const struct bf_svc_ep *e)
 {
-	const struct bf_svc_ep *e = bpf_map_lookup_elem(&bf_svc_ep, &index);
-
-	if (!e)
-		return BF_DROP;
 	bf_count(e->pick_slot, p);
 	bf_svc_mark(p, &e->hairpin);
 	bf_count(e->dnat_slot, p);
@@ -124,10 +121,15 @@ __noinline int bf_service(struct bf_pkt *p, __u32 run, __u32 partial)
 		bf_count(s->via_slot, p);
 	bf_svc_mark(p, &s->masq);
 	if (s->modulus) { /* nft_ng_random_eval(): reciprocal_scale() */
+		const struct bf_svc_ep *e;
+		__u32 index;
+
 		i = (__u32)(((__u64)bpf_get_prandom_u32() * s->modulus) >> 32);
 		if (i >= BF_SVC_ENDPOINTS)
 			return BF_DROP;
-		return bf_svc_dnat(p, p->gen * BF_NSVC_EP + s->first + i);
+		index = p->gen * BF_NSVC_EP + s->first + i;
+		e = bpf_map_lookup_elem(&bf_svc_ep, &index);
+		return e ? bf_svc_dnat(p, e) : BF_DROP;
 	}
 	for (i = 0; i < BF_SVC_ENDPOINTS && i < s->count; i++) {
 		__u32 index = p->gen * BF_NSVC_EP + s->first + i;
@@ -138,7 +140,7 @@ __noinline int bf_service(struct bf_pkt *p, __u32 run, __u32 partial)
 		if (e->probability != BF_SVC_ONE &&
 		    (bpf_get_prandom_u32() & 0x7fffffff) >= e->probability)
 			continue;
-		return bf_svc_dnat(p, index);
+		return bf_svc_dnat(p, e);
 	}
 	return BF_NEXT;
 }

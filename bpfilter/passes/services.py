@@ -194,13 +194,6 @@ class _Reader:
             raise _NotAService(chain)
         return Marking((chain, index), (target.chain, 0), marker.rules[0].target, source)
 
-    def is_marking(self, chain: str, rule: ir.Rule) -> bool:
-        try:
-            self.marking(chain, 0, rule, None)
-        except _NotAService:
-            return False
-        return True
-
     def masquerade(self, name: str, rule: ir.Rule, address, protocol: int,
                    port: int) -> Optional[Marking]:
         """The service chain's first rule: `[! -s NET] [-d A -p P --dport N] -j MARKER`.
@@ -305,10 +298,9 @@ class _Reader:
         rules = list(enumerate(chain.rules))
         keys: list[RuleKey] = []
         masquerade = None
-        if rules and self.is_marking(name, rules[0][1]):  # not a ladder rung
-            marking = self.marking(name, 0, rules[0][1], None)
+        if rules and self._marks(name, rules[0][1]):  # not a ladder rung
             masquerade = self.masquerade(name, rules[0][1], address, protocol, port)
-            keys += [marking.rule, marking.mark_rule]
+            keys += [(name, 0), (rules[0][1].target.chain, 0)]
             rules = rules[1:]
         if not rules or len(rules) > MAX_ENDPOINTS:
             raise _NotAService(name)
@@ -326,6 +318,14 @@ class _Reader:
                                       for e in endpoints)
         return dict(masquerade=masquerade, endpoints=tuple(endpoints),
                     rules=tuple(dict.fromkeys(keys)), modulus=modulus, complete=complete)
+
+    def _marks(self, name: str, rule: ir.Rule) -> bool:
+        """Whether the rule jumps to a mark chain (else it may be a ladder rung)."""
+        try:
+            self.marking(name, 0, rule, None)
+        except _NotAService:
+            return False
+        return True
 
     def _rung(self, name: str, index: int, rule: ir.Rule, protocol: int) -> Endpoint:
         """`[-m statistic --mode random --probability p] -j SEP`."""
